@@ -1,0 +1,231 @@
+"""The gRPC server kit every meshgate service runs on.
+
+`GrpcServer` is a grpc.aio server with the standard health service, server
+reflection, OpenTelemetry tracing and error translation in interceptors, and
+optional TLS/mTLS. `serve()` runs one until SIGTERM or SIGINT and then shuts
+down gracefully: health goes NOT_SERVING, new calls are refused, in-flight
+calls get `shutdown_grace` seconds to finish, then shutdown hooks run.
+
+Hazards:
+- A plaintext server on a non-loopback address is refused unless the operator
+  passed `--insecure` explicitly.
+- Errors: `ApiError` becomes its status with details; `asyncio.CancelledError`
+  and grpc aborts pass through; anything else is logged with its traceback and
+  the caller gets INTERNAL with only a trace id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry import trace
+
+from meshgate.common.config import ServerConfig
+from meshgate.common.errors import ApiError
+from meshgate.common.etcd import EtcdUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to serve: the generated add function and the servicer."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+    @classmethod
+    def of(cls, pb2_module, grpc_module, name: str, servicer) -> "ServiceBinding":
+        full = pb2_module.DESCRIPTOR.services_by_name[name].full_name
+        return cls(getattr(grpc_module, f"add_{name}Servicer_to_server"), servicer, full)
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: ApiError) -> None:
+    st = rpc_status.to_status(err.to_status())
+    await context.abort(st.code, st.details, st.trailing_metadata)
+
+
+def _translate(exc: Exception) -> ApiError | None:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, EtcdUnavailable):
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "storage (etcd) is unavailable; retry", "STORAGE_UNAVAILABLE")
+    return None
+
+
+async def _internal(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    span = trace.get_current_span().get_span_context()
+    trace_id = format(span.trace_id, "032x") if span.is_valid else "none"
+    log.error("unhandled error in %s (trace %s)", method, trace_id, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions raised by handlers into proper gRPC statuses."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def guard_unary(fn):
+            async def wrapped(request, context):
+                try:
+                    return await fn(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - last-resort translation
+                    api = _translate(e)
+                    if api is None:
+                        await _internal(context, method, e)
+                    else:
+                        await _abort(context, api)
+
+            return wrapped
+
+        def guard_stream(fn):
+            async def wrapped(request, context):
+                try:
+                    async for item in fn(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    api = _translate(e)
+                    if api is None:
+                        await _internal(context, method, e)
+                    else:
+                        await _abort(context, api)
+
+            return wrapped
+
+        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(guard_unary(handler.unary_unary), **kw)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(guard_unary(handler.stream_unary), **kw)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(guard_stream(handler.unary_stream), **kw)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(guard_stream(handler.stream_stream), **kw)
+        return handler
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    if not cfg.tls_cert:
+        if not is_loopback(cfg.listen) and not cfg.insecure:
+            raise SystemExit(
+                f"refusing to serve plaintext on non-loopback address {cfg.listen}: "
+                "configure --tls-cert/--tls-key, or pass --insecure for development"
+            )
+        return None
+    with open(cfg.tls_cert, "rb") as f:
+        cert = f.read()
+    with open(cfg.tls_key, "rb") as f:
+        key = f.read()
+    ca = None
+    if cfg.tls_client_ca:
+        with open(cfg.tls_client_ca, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class GrpcServer:
+    """A started-on-demand grpc.aio server with health and reflection."""
+
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        services: Sequence[ServiceBinding],
+        *,
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        self.cfg = cfg
+        self.services = list(services)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(), ErrorInterceptor(), *extra_interceptors],
+            options=[("grpc.so_reuseport", 0), *options],
+        )
+        for s in self.services:
+            s.add_to_server(s.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [s.full_name for s in self.services]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        creds = _credentials(self.cfg)
+        if creds is None:
+            self.port = self.server.add_insecure_port(self.cfg.listen)
+        else:
+            self.port = self.server.add_secure_port(self.cfg.listen, creds)
+        if not self.port:
+            raise SystemExit(f"cannot listen on {self.cfg.listen}")
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for s in self.services:
+            await self.health.set(s.full_name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d", ", ".join(s.full_name for s in self.services), self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.cfg.shutdown_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down: draining in-flight calls for up to %.1fs", grace)
+        await self.server.stop(grace)
+
+
+async def serve(
+    server: GrpcServer,
+    *,
+    on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> None:
+    """Run `server` until SIGTERM/SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    port = await server.start()
+    if server.cfg.port_file:
+        tmp = server.cfg.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, server.cfg.port_file)
+    try:
+        await stopping.wait()
+        await server.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for hook in on_shutdown:
+            await hook()
+    log.info("stopped")

@@ -1,0 +1,162 @@
+"""Egress gateways: create, update and delete, with range overlap rules.
+
+Rules: a gateway's ranges may not overlap its network's own ranges, nor each
+other, nor another gateway's ranges in the network unless exactly equal (that
+is how HA is declared). The check reads every gateway of the network and the
+write compares `guards/{net}/egress`, so concurrent writers cannot sneak an
+overlap in; it also compares the gateway's node, so a gateway never points at
+a node deleted meanwhile.
+"""
+
+from __future__ import annotations
+
+from meshgate.api.v1 import egress_pb2
+from meshgate.common.errors import (
+    FieldViolation,
+    already_exists,
+    etag_mismatch,
+    invalid_argument,
+    reference_not_found,
+)
+from meshgate.controlplane import masks, names, store, validation
+from meshgate.controlplane.base import Kind, Resources
+from meshgate.controlplane.networks import Networks
+from meshgate.controlplane.txn import Conflict, retrying
+
+KIND = Kind("meshgate.io/EgressGateway", "egressGateways", egress_pb2.EgressGateway)
+MUTABLE = frozenset(
+    {"node", "ranges", "nat", "egress_interface", "priority", "internet_gateway", "display_name", "labels"}
+)
+ALL_FIELDS = frozenset(f.name for f in egress_pb2.EgressGateway.DESCRIPTOR.fields)
+
+
+class EgressGateways(Resources):
+    kind = KIND
+
+    def __init__(self, etcd, networks: Networks) -> None:
+        super().__init__(etcd)
+        self.networks = networks
+
+    def present(self, msg):
+        if not msg.HasField("nat"):
+            msg.nat = True
+        return msg
+
+    async def _check(self, gw, net_id: str, own_name: str, prefix: str):
+        """Validate `gw` against its network, node and sibling gateways.
+
+        Returns the compares that keep those facts true until the write.
+        """
+        ranges, errs = validation.egress(gw, prefix)
+        if errs:
+            raise invalid_argument(errs)
+        node_net, node_id = names.parse_child(gw.node, "nodes")  # validated above
+        if node_net != net_id:
+            raise invalid_argument(
+                [FieldViolation(f"{prefix}.node", f"{gw.node!r} is not in network {names.network_name(net_id)!r}")]
+            )
+        network, net_kv = await self.networks.require(net_id, "parent")
+        node_kv = await self.etcd.get(self.keys.node(net_id, node_id))
+        if node_kv is None:
+            raise reference_not_found(f"{prefix}.node", "meshgate.io/Node", gw.node)
+        kvs, _ = await self.etcd.list_prefix(self.keys.egresses(net_id))
+        guard = await self.etcd.get(self.keys.guard(net_id, "egress"))
+        others = [store.decode(egress_pb2.EgressGateway, kv) for kv in kvs]
+        others = [o for o in others if o.name != own_name]
+        overlaps = validation.egress_overlaps(gw, ranges, network, others, prefix)
+        if overlaps:
+            err = invalid_argument(overlaps)
+            err.reason = "CIDR_OVERLAP"
+            raise err
+        return [
+            self.t.mod(net_kv.key) == net_kv.mod_revision,
+            self.t.mod(node_kv.key) == node_kv.mod_revision,
+            self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0),
+        ]
+
+    async def create(self, req: egress_pb2.CreateEgressGatewayRequest) -> egress_pb2.EgressGateway:
+        net_id = self.parse_parent(req.parent)
+        errs = validation.check_id("egress_gateway_id", req.egress_gateway_id)
+        _, more = validation.egress(req.egress_gateway)
+        if errs or more:
+            raise invalid_argument(errs + more)
+        name = names.child_name(net_id, "egressGateways", req.egress_gateway_id)
+        key = self.key_of(net_id, req.egress_gateway_id)
+
+        async def attempt(_: int) -> egress_pb2.EgressGateway:
+            gw = egress_pb2.EgressGateway()
+            gw.CopyFrom(req.egress_gateway)
+            gw.name = name
+            compare = await self._check(gw, net_id, name, "egress_gateway")
+            if await self.etcd.get(key) is not None:
+                raise already_exists(KIND.type_name, name)
+            if not gw.HasField("nat"):
+                gw.nat = True
+            gw.uid = store.new_uid()
+            gw.create_time.CopyFrom(store.now())
+            gw.update_time.CopyFrom(gw.create_time)
+            gw.etag = ""
+            if req.validate_only:
+                return gw
+            ok, _, rev = await self.etcd.txn(
+                [*compare, self.t.create(key) == 0],
+                [self.t.put(key, store.encode(gw)), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+            )
+            if not ok:
+                raise Conflict
+            gw.etag = str(rev)
+            return gw
+
+        return await retrying(attempt, f"create {name}")
+
+    async def update(self, req: egress_pb2.UpdateEgressGatewayRequest) -> egress_pb2.EgressGateway:
+        name = req.egress_gateway.name
+        net_id, _ = self.parse_name(name, "egress_gateway.name")
+        paths, violations = masks.resolve(list(req.update_mask.paths), MUTABLE, ALL_FIELDS)
+        if violations:
+            raise invalid_argument(violations)
+
+        async def attempt(_: int) -> egress_pb2.EgressGateway:
+            current, kv = await self.read(name)
+            self.check_etag(req.egress_gateway.etag, kv, name)
+            updated = egress_pb2.EgressGateway()
+            updated.CopyFrom(current)
+            masks.apply(req.egress_gateway, updated, paths)
+            compare = await self._check(updated, net_id, name, "egress_gateway")
+            if not updated.HasField("nat"):
+                updated.nat = True
+            updated.update_time.CopyFrom(store.now())
+            if req.validate_only:
+                return updated
+            ok, _, rev = await self.etcd.txn(
+                [*compare, self.t.mod(kv.key) == kv.mod_revision],
+                [self.t.put(kv.key, store.encode(updated)), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+            )
+            if not ok:
+                if req.egress_gateway.etag and (await self.etcd.get(kv.key) or kv).mod_revision != kv.mod_revision:
+                    raise etag_mismatch(KIND.type_name, name)
+                raise Conflict
+            updated.etag = str(rev)
+            return updated
+
+        return await retrying(attempt, f"update {name}")
+
+    async def delete(self, req: egress_pb2.DeleteEgressGatewayRequest) -> None:
+        net_id, _ = self.parse_name(req.name)
+
+        async def attempt(_: int) -> None:
+            _current, kv = await self.read(req.name)
+            self.check_etag(req.etag, kv, req.name)
+            if req.validate_only:
+                return None
+            ok, _, _ = await self.etcd.txn(
+                [self.t.mod(kv.key) == kv.mod_revision],
+                [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+            )
+            if not ok:
+                if req.etag:
+                    raise etag_mismatch(KIND.type_name, req.name)
+                raise Conflict
+            return None
+
+        await retrying(attempt, f"delete {req.name}")

@@ -1,0 +1,50 @@
+"""Entry point: `meshgate-controlplane`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+
+from meshgate.common import config, logsetup, telemetry
+from meshgate.common.etcd import Etcd
+from meshgate.common.server import GrpcServer, serve
+from meshgate.controlplane.api import bindings
+
+log = logging.getLogger("meshgate.controlplane")
+
+
+@dataclass
+class ControlPlaneConfig(config.ServerConfig):
+    """Control-plane settings (all of the server kit's, for now)."""
+
+    listen: str = config.option("127.0.0.1:7400", "address to serve gRPC on, host:port (port 0 picks a free one)")
+
+
+async def run(cfg: ControlPlaneConfig) -> None:
+    etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
+    await etcd.connect()
+    server = GrpcServer(cfg, bindings(etcd))
+    await serve(server, on_shutdown=[etcd.close])
+
+
+def main(argv: list[str] | None = None) -> None:
+    loaded = config.load(
+        ControlPlaneConfig, argv, prog="meshgate-controlplane",
+        env_prefix="MESHGATE_CONTROLPLANE_",
+        description="meshgate control plane: the network API, with all state in etcd.",
+    )
+    cfg = loaded.config
+    logsetup.configure(cfg.log_level, cfg.log_json, service="controlplane")
+    for k, v in loaded.describe().items():
+        log.debug("config %s = %s", k, v)
+    provider = telemetry.configure("meshgate-controlplane")
+    try:
+        asyncio.run(run(cfg))
+    finally:
+        telemetry.shutdown(provider)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

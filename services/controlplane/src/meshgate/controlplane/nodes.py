@@ -1,0 +1,217 @@
+"""Nodes: create (with address allocation), update and delete.
+
+A create claims its addresses and its public key in the same transaction that
+writes the node, each with "create revision is 0", so addresses and keys are
+unique per network even across control-plane processes. A delete releases them
+in the transaction that removes the node.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from meshgate.api.v1 import egress_pb2, node_pb2
+from meshgate.common.errors import (
+    ApiError,
+    FieldViolation,
+    already_exists,
+    etag_mismatch,
+    failed_precondition,
+    invalid_argument,
+)
+from meshgate.controlplane import ipam, masks, names, store, validation
+from meshgate.controlplane.base import Kind, Resources
+from meshgate.controlplane.networks import Networks
+from meshgate.controlplane.txn import Conflict, retrying
+
+KIND = Kind("meshgate.io/Node", "nodes", node_pb2.Node)
+MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels"})
+ALL_FIELDS = frozenset(f.name for f in node_pb2.Node.DESCRIPTOR.fields)
+
+
+def _exhausted(field: str, cidr: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"no free address left in {cidr}",
+        "ADDRESS_POOL_EXHAUSTED",
+        [FieldViolation(field, f"no free address left in {cidr}")],
+    )
+
+
+def _in_use(field: str, what: str, holder: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"{field}: {what} is already used by {holder}",
+        "ADDRESS_IN_USE" if "address" in field else "RESOURCE_EXISTS",
+        [FieldViolation(field, f"{what} is already used by {holder}")],
+    )
+
+
+class Nodes(Resources):
+    kind = KIND
+
+    def __init__(self, etcd, networks: Networks) -> None:
+        super().__init__(etcd)
+        self.networks = networks
+
+    def present(self, msg):
+        # Agents are not connected yet (streaming is a later slice): every
+        # node is PENDING until an agent acknowledges a desired state.
+        if msg.state == node_pb2.Node.STATE_UNSPECIFIED:
+            msg.state = node_pb2.Node.PENDING
+        return msg
+
+    async def _used(self, net_id: str, family: str) -> set[str]:
+        prefix = self.etcd.key("ipam", net_id, family, "")
+        kvs, _ = await self.etcd.list_prefix(prefix)
+        return {kv.key[len(prefix):].decode() for kv in kvs}
+
+    async def create(self, req: node_pb2.CreateNodeRequest) -> node_pb2.Node:
+        net_id = self.parse_parent(req.parent)
+        violations = validation.check_id("node_id", req.node_id)
+        violations += validation.node(req.node)
+        if violations:
+            raise invalid_argument(violations)
+        name = names.child_name(net_id, "nodes", req.node_id)
+        key = self.key_of(net_id, req.node_id)
+
+        async def attempt(n: int) -> node_pb2.Node:
+            network, net_kv = await self.networks.require(net_id, "parent")
+            errs = validation.requested_address("node.ipv4_address", req.node.ipv4_address, network.ipv4_cidr)
+            errs += validation.requested_address("node.ipv6_address", req.node.ipv6_address, network.ipv6_cidr)
+            if errs:
+                raise invalid_argument(errs)
+            if await self.etcd.get(key) is not None:
+                raise already_exists(KIND.type_name, name)
+            node = node_pb2.Node()
+            node.CopyFrom(req.node)
+            node.name = name
+            node.state = node_pb2.Node.PENDING
+            compare = [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0]
+            claims = []
+            for family, field, cidr in (("v4", "ipv4_address", network.ipv4_cidr), ("v6", "ipv6_address", network.ipv6_cidr)):
+                if not cidr:
+                    continue
+                wanted = getattr(req.node, field)
+                if wanted:
+                    holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
+                    if holder is not None:
+                        raise _in_use(f"node.{field}", wanted, holder.value.decode())
+                    addr = wanted
+                else:
+                    addr = ipam.pick(cidr, await self._used(net_id, family), n)
+                    if addr is None:
+                        raise _exhausted(f"node.{field}", cidr)
+                setattr(node, field, addr)
+                ikey = self.keys.ipam(net_id, family, addr)
+                compare.append(self.t.create(ikey) == 0)
+                claims.append(self.t.put(ikey, name.encode()))
+            if node.public_key:
+                pkey = self.keys.pubkey(net_id, node.public_key)
+                holder = await self.etcd.get(pkey)
+                if holder is not None:
+                    raise _in_use("node.public_key", "this public key", holder.value.decode())
+                compare.append(self.t.create(pkey) == 0)
+                claims.append(self.t.put(pkey, name.encode()))
+                node.public_key_create_time.CopyFrom(store.now())
+            node.uid = store.new_uid()
+            node.create_time.CopyFrom(store.now())
+            node.update_time.CopyFrom(node.create_time)
+            node.etag = ""
+            if req.validate_only:
+                return node
+            ok, _, rev = await self.etcd.txn(
+                compare,
+                [self.t.put(key, store.encode(node)), *claims, self.t.put(self.keys.guard(net_id, "nodes"), b"")],
+            )
+            if not ok:
+                raise Conflict
+            node.etag = str(rev)
+            return node
+
+        return await retrying(attempt, f"create {name}")
+
+    async def update(self, req: node_pb2.UpdateNodeRequest) -> node_pb2.Node:
+        name = req.node.name
+        net_id, _ = self.parse_name(name, "node.name")
+        paths, violations = masks.resolve(list(req.update_mask.paths), MUTABLE, ALL_FIELDS)
+        if violations:
+            raise invalid_argument(violations)
+
+        async def attempt(_: int) -> node_pb2.Node:
+            current, kv = await self.read(name)
+            self.check_etag(req.node.etag, kv, name)
+            updated = node_pb2.Node()
+            updated.CopyFrom(current)
+            masks.apply(req.node, updated, paths)
+            errs = validation.node(updated)
+            if errs:
+                raise invalid_argument(errs)
+            compare = [self.t.mod(kv.key) == kv.mod_revision]
+            ops = []
+            if updated.public_key != current.public_key:
+                if current.public_key:
+                    ops.append(self.t.delete(self.keys.pubkey(net_id, current.public_key)))
+                if updated.public_key:
+                    pkey = self.keys.pubkey(net_id, updated.public_key)
+                    holder = await self.etcd.get(pkey)
+                    if holder is not None:
+                        raise _in_use("node.public_key", "this public key", holder.value.decode())
+                    compare.append(self.t.create(pkey) == 0)
+                    ops.append(self.t.put(pkey, name.encode()))
+                    updated.public_key_create_time.CopyFrom(store.now())
+                else:
+                    updated.ClearField("public_key_create_time")
+            updated.update_time.CopyFrom(store.now())
+            if req.validate_only:
+                return self.present(updated)
+            ok, _, rev = await self.etcd.txn(compare, [self.t.put(kv.key, store.encode(updated)), *ops])
+            if not ok:
+                if req.node.etag and (await self.etcd.get(kv.key) or kv).mod_revision != kv.mod_revision:
+                    raise etag_mismatch(KIND.type_name, name)
+                raise Conflict
+            updated.etag = str(rev)
+            return self.present(updated)
+
+        return await retrying(attempt, f"update {name}")
+
+    async def delete(self, req: node_pb2.DeleteNodeRequest) -> None:
+        net_id, node_id = self.parse_name(req.name)
+
+        async def attempt(_: int) -> None:
+            current, kv = await self.read(req.name)
+            self.check_etag(req.etag, kv, req.name)
+            gw_prefix = self.keys.egresses(net_id)
+            gw_kvs, _ = await self.etcd.list_prefix(gw_prefix)
+            guard = await self.etcd.get(self.keys.guard(net_id, "egress"))
+            users = [gkv for gkv in gw_kvs if egress_pb2.EgressGateway.FromString(gkv.value).node == req.name]
+            if users and not req.force:
+                names_ = ", ".join(egress_pb2.EgressGateway.FromString(u.value).name for u in users)
+                raise failed_precondition(
+                    f"node {req.name!r} is used by egress gateways ({names_}); delete them first or pass force",
+                    "RESOURCE_IN_USE", req.name, KIND.type_name,
+                )
+            if req.validate_only:
+                return None
+            ops = [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "nodes"), b"")]
+            for family, addr in (("v4", current.ipv4_address), ("v6", current.ipv6_address)):
+                if addr:
+                    ops.append(self.t.delete(self.keys.ipam(net_id, family, addr)))
+            if current.public_key:
+                ops.append(self.t.delete(self.keys.pubkey(net_id, current.public_key)))
+            for u in users:
+                ops.append(self.t.delete(u.key))
+            if users:
+                ops.append(self.t.put(self.keys.guard(net_id, "egress"), b""))
+            ok, _, _ = await self.etcd.txn(
+                [self.t.mod(kv.key) == kv.mod_revision,
+                 self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0)],
+                ops,
+            )
+            if not ok:
+                if req.etag:
+                    raise etag_mismatch(KIND.type_name, req.name)
+                raise Conflict
+            return None
+
+        await retrying(attempt, f"delete {req.name}")

@@ -1,0 +1,108 @@
+"""Where control-plane state lives in etcd, and how it is encoded.
+
+Layout under the prefix (default `/meshgate`):
+
+    networks/{net}                      Network
+    nodes/{net}/{node}                  Node
+    egressGateways/{net}/{gw}           EgressGateway
+    ipam/{net}/v4/{address}             the node name holding the address
+    ipam/{net}/v6/{address}
+    pubkeys/{net}/{urlsafe key}         the node name holding the public key
+    guards/networks                     bumped by every network create/delete
+    guards/{net}/nodes                  bumped by every node create/delete
+    guards/{net}/egress                 bumped by every egress gateway write
+
+Values are binary protobuf. A resource's etag is its key's mod revision, so
+etags cost nothing to store and are checked by etcd itself in the transaction.
+
+Guard keys turn "no other writer changed this set while I decided" into a single
+compare in a transaction: a writer that validated against a set of resources
+(network ranges, egress ranges, the nodes of a network) compares the guard's
+mod revision, and every writer that changes the set puts the guard.
+
+Hazard: every key of a network lives under one of the per-network prefixes
+below; a forced network delete removes exactly those, so a new per-network
+collection must be added to `network_prefixes`.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+
+from google.protobuf import timestamp_pb2
+
+from meshgate.common.etcd import KV, Etcd, prefix_end
+
+
+class Keys:
+    def __init__(self, etcd: Etcd) -> None:
+        self.e = etcd
+
+    def network(self, net: str) -> bytes:
+        return self.e.key("networks", net)
+
+    def networks(self) -> bytes:
+        return self.e.key("networks", "")
+
+    def node(self, net: str, node: str) -> bytes:
+        return self.e.key("nodes", net, node)
+
+    def nodes(self, net: str) -> bytes:
+        return self.e.key("nodes", net, "")
+
+    def egress(self, net: str, gw: str) -> bytes:
+        return self.e.key("egressGateways", net, gw)
+
+    def egresses(self, net: str) -> bytes:
+        return self.e.key("egressGateways", net, "")
+
+    def ipam(self, net: str, family: str, address: str) -> bytes:
+        return self.e.key("ipam", net, family, address)
+
+    def pubkey(self, net: str, public_key: str) -> bytes:
+        return self.e.key("pubkeys", net, base64.urlsafe_b64encode(base64.b64decode(public_key)).decode())
+
+    def guard_networks(self) -> bytes:
+        return self.e.key("guards", "networks")
+
+    def guard(self, net: str, what: str) -> bytes:
+        return self.e.key("guards", net, what)
+
+    def network_prefixes(self, net: str) -> list[bytes]:
+        """Every prefix holding keys of network `net` (besides its own key)."""
+        return [self.e.key(c, net, "") for c in ("nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "externalClients", "accessPolicies")]
+
+
+def etag_of(kv: KV) -> str:
+    return str(kv.mod_revision)
+
+
+def decode(cls, kv: KV):
+    msg = cls.FromString(kv.value)
+    msg.etag = etag_of(kv)
+    return msg
+
+
+def encode(msg) -> bytes:
+    copy = type(msg)()
+    copy.CopyFrom(msg)
+    copy.etag = ""
+    return copy.SerializeToString(deterministic=True)
+
+
+def now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
+
+
+def range_after(prefix: bytes, after: str) -> tuple[bytes, bytes]:
+    """Keys under `prefix` strictly after the id `after` (all when empty)."""
+    start = prefix + after.encode() + b"\0" if after else prefix
+    return start, prefix_end(prefix)

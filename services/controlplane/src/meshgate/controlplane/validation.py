@@ -1,0 +1,273 @@
+"""Pure validation of API resources: each function returns field violations.
+
+Field paths are dotted from the request (`network.ipv4_cidr`,
+`egress_gateway.ranges[2]`), so a caller can point at the exact input that was
+wrong. Nothing here reads etcd; checks that need other resources (overlaps,
+references) take them as arguments.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from typing import Iterable, Sequence
+
+from meshgate.common.errors import FieldViolation as V
+from meshgate.controlplane import names
+
+MAX_DISPLAY_NAME = 128
+MAX_DESCRIPTION = 1024
+MAX_LABELS = 64
+MAX_LABEL_LEN = 63
+MAX_TAGS = 32
+MAX_RANGES = 256
+MAX_PRIORITY = 1000
+MAX_KEEPALIVE_S = 3600
+LABEL_KEY_RE = re.compile(r"^[a-z](?:[a-z0-9_.-]{0,61}[a-z0-9])?$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def check_id(field: str, value: str) -> list[V]:
+    if not value:
+        return [V(field, "is required")]
+    if not names.valid_id(value):
+        return [V(field, f"{value!r} {names.ID_RULE}")]
+    return []
+
+
+def check_text(field: str, value: str, limit: int) -> list[V]:
+    if len(value) > limit:
+        return [V(field, f"is {len(value)} characters long; at most {limit} are allowed")]
+    if any(ord(c) < 32 and c not in "\t\n" for c in value):
+        return [V(field, "contains control characters")]
+    return []
+
+
+def check_labels(field: str, labels: dict[str, str]) -> list[V]:
+    out = []
+    if len(labels) > MAX_LABELS:
+        out.append(V(field, f"has {len(labels)} entries; at most {MAX_LABELS} are allowed"))
+    for k, v in sorted(labels.items()):
+        if not LABEL_KEY_RE.match(k):
+            out.append(V(f"{field}[{k!r}]", "key must be 1-63 lowercase letters, digits, '_', '.' or '-', starting with a letter"))
+        if len(v) > MAX_LABEL_LEN:
+            out.append(V(f"{field}[{k!r}]", f"value is longer than {MAX_LABEL_LEN} characters"))
+    return out
+
+
+def check_tags(field: str, tags: Sequence[str]) -> list[V]:
+    out = []
+    if len(tags) > MAX_TAGS:
+        out.append(V(field, f"has {len(tags)} tags; at most {MAX_TAGS} are allowed"))
+    seen = set()
+    for i, t in enumerate(tags):
+        if not names.valid_id(t):
+            out.append(V(f"{field}[{i}]", f"{t!r} {names.ID_RULE}"))
+        elif t in seen:
+            out.append(V(f"{field}[{i}]", f"tag {t!r} is repeated"))
+        seen.add(t)
+    return out
+
+
+def parse_cidr(field: str, value: str, version: int | None = None) -> tuple[Net | None, list[V]]:
+    """A strict CIDR (no host bits set)."""
+    if not value:
+        return None, [V(field, "is required")]
+    if "/" not in value:
+        return None, [V(field, f"{value!r} is not in CIDR notation (address/prefix)")]
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        msg = str(e)
+        if "has host bits set" in msg:
+            return None, [V(field, f"{value!r} has host bits set; did you mean {ipaddress.ip_network(value, strict=False)}?")]
+        return None, [V(field, f"{value!r} is not a valid CIDR")]
+    if version and net.version != version:
+        return None, [V(field, f"{value!r} is not an IPv{version} range")]
+    return net, []
+
+
+def check_port(field: str, port: int, allow_zero: bool = True) -> list[V]:
+    if port == 0 and allow_zero:
+        return []
+    if not 1 <= port <= 65535:
+        return [V(field, f"{port} is not a port number (1-65535)")]
+    return []
+
+
+def check_endpoint(field: str, value: str) -> list[V]:
+    """`host:port`, `[v6]:port`; host an IP address or a DNS name."""
+    if not value:
+        return []
+    if len(value) > 261:
+        return [V(field, "is too long")]
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", value) or re.match(r"^([^:\[\]]+):(\d{1,5})$", value)
+    if not m:
+        return [V(field, f"{value!r} is not host:port or [ipv6]:port")]
+    host, port = m.group(1), int(m.group(2))
+    bad = check_port(field, port, allow_zero=False)
+    if bad:
+        return bad
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if value.startswith("[") or not HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+            return [V(field, f"{host!r} is not an IP address or host name")]
+    return []
+
+
+def check_public_key(field: str, value: str) -> list[V]:
+    if not value:
+        return []
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return [V(field, "is not base64")]
+    if len(raw) != 32:
+        return [V(field, f"decodes to {len(raw)} bytes; a WireGuard key is 32")]
+    return []
+
+
+def check_interface(field: str, value: str) -> list[V]:
+    if value and (not IFNAME_RE.match(value) or value in (".", "..")):
+        return [V(field, f"{value!r} is not a valid interface name (1-15 characters, no '/' or spaces)")]
+    return []
+
+
+# --- networks -------------------------------------------------------------
+
+
+def network(net, prefix: str = "network") -> list[V]:
+    """Fields of a Network on their own (not against other networks)."""
+    out: list[V] = []
+    out += check_text(f"{prefix}.display_name", net.display_name, MAX_DISPLAY_NAME)
+    out += check_text(f"{prefix}.description", net.description, MAX_DESCRIPTION)
+    v4, errs = parse_cidr(f"{prefix}.ipv4_cidr", net.ipv4_cidr, 4)
+    out += errs
+    if v4 is not None and not 8 <= v4.prefixlen <= 30:
+        out.append(V(f"{prefix}.ipv4_cidr", f"prefix length /{v4.prefixlen} is outside /8 to /30"))
+    if net.ipv6_cidr:
+        v6, errs = parse_cidr(f"{prefix}.ipv6_cidr", net.ipv6_cidr, 6)
+        out += errs
+        if v6 is not None and not 48 <= v6.prefixlen <= 120:
+            out.append(V(f"{prefix}.ipv6_cidr", f"prefix length /{v6.prefixlen} is outside /48 to /120"))
+    out += check_port(f"{prefix}.listen_port", net.listen_port)
+    if net.mtu and not 1280 <= net.mtu <= 9000:
+        out.append(V(f"{prefix}.mtu", f"{net.mtu} is outside 1280-9000"))
+    for fname in ("persistent_keepalive", "max_node_key_age", "preshared_key_rotation_period"):
+        if net.HasField(fname):
+            d = getattr(net, fname)
+            if d.seconds < 0 or d.nanos < 0:
+                out.append(V(f"{prefix}.{fname}", "may not be negative"))
+    if net.HasField("persistent_keepalive") and net.persistent_keepalive.seconds > MAX_KEEPALIVE_S:
+        out.append(V(f"{prefix}.persistent_keepalive", f"is longer than {MAX_KEEPALIVE_S}s"))
+    out += check_labels(f"{prefix}.labels", dict(net.labels))
+    return out
+
+
+def network_overlaps(net, others: Iterable, prefix: str = "network") -> list[V]:
+    """The network's ranges against other networks'. `others` excludes itself."""
+    out = []
+    mine = [("ipv4_cidr", net.ipv4_cidr), ("ipv6_cidr", net.ipv6_cidr)]
+    for other in others:
+        for fname, cidr in mine:
+            theirs = getattr(other, fname)
+            if cidr and theirs and ipaddress.ip_network(cidr).overlaps(ipaddress.ip_network(theirs)):
+                out.append(V(f"{prefix}.{fname}", f"{cidr} overlaps {theirs} of {other.name}"))
+    return out
+
+
+# --- nodes ----------------------------------------------------------------
+
+
+def node(n, prefix: str = "node") -> list[V]:
+    out: list[V] = []
+    out += check_text(f"{prefix}.display_name", n.display_name, MAX_DISPLAY_NAME)
+    out += check_tags(f"{prefix}.tags", list(n.tags))
+    out += check_endpoint(f"{prefix}.endpoint", n.endpoint)
+    out += check_port(f"{prefix}.listen_port", n.listen_port)
+    out += check_public_key(f"{prefix}.public_key", n.public_key)
+    out += check_labels(f"{prefix}.labels", dict(n.labels))
+    return out
+
+
+def requested_address(field: str, value: str, cidr: str) -> list[V]:
+    """An address asked for on create: inside the range, not reserved."""
+    if not value:
+        return []
+    if not cidr:
+        return [V(field, "the network has no range of this family")]
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return [V(field, f"{value!r} is not an IP address")]
+    net = ipaddress.ip_network(cidr)
+    if addr.version != net.version or addr not in net:
+        return [V(field, f"{value} is outside the network's range {cidr}")]
+    if addr in (net.network_address, net.broadcast_address):
+        return [V(field, f"{value} is the network's {'network' if addr == net.network_address else 'broadcast'} address")]
+    return []
+
+
+# --- egress gateways ------------------------------------------------------
+
+
+def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
+    """Fields of an EgressGateway on their own; returns its parsed ranges."""
+    out: list[V] = []
+    nets: list[Net] = []
+    if not gw.node:
+        out.append(V(f"{prefix}.node", "is required"))
+    elif names.parse_child(gw.node, "nodes") is None:
+        out.append(V(f"{prefix}.node", f"{gw.node!r} is not a node name (networks/{{network}}/nodes/{{node}})"))
+    if len(gw.ranges) > MAX_RANGES:
+        out.append(V(f"{prefix}.ranges", f"has {len(gw.ranges)} ranges; at most {MAX_RANGES} are allowed"))
+    if not gw.ranges and not gw.internet_gateway:
+        out.append(V(f"{prefix}.ranges", "is empty; give at least one range or set internet_gateway"))
+    for i, r in enumerate(gw.ranges):
+        net, errs = parse_cidr(f"{prefix}.ranges[{i}]", r)
+        out += errs
+        if net is None:
+            continue
+        if net.prefixlen == 0:
+            out.append(V(f"{prefix}.ranges[{i}]", f"{r} is the whole address space; set internet_gateway instead"))
+            continue
+        for j, prev in enumerate(nets):
+            if prev is not None and net.version == prev.version and net.overlaps(prev):
+                out.append(V(f"{prefix}.ranges[{i}]", f"{r} overlaps {gw.ranges[j]} (ranges[{j}])"))
+        nets.append(net)
+    if gw.priority > MAX_PRIORITY:
+        out.append(V(f"{prefix}.priority", f"{gw.priority} is above {MAX_PRIORITY}"))
+    out += check_interface(f"{prefix}.egress_interface", gw.egress_interface)
+    out += check_text(f"{prefix}.display_name", gw.display_name, MAX_DISPLAY_NAME)
+    out += check_labels(f"{prefix}.labels", dict(gw.labels))
+    return nets, out
+
+
+def egress_overlaps(gw, ranges: list[Net], network, others: Iterable, prefix: str = "egress_gateway") -> list[V]:
+    """Ranges against the network's own ranges and other gateways' ranges.
+
+    Equal ranges on several gateways are allowed: that is how HA is expressed.
+    """
+    out = []
+    own = [ipaddress.ip_network(c) for c in (network.ipv4_cidr, network.ipv6_cidr) if c]
+    other_ranges = [(o.name, ipaddress.ip_network(r)) for o in others for r in o.ranges]
+    for i, net in enumerate(ranges):
+        for o in own:
+            if net.version == o.version and net.overlaps(o):
+                out.append(V(f"{prefix}.ranges[{i}]", f"{net} overlaps the network's own range {o}"))
+        for oname, onet in other_ranges:
+            if net.version == onet.version and net.overlaps(onet) and net != onet:
+                out.append(V(f"{prefix}.ranges[{i}]", f"{net} overlaps {onet} of {oname} (only identical ranges may be shared, for HA)"))
+    return out
+
+
+def page_size(field: str, value: int) -> tuple[int, list[V]]:
+    if value < 0:
+        return 0, [V(field, "may not be negative")]
+    return min(value or 50, 1000), []
