@@ -8,7 +8,6 @@ that was not.
 
 from __future__ import annotations
 
-from google.protobuf import descriptor
 
 from meshgate.common.errors import FieldViolation
 
@@ -35,7 +34,7 @@ def apply(src, dst, paths: list[str]) -> None:
     fields = dst.DESCRIPTOR.fields_by_name
     for path in paths:
         f = fields[path]
-        if f.label == descriptor.FieldDescriptor.LABEL_REPEATED:
+        if f.is_repeated:
             dst.ClearField(path)
             target = getattr(dst, path)
             source = getattr(src, path)

@@ -1,0 +1,44 @@
+"""Pure IPAM selection: never reserved, never used, deterministic first pick."""
+
+import ipaddress
+import random
+
+from hypothesis import given, settings, strategies as st
+
+from meshgate.controlplane import ipam
+
+
+def test_first_pick_is_lowest_free():
+    assert ipam.pick("100.64.0.0/24", set()) == "100.64.0.1"
+    assert ipam.pick("100.64.0.0/24", {"100.64.0.1", "100.64.0.3"}) == "100.64.0.2"
+
+
+def test_full_range_gives_none():
+    used = {str(a) for a in ipam.usable(ipaddress.ip_network("100.64.0.0/29"))}
+    assert len(used) == 6
+    assert ipam.pick("100.64.0.0/29", used) is None
+    assert ipam.pick("100.64.0.0/29", used, attempt=3) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefix=st.integers(min_value=22, max_value=30),
+    v6=st.booleans(),
+    used_frac=st.floats(min_value=0, max_value=1),
+    attempt=st.integers(min_value=0, max_value=5),
+    seed=st.integers(),
+)
+def test_pick_is_free_inside_and_not_reserved(prefix, v6, used_frac, attempt, seed):
+    cidr = f"fd00::/{prefix + 96}" if v6 else f"100.64.0.0/{prefix}"
+    net = ipaddress.ip_network(cidr)
+    rng = random.Random(seed)
+    all_usable = [str(a) for a in ipam.usable(net)]
+    used = {a for a in all_usable if rng.random() < used_frac}
+    got = ipam.pick(cidr, used, attempt, rng)
+    if len(used) == len(all_usable):
+        assert got is None
+        return
+    assert got is not None
+    addr = ipaddress.ip_address(got)
+    assert addr in net and got not in used
+    assert addr not in (net.network_address, net.broadcast_address)
