@@ -1,6 +1,7 @@
 """Helpers for tests and the dev stack: run meshgate services as real processes.
 
-`ServiceProcess` starts an entry point with `--listen 127.0.0.1:0 --port-file`,
+`ServiceProcess` starts an entry point with `--listen` (a free loopback port by
+default) and `--port-file`,
 waits until the port file appears and the standard health check answers
 SERVING, and stops the process by its PID (SIGTERM, then SIGKILL).
 """
@@ -29,6 +30,7 @@ class ServiceProcess:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     log_path: str = ""
+    listen: str = "127.0.0.1:0"
     port: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -46,7 +48,7 @@ class ServiceProcess:
         env.update(self.env)
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [exe, "--listen", "127.0.0.1:0", "--port-file", port_file, *self.args],
+            [exe, "--listen", self.listen, "--port-file", port_file, *self.args],
             stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         logf.close()

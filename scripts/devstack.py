@@ -1,0 +1,134 @@
+"""The dev stack behind `make run`: a local etcd, the control plane and the key
+service on loopback, an example network, then the egress demonstration.
+
+Everything it starts runs as a child process with its state under `state/` in
+the checkout, and is stopped by PID on Ctrl-C (or at the end with `--once`).
+Running it again reuses the same etcd data, so the example network is found,
+not created twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+
+from meshgate.api.v1 import network_pb2, network_pb2_grpc
+from meshgate.common.etcdproc import EtcdProcess, free_port
+from meshgate.common.testing import ServiceProcess
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def ensure_network(target: str) -> network_pb2.Network:
+    with grpc.insecure_channel(target) as ch:
+        stub = network_pb2_grpc.NetworkServiceStub(ch)
+        try:
+            return stub.CreateNetwork(
+                network_pb2.CreateNetworkRequest(
+                    network_id="demo",
+                    network=network_pb2.Network(
+                        display_name="meshgate demo network",
+                        ipv4_cidr="100.64.0.0/24",
+                        ipv6_cidr="fd00:64::/64",
+                    ),
+                ),
+                timeout=10,
+            )
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            return stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/demo"), timeout=10)
+
+
+def run_demo() -> int:
+    if importlib.util.find_spec("meshgate.gatewayd.demo") is None:
+        say("(the egress demonstration is not available in this build)")
+        return 0
+    if os.geteuid() != 0:
+        say("(skipping the egress demonstration: it needs root to create network namespaces)")
+        return 0
+    say("== egress demonstration (network namespaces, wireguard-go, nftables) ==")
+    return subprocess.call([sys.executable, "-m", "meshgate.gatewayd.demo"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state-dir", default=str(ROOT / "state"), help="where etcd data and logs live")
+    p.add_argument("--etcd-port", type=int, default=23790, help="etcd client port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--controlplane-port", type=int, default=7400, help="control plane port (0: a free one)")
+    p.add_argument("--keyservice-port", type=int, default=7401, help="key service port (0: a free one)")
+    p.add_argument("--no-demo", action="store_true", help="do not run the egress demonstration")
+    p.add_argument("--once", action="store_true", help="stop everything after the demonstration instead of waiting")
+    args = p.parse_args()
+
+    state = pathlib.Path(args.state_dir)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    etcd = EtcdProcess(
+        str(state / "etcd"),
+        client_port=args.etcd_port or free_port(),
+        peer_port=args.etcd_port + 1 if args.etcd_port else 0,
+        name="meshgate-dev",
+        log_path=str(state / "logs" / "etcd.log"),
+    )
+    procs: list[ServiceProcess] = []
+    stopping = False
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        say(f"starting etcd on 127.0.0.1:{etcd.client_port} (data in {etcd.data_dir})")
+        etcd.start()
+        common = ["--etcd-endpoints", etcd.endpoint, "--log-json"]
+        for name, port in (("meshgate-controlplane", args.controlplane_port), ("meshgate-keyservice", args.keyservice_port)):
+            sp = ServiceProcess(name, common, listen=f"127.0.0.1:{port}", log_path=str(state / "logs" / f"{name}.log"))
+            procs.append(sp.start())
+            say(f"started {name} on {sp.target} (pid {sp.proc.pid}, log {sp.log_path})")
+        cp = procs[0]
+        net = ensure_network(cp.target)
+        say()
+        say(f"example network {net.name}: {net.ipv4_cidr} and {net.ipv6_cidr}, listen port {net.listen_port}")
+        say("try it (the API has server reflection, so grpcurl works too):")
+        say(
+            "  .venv/bin/python -c \"import grpc; from meshgate.api.v1 import network_pb2 as n, network_pb2_grpc as g; "
+            f"print(g.NetworkServiceStub(grpc.insecure_channel('{cp.target}')).ListNetworks(n.ListNetworksRequest()))\""
+        )
+        say()
+        rc = 0 if args.no_demo else run_demo()
+        if rc != 0:
+            say(f"the egress demonstration failed (exit {rc})")
+            return rc
+        if args.once:
+            return 0
+        say("running; press Ctrl-C to stop everything")
+        while all(sp.proc.poll() is None for sp in procs):
+            time.sleep(0.5)
+        say("a service exited unexpectedly; see the logs in " + str(state / "logs"))
+        return 1
+    except KeyboardInterrupt:
+        stopping = True
+        return 0
+    finally:
+        if stopping:
+            say("\nstopping")
+        for sp in reversed(procs):
+            sp.stop()
+        etcd.stop()
+        say("stopped everything the dev stack started")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
