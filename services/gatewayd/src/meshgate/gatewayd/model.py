@@ -1,0 +1,507 @@
+"""The desired and observed state of a node, as gatewayd's planner sees them.
+
+``compile_desired`` turns the API's ``DesiredState`` message into a ``Desired``: every
+field validated (bad input is rejected whole, with one ``FieldViolation`` per problem,
+before anything touches the kernel), normalised (CIDRs in canonical form, so they
+compare equal to what the kernel reports) and expanded into the kernel objects it
+implies (routes, policy rules, the nftables table, sysctls).  ``Observed`` is the same
+shape read back from the kernel.  Both are plain frozen values: no I/O happens here.
+
+Hazards: pre-shared keys are ``Secret``s and never appear in messages; the overlap
+check must stay O(n log n) (it runs on every snapshot of up to thousands of peers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Collection, Iterable, Mapping
+
+from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.gatewayd import nftables
+from meshgate.gatewayd.config import Settings
+from meshgate.gatewayd.errors import FieldViolation, InvalidDesiredState
+from meshgate.gatewayd.keys import Secret, is_valid_key
+
+MAIN_TABLE = 254
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
+ZERO_KEY = "A" * 43 + "="
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSpec:
+    """A WireGuard peer as configured (desired) or as the device reports it (observed)."""
+
+    public_key: str
+    allowed_ips: frozenset[str] = frozenset()
+    preshared_key: Secret | None = None
+    endpoint: str | None = None
+    """``ip:port`` / ``[v6]:port``; None in a desired peer means "not managed"."""
+    keepalive: int = 0
+    ranges: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
+    """(ip version, first, last) of each allowed IP, for the overlap check."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A route in gatewayd's own table, always ``dev <interface> proto <ours>``."""
+
+    dst: str
+    metric: int = 0
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.dst else 4
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """A policy-routing rule stamped with gatewayd's protocol id."""
+
+    family: int
+    priority: int
+    table: int
+    fwmark: int = 0
+    invert: bool = False
+    suppress_prefixlength: int | None = None
+
+
+@dataclass(frozen=True)
+class Desired:
+    node: str
+    revision: int
+    interface: str
+    public_key: str
+    """The node's own public key (its private key stays with the key store)."""
+    addresses: frozenset[str]
+    listen_port: int | None
+    mtu: int
+    fwmark: int
+    peers: Mapping[str, PeerSpec]
+    routes: frozenset[RouteSpec]
+    rules: frozenset[RuleSpec]
+    nft: nftables.Table
+    sysctls: Mapping[str, str]
+    egress_interfaces: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ObservedDevice:
+    public_key: str | None
+    listen_port: int
+    fwmark: int
+    peers: Mapping[str, PeerSpec]
+
+
+@dataclass(frozen=True)
+class ObservedLink:
+    mtu: int
+    up: bool
+    addresses: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Observed:
+    device: ObservedDevice | None
+    """None when the WireGuard interface does not exist."""
+    link: ObservedLink | None
+    routes: frozenset[RouteSpec]
+    rules: frozenset[RuleSpec]
+    nft_digest: str | None
+    """Digest of the ``inet meshgate`` table when its content is verified to be exactly
+    what gatewayd loaded for that digest; None when absent or not verifiable."""
+    sysctls: Mapping[str, str]
+
+
+def expected_observed(d: Desired) -> Observed:
+    """What the kernel looks like once ``d`` is applied (the delta path plans against it)."""
+    return Observed(
+        device=ObservedDevice(
+            public_key=d.public_key,
+            listen_port=d.listen_port or 0,
+            fwmark=d.fwmark,
+            peers=d.peers,
+        ),
+        link=ObservedLink(mtu=d.mtu, up=True, addresses=d.addresses),
+        routes=d.routes,
+        rules=d.rules,
+        nft_digest=d.nft.digest,
+        sysctls=dict(d.sysctls),
+    )
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+def _net(text: str, where: str, v: list[FieldViolation]) -> Net | None:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as e:
+        v.append(FieldViolation(where, f"not a valid CIDR ({e})"))
+        return None
+
+
+def _nets(texts: Iterable[str], where: str, v: list[FieldViolation]) -> list[Net]:
+    out = []
+    for i, t in enumerate(texts):
+        n = _net(t, f"{where}[{i}]", v)
+        if n is not None:
+            out.append(n)
+    return out
+
+
+def _range(n: Net) -> tuple[int, int, int]:
+    return (n.version, int(n.network_address), int(n.broadcast_address))
+
+
+def normalize_endpoint(text: str) -> str:
+    """``host:port`` with host an IP literal, in the form wireguard reports it."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].rpartition("]:")
+        if not sep:
+            raise ValueError("expected [v6]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    p = int(port)
+    if not 0 < p < 65536:
+        raise ValueError("port out of range")
+    ip = ipaddress.ip_address(host)
+    return f"[{ip}]:{p}" if ip.version == 6 else f"{ip}:{p}"
+
+
+def _peer(p: pb.Peer, where: str, own_key: str, v: list[FieldViolation]) -> PeerSpec | None:
+    n0 = len(v)
+    if not is_valid_key(p.public_key):
+        v.append(FieldViolation(f"{where}.public_key", "not a 32-byte base64 WireGuard key"))
+    elif p.public_key == own_key:
+        v.append(FieldViolation(f"{where}.public_key", "is this node's own key"))
+    psk = None
+    if p.preshared_key:
+        if not is_valid_key(p.preshared_key):
+            # never echo the value: it is a secret
+            v.append(FieldViolation(f"{where}.preshared_key", "not a 32-byte base64 key"))
+        else:
+            psk = Secret(p.preshared_key)
+    endpoint = None
+    if p.endpoint:
+        try:
+            endpoint = normalize_endpoint(p.endpoint)
+        except ValueError as e:
+            v.append(FieldViolation(f"{where}.endpoint", f"{p.endpoint!r} is not ip:port ({e})"))
+    if p.persistent_keepalive_seconds > 65535:
+        v.append(FieldViolation(f"{where}.persistent_keepalive_seconds", "must be <= 65535"))
+    nets = _nets(p.allowed_ips, f"{where}.allowed_ips", v)
+    if len(v) != n0:
+        return None
+    return PeerSpec(
+        public_key=p.public_key,
+        allowed_ips=frozenset(str(n) for n in nets),
+        preshared_key=psk,
+        endpoint=endpoint,
+        keepalive=p.persistent_keepalive_seconds,
+        ranges=tuple(_range(n) for n in nets),
+    )
+
+
+def _check_overlaps(
+    peers: Mapping[str, PeerSpec], names: Mapping[str, str], v: list[FieldViolation]
+) -> None:
+    """Allowed IPs of two peers may not be equal or nested, except under a /0.
+
+    A /0 is the internet gateway: WireGuard's longest-prefix match lets every more
+    specific peer win over it, which is what a default route means.  Anything else
+    nested is ambiguous routing and a control-plane bug.
+    """
+    items = []
+    for key, p in peers.items():
+        for fam, lo, hi in p.ranges:
+            if lo == 0 and hi == (2**32 - 1 if fam == 4 else 2**128 - 1):
+                continue
+            items.append((fam, lo, -hi, key))
+    items.sort()
+    # sorted by start, widest first: a range overlaps the open range with the largest
+    # end seen so far iff it starts before that end
+    cur_fam, cur_hi, cur_key = None, -1, ""
+    reported: set[tuple[str, str]] = set()
+    for fam, lo, neg_hi, key in items:
+        hi = -neg_hi
+        if fam == cur_fam and lo <= cur_hi and key != cur_key:
+            pair = tuple(sorted((key, cur_key)))
+            if pair not in reported:
+                reported.add(pair)  # type: ignore[arg-type]
+                v.append(
+                    FieldViolation(
+                        f"{names[key]}.allowed_ips",
+                        f"overlaps the allowed IPs of {names[cur_key]}",
+                    )
+                )
+        if fam != cur_fam or hi > cur_hi:
+            cur_fam, cur_hi, cur_key = fam, hi, key
+
+
+def _covered(dst: Net, peer: PeerSpec) -> bool:
+    fam, lo, hi = _range(dst)
+    return any(f == fam and a <= lo and hi <= b for f, a, b in peer.ranges)
+
+
+# ---------------------------------------------------------------- compile
+
+
+def compile_desired(
+    msg: pb.DesiredState,
+    *,
+    settings: Settings,
+    public_key: str,
+    host_links: Collection[str] | None = None,
+) -> Desired:
+    """Validate ``msg`` and expand it; raises ``InvalidDesiredState`` listing every problem.
+
+    ``host_links`` are the host's interface names, for checking ``egress_interface``;
+    None skips that check (pure unit tests).
+    """
+    v: list[FieldViolation] = []
+    iface = msg.interface.name or settings.default_interface
+    if not IFNAME_RE.match(iface):
+        v.append(FieldViolation("interface.name", f"{iface!r} is not a valid interface name"))
+    addresses = []
+    for i, a in enumerate(msg.interface.addresses):
+        try:
+            addresses.append(str(ipaddress.ip_interface(a.strip())))
+        except ValueError as e:
+            v.append(FieldViolation(f"interface.addresses[{i}]", f"not an address/prefix ({e})"))
+    if msg.interface.listen_port > 65535:
+        v.append(FieldViolation("interface.listen_port", "must be <= 65535"))
+    mtu = msg.interface.mtu or 1420
+    if not 576 <= mtu <= 65535:
+        v.append(FieldViolation("interface.mtu", "must be within 576..65535"))
+    if msg.interface.fwmark >= 2**32:
+        v.append(FieldViolation("interface.fwmark", "must fit 32 bits"))
+
+    peers: dict[str, PeerSpec] = {}
+    names: dict[str, str] = {}
+    for i, p in enumerate(msg.peers):
+        where = f"peers[{i}]"
+        spec = _peer(p, where, public_key, v)
+        if spec is None:
+            continue
+        if spec.public_key in peers:
+            v.append(FieldViolation(f"{where}.public_key", f"duplicates {names[spec.public_key]}"))
+            continue
+        peers[spec.public_key] = spec
+        names[spec.public_key] = where
+    _check_overlaps(peers, names, v)
+
+    routes: set[RouteSpec] = set()
+    for i, r in enumerate(msg.routes):
+        where = f"routes[{i}]"
+        dst = _net(r.destination, f"{where}.destination", v)
+        via = peers.get(r.via_peer)
+        if via is None:
+            v.append(FieldViolation(f"{where}.via_peer", "is not one of this node's peers"))
+        elif dst is not None and not _covered(dst, via):
+            v.append(FieldViolation(
+                f"{where}.destination", f"is not within the allowed IPs of {names[r.via_peer]}"))
+        if dst is not None:
+            routes.add(RouteSpec(str(dst), _metric(dst.version, r.metric)))
+    if msg.default_route_via_peer:
+        via = peers.get(msg.default_route_via_peer)
+        if via is None:
+            v.append(FieldViolation("default_route_via_peer", "is not one of this node's peers"))
+        else:
+            fams = [fam for fam in (4, 6) if _covered(ipaddress.ip_network("0.0.0.0/0" if fam == 4 else "::/0"), via)]
+            if not fams:
+                v.append(FieldViolation(
+                    "default_route_via_peer",
+                    f"{names[msg.default_route_via_peer]} has neither 0.0.0.0/0 nor ::/0 in its allowed IPs"))
+            for fam in fams:
+                routes.add(RouteSpec("0.0.0.0/0" if fam == 4 else "::/0", _metric(fam, 0)))
+
+    egress: list[nftables.Egress] = []
+    egress_ifaces: set[str] = set()
+    own_nets = sorted({str(ipaddress.ip_interface(a).network) for a in addresses})
+    for i, e in enumerate(msg.egress):
+        where = f"egress[{i}]"
+        ranges = _nets(e.ranges, f"{where}.ranges", v)
+        sources = _nets(e.source_ranges, f"{where}.source_ranges", v)
+        if not sources:
+            sources = [ipaddress.ip_network(n) for n in own_nets]
+        if e.egress_interface:
+            if not IFNAME_RE.match(e.egress_interface):
+                v.append(FieldViolation(f"{where}.egress_interface", "is not a valid interface name"))
+            elif e.egress_interface == iface:
+                v.append(FieldViolation(f"{where}.egress_interface", "is the WireGuard interface itself"))
+            elif host_links is not None and e.egress_interface not in host_links:
+                v.append(FieldViolation(
+                    f"{where}.egress_interface", f"unknown interface {e.egress_interface!r} on this host"))
+            egress_ifaces.add(e.egress_interface)
+        if not ranges and not e.internet_gateway:
+            v.append(FieldViolation(f"{where}.ranges", "empty (and internet_gateway is off)"))
+        egress.append(nftables.Egress(
+            ranges=tuple(sorted(ranges, key=_range)),
+            sources=tuple(sorted(sources, key=_range)),
+            nat=e.nat,
+            egress_interface=e.egress_interface or None,
+            internet_gateway=e.internet_gateway,
+        ))
+
+    filters: list[nftables.Filter] = []
+    for i, f in enumerate(msg.filter_rules):
+        where = f"filter_rules[{i}]"
+        proto = f.protocol.lower().strip()
+        if proto not in ("", "any", "tcp", "udp", "icmp", "icmpv6"):
+            v.append(FieldViolation(f"{where}.protocol", f"unsupported protocol {f.protocol!r}"))
+        ports: list[str] = []
+        for j, port in enumerate(f.ports):
+            m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", port.strip())
+            if not m or int(m.group(1)) > 65535 or (m.group(2) and not int(m.group(1)) <= int(m.group(2)) <= 65535):
+                v.append(FieldViolation(f"{where}.ports[{j}]", f"{port!r} is not a port or port range"))
+            else:
+                ports.append(port.strip())
+        if ports and proto not in ("tcp", "udp"):
+            v.append(FieldViolation(f"{where}.ports", "ports need protocol tcp or udp"))
+        filters.append(nftables.Filter(
+            sources=tuple(_nets(f.sources, f"{where}.sources", v)),
+            destinations=tuple(_nets(f.destinations, f"{where}.destinations", v)),
+            protocol="" if proto == "any" else proto,
+            ports=tuple(ports),
+            accept=f.accept,
+        ))
+
+    if v:
+        raise InvalidDesiredState(v)
+
+    fwmark = msg.interface.fwmark or (settings.fwmark if routes else 0)
+    rules: set[RuleSpec] = set()
+    for fam in {r.family for r in routes}:
+        rules.add(RuleSpec(fam, settings.rule_table_priority, settings.route_table, fwmark, invert=True))
+    for r in routes:
+        if r.dst.endswith("/0"):
+            rules.add(RuleSpec(r.family, settings.rule_priority, MAIN_TABLE, suppress_prefixlength=0))
+    sysctls: dict[str, str] = {}
+    if egress:
+        fams = {n.version for e in egress for n in (*e.ranges, *e.sources)}
+        if 4 in fams or any(e.internet_gateway for e in egress):
+            sysctls["net.ipv4.ip_forward"] = "1"
+        if 6 in fams:
+            sysctls["net.ipv6.conf.all.forwarding"] = "1"
+    if any(r.dst == "0.0.0.0/0" for r in routes):
+        sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
+
+    return Desired(
+        node=msg.node,
+        revision=msg.revision,
+        interface=iface,
+        public_key=public_key,
+        addresses=frozenset(addresses),
+        listen_port=msg.interface.listen_port or None,
+        mtu=mtu,
+        fwmark=fwmark,
+        peers=peers,
+        routes=frozenset(routes),
+        rules=frozenset(rules),
+        nft=nftables.render(iface, egress, filters),
+        sysctls=sysctls,
+        egress_interfaces=frozenset(egress_ifaces),
+    )
+
+
+def _metric(version: int, metric: int) -> int:
+    # the kernel reports an IPv6 route added with metric 0 as 1024
+    return metric or (1024 if version == 6 else 0)
+
+
+# ---------------------------------------------------------------- deltas
+
+
+def merge_delta(state: pb.DesiredState, delta: pb.DesiredStateDelta) -> pb.DesiredState:
+    """The snapshot that results from applying ``delta`` on top of ``state``."""
+    out = pb.DesiredState()
+    out.CopyFrom(state)
+    if delta.upserted_peers or delta.removed_peers:
+        upserts = {p.public_key: p for p in delta.upserted_peers}
+        removed = set(delta.removed_peers)
+        kept = []
+        for p in state.peers:
+            if p.public_key in removed:
+                continue
+            kept.append(upserts.pop(p.public_key, p))
+        kept.extend(upserts.values())
+        del out.peers[:]
+        out.peers.extend(kept)
+    if delta.HasField("interface"):
+        out.interface.CopyFrom(delta.interface)
+    if delta.routes_changed:
+        del out.routes[:]
+        out.routes.extend(delta.routes)
+    if delta.egress_changed:
+        del out.egress[:]
+        out.egress.extend(delta.egress)
+    if delta.filter_rules_changed:
+        del out.filter_rules[:]
+        out.filter_rules.extend(delta.filter_rules)
+    if delta.default_route_changed:
+        out.default_route_via_peer = delta.default_route_via_peer
+    return out
+
+
+def peers_only(delta: pb.DesiredStateDelta) -> bool:
+    return not (
+        delta.HasField("interface") or delta.routes_changed or delta.egress_changed
+        or delta.filter_rules_changed or delta.default_route_changed
+    )
+
+
+def compile_peer_delta(prev: Desired, delta: pb.DesiredStateDelta, revision: int) -> Desired:
+    """The fast path for a delta that only touches peers: validates only what changed.
+
+    The overlap check compares each upserted peer with every other (integer compares,
+    no parsing), and routes that name a removed or changed peer are re-checked.
+    """
+    v: list[FieldViolation] = []
+    peers = dict(prev.peers)
+    for key in delta.removed_peers:
+        peers.pop(key, None)
+    new: dict[str, PeerSpec] = {}
+    names: dict[str, str] = {}
+    for i, p in enumerate(delta.upserted_peers):
+        where = f"upserted_peers[{i}]"
+        spec = _peer(p, where, prev.public_key, v)
+        if spec is not None:
+            if spec.public_key in new:
+                v.append(FieldViolation(f"{where}.public_key", f"duplicates {names[spec.public_key]}"))
+            new[spec.public_key] = spec
+            names[spec.public_key] = where
+    for key, spec in new.items():
+        peers[key] = spec
+    for key, spec in new.items():
+        for fam, lo, hi in spec.ranges:
+            if lo == 0 and hi == (2**32 - 1 if fam == 4 else 2**128 - 1):
+                continue
+            for other_key, other in peers.items():
+                if other_key == key:
+                    continue
+                for f2, lo2, hi2 in other.ranges:
+                    if f2 == fam and lo <= hi2 and lo2 <= hi and not (
+                        lo2 == 0 and hi2 == (2**32 - 1 if fam == 4 else 2**128 - 1)
+                    ):
+                        v.append(FieldViolation(
+                            f"{names[key]}.allowed_ips",
+                            "overlaps the allowed IPs of another peer"))
+                        break
+    touched = set(delta.removed_peers) | set(new)
+    if touched and prev.routes:
+        # routes are validated against their peer; a cheap conservative re-check:
+        # every route must still be covered by some peer's allowed IPs.
+        for r in prev.routes:
+            n = ipaddress.ip_network(r.dst)
+            if not any(_covered(n, p) for p in peers.values()):
+                v.append(FieldViolation("removed_peers", f"route {r.dst} would lose its peer"))
+    if v:
+        raise InvalidDesiredState(v)
+    return replace(prev, peers=peers, revision=revision)

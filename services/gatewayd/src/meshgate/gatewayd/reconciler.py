@@ -1,0 +1,155 @@
+"""The reconciler: observe the kernel, ``plan``, and carry the plan out.
+
+Two paths:
+- **full** (on start, after any failure, on every periodic resync): every subsystem
+  is read back from the kernel, so drift (a flushed ruleset, a removed peer, a
+  deleted route, a dead wireguard-go) is found and repaired;
+- **delta** (a new desired state while the last apply succeeded): the plan is made
+  against what the last apply left in the kernel, which costs no reads, so one
+  changed peer is one UAPI ``set`` of that peer.  The next full pass checks it.
+
+Appliers run in a fixed order: sysctls, WireGuard (interface, device, peers), link and
+addresses, routes and rules (they need the link up), then the nftables table.  A
+failure stops the pass and forgets what was applied, so the retry is a full pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.gatewayd import routing, sysctl
+from meshgate.gatewayd.config import Settings
+from meshgate.gatewayd.errors import ApplyError
+from meshgate.gatewayd.model import Desired, Observed, compile_desired, expected_observed
+from meshgate.gatewayd.nftables import NftTables
+from meshgate.gatewayd.planner import Plan, plan
+from meshgate.gatewayd.store import StateStore
+from meshgate.gatewayd.wireguard import Backend, choose_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    plan: Plan
+    full: bool
+    seconds: float
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, backend: Backend, store: StateStore,
+                 nft: NftTables | None = None):
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.nft = nft or NftTables(store.nft_cache)
+        self._private_key, self.public_key = store.keypair()
+        self.applied: Desired | None = None
+        """What the last successful pass left in the kernel; None forces a full pass."""
+
+    @classmethod
+    def for_host(cls, settings: Settings) -> "Reconciler":
+        store = StateStore(settings.state_dir)
+        backend = choose_backend(settings.backend, settings.state_dir, settings.wireguard_go,
+                                 settings.wireguard_go_log_level)
+        return cls(settings, backend, store)
+
+    def compile(self, msg: pb.DesiredState) -> Desired:
+        """Validate and expand a desired state against this host (raises InvalidDesiredState)."""
+        return compile_desired(msg, settings=self.settings, public_key=self.public_key,
+                               host_links=routing.link_names())
+
+    def observe(self, desired: Desired) -> Observed:
+        s = self.settings
+        found = self.backend.observe(desired.interface)
+        return Observed(
+            device=found[0] if found else None,
+            link=routing.observe_link(desired.interface),
+            routes=routing.observe_routes(s.route_table, s.route_protocol),
+            rules=routing.observe_rules(s.route_protocol),
+            nft_digest=self.nft.observe(),
+            sysctls=sysctl.read(desired.sysctls),
+        )
+
+    def reconcile(self, desired: Desired, full: bool = True) -> Result:
+        t0 = time.perf_counter()
+        previous = self.applied
+        if full or previous is None or previous.interface != desired.interface:
+            observed = self.observe(desired)
+            full = True
+        else:
+            observed = expected_observed(previous)
+        p = plan(desired, observed)
+        if not p.empty:
+            self.applied = None
+            try:
+                self._apply(p)
+            except ApplyError:
+                raise
+            except OSError as e:
+                raise ApplyError("host", str(e)) from None
+        self.applied = desired
+        return Result(p, full, time.perf_counter() - t0)
+
+    def _apply(self, p: Plan) -> None:
+        s = self.settings
+        if p.sysctls:
+            sysctl.write(p.sysctls)
+        if p.create_interface:
+            self.backend.create(p.interface)
+        if p.device is not None or p.peers:
+            self.backend.configure(p.interface, self._private_key, p.device, p.peers)
+        if p.touches_links():
+            routing.apply(p, s.route_table, s.route_protocol)
+        if p.nft is not None:
+            self.nft.load(p.nft)
+
+    def alive(self) -> bool:
+        return self.applied is None or self.backend.alive(self.applied.interface)
+
+    def show(self, ifname: str) -> dict[str, Any]:
+        """The observed state as JSON-ready data, without key material."""
+        s = self.settings
+        found = self.backend.observe(ifname)
+        link = routing.observe_link(ifname)
+        out: dict[str, Any] = {
+            "backend": self.backend.name,
+            "interface": ifname,
+            "public_key": self.public_key,
+            "exists": found is not None,
+            "link": None if link is None else {
+                "mtu": link.mtu, "up": link.up, "addresses": sorted(link.addresses)},
+            "routes": sorted(f"{r.dst} metric {r.metric}" for r in
+                             routing.observe_routes(s.route_table, s.route_protocol)),
+            "rules": sorted(str(r) for r in routing.observe_rules(s.route_protocol)),
+            "nft_table": self.nft.listing(),
+        }
+        if found:
+            dev, stats = found
+            out["device"] = {"public_key": dev.public_key, "listen_port": dev.listen_port,
+                             "fwmark": dev.fwmark}
+            out["peers"] = {
+                k: {
+                    "allowed_ips": sorted(p.allowed_ips),
+                    "endpoint": p.endpoint,
+                    "keepalive": p.keepalive,
+                    "preshared_key": p.preshared_key is not None,
+                    "last_handshake_sec": stats[k].last_handshake_sec,
+                    "rx_bytes": stats[k].rx_bytes,
+                    "tx_bytes": stats[k].tx_bytes,
+                } for k, p in dev.peers.items()
+            }
+        return out
+
+    def down(self, ifname: str) -> None:
+        """Remove everything gatewayd owns on this host (keeps the key and nothing else)."""
+        s = self.settings
+        self.nft.delete()
+        routing.remove_owned(s.route_table, s.route_protocol)
+        self.backend.destroy(ifname)
+        self.store.clear_desired()
+        self.applied = None

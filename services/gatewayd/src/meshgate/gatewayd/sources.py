@@ -1,0 +1,116 @@
+"""Where desired states come from: the seam between the agent and the control plane.
+
+A source is an async iterator of updates: a full ``Snapshot`` or a ``Delta`` on top of
+the last snapshot.  The agent consumes it and tells the source what it applied via
+``report`` (the streaming source turns that into acknowledgements).  Today there are
+two: ``FileSource`` (``gatewayd run --file``: re-read a JSON file when it changes) and
+``QueueSource`` (in-process, for tests, benchmarks and embedding).  The control-plane
+stream (issue "Enrollment and desired-state streaming") is a third implementation of
+the same protocol; nothing else in the agent needs to change for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+from google.protobuf import json_format
+
+from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.gatewayd.errors import FieldViolation, InvalidDesiredState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: pb.DesiredState
+
+
+@dataclass(frozen=True)
+class Delta:
+    delta: pb.DesiredStateDelta
+    revision: int
+    """The revision the state is at once the delta is applied."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """The source got something it could not parse; the agent reports and ignores it."""
+
+    error: InvalidDesiredState
+
+
+Update = Snapshot | Delta | Unreadable
+
+
+@dataclass(frozen=True)
+class Report:
+    applied_revision: int | None
+    error: str | None
+
+
+class DesiredStateSource(Protocol):
+    def updates(self) -> AsyncIterator[Update]:
+        ...
+
+    async def report(self, report: Report) -> None:
+        ...
+
+
+def parse_json(text: str) -> pb.DesiredState:
+    msg = pb.DesiredState()
+    try:
+        json_format.Parse(text, msg)
+    except json_format.ParseError as e:
+        raise InvalidDesiredState([FieldViolation("(json)", str(e))]) from None
+    return msg
+
+
+class FileSource:
+    """Follows a desired-state JSON file: yields a snapshot whenever its content changes."""
+
+    def __init__(self, path: Path, poll_interval: float = 0.5):
+        self.path = path
+        self.poll_interval = poll_interval
+
+    async def updates(self) -> AsyncIterator[Update]:
+        last: tuple | None = None
+        while True:
+            try:
+                st = os.stat(self.path)
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                key = None
+            if key is not None and key != last:
+                last = key
+                try:
+                    yield Snapshot(parse_json(self.path.read_text()))
+                except InvalidDesiredState as e:
+                    yield Unreadable(e)
+            await asyncio.sleep(self.poll_interval)
+
+    async def report(self, report: Report) -> None:
+        return None
+
+
+class QueueSource:
+    """Updates pushed by the embedding program (``put``); reports are kept for inspection."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Update] = asyncio.Queue()
+        self.reports: list[Report] = []
+
+    def put(self, update: Update) -> None:
+        self.queue.put_nowait(update)
+
+    async def updates(self) -> AsyncIterator[Update]:
+        while True:
+            yield await self.queue.get()
+
+    async def report(self, report: Report) -> None:
+        self.reports.append(report)
