@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from typing import Collection, Iterator
 
 SPREAD = 64
@@ -27,6 +28,19 @@ def usable(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Iterator[ipadd
         yield cls(i)
 
 
+def _as_int(address: str, af: int) -> int | None:
+    """`address` as an integer (of family `af`), or None when it is not one."""
+    try:
+        return int.from_bytes(socket.inet_pton(af, address), "big")
+    except (OSError, ValueError):
+        pass
+    try:  # forms inet_pton refuses but ipaddress accepts
+        addr = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return int(addr) if addr.version == (4 if af == socket.AF_INET else 6) else None
+
+
 def pick(
     cidr: str, used: Collection[str], attempt: int = 0, rng: random.Random | None = None
 ) -> str | None:
@@ -35,21 +49,26 @@ def pick(
     attempt 0 gives the lowest free address; later attempts pick at random
     among the lowest `SPREAD` free ones.
     """
+    # Works on integers: building an address object and its string for every
+    # address below the first free one made this O(used) scan the main cost of
+    # CreateNode (about 1 ms per call with 2,000 nodes).
     net = ipaddress.ip_network(cidr)
-    used_set = set(used)
+    af = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    taken = {_as_int(a, af) for a in used}
     want = 1 if attempt == 0 else SPREAD
-    free: list[str] = []
-    for addr in usable(net):
-        s = str(addr)
-        if s not in used_set:
-            free.append(s)
+    free: list[int] = []
+    i = int(net.network_address) + 1
+    last = int(net.broadcast_address) - 1
+    while i <= last:
+        if i not in taken:
+            free.append(i)
             if len(free) >= want:
                 break
+        i += 1
     if not free:
         return None
-    if attempt == 0:
-        return free[0]
-    return (rng or random).choice(free)
+    chosen = free[0] if attempt == 0 else (rng or random).choice(free)
+    return str(type(net.network_address)(chosen))
 
 
 def capacity(cidr: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from meshgate.api.v1 import egress_pb2, node_pb2
+from meshgate.common.etcd import prefix_end
 from meshgate.common.errors import (
     ApiError,
     FieldViolation,
@@ -53,6 +54,12 @@ class Nodes(Resources):
     def __init__(self, etcd, networks: Networks) -> None:
         super().__init__(etcd)
         self.networks = networks
+        # Addresses picked by creates of this process whose transaction has
+        # not finished yet, per (network, family). Picking around them keeps
+        # concurrent creates from all racing for the same lowest free address
+        # (each lost race is a full retry); uniqueness still rests on the
+        # transaction's "create revision is 0" compare on the ipam key.
+        self._claiming: dict[tuple[str, str], set[str]] = {}
 
     def present(self, msg):
         # Agents are not connected yet (streaming is a later slice): every
@@ -63,8 +70,9 @@ class Nodes(Resources):
 
     async def _used(self, net_id: str, family: str) -> set[str]:
         prefix = self.etcd.key("ipam", net_id, family, "")
-        kvs, _ = await self.etcd.list_prefix(prefix)
-        return {kv.key[len(prefix):].decode() for kv in kvs}
+        kvs, _, _ = await self.etcd.range(prefix, prefix_end(prefix), keys_only=True)
+        n = len(prefix)
+        return {kv.key[n:].decode() for kv in kvs}
 
     async def create(self, req: node_pb2.CreateNodeRequest) -> node_pb2.Node:
         net_id = self.parse_parent(req.parent)
@@ -89,45 +97,56 @@ class Nodes(Resources):
             node.state = node_pb2.Node.PENDING
             compare = [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0]
             claims = []
-            for family, field, cidr in (("v4", "ipv4_address", network.ipv4_cidr), ("v6", "ipv6_address", network.ipv6_cidr)):
-                if not cidr:
-                    continue
-                wanted = getattr(req.node, field)
-                if wanted:
-                    holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
+            picked: list[tuple[set[str], str]] = []
+            try:
+                for family, field, cidr in (("v4", "ipv4_address", network.ipv4_cidr), ("v6", "ipv6_address", network.ipv6_cidr)):
+                    if not cidr:
+                        continue
+                    wanted = getattr(req.node, field)
+                    if wanted:
+                        holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
+                        if holder is not None:
+                            raise _in_use(f"node.{field}", wanted, holder.value.decode())
+                        addr = wanted
+                    else:
+                        pending = self._claiming.setdefault((net_id, family), set())
+                        used = await self._used(net_id, family)
+                        addr = ipam.pick(cidr, used | pending, n)
+                        if addr is None:
+                            if pending - used:
+                                raise Conflict  # only in-flight claims left: wait for them to settle
+                            raise _exhausted(f"node.{field}", cidr)
+                        pending.add(addr)
+                        picked.append((pending, addr))
+                    setattr(node, field, addr)
+                    ikey = self.keys.ipam(net_id, family, addr)
+                    compare.append(self.t.create(ikey) == 0)
+                    claims.append(self.t.put(ikey, name.encode()))
+                if node.public_key:
+                    pkey = self.keys.pubkey(net_id, node.public_key)
+                    holder = await self.etcd.get(pkey)
                     if holder is not None:
-                        raise _in_use(f"node.{field}", wanted, holder.value.decode())
-                    addr = wanted
-                else:
-                    addr = ipam.pick(cidr, await self._used(net_id, family), n)
-                    if addr is None:
-                        raise _exhausted(f"node.{field}", cidr)
-                setattr(node, field, addr)
-                ikey = self.keys.ipam(net_id, family, addr)
-                compare.append(self.t.create(ikey) == 0)
-                claims.append(self.t.put(ikey, name.encode()))
-            if node.public_key:
-                pkey = self.keys.pubkey(net_id, node.public_key)
-                holder = await self.etcd.get(pkey)
-                if holder is not None:
-                    raise _in_use("node.public_key", "this public key", holder.value.decode())
-                compare.append(self.t.create(pkey) == 0)
-                claims.append(self.t.put(pkey, name.encode()))
-                node.public_key_create_time.CopyFrom(store.now())
-            node.uid = store.new_uid()
-            node.create_time.CopyFrom(store.now())
-            node.update_time.CopyFrom(node.create_time)
-            node.etag = ""
-            if req.validate_only:
+                        raise _in_use("node.public_key", "this public key", holder.value.decode())
+                    compare.append(self.t.create(pkey) == 0)
+                    claims.append(self.t.put(pkey, name.encode()))
+                    node.public_key_create_time.CopyFrom(store.now())
+                node.uid = store.new_uid()
+                node.create_time.CopyFrom(store.now())
+                node.update_time.CopyFrom(node.create_time)
+                node.etag = ""
+                if req.validate_only:
+                    return node
+                ok, _, rev = await self.etcd.txn(
+                    compare,
+                    [self.t.put(key, store.encode(node)), *claims, self.t.put(self.keys.guard(net_id, "nodes"), b"")],
+                )
+                if not ok:
+                    raise Conflict
+                node.etag = str(rev)
                 return node
-            ok, _, rev = await self.etcd.txn(
-                compare,
-                [self.t.put(key, store.encode(node)), *claims, self.t.put(self.keys.guard(net_id, "nodes"), b"")],
-            )
-            if not ok:
-                raise Conflict
-            node.etag = str(rev)
-            return node
+            finally:
+                for pending, addr in picked:
+                    pending.discard(addr)
 
         return await retrying(attempt, f"create {name}")
 
