@@ -143,3 +143,14 @@ async def test_addresses_never_reserved_in_v6_either(cp):
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await make_node(cp, node_id="c")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_one_address_in_two_spellings_is_one_claim(cp):
+    await make_network(cp, ipv6_cidr="fd00::/64")
+    a = await make_node(cp, node_id="a")
+    assert a.ipv6_address == "fd00::1"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await make_node(cp, node_id="b", ipv6_address="FD00:0::1")
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    c = await make_node(cp, node_id="c", ipv6_address="FD00:0:0::0:9")
+    assert c.ipv6_address == "fd00::9"

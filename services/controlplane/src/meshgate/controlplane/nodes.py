@@ -8,6 +8,9 @@ in the transaction that removes the node.
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Sequence
+
 import grpc
 
 from meshgate.api.v1 import egress_pb2, node_pb2
@@ -81,74 +84,102 @@ class Nodes(Resources):
         if violations:
             raise invalid_argument(violations)
         name = names.child_name(net_id, "nodes", req.node_id)
-        key = self.key_of(net_id, req.node_id)
 
         async def attempt(n: int) -> node_pb2.Node:
-            network, net_kv = await self.networks.require(net_id, "parent")
-            errs = validation.requested_address("node.ipv4_address", req.node.ipv4_address, network.ipv4_cidr)
-            errs += validation.requested_address("node.ipv6_address", req.node.ipv6_address, network.ipv6_cidr)
-            if errs:
-                raise invalid_argument(errs)
-            if await self.etcd.get(key) is not None:
-                raise already_exists(KIND.type_name, name)
-            node = node_pb2.Node()
-            node.CopyFrom(req.node)
-            node.name = name
-            node.state = node_pb2.Node.PENDING
-            compare = [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0]
-            claims = []
-            picked: list[tuple[set[str], str]] = []
-            try:
-                for family, field, cidr in (("v4", "ipv4_address", network.ipv4_cidr), ("v6", "ipv6_address", network.ipv6_cidr)):
-                    if not cidr:
-                        continue
-                    wanted = getattr(req.node, field)
-                    if wanted:
-                        holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
-                        if holder is not None:
-                            raise _in_use(f"node.{field}", wanted, holder.value.decode())
-                        addr = wanted
-                    else:
-                        pending = self._claiming.setdefault((net_id, family), set())
-                        used = await self._used(net_id, family)
-                        addr = ipam.pick(cidr, used | pending, n)
-                        if addr is None:
-                            if pending - used:
-                                raise Conflict  # only in-flight claims left: wait for them to settle
-                            raise _exhausted(f"node.{field}", cidr)
-                        pending.add(addr)
-                        picked.append((pending, addr))
-                    setattr(node, field, addr)
-                    ikey = self.keys.ipam(net_id, family, addr)
-                    compare.append(self.t.create(ikey) == 0)
-                    claims.append(self.t.put(ikey, name.encode()))
-                if node.public_key:
-                    pkey = self.keys.pubkey(net_id, node.public_key)
-                    holder = await self.etcd.get(pkey)
-                    if holder is not None:
-                        raise _in_use("node.public_key", "this public key", holder.value.decode())
-                    compare.append(self.t.create(pkey) == 0)
-                    claims.append(self.t.put(pkey, name.encode()))
-                    node.public_key_create_time.CopyFrom(store.now())
-                node.uid = store.new_uid()
-                node.create_time.CopyFrom(store.now())
-                node.update_time.CopyFrom(node.create_time)
-                node.etag = ""
-                if req.validate_only:
-                    return node
-                ok, _, rev = await self.etcd.txn(
-                    compare,
-                    [self.t.put(key, store.encode(node)), *claims, self.t.put(self.keys.guard(net_id, "nodes"), b"")],
-                )
-                if not ok:
-                    raise Conflict
-                node.etag = str(rev)
-                return node
-            finally:
-                for pending, addr in picked:
-                    pending.discard(addr)
+            return await self.create_in_txn(net_id, req.node_id, req.node, n, validate_only=req.validate_only)
 
         return await retrying(attempt, f"create {name}")
+
+    async def create_in_txn(
+        self,
+        net_id: str,
+        node_id: str,
+        template: node_pb2.Node,
+        attempt: int,
+        *,
+        validate_only: bool = False,
+        compare_extra: Sequence = (),
+        ops_extra: Sequence = (),
+    ) -> node_pb2.Node:
+        """One attempt at creating node `node_id` from the validated `template`.
+
+        Claims addresses and the public key, and writes the node, in one
+        transaction that also carries the caller's compares and operations (so
+        enrollment can consume a key use atomically with the create). Raises
+        `Conflict` when the transaction lost a race.
+        """
+        name = names.child_name(net_id, "nodes", node_id)
+        key = self.key_of(net_id, node_id)
+        network, net_kv = await self.networks.require(net_id, "parent")
+        errs = validation.requested_address("node.ipv4_address", template.ipv4_address, network.ipv4_cidr)
+        errs += validation.requested_address("node.ipv6_address", template.ipv6_address, network.ipv6_cidr)
+        if errs:
+            raise invalid_argument(errs)
+        if await self.etcd.get(key) is not None:
+            raise already_exists(KIND.type_name, name)
+        node = node_pb2.Node()
+        node.CopyFrom(template)
+        node.name = name
+        node.state = node_pb2.Node.PENDING
+        compare = [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0, *compare_extra]
+        claims = []
+        picked: list[tuple[set[str], str]] = []
+        try:
+            for family, field, cidr in (("v4", "ipv4_address", network.ipv4_cidr), ("v6", "ipv6_address", network.ipv6_cidr)):
+                if not cidr:
+                    continue
+                wanted = getattr(template, field)
+                if wanted:
+                    # One spelling per address: FD00:0::1 and fd00::1 are one claim.
+                    wanted = str(ipaddress.ip_address(wanted))
+                    holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
+                    if holder is not None:
+                        raise _in_use(f"node.{field}", wanted, holder.value.decode())
+                    addr = wanted
+                else:
+                    pending = self._claiming.setdefault((net_id, family), set())
+                    used = await self._used(net_id, family)
+                    addr = ipam.pick(cidr, used | pending, attempt)
+                    if addr is None:
+                        if pending - used:
+                            raise Conflict  # only in-flight claims left: wait for them to settle
+                        raise _exhausted(f"node.{field}", cidr)
+                    pending.add(addr)
+                    picked.append((pending, addr))
+                setattr(node, field, addr)
+                ikey = self.keys.ipam(net_id, family, addr)
+                compare.append(self.t.create(ikey) == 0)
+                claims.append(self.t.put(ikey, name.encode()))
+            if node.public_key:
+                pkey = self.keys.pubkey(net_id, node.public_key)
+                holder = await self.etcd.get(pkey)
+                if holder is not None:
+                    raise _in_use("node.public_key", "this public key", holder.value.decode())
+                compare.append(self.t.create(pkey) == 0)
+                claims.append(self.t.put(pkey, name.encode()))
+                node.public_key_create_time.CopyFrom(store.now())
+            node.uid = store.new_uid()
+            node.create_time.CopyFrom(store.now())
+            node.update_time.CopyFrom(node.create_time)
+            node.etag = ""
+            if validate_only:
+                return node
+            ok, _, rev = await self.etcd.txn(
+                compare,
+                [
+                    self.t.put(key, store.encode(node)),
+                    *claims,
+                    self.t.put(self.keys.guard(net_id, "nodes"), b""),
+                    *ops_extra,
+                ],
+            )
+            if not ok:
+                raise Conflict
+            node.etag = str(rev)
+            return node
+        finally:
+            for pending, addr in picked:
+                pending.discard(addr)
 
     async def update(self, req: node_pb2.UpdateNodeRequest) -> node_pb2.Node:
         name = req.node.name

@@ -1,0 +1,260 @@
+"""The desired-state compiler: from a network's state to one node's desired state.
+
+Pure and deterministic: the same `NetworkState` always gives byte-identical
+output, so replicas agree and unchanged nodes can be recognised by comparing
+messages.
+
+Rules:
+- Two nodes peer when policy lets traffic flow between them in either
+  direction: always under the ALLOW default, and under DENY only where an
+  enabled ACCEPT access policy matches one as source and the other as
+  destination. A node without a public key is nobody's peer (it has not
+  enrolled a key yet), but still gets its own desired state.
+- Each egress range is carried by one gateway: among the gateways declaring it
+  (HA), the highest priority wins, ties broken by name. Nodes reach it through
+  that gateway's node; the gateway's own node does not route it into the tunnel.
+- An internet gateway adds 0.0.0.0/0 (and ::/0 with IPv6) to the chosen
+  gateway's peer, and names that peer as the default route. This is the one
+  permitted overlap of allowed IPs: WireGuard routes by longest prefix, so more
+  specific peers still win.
+- Gateway nodes get an `EgressConfig` per gateway they run, HA standbys
+  included, so a failover only moves routes.
+
+Hazard: `peers_of` is also what decides which agents a change reaches (see
+`affected_by_node`); if peering rules change, both must agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from meshgate.api.v1 import desired_state_pb2 as ds
+from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
+
+
+@dataclass
+class NetworkState:
+    """Everything of one network the compiler looks at, keyed by resource name."""
+
+    network: network_pb2.Network
+    nodes: dict[str, node_pb2.Node] = field(default_factory=dict)
+    gateways: dict[str, egress_pb2.EgressGateway] = field(default_factory=dict)
+    policies: dict[str, policy_pb2.AccessPolicy] = field(default_factory=dict)
+
+
+def _id(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _matches(selector: str, node: node_pb2.Node, state: NetworkState) -> bool:
+    if selector == "*":
+        return True
+    kind, _, value = selector.partition(":")
+    if kind == "tag":
+        return value in node.tags
+    if kind == "node":
+        return _id(node.name) == value
+    if kind == "egress":
+        gw = state.gateways.get(f"{state.network.name}/egressGateways/{value}")
+        return gw is not None and gw.node == node.name
+    return False
+
+
+def _policy_allows(state: NetworkState, a: node_pb2.Node, b: node_pb2.Node) -> bool:
+    if state.network.default_policy != network_pb2.DENY:
+        return True
+    for p in state.policies.values():
+        if p.disabled or p.action != policy_pb2.ACCEPT:
+            continue
+        src_a = any(_matches(s, a, state) for s in p.sources)
+        dst_b = any(_matches(d, b, state) for d in p.destinations)
+        src_b = any(_matches(s, b, state) for s in p.sources)
+        dst_a = any(_matches(d, a, state) for d in p.destinations)
+        if (src_a and dst_b) or (src_b and dst_a):
+            return True
+    return False
+
+
+def peers_of(state: NetworkState, name: str) -> list[str]:
+    """Names of the nodes `name` peers with, sorted."""
+    me = state.nodes.get(name)
+    if me is None:
+        return []
+    out = []
+    for other_name in sorted(state.nodes):
+        if other_name == name:
+            continue
+        other = state.nodes[other_name]
+        if not other.public_key or not me.public_key:
+            continue
+        if _policy_allows(state, me, other):
+            out.append(other_name)
+    return out
+
+
+def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None]:
+    """The gateway carrying each egress range, and the internet gateway, if any."""
+    def usable(gw):
+        node = state.nodes.get(gw.node)
+        return node is not None and bool(node.public_key)
+
+    ranked = sorted((g for g in state.gateways.values() if usable(g)), key=lambda g: (-g.priority, g.name))
+    by_range: dict[str, egress_pb2.EgressGateway] = {}
+    internet = None
+    for gw in ranked:
+        for r in gw.ranges:
+            by_range.setdefault(r, gw)
+        if gw.internet_gateway and internet is None:
+            internet = gw
+    return by_range, internet
+
+
+def _sort_cidrs(cidrs: Iterable[str]) -> list[str]:
+    nets = {ipaddress.ip_network(c) for c in cidrs}
+    return [str(n) for n in sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen))]
+
+
+def _host_routes(node: node_pb2.Node) -> list[str]:
+    out = []
+    if node.ipv4_address:
+        out.append(f"{node.ipv4_address}/32")
+    if node.ipv6_address:
+        out.append(f"{node.ipv6_address}/128")
+    return out
+
+
+def compile_node(state: NetworkState, name: str, revision: int = 0) -> ds.DesiredState:
+    """The desired state of node `name` (which must exist in `state`)."""
+    net = state.network
+    me = state.nodes[name]
+    out = ds.DesiredState(node=name, revision=revision)
+    iface = out.interface
+    for addr, cidr in ((me.ipv4_address, net.ipv4_cidr), (me.ipv6_address, net.ipv6_cidr)):
+        if addr and cidr:
+            iface.addresses.append(f"{addr}/{ipaddress.ip_network(cidr).prefixlen}")
+    iface.listen_port = me.listen_port or net.listen_port
+    iface.mtu = net.mtu
+
+    peer_names = peers_of(state, name)
+    allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
+    by_range, internet = active_gateways(state)
+    routes = []
+    for r in sorted(by_range, key=lambda c: _sort_cidrs([c])[0]):
+        gw = by_range[r]
+        if gw.node == name or gw.node not in allowed:
+            continue
+        allowed[gw.node].append(r)
+        routes.append(ds.Route(destination=r, via_peer=state.nodes[gw.node].public_key))
+    if internet is not None and internet.node != name and internet.node in allowed:
+        allowed[internet.node].append("0.0.0.0/0")
+        if net.ipv6_cidr:
+            allowed[internet.node].append("::/0")
+        out.default_route_via_peer = state.nodes[internet.node].public_key
+
+    keepalive = net.persistent_keepalive.seconds
+    for p in peer_names:
+        peer = state.nodes[p]
+        out.peers.append(
+            ds.Peer(
+                public_key=peer.public_key,
+                endpoint=peer.endpoint,
+                allowed_ips=_sort_cidrs(allowed[p]),
+                persistent_keepalive_seconds=keepalive,
+                resource=p,
+            )
+        )
+    out.routes.extend(routes)
+
+    sources = [c for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
+    for gw_name in sorted(state.gateways):
+        gw = state.gateways[gw_name]
+        if gw.node != name:
+            continue
+        out.egress.append(
+            ds.EgressConfig(
+                ranges=_sort_cidrs(gw.ranges),
+                source_ranges=sources,
+                nat=gw.nat if gw.HasField("nat") else True,
+                egress_interface=gw.egress_interface,
+                internet_gateway=gw.internet_gateway,
+            )
+        )
+    return out
+
+
+def affected_by_node(before: NetworkState | None, after: NetworkState | None, name: str) -> set[str]:
+    """Nodes whose desired state may change when node `name` changes: itself
+    and its peers before and after, plus everyone if it runs a gateway."""
+    out = {name}
+    for st in (before, after):
+        if st is None or name not in st.nodes:
+            continue
+        out.update(peers_of(st, name))
+        if any(g.node == name for g in st.gateways.values()):
+            out.update(st.nodes)
+    return out
+
+
+def diff(old: ds.DesiredState, new: ds.DesiredState) -> ds.DesiredStateDelta | None:
+    """The delta taking `old` to `new`, or None when they are equal."""
+    if _without_revision(old) == _without_revision(new):
+        return None
+    d = ds.DesiredStateDelta(base_revision=old.revision)
+    old_peers = {p.public_key: p for p in old.peers}
+    new_peers = {p.public_key: p for p in new.peers}
+    for pk, p in new_peers.items():
+        if old_peers.get(pk) != p:
+            d.upserted_peers.append(p)
+    d.removed_peers.extend(pk for pk in old_peers if pk not in new_peers)
+    if old.interface != new.interface:
+        d.interface.CopyFrom(new.interface)
+    if list(old.routes) != list(new.routes):
+        d.routes_changed = True
+        d.routes.extend(new.routes)
+    if list(old.egress) != list(new.egress):
+        d.egress_changed = True
+        d.egress.extend(new.egress)
+    if list(old.filter_rules) != list(new.filter_rules):
+        d.filter_rules_changed = True
+        d.filter_rules.extend(new.filter_rules)
+    if old.default_route_via_peer != new.default_route_via_peer:
+        d.default_route_changed = True
+        d.default_route_via_peer = new.default_route_via_peer
+    return d
+
+
+def apply_delta(state: ds.DesiredState, delta: ds.DesiredStateDelta, revision: int) -> ds.DesiredState:
+    """`state` with `delta` applied (what an agent does with a delta)."""
+    out = ds.DesiredState()
+    out.CopyFrom(state)
+    out.revision = revision
+    peers = {p.public_key: p for p in out.peers}
+    for pk in delta.removed_peers:
+        peers.pop(pk, None)
+    for p in delta.upserted_peers:
+        peers[p.public_key] = p
+    del out.peers[:]
+    out.peers.extend(sorted(peers.values(), key=lambda p: p.resource))
+    if delta.HasField("interface"):
+        out.interface.CopyFrom(delta.interface)
+    if delta.routes_changed:
+        del out.routes[:]
+        out.routes.extend(delta.routes)
+    if delta.egress_changed:
+        del out.egress[:]
+        out.egress.extend(delta.egress)
+    if delta.filter_rules_changed:
+        del out.filter_rules[:]
+        out.filter_rules.extend(delta.filter_rules)
+    if delta.default_route_changed:
+        out.default_route_via_peer = delta.default_route_via_peer
+    return out
+
+
+def _without_revision(s: ds.DesiredState) -> bytes:
+    c = ds.DesiredState()
+    c.CopyFrom(s)
+    c.revision = 0
+    return c.SerializeToString(deterministic=True)

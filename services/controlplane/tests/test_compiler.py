@@ -1,0 +1,155 @@
+"""Property tests of the desired-state compiler and of deltas."""
+
+import base64
+import ipaddress
+import random
+
+from google.protobuf import duration_pb2
+from hypothesis import given, settings, strategies as st
+
+from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.controlplane import compiler
+
+RANGE_POOL = ["198.51.100.0/24", "203.0.113.0/25", "203.0.113.128/25", "192.0.2.0/26", "192.0.2.64/26", "2001:db8::/48"]
+TAGS = ["hub", "spoke", "db", "web"]
+
+
+def _key(i: int) -> str:
+    return base64.b64encode(i.to_bytes(32, "big")).decode()
+
+
+@st.composite
+def network_states(draw):
+    deny = draw(st.booleans())
+    v6 = draw(st.booleans())
+    net = network_pb2.Network(
+        name="networks/n", ipv4_cidr="100.64.0.0/24", ipv6_cidr="fd00::/64" if v6 else "",
+        listen_port=51820, mtu=1420, persistent_keepalive=duration_pb2.Duration(seconds=25),
+        default_policy=network_pb2.DENY if deny else network_pb2.ALLOW,
+    )
+    state = compiler.NetworkState(net)
+    n = draw(st.integers(min_value=1, max_value=10))
+    for i in range(n):
+        name = f"networks/n/nodes/node{i}"
+        state.nodes[name] = node_pb2.Node(
+            name=name,
+            ipv4_address=f"100.64.0.{i + 1}",
+            ipv6_address=f"fd00::{i + 1:x}" if v6 else "",
+            public_key=_key(i + 1) if draw(st.integers(0, 9)) else "",
+            endpoint=f"192.0.2.{i + 1}:51820" if draw(st.booleans()) else "",
+            tags=draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=2)),
+        )
+    names = sorted(state.nodes)
+    for g in range(draw(st.integers(0, 4))):
+        gname = f"networks/n/egressGateways/gw{g}"
+        state.gateways[gname] = egress_pb2.EgressGateway(
+            name=gname,
+            node=draw(st.sampled_from(names)),
+            ranges=draw(st.lists(st.sampled_from(RANGE_POOL), unique=True, max_size=3)),
+            priority=draw(st.integers(0, 3)),
+            internet_gateway=draw(st.integers(0, 5)) == 0,
+        )
+    if deny:
+        for p in range(draw(st.integers(0, 3))):
+            sel = st.one_of(st.just("*"), st.sampled_from([f"tag:{t}" for t in TAGS]), st.sampled_from([f"node:node{i}" for i in range(n)]))
+            pname = f"networks/n/accessPolicies/p{p}"
+            state.policies[pname] = policy_pb2.AccessPolicy(
+                name=pname, sources=[draw(sel)], destinations=[draw(sel)], action=policy_pb2.ACCEPT,
+            )
+    return state
+
+
+@settings(max_examples=300, deadline=None)
+@given(network_states())
+def test_compiled_states_hold_the_invariants(state):
+    by_range, internet = compiler.active_gateways(state)
+    for name, me in state.nodes.items():
+        out = compiler.compile_node(state, name)
+        # never peers with itself
+        assert all(p.resource != name for p in out.peers)
+        assert not me.public_key or all(p.public_key != me.public_key for p in out.peers)
+        # allowed IPs never overlap across peers (the default route excepted)
+        seen = []
+        for p in out.peers:
+            for c in p.allowed_ips:
+                net = ipaddress.ip_network(c)
+                if net.prefixlen == 0:
+                    assert p.public_key == out.default_route_via_peer
+                    continue
+                assert not any(net.version == o.version and net.overlaps(o) for o in seen), (c, seen)
+                seen.append(net)
+        # every egress range reachable from the node is on exactly one peer
+        peer_names = {p.resource for p in out.peers}
+        for r, gw in by_range.items():
+            holders = [p for p in out.peers if r in p.allowed_ips]
+            reachable = gw.node != name and gw.node in peer_names
+            assert len(holders) == (1 if reachable else 0), (r, gw.node, name)
+            if reachable:
+                assert holders[0].resource == gw.node
+        # a gateway node carries an egress config per gateway it runs
+        assert len(out.egress) == sum(1 for g in state.gateways.values() if g.node == name)
+
+
+@settings(max_examples=100, deadline=None)
+@given(network_states(), st.randoms())
+def test_compilation_is_deterministic(state, rnd):
+    shuffled = compiler.NetworkState(state.network)
+    for attr in ("nodes", "gateways", "policies"):
+        items = list(getattr(state, attr).items())
+        rnd.shuffle(items)
+        setattr(shuffled, attr, dict(items))
+    for name in state.nodes:
+        a = compiler.compile_node(state, name, 7).SerializeToString(deterministic=True)
+        b = compiler.compile_node(shuffled, name, 7).SerializeToString(deterministic=True)
+        assert a == b
+
+
+@settings(max_examples=200, deadline=None)
+@given(network_states(), network_states())
+def test_delta_takes_old_state_to_new(before, after):
+    for name in set(before.nodes) & set(after.nodes):
+        old = compiler.compile_node(before, name, 10)
+        new = compiler.compile_node(after, name, 11)
+        delta = compiler.diff(old, new)
+        if delta is None:
+            old.revision = 11
+            assert old == new
+            continue
+        assert delta.base_revision == 10
+        assert compiler.apply_delta(old, delta, 11) == new
+
+
+@settings(max_examples=100, deadline=None)
+@given(network_states(), st.data())
+def test_affected_set_covers_every_node_whose_state_changes(state, data):
+    """Changing one node (its key or tags) changes no node outside affected_by_node."""
+    name = data.draw(st.sampled_from(sorted(state.nodes)))
+    after = compiler.NetworkState(state.network, dict(state.nodes), dict(state.gateways), dict(state.policies))
+    changed = node_pb2.Node()
+    changed.CopyFrom(state.nodes[name])
+    changed.public_key = _key(random.Random(data.draw(st.integers())).randrange(1000, 2000))
+    changed.tags[:] = data.draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=2))
+    after.nodes[name] = changed
+    affected = compiler.affected_by_node(state, after, name)
+    for other in state.nodes:
+        if other in affected:
+            continue
+        assert compiler.compile_node(state, other) == compiler.compile_node(after, other), other
+
+
+def test_hub_and_spoke_spoke_join_affects_only_spoke_and_hubs():
+    net = network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/16", default_policy=network_pb2.DENY)
+    state = compiler.NetworkState(net)
+    state.policies["networks/n/accessPolicies/hs"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/hs", sources=["tag:spoke"], destinations=["tag:hub"], action=policy_pb2.ACCEPT
+    )
+    for i in range(2):
+        state.nodes[f"networks/n/nodes/hub{i}"] = node_pb2.Node(name=f"networks/n/nodes/hub{i}", public_key=_key(100 + i), tags=["hub"], ipv4_address=f"100.64.1.{i + 1}")
+    for i in range(20):
+        state.nodes[f"networks/n/nodes/s{i}"] = node_pb2.Node(name=f"networks/n/nodes/s{i}", public_key=_key(i + 1), tags=["spoke"], ipv4_address=f"100.64.2.{i + 1}")
+    after = compiler.NetworkState(net, dict(state.nodes), {}, dict(state.policies))
+    after.nodes["networks/n/nodes/s99"] = node_pb2.Node(name="networks/n/nodes/s99", public_key=_key(999), tags=["spoke"], ipv4_address="100.64.2.99")
+    affected = compiler.affected_by_node(state, after, "networks/n/nodes/s99")
+    assert affected == {"networks/n/nodes/s99", "networks/n/nodes/hub0", "networks/n/nodes/hub1"}
+    spoke = compiler.compile_node(after, "networks/n/nodes/s99")
+    assert [p.resource for p in spoke.peers] == ["networks/n/nodes/hub0", "networks/n/nodes/hub1"]
