@@ -1,0 +1,478 @@
+"""Throwaway hosts made of network namespaces, for gatewayd's system tests, the egress
+demonstration and the benchmarks.
+
+A ``Lab`` owns everything it makes and removes it, by name and by PID, on ``close()``
+(also when used as a context manager): the gatewayd and helper processes it spawned,
+the wireguard-go processes its nodes' gatewayd started (PIDs from their state
+directories, checked against ``/proc/<pid>/cmdline`` before any signal), its network
+namespaces (which takes their veths with them) and its temporary directory.  Nothing
+is ever found or killed by name pattern.
+
+Names carry a random token: namespaces are ``mg-<token>-<role>``, WireGuard
+interfaces ``mg<token><role>``; wireguard-go's UAPI sockets live in the global
+``/var/run/wireguard``, so interface names must be unique across the whole host.
+
+Addresses come only from the documentation ranges and 100.64.0.0/10.
+
+Also a tiny TCP "who am I" service (``python -m meshgate.gatewayd.lab whoami``) that
+answers each connection with the peer address it sees, and its client (``ask``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from google.protobuf import json_format
+
+from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.gatewayd.wireguard.uapi import socket_path
+
+PY = sys.executable
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _run(argv: list[str], check: bool = True, input: str | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout,
+                       check=False)
+    if check and r.returncode != 0:
+        raise LabError(f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def can_run() -> str | None:
+    """None when this host can run lab tests, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, WireGuard, nftables)"
+    for tool in ("ip", "nft", "wireguard-go", "wg"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} on PATH"
+    if not Path("/dev/net/tun").exists():
+        return "needs /dev/net/tun for wireguard-go"
+    probe = f"mg-probe-{secrets.token_hex(3)}"
+    r = _run(["ip", "netns", "add", probe], check=False)
+    if r.returncode != 0:
+        return f"cannot create network namespaces: {r.stderr.strip()}"
+    _run(["ip", "netns", "del", probe], check=False)
+    return None
+
+
+@dataclass
+class Host:
+    lab: "Lab"
+    name: str
+
+    def run(self, *argv: str, check: bool = True, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        return _run(["ip", "netns", "exec", self.name, *argv], check=check, input=input,
+                    timeout=timeout)
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run(["ip", "-n", self.name, *args], check=check)
+
+    def spawn(self, *argv: str, **kw: Any) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        p = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], text=True, **kw)
+        self.lab.procs.append(p)
+        return p
+
+    def whoami_server(self, addr: str, port: int) -> subprocess.Popen:
+        p = self.spawn(PY, "-m", "meshgate.gatewayd.lab", "whoami", addr, str(port))
+        line = p.stdout.readline() if p.stdout else ""
+        if not line.startswith("ready"):
+            raise LabError(f"whoami server in {self.name} did not start: {line!r} "
+                           f"{p.stderr.read() if p.stderr else ''}")
+        return p
+
+    def ask(self, addr: str, port: int, timeout: float = 5.0) -> str | None:
+        """The address the whoami server at addr:port sees us as; None if unreachable."""
+        r = self.run(PY, "-m", "meshgate.gatewayd.lab", "ask", addr, str(port),
+                     "--timeout", str(timeout), check=False, timeout=timeout + 30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    def route_dev(self, dst: str, mark: int | None = None) -> str:
+        args = ["-json", "route", "get", dst] + (["mark", str(mark)] if mark else [])
+        return json.loads(self.ip(*args).stdout)[0].get("dev", "")
+
+
+@dataclass
+class Node:
+    """A gatewayd node: a host, its WireGuard interface name and its state directory."""
+
+    host: Host
+    ifname: str
+    state_dir: Path
+    public_key: str = ""
+    daemon: subprocess.Popen | None = None
+    _n: int = 0
+
+    def gatewayd(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return self.host.run(PY, "-m", "meshgate.gatewayd", *args, "--state-dir",
+                             str(self.state_dir), "--backend", "userspace", check=check)
+
+    def write(self, msg: pb.DesiredState, name: str = "desired.json") -> Path:
+        path = self.state_dir.parent / f"{self.state_dir.name}-{name}"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json_format.MessageToJson(msg))
+        os.replace(tmp, path)
+        return path
+
+    def apply(self, msg: pb.DesiredState, check: bool = True) -> subprocess.CompletedProcess:
+        self._n += 1
+        path = self.write(msg, f"apply{self._n}.json")
+        r = self.gatewayd("apply", "--file", str(path))
+        if check and r.returncode != 0:
+            raise LabError(f"gatewayd apply in {self.host.name} failed ({r.returncode}):\n"
+                           f"{r.stdout}\n{r.stderr}")
+        return r
+
+    def start(self, msg: pb.DesiredState | None = None, resync: float = 3600.0) -> subprocess.Popen:
+        args = [PY, "-m", "meshgate.gatewayd", "run", "--state-dir", str(self.state_dir),
+                "--backend", "userspace", "--resync-interval", str(resync)]
+        if msg is not None:
+            args += ["--file", str(self.write(msg))]
+        log = open(self.state_dir.parent / f"{self.state_dir.name}-daemon.log", "a")
+        self.daemon = self.host.spawn(*args, stdout=log, stderr=log)
+        log.close()
+        return self.daemon
+
+    def follow(self, msg: pb.DesiredState) -> None:
+        """Change the desired state a running ``gatewayd run --file`` follows."""
+        self.write(msg)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(sig)
+            self.daemon.wait(10)
+        self.daemon = None
+
+    def signal(self, sig: int) -> None:
+        assert self.daemon is not None
+        self.daemon.send_signal(sig)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.state_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_status(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            if st and pred(st):
+                return st
+            if self.daemon is not None and self.daemon.poll() is not None:
+                raise LabError(f"gatewayd in {self.host.name} exited with {self.daemon.returncode}")
+            time.sleep(0.05)
+        raise LabError(f"gatewayd status never matched; last: {self.status()}")
+
+    def wg_pid(self) -> int | None:
+        try:
+            return int((self.state_dir / f"wireguard-go.{self.ifname}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """``wg show dump`` per peer: handshake time, transfer counters, allowed IPs."""
+        r = self.host.run("wg", "show", self.ifname, "dump")
+        out = {}
+        for line in r.stdout.splitlines()[1:]:
+            f = line.split("\t")
+            out[f[0]] = {"endpoint": f[2], "allowed_ips": f[3], "handshake": int(f[4]),
+                         "rx": int(f[5]), "tx": int(f[6]), "keepalive": f[7]}
+        return out
+
+
+class Lab:
+    def __init__(self, workdir: Path | None = None):
+        self.token = self._fresh_token()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"mglab-{self.token}-", dir=workdir))
+        self.hosts: list[Host] = []
+        self.nodes: list[Node] = []
+        self.procs: list[subprocess.Popen] = []
+        self._closed = False
+
+    @staticmethod
+    def _fresh_token() -> str:
+        existing = _run(["ip", "netns", "list"], check=False).stdout
+        while True:
+            t = secrets.token_hex(2)
+            if f"mg-{t}-" not in existing and not any(
+                    p.name.startswith(f"mg{t}") for p in socket_path("x").parent.glob("*.sock")):
+                return t
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def host(self, role: str) -> Host:
+        h = Host(self, f"mg-{self.token}-{role}")
+        _run(["ip", "netns", "add", h.name])
+        self.hosts.append(h)
+        h.ip("link", "set", "lo", "up")
+        return h
+
+    def wire(self, a: Host, a_if: str, a_addr: str, b: Host, b_if: str, b_addr: str) -> None:
+        """A veth pair between two hosts, addressed (``addr/prefix``) and up."""
+        a.ip("link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name)
+        for h, ifn, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
+            h.ip("address", "add", addr, "dev", ifn)
+            h.ip("link", "set", ifn, "up")
+
+    def node(self, host: Host, role: str) -> Node:
+        from meshgate.gatewayd.keys import load_or_create
+
+        state = self.dir / f"{role}-state"
+        n = Node(host, f"mg{self.token}{role}"[:15], state)
+        n.public_key = load_or_create(state)[1]
+        self.nodes.append(n)
+        return n
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for n in self.nodes:
+            try:
+                n.stop(signal.SIGTERM)
+            except Exception:
+                pass
+        for p in self.procs:
+            _stop(p)
+        for n in self.nodes:
+            pid = n.wg_pid()
+            if pid is not None and _is_wg(pid, n.ifname):
+                _kill_pid(pid)
+        for h in reversed(self.hosts):
+            _run(["ip", "netns", "del", h.name], check=False)
+        for n in self.nodes:
+            # wireguard-go removes its socket on SIGTERM; a SIGKILLed one leaves it
+            sock = socket_path(n.ifname)
+            if sock.exists():
+                try:
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(str(sock))
+                    s.close()
+                except OSError:
+                    sock.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def leftovers(self) -> list[str]:
+        """What of this lab still exists (should be nothing after ``close``)."""
+        out = []
+        ns = _run(["ip", "netns", "list"], check=False).stdout
+        out += [h.name for h in self.hosts if h.name in ns]
+        out += [f"pid {p.pid}" for p in self.procs if p.poll() is None]
+        for n in self.nodes:
+            if socket_path(n.ifname).exists():
+                out.append(str(socket_path(n.ifname)))
+            pid = n.wg_pid()
+            if pid and _is_wg(pid, n.ifname):
+                out.append(f"wireguard-go pid {pid}")
+        return out
+
+
+def _is_wg(pid: int, ifname: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and argv[0].endswith(b"wireguard-go") and ifname.encode() in argv
+
+
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(200):
+        if not Path(f"/proc/{pid}").exists():
+            return
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.01)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    for f in (p.stdout, p.stderr):
+        if f:
+            f.close()
+
+
+# ---------------------------------------------------------------- the egress topology
+
+
+@dataclass
+class Egress:
+    """client(s) --203.0.113.0/24-- gateway --198.51.100.0/24-- external service host.
+
+    Each client also has a LAN host on 192.0.2.0/24 that must be reached directly.
+    The external host has no route to the clients' underlay or overlay, so it is
+    reachable only through the gateway.
+    """
+
+    lab: Lab
+    gw: Node
+    ext: Host
+    clients: list[Node]
+    lans: list[Host]
+    listen_port: int = 51820
+    ext_addr: str = "198.51.100.10"
+    gw_ext_addr: str = "198.51.100.1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def gw_underlay(self, i: int) -> str:
+        return f"203.0.113.{16 * i + 1}"
+
+    def client_underlay(self, i: int) -> str:
+        return f"203.0.113.{16 * i + 2}"
+
+    @staticmethod
+    def overlay(i: int | None) -> str:
+        """The overlay address of client ``i`` (the gateway for None)."""
+        return "100.64.0.1" if i is None else f"100.64.0.{i + 2}"
+
+    def gateway_state(self, nat: bool = True, internet_gateway: bool = False,
+                      ranges: tuple[str, ...] = ("198.51.100.0/24",), revision: int = 1,
+                      **client_overrides: Any) -> pb.DesiredState:
+        msg = pb.DesiredState(node="networks/lab/nodes/gateway", revision=revision)
+        msg.interface.name = self.gw.ifname
+        msg.interface.addresses.append("100.64.0.1/24")
+        msg.interface.listen_port = self.listen_port
+        for i, c in enumerate(self.clients):
+            p = msg.peers.add(public_key=c.public_key, resource=f"networks/lab/nodes/client{i}")
+            p.allowed_ips.append(f"{self.overlay(i)}/32")
+            for k, v in client_overrides.get(f"client{i}", {}).items():
+                if k == "allowed_ips":
+                    p.allowed_ips.extend(v)
+                else:
+                    setattr(p, k, v)
+        e = msg.egress.add(nat=nat, internet_gateway=internet_gateway)
+        if not internet_gateway:
+            e.ranges.extend(ranges)
+        e.source_ranges.append("100.64.0.0/24")
+        return msg
+
+    def client_state(self, i: int, internet_gateway: bool = False,
+                     ranges: tuple[str, ...] = ("198.51.100.0/24",), revision: int = 1) -> pb.DesiredState:
+        c = self.clients[i]
+        msg = pb.DesiredState(node=f"networks/lab/nodes/client{i}", revision=revision)
+        msg.interface.name = c.ifname
+        msg.interface.addresses.append(f"{self.overlay(i)}/24")
+        p = msg.peers.add(public_key=self.gw.public_key, resource="networks/lab/nodes/gateway",
+                          endpoint=f"{self.gw_underlay(i)}:{self.listen_port}")
+        p.allowed_ips.append("100.64.0.1/32")
+        if internet_gateway:
+            p.allowed_ips.append("0.0.0.0/0")
+            msg.default_route_via_peer = self.gw.public_key
+        else:
+            p.allowed_ips.extend(ranges)
+            for r in ranges:
+                msg.routes.add(destination=r, via_peer=self.gw.public_key)
+        return msg
+
+
+def build_egress(lab: Lab, clients: int = 1) -> Egress:
+    gwh = lab.host("gw")
+    ext = lab.host("ext")
+    lab.wire(gwh, "eth-ext", "198.51.100.1/24", ext, "eth0", "198.51.100.10/24")
+    cl_nodes, lans = [], []
+    for i in range(clients):
+        ch = lab.host(f"c{i}")
+        lab.wire(gwh, f"eth-c{i}", f"203.0.113.{16 * i + 1}/28", ch, "eth0", f"203.0.113.{16 * i + 2}/28")
+        # the client's ISP path: everything else goes to the gateway's underlay address
+        ch.ip("route", "add", "default", "via", f"203.0.113.{16 * i + 1}")
+        lan = lab.host(f"l{i}")
+        lab.wire(ch, "eth-lan", "192.0.2.1/24", lan, "eth0", "192.0.2.10/24")
+        lan.ip("route", "add", "default", "via", "192.0.2.1")
+        cl_nodes.append(lab.node(ch, f"c{i}"))
+        lans.append(lan)
+    return Egress(lab, lab.node(gwh, "gw"), ext, cl_nodes, lans)
+
+
+# ---------------------------------------------------------------- whoami service
+
+
+def _whoami(addr: str, port: int) -> None:
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port))
+    s.listen(64)
+    print("ready", flush=True)
+    while True:
+        conn, peer = s.accept()
+        with conn:
+            try:
+                conn.sendall(f"{peer[0]}\n".encode())
+            except OSError:
+                pass
+
+
+def _ask(addr: str, port: int, timeout: float) -> int:
+    try:
+        with socket.create_connection((addr, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            data = s.recv(256).decode().strip()
+    except OSError as e:
+        print(f"unreachable: {e}", file=sys.stderr)
+        return 1
+    print(data)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meshgate.gatewayd.lab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("whoami", help="answer each TCP connection with the peer's address")
+    w.add_argument("addr")
+    w.add_argument("port", type=int)
+    a = sub.add_parser("ask", help="print what a whoami server sees us as")
+    a.add_argument("addr")
+    a.add_argument("port", type=int)
+    a.add_argument("--timeout", type=float, default=5.0)
+    args = p.parse_args(argv)
+    if args.cmd == "whoami":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        _whoami(args.addr, args.port)
+        return 0
+    return _ask(args.addr, args.port, args.timeout)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
