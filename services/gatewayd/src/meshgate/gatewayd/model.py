@@ -384,12 +384,11 @@ def compile_desired(
         if r.dst.endswith("/0"):
             rules.add(RuleSpec(r.family, settings.rule_priority, MAIN_TABLE, suppress_prefixlength=0))
     sysctls: dict[str, str] = {}
-    if egress:
-        fams = {n.version for e in egress for n in (*e.ranges, *e.sources)}
-        if 4 in fams or any(e.internet_gateway for e in egress):
-            sysctls["net.ipv4.ip_forward"] = "1"
-        if 6 in fams:
-            sysctls["net.ipv6.conf.all.forwarding"] = "1"
+    for e in egress:
+        for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
+            if any(n.version == fam for n in e.sources) and (
+                    e.internet_gateway or any(n.version == fam for n in e.ranges)):
+                sysctls[key] = "1"
     if any(r.dst == "0.0.0.0/0" for r in routes):
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
 

@@ -1,0 +1,154 @@
+"""Validation and expansion of desired states (pure)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.gatewayd.config import Settings
+from meshgate.gatewayd.errors import InvalidDesiredState
+from meshgate.gatewayd.model import (
+    RouteSpec, compile_desired, compile_peer_delta, merge_delta,
+)
+
+S = Settings()
+OWN = base64.b64encode(bytes([7] * 32)).decode()
+
+
+def key(i: int) -> str:
+    return base64.b64encode(bytes([i % 256]) * 31 + bytes([i // 256 + 1])).decode()
+
+
+def state(n_peers: int = 3) -> pb.DesiredState:
+    msg = pb.DesiredState(node="networks/n/nodes/a", revision=1)
+    msg.interface.name = "mg0"
+    msg.interface.addresses.append("100.64.0.1/24")
+    for i in range(n_peers):
+        msg.peers.add(public_key=key(i)).allowed_ips.append(f"100.64.0.{i + 2}/32")
+    return msg
+
+
+def compiled(msg: pb.DesiredState):
+    return compile_desired(msg, settings=S, public_key=OWN)
+
+
+def violations(msg: pb.DesiredState, host_links=None) -> list[str]:
+    with pytest.raises(InvalidDesiredState) as e:
+        compile_desired(msg, settings=S, public_key=OWN, host_links=host_links)
+    return [str(v) for v in e.value.violations]
+
+
+def test_valid_state_compiles():
+    d = compiled(state(3))
+    assert d.interface == "mg0" and len(d.peers) == 3 and d.fwmark == 0
+    assert d.rules == frozenset() and d.routes == frozenset()
+
+
+def test_overlapping_allowed_ips_across_peers_rejected():
+    msg = state(3)
+    msg.peers[2].allowed_ips.append("100.64.0.0/30")  # contains peer 0's and 1's /32
+    v = violations(msg)
+    assert any("peers[2].allowed_ips" in x or "overlaps" in x for x in v)
+
+
+def test_identical_allowed_ips_rejected():
+    msg = state(2)
+    msg.peers[1].allowed_ips.append("100.64.0.2/32")
+    assert any("overlaps" in x for x in violations(msg))
+
+
+def test_default_route_peer_may_contain_others():
+    msg = state(3)
+    msg.peers[0].allowed_ips.append("0.0.0.0/0")
+    msg.default_route_via_peer = key(0)
+    d = compiled(msg)
+    assert RouteSpec("0.0.0.0/0", 0) in d.routes
+    assert d.fwmark == S.fwmark
+    assert {r.priority for r in d.rules} == {S.rule_priority, S.rule_table_priority}
+    assert d.sysctls["net.ipv4.conf.all.src_valid_mark"] == "1"
+
+
+def test_invalid_keys_rejected_without_echoing_secrets():
+    msg = state(2)
+    msg.peers[0].public_key = "short"
+    secret = "c2VjcmV0LXZhbHVlLXRoYXQtaXMtbm90LWEta2V5IQ=="
+    msg.peers[1].preshared_key = secret
+    v = violations(msg)
+    assert any(x.startswith("peers[0].public_key") for x in v)
+    assert any(x.startswith("peers[1].preshared_key") for x in v)
+    assert all(secret not in x for x in v)
+
+
+def test_unknown_egress_interface_rejected():
+    msg = state(1)
+    e = msg.egress.add(nat=True, egress_interface="eth9")
+    e.ranges.append("198.51.100.0/24")
+    assert any("egress[0].egress_interface" in x for x in violations(msg, host_links={"lo", "eth0"}))
+    compile_desired(msg, settings=S, public_key=OWN, host_links={"eth9"})
+
+
+def test_bad_interface_name_and_cidrs_listed_together():
+    msg = state(1)
+    msg.interface.name = "this-name-is-far-too-long"
+    msg.peers[0].allowed_ips.append("100.64.0.300/32")
+    msg.peers[0].allowed_ips.append("100.64.0.2/24")  # host bits set
+    msg.routes.add(destination="198.51.100.0/24", via_peer=key(5))
+    v = violations(msg)
+    assert any(x.startswith("interface.name") for x in v)
+    assert any("allowed_ips[1]" in x for x in v) and any("allowed_ips[2]" in x for x in v)
+    assert any(x.startswith("routes[0].via_peer") for x in v)
+
+
+def test_route_must_be_within_its_peer():
+    msg = state(1)
+    msg.routes.add(destination="198.51.100.0/24", via_peer=key(0))
+    assert any("routes[0].destination" in x for x in violations(msg))
+
+
+def test_own_key_and_duplicates_rejected():
+    msg = state(2)
+    msg.peers[0].public_key = OWN
+    msg.peers.add(public_key=key(1)).allowed_ips.append("100.64.9.0/24")
+    v = violations(msg)
+    assert any("own key" in x for x in v) and any("duplicates" in x for x in v)
+
+
+def test_egress_expands_to_forwarding_sysctls_and_nat_table():
+    msg = state(1)
+    e = msg.egress.add(nat=True)
+    e.ranges.extend(["198.51.100.0/24", "2001:db8::/32"])
+    d = compiled(msg)
+    assert d.sysctls == {"net.ipv4.ip_forward": "1"}  # no v6 source range, no v6 forwarding
+    assert "masquerade" in d.nft.text and "198.51.100.0/24" in d.nft.text
+    msg.egress[0].source_ranges.append("fd00::/64")
+    assert compiled(msg).sysctls["net.ipv6.conf.all.forwarding"] == "1"
+
+
+def test_peer_delta_fast_path_matches_full_compile():
+    base = state(50)
+    d0 = compiled(base)
+    delta = pb.DesiredStateDelta(base_revision=1)
+    up = delta.upserted_peers.add(public_key=key(3), persistent_keepalive_seconds=25)
+    up.allowed_ips.extend(["100.64.0.5/32", "203.0.113.0/28"])
+    delta.removed_peers.append(key(7))
+    merged = merge_delta(base, delta)
+    assert compile_peer_delta(d0, delta, 2).peers == compiled(merged).peers
+
+
+def test_peer_delta_overlap_rejected():
+    d0 = compiled(state(5))
+    delta = pb.DesiredStateDelta(base_revision=1)
+    delta.upserted_peers.add(public_key=key(40)).allowed_ips.append("100.64.0.3/32")
+    with pytest.raises(InvalidDesiredState):
+        compile_peer_delta(d0, delta, 2)
+
+
+def test_delta_removing_a_routed_peer_rejected():
+    msg = state(2)
+    msg.peers[0].allowed_ips.append("198.51.100.0/24")
+    msg.routes.add(destination="198.51.100.0/24", via_peer=key(0))
+    delta = pb.DesiredStateDelta(base_revision=1, removed_peers=[key(0)])
+    with pytest.raises(InvalidDesiredState):
+        compile_peer_delta(compiled(msg), delta, 2)
