@@ -280,3 +280,19 @@ def test_agent_rejects_bad_update_and_keeps_running(egress: Egress):
     st = eg.gw.wait_status(lambda s: s["applied_revision"] == 3)
     assert st["delta_syncs"] >= 1 and st["last_error"] is None
     assert eg.gw.peers()[eg.clients[0].public_key]["keepalive"] == "15"
+
+
+def test_gatewayd_supervises_wireguard_go(egress: Egress):
+    eg = egress
+    eg.gw.start(eg.gateway_state())
+    eg.gw.wait_status(lambda s: s.get("state") == "applied")
+    eg.clients[0].apply(eg.client_state(0))
+    eg.ext.whoami_server(eg.ext_addr, EXT_PORT)
+    assert eg.clients[0].host.ask(eg.ext_addr, EXT_PORT) == eg.gw_ext_addr
+    old = eg.gw.wg_pid()
+    n = eg.gw.status()["full_syncs"]
+    eg.gw.host.run("kill", "-9", str(old))  # wireguard-go crashes
+    st = eg.gw.wait_status(lambda s: s["full_syncs"] > n and s["state"] == "applied")
+    assert st["last_changes"] > 0
+    assert eg.gw.wg_pid() not in (None, old)
+    assert eventually(lambda: eg.clients[0].host.ask(eg.ext_addr, EXT_PORT), eg.gw_ext_addr)

@@ -121,11 +121,12 @@ class Node:
     state_dir: Path
     public_key: str = ""
     daemon: subprocess.Popen | None = None
+    backend: str = "userspace"
     _n: int = 0
 
     def gatewayd(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return self.host.run(PY, "-m", "meshgate.gatewayd", *args, "--state-dir",
-                             str(self.state_dir), "--backend", "userspace", check=check)
+                             str(self.state_dir), "--backend", self.backend, check=check)
 
     def write(self, msg: pb.DesiredState, name: str = "desired.json") -> Path:
         path = self.state_dir.parent / f"{self.state_dir.name}-{name}"
@@ -145,7 +146,7 @@ class Node:
 
     def start(self, msg: pb.DesiredState | None = None, resync: float = 3600.0) -> subprocess.Popen:
         args = [PY, "-m", "meshgate.gatewayd", "run", "--state-dir", str(self.state_dir),
-                "--backend", "userspace", "--resync-interval", str(resync)]
+                "--backend", self.backend, "--resync-interval", str(resync)]
         if msg is not None:
             args += ["--file", str(self.write(msg))]
         log = open(self.state_dir.parent / f"{self.state_dir.name}-daemon.log", "a")
