@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from meshgate.api.v1 import egress_pb2_grpc, network_pb2_grpc, node_pb2_grpc
+from meshgate.api.v1 import (
+    agent_pb2_grpc,
+    egress_pb2_grpc,
+    enrollment_pb2_grpc,
+    network_pb2_grpc,
+    node_pb2_grpc,
+    policy_pb2_grpc,
+)
 from meshgate.common.config import ServerConfig
 from meshgate.common.etcd import Etcd
 from meshgate.common.etcdproc import EtcdProcess
@@ -75,6 +82,10 @@ class ControlPlane:
     nodes: node_pb2_grpc.NodeServiceStub
     egress: egress_pb2_grpc.EgressGatewayServiceStub
     etcd: Etcd
+    app: object
+    keys: enrollment_pb2_grpc.EnrollmentKeyServiceStub
+    policies: policy_pb2_grpc.AccessPolicyServiceStub
+    agents: agent_pb2_grpc.AgentServiceStub
 
     @property
     def target(self) -> str:
@@ -83,10 +94,12 @@ class ControlPlane:
 
 @pytest.fixture
 async def cp(etcd):
-    from meshgate.controlplane.api import bindings
+    from meshgate.controlplane.api import ControlPlane as App
 
+    app = App(etcd)
+    await app.start()
     cfg = ServerConfig(listen="127.0.0.1:0", shutdown_grace=1)
-    server = GrpcServer(cfg, bindings(etcd))
+    server = GrpcServer(cfg, app.bindings)
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield ControlPlane(
@@ -96,6 +109,11 @@ async def cp(etcd):
         node_pb2_grpc.NodeServiceStub(channel),
         egress_pb2_grpc.EgressGatewayServiceStub(channel),
         etcd,
+        app,
+        enrollment_pb2_grpc.EnrollmentKeyServiceStub(channel),
+        policy_pb2_grpc.AccessPolicyServiceStub(channel),
+        agent_pb2_grpc.AgentServiceStub(channel),
     )
     await channel.close()
     await server.stop(0)
+    await app.stop()

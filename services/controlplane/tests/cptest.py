@@ -54,3 +54,104 @@ def details(err: grpc.aio.AioRpcError):
             d.Unpack(info)
             reason = info.reason
     return violations, reason
+
+
+class SimAgent:
+    """A lightweight agent: enrolls, holds the Sync stream, applies what it
+    receives to an in-memory desired state (as gatewayd would) and acks."""
+
+    def __init__(self, stub, secret: str, node_id: str, endpoint: str = "", ack: bool = True):
+        self.stub, self.secret, self.node_id, self.endpoint, self.auto_ack = stub, secret, node_id, endpoint, ack
+        self.public_key = key()
+        self.state = None
+        self.received = []
+        self.call = None
+        self._acks = None
+        self._task = None
+        self.node = None
+        self.token = None
+
+    async def enroll(self):
+        from meshgate.api.v1 import agent_pb2
+
+        resp = await self.stub.Enroll(
+            agent_pb2.EnrollRequest(enrollment_secret=self.secret, node_id=self.node_id, public_key=self.public_key, endpoint=self.endpoint)
+        )
+        self.node, self.token = resp.node, resp.credential.token
+        return self
+
+    async def connect(self):
+        import asyncio
+
+        from meshgate.api.v1 import agent_pb2
+
+        self._acks = asyncio.Queue()
+        hello = agent_pb2.SyncRequest(hello=agent_pb2.SyncRequest.Hello(node=self.node.name, agent_version="sim"))
+
+        async def requests():
+            yield hello
+            while True:
+                item = await self._acks.get()
+                if item is None:
+                    return
+                yield item
+
+        self.call = self.stub.Sync(requests(), metadata=(("authorization", f"Bearer {self.token}"),))
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self):
+        from meshgate.api.v1 import agent_pb2
+        from meshgate.controlplane import compiler
+
+        async for msg in self.call:
+            kind = msg.WhichOneof("message")
+            if kind == "heartbeat":
+                continue
+            self.received.append(msg)
+            if kind == "snapshot":
+                self.state = msg.snapshot.state
+            else:
+                assert self.state is not None and msg.delta.delta.base_revision == self.state.revision
+                self.state = compiler.apply_delta(self.state, msg.delta.delta, msg.revision)
+            if self.auto_ack:
+                await self._acks.put(agent_pb2.SyncRequest(ack=agent_pb2.SyncRequest.Ack(revision=msg.revision)))
+
+    async def close(self):
+        if self._acks is not None:
+            await self._acks.put(None)
+        if self.call is not None:
+            self.call.cancel()
+        if self._task is not None:
+            try:
+                await self._task
+            except BaseException:  # noqa: BLE001 - cancelled stream
+                pass
+
+
+async def wait_until(predicate, what: str, timeout: float = 20):
+    """Poll an async or sync predicate; fail with `what` when it never holds."""
+    import asyncio
+    import inspect
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def make_key(cp, net_id="prod", key_id="k", **kw):
+    from meshgate.api.v1 import enrollment_pb2
+
+    return await cp.keys.CreateEnrollmentKey(
+        enrollment_pb2.CreateEnrollmentKeyRequest(
+            parent=f"networks/{net_id}", enrollment_key_id=key_id, enrollment_key=enrollment_pb2.EnrollmentKey(**kw)
+        )
+    )

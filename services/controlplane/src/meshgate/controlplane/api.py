@@ -7,27 +7,40 @@ the server kit's interceptor.
 
 from __future__ import annotations
 
+import asyncio
+
 from google.protobuf import empty_pb2
 
 from meshgate.api.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
     egress_pb2,
     egress_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
     network_pb2,
     network_pb2_grpc,
     node_pb2,
     node_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
 )
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import ServiceBinding
+from meshgate.controlplane import events
+from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.egress import EgressGateways
+from meshgate.controlplane.enrollment import EnrollmentKeys
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
+from meshgate.controlplane.policies import AccessPolicies
+from meshgate.controlplane.sync import AgentService, Fanout, with_trace
 
 
 class NetworkService(network_pb2_grpc.NetworkServiceServicer):
-    def __init__(self, networks: Networks, nodes: Nodes) -> None:
+    def __init__(self, networks: Networks, fanout: Fanout) -> None:
         self.networks = networks
-        self.nodes = nodes
+        self.fanout = fanout
 
     async def CreateNetwork(self, request, context):
         return await self.networks.create(request)
@@ -48,18 +61,7 @@ class NetworkService(network_pb2_grpc.NetworkServiceServicer):
 
     async def GetNetworkStatus(self, request, context):
         network, _ = await self.networks.read(request.name)
-        rev = await self.networks.etcd.revision()
-        status = network_pb2.NetworkStatus(name=network.name, revision=rev)
-        token = ""
-        while True:
-            nodes, token = await self.nodes.list_children(network.name, 1000, token)
-            for n in nodes:
-                # Agents do not stream yet: nothing is desired or applied.
-                status.nodes.add(node=n.name)
-            if not token:
-                break
-        status.total_nodes = len(status.nodes)
-        return status
+        return await self.fanout.network_status(network)
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
@@ -106,13 +108,83 @@ class EgressGatewayService(egress_pb2_grpc.EgressGatewayServiceServicer):
         return empty_pb2.Empty()
 
 
-def bindings(etcd: Etcd) -> list[ServiceBinding]:
-    """The control plane's services, wired to one etcd adapter."""
-    networks = Networks(etcd)
-    nodes = Nodes(etcd, networks)
-    gateways = EgressGateways(etcd, networks)
-    return [
-        ServiceBinding.of(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(networks, nodes)),
-        ServiceBinding.of(node_pb2, node_pb2_grpc, "NodeService", NodeService(nodes)),
-        ServiceBinding.of(egress_pb2, egress_pb2_grpc, "EgressGatewayService", EgressGatewayService(gateways)),
-    ]
+class EnrollmentKeyService(enrollment_pb2_grpc.EnrollmentKeyServiceServicer):
+    def __init__(self, keys: EnrollmentKeys) -> None:
+        self.keys = keys
+
+    async def CreateEnrollmentKey(self, request, context):
+        return await self.keys.create(request)
+
+    async def GetEnrollmentKey(self, request, context):
+        return await self.keys.get(request.name)
+
+    async def ListEnrollmentKeys(self, request, context):
+        items, token = await self.keys.list_children(request.parent, request.page_size, request.page_token)
+        return enrollment_pb2.ListEnrollmentKeysResponse(enrollment_keys=items, next_page_token=token)
+
+    async def RevokeEnrollmentKey(self, request, context):
+        return await self.keys.revoke(request)
+
+    async def DeleteEnrollmentKey(self, request, context):
+        await self.keys.delete(request)
+        return empty_pb2.Empty()
+
+
+class AccessPolicyService(policy_pb2_grpc.AccessPolicyServiceServicer):
+    def __init__(self, policies: AccessPolicies) -> None:
+        self.policies = policies
+
+    async def CreateAccessPolicy(self, request, context):
+        return await self.policies.create(request)
+
+    async def GetAccessPolicy(self, request, context):
+        return await self.policies.get(request.name)
+
+    async def ListAccessPolicies(self, request, context):
+        items, token = await self.policies.list_children(request.parent, request.page_size, request.page_token)
+        return policy_pb2.ListAccessPoliciesResponse(access_policies=items, next_page_token=token)
+
+    async def UpdateAccessPolicy(self, request, context):
+        return await self.policies.update(request)
+
+    async def DeleteAccessPolicy(self, request, context):
+        await self.policies.delete(request)
+        return empty_pb2.Empty()
+
+
+class ControlPlane:
+    """The control plane's parts wired to one etcd adapter, with a lifecycle:
+    `start()` loads the state cache and starts the fan-out, `stop()` ends
+    agent streams and flushes status."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = with_trace(etcd)
+        self.networks = Networks(etcd)
+        self.nodes = Nodes(etcd, self.networks)
+        self.gateways = EgressGateways(etcd, self.networks)
+        self.policies = AccessPolicies(etcd, self.networks)
+        self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
+        self.cache = StateCache(etcd)
+        self.fanout = Fanout(self.cache, etcd)
+        self.bindings = [
+            ServiceBinding.of(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
+            ServiceBinding.of(node_pb2, node_pb2_grpc, "NodeService", NodeService(self.nodes)),
+            ServiceBinding.of(egress_pb2, egress_pb2_grpc, "EgressGatewayService", EgressGatewayService(self.gateways)),
+            ServiceBinding.of(
+                enrollment_pb2, enrollment_pb2_grpc, "EnrollmentKeyService", EnrollmentKeyService(self.enrollment)
+            ),
+            ServiceBinding.of(policy_pb2, policy_pb2_grpc, "AccessPolicyService", AccessPolicyService(self.policies)),
+            ServiceBinding.of(
+                agent_pb2, agent_pb2_grpc, "AgentService", AgentService(self.enrollment, self.fanout, self.cache)
+            ),
+            events.binding(etcd),
+        ]
+
+    async def start(self) -> None:
+        await self.fanout.start()
+        await self.cache.start()
+        await asyncio.wait_for(self.cache.ready.wait(), 30)
+
+    async def stop(self) -> None:
+        await self.fanout.stop()
+        await self.cache.stop()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from meshgate.common import config, logsetup, telemetry
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer, serve
-from meshgate.controlplane.api import bindings
+from meshgate.controlplane.api import ControlPlane
 
 log = logging.getLogger("meshgate.controlplane")
 
@@ -25,8 +25,10 @@ class ControlPlaneConfig(config.ServerConfig):
 async def run(cfg: ControlPlaneConfig) -> None:
     etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
-    server = GrpcServer(cfg, bindings(etcd))
-    await serve(server, on_shutdown=[etcd.close])
+    app = ControlPlane(etcd)
+    await app.start()
+    server = GrpcServer(cfg, app.bindings)
+    await serve(server, on_shutdown=[app.stop, etcd.close])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -243,7 +243,12 @@ class Nodes(Resources):
                 )
             if req.validate_only:
                 return None
-            ops = [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "nodes"), b"")]
+            ops = [
+                self.t.delete(kv.key),
+                self.t.put(self.keys.guard(net_id, "nodes"), b""),
+                self.t.delete(self.etcd.key("agents", net_id, node_id)),
+                self.t.delete(self.etcd.key("status", net_id, node_id)),
+            ]
             for family, addr in (("v4", current.ipv4_address), ("v6", current.ipv6_address)):
                 if addr:
                     ops.append(self.t.delete(self.keys.ipam(net_id, family, addr)))

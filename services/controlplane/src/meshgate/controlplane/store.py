@@ -11,6 +11,12 @@ Layout under the prefix (default `/meshgate`):
     guards/networks                     bumped by every network create/delete
     guards/{net}/nodes                  bumped by every node create/delete
     guards/{net}/egress                 bumped by every egress gateway write
+    accessPolicies/{net}/{policy}       AccessPolicy
+    enrollmentKeys/{net}/{key}          EnrollmentKey (without its secret)
+    enrollmentSecrets/{net}/{key}       SHA-256 of the key's secret
+    agents/{net}/{node}                 SHA-256 of the node agent's bearer token
+    status/{net}/{node}                 the agent's last acknowledgement (NodeConvergence)
+    changes/trace                       W3C traceparent of the newest change (see sync.py)
 
 Values are binary protobuf. A resource's etag is its key's mod revision, so
 etags cost nothing to store and are checked by etcd itself in the transaction.
@@ -34,6 +40,13 @@ import uuid
 from google.protobuf import timestamp_pb2
 
 from meshgate.common.etcd import KV, Etcd, prefix_end
+
+
+# Every collection whose keys are `{collection}/{net}/...`.
+PER_NETWORK = (
+    "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets",
+    "externalClients", "accessPolicies", "agents", "status",
+)
 
 
 class Keys:
@@ -72,7 +85,7 @@ class Keys:
 
     def network_prefixes(self, net: str) -> list[bytes]:
         """Every prefix holding keys of network `net` (besides its own key)."""
-        return [self.e.key(c, net, "") for c in ("nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "externalClients", "accessPolicies")]
+        return [self.e.key(c, net, "") for c in PER_NETWORK]
 
 
 def etag_of(kv: KV) -> str:

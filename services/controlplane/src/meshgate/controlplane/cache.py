@@ -1,0 +1,221 @@
+"""Each replica's in-memory view of the network state, fed by an etcd watch.
+
+List everything under the prefix at one revision, then watch from the next
+revision; on compaction or a broken watch, list again (with capped, jittered
+backoff while etcd is away). After every transaction that touched networks,
+nodes, egress gateways or access policies, listeners get a `Change`: its
+revision, the trace context the writer left in `changes/trace`, and per
+network the nodes whose desired state may have changed (see
+`compiler.affected_by_node`). A relist reports every node as affected, so
+listeners recompute and send only what really differs.
+
+Hazard: listeners run inline in the watch loop; they must not block on a slow
+consumer (the fan-out queues and returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.common import etcdwatch
+from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
+from meshgate.controlplane import compiler, store
+
+log = logging.getLogger(__name__)
+
+_COLLECTIONS = {
+    "nodes": ("nodes", node_pb2.Node),
+    "egressGateways": ("gateways", egress_pb2.EgressGateway),
+    "accessPolicies": ("policies", policy_pb2.AccessPolicy),
+}
+
+
+@dataclass
+class Change:
+    revision: int
+    traceparent: str = ""
+    # network id -> names of nodes whose desired state may have changed
+    affected: dict[str, set[str]] = field(default_factory=dict)
+    # names of nodes that no longer exist
+    deleted_nodes: set[str] = field(default_factory=set)
+    reset: bool = False
+
+
+Listener = Callable[[Change], Awaitable[None]]
+
+
+class StateCache:
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.networks: dict[str, compiler.NetworkState] = {}
+        self.revision = 0
+        self.ready = asyncio.Event()
+        self.listeners: list[Listener] = []
+        self._task: asyncio.Task | None = None
+        self._prefix = etcd.key("")
+
+    def state_of(self, node_name: str) -> compiler.NetworkState | None:
+        net_id = node_name.split("/")[1]
+        st = self.networks.get(net_id)
+        if st is None or node_name not in st.nodes:
+            return None
+        return st
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="state-cache")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def wait_for_revision(self, revision: int) -> None:
+        """Wait until the cache has seen `revision` (tests, read-your-writes)."""
+        while self.revision < revision:
+            await asyncio.sleep(0.005)
+
+    # the loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._load()
+                delay = 0.1
+                async for batch in etcdwatch.watch(self.etcd, self._prefix, prefix_end(self._prefix), self.revision + 1):
+                    await self._apply(batch)
+            except etcdwatch.Compacted as e:
+                log.warning("watch fell behind compaction (%s); listing again", e)
+            except EtcdUnavailable as e:
+                log.warning("etcd watch lost (%s); listing again in %.1fs", e, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    async def _load(self) -> None:
+        kvs, rev = await self.etcd.list_prefix(self._prefix)
+        nets: dict[str, compiler.NetworkState] = {}
+        children = []
+        traceparent = ""
+        for kv in kvs:
+            parts = self._split(kv.key)
+            if parts is None:
+                continue
+            if parts[0] == "networks" and len(parts) == 2:
+                nets[parts[1]] = compiler.NetworkState(store.decode(network_pb2.Network, kv))
+            elif parts[0] in _COLLECTIONS and len(parts) == 3:
+                children.append((parts, kv))
+            elif parts == ["changes", "trace"]:
+                traceparent = kv.value.decode(errors="replace")
+        for parts, kv in children:
+            st = nets.get(parts[1])
+            if st is None:
+                continue
+            attr, cls = _COLLECTIONS[parts[0]]
+            msg = store.decode(cls, kv)
+            getattr(st, attr)[msg.name] = msg
+        self.networks = nets
+        self.revision = rev
+        self.ready.set()
+        change = Change(rev, traceparent, {n: set(st.nodes) for n, st in nets.items()}, reset=True)
+        log.info("state cache loaded at revision %d: %d networks", rev, len(nets))
+        await self._notify(change)
+
+    def _split(self, key: bytes) -> list[str] | None:
+        if not key.startswith(self._prefix):
+            return None
+        return key[len(self._prefix):].decode(errors="replace").split("/")
+
+    async def _apply(self, batch: etcdwatch.Batch) -> None:
+        relevant = []
+        traceparent = ""
+        for ev in batch.events:
+            parts = self._split(ev.key)
+            if parts is None:
+                continue
+            if parts == ["changes", "trace"] and ev.put:
+                traceparent = ev.value.decode(errors="replace")
+            elif (parts[0] == "networks" and len(parts) == 2) or (parts[0] in _COLLECTIONS and len(parts) == 3):
+                relevant.append((parts, ev))
+        if not relevant:
+            self.revision = max(self.revision, batch.revision)
+            return
+        change = Change(batch.revision, traceparent)
+        befores: dict[str, compiler.NetworkState] = {}
+
+        def before(net_id: str) -> compiler.NetworkState | None:
+            if net_id not in befores and net_id in self.networks:
+                st = self.networks[net_id]
+                befores[net_id] = compiler.NetworkState(st.network, dict(st.nodes), dict(st.gateways), dict(st.policies))
+            return befores.get(net_id)
+
+        whole_network: set[str] = set()
+        changed_nodes: list[tuple[str, str]] = []
+        for parts, ev in relevant:
+            net_id = parts[1]
+            before(net_id)
+            if parts[0] == "networks":
+                whole_network.add(net_id)
+                if ev.put:
+                    net = network_pb2.Network.FromString(ev.value)
+                    net.etag = str(ev.mod_revision)
+                    if net_id in self.networks:
+                        self.networks[net_id].network = net
+                    else:
+                        self.networks[net_id] = compiler.NetworkState(net)
+                else:
+                    gone = self.networks.pop(net_id, None)
+                    if gone is not None:
+                        change.deleted_nodes.update(gone.nodes)
+                continue
+            st = self.networks.get(net_id)
+            if st is None:
+                continue
+            attr, cls = _COLLECTIONS[parts[0]]
+            name = names_of(parts)
+            if ev.put:
+                msg = cls.FromString(ev.value)
+                msg.etag = str(ev.mod_revision)
+                getattr(st, attr)[msg.name] = msg
+            else:
+                getattr(st, attr).pop(name, None)
+            if parts[0] == "nodes":
+                changed_nodes.append((net_id, name))
+                if not ev.put:
+                    change.deleted_nodes.add(name)
+            else:
+                whole_network.add(net_id)
+        for net_id in whole_network:
+            nodes = set(befores[net_id].nodes) if net_id in befores else set()
+            if net_id in self.networks:
+                nodes |= set(self.networks[net_id].nodes)
+            change.affected.setdefault(net_id, set()).update(nodes)
+        for net_id, name in changed_nodes:
+            if net_id in whole_network:
+                continue
+            aff = compiler.affected_by_node(befores.get(net_id), self.networks.get(net_id), name)
+            change.affected.setdefault(net_id, set()).update(aff)
+        for gone in change.deleted_nodes:
+            for aff in change.affected.values():
+                aff.discard(gone)
+        self.revision = batch.revision
+        await self._notify(change)
+
+    async def _notify(self, change: Change) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(change)
+            except Exception:  # noqa: BLE001 - one listener must not stop the watch
+                log.exception("state cache listener failed at revision %d", change.revision)
+
+
+def names_of(parts: list[str]) -> str:
+    collection, net_id, rid = parts
+    return f"networks/{net_id}/{collection}/{rid}"

@@ -1,0 +1,239 @@
+"""Enrollment keys, joining a network, and agent credentials.
+
+A key's secret is `mgek_{network}.{key id}.{random}`: the network and id let
+the control plane find the key directly, and only a SHA-256 of the whole
+secret is stored (the random part has 256 bits, so a plain hash is enough).
+Redeeming a key compares the key's mod revision in the transaction that
+increments its use count and creates the node, so a single-use key makes
+exactly one node however many agents race for it.
+
+The credential returned by `Enroll` is a bearer token
+`mgat_{network}.{node}.{random}`, also stored only as a hash; agents present it
+as `authorization: Bearer ...` on every later call. Swapping it for an mTLS
+certificate changes `AgentCredential`'s oneof, not the exchange.
+
+Hazards: secrets and tokens must never be logged or put in error messages;
+failures say which check failed, never the value. Unknown keys and wrong
+secrets get the same answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from meshgate.api.v1 import agent_pb2, enrollment_pb2, node_pb2
+from meshgate.common.errors import ApiError, FieldViolation, already_exists, etag_mismatch, invalid_argument
+from meshgate.controlplane import names, store, validation
+from meshgate.controlplane.base import Kind, Resources
+from meshgate.controlplane.networks import Networks
+from meshgate.controlplane.nodes import Nodes
+from meshgate.controlplane.txn import Conflict, retrying
+
+KIND = Kind("meshgate.io/EnrollmentKey", "enrollmentKeys", enrollment_pb2.EnrollmentKey)
+SECRET_PREFIX = "mgek_"
+TOKEN_PREFIX = "mgat_"
+_SECRET_RE = re.compile(r"^(mgek_|mgat_)([a-z][a-z0-9-]{0,62})\.([a-z][a-z0-9-]{0,62})\.([A-Za-z0-9_-]{43})$")
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _mint(prefix: str, net: str, rid: str) -> str:
+    return f"{prefix}{net}.{rid}.{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip('=')}"
+
+
+def parse_secret(secret: str, prefix: str) -> tuple[str, str] | None:
+    m = _SECRET_RE.match(secret)
+    if not m or m.group(1) != prefix:
+        return None
+    return m.group(2), m.group(3)
+
+
+def _refused(cause: str, message: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.PERMISSION_DENIED, message, "ENROLLMENT_KEY_REFUSED", metadata={"cause": cause}
+    )
+
+
+UNKNOWN_KEY = ApiError(grpc.StatusCode.UNAUTHENTICATED, "enrollment key not recognised", "ENROLLMENT_KEY_REFUSED", metadata={"cause": "unknown"})
+BAD_TOKEN = ApiError(grpc.StatusCode.UNAUTHENTICATED, "agent credential not recognised", "UNAUTHENTICATED")
+
+
+def node_id_from_hostname(hostname: str) -> str:
+    s = re.sub(r"[^a-z0-9-]+", "-", hostname.lower().split(".")[0]).strip("-")
+    if s and not s[0].isalpha():
+        s = "n-" + s
+    return s[:63].rstrip("-")
+
+
+class EnrollmentKeys(Resources):
+    kind = KIND
+
+    def __init__(self, etcd, networks: Networks, nodes: Nodes) -> None:
+        super().__init__(etcd)
+        self.networks = networks
+        self.nodes = nodes
+
+    def secret_key(self, net: str, rid: str) -> bytes:
+        return self.etcd.key("enrollmentSecrets", net, rid)
+
+    def agent_key(self, net: str, node: str) -> bytes:
+        return self.etcd.key("agents", net, node)
+
+    def present(self, msg):
+        msg.secret = ""
+        return msg
+
+    async def create(self, req: enrollment_pb2.CreateEnrollmentKeyRequest) -> enrollment_pb2.EnrollmentKey:
+        net_id = self.parse_parent(req.parent)
+        k = req.enrollment_key
+        errs = validation.check_id("enrollment_key_id", req.enrollment_key_id)
+        errs += validation.check_text("enrollment_key.description", k.description, validation.MAX_DESCRIPTION)
+        errs += validation.check_tags("enrollment_key.tags", list(k.tags))
+        if k.HasField("expire_time") and k.expire_time.ToNanoseconds() <= time.time_ns():
+            errs.append(FieldViolation("enrollment_key.expire_time", "is in the past"))
+        if errs:
+            raise invalid_argument(errs)
+        name = names.child_name(net_id, KIND.collection, req.enrollment_key_id)
+        key = self.key_of(net_id, req.enrollment_key_id)
+
+        async def attempt(_: int):
+            _net, net_kv = await self.networks.require(net_id, "parent")
+            if await self.etcd.get(key) is not None:
+                raise already_exists(KIND.type_name, name)
+            ek = enrollment_pb2.EnrollmentKey()
+            ek.CopyFrom(k)
+            ek.name = name
+            ek.uses = 0
+            ek.ClearField("revoke_time")
+            ek.uid = store.new_uid()
+            ek.create_time.CopyFrom(store.now())
+            ek.update_time.CopyFrom(ek.create_time)
+            ek.secret = ""
+            ek.etag = ""
+            secret = _mint(SECRET_PREFIX, net_id, req.enrollment_key_id)
+            ok, _, rev = await self.etcd.txn(
+                [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0],
+                [self.t.put(key, store.encode(ek)), self.t.put(self.secret_key(net_id, req.enrollment_key_id), _digest(secret))],
+            )
+            if not ok:
+                raise Conflict
+            ek.etag = str(rev)
+            ek.secret = secret
+            return ek
+
+        return await retrying(attempt, f"create {name}")
+
+    async def revoke(self, req: enrollment_pb2.RevokeEnrollmentKeyRequest) -> enrollment_pb2.EnrollmentKey:
+        async def attempt(_: int):
+            ek, kv = await self.read(req.name)
+            self.check_etag(req.etag, kv, req.name)
+            if ek.HasField("revoke_time"):
+                return self.present(ek)
+            ek.revoke_time.CopyFrom(store.now())
+            ek.update_time.CopyFrom(ek.revoke_time)
+            ok, _, rev = await self.etcd.txn([self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(ek))])
+            if not ok:
+                if req.etag:
+                    raise etag_mismatch(KIND.type_name, req.name)
+                raise Conflict
+            ek.etag = str(rev)
+            return self.present(ek)
+
+        return await retrying(attempt, f"revoke {req.name}")
+
+    async def delete(self, req: enrollment_pb2.DeleteEnrollmentKeyRequest) -> None:
+        net_id, rid = self.parse_name(req.name)
+
+        async def attempt(_: int) -> None:
+            _ek, kv = await self.read(req.name)
+            self.check_etag(req.etag, kv, req.name)
+            ok, _, _ = await self.etcd.txn(
+                [self.t.mod(kv.key) == kv.mod_revision],
+                [self.t.delete(kv.key), self.t.delete(self.secret_key(net_id, rid))],
+            )
+            if not ok:
+                if req.etag:
+                    raise etag_mismatch(KIND.type_name, req.name)
+                raise Conflict
+
+        await retrying(attempt, f"delete {req.name}")
+
+    # joining -----------------------------------------------------------------
+
+    async def enroll(self, req: agent_pb2.EnrollRequest) -> agent_pb2.EnrollResponse:
+        parsed = parse_secret(req.enrollment_secret, SECRET_PREFIX)
+        if parsed is None:
+            raise UNKNOWN_KEY
+        net_id, key_id = parsed
+        node_id = req.node_id or node_id_from_hostname(req.hostname)
+        errs = validation.check_id("node_id" if req.node_id else "hostname", node_id)
+        if not req.public_key:
+            errs.append(FieldViolation("public_key", "is required"))
+        errs += validation.check_public_key("public_key", req.public_key)
+        errs += validation.check_endpoint("endpoint", req.endpoint)
+        errs += validation.check_port("listen_port", req.listen_port)
+        if errs:
+            raise invalid_argument(errs)
+        ekey = self.key_of(net_id, key_id)
+
+        async def attempt(n: int) -> agent_pb2.EnrollResponse:
+            kv = await self.etcd.get(ekey)
+            digest = await self.etcd.get(self.secret_key(net_id, key_id))
+            if kv is None or digest is None or not hmac.compare_digest(digest.value, _digest(req.enrollment_secret)):
+                raise UNKNOWN_KEY
+            ek = store.decode(enrollment_pb2.EnrollmentKey, kv)
+            if ek.HasField("revoke_time"):
+                raise _refused("revoked", f"enrollment key {ek.name} has been revoked")
+            if ek.HasField("expire_time") and ek.expire_time.ToNanoseconds() <= time.time_ns():
+                raise _refused("expired", f"enrollment key {ek.name} has expired")
+            if ek.max_uses and ek.uses >= ek.max_uses:
+                raise _refused("exhausted", f"enrollment key {ek.name} is exhausted: used {ek.uses} of {ek.max_uses} times")
+            ek.uses += 1
+            ek.update_time.CopyFrom(store.now())
+            token = _mint(TOKEN_PREFIX, net_id, node_id)
+            template = node_pb2.Node(
+                tags=list(ek.tags), endpoint=req.endpoint, listen_port=req.listen_port, public_key=req.public_key,
+                display_name=req.hostname[:validation.MAX_DISPLAY_NAME],
+            )
+            node = await self.nodes.create_in_txn(
+                net_id, node_id, template, n,
+                compare_extra=[self.t.mod(ekey) == kv.mod_revision],
+                ops_extra=[self.t.put(ekey, store.encode(ek)), self.t.put(self.agent_key(net_id, node_id), _digest(token))],
+            )
+            return agent_pb2.EnrollResponse(node=node, credential=agent_pb2.AgentCredential(token=token))
+
+        return await retrying(attempt, f"enroll into networks/{net_id}")
+
+    async def authenticate(self, metadata) -> str:
+        """The node name an agent's bearer token belongs to."""
+        auth = ""
+        for k, v in metadata or ():
+            if k == "authorization":
+                auth = v
+        if not auth.startswith("Bearer "):
+            raise BAD_TOKEN
+        token = auth[len("Bearer "):].strip()
+        parsed = parse_secret(token, TOKEN_PREFIX)
+        if parsed is None:
+            raise BAD_TOKEN
+        net_id, node_id = parsed
+        kv = await self.etcd.get(self.agent_key(net_id, node_id))
+        if kv is None or not hmac.compare_digest(kv.value, _digest(token)):
+            raise BAD_TOKEN
+        return names.child_name(net_id, "nodes", node_id)
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts

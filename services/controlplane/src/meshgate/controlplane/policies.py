@@ -1,0 +1,136 @@
+"""Access policies: which nodes may reach which when the network's default is DENY.
+
+Selectors are `*`, `tag:{tag}`, `node:{node id}`, `egress:{gateway id}` and
+`client:{external client id}`; they are validated for syntax only, so a policy
+may name a tag no node carries yet.
+"""
+
+from __future__ import annotations
+
+from meshgate.api.v1 import policy_pb2
+from meshgate.common.errors import FieldViolation, already_exists, etag_mismatch, invalid_argument
+from meshgate.controlplane import masks, names, store, validation
+from meshgate.controlplane.base import Kind, Resources
+from meshgate.controlplane.networks import Networks
+from meshgate.controlplane.txn import Conflict, retrying
+
+KIND = Kind("meshgate.io/AccessPolicy", "accessPolicies", policy_pb2.AccessPolicy)
+MUTABLE = frozenset(
+    {"sources", "destinations", "protocol", "ports", "action", "priority", "bidirectional", "disabled", "description"}
+)
+ALL_FIELDS = frozenset(f.name for f in policy_pb2.AccessPolicy.DESCRIPTOR.fields)
+SELECTOR_KINDS = ("tag", "node", "egress", "client")
+MAX_SELECTORS = 64
+
+
+def _selectors(field: str, values) -> list[FieldViolation]:
+    out = []
+    if not values:
+        out.append(FieldViolation(field, "needs at least one selector"))
+    if len(values) > MAX_SELECTORS:
+        out.append(FieldViolation(field, f"has more than {MAX_SELECTORS} selectors"))
+    for i, s in enumerate(values):
+        if s == "*":
+            continue
+        kind, sep, value = s.partition(":")
+        if not sep or kind not in SELECTOR_KINDS or not names.valid_id(value):
+            out.append(FieldViolation(f"{field}[{i}]", f"{s!r} is not '*' or one of {', '.join(k + ':{id}' for k in SELECTOR_KINDS)}"))
+    return out
+
+
+def validate(p, prefix: str = "access_policy") -> list[FieldViolation]:
+    out = _selectors(f"{prefix}.sources", list(p.sources)) + _selectors(f"{prefix}.destinations", list(p.destinations))
+    for i, r in enumerate(p.ports):
+        if not 1 <= r.first <= 65535:
+            out.append(FieldViolation(f"{prefix}.ports[{i}].first", f"{r.first} is not a port number"))
+        elif r.last and not r.first <= r.last <= 65535:
+            out.append(FieldViolation(f"{prefix}.ports[{i}].last", f"{r.last} is not a port at or after {r.first}"))
+    if p.ports and p.protocol not in (policy_pb2.TCP, policy_pb2.UDP):
+        out.append(FieldViolation(f"{prefix}.ports", "ports need protocol TCP or UDP"))
+    if p.priority > validation.MAX_PRIORITY:
+        out.append(FieldViolation(f"{prefix}.priority", f"{p.priority} is above {validation.MAX_PRIORITY}"))
+    out += validation.check_text(f"{prefix}.description", p.description, validation.MAX_DESCRIPTION)
+    return out
+
+
+class AccessPolicies(Resources):
+    kind = KIND
+
+    def __init__(self, etcd, networks: Networks) -> None:
+        super().__init__(etcd)
+        self.networks = networks
+
+    async def create(self, req: policy_pb2.CreateAccessPolicyRequest) -> policy_pb2.AccessPolicy:
+        net_id = self.parse_parent(req.parent)
+        errs = validation.check_id("access_policy_id", req.access_policy_id) + validate(req.access_policy)
+        if errs:
+            raise invalid_argument(errs)
+        name = names.child_name(net_id, KIND.collection, req.access_policy_id)
+        key = self.key_of(net_id, req.access_policy_id)
+
+        async def attempt(_: int):
+            _net, net_kv = await self.networks.require(net_id, "parent")
+            if await self.etcd.get(key) is not None:
+                raise already_exists(KIND.type_name, name)
+            p = policy_pb2.AccessPolicy()
+            p.CopyFrom(req.access_policy)
+            p.name = name
+            if p.action == policy_pb2.POLICY_ACTION_UNSPECIFIED:
+                p.action = policy_pb2.ACCEPT
+            p.uid = store.new_uid()
+            p.create_time.CopyFrom(store.now())
+            p.update_time.CopyFrom(p.create_time)
+            p.etag = ""
+            if req.validate_only:
+                return p
+            ok, _, rev = await self.etcd.txn(
+                [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0],
+                [self.t.put(key, store.encode(p))],
+            )
+            if not ok:
+                raise Conflict
+            p.etag = str(rev)
+            return p
+
+        return await retrying(attempt, f"create {name}")
+
+    async def update(self, req: policy_pb2.UpdateAccessPolicyRequest) -> policy_pb2.AccessPolicy:
+        name = req.access_policy.name
+        self.parse_name(name, "access_policy.name")
+        paths, violations = masks.resolve(list(req.update_mask.paths), MUTABLE, ALL_FIELDS)
+        if violations:
+            raise invalid_argument(violations)
+
+        async def attempt(_: int):
+            current, kv = await self.read(name)
+            self.check_etag(req.access_policy.etag, kv, name)
+            updated = policy_pb2.AccessPolicy()
+            updated.CopyFrom(current)
+            masks.apply(req.access_policy, updated, paths)
+            errs = validate(updated)
+            if errs:
+                raise invalid_argument(errs)
+            updated.update_time.CopyFrom(store.now())
+            if req.validate_only:
+                return updated
+            ok, _, rev = await self.etcd.txn([self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))])
+            if not ok:
+                if req.access_policy.etag:
+                    raise etag_mismatch(KIND.type_name, name)
+                raise Conflict
+            updated.etag = str(rev)
+            return updated
+
+        return await retrying(attempt, f"update {name}")
+
+    async def delete(self, req: policy_pb2.DeleteAccessPolicyRequest) -> None:
+        async def attempt(_: int) -> None:
+            _p, kv = await self.read(req.name)
+            self.check_etag(req.etag, kv, req.name)
+            ok, _, _ = await self.etcd.txn([self.t.mod(kv.key) == kv.mod_revision], [self.t.delete(kv.key)])
+            if not ok:
+                if req.etag:
+                    raise etag_mismatch(KIND.type_name, req.name)
+                raise Conflict
+
+        await retrying(attempt, f"delete {req.name}")

@@ -1,0 +1,435 @@
+"""Desired-state streaming to agents, acknowledgements and convergence status.
+
+`Fanout` listens to the state cache. For every node a change may affect it
+recompiles the node's desired state and compares a digest with the previous
+one; only nodes whose state really changed get a message, and only if their
+agent holds a stream on this replica. Messages are deltas against what the
+session last sent, stamped with the change's revision and the W3C trace
+context the writer left in etcd.
+
+Each session has a bounded queue. When an agent does not keep up and its queue
+fills, the queued deltas are dropped and replaced by one fresh snapshot, so a
+slow agent costs memory bounded by the queue and never delays others.
+
+Convergence: an acknowledgement records, in `status/{net}/{node}`, the applied
+revision and the digest of the state applied. A node has converged when that
+digest equals the digest of its current desired state, which every replica can
+compute from its own cache; `sessions/{net}/{node}`, attached to the holding
+replica's lease, says whether the agent is connected. Status writes are
+coalesced per node and flushed in batches.
+
+Hazards: a snapshot carries the peers' pre-shared keys (once the key service
+issues them); never log messages. The fan-out runs inside the cache's watch
+loop: it must only queue, never await a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from meshgate.api.v1 import agent_pb2, agent_pb2_grpc
+from meshgate.api.v1 import desired_state_pb2 as ds
+from meshgate.api.v1 import network_pb2
+from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
+from meshgate.common.etcd import Etcd
+from meshgate.controlplane import compiler, names
+from meshgate.controlplane.cache import Change, StateCache
+from meshgate.controlplane.enrollment import EnrollmentKeys
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("meshgate.controlplane")
+
+QUEUE_SIZE = 64
+HEARTBEAT_S = 20.0
+LEASE_TTL_S = 15
+STATUS_FLUSH_S = 0.05
+MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
+
+
+def digest(state: ds.DesiredState) -> str:
+    c = ds.DesiredState()
+    c.CopyFrom(state)
+    c.revision = 0
+    return hashlib.sha256(c.SerializeToString(deterministic=True)).hexdigest()[:32]
+
+
+@dataclass
+class Desired:
+    digest: str
+    revision: int
+
+
+@dataclass
+class Session:
+    node: str
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    sent: ds.DesiredState | None = None
+    inflight: dict[int, str] = field(default_factory=dict)  # revision -> digest
+    closed: bool = False
+    close_reason: ApiError | None = None
+    overflows: int = 0
+
+    def _snapshot(self, state: ds.DesiredState, traceparent: str) -> agent_pb2.SyncResponse:
+        return agent_pb2.SyncResponse(
+            revision=state.revision,
+            trace_context=agent_pb2.TraceContext(traceparent=traceparent),
+            snapshot=agent_pb2.SyncResponse.Snapshot(state=state),
+        )
+
+    def push(self, state: ds.DesiredState, traceparent: str, force_snapshot: bool = False) -> int:
+        """Queue the message taking the agent to `state`; returns messages queued."""
+        if self.closed:
+            return 0
+        if self.sent is None or force_snapshot:
+            msg = self._snapshot(state, traceparent)
+        else:
+            delta = compiler.diff(self.sent, state)
+            if delta is None:
+                return 0
+            msg = agent_pb2.SyncResponse(
+                revision=state.revision,
+                trace_context=agent_pb2.TraceContext(traceparent=traceparent),
+                delta=agent_pb2.SyncResponse.Delta(delta=delta),
+            )
+        self.sent = state
+        self.inflight[state.revision] = digest(state)
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            # Too slow: replace everything queued by one snapshot of the newest state.
+            self.overflows += 1
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(self._snapshot(state, traceparent))
+            log.warning("agent %s fell behind; resyncing it with a snapshot", self.node)
+        return 1
+
+    def close(self, reason: ApiError | None = None) -> None:
+        self.closed = True
+        self.close_reason = reason
+        try:
+            self.queue.put_nowait(None)
+        except asyncio.QueueFull:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+
+class StatusWriter:
+    """Coalesces per-node status records and writes them in batched transactions."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.pending: dict[bytes, bytes] = {}
+        self.deletes: set[bytes] = set()
+        self.wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.deletes.discard(key)
+        self.pending[key] = value
+        self.wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="status-writer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            await asyncio.sleep(STATUS_FLUSH_S)
+            self.wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - retried on the next wake
+                log.exception("writing agent status failed; will retry")
+                self.wake.set()
+                await asyncio.sleep(1)
+
+    async def flush(self) -> None:
+        items, self.pending = list(self.pending.items()), {}
+        t = self.etcd.txn_ops
+        for i in range(0, len(items), MAX_TXN_OPS):
+            chunk = items[i : i + MAX_TXN_OPS]
+            try:
+                await self.etcd.txn([], [t.put(k, v) for k, v in chunk])
+            except Exception:
+                for k, v in chunk:
+                    self.pending.setdefault(k, v)
+                raise
+
+
+class Fanout:
+    def __init__(self, cache: StateCache, etcd: Etcd) -> None:
+        self.cache = cache
+        self.etcd = etcd
+        self.desired: dict[str, Desired] = {}
+        self.sessions: dict[str, Session] = {}
+        self.status = StatusWriter(etcd)
+        self.messages_sent = 0
+        self._records: dict[bytes, dict] = {}
+        self.lease = None
+        self._lease_task: asyncio.Task | None = None
+        cache.listeners.append(self.on_change)
+
+    async def start(self) -> None:
+        self.lease = await self.etcd.client.lease(LEASE_TTL_S)
+        self._lease_task = asyncio.create_task(self._keep_lease(), name="session-lease")
+        self.status.start()
+
+    async def stop(self) -> None:
+        for s in list(self.sessions.values()):
+            s.close(ApiError(grpc.StatusCode.UNAVAILABLE, "control plane shutting down; reconnect"))
+        if self._lease_task:
+            self._lease_task.cancel()
+        await self.status.stop()
+        if self.lease is not None:
+            try:
+                await self.lease.revoke()
+            except Exception:  # noqa: BLE001 - the lease expires on its own
+                pass
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL_S / 3)
+            try:
+                await self.lease.refresh()
+            except Exception:  # noqa: BLE001
+                log.warning("refreshing the session lease failed; retrying")
+
+    def _session_key(self, node: str) -> bytes:
+        _, net, _, nid = node.split("/")
+        return self.etcd.key("sessions", net, nid)
+
+    def _status_key(self, node: str) -> bytes:
+        _, net, _, nid = node.split("/")
+        return self.etcd.key("status", net, nid)
+
+    def current(self, node: str) -> ds.DesiredState | None:
+        st = self.cache.state_of(node)
+        if st is None:
+            return None
+        d = self.desired.get(node)
+        rev = d.revision if d else self.cache.revision
+        return compiler.compile_node(st, node, rev)
+
+    # changes -------------------------------------------------------------
+
+    async def on_change(self, change: Change) -> None:
+        parent = propagate.extract({"traceparent": change.traceparent}) if change.traceparent else None
+        with tracer.start_as_current_span(
+            "controlplane.fanout", context=parent,
+            attributes={"meshgate.revision": change.revision, "meshgate.reset": change.reset},
+        ) as span:
+            sent = 0
+            recomputed = 0
+            for net_id, nodes in change.affected.items():
+                st = self.cache.networks.get(net_id)
+                if st is None:
+                    continue
+                for name in nodes:
+                    if name not in st.nodes:
+                        continue
+                    recomputed += 1
+                    new = compiler.compile_node(st, name, change.revision)
+                    dg = digest(new)
+                    prev = self.desired.get(name)
+                    if prev is not None and prev.digest == dg:
+                        continue
+                    self.desired[name] = Desired(dg, change.revision)
+                    s = self.sessions.get(name)
+                    if s is not None:
+                        sent += s.push(new, change.traceparent)
+            for name in change.deleted_nodes:
+                self.desired.pop(name, None)
+                s = self.sessions.pop(name, None)
+                if s is not None:
+                    s.close(not_found("meshgate.io/Node", name))
+            self.messages_sent += sent
+            span.set_attribute("meshgate.nodes_recomputed", recomputed)
+            span.set_attribute("meshgate.messages_sent", sent)
+
+    # sessions ------------------------------------------------------------
+
+    async def open(self, node: str, hello: agent_pb2.SyncRequest.Hello) -> Session:
+        old = self.sessions.pop(node, None)
+        if old is not None:
+            old.close(ApiError(grpc.StatusCode.ABORTED, "superseded by a newer stream from the same node"))
+        session = Session(node)
+        self.sessions[node] = session
+        state = self.current(node)
+        if state is None:
+            raise not_found("meshgate.io/Node", node)
+        if node not in self.desired:
+            self.desired[node] = Desired(digest(state), state.revision)
+        session.push(state, "", force_snapshot=True)
+        self.messages_sent += 1
+        await self.etcd.client.put(self._session_key(node), hello.agent_version.encode() or b"-", lease=self.lease)
+        self._record(node, contact=True)
+        return session
+
+    async def close(self, session: Session) -> None:
+        if self.sessions.get(session.node) is session:
+            del self.sessions[session.node]
+            try:
+                await self.etcd.client.delete(self._session_key(session.node))
+            except Exception:  # noqa: BLE001 - the lease removes it anyway
+                pass
+
+    def resync(self, session: Session) -> None:
+        state = self.current(session.node)
+        if state is not None:
+            session.push(state, "", force_snapshot=True)
+            self.messages_sent += 1
+
+    def ack(self, session: Session, ack: agent_pb2.SyncRequest.Ack) -> None:
+        dg = session.inflight.get(ack.revision)
+        for r in [r for r in session.inflight if r <= ack.revision]:
+            del session.inflight[r]
+        if ack.status.code == 0 and dg is not None:
+            self._record(session.node, applied=(ack.revision, dg), error="")
+        elif ack.status.code != 0:
+            self._record(session.node, error=ack.status.message[:1024] or f"code {ack.status.code}")
+        else:
+            self._record(session.node)
+
+    def _record(self, node: str, applied: tuple[int, str] | None = None, error: str | None = None, contact: bool = True) -> None:
+        key = self._status_key(node)
+        rec = self._records.setdefault(key, {"applied_revision": 0, "applied_digest": "", "last_error": "", "contact_ns": 0})
+        if applied is not None:
+            rec["applied_revision"], rec["applied_digest"] = applied
+        if error is not None:
+            rec["last_error"] = error
+        if contact:
+            rec["contact_ns"] = time.time_ns()
+        self.status.put(key, json.dumps(rec, sort_keys=True).encode())
+
+    # status --------------------------------------------------------------
+
+    async def network_status(self, network: network_pb2.Network) -> network_pb2.NetworkStatus:
+        net_id = names.parse_network(network.name)
+        rev = await self.etcd.revision()
+        await asyncio.wait_for(self.cache.wait_for_revision(rev), 10)
+        await self.status.flush()
+        records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
+        sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
+        recs = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value) for kv in records}
+        connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
+        out = network_pb2.NetworkStatus(name=network.name, revision=rev)
+        st = self.cache.networks.get(net_id)
+        for name in sorted(st.nodes if st else ()):
+            nid = name.rsplit("/", 1)[1]
+            state = compiler.compile_node(st, name)
+            dg = digest(state)
+            d = self.desired.get(name)
+            if d is None or d.digest != dg:
+                d = self.desired[name] = Desired(dg, self.cache.revision)
+            rec = recs.get(nid, {})
+            nc = out.nodes.add(
+                node=name,
+                desired_revision=d.revision,
+                applied_revision=rec.get("applied_revision", 0),
+                converged=rec.get("applied_digest") == d.digest,
+                connected=nid in connected,
+                last_error=rec.get("last_error", ""),
+            )
+            if rec.get("contact_ns"):
+                nc.last_contact_time.FromNanoseconds(rec["contact_ns"])
+        out.total_nodes = len(out.nodes)
+        out.converged_nodes = sum(1 for n in out.nodes if n.converged)
+        return out
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, enrollment: EnrollmentKeys, fanout: Fanout, cache: StateCache) -> None:
+        self.enrollment = enrollment
+        self.fanout = fanout
+        self.cache = cache
+
+    async def Enroll(self, request, context):
+        return await self.enrollment.enroll(request)
+
+    async def Sync(self, request_iterator, context):
+        node = await self.enrollment.authenticate(context.invocation_metadata())
+        it = request_iterator.__aiter__()
+        try:
+            first = await asyncio.wait_for(it.__anext__(), 30)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            raise invalid_argument([FieldViolation("hello", "the first message of a stream must be hello")]) from None
+        if first.WhichOneof("message") != "hello":
+            raise invalid_argument([FieldViolation("hello", "the first message of a stream must be hello")])
+        if first.hello.node != node:
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "this credential belongs to another node", "WRONG_NODE")
+        await self.cache.ready.wait()
+        rev = await self.fanout.etcd.revision()
+        await asyncio.wait_for(self.cache.wait_for_revision(rev), 10)
+        session = await self.fanout.open(node, first.hello)
+        reader = asyncio.create_task(self._read(it, session))
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(session.queue.get(), HEARTBEAT_S)
+                except asyncio.TimeoutError:
+                    msg = agent_pb2.SyncResponse(
+                        revision=session.sent.revision if session.sent else 0,
+                        heartbeat=agent_pb2.SyncResponse.Heartbeat(),
+                    )
+                if msg is None:
+                    if session.close_reason is not None:
+                        raise session.close_reason
+                    return
+                yield msg
+        finally:
+            reader.cancel()
+            await self.fanout.close(session)
+
+    async def _read(self, it, session: Session) -> None:
+        try:
+            async for req in it:
+                kind = req.WhichOneof("message")
+                if kind == "ack":
+                    self.fanout.ack(session, req.ack)
+                elif kind == "resync":
+                    self.fanout.resync(session)
+                elif kind == "health":
+                    self.fanout._record(session.node)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            if not session.closed:
+                session.close()
+
+
+def with_trace(etcd: Etcd) -> Etcd:
+    """Make every write transaction record the current trace context in
+    `changes/trace`, so watchers can stamp the messages it causes."""
+    original = etcd.txn
+    key = etcd.key("changes", "trace")
+
+    async def txn(compare, success, failure=()):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=otel_context.get_current())
+        success = list(success)
+        if success and carrier.get("traceparent"):
+            success.append(etcd.txn_ops.put(key, carrier["traceparent"].encode()))
+        return await original(compare, success, failure)
+
+    etcd.txn = txn  # type: ignore[method-assign]
+    return etcd
