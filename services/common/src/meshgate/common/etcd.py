@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import aetcd
 import aetcd.exceptions
+import grpc
 from aetcd import rpc
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class Etcd:
             raise EtcdUnavailable(f"etcd unavailable: {e}") from e
         except aetcd.exceptions.ClientError as e:
             raise EtcdUnavailable(f"etcd error: {e}") from e
+        except grpc.aio.AioRpcError as e:
+            # The raw kvstub calls above bypass aetcd's error mapping: a
+            # refused connection arrives as a bare gRPC error.
+            raise EtcdUnavailable(f"etcd unavailable: {e.code().name}: {e.details()}") from e
 
     async def get(self, key: bytes) -> KV | None:
         await self.client.connect()

@@ -25,6 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 @dataclass
 class EtcdProcess:
     data_dir: str
@@ -44,6 +55,11 @@ class EtcdProcess:
             raise RuntimeError("etcd not found: install the Debian package etcd-server (make install)")
         self.client_port = self.client_port or free_port()
         self.peer_port = self.peer_port or free_port()
+        # Checked first because the health probe cannot tell etcds apart: with
+        # the port taken, another etcd would answer it while this one exits.
+        for port in (self.client_port, self.peer_port):
+            if port_in_use(port):
+                raise RuntimeError(f"cannot start etcd: 127.0.0.1:{port} is already in use")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"

@@ -214,13 +214,15 @@ async def serve(
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    port = await server.start()
-    if server.cfg.port_file:
-        tmp = server.cfg.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, server.cfg.port_file)
     try:
+        # Inside the try: a refused start must still remove the handlers and
+        # run the hooks (which close etcd).
+        port = await server.start()
+        if server.cfg.port_file:
+            tmp = server.cfg.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{port}\n")
+            os.replace(tmp, server.cfg.port_file)
         await stopping.wait()
         await server.stop()
     finally:

@@ -1,0 +1,169 @@
+"""Transport security: no silent plaintext off loopback; TLS and mTLS when configured.
+
+Nothing here binds a non-loopback address: the refusal must come before
+binding, which the tests prove with 192.0.2.1 (TEST-NET-1, not on this host).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshgate.common.config import ServerConfig
+from meshgate.common.server import GrpcServer, _credentials, is_loopback
+
+
+@pytest.mark.parametrize(
+    "listen, loopback",
+    [
+        ("127.0.0.1:7400", True),
+        ("127.0.0.5:0", True),
+        ("localhost:7400", True),
+        ("[::1]:7400", True),
+        ("0.0.0.0:7400", False),
+        ("[::]:7400", False),
+        ("192.0.2.1:0", False),
+        ("10.0.0.1:7400", False),
+        ("example.com:7400", False),
+        ("", False),
+    ],
+)
+def test_is_loopback(listen, loopback):
+    assert is_loopback(listen) is loopback
+
+
+@pytest.mark.parametrize("listen", ["192.0.2.1:0", "0.0.0.0:7400", "[::]:7400", "example.com:7400"])
+def test_plaintext_off_loopback_is_refused(listen):
+    with pytest.raises(SystemExit) as ei:
+        _credentials(ServerConfig(listen=listen))
+    assert "refusing to serve plaintext" in str(ei.value.code)
+    assert "--insecure" in str(ei.value.code)
+
+
+def test_insecure_allows_plaintext_off_loopback():
+    assert _credentials(ServerConfig(listen="192.0.2.1:0", insecure=True)) is None
+
+
+def test_plaintext_on_loopback_needs_no_flag():
+    assert _credentials(ServerConfig(listen="127.0.0.1:0")) is None
+
+
+async def test_start_refuses_before_binding():
+    server = GrpcServer(ServerConfig(listen="192.0.2.1:0"), [])
+    try:
+        with pytest.raises(SystemExit, match="refusing to serve plaintext"):
+            await server.start()
+        assert server.port == 0
+    finally:
+        await server.server.stop(0)
+
+
+# --- TLS ---------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject, issuer, key, issuer_key, *, ca=False, san=None, usage=None):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    if usage:
+        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("meshgate test CA", "meshgate test CA", ca_key, ca_key, ca=True)
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    srv = _cert(
+        "controlplane", "meshgate test CA", srv_key, ca_key,
+        san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+    )
+    cli_key = ec.generate_private_key(ec.SECP256R1())
+    cli = _cert("node-a", "meshgate test CA", cli_key, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    files = {}
+    for name, obj in [("ca.pem", ca), ("srv.pem", srv), ("srv.key", srv_key), ("cli.pem", cli), ("cli.key", cli_key)]:
+        (d / name).write_bytes(_pem(obj))
+        files[name] = str(d / name)
+    return files
+
+
+async def _check(port: int, creds: grpc.ChannelCredentials | None) -> health_pb2.HealthCheckResponse:
+    target = f"127.0.0.1:{port}"
+    ch = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
+    async with ch:
+        return await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+def test_tls_off_loopback_needs_no_insecure_flag(pki):
+    cfg = ServerConfig(listen="192.0.2.1:0", tls_cert=pki["srv.pem"], tls_key=pki["srv.key"])
+    assert isinstance(_credentials(cfg), grpc.ServerCredentials)
+
+
+async def test_tls_server(pki):
+    cfg = ServerConfig(listen="127.0.0.1:0", tls_cert=pki["srv.pem"], tls_key=pki["srv.key"])
+    server = GrpcServer(cfg, [])
+    port = await server.start()
+    try:
+        ca = open(pki["ca.pem"], "rb").read()
+        r = await _check(port, grpc.ssl_channel_credentials(root_certificates=ca))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await _check(port, None)  # plaintext client against a TLS server
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0)
+
+
+async def test_mtls_server_requires_client_certificate(pki):
+    cfg = ServerConfig(
+        listen="127.0.0.1:0", tls_cert=pki["srv.pem"], tls_key=pki["srv.key"], tls_client_ca=pki["ca.pem"]
+    )
+    server = GrpcServer(cfg, [])
+    port = await server.start()
+    try:
+        ca = open(pki["ca.pem"], "rb").read()
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await _check(port, grpc.ssl_channel_credentials(root_certificates=ca))
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=open(pki["cli.key"], "rb").read(),
+            certificate_chain=open(pki["cli.pem"], "rb").read(),
+        )
+        r = await _check(port, creds)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0)
