@@ -7,9 +7,9 @@ prerequisite is a failure: CI must never pass by skipping the real tests.
 
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from meshgate.common.testing import in_ci
 
 from meshgate.gatewayd.lab import Lab, build_egress, can_run
 
@@ -18,7 +18,7 @@ def require_lab() -> None:
     reason = can_run()
     if reason is None:
         return
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(f"CI=true but system tests cannot run: {reason}")
     pytest.skip(reason)
 

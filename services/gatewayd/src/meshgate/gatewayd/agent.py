@@ -24,6 +24,7 @@ import signal
 from typing import Any
 
 from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.common import logsetup
 from meshgate.gatewayd.backoff import Backoff, jittered
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
@@ -133,6 +134,8 @@ class Agent:
             self._record_error(str(e), rejected=True)
 
     def _set_target(self, msg: pb.DesiredState, desired: Desired) -> None:
+        if self.target is None or self.target.node != desired.node:
+            logsetup.bind(node=desired.node)  # identity on every record from here on
         self.target_msg, self.target = msg, desired
         self._target_gen += 1
         self._wake.set()

@@ -35,24 +35,9 @@ def load_desired_file(path: Path) -> pb.DesiredState:
 
 
 def _setup_logging(level: str, fmt: str) -> None:
-    try:  # the shared setup, when meshgate.common provides it
-        from meshgate.common import logsetup  # type: ignore[attr-defined]
+    from meshgate.common import logsetup
 
-        logsetup.setup(service="gatewayd", level=level, json_format=(fmt == "json"))
-        return
-    except Exception:
-        pass
-    if fmt == "json":
-        class _Json(logging.Formatter):
-            def format(self, r: logging.LogRecord) -> str:
-                return json.dumps({"ts": r.created, "level": r.levelname, "logger": r.name,
-                                   "msg": r.getMessage()})
-        h = logging.StreamHandler()
-        h.setFormatter(_Json())
-        logging.basicConfig(level=level.upper(), handlers=[h])
-    else:
-        logging.basicConfig(level=level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsetup.configure(level=level, json_format=(fmt == "json"), service="gatewayd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_APPLY_FAILED
     except EnvironmentProblem as e:
         print(f"gatewayd: {e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except OSError as e:  # a missing file, an unusable state directory, a missing binary
+        print(f"gatewayd: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         return 130
