@@ -159,12 +159,12 @@ class ControlPlane:
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = with_trace(etcd)
+        self.cache = StateCache(etcd)
         self.networks = Networks(etcd)
-        self.nodes = Nodes(etcd, self.networks)
+        self.nodes = Nodes(etcd, self.networks, self.cache)
         self.gateways = EgressGateways(etcd, self.networks)
         self.policies = AccessPolicies(etcd, self.networks)
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
-        self.cache = StateCache(etcd)
         self.fanout = Fanout(self.cache, etcd)
         self.bindings = [
             ServiceBinding.of(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),

@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
-from meshgate.controlplane import compiler, store
+from meshgate.controlplane import compiler, ipam, store
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,30 @@ class StateCache:
         self.listeners: list[Listener] = []
         self._task: asyncio.Task | None = None
         self._prefix = etcd.key("")
+        # Indexes over nodes, for IPAM and key uniqueness hints:
+        # (network, family) -> addresses in use, as integers (see
+        # ipam.pick_int); (network, public key) -> node.
+        self.addresses: dict[tuple[str, str], set[int]] = {}
+        self.pubkeys: dict[tuple[str, str], str] = {}
+
+    def _index(self, net_id: str, node: node_pb2.Node | None, add: bool) -> None:
+        if node is None:
+            return
+        for family, addr in (("v4", node.ipv4_address), ("v6", node.ipv6_address)):
+            if addr:
+                used = self.addresses.setdefault((net_id, family), set())
+                (used.add if add else used.discard)(ipam.as_int(addr))
+        if node.public_key:
+            if add:
+                self.pubkeys[(net_id, node.public_key)] = node.name
+            elif self.pubkeys.get((net_id, node.public_key)) == node.name:
+                del self.pubkeys[(net_id, node.public_key)]
+
+    def _drop_network(self, net_id: str) -> None:
+        for k in [k for k in self.addresses if k[0] == net_id]:
+            del self.addresses[k]
+        for k in [k for k in self.pubkeys if k[0] == net_id]:
+            del self.pubkeys[k]
 
     def state_of(self, node_name: str) -> compiler.NetworkState | None:
         net_id = node_name.split("/")[1]
@@ -122,6 +146,10 @@ class StateCache:
             msg = store.decode(cls, kv)
             getattr(st, attr)[msg.name] = msg
         self.networks = nets
+        self.addresses, self.pubkeys = {}, {}
+        for net_id, st in nets.items():
+            for node in st.nodes.values():
+                self._index(net_id, node, True)
         self.revision = rev
         self.ready.set()
         change = Change(rev, traceparent, {n: set(st.nodes) for n, st in nets.items()}, reset=True)
@@ -172,6 +200,7 @@ class StateCache:
                         self.networks[net_id] = compiler.NetworkState(net)
                 else:
                     gone = self.networks.pop(net_id, None)
+                    self._drop_network(net_id)
                     if gone is not None:
                         change.deleted_nodes.update(gone.nodes)
                 continue
@@ -180,12 +209,17 @@ class StateCache:
                 continue
             attr, cls = _COLLECTIONS[parts[0]]
             name = names_of(parts)
+            previous = getattr(st, attr).get(name)
             if ev.put:
                 msg = cls.FromString(ev.value)
                 msg.etag = str(ev.mod_revision)
                 getattr(st, attr)[msg.name] = msg
             else:
+                msg = None
                 getattr(st, attr).pop(name, None)
+            if parts[0] == "nodes":
+                self._index(net_id, previous, False)
+                self._index(net_id, msg, True)
             if parts[0] == "nodes":
                 changed_nodes.append((net_id, name))
                 if not ev.put:

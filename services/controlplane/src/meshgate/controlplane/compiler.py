@@ -80,7 +80,7 @@ def _policy_allows(state: NetworkState, a: node_pb2.Node, b: node_pb2.Node) -> b
 def peers_of(state: NetworkState, name: str) -> list[str]:
     """Names of the nodes `name` peers with, sorted."""
     me = state.nodes.get(name)
-    if me is None:
+    if me is None or not me.public_key:
         return []
     out = []
     for other_name in sorted(state.nodes):

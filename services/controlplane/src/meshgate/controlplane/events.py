@@ -145,6 +145,9 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         watch = await self._open(prefix + b"/", prefix_end(prefix + b"/"), start)
         log.debug("watch from revision %d (network %r, types %s)", start, flt.network, sorted(flt.types))
         try:
+            # Headers go out once etcd has accepted the watch, so a caller can
+            # tell when changes it makes from now on are sure to be seen.
+            await context.send_initial_metadata((("meshgate-watch-start-revision", str(start)),))
             try:
                 async for e in watch:
                     prev = e.prev_kv

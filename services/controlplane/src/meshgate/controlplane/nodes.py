@@ -22,9 +22,11 @@ from meshgate.common.errors import (
     etag_mismatch,
     failed_precondition,
     invalid_argument,
+    reference_not_found,
 )
 from meshgate.controlplane import ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
+from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import Conflict, retrying
 
@@ -54,9 +56,15 @@ def _in_use(field: str, what: str, holder: str) -> ApiError:
 class Nodes(Resources):
     kind = KIND
 
-    def __init__(self, etcd, networks: Networks) -> None:
+    def __init__(self, etcd, networks: Networks, cache: StateCache | None = None) -> None:
         super().__init__(etcd)
         self.networks = networks
+        # With a cache, creates read the network, used addresses and key
+        # holders from memory and go to etcd once, for the transaction; its
+        # compares (network revision, create revision 0 on node, address and
+        # key claims) keep it correct when the cache lags, and a failed
+        # compare is diagnosed from etcd itself.
+        self.cache = cache
         # Addresses picked by creates of this process whose transaction has
         # not finished yet, per (network, family). Picking around them keeps
         # concurrent creates from all racing for the same lowest free address
@@ -110,18 +118,26 @@ class Nodes(Resources):
         """
         name = names.child_name(net_id, "nodes", node_id)
         key = self.key_of(net_id, node_id)
-        network, net_kv = await self.networks.require(net_id, "parent")
+        cached = self.cache is not None and self.cache.ready.is_set()
+        st = self.cache.networks.get(net_id) if cached else None
+        if st is not None:
+            network, net_rev = st.network, int(st.network.etag)
+            if name in st.nodes:
+                raise already_exists(KIND.type_name, name)
+        else:
+            network, net_kv = await self.networks.require(net_id, "parent")
+            net_rev = net_kv.mod_revision
+            if await self.etcd.get(key) is not None:
+                raise already_exists(KIND.type_name, name)
         errs = validation.requested_address("node.ipv4_address", template.ipv4_address, network.ipv4_cidr)
         errs += validation.requested_address("node.ipv6_address", template.ipv6_address, network.ipv6_cidr)
         if errs:
             raise invalid_argument(errs)
-        if await self.etcd.get(key) is not None:
-            raise already_exists(KIND.type_name, name)
         node = node_pb2.Node()
         node.CopyFrom(template)
         node.name = name
         node.state = node_pb2.Node.PENDING
-        compare = [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0, *compare_extra]
+        compare = [self.t.mod(self.keys.network(net_id)) == net_rev, self.t.create(key) == 0, *compare_extra]
         claims = []
         picked: list[tuple[set[str], str]] = []
         try:
@@ -132,14 +148,20 @@ class Nodes(Resources):
                 if wanted:
                     # One spelling per address: FD00:0::1 and fd00::1 are one claim.
                     wanted = str(ipaddress.ip_address(wanted))
-                    holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
-                    if holder is not None:
-                        raise _in_use(f"node.{field}", wanted, holder.value.decode())
+                    if st is None:
+                        holder = await self.etcd.get(self.keys.ipam(net_id, family, wanted))
+                        if holder is not None:
+                            raise _in_use(f"node.{field}", wanted, holder.value.decode())
                     addr = wanted
                 else:
                     pending = self._claiming.setdefault((net_id, family), set())
-                    used = await self._used(net_id, family)
-                    addr = ipam.pick(cidr, used | pending, attempt)
+                    if st is not None:
+                        used_ints = self.cache.addresses.get((net_id, family), set())
+                        addr = ipam.pick_int(cidr, used_ints | {ipam.as_int(a) for a in pending}, attempt)
+                        used = {a for a in pending if ipam.as_int(a) in used_ints}
+                    else:
+                        used = await self._used(net_id, family)
+                        addr = ipam.pick(cidr, used | pending, attempt)
                     if addr is None:
                         if pending - used:
                             raise Conflict  # only in-flight claims left: wait for them to settle
@@ -152,9 +174,13 @@ class Nodes(Resources):
                 claims.append(self.t.put(ikey, name.encode()))
             if node.public_key:
                 pkey = self.keys.pubkey(net_id, node.public_key)
-                holder = await self.etcd.get(pkey)
-                if holder is not None:
-                    raise _in_use("node.public_key", "this public key", holder.value.decode())
+                if st is not None:
+                    holder_name = self.cache.pubkeys.get((net_id, node.public_key))
+                else:
+                    holder = await self.etcd.get(pkey)
+                    holder_name = holder.value.decode() if holder is not None else None
+                if holder_name is not None:
+                    raise _in_use("node.public_key", "this public key", holder_name)
                 compare.append(self.t.create(pkey) == 0)
                 claims.append(self.t.put(pkey, name.encode()))
                 node.public_key_create_time.CopyFrom(store.now())
@@ -174,12 +200,32 @@ class Nodes(Resources):
                 ],
             )
             if not ok:
+                await self._diagnose(net_id, key, name, node, bool(template.ipv4_address), bool(template.ipv6_address))
                 raise Conflict
             node.etag = str(rev)
             return node
         finally:
             for pending, addr in picked:
                 pending.discard(addr)
+
+    async def _diagnose(self, net_id: str, key: bytes, name: str, node, wanted_v4: bool, wanted_v6: bool) -> None:
+        """After a lost transaction: raise the caller's error if one of its own
+        inputs is taken (asked-for node id, address or key); otherwise return
+        and let the operation retry."""
+        if await self.etcd.get(key) is not None:
+            raise already_exists(KIND.type_name, name)
+        if await self.etcd.get(self.keys.network(net_id)) is None:
+            raise reference_not_found("parent", "meshgate.io/Network", names.network_name(net_id))
+        for family, field, wanted in (("v4", "ipv4_address", wanted_v4), ("v6", "ipv6_address", wanted_v6)):
+            addr = getattr(node, field)
+            if wanted and addr:
+                holder = await self.etcd.get(self.keys.ipam(net_id, family, addr))
+                if holder is not None:
+                    raise _in_use(f"node.{field}", addr, holder.value.decode())
+        if node.public_key:
+            holder = await self.etcd.get(self.keys.pubkey(net_id, node.public_key))
+            if holder is not None:
+                raise _in_use("node.public_key", "this public key", holder.value.decode())
 
     async def update(self, req: node_pb2.UpdateNodeRequest) -> node_pb2.Node:
         name = req.node.name

@@ -1,9 +1,11 @@
 """Desired-state streaming to agents, acknowledgements and convergence status.
 
-`Fanout` listens to the state cache. For every node a change may affect it
-recompiles the node's desired state and compares a digest with the previous
-one; only nodes whose state really changed get a message, and only if their
-agent holds a stream on this replica. Messages are deltas against what the
+`Fanout` listens to the state cache. For every node a change may affect whose
+agent holds a stream on this replica, it recompiles the node's desired state
+and compares a digest with the previous one; only nodes whose state really
+changed get a message. Nodes without a stream here are only marked as touched
+(a full mesh would otherwise cost a recompile of every node per join); their
+state is compiled when an agent connects or a status is asked for. Messages are deltas against what the
 session last sent, stamped with the change's revision and the W3C trace
 context the writer left in etcd.
 
@@ -181,6 +183,8 @@ class Fanout:
         self.cache = cache
         self.etcd = etcd
         self.desired: dict[str, Desired] = {}
+        # node -> revision of the newest change that may have altered its state
+        self.touched: dict[str, int] = {}
         self.sessions: dict[str, Session] = {}
         self.status = StatusWriter(etcd)
         self.messages_sent = 0
@@ -247,6 +251,9 @@ class Fanout:
                 for name in nodes:
                     if name not in st.nodes:
                         continue
+                    self.touched[name] = change.revision
+                    if name not in self.sessions:
+                        continue
                     recomputed += 1
                     new = compiler.compile_node(st, name, change.revision)
                     dg = digest(new)
@@ -259,6 +266,7 @@ class Fanout:
                         sent += s.push(new, change.traceparent)
             for name in change.deleted_nodes:
                 self.desired.pop(name, None)
+                self.touched.pop(name, None)
                 s = self.sessions.pop(name, None)
                 if s is not None:
                     s.close(not_found("meshgate.io/Node", name))
@@ -277,8 +285,12 @@ class Fanout:
         state = self.current(node)
         if state is None:
             raise not_found("meshgate.io/Node", node)
-        if node not in self.desired:
-            self.desired[node] = Desired(digest(state), state.revision)
+        dg = digest(state)
+        d = self.desired.get(node)
+        if d is None or d.digest != dg:
+            rev = self.touched.get(node, self.cache.revision)
+            self.desired[node] = Desired(dg, rev)
+            state.revision = rev
         session.push(state, "", force_snapshot=True)
         self.messages_sent += 1
         await self.etcd.client.put(self._session_key(node), hello.agent_version.encode() or b"-", lease=self.lease)
@@ -340,7 +352,7 @@ class Fanout:
             dg = digest(state)
             d = self.desired.get(name)
             if d is None or d.digest != dg:
-                d = self.desired[name] = Desired(dg, self.cache.revision)
+                d = self.desired[name] = Desired(dg, self.touched.get(name, self.cache.revision))
             rec = recs.get(nid, {})
             nc = out.nodes.add(
                 node=name,
