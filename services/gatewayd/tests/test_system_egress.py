@@ -302,3 +302,29 @@ def test_gatewayd_supervises_wireguard_go(egress: Egress):
     assert st["last_changes"] > 0
     assert eg.gw.wg_pid() not in (None, old)
     assert eventually(lambda: eg.clients[0].host.ask(eg.ext_addr, EXT_PORT), eg.gw_ext_addr)
+
+
+def test_renamed_interface_replaces_the_old_one(egress: Egress):
+    eg = egress
+    up(eg)
+    old_pid = eg.gw.wg_pid()
+    msg = eg.gateway_state(revision=2)
+    msg.interface.name = eg.gw.ifname + "x"
+    r = eg.gw.apply(msg)
+    assert f"remove interface {eg.gw.ifname}" in r.stdout
+    links = eg.gw.host.ip("-o", "link", "show").stdout
+    assert eg.gw.ifname + "x" in links and f" {eg.gw.ifname}:" not in links
+    assert old_pid is not None and not _alive(old_pid)
+    eg.gw.ifname += "x"  # so the lab cleans the new one up by its PID file
+    # the nft table now names the new interface
+    assert eg.gw.ifname in eg.gw.host.run("nft", "list", "table", "inet", "meshgate").stdout
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return st != "Z" and os.path.exists(f"/proc/{pid}")

@@ -58,6 +58,8 @@ class Plan:
     rule_del: tuple[RuleSpec, ...] = ()
     nft: Table | None = None
     sysctls: tuple[tuple[str, str], ...] = field(default=())
+    retired_interface: str | None = None
+    """Set by the reconciler (not the planner) when it removed a renamed-away interface."""
 
     @property
     def empty(self) -> bool:
@@ -104,6 +106,8 @@ class Plan:
         if self.nft is not None:
             out.append(f"replace table inet meshgate ({self.nft.digest})")
         out += [f"sysctl {k}={v}" for k, v in self.sysctls]
+        if self.retired_interface:
+            out.append(f"remove interface {self.retired_interface}")
         return out
 
 

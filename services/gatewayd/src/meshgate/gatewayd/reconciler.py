@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshgate.api.v1 import desired_state_pb2 as pb
@@ -50,6 +50,10 @@ class Reconciler:
         self._private_key, self.public_key = store.keypair()
         self.applied: Desired | None = None
         """What the last successful pass left in the kernel; None forces a full pass."""
+        last = store.load_desired()
+        self._owned_interface = (last.interface.name or settings.default_interface) if last else None
+        """The interface of the last state applied (also by an earlier process): when a new
+        state names another one, this one is ours to remove."""
 
     @classmethod
     def for_host(cls, settings: Settings) -> "Reconciler":
@@ -77,6 +81,14 @@ class Reconciler:
 
     def reconcile(self, desired: Desired, full: bool = True) -> Result:
         t0 = time.perf_counter()
+        retired = None
+        old = self._owned_interface
+        if old is not None and old != desired.interface:
+            # removed first: the new interface may need the old one's listen port
+            log.info("interface renamed from %s to %s; removing %s", old, desired.interface, old)
+            self.applied = None
+            self.backend.destroy(old)
+            retired = old
         previous = self.applied
         if full or previous is None or previous.interface != desired.interface:
             observed = self.observe(desired)
@@ -93,6 +105,9 @@ class Reconciler:
             except OSError as e:
                 raise ApplyError("host", str(e)) from None
         self.applied = desired
+        self._owned_interface = desired.interface
+        if retired:
+            p = replace(p, retired_interface=retired)
         return Result(p, full, time.perf_counter() - t0)
 
     def _apply(self, p: Plan) -> None:
