@@ -214,6 +214,13 @@ def test_restart_keeps_the_data_plane_and_restores_from_disk(egress: Egress):
     assert eg.gw.peers()[eg.clients[0].public_key]["handshake"] == handshake
     assert ask() == eg.gw_ext_addr
 
+    # the restarted gatewayd supervises the wireguard-go it adopted
+    n = st["full_syncs"]
+    eg.gw.host.run("kill", "-9", str(wg_pid))
+    st = eg.gw.wait_status(lambda s: s["full_syncs"] > n and s["state"] == "applied")
+    assert eg.gw.wg_pid() not in (None, wg_pid)
+    wg_pid = eg.gw.wg_pid()
+
     # after a "reboot" (wireguard-go and the ruleset gone), the state on disk comes back
     eg.gw.stop(signal.SIGKILL)
     eg.gw.host.run("kill", str(wg_pid))

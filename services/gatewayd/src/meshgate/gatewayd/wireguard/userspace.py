@@ -171,13 +171,15 @@ class UserspaceBackend:
 
     def alive(self, ifname: str) -> bool:
         child = self._children.get(ifname)
-        if child is not None and child.poll() is not None:
+        if child is not None:
+            if child.poll() is None:
+                return True
             log.warning("wireguard-go for %s exited with %s", ifname, child.returncode)
             del self._children[ifname]
             return False
-        if child is None and self.recorded_pid(ifname) is None:
-            return socket_path(ifname).exists() and self.observe(ifname) is not None
-        return socket_path(ifname).exists()
+        if self.recorded_pid(ifname) is not None:  # adopted from an earlier gatewayd
+            return True
+        return self.observe(ifname) is not None  # started by someone else: ask it
 
 
 def _is_wireguard_go(pid: int, ifname: str) -> bool:
