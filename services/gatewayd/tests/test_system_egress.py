@@ -335,3 +335,20 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return st != "Z" and os.path.exists(f"/proc/{pid}")
+
+
+def test_filter_rules_guard_the_node_from_the_overlay(egress: Egress):
+    eg = egress
+    msg = eg.gateway_state()
+    msg.filter_rules.add(sources=["100.64.0.0/24"], protocol="tcp", ports=["8080"], accept=True)
+    eg.gw.apply(msg)
+    eg.clients[0].apply(eg.client_state(0))
+    eg.gw.host.whoami_server("100.64.0.1", 8080)
+    eg.gw.host.whoami_server("100.64.0.1", 8081)
+    eg.ext.whoami_server(eg.ext_addr, EXT_PORT)
+    client = eg.clients[0].host
+    assert client.ask("100.64.0.1", 8080) == eg.overlay(0)
+    assert client.ask("100.64.0.1", 8081, timeout=1) is None
+    assert client.ask(eg.ext_addr, EXT_PORT) == eg.gw_ext_addr  # forwarding is not input
+    # traffic that does not arrive from the overlay is not affected
+    assert eg.gw.host.ask("100.64.0.1", 8081) == "100.64.0.1"
