@@ -105,8 +105,7 @@ def test_controlplane_config_from_env_and_file(etcd_server, etcd_prefix, tmp_pat
     finally:
         code = proc.stop()
     assert code == 0, proc.log()
-    with open(proc.log_path) as f:  # all of it: proc.log() keeps only the tail
-        records = [json.loads(line) for line in f if line.startswith("{")]
+    records = [json.loads(line) for line in proc.log(tail=0).splitlines() if line.startswith("{")]
     assert records, proc.log()
     assert all(r["service"] == "controlplane" for r in records)
     config = {r["message"].split(" = ")[0]: r["message"] for r in records if r["message"].startswith("config ")}

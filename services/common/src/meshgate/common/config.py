@@ -147,7 +147,13 @@ def load(
                 sources[f.name] = f"env {env}"
             elif f.name in file_values:
                 v = file_values[f.name]
-                values[f.name] = _parse(str(v), typ, f.name) if not isinstance(v, typ) else v
+                # TOML is typed: take a value of the option's own type (an
+                # integer where a float is wanted), and nothing else.
+                if isinstance(v, bool) != (typ is bool) or not (
+                    isinstance(v, typ) or (typ is float and isinstance(v, int))
+                ):
+                    raise ValueError(f"{f.name} in {path} must be a {typ.__name__}, not {type(v).__name__}")
+                values[f.name] = typ(v)
                 sources[f.name] = f"file {path}"
             else:
                 sources[f.name] = "default"

@@ -141,14 +141,19 @@ def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
                 "configure --tls-cert/--tls-key, or pass --insecure for development"
             )
         return None
-    with open(cfg.tls_cert, "rb") as f:
-        cert = f.read()
-    with open(cfg.tls_key, "rb") as f:
-        key = f.read()
-    ca = None
-    if cfg.tls_client_ca:
-        with open(cfg.tls_client_ca, "rb") as f:
-            ca = f.read()
+    if not cfg.tls_key:
+        raise SystemExit("--tls-cert needs --tls-key (the certificate's private key)")
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise SystemExit(f"cannot read the {what} {path}: {e.strerror}") from None
+
+    cert = read(cfg.tls_cert, "TLS certificate")
+    key = read(cfg.tls_key, "TLS private key")
+    ca = read(cfg.tls_client_ca, "client CA bundle") if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Mapping
 
 from opentelemetry import trace
@@ -52,7 +53,8 @@ def configure(service_name: str, environ: Mapping[str, str] | None = None):
 
         exporter = OTLPSpanExporter()
     else:
-        raise SystemExit(f"OTEL_TRACES_EXPORTER={choice!r} is not supported (use otlp, console or none)")
+        print(f"OTEL_TRACES_EXPORTER={choice!r} is not supported (use otlp, console or none)", file=sys.stderr)
+        raise SystemExit(2)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     log.info("tracing to %s", choice)

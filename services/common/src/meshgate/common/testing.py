@@ -9,6 +9,7 @@ SERVING, and stops the process by its PID (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ class ServiceProcess:
     listen: str = "127.0.0.1:0"
     port: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    _workdir: str = field(default="", repr=False)
+    _final_log: str | None = field(default=None, repr=False)
 
     @property
     def target(self) -> str:
@@ -41,7 +44,7 @@ class ServiceProcess:
     def start(self, timeout: float = 30) -> "ServiceProcess":
         bindir = os.path.dirname(sys.executable)
         exe = os.path.join(bindir, self.entry_point)
-        workdir = tempfile.mkdtemp(prefix=f"{self.entry_point}-")
+        workdir = self._workdir = tempfile.mkdtemp(prefix=f"{self.entry_point}-")
         port_file = os.path.join(workdir, "port")
         self.log_path = self.log_path or os.path.join(workdir, "log")
         env = dict(os.environ)
@@ -72,18 +75,24 @@ class ServiceProcess:
                 return False
             return r.status == health_pb2.HealthCheckResponse.SERVING
 
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return ""
+    def log(self, tail: int = 4000) -> str:
+        """The process's output (its last `tail` characters; 0 for all)."""
+        text = self._final_log
+        if text is None:
+            try:
+                with open(self.log_path, errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                text = ""
+        return text[-tail:] if tail else text
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 15) -> int | None:
+        """Stop the process by PID; remove its work directory (port file, and
+        the log unless the caller chose where the log goes)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -93,4 +102,9 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._workdir:
+            if self.log_path.startswith(self._workdir):
+                self._final_log = self.log(tail=0)  # still readable after the directory is gone
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = ""
         return self.proc.returncode
