@@ -133,7 +133,17 @@ def test_unknown_file_key_exits_2(tmp_path, capsys):
     assert "unknown keys" in err and "listen_adress" in err
 
 
-@pytest.mark.parametrize("text", ["shutdown_grace = 'soon'\n", "log_level = 'verbose'\n", "not toml [\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "shutdown_grace = 'soon'\n",
+        "log_level = 'verbose'\n",
+        "not toml [\n",
+        "workers = true\n",  # a bool is not an int, even though Python says so
+        "listen = ['127.0.0.1:1']\n",  # a list is not a string
+        "insecure = 1\n",
+    ],
+)
 def test_bad_file_values_exit_2(tmp_path, capsys, text):
     path = write(tmp_path, text)
     code, _ = exit_code(capsys, lambda: ld(["--config", path]))
@@ -174,3 +184,9 @@ def test_server_config_default_prefix():
     got = load(ServerConfig, [], prog="t", environ={"MESHGATE_LISTEN": "127.0.0.1:9"})
     assert got.config.listen == "127.0.0.1:9"
     assert got.sources["listen"] == "env MESHGATE_LISTEN"
+
+
+def test_toml_int_is_accepted_for_float(tmp_path):
+    path = write(tmp_path, "shutdown_grace = 3\nworkers = 2\n")
+    cfg = ld(["--config", path]).config
+    assert (cfg.shutdown_grace, cfg.workers) == (3.0, 2)

@@ -167,3 +167,19 @@ async def test_mtls_server_requires_client_certificate(pki):
         assert r.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(0)
+
+
+def test_tls_cert_without_key_is_a_clear_exit(pki):
+    from meshgate.common.server import _credentials
+
+    with pytest.raises(SystemExit) as e:
+        _credentials(ServerConfig(listen="127.0.0.1:0", tls_cert=pki["srv.pem"]))
+    assert "--tls-key" in str(e.value.code)
+
+
+def test_unreadable_tls_file_is_a_clear_exit(tmp_path):
+    from meshgate.common.server import _credentials
+
+    with pytest.raises(SystemExit) as e:
+        _credentials(ServerConfig(listen="127.0.0.1:0", tls_cert=str(tmp_path / "no.pem"), tls_key=str(tmp_path / "no.key")))
+    assert "cannot read the TLS certificate" in str(e.value.code)
