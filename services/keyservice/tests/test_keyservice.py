@@ -120,8 +120,7 @@ def test_process_config_from_env(etcd_server, etcd_prefix):
     finally:
         code = proc.stop()
     assert code == 0, proc.log()
-    with open(proc.log_path) as f:
-        log = f.read()
+    log = proc.log(tail=0)
     assert f"config etcd_prefix = '{etcd_prefix}' (env MESHGATE_KEYSERVICE_ETCD_PREFIX)" in log
     assert "config etcd_endpoints" in log and "(env MESHGATE_KEYSERVICE_ETCD_ENDPOINTS)" in log
     assert "[service=keyservice]" in log
