@@ -43,4 +43,4 @@ def test_unit_runs_an_entry_point_with_accepted_options(unit, tmp_path):
         from meshgate.gatewayd.main import build_parser
 
         ns = build_parser().parse_args(args)  # exits 2 on an option it does not take
-        assert ns.state_dir == "/var/lib/meshgate/gatewayd"
+        assert str(ns.state_dir) == "/var/lib/meshgate/gatewayd" and ns.log_format == "json"
