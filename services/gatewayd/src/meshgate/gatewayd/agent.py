@@ -67,6 +67,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.resync_now)
         await self.run(stop)
+        self.rec.nft.settle()
         log.info("stopping; the data plane stays as it is")
         return 0
 

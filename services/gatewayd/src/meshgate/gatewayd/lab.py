@@ -209,6 +209,7 @@ class Lab:
         self.hosts: list[Host] = []
         self.nodes: list[Node] = []
         self.procs: list[subprocess.Popen] = []
+        self._wg_seen: dict[str, int] = {}
         self._closed = False
 
     @staticmethod
@@ -260,15 +261,14 @@ class Lab:
                 pass
         for p in self.procs:
             _stop(p)
-        for n in self.nodes:
-            pid = n.wg_pid()
-            if pid is not None and _is_wg(pid, n.ifname):
+        for ifname, pid in self._recorded_wg():
+            if _is_wg(pid, ifname):
                 _kill_pid(pid)
         for h in reversed(self.hosts):
             _run(["ip", "netns", "del", h.name], check=False)
-        for n in self.nodes:
+        for ifname, _ in self._recorded_wg():
             # wireguard-go removes its socket on SIGTERM; a SIGKILLed one leaves it
-            sock = socket_path(n.ifname)
+            sock = socket_path(ifname)
             if sock.exists():
                 try:
                     s = socket.socket(socket.AF_UNIX)
@@ -284,13 +284,24 @@ class Lab:
         ns = _run(["ip", "netns", "list"], check=False).stdout
         out += [h.name for h in self.hosts if h.name in ns]
         out += [f"pid {p.pid}" for p in self.procs if p.poll() is None]
-        for n in self.nodes:
-            if socket_path(n.ifname).exists():
-                out.append(str(socket_path(n.ifname)))
-            pid = n.wg_pid()
-            if pid and _is_wg(pid, n.ifname):
+        for ifname, pid in self._recorded_wg():
+            if socket_path(ifname).exists():
+                out.append(str(socket_path(ifname)))
+            if _is_wg(pid, ifname):
                 out.append(f"wireguard-go pid {pid}")
         return out
+
+    def _recorded_wg(self) -> list[tuple[str, int]]:
+        """(interface, PID) of every wireguard-go any of this lab's gatewayds started,
+        whatever interface names the tests switched to (records survive in memory
+        after the state directories are removed)."""
+        for n in self.nodes:
+            for f in n.state_dir.glob("wireguard-go.*.pid") if n.state_dir.exists() else []:
+                try:
+                    self._wg_seen[f.name[len("wireguard-go."):-len(".pid")]] = int(f.read_text())
+                except (OSError, ValueError):
+                    pass
+        return sorted(self._wg_seen.items())
 
 
 def _is_wg(pid: int, ifname: str) -> bool:

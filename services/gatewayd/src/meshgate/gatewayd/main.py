@@ -145,6 +145,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     result = rec.reconcile(desired, full=True)
     rec.store.save_desired(msg)
+    rec.nft.settle()
     rec.store.write_status({
         "node": desired.node, "applied_revision": desired.revision, "state": "applied",
         "last_error": None, "changes": len(result.plan.changes()),

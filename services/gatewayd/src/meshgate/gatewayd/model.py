@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field, replace
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping, NamedTuple
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd import nftables
@@ -28,7 +29,6 @@ MAIN_TABLE = 254
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 ZERO_KEY = "A" * 43 + "="
 
-Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,15 +136,61 @@ def expected_observed(d: Desired) -> Observed:
 # ---------------------------------------------------------------- parsing helpers
 
 
-def _net(text: str, where: str, v: list[FieldViolation]) -> Net | None:
+class Cidr(NamedTuple):
+    """A parsed, canonical CIDR: what ``ipaddress.ip_network`` gives, at a fraction of
+    the cost (a snapshot holds thousands of them)."""
+
+    version: int
+    lo: int
+    hi: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_V4_ALL = (1 << 32) - 1
+_V6_ALL = (1 << 128) - 1
+
+
+def parse_cidr(text: str) -> Cidr:
+    """Strictly parse ``addr/len`` (host bits must be zero); raises ValueError."""
+    text = text.strip()
+    addr, sep, plen_s = text.partition("/")
+    if not sep:
+        raise ValueError("missing /prefix length")
+    if not plen_s.isdigit():
+        raise ValueError(f"bad prefix length {plen_s!r}")
+    plen = int(plen_s)
+    if ":" not in addr:
+        try:
+            packed = socket.inet_pton(socket.AF_INET, addr)
+        except OSError:
+            raise ValueError(f"{addr!r} is not an IPv4 address") from None
+        if plen > 32:
+            raise ValueError("prefix length above 32")
+        lo = int.from_bytes(packed, "big")
+        host = _V4_ALL >> plen
+        if lo & host:
+            raise ValueError(f"{text} has host bits set")
+        return Cidr(4, lo, lo | host, f"{socket.inet_ntop(socket.AF_INET, packed)}/{plen}")
+    n = ipaddress.ip_network(text, strict=True)  # IPv6: rarer, keep the reference parser
+    return Cidr(6, int(n.network_address), int(n.broadcast_address), str(n))
+
+
+ANY4 = parse_cidr("0.0.0.0/0")
+ANY6 = parse_cidr("::/0")
+
+
+def _net(text: str, where: str, v: list[FieldViolation]) -> Cidr | None:
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
+        return parse_cidr(text)
     except ValueError as e:
         v.append(FieldViolation(where, f"not a valid CIDR ({e})"))
         return None
 
 
-def _nets(texts: Iterable[str], where: str, v: list[FieldViolation]) -> list[Net]:
+def _nets(texts: Iterable[str], where: str, v: list[FieldViolation]) -> list[Cidr]:
     out = []
     for i, t in enumerate(texts):
         n = _net(t, f"{where}[{i}]", v)
@@ -153,8 +199,8 @@ def _nets(texts: Iterable[str], where: str, v: list[FieldViolation]) -> list[Net
     return out
 
 
-def _range(n: Net) -> tuple[int, int, int]:
-    return (n.version, int(n.network_address), int(n.broadcast_address))
+def _range(n: Cidr) -> tuple[int, int, int]:
+    return (n.version, n.lo, n.hi)
 
 
 def normalize_endpoint(text: str) -> str:
@@ -221,7 +267,7 @@ def _check_overlaps(
     items = []
     for key, p in peers.items():
         for fam, lo, hi in p.ranges:
-            if lo == 0 and hi == (2**32 - 1 if fam == 4 else 2**128 - 1):
+            if lo == 0 and hi == (_V4_ALL if fam == 4 else _V6_ALL):
                 continue
             items.append((fam, lo, -hi, key))
     items.sort()
@@ -245,7 +291,7 @@ def _check_overlaps(
             cur_fam, cur_hi, cur_key = fam, hi, key
 
 
-def _covered(dst: Net, peer: PeerSpec) -> bool:
+def _covered(dst: Cidr, peer: PeerSpec) -> bool:
     fam, lo, hi = _range(dst)
     return any(f == fam and a <= lo and hi <= b for f, a, b in peer.ranges)
 
@@ -308,13 +354,13 @@ def compile_desired(
             v.append(FieldViolation(
                 f"{where}.destination", f"is not within the allowed IPs of {names[r.via_peer]}"))
         if dst is not None:
-            routes.add(RouteSpec(str(dst), _metric(dst.version, r.metric)))
+            routes.add(RouteSpec(dst.text, _metric(dst.version, r.metric)))
     if msg.default_route_via_peer:
         via = peers.get(msg.default_route_via_peer)
         if via is None:
             v.append(FieldViolation("default_route_via_peer", "is not one of this node's peers"))
         else:
-            fams = [fam for fam in (4, 6) if _covered(ipaddress.ip_network("0.0.0.0/0" if fam == 4 else "::/0"), via)]
+            fams = [any_.version for any_ in (ANY4, ANY6) if _covered(any_, via)]
             if not fams:
                 v.append(FieldViolation(
                     "default_route_via_peer",
@@ -330,7 +376,7 @@ def compile_desired(
         ranges = _nets(e.ranges, f"{where}.ranges", v)
         sources = _nets(e.source_ranges, f"{where}.source_ranges", v)
         if not sources:
-            sources = [ipaddress.ip_network(n) for n in own_nets]
+            sources = [parse_cidr(n) for n in own_nets]
         if e.egress_interface:
             if not IFNAME_RE.match(e.egress_interface):
                 v.append(FieldViolation(f"{where}.egress_interface", "is not a valid interface name"))
@@ -480,14 +526,14 @@ def compile_peer_delta(prev: Desired, delta: pb.DesiredStateDelta, revision: int
         peers[key] = spec
     for key, spec in new.items():
         for fam, lo, hi in spec.ranges:
-            if lo == 0 and hi == (2**32 - 1 if fam == 4 else 2**128 - 1):
+            if lo == 0 and hi == (_V4_ALL if fam == 4 else _V6_ALL):
                 continue
             for other_key, other in peers.items():
                 if other_key == key:
                     continue
                 for f2, lo2, hi2 in other.ranges:
                     if f2 == fam and lo <= hi2 and lo2 <= hi and not (
-                        lo2 == 0 and hi2 == (2**32 - 1 if fam == 4 else 2**128 - 1)
+                        lo2 == 0 and hi2 == (_V4_ALL if fam == 4 else _V6_ALL)
                     ):
                         v.append(FieldViolation(
                             f"{names[key]}.allowed_ips",
@@ -498,7 +544,7 @@ def compile_peer_delta(prev: Desired, delta: pb.DesiredStateDelta, revision: int
         # routes are validated against their peer; a cheap conservative re-check:
         # every route must still be covered by some peer's allowed IPs.
         for r in prev.routes:
-            n = ipaddress.ip_network(r.dst)
+            n = parse_cidr(r.dst)
             if not any(_covered(n, p) for p in peers.values()):
                 v.append(FieldViolation("removed_peers", f"route {r.dst} would lose its peer"))
     if v:

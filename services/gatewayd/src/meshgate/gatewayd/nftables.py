@@ -15,19 +15,24 @@ rule) makes the planner replace the table.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import re
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from meshgate.gatewayd.errors import ApplyError
 
 FAMILY = "inet"
 TABLE = "meshgate"
-Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+class Net(Protocol):
+    """A network: ``model.Cidr`` or an ``ipaddress`` network (``str()`` is canonical)."""
+
+    @property
+    def version(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,16 @@ def _filter_matches(f: Filter) -> list[str]:
     return out
 
 
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-readback")
+    return _EXECUTOR
+
+
 _DIGEST_RE = re.compile(r'comment "meshgate:([0-9a-f]{16})"')
 
 
@@ -173,6 +188,7 @@ class NftTables:
         self._nft = nft
         self._cache_file = cache_file
         self._canonical: dict[str, str] = {}
+        self._pending: Future | None = None
         if cache_file is not None and cache_file.exists():
             try:
                 self._canonical = json.loads(cache_file.read_text())
@@ -194,6 +210,7 @@ class NftTables:
 
     def observe(self) -> str | None:
         """The digest of the live table when its content is verified, else None."""
+        self.settle()
         text = self.listing()
         if text is None:
             return None
@@ -204,16 +221,31 @@ class NftTables:
         return digest if self._canonical.get(digest) == text else None
 
     def load(self, table: Table) -> None:
+        self.settle()
         script = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n{table.text}"
         r = self._run(["-f", "-"], stdin=script)
         if r.returncode != 0:
             raise ApplyError("nftables", f"nft -f failed: {r.stderr.strip()[:2000]}")
+        # Reading the table back (nft's canonical listing, for later verification) is
+        # not part of applying it: it runs beside the rest of the pass and is awaited
+        # before the next nft operation (``settle``).
+        self._canonical = {}
+        self._pending = _executor().submit(self._remember, table.digest)
+
+    def _remember(self, digest: str) -> None:
         listing = self.listing()
-        if listing is not None:
-            self._canonical = {table.digest: listing}
-            self._save()
+        if listing is not None and f'"meshgate:{digest}"' in listing:
+            self._canonical = {digest: listing}
+        self._save()
+
+    def settle(self) -> None:
+        """Wait for the read-back of the last load (call before exiting)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def delete(self) -> None:
+        self.settle()
         r = self._run(["delete", "table", FAMILY, TABLE])
         if r.returncode != 0 and "No such file or directory" not in r.stderr:
             raise ApplyError("nftables", f"nft delete failed: {r.stderr.strip()}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +32,14 @@ from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.wireguard import Backend, choose_backend
 
 log = logging.getLogger(__name__)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=5, thread_name_prefix="observe")
+    return _POOL
 
 
 @dataclass(frozen=True)
@@ -68,14 +77,22 @@ class Reconciler:
                                host_links=routing.link_names())
 
     def observe(self, desired: Desired) -> Observed:
+        """Read every subsystem back from the kernel.  The reads are independent
+        (separate processes and sockets), so they run side by side."""
         s = self.settings
-        found = self.backend.observe(desired.interface)
+        pool = _pool()
+        dev = pool.submit(self.backend.observe, desired.interface)
+        link = pool.submit(routing.observe_link, desired.interface)
+        routes = pool.submit(routing.observe_routes, s.route_table, s.route_protocol)
+        rules = pool.submit(routing.observe_rules, s.route_protocol)
+        nft = pool.submit(self.nft.observe)
+        found = dev.result()
         return Observed(
             device=found[0] if found else None,
-            link=routing.observe_link(desired.interface),
-            routes=routing.observe_routes(s.route_table, s.route_protocol),
-            rules=routing.observe_rules(s.route_protocol),
-            nft_digest=self.nft.observe(),
+            link=link.result(),
+            routes=routes.result(),
+            rules=rules.result(),
+            nft_digest=nft.result(),
             sysctls=sysctl.read(desired.sysctls),
         )
 
