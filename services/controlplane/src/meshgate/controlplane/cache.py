@@ -63,6 +63,7 @@ class StateCache:
         # ipam.pick_int); (network, public key) -> node.
         self.addresses: dict[tuple[str, str], set[int]] = {}
         self.pubkeys: dict[tuple[str, str], str] = {}
+        self._waiters: list[tuple[int, asyncio.Future]] = []
 
     def _index(self, net_id: str, node: node_pb2.Node | None, add: bool) -> None:
         if node is None:
@@ -101,10 +102,30 @@ class StateCache:
             except asyncio.CancelledError:
                 pass
 
-    async def wait_for_revision(self, revision: int) -> None:
-        """Wait until the cache has seen `revision` (tests, read-your-writes)."""
-        while self.revision < revision:
-            await asyncio.sleep(0.005)
+    async def wait_for_revision(self, revision: int, timeout: float | None = None) -> bool:
+        """Wait until the cache has seen `revision` (read-your-writes); False on timeout."""
+        if self.revision >= revision:
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, fut))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _advance(self, revision: int) -> None:
+        self.revision = max(self.revision, revision)
+        if self._waiters:
+            keep = []
+            for rev, fut in self._waiters:
+                if fut.done():
+                    continue
+                if rev <= self.revision:
+                    fut.set_result(None)
+                else:
+                    keep.append((rev, fut))
+            self._waiters = keep
 
     # the loop ------------------------------------------------------------
 
@@ -150,7 +171,8 @@ class StateCache:
         for net_id, st in nets.items():
             for node in st.nodes.values():
                 self._index(net_id, node, True)
-        self.revision = rev
+        self.revision = 0
+        self._advance(rev)
         self.ready.set()
         change = Change(rev, traceparent, {n: set(st.nodes) for n, st in nets.items()}, reset=True)
         log.info("state cache loaded at revision %d: %d networks", rev, len(nets))
@@ -173,7 +195,7 @@ class StateCache:
             elif (parts[0] == "networks" and len(parts) == 2) or (parts[0] in _COLLECTIONS and len(parts) == 3):
                 relevant.append((parts, ev))
         if not relevant:
-            self.revision = max(self.revision, batch.revision)
+            self._advance(batch.revision)
             return
         change = Change(batch.revision, traceparent)
         befores: dict[str, compiler.NetworkState] = {}
@@ -239,7 +261,7 @@ class StateCache:
         for gone in change.deleted_nodes:
             for aff in change.affected.values():
                 aff.discard(gone)
-        self.revision = batch.revision
+        self._advance(batch.revision)
         await self._notify(change)
 
     async def _notify(self, change: Change) -> None:

@@ -31,6 +31,7 @@ from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import Conflict, retrying
 
 KIND = Kind("meshgate.io/Node", "nodes", node_pb2.Node)
+CACHE_WAIT_S = 2.0  # past this the cache is considered stuck and etcd is read directly
 MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels"})
 ALL_FIELDS = frozenset(f.name for f in node_pb2.Node.DESCRIPTOR.fields)
 
@@ -65,6 +66,7 @@ class Nodes(Resources):
         # key claims) keep it correct when the cache lags, and a failed
         # compare is diagnosed from etcd itself.
         self.cache = cache
+        self._last_write = 0  # revision of this process's newest node write
         # Addresses picked by creates of this process whose transaction has
         # not finished yet, per (network, family). Picking around them keeps
         # concurrent creates from all racing for the same lowest free address
@@ -118,7 +120,13 @@ class Nodes(Resources):
         """
         name = names.child_name(net_id, "nodes", node_id)
         key = self.key_of(net_id, node_id)
-        cached = self.cache is not None and self.cache.ready.is_set()
+        # Read-your-writes: the cache must hold at least this process's own
+        # last create, or the pick would collide with it (and lose determinism).
+        cached = (
+            self.cache is not None
+            and self.cache.ready.is_set()
+            and await self.cache.wait_for_revision(self._last_write, CACHE_WAIT_S)
+        )
         st = self.cache.networks.get(net_id) if cached else None
         if st is not None:
             network, net_rev = st.network, int(st.network.etag)
@@ -157,7 +165,11 @@ class Nodes(Resources):
                     pending = self._claiming.setdefault((net_id, family), set())
                     if st is not None:
                         used_ints = self.cache.addresses.get((net_id, family), set())
-                        addr = ipam.pick_int(cidr, used_ints | {ipam.as_int(a) for a in pending}, attempt)
+                        # The cache is fresh after a lost race (see below), so the
+                        # lowest free address is right again; spread out only
+                        # when other processes keep winning the same address.
+                        spread = attempt if attempt >= 2 else 0
+                        addr = ipam.pick_int(cidr, used_ints | {ipam.as_int(a) for a in pending}, spread)
                         used = {a for a in pending if ipam.as_int(a) in used_ints}
                     else:
                         used = await self._used(net_id, family)
@@ -201,7 +213,10 @@ class Nodes(Resources):
             )
             if not ok:
                 await self._diagnose(net_id, key, name, node, bool(template.ipv4_address), bool(template.ipv6_address))
+                if st is not None:
+                    await self.cache.wait_for_revision(rev, CACHE_WAIT_S)
                 raise Conflict
+            self._last_write = max(self._last_write, rev)
             node.etag = str(rev)
             return node
         finally:
