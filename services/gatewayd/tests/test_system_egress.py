@@ -5,7 +5,9 @@ and the ``lab`` fixture removes them and checks nothing is left behind.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import signal
 
 import pytest
@@ -192,9 +194,10 @@ def test_drift_is_healed_and_foreign_objects_survive(egress: Egress):
 
 def test_restart_keeps_the_data_plane_and_restores_from_disk(egress: Egress):
     eg = egress
-    eg.gw.start(eg.gateway_state())
+    psk = base64.b64encode(os.urandom(32)).decode()  # made by the test, never logged
+    eg.gw.start(eg.gateway_state(client0={"preshared_key": psk}))
     eg.gw.wait_status(lambda s: s.get("state") == "applied")
-    eg.clients[0].apply(eg.client_state(0))
+    eg.clients[0].apply(eg.client_state(0, preshared_key=psk))
     eg.ext.whoami_server(eg.ext_addr, EXT_PORT)
     ask = lambda: eg.clients[0].host.ask(eg.ext_addr, EXT_PORT)  # noqa: E731
     assert ask() == eg.gw_ext_addr
@@ -235,6 +238,14 @@ def test_restart_keeps_the_data_plane_and_restores_from_disk(egress: Egress):
     # same node key, so the client's configuration still fits; its stale session is
     # replaced by a new handshake once WireGuard notices no answers (REKEY_TIMEOUT)
     assert eventually(ask, eg.gw_ext_addr)
+    # the pre-shared key is on disk only in the 0600 state file, in no log or status
+    log = eg.gw.state_dir.parent / f"{eg.gw.state_dir.name}-daemon.log"
+    texts = [log.read_bytes(), (eg.gw.state_dir / "status.json").read_bytes()]
+    assert b"applied revision" in texts[0] or b"pass applied" in texts[0]
+    texts.append(eg.gw.gatewayd("show").stdout.encode())
+    assert texts and not any(psk.encode() in t or base64.b64decode(psk).hex().encode() in t
+                             for t in texts)
+    assert (eg.gw.state_dir / "desired.pb").stat().st_mode & 0o077 == 0
 
 
 def eventually(fn, want, attempts: int = 15):

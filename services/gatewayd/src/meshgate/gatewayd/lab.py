@@ -401,13 +401,15 @@ class Egress:
         return msg
 
     def client_state(self, i: int, internet_gateway: bool = False,
-                     ranges: tuple[str, ...] = ("198.51.100.0/24",), revision: int = 1) -> pb.DesiredState:
+                     ranges: tuple[str, ...] = ("198.51.100.0/24",), revision: int = 1,
+                     preshared_key: str = "") -> pb.DesiredState:
         c = self.clients[i]
         msg = pb.DesiredState(node=f"networks/lab/nodes/client{i}", revision=revision)
         msg.interface.name = c.ifname
         msg.interface.addresses.append(f"{self.overlay(i)}/24")
         p = msg.peers.add(public_key=self.gw.public_key, resource="networks/lab/nodes/gateway",
-                          endpoint=f"{self.gw_underlay(i)}:{self.listen_port}")
+                          endpoint=f"{self.gw_underlay(i)}:{self.listen_port}",
+                          preshared_key=preshared_key)
         p.allowed_ips.append("100.64.0.1/32")
         if internet_gateway:
             p.allowed_ips.append("0.0.0.0/0")
