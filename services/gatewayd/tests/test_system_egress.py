@@ -363,3 +363,26 @@ def test_filter_rules_guard_the_node_from_the_overlay(egress: Egress):
     assert client.ask(eg.ext_addr, EXT_PORT) == eg.gw_ext_addr  # forwarding is not input
     # traffic that does not arrive from the overlay is not affected
     assert eg.gw.host.ask("100.64.0.1", 8081) == "100.64.0.1"
+
+
+def test_dual_stack_state_is_stable(egress: Egress):
+    """IPv6 addresses, routes, rules and sets read back exactly as planned."""
+    eg = egress
+    gw = eg.gateway_state()
+    gw.interface.addresses.append("fd00:64::1/64")
+    gw.peers[0].allowed_ips.append("fd00:64::2/128")
+    gw.egress[0].ranges.append("2001:db8:100::/48")
+    gw.egress[0].source_ranges.append("fd00:64::/64")
+    cl = eg.client_state(0)
+    cl.interface.addresses.append("fd00:64::2/64")
+    cl.peers[0].allowed_ips.extend(["fd00:64::1/128", "::/0"])
+    cl.routes.add(destination="2001:db8:100::/48", via_peer=eg.gw.public_key)
+    cl.default_route_via_peer = eg.gw.public_key
+    eg.gw.apply(gw)
+    r = eg.clients[0].apply(cl)
+    assert "add route ::/0" in r.stdout and "add rule ipv6" in r.stdout
+    for node, msg in ((eg.gw, gw), (eg.clients[0], cl)):
+        assert "0 change(s)" in node.apply(msg).stdout
+    assert eg.clients[0].host.route_dev("2001:db8:100::1") == eg.clients[0].ifname
+    sysctl = eg.gw.host.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip()
+    assert sysctl == "1"
