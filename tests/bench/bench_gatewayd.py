@@ -64,8 +64,6 @@ def big_state(ifname: str, n: int = 1000) -> pb.DesiredState:
 def inner_apply(workdir: Path, token: str, reps: int) -> None:
     from meshgate.gatewayd.agent import Agent
     from meshgate.gatewayd.config import Settings
-    from meshgate.gatewayd.model import compile_peer_delta, merge_delta
-    from meshgate.gatewayd.nftables import render  # noqa: F401
     from meshgate.gatewayd.reconciler import Reconciler
     from meshgate.gatewayd.sources import Delta
 

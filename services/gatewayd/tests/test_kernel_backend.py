@@ -9,7 +9,6 @@ import json
 import pytest
 
 from meshgate.gatewayd.lab import Egress
-from meshgate.gatewayd.wireguard import kernel_module_available
 
 pytestmark = pytest.mark.root
 
@@ -26,8 +25,16 @@ def kernel_egress(egress: Egress) -> Egress:
     return egress
 
 
-def test_kernel_module_probe_does_not_leave_a_link():
-    kernel_module_available()  # must not raise, must clean its probe up
+def test_auto_backend_picks_what_the_host_has_and_leaves_no_probe(lab):
+    h = lab.host("auto")
+    node = lab.node(h, "au")
+    node.backend = "auto"
+    show = json.loads(node.gatewayd("show", check=True).stdout)
+    has_module = h.run("ip", "link", "add", "mgkprobe", "type", "wireguard", check=False).returncode == 0
+    assert show["backend"] == ("kernel" if has_module else "userspace")
+    if has_module:
+        h.run("ip", "link", "del", "mgkprobe")
+    assert "mgprobe" not in h.ip("link", "show").stdout
 
 
 def test_kernel_backend_egress_idempotence_and_in_place_update(kernel_egress: Egress):

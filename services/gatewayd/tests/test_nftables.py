@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from meshgate.gatewayd.nftables import Egress, Filter, NftTables, render
+from meshgate.gatewayd.nftables import Egress, Filter, render
 
 N = ipaddress.ip_network
 
@@ -49,9 +49,9 @@ def test_nft_loads_replaces_atomically_and_leaves_others(lab, tmp_path):
     h.run("nft", "add", "table", "ip", "foreign")
     t1 = render("mg0", [egress()], [Filter((), (), "icmp", (), True)])
     t2 = render("mg0", [egress(nat=False)], [])
-    # run the adapter inside the namespace through a tiny script
+    # run the adapter (NftTables) inside the namespace through a tiny script
     script = (
-        "import sys, ipaddress, pathlib\n"
+        "import sys, pathlib\n"
         "from meshgate.gatewayd.nftables import NftTables, Table\n"
         "n = NftTables(pathlib.Path(sys.argv[1]))\n"
         "before = n.observe()\n"
@@ -68,4 +68,3 @@ def test_nft_loads_replaces_atomically_and_leaves_others(lab, tmp_path):
     listing = h.run("nft", "list", "ruleset").stdout
     assert "masquerade" not in listing and "table ip foreign" in listing
     assert listing.count("table inet meshgate") == 1
-    assert NftTables is not None
