@@ -1,0 +1,1 @@
+"""Runnable examples of automation with the SDK (each has a `main()`)."""
