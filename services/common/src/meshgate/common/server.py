@@ -202,9 +202,16 @@ class GrpcServer:
         log.info("serving %s on port %d", ", ".join(s.full_name for s in self.services), self.port)
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(
+        self, grace: float | None = None, before_drain: Sequence[Callable[[], Awaitable[None]]] = ()
+    ) -> None:
+        """NOT_SERVING, then `before_drain` hooks (to end long-lived streams,
+        which would otherwise hold the drain for the whole grace period), then
+        refuse new calls and let in-flight ones finish within `grace`."""
         grace = self.cfg.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        for hook in before_drain:
+            await hook()
         log.info("shutting down: draining in-flight calls for up to %.1fs", grace)
         await self.server.stop(grace)
 
@@ -212,9 +219,11 @@ class GrpcServer:
 async def serve(
     server: GrpcServer,
     *,
+    before_drain: Sequence[Callable[[], Awaitable[None]]] = (),
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
-    """Run `server` until SIGTERM/SIGINT, then shut down gracefully."""
+    """Run `server` until SIGTERM/SIGINT, then shut down gracefully: see
+    `GrpcServer.stop` for `before_drain`; `on_shutdown` hooks run last."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -229,7 +238,7 @@ async def serve(
                 f.write(f"{port}\n")
             os.replace(tmp, server.cfg.port_file)
         await stopping.wait()
-        await server.stop()
+        await server.stop(before_drain=before_drain)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

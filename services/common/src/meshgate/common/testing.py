@@ -108,3 +108,58 @@ class ServiceProcess:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = ""
         return self.proc.returncode
+
+
+class OtlpReceiver:
+    """A real OTLP/gRPC trace receiver (the collector's TraceService from
+    opentelemetry-proto) on a free loopback port, keeping every span it gets.
+
+    Point a process at it with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:<port>.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list = []  # (service name, opentelemetry.proto.trace.v1.Span)
+        self.server = None
+        self.port = 0
+
+    async def start(self) -> "OtlpReceiver":
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        receiver = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            async def Export(self, request, context):
+                for rs in request.resource_spans:
+                    service = next(
+                        (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
+                    )
+                    for ss in rs.scope_spans:
+                        for span in ss.spans:
+                            receiver.spans.append((service, span))
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, service: str) -> dict[str, str]:
+        """Environment that makes a meshgate process export its spans here, fast."""
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_SERVICE_NAME": service,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+
+    def trace(self, trace_id: bytes) -> list:
+        return [(svc, s) for svc, s in self.spans if s.trace_id == trace_id]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)

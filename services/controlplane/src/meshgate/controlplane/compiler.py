@@ -63,6 +63,7 @@ def _matches(selector: str, node: node_pb2.Node, state: NetworkState) -> bool:
 
 
 def _policy_allows(state: NetworkState, a: node_pb2.Node, b: node_pb2.Node) -> bool:
+    """The peering rule for one pair, by definition (`PeerIndex` must agree)."""
     if state.network.default_policy != network_pb2.DENY:
         return True
     for p in state.policies.values():
@@ -77,21 +78,53 @@ def _policy_allows(state: NetworkState, a: node_pb2.Node, b: node_pb2.Node) -> b
     return False
 
 
-def peers_of(state: NetworkState, name: str) -> list[str]:
-    """Names of the nodes `name` peers with, sorted."""
-    me = state.nodes.get(name)
-    if me is None or not me.public_key:
+class PeerIndex:
+    """Who peers with whom in one `NetworkState`, worked out once.
+
+    Built in O(nodes x policy selectors): per enabled ACCEPT policy, the set of
+    keyed nodes matching a source and the set matching a destination. A node's
+    peers are then the union of the opposite sets of the policies it matches,
+    so compiling every node of a network costs the size of the result, not
+    nodes x nodes policy evaluations. Valid only while the state is unchanged:
+    build one per change (the fan-out) or per call (`peers_of`).
+    """
+
+    def __init__(self, state: NetworkState) -> None:
+        self.keyed = sorted(n for n, node in state.nodes.items() if node.public_key)
+        self._keyed_set = set(self.keyed)
+        self.allow_all = state.network.default_policy != network_pb2.DENY
+        self.pairs: list[tuple[set[str], set[str]]] = []
+        if self.allow_all:
+            return
+        for p in state.policies.values():
+            if p.disabled or p.action != policy_pb2.ACCEPT:
+                continue
+            src = {n for n in self.keyed if any(_matches(s, state.nodes[n], state) for s in p.sources)}
+            dst = {n for n in self.keyed if any(_matches(d, state.nodes[n], state) for d in p.destinations)}
+            if src and dst:
+                self.pairs.append((src, dst))
+
+    def peers_of(self, name: str) -> list[str]:
+        """Names of the nodes `name` peers with, sorted."""
+        if self.allow_all:
+            if name not in self._keyed_set:
+                return []
+            return [n for n in self.keyed if n != name]
+        out: set[str] = set()
+        for src, dst in self.pairs:
+            if name in src:
+                out |= dst
+            if name in dst:
+                out |= src
+        out.discard(name)
+        return sorted(out)
+
+
+def peers_of(state: NetworkState, name: str, index: PeerIndex | None = None) -> list[str]:
+    """Names of the nodes `name` peers with, sorted (see `PeerIndex`)."""
+    if name not in state.nodes:
         return []
-    out = []
-    for other_name in sorted(state.nodes):
-        if other_name == name:
-            continue
-        other = state.nodes[other_name]
-        if not other.public_key or not me.public_key:
-            continue
-        if _policy_allows(state, me, other):
-            out.append(other_name)
-    return out
+    return (index or PeerIndex(state)).peers_of(name)
 
 
 def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None]:
@@ -125,8 +158,11 @@ def _host_routes(node: node_pb2.Node) -> list[str]:
     return out
 
 
-def compile_node(state: NetworkState, name: str, revision: int = 0) -> ds.DesiredState:
-    """The desired state of node `name` (which must exist in `state`)."""
+def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerIndex | None = None) -> ds.DesiredState:
+    """The desired state of node `name` (which must exist in `state`).
+
+    Pass a `PeerIndex` of `state` when compiling many nodes of one state.
+    """
     net = state.network
     me = state.nodes[name]
     out = ds.DesiredState(node=name, revision=revision)
@@ -137,7 +173,7 @@ def compile_node(state: NetworkState, name: str, revision: int = 0) -> ds.Desire
     iface.listen_port = me.listen_port or net.listen_port
     iface.mtu = net.mtu
 
-    peer_names = peers_of(state, name)
+    peer_names = peers_of(state, name, index)
     allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
     by_range, internet = active_gateways(state)
     routes = []

@@ -28,7 +28,7 @@ async def run(cfg: ControlPlaneConfig) -> None:
     app = ControlPlane(etcd)
     await app.start()
     server = GrpcServer(cfg, app.bindings)
-    await serve(server, on_shutdown=[app.stop, etcd.close])
+    await serve(server, before_drain=[app.fanout.close_sessions], on_shutdown=[app.stop, etcd.close])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -198,9 +198,14 @@ class Fanout:
         self._lease_task = asyncio.create_task(self._keep_lease(), name="session-lease")
         self.status.start()
 
-    async def stop(self) -> None:
+    async def close_sessions(self) -> None:
+        """End every agent stream with UNAVAILABLE so agents reconnect (to
+        another replica); used at the start of a graceful shutdown."""
         for s in list(self.sessions.values()):
             s.close(ApiError(grpc.StatusCode.UNAVAILABLE, "control plane shutting down; reconnect"))
+
+    async def stop(self) -> None:
+        await self.close_sessions()
         if self._lease_task:
             self._lease_task.cancel()
         await self.status.stop()
@@ -248,6 +253,7 @@ class Fanout:
                 st = self.cache.networks.get(net_id)
                 if st is None:
                     continue
+                index = None  # built on first use, shared by the change's compiles
                 for name in nodes:
                     if name not in st.nodes:
                         continue
@@ -255,7 +261,8 @@ class Fanout:
                     if name not in self.sessions:
                         continue
                     recomputed += 1
-                    new = compiler.compile_node(st, name, change.revision)
+                    index = index or compiler.PeerIndex(st)
+                    new = compiler.compile_node(st, name, change.revision, index)
                     dg = digest(new)
                     prev = self.desired.get(name)
                     if prev is not None and prev.digest == dg:
@@ -346,9 +353,10 @@ class Fanout:
         connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
         out = network_pb2.NetworkStatus(name=network.name, revision=rev)
         st = self.cache.networks.get(net_id)
+        index = compiler.PeerIndex(st) if st else None
         for name in sorted(st.nodes if st else ()):
             nid = name.rsplit("/", 1)[1]
-            state = compiler.compile_node(st, name)
+            state = compiler.compile_node(st, name, 0, index)
             dg = digest(state)
             d = self.desired.get(name)
             if d is None or d.digest != dg:

@@ -1,0 +1,102 @@
+"""One trace per change: the API call, the control plane's fan-out and the
+trace context each affected agent receives, exported to a real OTLP receiver
+by a real control-plane process."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from meshgate.api.v1 import agent_pb2_grpc, egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
+from meshgate.api.v1 import network_pb2, network_pb2_grpc
+from meshgate.common.testing import OtlpReceiver, ServiceProcess
+
+import cptest
+
+API = "/meshgate.api.v1.EgressGatewayService/CreateEgressGateway"
+
+
+@pytest.fixture
+async def otlp():
+    r = await OtlpReceiver().start()
+    yield r
+    await r.stop()
+
+
+async def test_api_change_and_its_deltas_share_one_trace(etcd_server, etcd_prefix, otlp):
+    cp = ServiceProcess(
+        "meshgate-controlplane",
+        ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix],
+        env=otlp.env("meshgate-controlplane"),
+    ).start()
+    ch = grpc.aio.insecure_channel(cp.target)
+    agents = []
+    try:
+        await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(
+            network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24"))
+        )
+        key = await enrollment_pb2_grpc.EnrollmentKeyServiceStub(ch).CreateEnrollmentKey(
+            enrollment_pb2.CreateEnrollmentKeyRequest(parent="networks/prod", enrollment_key_id="k", enrollment_key=enrollment_pb2.EnrollmentKey())
+        )
+        stub = agent_pb2_grpc.AgentServiceStub(ch)
+        for i in range(3):
+            a = cptest.SimAgent(stub, key.secret, f"n{i}", f"192.0.2.{i + 1}:51820")
+            agents.append(await (await a.enroll()).connect())
+        await cptest.wait_until(lambda: all(a.state is not None and len(a.state.peers) == 2 for a in agents), "mesh")
+        before = [len(a.received) for a in agents]
+
+        await egress_pb2_grpc.EgressGatewayServiceStub(ch).CreateEgressGateway(
+            egress_pb2.CreateEgressGatewayRequest(
+                parent="networks/prod", egress_gateway_id="db",
+                egress_gateway=egress_pb2.EgressGateway(node="networks/prod/nodes/n0", ranges=["198.51.100.0/24"]),
+            )
+        )
+        await cptest.wait_until(lambda: all(len(a.received) > b for a, b in zip(agents, before)), "deltas")
+        parents = {a.received[-1].trace_context.traceparent for a in agents}
+        assert len(parents) == 1 and parents != {""}
+        trace_id = bytes.fromhex(parents.pop().split("-")[1])
+
+        def api_and_fanout():
+            names = {s.name for _, s in otlp.trace(trace_id)}
+            return API in names and "controlplane.fanout" in names
+
+        await cptest.wait_until(api_and_fanout, "API and fan-out spans at the OTLP receiver")
+        spans = {s.name: s for _, s in otlp.trace(trace_id)}
+        api = spans[API]
+        assert spans["controlplane.fanout"].parent_span_id == api.span_id
+        attrs = {a.key: a.value.int_value for a in spans["controlplane.fanout"].attributes}
+        assert attrs["meshgate.messages_sent"] == 3
+    finally:
+        for a in agents:
+            await a.close()
+        await ch.close()
+        cp.stop()
+
+
+async def test_sigterm_ends_agent_streams_with_unavailable(etcd_server, etcd_prefix):
+    """Agent streams never end on their own; a graceful shutdown must end them
+    (so agents reconnect elsewhere) instead of waiting out the drain period."""
+    cp = ServiceProcess(
+        "meshgate-controlplane",
+        ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--shutdown-grace", "300"],
+    ).start()
+    ch = grpc.aio.insecure_channel(cp.target)
+    try:
+        await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(
+            network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24"))
+        )
+        key = await enrollment_pb2_grpc.EnrollmentKeyServiceStub(ch).CreateEnrollmentKey(
+            enrollment_pb2.CreateEnrollmentKeyRequest(parent="networks/prod", enrollment_key_id="k", enrollment_key=enrollment_pb2.EnrollmentKey())
+        )
+        a = await (await cptest.SimAgent(agent_pb2_grpc.AgentServiceStub(ch), key.secret, "a").enroll()).connect()
+        await cptest.wait_until(lambda: a.state is not None, "snapshot")
+        import signal
+
+        cp.signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(a._task, 60)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await asyncio.to_thread(cp.proc.wait, 60) == 0
+    finally:
+        await ch.close()
+        cp.stop()
