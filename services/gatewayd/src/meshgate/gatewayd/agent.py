@@ -143,8 +143,15 @@ class Agent:
 
     async def _feed(self) -> None:
         assert self.source is not None
-        async for update in self.source.updates():
-            self.accept(update)
+        try:
+            async for update in self.source.updates():
+                self.accept(update)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # the data plane keeps the last state; the source's owner must restart it
+            log.exception("desired-state source failed; keeping the current state")
+            self._record_error("desired-state source failed")
 
     def accept(self, update: Update) -> bool:
         """Validate an update and make it the target; False (and reported) if rejected."""
@@ -182,7 +189,13 @@ class Agent:
         full, gen, target, msg = self._need_full, self._target_gen, self.target, self.target_msg
         self._need_full = False
         try:
-            result = await asyncio.to_thread(self.rec.reconcile, target, full)
+            try:
+                result = await asyncio.to_thread(self.rec.reconcile, target, full)
+            except ApplyError:
+                raise
+            except Exception as e:  # a bug or an unexpected host error: keep the agent alive
+                log.exception("unexpected error during a %s pass", "full" if full else "delta")
+                raise ApplyError("internal", f"{type(e).__name__}") from None
         except ApplyError as e:
             self._need_full = True
             self._record_error(str(e))
