@@ -3,13 +3,14 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: install protos test run bench clean-state help
+.PHONY: install protos docs test run bench clean-state help
 
 help:
 	@echo "make run      start etcd, control plane and key service locally, then the egress demo"
 	@echo "make test     run the whole test suite (what CI runs)"
 	@echo "make bench    print BENCH lines for every benchmark"
-	@echo "make protos   regenerate the API code from protos/"
+	@echo "make protos   regenerate the API code and the SDK from protos/"
+	@echo "make docs     regenerate docs/cli.md from the CLI"
 	@echo "make install  install Debian packages and the .venv"
 
 install:
@@ -17,6 +18,10 @@ install:
 
 protos: install
 	$(PY) scripts/gen_protos.py
+	$(PY) clients/sdk/scripts/gen_sdk.py
+
+docs: install
+	$(PY) clients/sdk/scripts/gen_cli_docs.py
 
 test: install
 	$(PYTEST) -q

@@ -27,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-DISTS=(clients/api services/common services/controlplane services/keyservice services/gatewayd)
+DISTS=(clients/api clients/sdk services/common services/controlplane services/keyservice services/gatewayd)
 stamp=.venv/.meshgate-installed
 inputs=(constraints.txt "${DISTS[@]/%//pyproject.toml}")
 if [ ! -x .venv/bin/python ]; then

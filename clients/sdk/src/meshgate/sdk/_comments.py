@@ -4,11 +4,23 @@
 COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops traffic from some nodes to others. Selectors are\n'
                                  '`tag:{tag}`, `node:{node id}`, `egress:{egress gateway id}` (its ranges),\n'
                                  '`client:{external client id}`, or `*` for everything in the network.',
+ 'meshgate.api.v1.AccessPolicy.action': 'ACCEPT (the default) or DROP.',
  'meshgate.api.v1.AccessPolicy.bidirectional': 'Also allow the reverse direction (replies always pass).',
+ 'meshgate.api.v1.AccessPolicy.description': 'Free text, at most 1024 characters.',
  'meshgate.api.v1.AccessPolicy.destinations': 'Who receives: selectors, at least one.',
+ 'meshgate.api.v1.AccessPolicy.disabled': 'A disabled policy is kept but has no effect.',
+ 'meshgate.api.v1.AccessPolicy.name': 'Resource name, `networks/{network}/accessPolicies/{access_policy}`.',
+ 'meshgate.api.v1.AccessPolicy.ports': 'Destination ports (TCP or UDP only); empty means every port.',
  'meshgate.api.v1.AccessPolicy.priority': 'Lower numbers are evaluated first (0-1000).',
+ 'meshgate.api.v1.AccessPolicy.protocol': 'The protocol the policy applies to; unspecified means every protocol.',
  'meshgate.api.v1.AccessPolicy.sources': 'Who sends: selectors, at least one.',
  'meshgate.api.v1.AccessPolicyService': 'Manages access policies.',
+ 'meshgate.api.v1.AccessPolicyService.CreateAccessPolicy': 'Creates a policy; under a DENY default it lets the '
+                                                           'selected nodes peer.',
+ 'meshgate.api.v1.AccessPolicyService.DeleteAccessPolicy': 'Deletes a policy.',
+ 'meshgate.api.v1.AccessPolicyService.GetAccessPolicy': 'Gets a policy.',
+ 'meshgate.api.v1.AccessPolicyService.ListAccessPolicies': 'Lists the policies of a network in name order.',
+ 'meshgate.api.v1.AccessPolicyService.UpdateAccessPolicy': "Updates a policy's selectors, ports, action or priority.",
  'meshgate.api.v1.AgentCredential': 'What the agent presents on later calls.',
  'meshgate.api.v1.AgentCredential.certificate_chain': "A PEM certificate chain for mTLS, signed by the key service's "
                                                       'CA.',
@@ -19,6 +31,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.AgentService.Sync': 'One stream per agent: a snapshot on connect, then deltas; the agent acks.',
  'meshgate.api.v1.Certificate.certificate_chain': 'PEM chain, leaf first.',
  'meshgate.api.v1.ClientKeyPair.private_key': 'Base64. Secret: returned once, stored only encrypted.',
+ 'meshgate.api.v1.CreateAccessPolicyRequest.access_policy': 'The policy to create. Its `name` is ignored.',
+ 'meshgate.api.v1.CreateAccessPolicyRequest.access_policy_id': "The policy's id, the last segment of its name.",
+ 'meshgate.api.v1.CreateAccessPolicyRequest.parent': '`networks/{network}`.',
+ 'meshgate.api.v1.CreateAccessPolicyRequest.validate_only': 'Check the request without creating the policy.',
  'meshgate.api.v1.CreateEgressGatewayRequest.parent': '`networks/{network}`.',
  'meshgate.api.v1.CreateNetworkRequest.network': 'The network to create. Its `name` is ignored.',
  'meshgate.api.v1.CreateNetworkRequest.network_id': "The network's id, the last segment of its name.",
@@ -156,6 +172,11 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.ExternalClientService': 'Manages external clients.',
  'meshgate.api.v1.ExternalClientService.CreateExternalClient': 'Creates a client with a fresh key pair; the response '
                                                                'carries its config, once.',
+ 'meshgate.api.v1.ExternalClientService.DeleteExternalClient': 'Deletes a client and releases its addresses.',
+ 'meshgate.api.v1.ExternalClientService.GetExternalClient': 'Gets a client (without its private key).',
+ 'meshgate.api.v1.ExternalClientService.ListExternalClients': 'Lists the clients of a network in name order.',
+ 'meshgate.api.v1.ExternalClientService.UpdateExternalClient': "Updates a client's ranges, DNS servers or disabled "
+                                                               'flag.',
  'meshgate.api.v1.FilterRule': 'Filtering of overlay traffic at this node. Empty means allow everything.',
  'meshgate.api.v1.GetNetworkRequest.name': '`networks/{network}`.',
  'meshgate.api.v1.GetNetworkStatusRequest.name': '`networks/{network}`.',

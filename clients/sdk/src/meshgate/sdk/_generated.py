@@ -352,7 +352,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ExternalClient:
-        """Calls ExternalClientService.GetExternalClient."""
+        """Gets a client (without its private key)."""
         return self._unary('meshgate.api.v1.ExternalClientService', 'GetExternalClient', _build(external_client_pb2.GetExternalClientRequest, request, name=name), timeout, metadata)
 
     def list_external_clients(
@@ -366,7 +366,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ListExternalClientsResponse:
-        """Calls ExternalClientService.ListExternalClients."""
+        """Lists the clients of a network in name order."""
         return self._unary('meshgate.api.v1.ExternalClientService', 'ListExternalClients', _build(external_client_pb2.ListExternalClientsRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
 
     def iter_external_clients(
@@ -394,7 +394,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ExternalClient:
-        """Calls ExternalClientService.UpdateExternalClient."""
+        """Updates a client's ranges, DNS servers or disabled flag."""
         return self._unary('meshgate.api.v1.ExternalClientService', 'UpdateExternalClient', _build(external_client_pb2.UpdateExternalClientRequest, request, external_client=external_client, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     def delete_external_client(
@@ -407,7 +407,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> empty_pb2.Empty:
-        """Calls ExternalClientService.DeleteExternalClient."""
+        """Deletes a client and releases its addresses."""
         return self._unary('meshgate.api.v1.ExternalClientService', 'DeleteExternalClient', _build(external_client_pb2.DeleteExternalClientRequest, request, name=name, etag=etag), timeout, metadata)
 
     # NetworkService --------------------------------------------------------
@@ -551,7 +551,14 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.AccessPolicy:
-        """Calls AccessPolicyService.CreateAccessPolicy."""
+        """Creates a policy; under a DENY default it lets the selected nodes peer.
+
+        Arguments (or fields of `request`):
+        - parent: `networks/{network}`.
+        - access_policy_id: The policy's id, the last segment of its name.
+        - access_policy: The policy to create. Its `name` is ignored.
+        - validate_only: Check the request without creating the policy.
+        """
         return self._unary('meshgate.api.v1.AccessPolicyService', 'CreateAccessPolicy', _build(policy_pb2.CreateAccessPolicyRequest, request, parent=parent, access_policy_id=access_policy_id, access_policy=access_policy, validate_only=validate_only), timeout, metadata)
 
     def get_access_policy(
@@ -563,7 +570,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.AccessPolicy:
-        """Calls AccessPolicyService.GetAccessPolicy."""
+        """Gets a policy."""
         return self._unary('meshgate.api.v1.AccessPolicyService', 'GetAccessPolicy', _build(policy_pb2.GetAccessPolicyRequest, request, name=name), timeout, metadata)
 
     def list_access_policies(
@@ -577,7 +584,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.ListAccessPoliciesResponse:
-        """Calls AccessPolicyService.ListAccessPolicies."""
+        """Lists the policies of a network in name order."""
         return self._unary('meshgate.api.v1.AccessPolicyService', 'ListAccessPolicies', _build(policy_pb2.ListAccessPoliciesRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
 
     def iter_access_policies(
@@ -605,7 +612,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.AccessPolicy:
-        """Calls AccessPolicyService.UpdateAccessPolicy."""
+        """Updates a policy's selectors, ports, action or priority."""
         return self._unary('meshgate.api.v1.AccessPolicyService', 'UpdateAccessPolicy', _build(policy_pb2.UpdateAccessPolicyRequest, request, access_policy=access_policy, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     def delete_access_policy(
@@ -618,7 +625,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> empty_pb2.Empty:
-        """Calls AccessPolicyService.DeleteAccessPolicy."""
+        """Deletes a policy."""
         return self._unary('meshgate.api.v1.AccessPolicyService', 'DeleteAccessPolicy', _build(policy_pb2.DeleteAccessPolicyRequest, request, name=name, etag=etag), timeout, metadata)
 
     # EventService ----------------------------------------------------------
@@ -1107,7 +1114,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ExternalClient:
-        """Calls ExternalClientService.GetExternalClient."""
+        """Gets a client (without its private key)."""
         return await self._unary('meshgate.api.v1.ExternalClientService', 'GetExternalClient', _build(external_client_pb2.GetExternalClientRequest, request, name=name), timeout, metadata)
 
     async def list_external_clients(
@@ -1121,7 +1128,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ListExternalClientsResponse:
-        """Calls ExternalClientService.ListExternalClients."""
+        """Lists the clients of a network in name order."""
         return await self._unary('meshgate.api.v1.ExternalClientService', 'ListExternalClients', _build(external_client_pb2.ListExternalClientsRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
 
     def iter_external_clients(
@@ -1149,7 +1156,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ExternalClient:
-        """Calls ExternalClientService.UpdateExternalClient."""
+        """Updates a client's ranges, DNS servers or disabled flag."""
         return await self._unary('meshgate.api.v1.ExternalClientService', 'UpdateExternalClient', _build(external_client_pb2.UpdateExternalClientRequest, request, external_client=external_client, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     async def delete_external_client(
@@ -1162,7 +1169,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> empty_pb2.Empty:
-        """Calls ExternalClientService.DeleteExternalClient."""
+        """Deletes a client and releases its addresses."""
         return await self._unary('meshgate.api.v1.ExternalClientService', 'DeleteExternalClient', _build(external_client_pb2.DeleteExternalClientRequest, request, name=name, etag=etag), timeout, metadata)
 
     # NetworkService --------------------------------------------------------
@@ -1306,7 +1313,14 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.AccessPolicy:
-        """Calls AccessPolicyService.CreateAccessPolicy."""
+        """Creates a policy; under a DENY default it lets the selected nodes peer.
+
+        Arguments (or fields of `request`):
+        - parent: `networks/{network}`.
+        - access_policy_id: The policy's id, the last segment of its name.
+        - access_policy: The policy to create. Its `name` is ignored.
+        - validate_only: Check the request without creating the policy.
+        """
         return await self._unary('meshgate.api.v1.AccessPolicyService', 'CreateAccessPolicy', _build(policy_pb2.CreateAccessPolicyRequest, request, parent=parent, access_policy_id=access_policy_id, access_policy=access_policy, validate_only=validate_only), timeout, metadata)
 
     async def get_access_policy(
@@ -1318,7 +1332,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.AccessPolicy:
-        """Calls AccessPolicyService.GetAccessPolicy."""
+        """Gets a policy."""
         return await self._unary('meshgate.api.v1.AccessPolicyService', 'GetAccessPolicy', _build(policy_pb2.GetAccessPolicyRequest, request, name=name), timeout, metadata)
 
     async def list_access_policies(
@@ -1332,7 +1346,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.ListAccessPoliciesResponse:
-        """Calls AccessPolicyService.ListAccessPolicies."""
+        """Lists the policies of a network in name order."""
         return await self._unary('meshgate.api.v1.AccessPolicyService', 'ListAccessPolicies', _build(policy_pb2.ListAccessPoliciesRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
 
     def iter_access_policies(
@@ -1360,7 +1374,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> policy_pb2.AccessPolicy:
-        """Calls AccessPolicyService.UpdateAccessPolicy."""
+        """Updates a policy's selectors, ports, action or priority."""
         return await self._unary('meshgate.api.v1.AccessPolicyService', 'UpdateAccessPolicy', _build(policy_pb2.UpdateAccessPolicyRequest, request, access_policy=access_policy, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     async def delete_access_policy(
@@ -1373,7 +1387,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> empty_pb2.Empty:
-        """Calls AccessPolicyService.DeleteAccessPolicy."""
+        """Deletes a policy."""
         return await self._unary('meshgate.api.v1.AccessPolicyService', 'DeleteAccessPolicy', _build(policy_pb2.DeleteAccessPolicyRequest, request, name=name, etag=etag), timeout, metadata)
 
     # EventService ----------------------------------------------------------

@@ -75,25 +75,29 @@ class ExternalClientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetExternalClient(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Gets a client (without its private key).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListExternalClients(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the clients of a network in name order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateExternalClient(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Updates a client's ranges, DNS servers or disabled flag.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteExternalClient(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a client and releases its addresses.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -37,9 +37,13 @@ class ExternalClientServiceStub:
     CreateExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.CreateExternalClientRequest, _external_client_pb2.ExternalClient]
     """Creates a client with a fresh key pair; the response carries its config, once."""
     GetExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.GetExternalClientRequest, _external_client_pb2.ExternalClient]
+    """Gets a client (without its private key)."""
     ListExternalClients: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.ListExternalClientsRequest, _external_client_pb2.ListExternalClientsResponse]
+    """Lists the clients of a network in name order."""
     UpdateExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.UpdateExternalClientRequest, _external_client_pb2.ExternalClient]
+    """Updates a client's ranges, DNS servers or disabled flag."""
     DeleteExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.DeleteExternalClientRequest, _empty_pb2.Empty]
+    """Deletes a client and releases its addresses."""
 
 @_typing.type_check_only
 class ExternalClientServiceAsyncStub(ExternalClientServiceStub):
@@ -49,9 +53,13 @@ class ExternalClientServiceAsyncStub(ExternalClientServiceStub):
     CreateExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.CreateExternalClientRequest, _external_client_pb2.ExternalClient]  # type: ignore[assignment]
     """Creates a client with a fresh key pair; the response carries its config, once."""
     GetExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.GetExternalClientRequest, _external_client_pb2.ExternalClient]  # type: ignore[assignment]
+    """Gets a client (without its private key)."""
     ListExternalClients: _aio.UnaryUnaryMultiCallable[_external_client_pb2.ListExternalClientsRequest, _external_client_pb2.ListExternalClientsResponse]  # type: ignore[assignment]
+    """Lists the clients of a network in name order."""
     UpdateExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.UpdateExternalClientRequest, _external_client_pb2.ExternalClient]  # type: ignore[assignment]
+    """Updates a client's ranges, DNS servers or disabled flag."""
     DeleteExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.DeleteExternalClientRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a client and releases its addresses."""
 
 class ExternalClientServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages external clients."""
@@ -69,27 +77,31 @@ class ExternalClientServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _external_client_pb2.GetExternalClientRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_external_client_pb2.ExternalClient, _abc.Awaitable[_external_client_pb2.ExternalClient]]: ...
+    ) -> _typing.Union[_external_client_pb2.ExternalClient, _abc.Awaitable[_external_client_pb2.ExternalClient]]:
+        """Gets a client (without its private key)."""
 
     @_abc_1.abstractmethod
     def ListExternalClients(
         self,
         request: _external_client_pb2.ListExternalClientsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_external_client_pb2.ListExternalClientsResponse, _abc.Awaitable[_external_client_pb2.ListExternalClientsResponse]]: ...
+    ) -> _typing.Union[_external_client_pb2.ListExternalClientsResponse, _abc.Awaitable[_external_client_pb2.ListExternalClientsResponse]]:
+        """Lists the clients of a network in name order."""
 
     @_abc_1.abstractmethod
     def UpdateExternalClient(
         self,
         request: _external_client_pb2.UpdateExternalClientRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_external_client_pb2.ExternalClient, _abc.Awaitable[_external_client_pb2.ExternalClient]]: ...
+    ) -> _typing.Union[_external_client_pb2.ExternalClient, _abc.Awaitable[_external_client_pb2.ExternalClient]]:
+        """Updates a client's ranges, DNS servers or disabled flag."""
 
     @_abc_1.abstractmethod
     def DeleteExternalClient(
         self,
         request: _external_client_pb2.DeleteExternalClientRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a client and releases its addresses."""
 
 def add_ExternalClientServiceServicer_to_server(servicer: ExternalClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -112,14 +112,19 @@ class AccessPolicy(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Resource name, `networks/{network}/accessPolicies/{access_policy}`."""
     protocol: Global___Protocol.ValueType
+    """The protocol the policy applies to; unspecified means every protocol."""
     action: Global___PolicyAction.ValueType
+    """ACCEPT (the default) or DROP."""
     priority: _builtins.int
     """Lower numbers are evaluated first (0-1000)."""
     bidirectional: _builtins.bool
     """Also allow the reverse direction (replies always pass)."""
     disabled: _builtins.bool
+    """A disabled policy is kept but has no effect."""
     description: _builtins.str
+    """Free text, at most 1024 characters."""
     uid: _builtins.str
     etag: _builtins.str
     @_builtins.property
@@ -131,7 +136,9 @@ class AccessPolicy(_message.Message):
         """Who receives: selectors, at least one."""
 
     @_builtins.property
-    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortRange]: ...
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortRange]:
+        """Destination ports (TCP or UDP only); empty means every port."""
+
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -171,10 +178,15 @@ class CreateAccessPolicyRequest(_message.Message):
     ACCESS_POLICY_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
+    """`networks/{network}`."""
     access_policy_id: _builtins.str
+    """The policy's id, the last segment of its name."""
     validate_only: _builtins.bool
+    """Check the request without creating the policy."""
     @_builtins.property
-    def access_policy(self) -> Global___AccessPolicy: ...
+    def access_policy(self) -> Global___AccessPolicy:
+        """The policy to create. Its `name` is ignored."""
+
     def __init__(
         self,
         *,

@@ -68,31 +68,36 @@ class AccessPolicyServiceServicer:
     """
 
     def CreateAccessPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a policy; under a DENY default it lets the selected nodes peer.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAccessPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Gets a policy.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAccessPolicies(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the policies of a network in name order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateAccessPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Updates a policy's selectors, ports, action or priority.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAccessPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a policy.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

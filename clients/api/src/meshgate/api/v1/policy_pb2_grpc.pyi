@@ -35,10 +35,15 @@ class AccessPolicyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AccessPolicyServiceAsyncStub: ...
     CreateAccessPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.CreateAccessPolicyRequest, _policy_pb2.AccessPolicy]
+    """Creates a policy; under a DENY default it lets the selected nodes peer."""
     GetAccessPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetAccessPolicyRequest, _policy_pb2.AccessPolicy]
+    """Gets a policy."""
     ListAccessPolicies: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListAccessPoliciesRequest, _policy_pb2.ListAccessPoliciesResponse]
+    """Lists the policies of a network in name order."""
     UpdateAccessPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.UpdateAccessPolicyRequest, _policy_pb2.AccessPolicy]
+    """Updates a policy's selectors, ports, action or priority."""
     DeleteAccessPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DeleteAccessPolicyRequest, _empty_pb2.Empty]
+    """Deletes a policy."""
 
 @_typing.type_check_only
 class AccessPolicyServiceAsyncStub(AccessPolicyServiceStub):
@@ -46,10 +51,15 @@ class AccessPolicyServiceAsyncStub(AccessPolicyServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAccessPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.CreateAccessPolicyRequest, _policy_pb2.AccessPolicy]  # type: ignore[assignment]
+    """Creates a policy; under a DENY default it lets the selected nodes peer."""
     GetAccessPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetAccessPolicyRequest, _policy_pb2.AccessPolicy]  # type: ignore[assignment]
+    """Gets a policy."""
     ListAccessPolicies: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListAccessPoliciesRequest, _policy_pb2.ListAccessPoliciesResponse]  # type: ignore[assignment]
+    """Lists the policies of a network in name order."""
     UpdateAccessPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.UpdateAccessPolicyRequest, _policy_pb2.AccessPolicy]  # type: ignore[assignment]
+    """Updates a policy's selectors, ports, action or priority."""
     DeleteAccessPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.DeleteAccessPolicyRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a policy."""
 
 class AccessPolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages access policies."""
@@ -59,34 +69,39 @@ class AccessPolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _policy_pb2.CreateAccessPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.AccessPolicy, _abc.Awaitable[_policy_pb2.AccessPolicy]]: ...
+    ) -> _typing.Union[_policy_pb2.AccessPolicy, _abc.Awaitable[_policy_pb2.AccessPolicy]]:
+        """Creates a policy; under a DENY default it lets the selected nodes peer."""
 
     @_abc_1.abstractmethod
     def GetAccessPolicy(
         self,
         request: _policy_pb2.GetAccessPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.AccessPolicy, _abc.Awaitable[_policy_pb2.AccessPolicy]]: ...
+    ) -> _typing.Union[_policy_pb2.AccessPolicy, _abc.Awaitable[_policy_pb2.AccessPolicy]]:
+        """Gets a policy."""
 
     @_abc_1.abstractmethod
     def ListAccessPolicies(
         self,
         request: _policy_pb2.ListAccessPoliciesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.ListAccessPoliciesResponse, _abc.Awaitable[_policy_pb2.ListAccessPoliciesResponse]]: ...
+    ) -> _typing.Union[_policy_pb2.ListAccessPoliciesResponse, _abc.Awaitable[_policy_pb2.ListAccessPoliciesResponse]]:
+        """Lists the policies of a network in name order."""
 
     @_abc_1.abstractmethod
     def UpdateAccessPolicy(
         self,
         request: _policy_pb2.UpdateAccessPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.AccessPolicy, _abc.Awaitable[_policy_pb2.AccessPolicy]]: ...
+    ) -> _typing.Union[_policy_pb2.AccessPolicy, _abc.Awaitable[_policy_pb2.AccessPolicy]]:
+        """Updates a policy's selectors, ports, action or priority."""
 
     @_abc_1.abstractmethod
     def DeleteAccessPolicy(
         self,
         request: _policy_pb2.DeleteAccessPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a policy."""
 
 def add_AccessPolicyServiceServicer_to_server(servicer: AccessPolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
