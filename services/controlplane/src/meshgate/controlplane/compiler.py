@@ -26,6 +26,7 @@ Hazard: `peers_of` is also what decides which agents a change reaches (see
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -144,9 +145,19 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
     return by_range, internet
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _cidr_key(cidr: str) -> tuple[int, int, int, str]:
+    """(version, network address, prefix length, canonical spelling) of a CIDR.
+
+    Cached: parsing with `ipaddress` was most of the cost of compiling a hub
+    with a thousand peers, and the same host routes recur in every compile.
+    """
+    n = ipaddress.ip_network(cidr)
+    return n.version, int(n.network_address), n.prefixlen, str(n)
+
+
 def _sort_cidrs(cidrs: Iterable[str]) -> list[str]:
-    nets = {ipaddress.ip_network(c) for c in cidrs}
-    return [str(n) for n in sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen))]
+    return [k[3] for k in sorted({_cidr_key(c) for c in cidrs})]
 
 
 def _host_routes(node: node_pb2.Node) -> list[str]:
@@ -169,7 +180,7 @@ def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerI
     iface = out.interface
     for addr, cidr in ((me.ipv4_address, net.ipv4_cidr), (me.ipv6_address, net.ipv6_cidr)):
         if addr and cidr:
-            iface.addresses.append(f"{addr}/{ipaddress.ip_network(cidr).prefixlen}")
+            iface.addresses.append(f"{addr}/{_cidr_key(cidr)[2]}")
     iface.listen_port = me.listen_port or net.listen_port
     iface.mtu = net.mtu
 
@@ -177,7 +188,7 @@ def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerI
     allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
     by_range, internet = active_gateways(state)
     routes = []
-    for r in sorted(by_range, key=lambda c: _sort_cidrs([c])[0]):
+    for r in sorted(by_range, key=lambda c: _cidr_key(c)[3]):
         gw = by_range[r]
         if gw.node == name or gw.node not in allowed:
             continue
@@ -237,7 +248,7 @@ def diff(old: ds.DesiredState, new: ds.DesiredState) -> ds.DesiredStateDelta | N
     """The delta taking `old` to `new`, or None when they are equal."""
     if _without_revision(old) == _without_revision(new):
         return None
-    d = ds.DesiredStateDelta(base_revision=old.revision)
+    d = ds.DesiredStateDelta(base_revision=old.revision, revision=new.revision)
     old_peers = {p.public_key: p for p in old.peers}
     new_peers = {p.public_key: p for p in new.peers}
     for pk, p in new_peers.items():

@@ -1,0 +1,579 @@
+"""Convergence benchmark: 1,000 simulated agents on one control plane.
+
+Run as `.venv/bin/python tests/bench/bench_convergence.py`. It starts its own
+etcd (temporary data directory, free loopback ports) and a real
+`meshgate-controlplane` process against it. This process is the load: it makes
+the API calls and runs the simulated agents (lightweight grpc.aio Sync streams
+that ack every message they receive), so every figure is measured on one
+clock, from the start of the API call to the moment the last affected agent
+has received the change and handed its ack to gRPC. stdout carries only
+`BENCH <name> <value> <unit>` lines (names as in issue 4); the rest goes to
+stderr.
+
+The network is hub-and-spoke with default policy DENY: two hubs (tag `hub`,
+with endpoints) meshed with each other, 998 spokes (tag `spoke`) that peer only
+with the hubs, and an egress gateway on hub0 that every other node routes
+through. All nodes join through `Enroll` with two unlimited enrollment keys.
+
+Figures:
+- `converge_all_1000_p50_ms`, `converge_all_1000_p99_ms`: UpdateEgressGateway
+  toggling a second range on hub0's gateway. That changes every node's desired
+  state (hub0's egress configuration, everybody else's routes and the allowed
+  IPs of their hub0 peer): 1,000 messages, 1,000 acks.
+- `converge_one_p99_ms`: UpdateNode of one spoke's `listen_port`. The listen
+  port is in the node's own interface but in no peer's view (peers see the
+  `endpoint`), so exactly one desired state changes, although the control
+  plane recomputes the spoke and its two hubs. (A spoke's endpoint change
+  would instead touch the two hubs and not the spoke itself; stderr reports
+  it too.)
+- `msgs_per_spoke_join`: messages the agents receive when one more spoke
+  enrolls and connects (its snapshot plus one delta per hub: 3 expected).
+- `cp_rss_1000_streams_mb`: VmRSS of the control-plane process with the 1,000
+  streams open and converged.
+- `etcd_put_to_watch_p50_ms`: raw etcd latency from a put to its watch event
+  (meshgate.common.etcd + etcdwatch), measured in this run before the load.
+
+On a 2-core machine etcd, the control plane and this load process share both
+cores, so the figures are an honest upper bound on latency. Everything the
+script starts (etcd, the control plane, temporary directories) is stopped by
+its handle and removed, also on failure or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+import grpc
+
+from meshgate.api.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    egress_pb2,
+    egress_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
+from google.protobuf import field_mask_pb2
+from meshgate.common import etcdwatch
+from meshgate.common.etcd import Etcd, prefix_end
+from meshgate.common.etcdproc import EtcdProcess
+from meshgate.common.testing import ServiceProcess
+
+NET = "bench"
+CIDR = "100.64.0.0/21"
+HUBS = 2
+RANGE_A = "198.51.100.0/24"
+RANGE_B = "203.0.113.0/24"
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench(name: str, value: float, unit: str) -> None:
+    print(f"BENCH {name} {value:.3f} {unit}", flush=True)
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of non-empty `samples`."""
+    s = sorted(samples)
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+def wg_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+# the control-plane process ----------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+# etcd put-to-watch ----------------------------------------------------------------
+
+
+async def measure_put_to_watch(endpoint: str, warmup: int, ops: int) -> list[float]:
+    etcd = Etcd(endpoint, "/bench-watch")
+    await etcd.connect()
+    prefix = etcd.key("w", "")
+    seen: dict[bytes, float] = {}
+    arrived = asyncio.Event()
+    rev = await etcd.revision()
+
+    async def watcher():
+        async for batch in etcdwatch.watch(etcd, prefix, prefix_end(prefix), rev + 1):
+            now = time.perf_counter()
+            for ev in batch.events:
+                seen[ev.key] = now
+            if batch.events:
+                arrived.set()
+
+    task = asyncio.create_task(watcher())
+    try:
+        await asyncio.sleep(0.2)  # let the watch be created
+        lat = []
+        for i in range(warmup + ops):
+            key = etcd.key("w", f"k{i:05d}")
+            arrived.clear()
+            start = time.perf_counter()
+            await etcd.put(key, b"v")
+            while key not in seen:
+                await asyncio.wait_for(arrived.wait(), 5)
+                arrived.clear()
+            if i >= warmup:
+                lat.append((seen[key] - start) * 1000)
+        return lat
+    finally:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+        await etcd.close()
+
+
+# simulated agents -------------------------------------------------------------
+
+
+class Tracker:
+    """Counts down the agents that still have to ack revision `target`."""
+
+    def __init__(self) -> None:
+        self.target = 0
+        self.waiting: set[int] = set()
+        self.done = asyncio.Event()
+
+    def arm(self, target: int, agents: list["Agent"]) -> None:
+        self.target = target
+        self.waiting = {a.idx for a in agents if a.acked < target}
+        if not self.waiting:
+            self.done.set()
+
+    def reset(self) -> None:
+        self.target = 0
+        self.waiting = set()
+        self.done = asyncio.Event()
+
+    def on_ack(self, agent: "Agent") -> None:
+        if self.target and agent.acked >= self.target and agent.idx in self.waiting:
+            self.waiting.discard(agent.idx)
+            if not self.waiting:
+                self.done.set()
+
+
+class Agent:
+    """One stream: hello, then for every message record it and ack it.
+
+    It tracks only revisions (the simulated data plane is a no-op), and checks
+    that every delta builds on the revision it last received."""
+
+    __slots__ = ("idx", "node_id", "node", "token", "channel", "tracker", "call", "task", "received",
+                 "kinds", "revision", "acked", "ack_time", "base_mismatches", "snapshot_seen", "error")
+
+    def __init__(self, idx: int, node_id: str, node: str, token: str, channel, tracker: Tracker) -> None:
+        self.idx, self.node_id, self.node, self.token = idx, node_id, node, token
+        self.channel, self.tracker = channel, tracker
+        self.call = None
+        self.task: asyncio.Task | None = None
+        self.received = 0
+        self.kinds = {"snapshot": 0, "delta": 0}
+        self.revision = 0
+        self.acked = 0
+        self.ack_time = 0.0
+        self.base_mismatches = 0
+        self.snapshot_seen = asyncio.Event()
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        stub = agent_pb2_grpc.AgentServiceStub(self.channel)
+        self.call = stub.Sync(metadata=(("authorization", f"Bearer {self.token}"),))
+        try:
+            await self.call.write(agent_pb2.SyncRequest(hello=agent_pb2.SyncRequest.Hello(node=self.node, agent_version="bench")))
+            while True:
+                msg = await self.call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                kind = msg.WhichOneof("message")
+                if kind == "heartbeat":
+                    continue
+                self.received += 1
+                self.kinds[kind] += 1
+                if kind == "delta" and msg.delta.delta.base_revision != self.revision:
+                    self.base_mismatches += 1
+                    await self.call.write(agent_pb2.SyncRequest(resync=agent_pb2.SyncRequest.ResyncRequest(reason="base")))
+                    continue
+                self.revision = msg.revision
+                await self.call.write(agent_pb2.SyncRequest(ack=agent_pb2.SyncRequest.Ack(revision=msg.revision)))
+                self.ack_time = time.perf_counter()
+                self.acked = msg.revision
+                if kind == "snapshot":
+                    self.snapshot_seen.set()
+                self.tracker.on_ack(self)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as e:
+            self.error = f"{e.code().name}: {e.details()}"
+            self.snapshot_seen.set()
+
+    async def stop(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except BaseException:  # noqa: BLE001 - cancelled stream
+                pass
+
+
+# the run -----------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, target: str, cp_pid: int, args) -> None:
+        self.target, self.cp_pid, self.args = target, cp_pid, args
+        self.api = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.api", 1)])
+        self.networks = network_pb2_grpc.NetworkServiceStub(self.api)
+        self.nodes = node_pb2_grpc.NodeServiceStub(self.api)
+        self.gateways = egress_pb2_grpc.EgressGatewayServiceStub(self.api)
+        self.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(self.api)
+        self.policies = policy_pb2_grpc.AccessPolicyServiceStub(self.api)
+        self.enroller = agent_pb2_grpc.AgentServiceStub(self.api)
+        self.channels: list[grpc.aio.Channel] = []
+        self.tracker = Tracker()
+        self.agents: list[Agent] = []
+        self.parent = f"networks/{NET}"
+        self.results: dict[str, float] = {}
+
+    def channel_for(self, i: int):
+        n = self.args.channels
+        while len(self.channels) < n and len(self.channels) <= i % n:
+            k = len(self.channels)
+            self.channels.append(grpc.aio.insecure_channel(
+                self.target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)]))
+        return self.channels[i % n]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
+        for c in self.channels:
+            await c.close()
+        await self.api.close()
+
+    # set-up ------------------------------------------------------------------
+
+    async def setup_network(self) -> tuple[str, str]:
+        await self.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
+            network_id=NET, network=network_pb2.Network(ipv4_cidr=CIDR, default_policy=network_pb2.DENY)), timeout=10)
+        for pid, src, dst in (("hub-spoke", "tag:spoke", "tag:hub"), ("hub-hub", "tag:hub", "tag:hub")):
+            await self.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
+                parent=self.parent, access_policy_id=pid,
+                access_policy=policy_pb2.AccessPolicy(sources=[src], destinations=[dst])), timeout=10)
+        secrets = []
+        for kid, tag in (("hubs", "hub"), ("spokes", "spoke")):
+            ek = await self.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
+                parent=self.parent, enrollment_key_id=kid,
+                enrollment_key=enrollment_pb2.EnrollmentKey(tags=[tag])), timeout=10)  # max_uses 0: unlimited
+            secrets.append(ek.secret)
+        return secrets[0], secrets[1]
+
+    async def enroll(self, secret: str, node_id: str, endpoint: str = "") -> agent_pb2.EnrollResponse:
+        return await self.enroller.Enroll(agent_pb2.EnrollRequest(
+            enrollment_secret=secret, node_id=node_id, public_key=wg_key(), endpoint=endpoint, listen_port=51820),
+            timeout=60)
+
+    def add_agent(self, node_id: str, resp: agent_pb2.EnrollResponse) -> Agent:
+        i = len(self.agents)
+        a = Agent(i, node_id, resp.node.name, resp.credential.token, self.channel_for(i), self.tracker)
+        self.agents.append(a)
+        return a
+
+    async def enroll_all(self, hub_secret: str, spoke_secret: str, n: int) -> None:
+        ids = [(f"hub{i}", hub_secret, f"192.0.2.{i + 1}:51820") for i in range(HUBS)]
+        ids += [(f"s{i:04d}", spoke_secret, "") for i in range(n - HUBS)]
+        out: dict[str, agent_pb2.EnrollResponse] = {}
+        it = iter(ids)
+        lat: list[float] = []
+
+        async def worker():
+            for node_id, secret, ep in it:
+                t = time.perf_counter()
+                out[node_id] = await self.enroll(secret, node_id, ep)
+                lat.append((time.perf_counter() - t) * 1000)
+
+        cpu0, t0 = cpu_s(self.cp_pid), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.args.enroll_concurrency)))
+        wall = time.perf_counter() - t0
+        info(f"enrolled {n} nodes in {wall:.1f} s ({n / wall:.0f}/s, {self.args.enroll_concurrency} concurrent, "
+             f"one unlimited key per tag): p50 {statistics.median(lat):.1f} ms, p99 {percentile(lat, 99):.1f} ms; "
+             f"control-plane CPU {cpu_s(self.cp_pid) - cpu0:.1f} s")
+        self.results["enroll_s"] = wall
+        for node_id, _, _ in ids:
+            self.add_agent(node_id, out[node_id])
+
+    async def connect_all(self) -> None:
+        cpu0, t0 = cpu_s(self.cp_pid), time.perf_counter()
+        for i in range(0, len(self.agents), 100):
+            batch = self.agents[i:i + 100]
+            for a in batch:
+                a.start()
+            await asyncio.wait_for(asyncio.gather(*(a.snapshot_seen.wait() for a in batch)), 120)
+        errors = [a.error for a in self.agents if a.error]
+        if errors:
+            raise RuntimeError(f"{len(errors)} streams failed, first: {errors[0]}")
+        # Deltas may still be in flight for agents that connected early: wait
+        # until everyone has acked the newest revision the control plane had.
+        net = await self.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name=self.parent), timeout=60)
+        await self.wait_acked(net.revision, 60, only_changed=True)
+        info(f"connected {len(self.agents)} streams over {len(self.channels)} channels in "
+             f"{time.perf_counter() - t0:.1f} s; control-plane CPU {cpu_s(self.cp_pid) - cpu0:.1f} s")
+
+    async def wait_acked(self, revision: int, timeout: float, only_changed: bool = False) -> None:
+        """Wait until every agent whose desired state is at `revision` or
+        newer has acked it (`only_changed`: agents that received nothing newer
+        are done)."""
+        if only_changed:
+            deadline = time.monotonic() + timeout
+            while any(a.acked < a.revision for a in self.agents):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("agents did not ack what they received")
+                await asyncio.sleep(0.05)
+            return
+        self.tracker.reset()
+        self.tracker.arm(revision, self.agents)
+        await asyncio.wait_for(self.tracker.done.wait(), timeout)
+
+    async def check_converged(self, expect: int) -> None:
+        t = time.perf_counter()
+        deadline = time.monotonic() + 60
+        while True:
+            st = await self.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name=self.parent), timeout=60)
+            if st.total_nodes == expect and st.converged_nodes == expect:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"GetNetworkStatus: {st.converged_nodes} of {st.total_nodes} converged, want {expect}")
+            await asyncio.sleep(0.2)
+        info(f"GetNetworkStatus: {st.converged_nodes}/{st.total_nodes} converged (took {(time.perf_counter() - t) * 1000:.0f} ms)")
+
+    # measurements ---------------------------------------------------------------
+
+    def counts(self) -> list[int]:
+        return [a.received for a in self.agents]
+
+    async def settle(self, s: float) -> None:
+        await asyncio.sleep(s)
+
+    async def converge_all(self, reps: int) -> list[float]:
+        gw_name = f"{self.parent}/egressGateways/hub0"
+        lat: list[float] = []
+        cpu0 = cpu_s(self.cp_pid)
+        for r in range(reps):
+            ranges = [RANGE_A, RANGE_B] if r % 2 == 0 else [RANGE_A]
+            before = self.counts()
+            self.tracker.reset()
+            t0 = time.perf_counter()
+            gw = await self.gateways.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+                egress_gateway=egress_pb2.EgressGateway(name=gw_name, ranges=ranges),
+                update_mask=field_mask_pb2.FieldMask(paths=["ranges"])), timeout=30)
+            call_ms = (time.perf_counter() - t0) * 1000
+            self.tracker.arm(int(gw.etag), self.agents)
+            await asyncio.wait_for(self.tracker.done.wait(), 60)
+            ms = (max(a.ack_time for a in self.agents) - t0) * 1000
+            lat.append(ms)
+            got = sum(c - b for c, b in zip(self.counts(), before))
+            info(f"  converge_all #{r}: {ms:.0f} ms (API call {call_ms:.1f} ms), {got} messages")
+            await self.settle(self.args.pause)
+        extra = sum(1 for a in self.agents if a.base_mismatches)
+        if extra:
+            raise RuntimeError(f"{extra} agents got deltas on a base revision they did not have")
+        info(f"converge_all: {reps} changes, control-plane CPU {(cpu_s(self.cp_pid) - cpu0) / reps * 1000:.0f} ms per change "
+             f"(including the pauses' idle work)")
+        return lat
+
+    async def converge_one(self, reps: int, field: str) -> tuple[list[float], list[int]]:
+        """Update one spoke's `field` (listen_port or endpoint) per rep; returns
+        (latency until the affected agents acked, agents that received a message)."""
+        lat: list[float] = []
+        touched: list[int] = []
+        spokes = self.agents[HUBS:]
+        for r in range(reps):
+            a = spokes[(r * 37) % len(spokes)]
+            if field == "listen_port":
+                node = node_pb2.Node(name=a.node, listen_port=51821 + r)
+            else:
+                node = node_pb2.Node(name=a.node, endpoint=f"198.51.100.{r % 250 + 1}:51820")
+            before = self.counts()
+            self.tracker.reset()
+            t0 = time.perf_counter()
+            upd = await self.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+                node=node, update_mask=field_mask_pb2.FieldMask(paths=[field])), timeout=30)
+            rev = int(upd.etag)
+            expected = [a] if field == "listen_port" else self.agents[:HUBS]
+            self.tracker.arm(rev, expected)
+            await asyncio.wait_for(self.tracker.done.wait(), 30)
+            lat.append((max(x.ack_time for x in expected) - t0) * 1000)
+            await self.settle(self.args.pause_one)
+            touched.append(sum(1 for c, b in zip(self.counts(), before) if c != b))
+        return lat, touched
+
+    async def spoke_join(self, spoke_secret: str) -> tuple[int, dict[str, int]]:
+        before = self.counts()
+        sent_before = len(self.agents)
+        resp = await self.enroll(spoke_secret, "s-new")
+        a = self.add_agent("s-new", resp)
+        a.start()
+        rev = int(resp.node.etag)
+        self.tracker.reset()
+        self.tracker.arm(rev, self.agents[:HUBS] + [a])
+        await asyncio.wait_for(self.tracker.done.wait(), 30)
+        await self.settle(1.0)  # anything else that would arrive
+        after = self.counts()
+        per = {self.agents[i].node_id: after[i] - (before[i] if i < sent_before else 0)
+               for i in range(len(after)) if after[i] != (before[i] if i < sent_before else 0)}
+        return sum(per.values()), per
+
+
+async def run(target: str, cp_pid: int, etcd_endpoint: str, args) -> dict[str, float]:
+    out: dict[str, float] = {}
+    ptw = await measure_put_to_watch(etcd_endpoint, warmup=50, ops=args.watch_ops)
+    out["etcd_put_to_watch_p50_ms"] = statistics.median(ptw)
+    info(f"etcd put-to-watch: {len(ptw)} sequential puts, p50 {statistics.median(ptw):.3f} ms, p99 {percentile(ptw, 99):.3f} ms")
+
+    r = Run(target, cp_pid, args)
+    try:
+        hub_secret, spoke_secret = await r.setup_network()
+        await r.enroll_all(hub_secret, spoke_secret, args.agents)
+        await r.gateways.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+            parent=r.parent, egress_gateway_id="hub0",
+            egress_gateway=egress_pb2.EgressGateway(node=f"{r.parent}/nodes/hub0", ranges=[RANGE_A])), timeout=30)
+        info(f"control plane after enrolment: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
+        await r.connect_all()
+        await r.check_converged(args.agents)
+        await asyncio.sleep(1.0)
+        out["cp_rss_1000_streams_mb"] = rss_mb(cp_pid)
+        info(f"control plane with {args.agents} streams: RSS {out['cp_rss_1000_streams_mb']:.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
+
+        lat = await r.converge_all(args.reps)
+        out["converge_all_1000_p50_ms"] = statistics.median(lat)
+        out["converge_all_1000_p99_ms"] = percentile(lat, 99)
+        info(f"converge_all: {len(lat)} changes, p50 {statistics.median(lat):.0f} ms, p99 {percentile(lat, 99):.0f} ms, "
+             f"min {min(lat):.0f} ms, max {max(lat):.0f} ms")
+
+        lat1, touched = await r.converge_one(args.reps_one, "listen_port")
+        out["converge_one_p99_ms"] = percentile(lat1, 99)
+        info(f"converge_one (spoke listen_port): {len(lat1)} changes, p50 {statistics.median(lat1):.1f} ms, "
+             f"p99 {percentile(lat1, 99):.1f} ms; agents receiving a message per change: {sorted(set(touched))}")
+        lat2, touched2 = await r.converge_one(max(5, args.reps_one // 4), "endpoint")
+        info(f"spoke endpoint change (reaches the {HUBS} hubs): p50 {statistics.median(lat2):.1f} ms, "
+             f"p99 {percentile(lat2, 99):.1f} ms; agents receiving a message per change: {sorted(set(touched2))}")
+
+        n, per = await r.spoke_join(spoke_secret)
+        out["msgs_per_spoke_join"] = n
+        info(f"spoke join: {n} messages received: {per}")
+        await r.check_converged(args.agents + 1)
+        info(f"control plane at the end: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s total")
+        return out
+    finally:
+        await r.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--agents", type=int, default=1000)
+    ap.add_argument("--channels", type=int, default=1000, help="gRPC channels (TCP connections) the agents share")
+    ap.add_argument("--reps", type=int, default=20, help="changes touching every agent")
+    ap.add_argument("--reps-one", type=int, default=100, help="changes touching one agent")
+    ap.add_argument("--pause", type=float, default=0.3, help="seconds between changes touching every agent")
+    ap.add_argument("--pause-one", type=float, default=0.05, help="seconds after each one-agent change")
+    ap.add_argument("--enroll-concurrency", type=int, default=4)
+    ap.add_argument("--watch-ops", type=int, default=500)
+    args = ap.parse_args()
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    tmp = tempfile.mkdtemp(prefix="meshgate-bench-conv-")
+    etcd_proc: EtcdProcess | None = None
+    cp: ServiceProcess | None = None
+    ok = False
+    t_start = time.perf_counter()
+    try:
+        etcd_proc = EtcdProcess(os.path.join(tmp, "etcd")).start()
+        info(f"etcd on {etcd_proc.endpoint} (pid {etcd_proc.proc.pid})")
+        env_clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESHGATE_"))}
+        cp = ServiceProcess(
+            "meshgate-controlplane",
+            args=["--etcd-endpoints", etcd_proc.endpoint, "--etcd-prefix", "/bench", "--log-level", "warning"],
+        )
+        saved_env = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env_clean)
+        try:
+            cp.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+        info(f"control plane on {cp.target} (pid {cp.proc.pid})")
+
+        res = asyncio.run(run(cp.target, cp.proc.pid, etcd_proc.endpoint, args))
+        for name, unit in (
+            ("converge_all_1000_p50_ms", "ms"),
+            ("converge_all_1000_p99_ms", "ms"),
+            ("converge_one_p99_ms", "ms"),
+            ("msgs_per_spoke_join", "msgs"),
+            ("cp_rss_1000_streams_mb", "MB"),
+            ("etcd_put_to_watch_p50_ms", "ms"),
+        ):
+            bench(name, res[name], unit)
+        ok = True
+    except Exception as e:  # report, then clean up below
+        info(f"benchmark failed: {type(e).__name__}: {e}")
+        if cp is not None and cp.proc is not None:
+            info(f"control-plane log tail:\n{cp.log()}")
+    finally:
+        if cp is not None:
+            cp.stop()
+            if cp.log_path:
+                shutil.rmtree(os.path.dirname(cp.log_path), ignore_errors=True)
+        if etcd_proc is not None:
+            etcd_proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        info(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
