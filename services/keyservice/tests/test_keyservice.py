@@ -1,8 +1,9 @@
-"""The key service, first slice: its API surface, in-process and as a real process.
+"""The key service's surface, in-process and as a real process.
 
 Methods are enumerated from keys_pb2.DESCRIPTOR, so an RPC added to the proto
 and forgotten in the servicer (which would answer the generated "Method not
-implemented!") fails these tests.
+implemented!") fails these tests. An empty request to any method is either
+served or refused as bad input; never UNIMPLEMENTED or INTERNAL.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from meshgate.api.v1 import keys_pb2, keys_pb2_grpc
-from meshgate.common.config import ServerConfig
-from meshgate.common.server import GrpcServer
 from meshgate.common.testing import ServiceProcess
-from meshgate.keyservice.api import KeyService, bindings
+from meshgate.keyservice.api import KeyService
 
 SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeyService"]
 METHODS = [m.name for m in SERVICE.methods]
+# What an empty request gets: OK, or INVALID_ARGUMENT naming the required fields.
+EMPTY_OK = {"GetKeyAuthority"}
 
 
 def test_descriptor_has_methods():
@@ -34,44 +35,50 @@ def test_servicer_overrides_every_method(method):
     assert getattr(KeyService, method) is not getattr(keys_pb2_grpc.KeyServiceServicer, method)
 
 
-def check_unimplemented(err: grpc.RpcError, method: str) -> None:
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert f"KeyService.{method}" in err.details()
-    status = rpc_status.from_call(err)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert any(d.Unpack(info) for d in status.details)
-    assert info.reason == "NOT_IMPLEMENTED" and info.domain == "meshgate.io"
-
-
 def request_for(method: str):
     return getattr(keys_pb2, SERVICE.methods_by_name[method].input_type.name)()
 
 
-@pytest.fixture
-async def inprocess():
-    server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=1), bindings())
-    port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield keys_pb2_grpc.KeyServiceStub(channel)
-    await channel.close()
-    await server.stop(0)
+def violations(err: grpc.RpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    br = error_details_pb2.BadRequest()
+    for d in status.details:
+        if d.Unpack(br):
+            return {v.field: v.description for v in br.field_violations}
+    return {}
+
+
+def check_empty(stub, method: str) -> None:
+    if method in EMPTY_OK:
+        getattr(stub, method)(request_for(method), timeout=10)
+        return
+    with pytest.raises(grpc.RpcError) as ei:
+        getattr(stub, method)(request_for(method), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, ei.value.details())
+    assert violations(ei.value), method
 
 
 @pytest.mark.parametrize("method", METHODS)
-async def test_every_rpc_unimplemented_in_process(inprocess, method):
+async def test_every_rpc_served_in_process(ks, method):
+    if method in EMPTY_OK:
+        await getattr(ks.stub, method)(request_for(method), timeout=10)
+        return
     with pytest.raises(grpc.aio.AioRpcError) as ei:
-        await getattr(inprocess, method)(request_for(method), timeout=10)
-    check_unimplemented(ei.value, method)
+        await getattr(ks.stub, method)(request_for(method), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, ei.value.details())
+    assert violations(ei.value)
 
 
 # --- the real process ----------------------------------------------------------
 
 
 @pytest.fixture
-def keyservice(etcd_server, etcd_prefix):
+def keyservice(etcd_server, etcd_prefix, kek_env, keks, tmp_path):
+    keks.new("k1")
     proc = ServiceProcess(
-        "meshgate-keyservice", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
+        "meshgate-keyservice", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix],
+        env=kek_env("k1", path=str(tmp_path / "kek")),
     ).start()
     yield proc
     assert proc.stop() == 0, proc.log()
@@ -100,19 +107,21 @@ def test_process_health_reflection_and_surface(keyservice):
     with grpc.insecure_channel(target) as ch:
         stub = keys_pb2_grpc.KeyServiceStub(ch)
         for method in METHODS:
-            with pytest.raises(grpc.RpcError) as ei:
-                getattr(stub, method)(request_for(method), timeout=10)
-            check_unimplemented(ei.value, method)
+            check_empty(stub, method)
+        ka = stub.GetKeyAuthority(keys_pb2.GetKeyAuthorityRequest(), timeout=10)
+        assert len(ka.public_keys) == 1 and len(ka.public_keys[0]) == 32
     assert "KeyService" in keyservice.log()  # "serving meshgate.api.v1.KeyService on port ..."
 
 
-def test_process_config_from_env(etcd_server, etcd_prefix):
+def test_process_config_from_env(etcd_server, etcd_prefix, keks, kek_env):
+    keks.new("k1")
     proc = ServiceProcess(
         "meshgate-keyservice",
         env={
             "MESHGATE_KEYSERVICE_ETCD_ENDPOINTS": etcd_server.endpoint,
             "MESHGATE_KEYSERVICE_ETCD_PREFIX": etcd_prefix,
             "MESHGATE_KEYSERVICE_LOG_LEVEL": "debug",
+            **kek_env("k1"),
         },
     ).start()
     try:
@@ -123,4 +132,7 @@ def test_process_config_from_env(etcd_server, etcd_prefix):
     log = proc.log(tail=0)
     assert f"config etcd_prefix = '{etcd_prefix}' (env MESHGATE_KEYSERVICE_ETCD_PREFIX)" in log
     assert "config etcd_endpoints" in log and "(env MESHGATE_KEYSERVICE_ETCD_ENDPOINTS)" in log
+    assert "config kek = <secret> (env MESHGATE_KEYSERVICE_KEK)" in log
     assert "[service=keyservice]" in log
+    for form in (keks.line("k1").split(":")[1], keks.made["k1"].hex()):
+        assert form not in log

@@ -1,47 +1,62 @@
-"""gRPC handlers of the key service (first slice: the surface only)."""
+"""gRPC handlers of the key service: request in, core call, response out; no logic."""
 
 from __future__ import annotations
 
-import grpc
+from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import keys_pb2, keys_pb2_grpc
-from meshgate.common.errors import ApiError
+from meshgate.common.errors import FieldViolation, invalid_argument
 from meshgate.common.server import ServiceBinding
-
-
-def _not_yet(method: str) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"KeyService.{method} is part of the API but not implemented in this release",
-        "NOT_IMPLEMENTED",
-    )
+from meshgate.keyservice import names
+from meshgate.keyservice.core import KeyServiceCore
+from meshgate.keyservice.scheduler import request_node_rotation
 
 
 class KeyService(keys_pb2_grpc.KeyServiceServicer):
+    def __init__(self, core: KeyServiceCore) -> None:
+        self.core = core
+
     async def RegisterNodeKey(self, request, context):
-        raise _not_yet("RegisterNodeKey")
+        return await self.core.authority.register(request.node, request.public_key)
 
     async def GetKeyAuthority(self, request, context):
-        raise _not_yet("GetKeyAuthority")
+        keys = await self.core.authority.public_keys()
+        return keys_pb2.KeyAuthority(public_keys=[k.public_key for k in keys], key_ids=[k.key_id for k in keys])
 
     async def IssuePresharedKeys(self, request, context):
-        raise _not_yet("IssuePresharedKeys")
+        psks = await self.core.psk.issue(request.network, list(request.pairs))
+        return keys_pb2.IssuePresharedKeysResponse(keys=[p.to_proto() for p in psks])
 
     async def RotatePresharedKeys(self, request, context):
-        raise _not_yet("RotatePresharedKeys")
+        if request.pairs:
+            n = await self.core.psk.rotate(request.network, list(request.pairs))
+        else:
+            n = await self.core.psk.rotate_all(request.network)
+        return keys_pb2.RotatePresharedKeysResponse(rotated=n)
 
     async def RotateNodeKey(self, request, context):
-        raise _not_yet("RotateNodeKey")
+        parsed = names.parse_child(request.node, "nodes")
+        if parsed is None:
+            raise invalid_argument([FieldViolation("node", names.node_rule())])
+        resp = await request_node_rotation(self.core.vault, *parsed)
+        assert resp is not None
+        return resp
 
     async def IssueClientKeyPair(self, request, context):
-        raise _not_yet("IssueClientKeyPair")
+        pair = await self.core.clients.issue(request.external_client)
+        return keys_pb2.ClientKeyPair(public_key=pair.public_key, private_key=pair.private_key)
 
     async def SignCertificate(self, request, context):
-        raise _not_yet("SignCertificate")
+        issued = await self.core.ca.sign(request.csr, request.identity)
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(issued.not_after)
+        return keys_pb2.Certificate(certificate_chain=issued.chain_pem, expire_time=ts)
 
     async def RotateKeyEncryptionKey(self, request, context):
-        raise _not_yet("RotateKeyEncryptionKey")
+        if not request.new_key_id:
+            raise invalid_argument([FieldViolation("new_key_id", "is required")])
+        return keys_pb2.RotateKeyEncryptionKeyResponse(rewrapped=await self.core.vault.rotate_kek(request.new_key_id))
 
 
-def bindings() -> list[ServiceBinding]:
-    return [ServiceBinding.of(keys_pb2, keys_pb2_grpc, "KeyService", KeyService())]
+def bindings(core: KeyServiceCore) -> list[ServiceBinding]:
+    return [ServiceBinding.of(keys_pb2, keys_pb2_grpc, "KeyService", KeyService(core))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from meshgate.common import config, logsetup, telemetry
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer, serve
 from meshgate.keyservice.api import bindings
+from meshgate.keyservice.core import KeyServiceCore
+from meshgate.keyservice.sealing import KekError, Keyring
 
 log = logging.getLogger("meshgate.keyservice")
 
@@ -19,14 +22,51 @@ log = logging.getLogger("meshgate.keyservice")
 class KeyServiceConfig(config.ServerConfig):
     """Key-service settings."""
 
-    listen: str = config.option("127.0.0.1:7401", "address to serve gRPC on, host:port (port 0 picks a free one)")
+    listen: str = config.option(
+        "127.0.0.1:7401",
+        "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
+    )
+    kek_file: str = config.option(
+        "", "file of key-encryption keys, one '<id>:<base64 of 32 bytes>' per line; the first seals a new store. "
+        "Re-read when a rotation or a stored secret names a KEK this replica does not hold yet"
+    )
+    kek: str = config.option(
+        "", "key-encryption keys given directly, '<id>:<base64>' entries separated by commas (prefer the file)",
+        secret=True,
+    )
+    cert_validity_hours: float = config.option(24.0, "validity of certificates the internal CA signs, in hours")
+    scheduler: bool = config.option(True, "take part in the election for running scheduled rotations")
+    scheduler_interval: float = config.option(30.0, "seconds between two checks for due rotations (leader only)")
+    election_ttl: int = config.option(10, "seconds of the scheduler leader's lease; a dead leader is replaced within it")
 
 
 async def run(cfg: KeyServiceConfig) -> None:
+    try:
+        keyring = Keyring.from_config(cfg.kek_file, cfg.kek)
+    except KekError as e:
+        raise SystemExit(f"meshgate-keyservice: {e}") from None
     etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
-    server = GrpcServer(cfg, bindings())
-    await serve(server, on_shutdown=[etcd.close])
+    core = KeyServiceCore(
+        etcd, keyring, cert_validity=dt.timedelta(hours=cfg.cert_validity_hours), scheduler=cfg.scheduler,
+        scheduler_interval=cfg.scheduler_interval, election_ttl=cfg.election_ttl,
+    )
+    try:
+        await core.start()
+    except KekError as e:
+        await etcd.close()
+        raise SystemExit(f"meshgate-keyservice: {e}") from None
+    except BaseException:
+        await core.stop()
+        await etcd.close()
+        raise
+
+    async def shutdown() -> None:
+        await core.stop()
+        await etcd.close()
+
+    server = GrpcServer(cfg, bindings(core))
+    await serve(server, on_shutdown=[shutdown])
 
 
 def main(argv: list[str] | None = None) -> None:
