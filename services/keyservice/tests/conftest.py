@@ -9,7 +9,7 @@
 - `secrets`: a list tests append every secret they were handed to (PSKs,
   client private keys, ...).
 - `never_in_open` (autouse): captures every log record at DEBUG during the
-  test; at the end, collects every secret the test's etcd prefix holds (by
+  test (and the logs of processes the test put in `process_logs`); at the end, collects every secret the test's etcd prefix holds (by
   opening each envelope with every KEK the test made) plus `secrets` and
   the KEKs themselves, and fails if any of them appears, raw or as hex,
   base64 or urlsafe base64 (padded or not), in any raw etcd value under the
@@ -112,8 +112,14 @@ def open_all(raw: dict[bytes, bytes], prefix: bytes, keks: Keks) -> list[bytes]:
     return out
 
 
+@pytest.fixture
+def process_logs() -> list[str]:
+    """Logs of key-service processes a test ran; the guard scans them too."""
+    return []
+
+
 @pytest.fixture(autouse=True)
-async def never_in_open(request, caplog, keks, secrets):
+async def never_in_open(request, caplog, keks, secrets, process_logs):
     caplog.set_level(logging.DEBUG)
     uses_etcd = "etcd_prefix" in request.fixturenames and "etcd_server" in request.fixturenames
     # Requested here so that they are torn down after this fixture's check.
@@ -130,7 +136,7 @@ async def never_in_open(request, caplog, keks, secrets):
         await client.close()
     stored = open_all(raw, client.prefix, keks)
     everything = [*stored, *secrets, *keks.made.values()]
-    texts = [record_text(r) for r in caplog.records]
+    texts = [record_text(r) for r in caplog.records] + process_logs
     leaks = find_leaks(everything, list(raw.values()), texts)
     assert not leaks, leaks
     request.node.user_properties.append(("secrets_checked", len(everything)))
@@ -197,3 +203,9 @@ def kek_env(keks):
         return _kek_env(keks, *ids, path=path)
 
     return env
+
+
+@pytest.fixture
+def leaks():
+    """`find_leaks(secrets, raw values, texts) -> [what leaked where]`, for tests that check more places."""
+    return find_leaks
