@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(etcd-server etcd-client wireguard-go wireguard-tools nftables iproute2 iperf3 procps python3-venv)
+DEB_PACKAGES=(etcd-server etcd-client wireguard-go wireguard-tools nftables iproute2 iperf3 iputils-ping procps python3-venv)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -74,6 +74,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.DesiredStateDelta.egress_changed': 'When true, `egress` replaces all egress configuration.',
  'meshgate.api.v1.DesiredStateDelta.interface': 'When set, replaces the interface.',
  'meshgate.api.v1.DesiredStateDelta.removed_peers': 'Public keys of peers to remove.',
+ 'meshgate.api.v1.DesiredStateDelta.revision': 'The revision the state is at once the delta is applied (the same as '
+                                               'the\n'
+                                               "carrying SyncResponse's revision), so a delta is complete on its own.",
  'meshgate.api.v1.DesiredStateDelta.routes_changed': 'When true, `routes` replaces all routes.',
  'meshgate.api.v1.DesiredStateDelta.upserted_peers': 'Peers added or changed, replaced whole, matched by public key.',
  'meshgate.api.v1.EgressConfig': 'What an egress gateway node forwards and NATs.',

@@ -39,7 +39,10 @@ def option(default: Any, help: str, *, secret: bool = False, choices: Sequence[s
 class ServerConfig:
     """Settings every meshgate gRPC server has."""
 
-    listen: str = option("127.0.0.1:0", "address to serve gRPC on, host:port (port 0 picks a free one)")
+    listen: str = option(
+        "127.0.0.1:0",
+        "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
+    )
     etcd_endpoints: str = option("127.0.0.1:2379", "etcd endpoint, host:port")
     etcd_prefix: str = option("/meshgate", "key prefix under which all meshgate state lives in etcd")
     tls_cert: str = option("", "PEM certificate file for TLS; without it the server speaks plaintext")

@@ -123,7 +123,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def listen_addresses(listen: str) -> list[str]:
+    """`--listen` may name several addresses, comma-separated; `unix:/path`
+    serves on a Unix socket (reachable from other network namespaces of the
+    host, which is how agents in test namespaces reach a local control plane)."""
+    return [a.strip() for a in listen.split(",") if a.strip()]
+
+
 def is_loopback(listen: str) -> bool:
+    if listen.startswith("unix:"):
+        return True
     host = listen.rsplit(":", 1)[0].strip("[]")
     if host in ("localhost",):
         return True
@@ -135,9 +144,10 @@ def is_loopback(listen: str) -> bool:
 
 def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     if not cfg.tls_cert:
-        if not is_loopback(cfg.listen) and not cfg.insecure:
+        outside = [a for a in listen_addresses(cfg.listen) if not is_loopback(a)]
+        if outside and not cfg.insecure:
             raise SystemExit(
-                f"refusing to serve plaintext on non-loopback address {cfg.listen}: "
+                f"refusing to serve plaintext on non-loopback address {outside[0]}: "
                 "configure --tls-cert/--tls-key, or pass --insecure for development"
             )
         return None
@@ -189,12 +199,18 @@ class GrpcServer:
 
     async def start(self) -> int:
         creds = _credentials(self.cfg)
-        if creds is None:
-            self.port = self.server.add_insecure_port(self.cfg.listen)
-        else:
-            self.port = self.server.add_secure_port(self.cfg.listen, creds)
-        if not self.port:
-            raise SystemExit(f"cannot listen on {self.cfg.listen}")
+        self.port = 0
+        for address in listen_addresses(self.cfg.listen):
+            if creds is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, creds)
+            if not port:
+                raise SystemExit(f"cannot listen on {address}")
+            if not address.startswith("unix:") and not self.port:
+                self.port = port  # the first TCP port is the one reported
+        if not listen_addresses(self.cfg.listen):
+            raise SystemExit("--listen names no address")
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for s in self.services:

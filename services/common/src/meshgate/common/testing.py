@@ -122,7 +122,9 @@ class OtlpReceiver:
         self.server = None
         self.port = 0
 
-    async def start(self) -> "OtlpReceiver":
+    async def start(self, unix_path: str = "") -> "OtlpReceiver":
+        """Listen on a free loopback port, and on `unix_path` too when given
+        (processes in other network namespaces reach it there)."""
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
         receiver = self
@@ -141,6 +143,9 @@ class OtlpReceiver:
         self.server = grpc.aio.server()
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.unix_path = unix_path
+        if unix_path:
+            self.server.add_insecure_port(f"unix:{unix_path}")
         await self.server.start()
         return self
 
@@ -148,10 +153,10 @@ class OtlpReceiver:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def env(self, service: str) -> dict[str, str]:
+    def env(self, service: str, via_unix: bool = False) -> dict[str, str]:
         """Environment that makes a meshgate process export its spans here, fast."""
         return {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"unix://{self.unix_path}" if via_unix else self.endpoint,
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_SERVICE_NAME": service,
             "OTEL_BSP_SCHEDULE_DELAY": "100",

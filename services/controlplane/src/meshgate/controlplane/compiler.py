@@ -231,10 +231,22 @@ def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerI
     return out
 
 
+# The fields of a node that other nodes' desired states are computed from (in
+# compile_node, PeerIndex and active_gateways). Hazard: a field the compiler
+# starts reading from peers must be added here.
+PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags")
+
+
 def affected_by_node(before: NetworkState | None, after: NetworkState | None, name: str) -> set[str]:
     """Nodes whose desired state may change when node `name` changes: itself
-    and its peers before and after, plus everyone if it runs a gateway."""
+    and its peers before and after, plus everyone if it runs a gateway; only
+    itself when none of its `PEER_VISIBLE_FIELDS` changed (say its listen
+    port)."""
     out = {name}
+    old = before.nodes.get(name) if before is not None else None
+    new = after.nodes.get(name) if after is not None else None
+    if old is not None and new is not None and all(getattr(old, f) == getattr(new, f) for f in PEER_VISIBLE_FIELDS):
+        return out
     for st in (before, after):
         if st is None or name not in st.nodes:
             continue

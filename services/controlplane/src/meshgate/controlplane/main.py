@@ -19,7 +19,10 @@ log = logging.getLogger("meshgate.controlplane")
 class ControlPlaneConfig(config.ServerConfig):
     """Control-plane settings (all of the server kit's, for now)."""
 
-    listen: str = config.option("127.0.0.1:7400", "address to serve gRPC on, host:port (port 0 picks a free one)")
+    listen: str = config.option(
+        "127.0.0.1:7400",
+        "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
+    )
 
 
 async def run(cfg: ControlPlaneConfig) -> None:

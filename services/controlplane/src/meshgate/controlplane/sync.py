@@ -54,6 +54,7 @@ QUEUE_SIZE = 64
 HEARTBEAT_S = 20.0
 LEASE_TTL_S = 15
 STATUS_FLUSH_S = 0.05
+YIELD_EVERY = 64  # compiles between yields to the event loop in a fan-out
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
 
 
@@ -261,6 +262,11 @@ class Fanout:
                     if name not in self.sessions:
                         continue
                     recomputed += 1
+                    if recomputed % YIELD_EVERY == 0:
+                        # Let the streams send what is queued (and other calls
+                        # run) while a large change is still being compiled.
+                        # The cache does not move on until this listener returns.
+                        await asyncio.sleep(0)
                     index = index or compiler.PeerIndex(st)
                     new = compiler.compile_node(st, name, change.revision, index)
                     dg = digest(new)

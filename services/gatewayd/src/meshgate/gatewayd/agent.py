@@ -23,6 +23,8 @@ import random
 import signal
 from typing import Any
 
+from opentelemetry import propagate, trace
+
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common import logsetup
 from meshgate.gatewayd.backoff import Backoff, jittered
@@ -49,6 +51,9 @@ class Agent:
         self._applied_gen = -1
         self._need_full = True
         self._wake = asyncio.Event()
+        # Trace contexts of the updates not applied yet: the next pass is a child
+        # of the newest and links the others (updates coalesce into one pass).
+        self._traces: list[str] = []
         self.status: dict[str, Any] = {
             "state": "waiting", "applied_revision": None, "last_error": None, "attempt": 0,
             "full_syncs": 0, "delta_syncs": 0, "rejected": 0, "backend": reconciler.backend.name,
@@ -181,6 +186,8 @@ class Agent:
             log.error("rejected desired state: %s", e)
             self._record_error(str(e), rejected=True)
             return False
+        if getattr(update, "traceparent", ""):
+            self._traces.append(update.traceparent)
         self._set_target(msg, desired)
         return True
 
@@ -188,15 +195,18 @@ class Agent:
         assert self.target is not None and self.target_msg is not None
         full, gen, target, msg = self._need_full, self._target_gen, self.target, self.target_msg
         self._need_full = False
+        traces, self._traces = self._traces, []
         try:
             try:
-                result = await asyncio.to_thread(self.rec.reconcile, target, full)
+                with _apply_span(traces, target, full):
+                    result = await asyncio.to_thread(self.rec.reconcile, target, full)
             except ApplyError:
                 raise
             except Exception as e:  # a bug or an unexpected host error: keep the agent alive
                 log.exception("unexpected error during a %s pass", "full" if full else "delta")
                 raise ApplyError("internal", f"{type(e).__name__}") from None
         except ApplyError as e:
+            self._traces = traces + self._traces  # the retry continues the same traces
             self._need_full = True
             self._record_error(str(e))
             self.status["state"] = "retrying"
@@ -238,3 +248,24 @@ class Agent:
                 await self.source.report(report)
             except Exception as e:  # a reporting failure must not stop reconciling
                 log.warning("report to source failed: %s", e)
+
+
+_tracer = trace.get_tracer("meshgate.gatewayd")
+
+
+def _apply_span(traceparents: list[str], target: Desired, full: bool):
+    """The span of one pass: a child of the newest change's trace, with links to
+    the other changes it also applies."""
+    contexts = [propagate.extract({"traceparent": tp}) for tp in traceparents if tp]
+    parent = contexts[-1] if contexts else None
+    links = []
+    for ctx in contexts[:-1]:
+        sc = trace.get_current_span(ctx).get_span_context()
+        if sc.is_valid:
+            links.append(trace.Link(sc))
+    return _tracer.start_as_current_span(
+        "gatewayd.apply",
+        context=parent,
+        links=links,
+        attributes={"meshgate.node": target.node, "meshgate.revision": target.revision, "meshgate.full": full},
+    )

@@ -144,15 +144,46 @@ class Node:
                            f"{r.stdout}\n{r.stderr}")
         return r
 
-    def start(self, msg: pb.DesiredState | None = None, resync: float = 3600.0) -> subprocess.Popen:
+    def start(self, msg: pb.DesiredState | None = None, resync: float = 3600.0,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``gatewayd run``: following ``msg`` through a file when given, else the
+        control plane it joined (or the state on disk)."""
         args = [PY, "-m", "meshgate.gatewayd", "run", "--state-dir", str(self.state_dir),
-                "--backend", self.backend, "--resync-interval", str(resync)]
+                "--backend", self.backend, "--resync-interval", str(resync),
+                "--interface", self.ifname]
         if msg is not None:
             args += ["--file", str(self.write(msg))]
-        log = open(self.state_dir.parent / f"{self.state_dir.name}-daemon.log", "a")
-        self.daemon = self.host.spawn(*args, stdout=log, stderr=log)
+        log = open(self.log_path, "a")
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
+        self.daemon = self.host.spawn(*args, stdout=log, stderr=log, env=full_env)
         log.close()
         return self.daemon
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir.parent / f"{self.state_dir.name}-daemon.log"
+
+    def join(self, control_plane: str, secret: str, node_id: str, endpoint: str = "") -> str:
+        """``gatewayd join``; returns its output (the node name and addresses)."""
+        r = self.host.run(PY, "-m", "meshgate.gatewayd", "join", "--key-file",
+                          str(self._secret_file(secret)), "--control-plane", control_plane,
+                          "--node-id", node_id, "--endpoint", endpoint, "--state-dir",
+                          str(self.state_dir), "--backend", self.backend, check=False)
+        if r.returncode != 0:
+            raise LabError(f"gatewayd join in {self.host.name} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r.stdout
+
+    def _secret_file(self, secret: str) -> Path:
+        path = self.state_dir.parent / f"{self.state_dir.name}-enroll.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secret.encode())
+        finally:
+            os.close(fd)
+        return path
 
     def follow(self, msg: pb.DesiredState) -> None:
         """Change the desired state a running ``gatewayd run --file`` follows."""

@@ -1,5 +1,7 @@
-"""The ``gatewayd`` command line: ``run`` (the agent), ``apply`` (one reconcile of a
-desired state from a file, then exit), ``plan``, ``show``, ``down``, ``public-key``.
+"""The ``gatewayd`` command line: ``join`` (enroll into a network), ``run`` (the agent:
+streams from the control plane once joined, or follows a file), ``apply`` (one
+reconcile of a desired state from a file, then exit), ``plan``, ``show``, ``down``,
+``public-key``.
 
 Exit codes: 0 success, 1 apply failed, 2 bad input (the desired state or a flag),
 3 the host lacks something gatewayd needs.
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default=os.environ.get("MESHGATE_LOG_LEVEL", "info"))
     common.add_argument("--log-format", choices=["text", "json"],
                         default=os.environ.get("MESHGATE_LOG_FORMAT", "text"))
+    common.add_argument("--interface", "-i", dest="default_interface", metavar="NAME",
+                        help="WireGuard interface name when the desired state names none "
+                        "(default mg0; env MESHGATE_GATEWAYD_DEFAULT_INTERFACE)")
     p = argparse.ArgumentParser(
         prog="gatewayd",
         description="meshgate node agent: reconciles WireGuard, routes, nftables NAT and "
@@ -62,15 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", parents=[common], help="print what `apply` would change, change nothing")
     pl.add_argument("--file", "-f", type=Path, required=True)
     pl.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
+    j = sub.add_parser("join", parents=[common], help="join a network with an enrollment key: "
+                       "generate the key pair here, enroll, save the identity for `run`")
+    j.add_argument("enrollment_key", nargs="?", default=os.environ.get("MESHGATE_ENROLLMENT_KEY"),
+                   help="the enrollment key's secret (or env MESHGATE_ENROLLMENT_KEY, or --key-file)")
+    j.add_argument("--key-file", type=Path, help="read the enrollment key's secret from this file")
+    j.add_argument("--control-plane", required=not os.environ.get("MESHGATE_CONTROL_PLANE"),
+                   default=os.environ.get("MESHGATE_CONTROL_PLANE"),
+                   help="control plane address, host:port or unix:/path (env MESHGATE_CONTROL_PLANE)")
+    j.add_argument("--ca-file", default="", help="PEM CA to verify the control plane's TLS certificate")
+    j.add_argument("--node-id", default="", help="node id to take (default: from the host name)")
+    j.add_argument("--endpoint", default="", help="host:port other nodes reach this node at, if any")
+    j.add_argument("--listen-port", type=int, default=0, help="WireGuard listen port (default: the network's)")
     r = sub.add_parser("run", parents=[common], help="run the agent: restore the last applied "
-                       "state from disk, follow a desired-state source, resync periodically")
+                       "state from disk, then stream from the control plane (once joined) or "
+                       "follow a file; resync periodically")
     r.add_argument("--file", "-f", type=Path, help="follow this desired-state file "
-                   "(re-read when it changes); without it the agent keeps the state on disk")
+                   "(re-read when it changes) instead of the control plane; without either the "
+                   "agent keeps the state on disk")
+    r.add_argument("--control-plane", help="override the control plane address saved by `join`")
     r.add_argument("--resync-interval", type=float, help="seconds between full resyncs (default 60)")
-    s = sub.add_parser("show", parents=[common], help="print the observed state as JSON (no secrets)")
-    s.add_argument("--interface", "-i", help="interface (default: the last applied one, or mg0)")
-    d = sub.add_parser("down", parents=[common], help="remove everything gatewayd owns on this host")
-    d.add_argument("--interface", "-i")
+    sub.add_parser("show", parents=[common], help="print the observed state as JSON (no secrets); "
+                   "--interface defaults to the last applied one")
+    sub.add_parser("down", parents=[common], help="remove everything gatewayd owns on this host; "
+                   "--interface defaults to the last applied one")
     sub.add_parser("public-key", parents=[common],
                    help="print the node's public key, generating the key pair on first use")
     return p
@@ -84,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "state_dir": args.state_dir,
             "backend": args.backend,
             "resync_interval": getattr(args, "resync_interval", None),
+            "default_interface": args.default_interface,
         })
     except ValueError as e:
         print(f"gatewayd: {e}", file=sys.stderr)
@@ -106,6 +127,39 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _join(args: argparse.Namespace, settings: Settings) -> int:
+    import socket
+
+    import grpc
+
+    from meshgate.gatewayd.store import StateStore
+    from meshgate.gatewayd.stream import join
+
+    secret = args.enrollment_key
+    if args.key_file:
+        secret = args.key_file.read_text().strip()
+    if not secret:
+        print("gatewayd: join needs an enrollment key (argument, --key-file or MESHGATE_ENROLLMENT_KEY)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    _, public_key = StateStore(settings.state_dir).keypair()
+    try:
+        identity, resp = asyncio.run(join(
+            args.control_plane, secret, public_key, settings.state_dir, node_id=args.node_id,
+            hostname=socket.gethostname(), endpoint=args.endpoint, listen_port=args.listen_port,
+            ca_file=args.ca_file,
+        ))
+    except grpc.aio.AioRpcError as e:
+        code = e.code()
+        print(f"gatewayd: join refused: {code.name}: {e.details()}", file=sys.stderr)
+        return EXIT_INVALID if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+                                        grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS) else 1
+    node = resp.node
+    print(f"joined as {node.name}: {node.ipv4_address}" + (f", {node.ipv6_address}" if node.ipv6_address else ""))
+    print(f"identity saved in {settings.state_dir}; start the agent with `gatewayd run`")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from meshgate.gatewayd.reconciler import Reconciler
     from meshgate.gatewayd.store import StateStore
@@ -113,17 +167,37 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "public-key":
         print(StateStore(settings.state_dir).keypair()[1])
         return 0
+    if args.command == "join":
+        return _join(args, settings)
     if args.command == "run":
+        from meshgate.common import telemetry
         from meshgate.gatewayd.agent import Agent
         from meshgate.gatewayd.sources import FileSource
+        from meshgate.gatewayd.stream import ControlPlaneSource, Identity
 
         rec = Reconciler.for_host(settings)
-        source = FileSource(args.file) if args.file else None
-        return asyncio.run(Agent(rec, settings, source).run_forever())
+        source = None
+        if args.file:
+            source = FileSource(args.file)
+        else:
+            identity = Identity.load(settings.state_dir)
+            if identity is not None:
+                if args.control_plane:
+                    identity.control_plane = args.control_plane
+                last = rec.store.load_desired()
+                source = ControlPlaneSource(identity, last.revision if last else 0)
+                log.info("node %s, control plane %s", identity.node, identity.control_plane)
+            else:
+                log.info("not joined and no --file: keeping the state on disk")
+        provider = telemetry.configure("meshgate-gatewayd")
+        try:
+            return asyncio.run(Agent(rec, settings, source).run_forever())
+        finally:
+            telemetry.shutdown(provider)
 
     rec = Reconciler.for_host(settings)
     if args.command in ("show", "down"):
-        ifname = args.interface
+        ifname = args.default_interface
         if not ifname:
             last = rec.store.load_desired()
             ifname = (last.interface.name if last else "") or settings.default_interface

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Snapshot:
     state: pb.DesiredState
+    traceparent: str = ""
+    """W3C trace context of the change that caused it (the apply joins that trace)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Delta:
     delta: pb.DesiredStateDelta
     revision: int
     """The revision the state is at once the delta is applied."""
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)

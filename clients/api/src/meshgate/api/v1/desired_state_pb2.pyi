@@ -291,6 +291,7 @@ class DesiredStateDelta(_message.Message):
     FILTER_RULES_FIELD_NUMBER: _builtins.int
     DEFAULT_ROUTE_CHANGED_FIELD_NUMBER: _builtins.int
     DEFAULT_ROUTE_VIA_PEER_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     base_revision: _builtins.int
     """The revision the delta applies on top of; an agent whose applied revision
     differs asks for a snapshot instead.
@@ -303,6 +304,10 @@ class DesiredStateDelta(_message.Message):
     default_route_changed: _builtins.bool
     """When true, `default_route_via_peer` replaces the current value."""
     default_route_via_peer: _builtins.str
+    revision: _builtins.int
+    """The revision the state is at once the delta is applied (the same as the
+    carrying SyncResponse's revision), so a delta is complete on its own.
+    """
     @_builtins.property
     def upserted_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
         """Peers added or changed, replaced whole, matched by public key."""
@@ -336,10 +341,11 @@ class DesiredStateDelta(_message.Message):
         filter_rules: _abc.Iterable[Global___FilterRule] | None = ...,
         default_route_changed: _builtins.bool = ...,
         default_route_via_peer: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "default_route_changed", b"default_route_changed", "default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "egress_changed", b"egress_changed", "filter_rules", b"filter_rules", "filter_rules_changed", b"filter_rules_changed", "interface", b"interface", "removed_peers", b"removed_peers", "routes", b"routes", "routes_changed", b"routes_changed", "upserted_peers", b"upserted_peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "default_route_changed", b"default_route_changed", "default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "egress_changed", b"egress_changed", "filter_rules", b"filter_rules", "filter_rules_changed", b"filter_rules_changed", "interface", b"interface", "removed_peers", b"removed_peers", "revision", b"revision", "routes", b"routes", "routes_changed", b"routes_changed", "upserted_peers", b"upserted_peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
