@@ -94,3 +94,12 @@ async def test_authority_created_once_across_racing_replicas(etcd, keks):
     finally:
         for c in cores:
             await c.stop()
+
+
+async def test_rotate_node_key_records_the_request(ks):
+    r = await ks.stub.RotateNodeKey(keys_pb2.RotateNodeKeyRequest(node="networks/prod/nodes/a"))
+    kv = await ks.etcd.get(ks.etcd.key("keys", "nodeRotation", "prod", "a"))
+    assert keys_pb2.RotateNodeKeyResponse.FromString(kv.value) == r and r.request_time.seconds > 0
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await ks.stub.RotateNodeKey(keys_pb2.RotateNodeKeyRequest(node="networks/prod"))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and set(violations(ei.value)) == {"node"}

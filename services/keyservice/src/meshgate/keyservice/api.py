@@ -39,7 +39,9 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         if parsed is None:
             raise invalid_argument([FieldViolation("node", names.node_rule())])
         resp = await request_node_rotation(self.core.vault, *parsed)
-        assert resp is not None
+        if resp is None:  # a concurrent request won: it is the answer
+            kv = await self.core.vault.etcd.get(self.core.vault.key("keys/nodeRotation/%s/%s" % parsed))
+            resp = keys_pb2.RotateNodeKeyResponse.FromString(kv.value) if kv else keys_pb2.RotateNodeKeyResponse()
         return resp
 
     async def IssueClientKeyPair(self, request, context):
