@@ -136,3 +136,87 @@ def test_control_plane_restart_loses_no_packets(loop: Loop, egress: Egress, etcd
 
 def _streams_opened(node) -> int:
     return len(re.findall(r"streaming desired state from", node.log_path.read_text()))
+
+
+def test_one_trace_from_api_call_to_every_agents_apply(lab, egress2: Egress, etcd_server, etcd_prefix):
+    """A change made through the API is one trace at a real OTLP receiver: the
+    API call, the control plane's fan-out, and gatewayd's apply on each node
+    the change affects."""
+    import asyncio
+    import threading
+
+    from meshgate.common.testing import OtlpReceiver
+
+    eg = egress2
+    receiver_box: dict = {}
+    ready = threading.Event()
+    loop_ = asyncio.new_event_loop()
+
+    def serve():
+        asyncio.set_event_loop(loop_)
+        receiver_box["r"] = loop_.run_until_complete(OtlpReceiver().start(unix_path=str(lab.dir / "otlp.sock")))
+        ready.set()
+        loop_.run_forever()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    ready.wait(10)
+    otlp = receiver_box["r"]
+    socket = str(lab.dir / "cp.sock")
+    cp = ServiceProcess(
+        "meshgate-controlplane",
+        ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix],
+        listen=f"127.0.0.1:0,unix:{socket}",
+        env=otlp.env("meshgate-controlplane"),
+    ).start()
+    lp = Loop(cp, f"unix:{socket}")
+    try:
+        lp.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
+            network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
+        key = lp.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
+            parent="networks/lab", enrollment_key_id="lab", enrollment_key=enrollment_pb2.EnrollmentKey()))
+        eg.gw.join(lp.socket, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820")
+        for i, c in enumerate(eg.clients):
+            c.join(lp.socket, key.secret, f"client{i}")
+        for n in (eg.gw, *eg.clients):
+            n.start(env=otlp.env("meshgate-gatewayd", via_unix=True))
+        lp.wait_converged(3)
+
+        gw = lp.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+            parent="networks/lab", egress_gateway_id="db",
+            egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/gateway", ranges=[RANGE])))
+        lp.wait_converged(3, at_least=int(gw.etag))
+
+        api_name = "/meshgate.api.v1.EgressGatewayService/CreateEgressGateway"
+        deadline = time.monotonic() + 30
+        spans = []
+        while time.monotonic() < deadline:
+            api = [s for svc, s in otlp.spans if s.name == api_name]
+            if api:
+                spans = otlp.trace(api[0].trace_id)
+                if sum(1 for _, s in spans if s.name == "gatewayd.apply") >= 3:
+                    break
+            time.sleep(0.2)
+        by_name: dict[str, list] = {}
+        for svc, s in spans:
+            by_name.setdefault(s.name, []).append((svc, s))
+        assert api_name in by_name, [s.name for _, s in otlp.spans]
+        (_, api_span), = by_name[api_name]
+        (_, fanout), = by_name["controlplane.fanout"]
+        assert fanout.parent_span_id == api_span.span_id
+        applies = by_name["gatewayd.apply"]
+        nodes = set()
+        for svc, s in applies:
+            assert svc == "meshgate-gatewayd" and s.parent_span_id == api_span.span_id
+            attrs = {a.key: a.value for a in s.attributes}
+            nodes.add(attrs["meshgate.node"].string_value)
+            assert attrs["meshgate.revision"].int_value == int(gw.etag)
+        assert nodes == {"networks/lab/nodes/gateway", "networks/lab/nodes/client0", "networks/lab/nodes/client1"}
+    finally:
+        for n in (eg.gw, *eg.clients):
+            n.stop()
+        lp.channel.close()
+        cp.stop()
+        asyncio.run_coroutine_threadsafe(otlp.stop(), loop_).result(10)
+        loop_.call_soon_threadsafe(loop_.stop)
+        t.join(10)
