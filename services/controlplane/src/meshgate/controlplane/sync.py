@@ -80,6 +80,7 @@ class Session:
     closed: bool = False
     close_reason: ApiError | None = None
     overflows: int = 0
+    agent_version: str = ""
 
     def _snapshot(self, state: ds.DesiredState, traceparent: str) -> agent_pb2.SyncResponse:
         return agent_pb2.SyncResponse(
@@ -220,9 +221,23 @@ class Fanout:
         while True:
             await asyncio.sleep(LEASE_TTL_S / 3)
             try:
-                await self.lease.refresh()
+                reply = await self.lease.refresh()
+                if reply is None or reply.TTL <= 0:
+                    await self._replace_lease()
             except Exception:  # noqa: BLE001
                 log.warning("refreshing the session lease failed; retrying")
+
+    async def _replace_lease(self) -> None:
+        """The lease expired (etcd or this loop stalled for longer than its
+        TTL), taking every session key with it, and etcd refuses puts on it:
+        take a new lease and write the keys of the open sessions again."""
+        log.warning("session lease expired; granting a new one for %d open sessions", len(self.sessions))
+        self.lease = await self.etcd.client.lease(LEASE_TTL_S)
+        t = self.etcd.txn_ops
+        puts = [t.put(self._session_key(n), s.agent_version.encode() or b"-", lease=self.lease)
+                for n, s in list(self.sessions.items())]
+        for i in range(0, len(puts), MAX_TXN_OPS):
+            await self.etcd.txn([], puts[i : i + MAX_TXN_OPS])
 
     def _session_key(self, node: str) -> bytes:
         _, net, _, nid = node.split("/")
@@ -293,7 +308,7 @@ class Fanout:
         old = self.sessions.pop(node, None)
         if old is not None:
             old.close(ApiError(grpc.StatusCode.ABORTED, "superseded by a newer stream from the same node"))
-        session = Session(node)
+        session = Session(node, agent_version=hello.agent_version)
         self.sessions[node] = session
         state = self.current(node)
         if state is None:
