@@ -10,7 +10,6 @@ not created twice.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import signal
@@ -52,15 +51,28 @@ def ensure_network(target: str) -> network_pb2.Network:
             return stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/demo"), timeout=10)
 
 
-def run_demo() -> int:
-    if importlib.util.find_spec("meshgate.gatewayd.demo") is None:
-        say("(the egress demonstration is not available in this build)")
-        return 0
+def run_demo(control_plane: str, agent_socket: str) -> int:
     if os.geteuid() != 0:
         say("(skipping the egress demonstration: it needs root to create network namespaces)")
         return 0
-    say("== egress demonstration (network namespaces, wireguard-go, nftables) ==")
-    return subprocess.call([sys.executable, "-m", "meshgate.gatewayd.demo"])
+    say("== egress demonstration through this control plane (network namespaces, wireguard-go, nftables) ==")
+    return subprocess.call([sys.executable, "-m", "meshgate.gatewayd.demo",
+                            "--control-plane", control_plane, "--agent-socket", agent_socket])
+
+
+def ensure_kek(path: pathlib.Path) -> None:
+    """The key service's key-encryption key: generated once, kept 0600 in the
+    state directory (a new one would not open the secrets already in etcd)."""
+    if path.exists():
+        return
+    out = subprocess.run([sys.executable, "-m", "meshgate.keyservice.sealing", "new", "dev"],
+                         capture_output=True, text=True, check=True).stdout
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, out.encode())
+    finally:
+        os.close(fd)
+    say(f"generated the key service's key-encryption key in {path} (back it up with the etcd data)")
 
 
 def main() -> int:
@@ -93,8 +105,15 @@ def main() -> int:
         say(f"starting etcd on 127.0.0.1:{etcd.client_port} (data in {etcd.data_dir})")
         etcd.start()
         common = ["--etcd-endpoints", etcd.endpoint, "--log-json"]
-        for name, port in (("meshgate-controlplane", args.controlplane_port), ("meshgate-keyservice", args.keyservice_port)):
-            sp = ServiceProcess(name, common, listen=f"127.0.0.1:{port}", log_path=str(state / "logs" / f"{name}.log"))
+        kek = state / "kek"
+        ensure_kek(kek)
+        agent_socket = f"unix:{state / 'controlplane.sock'}"
+        services = (
+            ("meshgate-controlplane", f"127.0.0.1:{args.controlplane_port},{agent_socket}", []),
+            ("meshgate-keyservice", f"127.0.0.1:{args.keyservice_port}", ["--kek-file", str(kek)]),
+        )
+        for name, listen, extra in services:
+            sp = ServiceProcess(name, common + extra, listen=listen, log_path=str(state / "logs" / f"{name}.log"))
             procs.append(sp.start())
             say(f"started {name} on {sp.target} (pid {sp.proc.pid}, log {sp.log_path})")
         cp = procs[0]
@@ -107,7 +126,7 @@ def main() -> int:
             f"print(g.NetworkServiceStub(grpc.insecure_channel('{cp.target}')).ListNetworks(n.ListNetworksRequest()))\""
         )
         say()
-        rc = 0 if args.no_demo else run_demo()
+        rc = 0 if args.no_demo else run_demo(cp.target, agent_socket)
         if rc != 0:
             say(f"the egress demonstration failed (exit {rc})")
             return rc

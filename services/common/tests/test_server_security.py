@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate.common.config import ServerConfig
-from meshgate.common.server import GrpcServer, _credentials, is_loopback
+from meshgate.common.server import GrpcServer, is_loopback, server_credentials
 
 
 @pytest.mark.parametrize(
@@ -43,17 +43,17 @@ def test_is_loopback(listen, loopback):
 @pytest.mark.parametrize("listen", ["192.0.2.1:0", "0.0.0.0:7400", "[::]:7400", "example.com:7400"])
 def test_plaintext_off_loopback_is_refused(listen):
     with pytest.raises(SystemExit) as ei:
-        _credentials(ServerConfig(listen=listen))
+        server_credentials(ServerConfig(listen=listen))
     assert "refusing to serve plaintext" in str(ei.value.code)
     assert "--insecure" in str(ei.value.code)
 
 
 def test_insecure_allows_plaintext_off_loopback():
-    assert _credentials(ServerConfig(listen="192.0.2.1:0", insecure=True)) is None
+    assert server_credentials(ServerConfig(listen="192.0.2.1:0", insecure=True)) is None
 
 
 def test_plaintext_on_loopback_needs_no_flag():
-    assert _credentials(ServerConfig(listen="127.0.0.1:0")) is None
+    assert server_credentials(ServerConfig(listen="127.0.0.1:0")) is None
 
 
 async def test_start_refuses_before_binding():
@@ -129,7 +129,7 @@ async def _check(port: int, creds: grpc.ChannelCredentials | None) -> health_pb2
 
 def test_tls_off_loopback_needs_no_insecure_flag(pki):
     cfg = ServerConfig(listen="192.0.2.1:0", tls_cert=pki["srv.pem"], tls_key=pki["srv.key"])
-    assert isinstance(_credentials(cfg), grpc.ServerCredentials)
+    assert isinstance(server_credentials(cfg), grpc.ServerCredentials)
 
 
 async def test_tls_server(pki):
@@ -170,16 +170,16 @@ async def test_mtls_server_requires_client_certificate(pki):
 
 
 def test_tls_cert_without_key_is_a_clear_exit(pki):
-    from meshgate.common.server import _credentials
+    from meshgate.common.server import server_credentials
 
     with pytest.raises(SystemExit) as e:
-        _credentials(ServerConfig(listen="127.0.0.1:0", tls_cert=pki["srv.pem"]))
+        server_credentials(ServerConfig(listen="127.0.0.1:0", tls_cert=pki["srv.pem"]))
     assert "--tls-key" in str(e.value.code)
 
 
 def test_unreadable_tls_file_is_a_clear_exit(tmp_path):
-    from meshgate.common.server import _credentials
+    from meshgate.common.server import server_credentials
 
     with pytest.raises(SystemExit) as e:
-        _credentials(ServerConfig(listen="127.0.0.1:0", tls_cert=str(tmp_path / "no.pem"), tls_key=str(tmp_path / "no.key")))
+        server_credentials(ServerConfig(listen="127.0.0.1:0", tls_cert=str(tmp_path / "no.pem"), tls_key=str(tmp_path / "no.key")))
     assert "cannot read the TLS certificate" in str(e.value.code)

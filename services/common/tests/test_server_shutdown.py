@@ -9,6 +9,7 @@ Each test checks a handler is installed before signalling, so a broken
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 
@@ -207,8 +208,11 @@ def pid_alive(pid: int) -> bool:
 @pytest.mark.parametrize("entry_point", ["meshgate-controlplane", "meshgate-keyservice"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_real_process_exits_zero_on_signal(etcd_server, etcd_prefix, entry_point, sig):
+    env = {}
+    if entry_point == "meshgate-keyservice":
+        env["MESHGATE_KEYSERVICE_KEK"] = "t:" + base64.b64encode(os.urandom(32)).decode()
     proc = ServiceProcess(
-        entry_point, ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
+        entry_point, ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix], env=env
     ).start()
     try:
         pid = proc.proc.pid

@@ -164,3 +164,16 @@ async def test_network_status_lists_nodes(cp):
     st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
     assert st.total_nodes == 1 and st.nodes[0].node == "networks/prod/nodes/a"
     assert not st.nodes[0].converged
+
+
+async def test_forced_delete_removes_key_service_material_of_that_network_only(cp):
+    await make_network(cp, "a", "100.64.0.0/24")
+    await make_network(cp, "ab", "100.64.1.0/24")
+    e, t = cp.etcd, cp.etcd.txn_ops
+    planted = [e.key("keys", c, net, "x") for c in ("psk", "nodes", "nodeRotation", "clients") for net in ("a", "ab")]
+    planted += [e.key("keys", "rotation", "a"), e.key("keys", "rotation", "ab")]
+    await e.txn([], [t.put(k, b"sealed") for k in planted])
+    await cp.networks.DeleteNetwork(network_pb2.DeleteNetworkRequest(name="networks/a", force=True))
+    left = set(await e.dump())
+    assert all(k not in left for k in planted if b"/a/" in k or k.endswith(b"/rotation/a"))
+    assert all(k in left for k in planted if b"/ab/" in k or k.endswith(b"/rotation/ab"))

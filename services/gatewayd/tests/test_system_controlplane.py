@@ -19,41 +19,18 @@ import pytest
 from meshgate.api.v1 import egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 from meshgate.api.v1 import network_pb2, network_pb2_grpc
 from meshgate.common.testing import ServiceProcess
-from meshgate.gatewayd.lab import Egress
+from meshgate.gatewayd.lab import ControlPlaneView, Egress
 
 EXT_PORT = 7070
 RANGE = "198.51.100.0/24"
 
 
-class Loop:
-    """A control plane process and the API stubs a test drives it with."""
+class Loop(ControlPlaneView):
+    """A control plane process and the API it is driven through."""
 
     def __init__(self, cp: ServiceProcess, socket: str):
+        super().__init__(cp.target, socket)
         self.cp, self.socket = cp, socket
-        self.channel = grpc.insecure_channel(cp.target)
-        self.networks = network_pb2_grpc.NetworkServiceStub(self.channel)
-        self.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(self.channel)
-        self.egress = egress_pb2_grpc.EgressGatewayServiceStub(self.channel)
-
-    def status(self) -> network_pb2.NetworkStatus:
-        return self.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/lab"), timeout=15)
-
-    def wait_converged(self, nodes: int, at_least: int = 0, timeout: float = 60) -> network_pb2.NetworkStatus:
-        """Until every node is connected and has applied its desired state (of
-        revision `at_least` or later)."""
-        deadline = time.monotonic() + timeout
-        st = None
-        while time.monotonic() < deadline:
-            try:
-                st = self.status()
-            except grpc.RpcError:
-                st = None
-            if st is not None and st.total_nodes == nodes and all(
-                n.connected and n.converged and n.applied_revision >= at_least for n in st.nodes
-            ):
-                return st
-            time.sleep(0.1)
-        raise AssertionError(f"not converged (revision >= {at_least}): {st}")
 
 
 def start_control_plane(etcd_server, etcd_prefix, socket: str) -> ServiceProcess:
@@ -72,7 +49,7 @@ def loop(lab, etcd_server, etcd_prefix):
     try:
         yield lp
     finally:
-        lp.channel.close()
+        lp.close()
         lp.cp.stop()
 
 
@@ -121,7 +98,7 @@ def test_control_plane_restart_loses_no_packets(loop: Loop, egress: Egress, etcd
     loop.cp.stop()
     opened = {n.host.name: _streams_opened(n) for n in (eg.gw, client)}
     loop.cp = start_control_plane(etcd_server, etcd_prefix, loop.socket[len("unix:"):])
-    loop.channel.close()
+    loop.close()
     loop.__init__(loop.cp, loop.socket)
     # Each agent reconnected (a new stream, a fresh snapshot) and converged again.
     loop.wait_converged(2)
@@ -215,7 +192,7 @@ def test_one_trace_from_api_call_to_every_agents_apply(lab, egress2: Egress, etc
     finally:
         for n in (eg.gw, *eg.clients):
             n.stop()
-        lp.channel.close()
+        lp.close()
         cp.stop()
         asyncio.run_coroutine_threadsafe(otlp.stop(), loop_).result(10)
         loop_.call_soon_threadsafe(loop_.stop)

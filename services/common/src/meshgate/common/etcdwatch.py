@@ -58,7 +58,10 @@ async def watch(etcd: Etcd, start: bytes, end: bytes, start_revision: int) -> As
 
     async def requests():
         yield create
-        await done.wait()
+        try:
+            await done.wait()
+        except asyncio.CancelledError:
+            return  # the call is being torn down; nothing to send
 
     call = stub.Watch(requests(), metadata=etcd.client.metadata)
     try:

@@ -142,7 +142,11 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
-def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """The TLS credentials `cfg` asks for, or None for plaintext; exits with a
+    message when plaintext would face a non-loopback address without --insecure
+    or the TLS files are incomplete. Entry points may call it before anything
+    else, to refuse early."""
     if not cfg.tls_cert:
         outside = [a for a in listen_addresses(cfg.listen) if not is_loopback(a)]
         if outside and not cfg.insecure:
@@ -198,7 +202,7 @@ class GrpcServer:
         self.port = 0
 
     async def start(self) -> int:
-        creds = _credentials(self.cfg)
+        creds = server_credentials(self.cfg)
         self.port = 0
         for address in listen_addresses(self.cfg.listen):
             if creds is None:

@@ -165,6 +165,7 @@ class Networks(Resources):
             ops = [self.t.delete(kv.key)]
             for p in self.keys.network_prefixes(net_id):
                 ops.append(self.t.delete(p, store.range_after(p, "")[1]))
+            ops.extend(self.t.delete(k) for k in self.keys.network_singles(net_id))
             ops.append(self.t.put(self.keys.guard_networks(), b""))
             compare = [self.t.mod(kv.key) == kv.mod_revision]
             if not req.force:

@@ -49,6 +49,10 @@ PER_NETWORK = (
 )
 
 
+# The key service's collections under `keys/{collection}/{net}/...` (docs/keys.md).
+KEY_SERVICE_PER_NETWORK = ("psk", "nodes", "nodeRotation", "clients")
+
+
 class Keys:
     def __init__(self, etcd: Etcd) -> None:
         self.e = etcd
@@ -84,8 +88,16 @@ class Keys:
         return self.e.key("guards", net, what)
 
     def network_prefixes(self, net: str) -> list[bytes]:
-        """Every prefix holding keys of network `net` (besides its own key)."""
-        return [self.e.key(c, net, "") for c in PER_NETWORK]
+        """Every prefix holding keys of network `net` (besides its own key),
+        the key service's included (its sealed values need no KEK to delete)."""
+        return [self.e.key(c, net, "") for c in PER_NETWORK] + [
+            self.e.key("keys", c, net, "") for c in KEY_SERVICE_PER_NETWORK
+        ]
+
+    def network_singles(self, net: str) -> list[bytes]:
+        """Single keys (not prefixes) that belong to network `net`: deleted
+        exactly, since as a prefix `keys/rotation/a` would also cover `.../ab`."""
+        return [self.e.key("keys", "rotation", net)]
 
 
 def etag_of(kv: KV) -> str:

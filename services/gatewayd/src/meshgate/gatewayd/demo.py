@@ -1,29 +1,43 @@
 """The egress-gateway demonstration: ``python -m meshgate.gatewayd.demo``.
 
-It builds three hosts from network namespaces — a client node, an egress gateway node
-and an "external service" (a managed-database stand-in on 198.51.100.0/24 that only
-the gateway's underlay can reach) — computes each node's desired state (until the
-control-plane stream exists), runs gatewayd's reconciler on both nodes, and shows:
+Everything goes through the real control plane. Hosts are network namespaces:
+a client node, an egress gateway node and an "external service" (a managed
+database stand-in on 198.51.100.0/24 that only the gateway's side reaches).
+Through the API the demo creates a network and an enrollment key; gatewayd
+joins on both nodes and streams its desired state; the demo declares the
+egress gateway through the API and shows:
 
 1. the client cannot reach the service on its own;
-2. through the gateway it can, and the service sees the gateway's address, not the
-   client's (NAT);
-3. with NAT turned off for the gateway the service sees the client's overlay address;
-4. traffic to the client's own LAN never enters the tunnel.
+2. once the gateway is declared, the client reaches it and the service sees the
+   gateway's address (NAT), each step confirmed by the network's convergence
+   status;
+3. traffic to the client's own LAN never enters the tunnel;
+4. with NAT turned off (an update with a field mask) the service sees the
+   client's overlay address;
+5. deleting the egress gateway through the API stops the traffic.
 
-Everything it made is removed on exit, also on Ctrl-C or SIGTERM.  Needs root.
+With ``--control-plane`` and ``--agent-socket`` it uses a running control
+plane (``make run`` passes its own); without them it starts etcd and a control
+plane of its own. The demo's network is deleted through the API at the end, and
+everything it made is removed on exit, also on Ctrl-C or SIGTERM. Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
+import tempfile
 import time
+from datetime import datetime, timedelta, timezone
 
-from meshgate.gatewayd.lab import Egress, Lab, build_egress, can_run
+from meshgate.gatewayd.lab import ControlPlaneView, Lab, build_egress, can_run
 
 PORT = 5432  # the "database"
+NETWORK_ID = "egress-demo"
+CIDR = "100.64.10.0/24"
+RANGE = "198.51.100.0/24"
 
 
 def say(msg: str = "") -> None:
@@ -34,58 +48,98 @@ def step(n: int, msg: str) -> None:
     say(f"\n[{n}] {msg}")
 
 
-def run(keep_seconds: float = 0.0) -> int:
+def run(control_plane: str = "", agent_socket: str = "", keep_seconds: float = 0.0) -> int:
     reason = can_run()
     if reason:
         say(f"demo: cannot run here: {reason}")
         return 3
-    with Lab() as lab:
-        def _term(*_: object) -> None:
-            raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, _term)
-        signal.signal(signal.SIGINT, _term)  # also when started with SIGINT ignored (nohup, &)
-        try:
-            return _demo(lab, keep_seconds)
-        except KeyboardInterrupt:
-            say("\ninterrupted; cleaning up")
-            return 130
-        finally:
-            say("cleaning up namespaces, interfaces and processes …")
+    def _term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)  # also when started with SIGINT ignored (nohup, &)
+    own = None
+    try:
+        with Lab() as lab:
+            if not control_plane:
+                own = _OwnControlPlane(str(lab.dir))
+                control_plane, agent_socket = own.start()
+            cp = ControlPlaneView(control_plane, agent_socket, f"networks/{NETWORK_ID}")
+            try:
+                return _demo(lab, cp, keep_seconds)
+            except KeyboardInterrupt:
+                say("\ninterrupted; cleaning up")
+                return 130
+            finally:
+                say("cleaning up: the demo network (through the API), namespaces, interfaces, processes …")
+                for n in lab.nodes:
+                    n.stop()
+                _delete_network(cp)
+                cp.close()
+    finally:
+        if own is not None:
+            own.stop()
 
 
-def _demo(lab: Lab, keep_seconds: float) -> int:
-    eg: Egress = build_egress(lab, clients=1)
+def _delete_network(cp: ControlPlaneView) -> None:
+    import grpc
+
+    from meshgate.api.v1 import network_pb2
+
+    try:
+        cp.networks.DeleteNetwork(network_pb2.DeleteNetworkRequest(name=cp.network, force=True), timeout=10)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            say(f"    could not delete {cp.network}: {e.code().name}")
+
+
+def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
+    from google.protobuf import field_mask_pb2, timestamp_pb2
+
+    from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
+
+    eg = build_egress(lab, clients=1)
     client, gw = eg.clients[0], eg.gw
-    say("meshgate egress gateway demonstration")
-    say(f"  client   {client.host.name}: underlay {eg.client_underlay(0)}, overlay {eg.overlay(0)}, "
-        f"LAN 192.0.2.1/24")
-    say(f"  gateway  {gw.host.name}: underlay {eg.gw_underlay(0)}, overlay {eg.overlay(None)}, "
-        f"external side {eg.gw_ext_addr}")
+    say("meshgate egress gateway demonstration, through the control plane at " + cp.target)
+    say(f"  client   {client.host.name}: underlay {eg.client_underlay(0)}, LAN 192.0.2.1/24")
+    say(f"  gateway  {gw.host.name}: underlay {eg.gw_underlay(0)}, external side {eg.gw_ext_addr}")
     say(f"  service  {eg.ext.name}: {eg.ext_addr}:{PORT} (reachable only from the gateway's side)")
 
+    step(1, f"the API creates {cp.network} ({CIDR}) and a two-use enrollment key")
+    _delete_network(cp)  # leftovers of an interrupted run
+    cp.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
+        network_id=NETWORK_ID, network=network_pb2.Network(ipv4_cidr=CIDR, display_name="egress demo")))
+    expire = timestamp_pb2.Timestamp()
+    expire.FromDatetime(datetime.now(timezone.utc) + timedelta(minutes=10))
+    key = cp.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
+        parent=cp.network, enrollment_key_id="demo",
+        enrollment_key=enrollment_pb2.EnrollmentKey(max_uses=2, expire_time=expire, description="egress demo")))
+    say(f"    enrollment key {key.name} (max 2 uses, expires in 10 minutes)")
+
+    step(2, "gatewayd joins on both nodes (key pairs generated on the nodes) and streams its state")
+    for node, node_id, endpoint in ((gw, "gateway", f"{eg.gw_underlay(0)}:51820"), (client, "client", "")):
+        out = node.join(cp.agent_target, key.secret, node_id, endpoint=endpoint).strip().splitlines()[0]
+        say(f"    {node.host.name}: {out}")
+        node.start()
+    _converged(cp, 2)
     eg.ext.whoami_server(eg.ext_addr, PORT)
-    step(1, "before gatewayd: the client tries the service directly")
     seen = client.host.ask(eg.ext_addr, PORT, timeout=2)
-    say(f"    {'reached, which should not happen' if seen else 'unreachable (as it should be)'}")
+    say(f"    the client tries the service directly: {'reached (unexpected!)' if seen else 'unreachable, as it should be'}")
     if seen:
         return 1
 
-    step(2, "gatewayd reconciles the gateway (egress 198.51.100.0/24, NAT on) and the client")
-    for node, msg in ((gw, eg.gateway_state(nat=True)), (client, eg.client_state(0))):
-        out = node.apply(msg).stdout.strip().splitlines()
-        say(f"    {node.host.name}: {out[0]}")
-        for line in out[1:]:
-            say(f"      {line.strip()}")
-
-    step(3, "the client connects to the service again")
+    step(3, f"the API declares the gateway node an egress gateway for {RANGE}, NAT on")
+    gateway = cp.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+        parent=cp.network, egress_gateway_id="database",
+        egress_gateway=egress_pb2.EgressGateway(node=f"{cp.network}/nodes/gateway", ranges=[RANGE])))
+    _converged(cp, 2, int(gateway.etag))
     seen = client.host.ask(eg.ext_addr, PORT)
-    say(f"    the service sees the connection coming from {seen}")
-    ok = seen == eg.gw_ext_addr
-    say(f"    {'OK: the gateway address, not the client' if ok else 'UNEXPECTED'} "
-        f"(client overlay {eg.overlay(0)}, gateway {eg.gw_ext_addr})")
+    nat_ok = seen == eg.gw_ext_addr
+    say(f"    the service sees the connection coming from {seen}: "
+        f"{'OK, the gateway, not the client' if nat_ok else 'UNEXPECTED'}")
     peer = client.peers()[gw.public_key]
-    say(f"    client tunnel to gateway: handshake done, {peer['tx']} bytes sent, {peer['rx']} received")
+    say(f"    client tunnel to the gateway: {peer['tx']} bytes sent, {peer['rx']} received")
 
     step(4, "traffic to the client's own LAN stays out of the tunnel")
     eg.lans[0].whoami_server("192.0.2.10", PORT)
@@ -93,33 +147,88 @@ def _demo(lab: Lab, keep_seconds: float) -> int:
     lan_seen = client.host.ask("192.0.2.10", PORT)
     after = client.peers()[gw.public_key]
     lan_ok = lan_seen == "192.0.2.1" and (before["tx"], before["rx"]) == (after["tx"], after["rx"])
-    say(f"    LAN host sees {lan_seen}; tunnel counters unchanged: {lan_ok}")
+    say(f"    the LAN host sees {lan_seen}; tunnel counters unchanged: {lan_ok}")
 
-    step(5, "turn NAT off on the gateway (the service's network routes the overlay back)")
-    eg.ext.ip("route", "add", "100.64.0.0/24", "via", eg.gw_ext_addr)
-    out = gw.apply(eg.gateway_state(nat=False, revision=2)).stdout.strip().splitlines()
-    say(f"    {gw.host.name}: {out[0]}")
+    step(5, "the API turns NAT off (update with field mask `nat`); the service's network routes the overlay back")
+    eg.ext.ip("route", "add", CIDR, "via", eg.gw_ext_addr)
+    updated = cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=gateway.name, nat=False, etag=gateway.etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["nat"])))
+    _converged(cp, 2, int(updated.etag))
     seen2 = client.host.ask(eg.ext_addr, PORT)
-    nat_off_ok = seen2 == eg.overlay(0)
-    say(f"    the service now sees {seen2} ({'OK: the client overlay address' if nat_off_ok else 'UNEXPECTED'})")
+    client_overlay = _address(cp, "client")
+    nat_off_ok = seen2 == client_overlay
+    say(f"    the service now sees {seen2}: {'OK, the client overlay address' if nat_off_ok else 'UNEXPECTED'}")
 
-    step(6, "what gatewayd owns on the gateway")
-    say("    " + gw.host.run("nft", "list", "table", "inet", "meshgate").stdout.replace("\n", "\n    "))
+    step(6, "the API deletes the egress gateway; the traffic stops")
+    cp.egress.DeleteEgressGateway(egress_pb2.DeleteEgressGatewayRequest(name=gateway.name))
+    _converged(cp, 2, cp.status().revision)
+    seen3 = client.host.ask(eg.ext_addr, PORT, timeout=2)
+    stop_ok = seen3 is None
+    say(f"    the client tries again: {'unreachable, as it should be' if stop_ok else f'reached as {seen3} (UNEXPECTED)'}")
+
+    step(7, "the network's convergence status")
+    for n in cp.status().nodes:
+        say(f"    {n.node}: connected={n.connected} converged={n.converged} "
+            f"applied revision {n.applied_revision} (desired {n.desired_revision})")
     if keep_seconds:
-        say(f"keeping the namespaces for {keep_seconds:.0f}s (try: ip netns exec {client.host.name} "
-            f"python -m meshgate.gatewayd.lab ask {eg.ext_addr} {PORT})")
+        say(f"keeping everything for {keep_seconds:.0f}s")
         time.sleep(keep_seconds)
-    good = ok and lan_ok and nat_off_ok
+    good = nat_ok and lan_ok and nat_off_ok and stop_ok
     say("\nresult: " + ("the egress gateway works" if good else "something did not work"))
     return 0 if good else 1
 
 
+def _address(cp: ControlPlaneView, node_id: str) -> str:
+    from meshgate.api.v1 import node_pb2, node_pb2_grpc
+
+    return node_pb2_grpc.NodeServiceStub(cp.channel).GetNode(
+        node_pb2.GetNodeRequest(name=f"{cp.network}/nodes/{node_id}")).ipv4_address
+
+
+def _converged(cp: ControlPlaneView, nodes: int, revision: int = 0) -> None:
+    st = cp.wait_converged(nodes, revision)
+    say(f"    converged: {st.converged_nodes}/{st.total_nodes} nodes applied revision >= {revision or 'current'}")
+
+
+class _OwnControlPlane:
+    """etcd and a control plane for a standalone run, stopped by PID."""
+
+    def __init__(self, workdir: str):
+        self.dir = tempfile.mkdtemp(prefix="etcd-", dir=workdir)
+        self.etcd = None
+        self.cp = None
+
+    def start(self) -> tuple[str, str]:
+        from meshgate.common.etcdproc import EtcdProcess
+        from meshgate.common.testing import ServiceProcess
+
+        self.etcd = EtcdProcess(self.dir).start()
+        sock = f"{self.dir}/controlplane.sock"
+        self.cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", self.etcd.endpoint],
+                                 listen=f"127.0.0.1:0,unix:{sock}").start()
+        return self.cp.target, f"unix:{sock}"
+
+    def stop(self) -> None:
+        if self.cp is not None:
+            self.cp.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m meshgate.gatewayd.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--control-plane", default="", help="API address of a running control plane (host:port); "
+                   "without it the demo starts etcd and a control plane of its own")
+    p.add_argument("--agent-socket", default="", help="unix:/path the control plane also listens on, for the "
+                   "agents in the namespaces (needed with --control-plane)")
     p.add_argument("--keep", type=float, default=0.0, metavar="SECONDS",
-                   help="keep the namespaces this long before cleaning up")
+                   help="keep everything this long before cleaning up")
     args = p.parse_args(argv)
-    return run(args.keep)
+    if bool(args.control_plane) != bool(args.agent_socket):
+        p.error("--control-plane and --agent-socket go together")
+    return run(args.control_plane, args.agent_socket, args.keep)
 
 
 if __name__ == "__main__":

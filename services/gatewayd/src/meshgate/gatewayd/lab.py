@@ -521,3 +521,53 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------- a control plane to drive
+
+
+class ControlPlaneView:
+    """The API of a running control plane, as the demo and the system tests use
+    it: `target` for calls from this process, `agent_target` (a Unix socket,
+    which crosses network namespaces) for agents in the lab's hosts."""
+
+    def __init__(self, target: str, agent_target: str, network: str = "networks/lab"):
+        import grpc
+
+        from meshgate.api.v1 import egress_pb2_grpc, enrollment_pb2_grpc, network_pb2_grpc
+
+        self.target, self.agent_target, self.network = target, agent_target, network
+        self.channel = grpc.insecure_channel(target)
+        self.networks = network_pb2_grpc.NetworkServiceStub(self.channel)
+        self.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(self.channel)
+        self.egress = egress_pb2_grpc.EgressGatewayServiceStub(self.channel)
+
+    def status(self):
+        from meshgate.api.v1 import network_pb2
+
+        return self.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name=self.network), timeout=15)
+
+    def wait_converged(self, nodes: int, at_least: int = 0, timeout: float = 60):
+        """Until every node is connected and has applied its current desired
+        state; a node whose state changed at revision `at_least` or later must
+        have applied that revision. (A node a change did not affect keeps its
+        older revision: GetNetworkStatus reads its own writes, so "converged"
+        already accounts for the change.) Returns the status."""
+        import grpc
+
+        deadline = time.monotonic() + timeout
+        st = None
+        while time.monotonic() < deadline:
+            try:
+                st = self.status()
+            except grpc.RpcError:
+                st = None
+            if st is not None and st.total_nodes == nodes and all(
+                    n.connected and n.converged and n.applied_revision >= min(at_least, n.desired_revision)
+                    for n in st.nodes):
+                return st
+            time.sleep(0.1)
+        raise LabError(f"not converged (revision >= {at_least}) within {timeout}s: {st}")
+
+    def close(self) -> None:
+        self.channel.close()

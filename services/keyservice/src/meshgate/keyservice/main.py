@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from meshgate.common import config, logsetup, telemetry
 from meshgate.common.etcd import Etcd
-from meshgate.common.server import GrpcServer, _credentials, serve
+from meshgate.common.server import GrpcServer, serve, server_credentials
 from meshgate.keyservice.api import bindings
 from meshgate.keyservice.core import KeyServiceCore
 from meshgate.keyservice.sealing import KekError, Keyring
@@ -43,7 +43,7 @@ class KeyServiceConfig(config.ServerConfig):
 async def run(cfg: KeyServiceConfig) -> None:
     # Refuse a plaintext non-loopback address (or broken TLS files) before
     # anything else, with the server kit's own message.
-    _credentials(cfg)
+    server_credentials(cfg)
     try:
         keyring = Keyring.from_config(cfg.kek_file, cfg.kek)
     except KekError as e:
