@@ -190,6 +190,11 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                            'one\n'
                                            'when an internet gateway route needs it.',
  'meshgate.api.v1.InterfaceConfig.name': "Interface name on the host; empty means gatewayd's default (`mg0`).",
+ 'meshgate.api.v1.InterfaceConfig.public_key': 'The public key the interface must use: the agent uses the private key '
+                                               'it\n'
+                                               'holds for it (during a node key rotation, the new one once the '
+                                               'control\n'
+                                               "plane has registered it). Empty means the node's current key.",
  'meshgate.api.v1.IssueClientKeyPairRequest.external_client': '`networks/{network}/externalClients/{external_client}`.',
  'meshgate.api.v1.IssuePresharedKeysRequest.network': '`networks/{network}`.',
  'meshgate.api.v1.IssuePresharedKeysRequest.pairs': 'Pairs as `{node a resource}|{node b resource}`.',
@@ -289,9 +294,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.Peer.persistent_keepalive_seconds': '0 turns keepalive off.',
  'meshgate.api.v1.Peer.preshared_key': 'Pre-shared key for this pair (base64), empty for none. Secret.',
  'meshgate.api.v1.Peer.public_key': "The peer's public key (base64).",
- 'meshgate.api.v1.Peer.public_key_signature': "The key service's Ed25519 signature over the peer's key binding; "
-                                              'agents\n'
-                                              'refuse peers without a valid one (once the key service signs keys).',
+ 'meshgate.api.v1.Peer.public_key_signature': "The key service's Ed25519 signature over the binding of `resource` and\n"
+                                              '`public_key` (meshgate.keyservice.signing). Agents that hold key\n'
+                                              'authority keys refuse a peer without a valid one and report it.',
  'meshgate.api.v1.Peer.resource': "The peer's resource name, for diagnostics (`networks/n/nodes/x` or an\n"
                                   'external client).',
  'meshgate.api.v1.PolicyAction.ACCEPT': 'Allow the traffic.',
@@ -331,11 +336,17 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                        'if none.',
  'meshgate.api.v1.SyncRequest.Hello.backend': 'The WireGuard backend in use: `kernel` or `userspace`.',
  'meshgate.api.v1.SyncRequest.Hello.node': '`networks/{network}/nodes/{node}`.',
+ 'meshgate.api.v1.SyncRequest.NewKey': "The agent's answer to RotateKey: the public half of the key pair it just\n"
+                                       'generated (the private half stays on the node). The control plane has the\n'
+                                       "key service sign it, makes it the node's key, and then the node's desired\n"
+                                       'state names it in `interface.public_key`, when the agent switches.',
  'meshgate.api.v1.SyncRequest.ResyncRequest': 'Ask for a full snapshot (after a failed delta or a base revision '
                                               'mismatch).',
  'meshgate.api.v1.SyncResponse': 'Control plane to agent.',
  'meshgate.api.v1.SyncResponse.Heartbeat': 'Sent when nothing changed for a while, so the agent knows the stream '
                                            'lives.',
+ 'meshgate.api.v1.SyncResponse.RotateKey': 'Generate a new WireGuard key pair and send its public half (NewKey); keep\n'
+                                           'using the current key until the desired state names the new one.',
  'meshgate.api.v1.SyncResponse.revision': 'The revision the message brings the node to.',
  'meshgate.api.v1.SyncResponse.trace_context': 'The change that caused the message, for tracing the apply.',
  'meshgate.api.v1.TraceContext': 'W3C trace context of the change that caused a message.',

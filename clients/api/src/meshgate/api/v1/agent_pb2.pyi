@@ -291,10 +291,34 @@ class SyncRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class NewKey(_message.Message):
+        """The agent's answer to RotateKey: the public half of the key pair it just
+        generated (the private half stays on the node). The control plane has the
+        key service sign it, makes it the node's key, and then the node's desired
+        state names it in `interface.public_key`, when the agent switches.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+        public_key: _builtins.str
+        def __init__(
+            self,
+            *,
+            public_key: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
+    NEW_KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___SyncRequest.Hello: ...
     @_builtins.property
@@ -303,6 +327,8 @@ class SyncRequest(_message.Message):
     def health(self) -> Global___SyncRequest.Health: ...
     @_builtins.property
     def resync(self) -> Global___SyncRequest.ResyncRequest: ...
+    @_builtins.property
+    def new_key(self) -> Global___SyncRequest.NewKey: ...
     def __init__(
         self,
         *,
@@ -310,12 +336,13 @@ class SyncRequest(_message.Message):
         ack: Global___SyncRequest.Ack | None = ...,
         health: Global___SyncRequest.Health | None = ...,
         resync: Global___SyncRequest.ResyncRequest | None = ...,
+        new_key: Global___SyncRequest.NewKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -378,11 +405,33 @@ class SyncResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RotateKey(_message.Message):
+        """Generate a new WireGuard key pair and send its public half (NewKey); keep
+        using the current key until the desired state names the new one.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        REASON_FIELD_NUMBER: _builtins.int
+        reason: _builtins.str
+        def __init__(
+            self,
+            *,
+            reason: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REVISION_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ROTATE_KEY_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The revision the message brings the node to."""
     @_builtins.property
@@ -395,6 +444,8 @@ class SyncResponse(_message.Message):
     def delta(self) -> Global___SyncResponse.Delta: ...
     @_builtins.property
     def heartbeat(self) -> Global___SyncResponse.Heartbeat: ...
+    @_builtins.property
+    def rotate_key(self) -> Global___SyncResponse.RotateKey: ...
     def __init__(
         self,
         *,
@@ -403,12 +454,13 @@ class SyncResponse(_message.Message):
         snapshot: Global___SyncResponse.Snapshot | None = ...,
         delta: Global___SyncResponse.Delta | None = ...,
         heartbeat: Global___SyncResponse.Heartbeat | None = ...,
+        rotate_key: Global___SyncResponse.RotateKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "rotate_key", b"rotate_key", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "revision", b"revision", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "revision", b"revision", "rotate_key", b"rotate_key", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["snapshot", "delta", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["snapshot", "delta", "heartbeat", "rotate_key"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

@@ -33,6 +33,7 @@ class InterfaceConfig(_message.Message):
     LISTEN_PORT_FIELD_NUMBER: _builtins.int
     MTU_FIELD_NUMBER: _builtins.int
     FWMARK_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Interface name on the host; empty means gatewayd's default (`mg0`)."""
     listen_port: _builtins.int
@@ -40,6 +41,11 @@ class InterfaceConfig(_message.Message):
     fwmark: _builtins.int
     """Firewall mark for the tunnel's own UDP packets; 0 means gatewayd picks one
     when an internet gateway route needs it.
+    """
+    public_key: _builtins.str
+    """The public key the interface must use: the agent uses the private key it
+    holds for it (during a node key rotation, the new one once the control
+    plane has registered it). Empty means the node's current key.
     """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -53,10 +59,11 @@ class InterfaceConfig(_message.Message):
         listen_port: _builtins.int = ...,
         mtu: _builtins.int = ...,
         fwmark: _builtins.int = ...,
+        public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fwmark", b"fwmark", "listen_port", b"listen_port", "mtu", b"mtu", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fwmark", b"fwmark", "listen_port", b"listen_port", "mtu", b"mtu", "name", b"name", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -78,8 +85,9 @@ class Peer(_message.Message):
     public_key: _builtins.str
     """The peer's public key (base64)."""
     public_key_signature: _builtins.bytes
-    """The key service's Ed25519 signature over the peer's key binding; agents
-    refuse peers without a valid one (once the key service signs keys).
+    """The key service's Ed25519 signature over the binding of `resource` and
+    `public_key` (meshgate.keyservice.signing). Agents that hold key
+    authority keys refuse a peer without a valid one and report it.
     """
     preshared_key: _builtins.str
     """Pre-shared key for this pair (base64), empty for none. Secret."""
