@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from meshgate.api.v1 import keys_pb2
-from meshgate.keyservice import signing
+from meshgate.common import signing
 from meshgate.keyservice.core import KeyServiceCore
 
 

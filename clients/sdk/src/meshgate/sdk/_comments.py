@@ -295,7 +295,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.Peer.preshared_key': 'Pre-shared key for this pair (base64), empty for none. Secret.',
  'meshgate.api.v1.Peer.public_key': "The peer's public key (base64).",
  'meshgate.api.v1.Peer.public_key_signature': "The key service's Ed25519 signature over the binding of `resource` and\n"
-                                              '`public_key` (meshgate.keyservice.signing). Agents that hold key\n'
+                                              '`public_key` (meshgate.common.signing). Agents that hold key\n'
                                               'authority keys refuse a peer without a valid one and report it.',
  'meshgate.api.v1.Peer.resource': "The peer's resource name, for diagnostics (`networks/n/nodes/x` or an\n"
                                   'external client).',

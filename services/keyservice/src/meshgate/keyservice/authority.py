@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshgate.api.v1 import keys_pb2
 from meshgate.common.errors import FieldViolation, invalid_argument
-from meshgate.keyservice import names, signing
+from meshgate.common import signing
+from meshgate.keyservice import names
 from meshgate.keyservice.sealing import header
 from meshgate.keyservice.vault import Retry, Vault, optimistic
 

@@ -86,7 +86,7 @@ class Peer(_message.Message):
     """The peer's public key (base64)."""
     public_key_signature: _builtins.bytes
     """The key service's Ed25519 signature over the binding of `resource` and
-    `public_key` (meshgate.keyservice.signing). Agents that hold key
+    `public_key` (meshgate.common.signing). Agents that hold key
     authority keys refuse a peer without a valid one and report it.
     """
     preshared_key: _builtins.str
