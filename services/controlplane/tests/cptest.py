@@ -70,6 +70,8 @@ class SimAgent:
         self._task = None
         self.node = None
         self.token = None
+        self.rotations_asked = 0
+        self.authority = []
 
     async def enroll(self):
         from meshgate.api.v1 import agent_pb2
@@ -78,6 +80,7 @@ class SimAgent:
             agent_pb2.EnrollRequest(enrollment_secret=self.secret, node_id=self.node_id, public_key=self.public_key, endpoint=self.endpoint)
         )
         self.node, self.token = resp.node, resp.credential.token
+        self.authority = list(resp.key_authority_public_keys)
         return self
 
     async def connect(self):
@@ -107,6 +110,9 @@ class SimAgent:
         async for msg in self.call:
             kind = msg.WhichOneof("message")
             if kind == "heartbeat":
+                continue
+            if kind == "rotate_key":
+                self.rotations_asked += 1
                 continue
             self.received.append(msg)
             if kind == "snapshot":

@@ -31,6 +31,7 @@ from meshgate.controlplane import events
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.egress import EgressGateways
 from meshgate.controlplane.enrollment import EnrollmentKeys
+from meshgate.controlplane.keymaterial import KeyMaterial
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
 from meshgate.controlplane.policies import AccessPolicies
@@ -157,15 +158,16 @@ class ControlPlane:
     `start()` loads the state cache and starts the fan-out, `stop()` ends
     agent streams and flushes status."""
 
-    def __init__(self, etcd: Etcd) -> None:
+    def __init__(self, etcd: Etcd, keyservice: str = "") -> None:
         self.etcd = with_trace(etcd)
         self.cache = StateCache(etcd)
+        self.key_material = KeyMaterial(keyservice)
         self.networks = Networks(etcd)
-        self.nodes = Nodes(etcd, self.networks, self.cache)
+        self.nodes = Nodes(etcd, self.networks, self.cache, self.key_material)
         self.gateways = EgressGateways(etcd, self.networks)
         self.policies = AccessPolicies(etcd, self.networks)
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
-        self.fanout = Fanout(self.cache, etcd)
+        self.fanout = Fanout(self.cache, etcd, self.key_material)
         self.bindings = [
             ServiceBinding.of(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
             ServiceBinding.of(node_pb2, node_pb2_grpc, "NodeService", NodeService(self.nodes)),
@@ -188,3 +190,4 @@ class ControlPlane:
     async def stop(self) -> None:
         await self.fanout.stop()
         await self.cache.stop()
+        await self.key_material.close()

@@ -21,7 +21,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
+from google.protobuf.message import DecodeError
+
+from meshgate.api.v1 import egress_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import compiler, ipam, store
@@ -43,6 +45,10 @@ class Change:
     affected: dict[str, set[str]] = field(default_factory=dict)
     # names of nodes that no longer exist
     deleted_nodes: set[str] = field(default_factory=set)
+    # (network id, pair id) of pre-shared keys the key service wrote
+    psk_pairs: set[tuple[str, str]] = field(default_factory=set)
+    # nodes with a new key-rotation request (keys/nodeRotation/...)
+    rotations: set[str] = field(default_factory=set)
     reset: bool = False
 
 
@@ -64,6 +70,8 @@ class StateCache:
         self.addresses: dict[tuple[str, str], set[int]] = {}
         self.pubkeys: dict[tuple[str, str], str] = {}
         self._waiters: list[tuple[int, asyncio.Future]] = []
+        # node name -> when a key rotation was last requested for it (ns)
+        self.rotation_requests: dict[str, int] = {}
 
     def _index(self, net_id: str, node: node_pb2.Node | None, add: bool) -> None:
         if node is None:
@@ -159,7 +167,22 @@ class StateCache:
                 children.append((parts, kv))
             elif parts == ["changes", "trace"]:
                 traceparent = kv.value.decode(errors="replace")
+            elif _key_record(parts):
+                children.append((parts, kv))
+        rotations: dict[str, int] = {}
         for parts, kv in children:
+            if parts[0] == "keys":
+                st = nets.get(parts[2])
+                name = f"networks/{parts[2]}/nodes/{parts[3]}"
+                if st is not None and parts[1] == "nodes":
+                    sig = _parse(keys_pb2.SignedNodeKey, kv.key, kv.value)
+                    if sig is not None:
+                        st.signatures[name] = sig
+                elif parts[1] == "nodeRotation":
+                    req = _parse(keys_pb2.RotateNodeKeyResponse, kv.key, kv.value)
+                    if req is not None:
+                        rotations[name] = req.request_time.ToNanoseconds()
+                continue
             st = nets.get(parts[1])
             if st is None:
                 continue
@@ -167,6 +190,7 @@ class StateCache:
             msg = store.decode(cls, kv)
             getattr(st, attr)[msg.name] = msg
         self.networks = nets
+        self.rotation_requests = rotations
         self.addresses, self.pubkeys = {}, {}
         for net_id, st in nets.items():
             for node in st.nodes.values():
@@ -174,7 +198,8 @@ class StateCache:
         self.revision = 0
         self._advance(rev)
         self.ready.set()
-        change = Change(rev, traceparent, {n: set(st.nodes) for n, st in nets.items()}, reset=True)
+        change = Change(rev, traceparent, {n: set(st.nodes) for n, st in nets.items()}, reset=True,
+                        rotations=set(rotations))
         log.info("state cache loaded at revision %d: %d networks", rev, len(nets))
         await self._notify(change)
 
@@ -183,8 +208,40 @@ class StateCache:
             return None
         return key[len(self._prefix):].decode(errors="replace").split("/")
 
+    def _apply_keys(self, events, change: Change) -> None:
+        """Signatures, pre-shared keys and rotation requests written by the key service."""
+        for parts, ev in events:
+            kind, net_id, rid = parts[1], parts[2], parts[3]
+            st = self.networks.get(net_id)
+            if kind == "psk":
+                change.psk_pairs.add((net_id, rid))
+                if st is not None:
+                    for n in rid.split("."):
+                        name = f"networks/{net_id}/nodes/{n}"
+                        if name in st.nodes:
+                            change.affected.setdefault(net_id, set()).add(name)
+                continue
+            name = f"networks/{net_id}/nodes/{rid}"
+            if kind == "nodes" and st is not None:
+                sig = _parse(keys_pb2.SignedNodeKey, ev.key, ev.value) if ev.put else None
+                if sig is not None:
+                    st.signatures[name] = sig
+                else:
+                    st.signatures.pop(name, None)
+                if name in st.nodes:
+                    # Those who peer with the node carry its signature.
+                    change.affected.setdefault(net_id, set()).update({name, *compiler.peers_of(st, name)})
+            elif kind == "nodeRotation":
+                req = _parse(keys_pb2.RotateNodeKeyResponse, ev.key, ev.value) if ev.put else None
+                if req is not None:
+                    self.rotation_requests[name] = req.request_time.ToNanoseconds()
+                    change.rotations.add(name)
+                else:
+                    self.rotation_requests.pop(name, None)
+
     async def _apply(self, batch: etcdwatch.Batch) -> None:
         relevant = []
+        keyed = []
         traceparent = ""
         for ev in batch.events:
             parts = self._split(ev.key)
@@ -194,16 +251,26 @@ class StateCache:
                 traceparent = ev.value.decode(errors="replace")
             elif (parts[0] == "networks" and len(parts) == 2) or (parts[0] in _COLLECTIONS and len(parts) == 3):
                 relevant.append((parts, ev))
+            elif _key_record(parts):
+                keyed.append((parts, ev))
+        change = Change(batch.revision, traceparent)
+        if keyed:
+            self._apply_keys(keyed, change)
+            if not relevant:
+                self._advance(batch.revision)
+                await self._notify(change)
+                return
         if not relevant:
             self._advance(batch.revision)
             return
-        change = Change(batch.revision, traceparent)
         befores: dict[str, compiler.NetworkState] = {}
 
         def before(net_id: str) -> compiler.NetworkState | None:
             if net_id not in befores and net_id in self.networks:
                 st = self.networks[net_id]
-                befores[net_id] = compiler.NetworkState(st.network, dict(st.nodes), dict(st.gateways), dict(st.policies))
+                befores[net_id] = compiler.NetworkState(
+                    st.network, dict(st.nodes), dict(st.gateways), dict(st.policies), dict(st.signatures)
+                )
             return befores.get(net_id)
 
         whole_network: set[str] = set()
@@ -270,6 +337,22 @@ class StateCache:
                 await listener(change)
             except Exception:  # noqa: BLE001 - one listener must not stop the watch
                 log.exception("state cache listener failed at revision %d", change.revision)
+
+
+def _parse(cls, key: bytes, value: bytes):
+    """A record the key service wrote, or None (logged) if it does not parse:
+    one bad value must not stop the watch."""
+    try:
+        return cls.FromString(value)
+    except DecodeError:
+        log.warning("ignoring %s: not a %s", key.decode(errors="replace"), cls.DESCRIPTOR.name)
+        return None
+
+
+def _key_record(parts: list[str]) -> bool:
+    """keys/{nodes|psk|nodeRotation}/{net}/{id}: what the key service writes
+    that the control plane follows (not the sealed client keys or its own state)."""
+    return len(parts) == 4 and parts[0] == "keys" and parts[1] in ("nodes", "psk", "nodeRotation")
 
 
 def names_of(parts: list[str]) -> str:

@@ -29,10 +29,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from meshgate.api.v1 import desired_state_pb2 as ds
-from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import egress_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 
 
 @dataclass
@@ -43,6 +43,12 @@ class NetworkState:
     nodes: dict[str, node_pb2.Node] = field(default_factory=dict)
     gateways: dict[str, egress_pb2.EgressGateway] = field(default_factory=dict)
     policies: dict[str, policy_pb2.AccessPolicy] = field(default_factory=dict)
+    # The key service's signatures of node keys (keys/nodes/...), by node name.
+    signatures: dict[str, keys_pb2.SignedNodeKey] = field(default_factory=dict)
+
+
+# psk(a, b): the pre-shared key of the pair of nodes a and b, "" for none.
+PskLookup = Callable[[str, str], str]
 
 
 def _id(name: str) -> str:
@@ -169,7 +175,9 @@ def _host_routes(node: node_pb2.Node) -> list[str]:
     return out
 
 
-def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerIndex | None = None) -> ds.DesiredState:
+def compile_node(
+    state: NetworkState, name: str, revision: int = 0, index: PeerIndex | None = None, psk: PskLookup | None = None
+) -> ds.DesiredState:
     """The desired state of node `name` (which must exist in `state`).
 
     Pass a `PeerIndex` of `state` when compiling many nodes of one state.
@@ -183,6 +191,7 @@ def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerI
             iface.addresses.append(f"{addr}/{_cidr_key(cidr)[2]}")
     iface.listen_port = me.listen_port or net.listen_port
     iface.mtu = net.mtu
+    iface.public_key = me.public_key  # the agent switches keys when this names its new one
 
     peer_names = peers_of(state, name, index)
     allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
@@ -201,11 +210,17 @@ def compile_node(state: NetworkState, name: str, revision: int = 0, index: PeerI
         out.default_route_via_peer = state.nodes[internet.node].public_key
 
     keepalive = net.persistent_keepalive.seconds
+    use_psk = psk is not None and not net.disable_preshared_keys
     for p in peer_names:
         peer = state.nodes[p]
+        sig = state.signatures.get(p)
         out.peers.append(
             ds.Peer(
                 public_key=peer.public_key,
+                # Only a signature of exactly this key counts; a key that reached
+                # etcd without the key service has none, and agents refuse it.
+                public_key_signature=sig.signature if sig is not None and sig.public_key == peer.public_key else b"",
+                preshared_key=psk(name, p) if use_psk else "",
                 endpoint=peer.endpoint,
                 allowed_ips=_sort_cidrs(allowed[p]),
                 persistent_keepalive_seconds=keepalive,

@@ -210,7 +210,11 @@ class EnrollmentKeys(Resources):
                 compare_extra=[self.t.mod(ekey) == kv.mod_revision],
                 ops_extra=[self.t.put(ekey, store.encode(ek)), self.t.put(self.agent_key(net_id, node_id), _digest(token))],
             )
-            return agent_pb2.EnrollResponse(node=node, credential=agent_pb2.AgentCredential(token=token))
+            return agent_pb2.EnrollResponse(
+                node=node,
+                credential=agent_pb2.AgentCredential(token=token),
+                key_authority_public_keys=await self.nodes.key_material.authority_keys(),
+            )
 
         return await retrying(attempt, f"enroll into networks/{net_id}")
 

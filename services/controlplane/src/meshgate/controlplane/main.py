@@ -17,18 +17,25 @@ log = logging.getLogger("meshgate.controlplane")
 
 @dataclass
 class ControlPlaneConfig(config.ServerConfig):
-    """Control-plane settings (all of the server kit's, for now)."""
+    """Control-plane settings: the server kit's, and where the key service is."""
 
     listen: str = config.option(
         "127.0.0.1:7400",
         "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
+    )
+    keyservice: str = config.option(
+        "",
+        "the key service's address (host:port or unix:/path); it signs node keys and issues pre-shared "
+        "keys. Empty: nothing is signed and no pre-shared keys are used (development only)",
     )
 
 
 async def run(cfg: ControlPlaneConfig) -> None:
     etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
-    app = ControlPlane(etcd)
+    app = ControlPlane(etcd, cfg.keyservice)
+    if not cfg.keyservice:
+        log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
     await app.start()
     server = GrpcServer(cfg, app.bindings)
     await serve(server, before_drain=[app.fanout.close_sessions], on_shutdown=[app.stop, etcd.close])

@@ -27,6 +27,7 @@ from meshgate.common.errors import (
 from meshgate.controlplane import ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.cache import StateCache
+from meshgate.controlplane.keymaterial import KeyMaterial
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import Conflict, retrying
 
@@ -57,9 +58,14 @@ def _in_use(field: str, what: str, holder: str) -> ApiError:
 class Nodes(Resources):
     kind = KIND
 
-    def __init__(self, etcd, networks: Networks, cache: StateCache | None = None) -> None:
+    def __init__(
+        self, etcd, networks: Networks, cache: StateCache | None = None, keys: KeyMaterial | None = None
+    ) -> None:
         super().__init__(etcd)
         self.networks = networks
+        # Every API path that sets a node's public key has the key service sign
+        # it first; a key that reaches etcd any other way stays unsigned.
+        self.key_material = keys or KeyMaterial()
         # With a cache, creates read the network, used addresses and key
         # holders from memory and go to etcd once, for the transaction; its
         # compares (network revision, create revision 0 on node, address and
@@ -202,6 +208,8 @@ class Nodes(Resources):
             node.etag = ""
             if validate_only:
                 return node
+            if node.public_key and attempt == 0:
+                await self.key_material.register(name, node.public_key)
             ok, _, rev = await self.etcd.txn(
                 compare,
                 [
@@ -265,6 +273,8 @@ class Nodes(Resources):
                     ops.append(self.t.delete(self.keys.pubkey(net_id, current.public_key)))
                 if updated.public_key:
                     pkey = self.keys.pubkey(net_id, updated.public_key)
+                    if not req.validate_only:
+                        await self.key_material.register(name, updated.public_key)
                     holder = await self.etcd.get(pkey)
                     if holder is not None:
                         raise _in_use("node.public_key", "this public key", holder.value.decode())

@@ -46,6 +46,7 @@ from meshgate.common.etcd import Etcd
 from meshgate.controlplane import compiler, names
 from meshgate.controlplane.cache import Change, StateCache
 from meshgate.controlplane.enrollment import EnrollmentKeys
+from meshgate.controlplane.keymaterial import KeyMaterial
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshgate.controlplane")
@@ -117,6 +118,19 @@ class Session:
             log.warning("agent %s fell behind; resyncing it with a snapshot", self.node)
         return 1
 
+    def ask_rotation(self, reason: str) -> None:
+        """Ask the agent for a new key pair (it answers with NewKey)."""
+        if self.closed:
+            return
+        msg = agent_pb2.SyncResponse(
+            revision=self.sent.revision if self.sent else 0,
+            rotate_key=agent_pb2.SyncResponse.RotateKey(reason=reason),
+        )
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            pass  # the snapshot that replaces the queue is followed by a new ask on reconnect
+
     def close(self, reason: ApiError | None = None) -> None:
         self.closed = True
         self.close_reason = reason
@@ -181,9 +195,14 @@ class StatusWriter:
 
 
 class Fanout:
-    def __init__(self, cache: StateCache, etcd: Etcd) -> None:
+    def __init__(self, cache: StateCache, etcd: Etcd, keys: KeyMaterial | None = None) -> None:
         self.cache = cache
         self.etcd = etcd
+        self.keys = keys or KeyMaterial()
+        # Nodes whose pre-shared keys could not be fetched (key service away):
+        # compiled again by the retry task, never sent a state without them.
+        self._psk_retry: set[str] = set()
+        self._retry_task: asyncio.Task | None = None
         self.desired: dict[str, Desired] = {}
         # node -> revision of the newest change that may have altered its state
         self.touched: dict[str, int] = {}
@@ -208,6 +227,8 @@ class Fanout:
 
     async def stop(self) -> None:
         await self.close_sessions()
+        if self._retry_task is not None:
+            self._retry_task.cancel()
         if self._lease_task:
             self._lease_task.cancel()
         await self.status.stop()
@@ -247,13 +268,51 @@ class Fanout:
         _, net, _, nid = node.split("/")
         return self.etcd.key("status", net, nid)
 
-    def current(self, node: str) -> ds.DesiredState | None:
+    async def compile(
+        self, st: compiler.NetworkState, names_: list[str], revision: int, index: compiler.PeerIndex | None = None
+    ) -> dict[str, ds.DesiredState]:
+        """Desired states of `names_`, with their pre-shared keys; a node whose
+        keys cannot be fetched now is left out and retried later."""
+        net_id = names.parse_network(st.network.name)
+        index = index or compiler.PeerIndex(st)
+        psk = None
+        if self.keys.enabled and not st.network.disable_preshared_keys:
+            pairs = [(n, p) for n in names_ for p in index.peers_of(n)]
+            if not await self.keys.ensure(net_id, pairs):
+                self._psk_retry.update(names_)
+                self._start_retry()
+                return {}
+            psk = lambda a, b: self.keys.psk(net_id, a, b)  # noqa: E731
+        return {n: compiler.compile_node(st, n, revision, index, psk) for n in names_}
+
+    def _start_retry(self) -> None:
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.create_task(self._retry_psks(), name="psk-retry")
+
+    async def _retry_psks(self) -> None:
+        delay = 0.5
+        while self._psk_retry:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+            pending, self._psk_retry = self._psk_retry, set()
+            by_net: dict[str, set[str]] = {}
+            for name in pending:
+                by_net.setdefault(name.split("/")[1], set()).add(name)
+            await self.on_change(Change(self.cache.revision, "", by_net))
+
+    async def current(self, node: str) -> ds.DesiredState | None:
         st = self.cache.state_of(node)
         if st is None:
             return None
         d = self.desired.get(node)
         rev = d.revision if d else self.cache.revision
-        return compiler.compile_node(st, node, rev)
+        return (await self.compile(st, [node], rev)).get(node)
+
+    def rotation_pending(self, node: str) -> bool:
+        """A key rotation was requested after the node's current key was registered."""
+        st = self.cache.state_of(node)
+        asked = self.cache.rotation_requests.get(node, 0)
+        return st is not None and asked > st.nodes[node].public_key_create_time.ToNanoseconds()
 
     # changes -------------------------------------------------------------
 
@@ -265,25 +324,36 @@ class Fanout:
         ) as span:
             sent = 0
             recomputed = 0
+            for net_id, pair in change.psk_pairs:
+                self.keys.forget(net_id, pair)
             for net_id, nodes in change.affected.items():
                 st = self.cache.networks.get(net_id)
                 if st is None:
+                    self.keys.forget_network(net_id)
                     continue
-                index = None  # built on first use, shared by the change's compiles
+                live = []
                 for name in nodes:
                     if name not in st.nodes:
                         continue
                     self.touched[name] = change.revision
-                    if name not in self.sessions:
-                        continue
+                    if name in self.sessions:
+                        live.append(name)
+                if not live:
+                    continue
+                index = compiler.PeerIndex(st)  # shared by the change's compiles
+                if self.keys.enabled and not st.network.disable_preshared_keys:
+                    states = await self.compile(st, live, change.revision, index)
+                    live = [n for n in live if n in states]
+                else:
+                    states = None
+                for name in live:
                     recomputed += 1
                     if recomputed % YIELD_EVERY == 0:
                         # Let the streams send what is queued (and other calls
                         # run) while a large change is still being compiled.
                         # The cache does not move on until this listener returns.
                         await asyncio.sleep(0)
-                    index = index or compiler.PeerIndex(st)
-                    new = compiler.compile_node(st, name, change.revision, index)
+                    new = states[name] if states is not None else compiler.compile_node(st, name, change.revision, index)
                     dg = digest(new)
                     prev = self.desired.get(name)
                     if prev is not None and prev.digest == dg:
@@ -298,6 +368,10 @@ class Fanout:
                 s = self.sessions.pop(name, None)
                 if s is not None:
                     s.close(not_found("meshgate.io/Node", name))
+            for name in change.rotations:
+                s = self.sessions.get(name)
+                if s is not None and self.rotation_pending(name):
+                    s.ask_rotation("requested by the key service")
             self.messages_sent += sent
             span.set_attribute("meshgate.nodes_recomputed", recomputed)
             span.set_attribute("meshgate.messages_sent", sent)
@@ -310,9 +384,12 @@ class Fanout:
             old.close(ApiError(grpc.StatusCode.ABORTED, "superseded by a newer stream from the same node"))
         session = Session(node, agent_version=hello.agent_version)
         self.sessions[node] = session
-        state = self.current(node)
-        if state is None:
+        if self.cache.state_of(node) is None:
             raise not_found("meshgate.io/Node", node)
+        state = await self.current(node)
+        if state is None:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; reconnect later",
+                           "KEY_SERVICE_UNAVAILABLE")
         dg = digest(state)
         d = self.desired.get(node)
         if d is None or d.digest != dg:
@@ -321,6 +398,8 @@ class Fanout:
             state.revision = rev
         session.push(state, "", force_snapshot=True)
         self.messages_sent += 1
+        if self.rotation_pending(node):
+            session.ask_rotation("requested by the key service")
         await self.etcd.client.put(self._session_key(node), hello.agent_version.encode() or b"-", lease=self.lease)
         self._record(node, contact=True)
         return session
@@ -333,8 +412,8 @@ class Fanout:
             except Exception:  # noqa: BLE001 - the lease removes it anyway
                 pass
 
-    def resync(self, session: Session) -> None:
-        state = self.current(session.node)
+    async def resync(self, session: Session) -> None:
+        state = await self.current(session.node)
         if state is not None:
             session.push(state, "", force_snapshot=True)
             self.messages_sent += 1
@@ -374,11 +453,13 @@ class Fanout:
         connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
         out = network_pb2.NetworkStatus(name=network.name, revision=rev)
         st = self.cache.networks.get(net_id)
-        index = compiler.PeerIndex(st) if st else None
+        compiled = await self.compile(st, sorted(st.nodes), 0) if st else {}
+        if st and len(compiled) < len(st.nodes):
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; retry",
+                           "KEY_SERVICE_UNAVAILABLE")
         for name in sorted(st.nodes if st else ()):
             nid = name.rsplit("/", 1)[1]
-            state = compiler.compile_node(st, name, 0, index)
-            dg = digest(state)
+            dg = digest(compiled[name])
             d = self.desired.get(name)
             if d is None or d.digest != dg:
                 d = self.desired[name] = Desired(dg, self.touched.get(name, self.cache.revision))
@@ -403,6 +484,24 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.enrollment = enrollment
         self.fanout = fanout
         self.cache = cache
+
+    async def _rotate(self, session: Session, public_key: str) -> None:
+        """The agent's new key: signed by the key service and made the node's
+        key in one update; its desired state then names it (interface.public_key)
+        and its peers get it at the same revision."""
+        from google.protobuf import field_mask_pb2
+
+        from meshgate.api.v1 import node_pb2
+
+        try:
+            await self.enrollment.nodes.update(node_pb2.UpdateNodeRequest(
+                node=node_pb2.Node(name=session.node, public_key=public_key),
+                update_mask=field_mask_pb2.FieldMask(paths=["public_key"]),
+            ))
+            log.info("node %s switched to a new key", session.node)
+        except ApiError as e:
+            log.warning("key rotation of %s failed: %s", session.node, e)
+            self.fanout._record(session.node, error=f"key rotation failed: {e.message}")
 
     async def Enroll(self, request, context):
         return await self.enrollment.enroll(request)
@@ -448,7 +547,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if kind == "ack":
                     self.fanout.ack(session, req.ack)
                 elif kind == "resync":
-                    self.fanout.resync(session)
+                    await self.fanout.resync(session)
+                elif kind == "new_key":
+                    asyncio.create_task(self._rotate(session, req.new_key.public_key))
                 elif kind == "health":
                     self.fanout._record(session.node)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):

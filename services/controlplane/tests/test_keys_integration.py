@@ -1,0 +1,158 @@
+"""The control plane with a real key service: signed peer keys, pre-shared
+keys delivered to both ends and rotated, node key rotation through the
+stream, and forged keys left unsigned."""
+
+import base64
+import os
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from meshgate.api.v1 import keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
+from meshgate.common import signing
+from meshgate.common.config import ServerConfig
+from meshgate.common.server import GrpcServer
+from meshgate.common.testing import ServiceProcess
+from meshgate.controlplane.api import ControlPlane
+
+from cptest import SimAgent, key, make_key, make_network, wait_until
+
+
+def write_kek_file(path, *ids):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        for i in ids:
+            f.write(f"{i}:{base64.b64encode(os.urandom(32)).decode()}\n")
+
+
+@pytest.fixture
+async def keyed(etcd, etcd_server, etcd_prefix, tmp_path):
+    """A key service process and a control plane using it, on one etcd prefix."""
+    kek_file = tmp_path / "kek"
+    write_kek_file(kek_file, "t1")
+    ks = ServiceProcess(
+        "meshgate-keyservice",
+        ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", str(kek_file)],
+    ).start()
+    app = ControlPlane(etcd, ks.target)
+    await app.start()
+    server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    ks_channel = grpc.aio.insecure_channel(ks.target)
+    from meshgate.api.v1 import agent_pb2_grpc, enrollment_pb2_grpc, network_pb2_grpc, node_pb2_grpc
+
+    cp = SimpleNamespace()
+    cp.networks = network_pb2_grpc.NetworkServiceStub(channel)
+    cp.nodes = node_pb2_grpc.NodeServiceStub(channel)
+    cp.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(channel)
+    cp.agents = agent_pb2_grpc.AgentServiceStub(channel)
+    cp.ks = keys_pb2_grpc.KeyServiceStub(ks_channel)
+    cp.ks_proc, cp.etcd, cp.app, cp.kek_file = ks, etcd, app, kek_file
+    try:
+        yield cp
+    finally:
+        await channel.close()
+        await ks_channel.close()
+        await server.stop(0)
+        await app.stop()
+        ks.stop()
+
+
+async def two_agents(cp):
+    await make_network(cp)
+    ek = await make_key(cp)
+    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
+    b = await (await SimAgent(cp.agents, ek.secret, "b", "192.0.2.2:51820").enroll()).connect()
+    await wait_until(lambda: all(x.state is not None and len(x.state.peers) == 1 for x in (a, b)), "a and b peer")
+    return a, b
+
+
+async def test_peers_are_signed_and_share_one_psk(keyed):
+    cp = keyed
+    a, b = await two_agents(cp)
+    try:
+        assert a.authority and a.authority == b.authority
+        await wait_until(lambda: all(x.state.peers[0].public_key_signature and x.state.peers[0].preshared_key for x in (a, b)),
+                         "signatures and PSKs")
+        pa, pb = a.state.peers[0], b.state.peers[0]
+        assert signing.verify_any(a.authority, pa.resource, pa.public_key, pa.public_key_signature)
+        assert signing.verify_any(b.authority, pb.resource, pb.public_key, pb.public_key_signature)
+        assert pa.preshared_key == pb.preshared_key and len(base64.b64decode(pa.preshared_key)) == 32
+        assert a.state.interface.public_key == a.public_key
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_key_written_straight_into_etcd_is_not_signed(keyed):
+    cp = keyed
+    a, b = await two_agents(cp)
+    try:
+        await wait_until(lambda: a.state.peers[0].public_key_signature, "signed")
+        # An attacker with etcd access replaces b's key in b's node record.
+        kv = await cp.etcd.get(cp.etcd.key("nodes", "prod", "b"))
+        node = node_pb2.Node.FromString(kv.value)
+        node.public_key = key()
+        await cp.etcd.put(kv.key, node.SerializeToString())
+        await wait_until(lambda: a.state.peers[0].public_key == node.public_key, "a sees the forged key")
+        assert a.state.peers[0].public_key_signature == b""
+        # ... and a forged signature record for it does not verify.
+        forged = keys_pb2.SignedNodeKey(node=node.name, public_key=node.public_key, signature=os.urandom(64))
+        await cp.etcd.put(cp.etcd.key("keys", "nodes", "prod", "b"), forged.SerializeToString())
+        await wait_until(lambda: a.state.peers[0].public_key_signature == forged.signature, "forged signature passed on")
+        p = a.state.peers[0]
+        assert not signing.verify_any(a.authority, p.resource, p.public_key, p.public_key_signature)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(keyed):
+    cp = keyed
+    a, b = await two_agents(cp)
+    try:
+        await wait_until(lambda: all(x.state.peers[0].preshared_key for x in (a, b)), "PSKs")
+        old = a.state.peers[0].preshared_key
+        await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
+        await wait_until(lambda: all(x.state.peers[0].preshared_key not in ("", old) for x in (a, b)), "new PSK on both ends")
+        assert a.state.peers[0].preshared_key == b.state.peers[0].preshared_key
+        # Re-wrapping every secret under a new KEK changes no key: no message to anyone.
+        sent = cp.app.fanout.messages_sent
+        received = (len(a.received), len(b.received))
+        # The operator adds the new KEK to the file, then rotates (online).
+        with open(cp.kek_file, "a") as f:
+            f.write(f"t2:{base64.b64encode(os.urandom(32)).decode()}\n")
+        r = await cp.ks.RotateKeyEncryptionKey(keys_pb2.RotateKeyEncryptionKeyRequest(new_key_id="t2"))
+        assert r.rewrapped >= 2
+        st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+        assert st.converged_nodes == 2 and not any(n.last_error for n in st.nodes)
+        assert cp.app.fanout.messages_sent == sent and (len(a.received), len(b.received)) == received
+        # The PSKs still come out of the re-wrapped store, and unchanged.
+        got = await cp.ks.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(
+            network="networks/prod", pairs=["networks/prod/nodes/a|networks/prod/nodes/b"]))
+        assert got.keys[0].key == a.state.peers[0].preshared_key
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_node_key_rotation_through_the_stream(keyed):
+    cp = keyed
+    a, b = await two_agents(cp)
+    try:
+        await cp.ks.RotateNodeKey(keys_pb2.RotateNodeKeyRequest(node=a.node.name))
+        await wait_until(lambda: a.rotations_asked == 1, "a asked to rotate")
+        new_key = key()
+        from meshgate.api.v1 import agent_pb2
+
+        await a._acks.put(agent_pb2.SyncRequest(new_key=agent_pb2.SyncRequest.NewKey(public_key=new_key)))
+        await wait_until(lambda: a.state.interface.public_key == new_key and b.state.peers[0].public_key == new_key,
+                         "a's state names its new key and b peers with it")
+        p = b.state.peers[0]
+        assert signing.verify_any(b.authority, p.resource, p.public_key, p.public_key_signature)
+        node = await cp.nodes.GetNode(node_pb2.GetNodeRequest(name=a.node.name))
+        assert node.public_key == new_key
+    finally:
+        await a.close()
+        await b.close()
