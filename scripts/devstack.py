@@ -108,15 +108,18 @@ def main() -> int:
         kek = state / "kek"
         ensure_kek(kek)
         agent_socket = f"unix:{state / 'controlplane.sock'}"
-        services = (
-            ("meshgate-controlplane", f"127.0.0.1:{args.controlplane_port},{agent_socket}", []),
-            ("meshgate-keyservice", f"127.0.0.1:{args.keyservice_port}", ["--kek-file", str(kek)]),
-        )
-        for name, listen, extra in services:
-            sp = ServiceProcess(name, common + extra, listen=listen, log_path=str(state / "logs" / f"{name}.log"))
-            procs.append(sp.start())
-            say(f"started {name} on {sp.target} (pid {sp.proc.pid}, log {sp.log_path})")
-        cp = procs[0]
+        # The key service first: the control plane has it sign node keys and
+        # issue the pre-shared keys of every peer pair.
+        ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)],
+                            listen=f"127.0.0.1:{args.keyservice_port}",
+                            log_path=str(state / "logs" / "meshgate-keyservice.log"))
+        procs.append(ks.start())
+        say(f"started meshgate-keyservice on {ks.target} (pid {ks.proc.pid}, log {ks.log_path})")
+        cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
+                            listen=f"127.0.0.1:{args.controlplane_port},{agent_socket}",
+                            log_path=str(state / "logs" / "meshgate-controlplane.log"))
+        procs.append(cp.start())
+        say(f"started meshgate-controlplane on {cp.target} (pid {cp.proc.pid}, log {cp.log_path})")
         net = ensure_network(cp.target)
         say()
         say(f"example network {net.name}: {net.ipv4_cidr} and {net.ipv6_cidr}, listen port {net.listen_port}")
