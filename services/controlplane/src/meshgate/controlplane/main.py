@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from dataclasses import dataclass
 
-from meshgate.common import config, logsetup, telemetry
+from meshgate.common import config
+from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer, serve
 from meshgate.controlplane.api import ControlPlane
@@ -42,20 +42,7 @@ async def run(cfg: ControlPlaneConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    loaded = config.load(
-        ControlPlaneConfig, argv, prog="meshgate-controlplane",
-        env_prefix="MESHGATE_CONTROLPLANE_",
-        description="meshgate control plane: the network API, with all state in etcd.",
-    )
-    cfg = loaded.config
-    logsetup.configure(cfg.log_level, cfg.log_json, service="controlplane")
-    for k, v in loaded.describe().items():
-        log.debug("config %s = %s", k, v)
-    provider = telemetry.configure("meshgate-controlplane")
-    try:
-        asyncio.run(run(cfg))
-    finally:
-        telemetry.shutdown(provider)
+    run_service(ControlPlaneConfig, argv, service="controlplane", description="meshgate control plane: the network API, with all state in etcd.", run=run)
 
 
 if __name__ == "__main__":

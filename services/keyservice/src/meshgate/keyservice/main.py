@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import sys
 from dataclasses import dataclass
 
-from meshgate.common import config, logsetup, telemetry
+from meshgate.common import config
+from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer, serve, server_credentials
 from meshgate.keyservice.api import bindings
@@ -73,20 +73,7 @@ async def run(cfg: KeyServiceConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    loaded = config.load(
-        KeyServiceConfig, argv, prog="meshgate-keyservice",
-        env_prefix="MESHGATE_KEYSERVICE_",
-        description="meshgate key service: WireGuard key signing, pre-shared keys, rotation and the internal CA.",
-    )
-    cfg = loaded.config
-    logsetup.configure(cfg.log_level, cfg.log_json, service="keyservice")
-    for k, v in loaded.describe().items():
-        log.debug("config %s = %s", k, v)
-    provider = telemetry.configure("meshgate-keyservice")
-    try:
-        asyncio.run(run(cfg))
-    finally:
-        telemetry.shutdown(provider)
+    run_service(KeyServiceConfig, argv, service="keyservice", description="meshgate key service: WireGuard key signing, pre-shared keys, rotation and the internal CA.", run=run)
 
 
 if __name__ == "__main__":
