@@ -9,11 +9,8 @@ network namespaces, and the test hosts have no route to the root namespace.
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
 import time
 
-import grpc
 import pytest
 
 from meshgate.api.v1 import egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc

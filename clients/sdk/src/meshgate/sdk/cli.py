@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from meshgate.common.errors import FieldViolation, etag_mismatch, invalid_argument, not_found
 from meshgate.common.etcd import KV, Etcd
 from meshgate.controlplane import names, store, validation
-from meshgate.controlplane.txn import decode_page_token, encode_page_token
+from meshgate.controlplane.txn import Conflict, decode_page_token, encode_page_token
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,19 @@ class Resources:
         if more and kvs:
             token = encode_page_token(parent, kvs[-1].key[len(prefix):].decode())
         return items, token
+
+    async def commit(self, compare, ops, *, etag: str = "", kv: KV | None = None, name: str = "") -> int:
+        """One write transaction, returning its revision. A lost compare raises
+        `Conflict` (the operation runs again), or ABORTED when the caller sent
+        an etag and the resource `kv` changed since it was read."""
+        ok, _, rev = await self.etcd.txn(compare, ops)
+        if ok:
+            return rev
+        if etag and kv is not None:
+            now = await self.etcd.get(kv.key)
+            if now is None or now.mod_revision != kv.mod_revision:
+                raise etag_mismatch(self.kind.type_name, name)
+        raise Conflict
 
     def check_etag(self, etag: str, kv: KV, name: str) -> None:
         if etag and etag != store.etag_of(kv):

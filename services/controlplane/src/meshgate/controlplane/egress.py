@@ -14,7 +14,6 @@ from meshgate.api.v1 import egress_pb2
 from meshgate.common.errors import (
     FieldViolation,
     already_exists,
-    etag_mismatch,
     invalid_argument,
     reference_not_found,
 )
@@ -128,14 +127,11 @@ class EgressGateways(Resources):
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated
-            ok, _, rev = await self.etcd.txn(
+            rev = await self.commit(
                 [*compare, self.t.mod(kv.key) == kv.mod_revision],
                 [self.t.put(kv.key, store.encode(updated)), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+                etag=req.egress_gateway.etag, kv=kv, name=name,
             )
-            if not ok:
-                if req.egress_gateway.etag and (await self.etcd.get(kv.key) or kv).mod_revision != kv.mod_revision:
-                    raise etag_mismatch(KIND.type_name, name)
-                raise Conflict
             updated.etag = str(rev)
             return updated
 
@@ -149,14 +145,11 @@ class EgressGateways(Resources):
             self.check_etag(req.etag, kv, req.name)
             if req.validate_only:
                 return None
-            ok, _, _ = await self.etcd.txn(
+            await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision],
                 [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+                etag=req.etag, kv=kv, name=req.name,
             )
-            if not ok:
-                if req.etag:
-                    raise etag_mismatch(KIND.type_name, req.name)
-                raise Conflict
             return None
 
         await retrying(attempt, f"delete {req.name}")

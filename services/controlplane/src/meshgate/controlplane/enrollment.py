@@ -27,10 +27,9 @@ import secrets
 import time
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import agent_pb2, enrollment_pb2, node_pb2
-from meshgate.common.errors import ApiError, FieldViolation, already_exists, etag_mismatch, invalid_argument
+from meshgate.common.errors import ApiError, FieldViolation, already_exists, invalid_argument
 from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
@@ -141,11 +140,10 @@ class EnrollmentKeys(Resources):
                 return self.present(ek)
             ek.revoke_time.CopyFrom(store.now())
             ek.update_time.CopyFrom(ek.revoke_time)
-            ok, _, rev = await self.etcd.txn([self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(ek))])
-            if not ok:
-                if req.etag:
-                    raise etag_mismatch(KIND.type_name, req.name)
-                raise Conflict
+            rev = await self.commit(
+                [self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(ek))],
+                etag=req.etag, kv=kv, name=req.name,
+            )
             ek.etag = str(rev)
             return self.present(ek)
 
@@ -157,14 +155,11 @@ class EnrollmentKeys(Resources):
         async def attempt(_: int) -> None:
             _ek, kv = await self.read(req.name)
             self.check_etag(req.etag, kv, req.name)
-            ok, _, _ = await self.etcd.txn(
+            await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision],
                 [self.t.delete(kv.key), self.t.delete(self.secret_key(net_id, rid))],
+                etag=req.etag, kv=kv, name=req.name,
             )
-            if not ok:
-                if req.etag:
-                    raise etag_mismatch(KIND.type_name, req.name)
-                raise Conflict
 
         await retrying(attempt, f"delete {req.name}")
 
@@ -236,8 +231,3 @@ class EnrollmentKeys(Resources):
             raise BAD_TOKEN
         return names.child_name(net_id, "nodes", node_id)
 
-
-def timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts

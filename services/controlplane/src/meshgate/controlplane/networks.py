@@ -14,7 +14,6 @@ from meshgate.api.v1 import network_pb2
 from meshgate.common.errors import (
     FieldViolation,
     already_exists,
-    etag_mismatch,
     failed_precondition,
     invalid_argument,
     reference_not_found,
@@ -133,13 +132,10 @@ class Networks(Resources):
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated
-            ok, _, rev = await self.etcd.txn(
-                [self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))]
+            rev = await self.commit(
+                [self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))],
+                etag=req.network.etag, kv=kv, name=name,
             )
-            if not ok:
-                if req.network.etag:
-                    raise _stale(name)
-                raise Conflict
             updated.etag = str(rev)
             return updated
 
@@ -170,11 +166,7 @@ class Networks(Resources):
             compare = [self.t.mod(kv.key) == kv.mod_revision]
             if not req.force:
                 compare.append(self.t.mod(self.keys.guard(net_id, "nodes")) == (guard.mod_revision if guard else 0))
-            ok, _, _ = await self.etcd.txn(compare, ops)
-            if not ok:
-                if req.etag:
-                    raise _stale(req.name)
-                raise Conflict
+            await self.commit(compare, ops, etag=req.etag, kv=kv, name=req.name)
             return None
 
         await retrying(attempt, f"delete {req.name}")
@@ -192,6 +184,3 @@ def _overlap(violations):
     err.reason = "CIDR_OVERLAP"
     return err
 
-
-def _stale(name: str):
-    return etag_mismatch(KIND.type_name, name)

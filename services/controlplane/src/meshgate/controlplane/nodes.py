@@ -19,7 +19,6 @@ from meshgate.common.errors import (
     ApiError,
     FieldViolation,
     already_exists,
-    etag_mismatch,
     failed_precondition,
     invalid_argument,
     reference_not_found,
@@ -286,11 +285,9 @@ class Nodes(Resources):
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return self.present(updated)
-            ok, _, rev = await self.etcd.txn(compare, [self.t.put(kv.key, store.encode(updated)), *ops])
-            if not ok:
-                if req.node.etag and (await self.etcd.get(kv.key) or kv).mod_revision != kv.mod_revision:
-                    raise etag_mismatch(KIND.type_name, name)
-                raise Conflict
+            rev = await self.commit(
+                compare, [self.t.put(kv.key, store.encode(updated)), *ops], etag=req.node.etag, kv=kv, name=name
+            )
             updated.etag = str(rev)
             return self.present(updated)
 
@@ -329,15 +326,12 @@ class Nodes(Resources):
                 ops.append(self.t.delete(u.key))
             if users:
                 ops.append(self.t.put(self.keys.guard(net_id, "egress"), b""))
-            ok, _, _ = await self.etcd.txn(
+            await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision,
                  self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0)],
                 ops,
+                etag=req.etag, kv=kv, name=req.name,
             )
-            if not ok:
-                if req.etag:
-                    raise etag_mismatch(KIND.type_name, req.name)
-                raise Conflict
             return None
 
         await retrying(attempt, f"delete {req.name}")

@@ -8,7 +8,7 @@ may name a tag no node carries yet.
 from __future__ import annotations
 
 from meshgate.api.v1 import policy_pb2
-from meshgate.common.errors import FieldViolation, already_exists, etag_mismatch, invalid_argument
+from meshgate.common.errors import FieldViolation, already_exists, invalid_argument
 from meshgate.controlplane import masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
@@ -113,11 +113,10 @@ class AccessPolicies(Resources):
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated
-            ok, _, rev = await self.etcd.txn([self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))])
-            if not ok:
-                if req.access_policy.etag:
-                    raise etag_mismatch(KIND.type_name, name)
-                raise Conflict
+            rev = await self.commit(
+                [self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))],
+                etag=req.access_policy.etag, kv=kv, name=name,
+            )
             updated.etag = str(rev)
             return updated
 
@@ -127,10 +126,8 @@ class AccessPolicies(Resources):
         async def attempt(_: int) -> None:
             _p, kv = await self.read(req.name)
             self.check_etag(req.etag, kv, req.name)
-            ok, _, _ = await self.etcd.txn([self.t.mod(kv.key) == kv.mod_revision], [self.t.delete(kv.key)])
-            if not ok:
-                if req.etag:
-                    raise etag_mismatch(KIND.type_name, req.name)
-                raise Conflict
+            await self.commit(
+                [self.t.mod(kv.key) == kv.mod_revision], [self.t.delete(kv.key)], etag=req.etag, kv=kv, name=req.name
+            )
 
         await retrying(attempt, f"delete {req.name}")
