@@ -1,4 +1,4 @@
-"""One trace per change: the API call, the control plane's fan-out and the
+"""Real control-plane processes: one trace per change (the API call, the fan-out and the
 trace context each affected agent receives, exported to a real OTLP receiver
 by a real control-plane process."""
 
@@ -100,3 +100,49 @@ async def test_sigterm_ends_agent_streams_with_unavailable(etcd_server, etcd_pre
     finally:
         await ch.close()
         cp.stop()
+
+
+async def test_agents_on_two_control_plane_processes_converge_on_a_change_made_through_either(etcd_server, etcd_prefix):
+    """Two control-plane processes on one etcd: an agent on each; a change made
+    through one reaches the agent on the other, and both report converged."""
+    procs = [
+        ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]).start()
+        for _ in range(2)
+    ]
+    chans = [grpc.aio.insecure_channel(p.target) for p in procs]
+    agents = []
+    try:
+        await network_pb2_grpc.NetworkServiceStub(chans[0]).CreateNetwork(
+            network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24"))
+        )
+        key = await enrollment_pb2_grpc.EnrollmentKeyServiceStub(chans[0]).CreateEnrollmentKey(
+            enrollment_pb2.CreateEnrollmentKeyRequest(parent="networks/prod", enrollment_key_id="k", enrollment_key=enrollment_pb2.EnrollmentKey())
+        )
+        for i, ch in enumerate(chans):
+            a = cptest.SimAgent(agent_pb2_grpc.AgentServiceStub(ch), key.secret, f"n{i}", f"192.0.2.{i + 1}:51820")
+            agents.append(await (await a.enroll()).connect())
+        await cptest.wait_until(lambda: all(a.state is not None and len(a.state.peers) == 1 for a in agents), "peered")
+        for made_through, gw_node in ((0, "n1"), (1, "n0")):
+            gw = await egress_pb2_grpc.EgressGatewayServiceStub(chans[made_through]).CreateEgressGateway(
+                egress_pb2.CreateEgressGatewayRequest(
+                    parent="networks/prod", egress_gateway_id=f"via-{gw_node}",
+                    egress_gateway=egress_pb2.EgressGateway(
+                        node=f"networks/prod/nodes/{gw_node}", ranges=[f"198.51.100.{64 * made_through}/26"]),
+                )
+            )
+            other = agents[1 - int(gw_node[1])]  # the agent that routes through the new gateway
+            await cptest.wait_until(lambda: any(r.destination == gw.ranges[0] for r in other.state.routes), "route")
+            for ch in chans:  # both processes report both nodes converged
+                async def converged(ch=ch):
+                    st = await network_pb2_grpc.NetworkServiceStub(ch).GetNetworkStatus(
+                        network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+                    return st.converged_nodes == 2 and all(n.connected for n in st.nodes)
+
+                await cptest.wait_until(converged, "converged on both processes")
+    finally:
+        for a in agents:
+            await a.close()
+        for ch in chans:
+            await ch.close()
+        for p in procs:
+            p.stop()
