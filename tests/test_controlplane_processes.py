@@ -1,6 +1,7 @@
-"""Real control-plane processes: one trace per change (the API call, the fan-out and the
-trace context each affected agent receives, exported to a real OTLP receiver
-by a real control-plane process."""
+"""Real control-plane processes with simulated agents: one trace per change
+(the API call, the fan-out, and the trace context each affected agent receives,
+at a real OTLP receiver); a graceful shutdown ending agent streams; two
+processes on one etcd serving agents that converge on each other's changes."""
 
 import asyncio
 
