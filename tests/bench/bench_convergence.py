@@ -32,6 +32,20 @@ Figures:
   streams open and converged.
 - `etcd_put_to_watch_p50_ms`: raw etcd latency from a put to its watch event
   (meshgate.common.etcd + etcdwatch), measured in this run before the load.
+- `psk_rotate_all_1000_ms` (median of `--psk-reps`, p99 and max on stderr):
+  the control plane runs with a real `meshgate-keyservice` (its own KEK file
+  in the temporary directory, scheduler off), so every peer carries a
+  pre-shared key. Measured last: from the start of
+  `KeyService.RotatePresharedKeys(network)` (a whole-network epoch) until
+  every agent has received the new pre-shared key of every one of its peers
+  and acked the message that carried it. The agents follow their peers' PSKs
+  through snapshots and deltas; afterwards both ends of every pair are
+  checked to hold the same key. At that point the network has 1,001 nodes
+  (the 1,000 plus the spoke that joined): 1 hub-hub pair + 2 x 999
+  hub-spoke pairs = 1,999 pairs; stderr reports the pairs counted in etcd,
+  the keys rotated, the etcd write transactions the rotation took (distinct
+  mod revisions of the PSK records, plus the epoch's claim and finish), the
+  messages the agents received and the CPU each process spent.
 
 On a 2-core machine etcd, the control plane and this load process share both
 cores, so the figures are an honest upper bound on latency: stderr gives the
@@ -62,6 +76,8 @@ import grpc
 from meshgate.api.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     egress_pb2,
     egress_pb2_grpc,
     enrollment_pb2,
@@ -194,6 +210,32 @@ class Tracker:
                 self.done.set()
 
 
+class PskTracker:
+    """Counts down the agents that still hold (or have not acked) a peer's old
+    pre-shared key: an agent is done once it has acked a message after which
+    every one of its peers has a non-empty key different from the one it had
+    when the tracker was armed."""
+
+    def __init__(self, agents: list["Agent"]) -> None:
+        self.old = {a.idx: dict(a.psks) for a in agents}
+        self.waiting = {a.idx for a in agents}
+        self.done_at: dict[int, float] = {}
+        self.done = asyncio.Event()
+        for a in agents:
+            a.psk_watch = self
+
+    @staticmethod
+    def renewed(old: dict[str, str], new: dict[str, str]) -> bool:
+        return all(v and v != old.get(pk) for pk, v in new.items())
+
+    def on_ack(self, agent: "Agent") -> None:
+        if agent.idx in self.waiting and self.renewed(self.old[agent.idx], agent.psks):
+            self.waiting.discard(agent.idx)
+            self.done_at[agent.idx] = agent.ack_time
+            if not self.waiting:
+                self.done.set()
+
+
 class Agent:
     """One stream: hello, then for every message record it and ack it.
 
@@ -201,7 +243,8 @@ class Agent:
     that every delta builds on the revision it last received."""
 
     __slots__ = ("idx", "node_id", "node", "token", "channel", "tracker", "call", "task", "received",
-                 "kinds", "revision", "acked", "ack_time", "base_mismatches", "snapshot_seen", "error")
+                 "kinds", "revision", "acked", "ack_time", "base_mismatches", "snapshot_seen", "error",
+                 "psks", "psk_watch", "public_key")
 
     def __init__(self, idx: int, node_id: str, node: str, token: str, channel, tracker: Tracker) -> None:
         self.idx, self.node_id, self.node, self.token = idx, node_id, node, token
@@ -216,6 +259,20 @@ class Agent:
         self.base_mismatches = 0
         self.snapshot_seen = asyncio.Event()
         self.error: str | None = None
+        self.psks: dict[str, str] = {}  # peer public key -> its pre-shared key, as last received
+        self.psk_watch: "PskTracker | None" = None
+        self.public_key = ""  # the node's own, from its snapshots
+
+    def _follow_psks(self, msg, kind: str) -> None:
+        if kind == "snapshot":
+            self.public_key = msg.snapshot.state.interface.public_key or self.public_key
+            self.psks = {p.public_key: p.preshared_key for p in msg.snapshot.state.peers}
+        else:
+            d = msg.delta.delta
+            for pk in d.removed_peers:
+                self.psks.pop(pk, None)
+            for p in d.upserted_peers:
+                self.psks[p.public_key] = p.preshared_key
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -239,12 +296,16 @@ class Agent:
                     await self.call.write(agent_pb2.SyncRequest(resync=agent_pb2.SyncRequest.ResyncRequest(reason="base")))
                     continue
                 self.revision = msg.revision
+                if kind in ("snapshot", "delta"):
+                    self._follow_psks(msg, kind)
                 await self.call.write(agent_pb2.SyncRequest(ack=agent_pb2.SyncRequest.Ack(revision=msg.revision)))
                 self.ack_time = time.perf_counter()
                 self.acked = msg.revision
                 if kind == "snapshot":
                     self.snapshot_seen.set()
                 self.tracker.on_ack(self)
+                if self.psk_watch is not None:
+                    self.psk_watch.on_ack(self)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:
@@ -266,8 +327,11 @@ class Agent:
 
 
 class Run:
-    def __init__(self, target: str, cp_pid: int, args) -> None:
+    def __init__(self, target: str, cp_pid: int, args, ks_target: str = "", ks_pid: int = 0) -> None:
         self.target, self.cp_pid, self.args = target, cp_pid, args
+        self.ks_pid = ks_pid
+        self.ks_channel = grpc.aio.insecure_channel(ks_target) if ks_target else None
+        self.ks = keys_pb2_grpc.KeyServiceStub(self.ks_channel) if self.ks_channel else None
         self.api = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.api", 1)])
         self.networks = network_pb2_grpc.NetworkServiceStub(self.api)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.api)
@@ -294,6 +358,8 @@ class Run:
         for c in self.channels:
             await c.close()
         await self.api.close()
+        if self.ks_channel is not None:
+            await self.ks_channel.close()
 
     # set-up ------------------------------------------------------------------
 
@@ -320,6 +386,7 @@ class Run:
     def add_agent(self, node_id: str, resp: agent_pb2.EnrollResponse) -> Agent:
         i = len(self.agents)
         a = Agent(i, node_id, resp.node.name, resp.credential.token, self.channel_for(i), self.tracker)
+        a.public_key = resp.node.public_key
         self.agents.append(a)
         return a
 
@@ -474,14 +541,67 @@ class Run:
                for i in range(len(after)) if after[i] != (before[i] if i < sent_before else 0)}
         return sum(per.values()), per
 
+    async def psk_rotate_all(self, reps: int, etcd: Etcd) -> list[float]:
+        """Rotate every pre-shared key of the network `reps` times; returns the
+        latency until every agent acked the new keys of all its peers."""
+        missing = [a.node_id for a in self.agents if not a.psks or not all(a.psks.values())]
+        if missing:
+            raise RuntimeError(f"{len(missing)} agents have a peer without a pre-shared key, first {missing[0]}")
+        base = etcd.key("keys", "psk", NET, "")
+        lat: list[float] = []
+        for r in range(reps):
+            before = self.counts()
+            rev0 = await etcd.revision()
+            cpu0, ks0, own0 = cpu_s(self.cp_pid), cpu_s(self.ks_pid), time.process_time()
+            tracker = PskTracker(self.agents)
+            t0 = time.perf_counter()
+            resp = await self.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network=self.parent), timeout=120)
+            call_ms = (time.perf_counter() - t0) * 1000
+            try:
+                await asyncio.wait_for(tracker.done.wait(), 120)
+            except asyncio.TimeoutError:
+                left = sorted(self.agents[i].node_id for i in tracker.waiting)
+                raise RuntimeError(f"PSK rotation #{r}: {len(left)} agents still lack a new key after 120 s, "
+                                   f"e.g. {left[:5]}") from None
+            finally:
+                for a in self.agents:
+                    a.psk_watch = None
+            done = tracker.done_at.values()
+            ms = (max(done) - t0) * 1000
+            lat.append(ms)
+            cpu_cp, cpu_ks, cpu_own = cpu_s(self.cp_pid) - cpu0, cpu_s(self.ks_pid) - ks0, time.process_time() - own0
+            got = sum(c - b for c, b in zip(self.counts(), before))
+            kvs, _ = await etcd.list_prefix(base)
+            txns = {kv.mod_revision for kv in kvs if kv.mod_revision > rev0}
+            rotated_here = sum(1 for kv in kvs if kv.mod_revision > rev0)
+            info(f"  psk_rotate_all #{r}: {ms:.0f} ms (RotatePresharedKeys returned at {call_ms:.0f} ms, rotated "
+                 f"{resp.rotated}; first agent done at {(min(done) - t0) * 1000:.0f} ms); {len(kvs)} pairs in etcd, "
+                 f"{rotated_here} rewritten in {len(txns)} write transactions (+2: epoch claim and finish); "
+                 f"{got} messages to {len(self.agents)} agents; CPU: control plane {cpu_cp:.2f} s, key service "
+                 f"{cpu_ks:.2f} s, this load process {cpu_own:.2f} s")
+            await self.settle(self.args.pause)
+        # Both ends of every pair hold the same key.
+        by_pk = {a.public_key: a for a in self.agents}
+        ends = mismatched = 0
+        for a in self.agents:
+            for pk, k in a.psks.items():
+                ends += 1
+                other = by_pk.get(pk)
+                if other is None or other.psks.get(a.public_key) != k:
+                    mismatched += 1
+        if mismatched:
+            raise RuntimeError(f"{mismatched} of {ends} pair ends hold a key the other end does not")
+        info(f"psk_rotate_all: both ends of all {ends // 2} pairs hold the same pre-shared key")
+        return lat
 
-async def run(target: str, cp_pid: int, etcd_endpoint: str, args) -> dict[str, float]:
+
+async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str, ks_pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     ptw = await measure_put_to_watch(etcd_endpoint, warmup=50, ops=args.watch_ops)
     out["etcd_put_to_watch_p50_ms"] = statistics.median(ptw)
     info(f"etcd put-to-watch: {len(ptw)} sequential puts, p50 {statistics.median(ptw):.3f} ms, p99 {percentile(ptw, 99):.3f} ms")
 
-    r = Run(target, cp_pid, args)
+    r = Run(target, cp_pid, args, ks_target, ks_pid)
     try:
         hub_secret, spoke_secret = await r.setup_network()
         await r.enroll_all(hub_secret, spoke_secret, args.agents)
@@ -513,7 +633,19 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args) -> dict[str, f
         out["msgs_per_spoke_join"] = n
         info(f"spoke join: {n} messages received: {per}")
         await r.check_converged(args.agents + 1)
-        info(f"control plane at the end: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s total")
+
+        etcd = Etcd(etcd_endpoint, "/bench")
+        await etcd.connect()
+        try:
+            lat3 = await r.psk_rotate_all(args.psk_reps, etcd)
+        finally:
+            await etcd.close()
+        out["psk_rotate_all_1000_ms"] = statistics.median(lat3)
+        info(f"psk_rotate_all ({len(r.agents)} agents): {len(lat3)} rotations, p50 {statistics.median(lat3):.0f} ms, "
+             f"p99 {percentile(lat3, 99):.0f} ms, min {min(lat3):.0f} ms, max {max(lat3):.0f} ms")
+        await r.check_converged(args.agents + 1)
+        info(f"control plane at the end: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s total; "
+             f"key service CPU {cpu_s(ks_pid):.1f} s total")
         return out
     finally:
         await r.close()
@@ -529,6 +661,7 @@ def main() -> int:
     ap.add_argument("--pause-one", type=float, default=0.05, help="seconds after each one-agent change")
     ap.add_argument("--enroll-concurrency", type=int, default=4)
     ap.add_argument("--watch-ops", type=int, default=500)
+    ap.add_argument("--psk-reps", type=int, default=5, help="whole-network pre-shared key rotations")
     args = ap.parse_args()
 
     def on_term(signum, frame):
@@ -539,27 +672,34 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="meshgate-bench-conv-")
     etcd_proc: EtcdProcess | None = None
     cp: ServiceProcess | None = None
+    ks: ServiceProcess | None = None
     ok = False
     t_start = time.perf_counter()
     try:
         etcd_proc = EtcdProcess(os.path.join(tmp, "etcd")).start()
         info(f"etcd on {etcd_proc.endpoint} (pid {etcd_proc.proc.pid})")
         env_clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESHGATE_"))}
-        cp = ServiceProcess(
-            "meshgate-controlplane",
-            args=["--etcd-endpoints", etcd_proc.endpoint, "--etcd-prefix", "/bench", "--log-level", "warning"],
-        )
+        kek_file = os.path.join(tmp, "kek")
+        fd = os.open(kek_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"bench1:{base64.b64encode(os.urandom(32)).decode()}\n")
+        common = ["--etcd-endpoints", etcd_proc.endpoint, "--etcd-prefix", "/bench", "--log-level", "warning"]
+        ks = ServiceProcess("meshgate-keyservice", args=[*common, "--kek-file", kek_file, "--no-scheduler"])
+        cp = ServiceProcess("meshgate-controlplane", args=common)
         saved_env = dict(os.environ)
         os.environ.clear()
         os.environ.update(env_clean)
         try:
+            ks.start()
+            info(f"key service on {ks.target} (pid {ks.proc.pid})")
+            cp.args += ["--keyservice", ks.target]
             cp.start()
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
         info(f"control plane on {cp.target} (pid {cp.proc.pid})")
 
-        res = asyncio.run(run(cp.target, cp.proc.pid, etcd_proc.endpoint, args))
+        res = asyncio.run(run(cp.target, cp.proc.pid, etcd_proc.endpoint, args, ks.target, ks.proc.pid))
         for name, unit in (
             ("converge_all_1000_p50_ms", "ms"),
             ("converge_all_1000_p99_ms", "ms"),
@@ -567,6 +707,7 @@ def main() -> int:
             ("msgs_per_spoke_join", "msgs"),
             ("cp_rss_1000_streams_mb", "MB"),
             ("etcd_put_to_watch_p50_ms", "ms"),
+            ("psk_rotate_all_1000_ms", "ms"),
         ):
             bench(name, res[name], unit)
         ok = True
@@ -574,11 +715,14 @@ def main() -> int:
         info(f"benchmark failed: {type(e).__name__}: {e}")
         if cp is not None and cp.proc is not None:
             info(f"control-plane log tail:\n{cp.log()}")
+        if ks is not None and ks.proc is not None:
+            info(f"key-service log tail:\n{ks.log()}")
     finally:
-        if cp is not None:
-            cp.stop()
-            if cp.log_path:
-                shutil.rmtree(os.path.dirname(cp.log_path), ignore_errors=True)
+        for svc in (cp, ks):
+            if svc is not None:
+                svc.stop()
+                if svc.log_path:
+                    shutil.rmtree(os.path.dirname(svc.log_path), ignore_errors=True)
         if etcd_proc is not None:
             etcd_proc.stop()
         shutil.rmtree(tmp, ignore_errors=True)
