@@ -59,6 +59,11 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path):
         ks.stop()
 
 
+async def _converged(cp) -> bool:
+    st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+    return st.converged_nodes == st.total_nodes == 2
+
+
 async def two_agents(cp):
     await make_network(cp)
     ek = await make_key(cp)
@@ -117,6 +122,11 @@ async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(key
         await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
         await wait_until(lambda: all(x.state.peers[0].preshared_key not in ("", old) for x in (a, b)), "new PSK on both ends")
         assert a.state.peers[0].preshared_key == b.state.peers[0].preshared_key
+        # The rotation travels as a delta of just that peer, nothing else.
+        last = a.received[-1].delta.delta
+        assert [p.resource for p in last.upserted_peers] == ["networks/prod/nodes/b"]
+        assert not (last.removed_peers or last.routes_changed or last.egress_changed or last.HasField("interface"))
+        await wait_until(lambda: _converged(cp), "converged after the rotation")
         # Re-wrapping every secret under a new KEK changes no key: no message to anyone.
         sent = cp.app.fanout.messages_sent
         received = (len(a.received), len(b.received))

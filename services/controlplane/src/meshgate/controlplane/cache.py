@@ -50,6 +50,10 @@ class Change:
     # nodes with a new key-rotation request (keys/nodeRotation/...)
     rotations: set[str] = field(default_factory=set)
     reset: bool = False
+    # Only pre-shared keys changed: a listener may patch them into what it
+    # last sent instead of recompiling (the key service writes a rotation of a
+    # thousand pairs as a run of transactions).
+    psk_only: bool = False
 
 
 Listener = Callable[[Change], Awaitable[None]]
@@ -208,11 +212,15 @@ class StateCache:
             return None
         return key[len(self._prefix):].decode(errors="replace").split("/")
 
-    def _apply_keys(self, events, change: Change) -> None:
-        """Signatures, pre-shared keys and rotation requests written by the key service."""
+    def _apply_keys(self, events, change: Change) -> bool:
+        """Signatures, pre-shared keys and rotation requests written by the key
+        service; True when only pre-shared keys changed."""
+        psk_only = True
         for parts, ev in events:
             kind, net_id, rid = parts[1], parts[2], parts[3]
             st = self.networks.get(net_id)
+            if kind != "psk":
+                psk_only = False
             if kind == "psk":
                 change.psk_pairs.add((net_id, rid))
                 if st is not None:
@@ -238,6 +246,7 @@ class StateCache:
                     change.rotations.add(name)
                 else:
                     self.rotation_requests.pop(name, None)
+        return psk_only
 
     async def _apply(self, batch: etcdwatch.Batch) -> None:
         relevant = []
@@ -255,8 +264,9 @@ class StateCache:
                 keyed.append((parts, ev))
         change = Change(batch.revision, traceparent)
         if keyed:
-            self._apply_keys(keyed, change)
+            psk_only = self._apply_keys(keyed, change)
             if not relevant:
+                change.psk_only = psk_only
                 self._advance(batch.revision)
                 await self._notify(change)
                 return
