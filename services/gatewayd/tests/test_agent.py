@@ -18,7 +18,8 @@ from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError
 from meshgate.gatewayd.model import Desired, compile_desired
 from meshgate.gatewayd.planner import Plan
-from meshgate.gatewayd.reconciler import Result
+from meshgate.gatewayd.keys import NodeKeys
+from meshgate.gatewayd.reconciler import Reconciler, Result
 from meshgate.gatewayd.sources import Delta, QueueSource, Snapshot
 from meshgate.gatewayd.store import StateStore
 
@@ -50,12 +51,22 @@ class StandIn:
     passes: list[tuple[int, bool]] = field(default_factory=list)
     is_alive: bool = True
     backend: Backend = field(default_factory=Backend)
-    public_key: str = key(200)
+    keys: NodeKeys | None = None
 
-    def compile(self, msg: pb.DesiredState) -> Desired:
-        return compile_desired(msg, settings=self.settings, public_key=self.public_key)
+    def __post_init__(self) -> None:
+        self.keys = NodeKeys(self.store.dir)
+
+    @property
+    def public_key(self) -> str:
+        return self.keys.current.public
+
+    def compile(self, msg: pb.DesiredState, restoring: bool = False) -> Desired:
+        own = Reconciler.own_key(self, msg, restoring)  # type: ignore[arg-type]
+        return compile_desired(msg, settings=self.settings, public_key=own)
 
     def reconcile(self, desired: Desired, full: bool = True) -> Result:
+        if desired.public_key != self.keys.current.public:
+            assert self.keys.promote(desired.public_key)
         self.passes.append((desired.revision, full))
         if self.fail:
             self.fail -= 1

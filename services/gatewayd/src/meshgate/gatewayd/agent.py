@@ -13,6 +13,17 @@ latest desired state.
 
 Updates that arrive while a pass runs are coalesced: the next pass plans the newest
 target against what the kernel holds, so nothing is replayed.
+
+Signed peers (``trust.py``): with key authority keys, every peer of a new state is
+checked; refused peers are left out of what is compiled and applied, and the ack of
+that revision carries ``PERMISSION_DENIED`` naming them.  ``target_msg`` is the state
+as the control plane sent it (deltas merge onto it, and it is what ``desired.pb``
+keeps); the filter runs on every compile, so a peer refused earlier and correctly
+signed later is applied.
+
+Node key rotation: a ``RotateKey`` update makes a pending key pair (``keys.NodeKeys``)
+and announces its public half to the source; the switch happens in the pass that
+applies a state naming that key (``reconciler.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import asyncio
 import logging
 import random
 import signal
-from typing import Any
+from typing import Any, Sequence
 
 from opentelemetry import propagate, trace
 
@@ -32,15 +43,23 @@ from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
 from meshgate.gatewayd.model import Desired, compile_peer_delta, merge_delta, peers_only
 from meshgate.gatewayd.reconciler import Reconciler
-from meshgate.gatewayd.sources import Delta, DesiredStateSource, Report, Snapshot, Unreadable, Update
+from meshgate.gatewayd.sources import (
+    Delta, DesiredStateSource, Report, RotateKey, Snapshot, Unreadable, Update,
+)
+from meshgate.gatewayd.trust import PeerVerifier, Refusal, summary, without
 
 log = logging.getLogger(__name__)
 
 
 class Agent:
     def __init__(self, reconciler: Reconciler, settings: Settings,
-                 source: DesiredStateSource | None = None, rng: random.Random | None = None):
+                 source: DesiredStateSource | None = None, rng: random.Random | None = None,
+                 authority_keys: Sequence[bytes] = ()):
         self.rec = reconciler
+        self.verifier = PeerVerifier(authority_keys) if authority_keys else None
+        """None: the development mode, nothing is verified."""
+        self.refused: dict[str, Refusal] = {}
+        """Peers of the current target left out (by public key)."""
         self.settings = settings
         self.source = source
         self.rng = rng or random.Random()
@@ -57,7 +76,9 @@ class Agent:
         self.status: dict[str, Any] = {
             "state": "waiting", "applied_revision": None, "last_error": None, "attempt": 0,
             "full_syncs": 0, "delta_syncs": 0, "rejected": 0, "backend": reconciler.backend.name,
+            "verify_peers": self.verifier is not None, "refused_peers": [],
         }
+        self._key_status()
 
     # -- control
 
@@ -133,24 +154,64 @@ class Agent:
             log.info("no desired state on disk; waiting for one (nothing is deleted meanwhile)")
             return
         try:
-            self._set_target(msg, self.rec.compile(msg))
+            refused = self._refusals(msg.peers)
+            self._set_target(msg, self.rec.compile(without(msg, refused), restoring=True), refused)
             log.info("restored revision %d from disk", msg.revision)
         except InvalidDesiredState as e:
             log.error("the desired state on disk no longer validates on this host: %s", e)
             self._record_error(str(e), rejected=True)
 
-    def _set_target(self, msg: pb.DesiredState, desired: Desired) -> None:
+    def _set_target(self, msg: pb.DesiredState, desired: Desired,
+                    refused: dict[str, Refusal] | None = None) -> None:
         if self.target is None or self.target.node != desired.node:
             logsetup.bind(node=desired.node)  # identity on every record from here on
+        refused = refused or {}
+        for key, r in refused.items():
+            if key not in self.refused or self.refused[key] != r:
+                log.warning("refused peer %s (public key %s): %s", r.resource or "(no resource)",
+                            r.public_key, r.reason)
+        for key, r in self.refused.items():
+            if key not in refused:
+                log.info("peer %s (public key %s) is no longer refused", r.resource, r.public_key)
+        self.refused = refused
+        self.status["refused_peers"] = [str(r) for r in refused.values()]
         self.target_msg, self.target = msg, desired
         self._target_gen += 1
         self._wake.set()
+
+    def _refusals(self, peers) -> dict[str, Refusal]:
+        return self.verifier.refusals(peers) if self.verifier is not None else {}
+
+    def _key_status(self) -> None:
+        keys = getattr(self.rec, "keys", None)
+        if keys is not None:
+            self.status["public_key"] = keys.current.public
+            self.status["pending_public_key"] = keys.pending.public if keys.pending else None
+
+    async def rotate_key(self, reason: str = "") -> str:
+        """Make (or reuse) the pending key pair and announce its public half."""
+        public = await asyncio.to_thread(self.rec.keys.ensure_pending)
+        log.info("key rotation requested (%s); announcing pending public key %s",
+                 reason or "no reason given", public)
+        self._key_status()
+        self._write_status()
+        announce = getattr(self.source, "announce_key", None)
+        if announce is not None:
+            try:
+                await announce(public)
+            except Exception as e:
+                log.warning("announcing the new key failed: %s", e)
+        return public
 
     async def _feed(self) -> None:
         assert self.source is not None
         try:
             async for update in self.source.updates():
-                self.accept(update)
+                if isinstance(update, RotateKey):
+                    await self.rotate_key(update.reason)
+                elif not self.accept(update):
+                    # rejected: the ack of that revision says why (the previous state stays)
+                    await self._report(Report(None, self.status["last_error"]))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -165,7 +226,8 @@ class Agent:
                 raise update.error
             if isinstance(update, Snapshot):
                 msg = update.state
-                desired = self.rec.compile(msg)
+                refused = self._refusals(msg.peers)
+                desired = self.rec.compile(without(msg, refused))
             elif isinstance(update, Delta):
                 if self.target_msg is None or self.target is None:
                     raise InvalidDesiredState([FieldViolation(
@@ -176,10 +238,15 @@ class Agent:
                         f"revision is {self.target_msg.revision}; a snapshot is needed")])
                 msg = merge_delta(self.target_msg, update.delta)
                 msg.revision = update.revision
-                if peers_only(update.delta):
+                if not self.refused:
+                    # the other peers were verified when they arrived
+                    refused = self._refusals(update.delta.upserted_peers)
+                else:
+                    refused = self._refusals(msg.peers)
+                if peers_only(update.delta) and not refused and not self.refused:
                     desired = compile_peer_delta(self.target, update.delta, update.revision)
                 else:
-                    desired = self.rec.compile(msg)
+                    desired = self.rec.compile(without(msg, refused))
             else:  # pragma: no cover
                 raise TypeError(update)
         except InvalidDesiredState as e:
@@ -188,12 +255,13 @@ class Agent:
             return False
         if getattr(update, "traceparent", ""):
             self._traces.append(update.traceparent)
-        self._set_target(msg, desired)
+        self._set_target(msg, desired, refused)
         return True
 
     async def _pass(self) -> bool:
         assert self.target is not None and self.target_msg is not None
         full, gen, target, msg = self._need_full, self._target_gen, self.target, self.target_msg
+        refused = tuple(self.refused.values())
         self._need_full = False
         traces, self._traces = self._traces, []
         try:
@@ -218,16 +286,21 @@ class Agent:
         self.rec.store.save_desired(msg)
         self.backoff.reset()
         changes = result.plan.changes()
+        note = summary(refused) if refused else None
         self.status.update(
-            state="applied", applied_revision=target.revision, attempt=0, last_error=None,
+            state="applied", applied_revision=target.revision, attempt=0, last_error=note,
             node=target.node, last_changes=len(changes),
         )
         self.status["full_syncs" if result.full else "delta_syncs"] += 1
+        self._key_status()
         self._write_status()
         if changes:
             log.info("%s pass applied revision %d: %s", "full" if result.full else "delta",
                      target.revision, "; ".join(changes[:20]) + (" …" if len(changes) > 20 else ""))
-        await self._report(Report(target.revision, None))
+        if refused:
+            await self._report(Report(target.revision, note, code="PERMISSION_DENIED", refused=refused))
+        else:
+            await self._report(Report(target.revision, None))
         return True
 
     def _record_error(self, message: str, rejected: bool = False) -> None:

@@ -216,6 +216,15 @@ class Node:
             time.sleep(0.05)
         raise LabError(f"gatewayd status never matched; last: {self.status()}")
 
+    def wait_applied(self, revision: int, timeout: float = 30) -> dict[str, Any]:
+        """Until the agent's status says it applied ``revision`` (or a later one)."""
+        return self.wait_status(lambda st: st.get("state") == "applied"
+                                and (st.get("applied_revision") or 0) >= revision, timeout)
+
+    def wg_public_key(self) -> str:
+        """The public key the WireGuard interface uses now (``wg show <if> public-key``)."""
+        return self.host.run("wg", "show", self.ifname, "public-key").stdout.strip()
+
     def wg_pid(self) -> int | None:
         try:
             return int((self.state_dir / f"wireguard-go.{self.ifname}.pid").read_text())
@@ -571,3 +580,206 @@ class ControlPlaneView:
 
     def close(self) -> None:
         self.channel.close()
+
+
+# ---------------------------------------------------------------- a scripted control plane
+
+
+class ScriptedControlPlane:
+    """A real gRPC ``AgentService`` server whose messages the test writes.
+
+    Agents ``join`` it (``Enroll`` returns the node name, a token and, when the
+    server has a key authority, its Ed25519 public key) and open ``Sync`` streams
+    as they would with the real control plane; the test sends crafted
+    ``SyncResponse``s with ``send`` and reads what the agents answered (``acks``,
+    ``new_keys``).  It serves on a Unix socket (``target``), which crosses network
+    namespaces.  Runs its own event loop in a thread; every method here is called
+    from the test's thread.
+    """
+
+    def __init__(self, socket_path: Path, authority: Any = None, network: str = "networks/lab"):
+        import asyncio
+        import threading
+
+        self.socket_path, self.authority, self.network = Path(socket_path), authority, network
+        self.target = f"unix:{self.socket_path}"
+        self.tokens: dict[str, str] = {}
+        self.acks: dict[str, list] = {}
+        self.new_keys: dict[str, list[str]] = {}
+        self.hellos: dict[str, list] = {}
+        self._queues: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._server: Any = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(15) or self._server is None:
+            raise LabError("scripted control plane did not start")
+
+    # -- the server (its own thread and loop)
+
+    def _serve(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        import grpc
+
+        from meshgate.api.v1 import agent_pb2_grpc
+
+        outer = self
+
+        class Servicer(agent_pb2_grpc.AgentServiceServicer):
+            async def Enroll(self, request, context):
+                return await outer._enroll(request, context)
+
+            async def Sync(self, request_iterator, context):
+                async for msg in outer._sync(request_iterator, context):
+                    yield msg
+
+        server = grpc.aio.server()
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(Servicer(), server)
+        server.add_insecure_port(self.target)
+        await server.start()
+        self._server = server
+
+    async def _enroll(self, request, context):
+        from meshgate.api.v1 import agent_pb2, node_pb2
+        from meshgate.common import signing
+
+        node = f"{self.network}/nodes/{request.node_id}"
+        token = f"mgat_test.{secrets.token_urlsafe(16)}"
+        self.tokens[token] = node
+        resp = agent_pb2.EnrollResponse(
+            node=node_pb2.Node(name=node, public_key=request.public_key, ipv4_address="100.64.0.254"),
+            credential=agent_pb2.AgentCredential(token=token),
+        )
+        if self.authority is not None:
+            resp.key_authority_public_keys.append(signing.public_bytes(self.authority))
+        return resp
+
+    async def _sync(self, request_iterator, context):
+        import asyncio
+
+        import grpc
+
+        md = dict(context.invocation_metadata())
+        node = self.tokens.get(md.get("authorization", "").removeprefix("Bearer "))
+        if node is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        it = request_iterator.__aiter__()
+        first = await it.__anext__()
+        with self._cond:
+            self.hellos.setdefault(node, []).append(first.hello)
+            self._cond.notify_all()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[node] = queue
+
+        async def read() -> None:
+            async for req in it:
+                kind = req.WhichOneof("message")
+                with self._cond:
+                    if kind == "ack":
+                        self.acks.setdefault(node, []).append(req.ack)
+                    elif kind == "new_key":
+                        self.new_keys.setdefault(node, []).append(req.new_key.public_key)
+                    self._cond.notify_all()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                msg = await queue.get()
+                if msg is None:
+                    return
+                yield msg
+        finally:
+            reader.cancel()
+            if self._queues.get(node) is queue:
+                del self._queues[node]
+
+    # -- the test's side
+
+    def sign(self, peer: Any) -> Any:
+        """Give ``peer`` (a ``Peer``) a valid signature for its resource and key."""
+        from meshgate.common import signing
+
+        peer.public_key_signature = signing.sign(self.authority, peer.resource, peer.public_key)
+        return peer
+
+    def sign_all(self, state: pb.DesiredState) -> pb.DesiredState:
+        for p in state.peers:
+            self.sign(p)
+        return state
+
+    def wait_connected(self, node: str, timeout: float = 30) -> None:
+        self._wait(lambda: node in self._queues, timeout, f"{node} never connected")
+
+    def send(self, node: str, msg: Any) -> None:
+        """Queue a ``SyncResponse`` on ``node``'s stream."""
+        self.wait_connected(node)
+        queue = self._queues[node]
+        self._loop.call_soon_threadsafe(queue.put_nowait, msg)
+
+    def snapshot(self, state: pb.DesiredState) -> None:
+        from meshgate.api.v1 import agent_pb2
+
+        self.send(state.node, agent_pb2.SyncResponse(
+            revision=state.revision, snapshot=agent_pb2.SyncResponse.Snapshot(state=state)))
+
+    def delta(self, node: str, delta: Any, revision: int) -> None:
+        from meshgate.api.v1 import agent_pb2
+
+        delta.revision = revision
+        self.send(node, agent_pb2.SyncResponse(
+            revision=revision, delta=agent_pb2.SyncResponse.Delta(delta=delta)))
+
+    def rotate_key(self, node: str, reason: str = "test") -> None:
+        from meshgate.api.v1 import agent_pb2
+
+        self.send(node, agent_pb2.SyncResponse(rotate_key=agent_pb2.SyncResponse.RotateKey(reason=reason)))
+
+    def wait_ack(self, node: str, revision: int, timeout: float = 30) -> Any:
+        """The first ack of ``revision`` (or a later one) from ``node``."""
+        found: list = []
+
+        def done() -> bool:
+            found[:] = [a for a in self.acks.get(node, []) if a.revision >= revision]
+            return bool(found)
+
+        self._wait(done, timeout, f"{node} never acked revision {revision}: {self.acks.get(node)}")
+        return found[0]
+
+    def wait_new_key(self, node: str, count: int = 1, timeout: float = 30) -> str:
+        """The public key of ``node``'s ``count``-th NewKey."""
+        self._wait(lambda: len(self.new_keys.get(node, [])) >= count, timeout,
+                   f"{node} sent {len(self.new_keys.get(node, []))} NewKey, expected {count}")
+        return self.new_keys[node][count - 1]
+
+    def _wait(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LabError(what)
+                self._cond.wait(min(left, 0.1))
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop() -> None:
+            for q in list(self._queues.values()):
+                q.put_nowait(None)
+            await self._server.stop(1)
+
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(15)
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(15)
+        self._loop.close()

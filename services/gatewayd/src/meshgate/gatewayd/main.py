@@ -177,21 +177,35 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         rec = Reconciler.for_host(settings)
         source = None
+        authority_keys: tuple[bytes, ...] = ()
         if args.file:
             source = FileSource(args.file)
         else:
-            identity = Identity.load(settings.state_dir)
+            try:
+                identity = Identity.load(settings.state_dir)
+            except (ValueError, KeyError) as e:
+                raise EnvironmentProblem(f"{settings.state_dir}/identity.json is unreadable: "
+                                         f"{type(e).__name__}") from None
             if identity is not None:
                 if args.control_plane:
                     identity.control_plane = args.control_plane
                 last = rec.store.load_desired()
                 source = ControlPlaneSource(identity, last.revision if last else 0)
+                authority_keys = identity.authority_keys
                 log.info("node %s, control plane %s", identity.node, identity.control_plane)
             else:
                 log.info("not joined and no --file: keeping the state on disk")
         provider = telemetry.configure("meshgate-gatewayd")
         try:
-            return asyncio.run(Agent(rec, settings, source).run_forever())
+            if authority_keys:
+                log.info("peer keys are verified against %d key authority key(s)", len(authority_keys))
+            else:
+                log.warning("development mode: peer keys are not verified (no key authority keys)")
+            try:
+                agent = Agent(rec, settings, source, authority_keys=authority_keys)
+            except ValueError as e:
+                raise EnvironmentProblem(f"identity.json: bad key authority key: {e}") from None
+            return asyncio.run(agent.run_forever())
         finally:
             telemetry.shutdown(provider)
 

@@ -11,6 +11,14 @@ Two paths:
 Appliers run in a fixed order: sysctls, WireGuard (interface, device, peers), link and
 addresses, routes and rules (they need the link up), then the nftables table.  A
 failure stops the pass and forgets what was applied, so the retry is a full pass.
+
+Node key rotation: a desired state whose ``interface.public_key`` names the pending
+key (``keys.NodeKeys``) promotes it at the start of the pass that applies it; the plan
+then sees a private-key change and sets it in the same UAPI/netlink transaction as the
+rest of the WireGuard changes.  Setting a private key makes WireGuard drop its current
+sessions, so right after it every peer is sent a keepalive, which starts a handshake
+with the new key at once instead of on the next packet (or after the peer's 5 s
+retry).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from typing import Any
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd import routing, sysctl
 from meshgate.gatewayd.config import Settings
-from meshgate.gatewayd.errors import ApplyError
+from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
+from meshgate.gatewayd.keys import NodeKeys
 from meshgate.gatewayd.model import Desired, Observed, compile_desired, expected_observed
 from meshgate.gatewayd.nftables import NftTables
 from meshgate.gatewayd.planner import Plan, plan
@@ -56,7 +65,7 @@ class Reconciler:
         self.backend = backend
         self.store = store
         self.nft = nft or NftTables(store.nft_cache)
-        self._private_key, self.public_key = store.keypair()
+        self.keys = NodeKeys(store.dir)
         self.applied: Desired | None = None
         """What the last successful pass left in the kernel; None forces a full pass."""
         last = store.load_desired()
@@ -71,9 +80,32 @@ class Reconciler:
                                  settings.wireguard_go_log_level)
         return cls(settings, backend, store)
 
-    def compile(self, msg: pb.DesiredState) -> Desired:
+    @property
+    def public_key(self) -> str:
+        """The public half of the key the interface uses now."""
+        return self.keys.current.public
+
+    def own_key(self, msg: pb.DesiredState, restoring: bool = False) -> str:
+        """The public key the interface must use for ``msg``: ``interface.public_key``
+        when set (the current key, or the pending one during a rotation), else the
+        current key.  A key this node does not hold is an invalid state, except in
+        the state restored from disk (a crash during a switch): the current key."""
+        want = msg.interface.public_key
+        if not want or self.keys.holds(want):
+            return want or self.keys.current.public
+        if restoring:
+            log.warning("the state on disk names key %s, which this node no longer holds; "
+                        "using the current key %s", want, self.keys.current.public)
+            return self.keys.current.public
+        pending = self.keys.pending
+        raise InvalidDesiredState([FieldViolation(
+            "interface.public_key",
+            f"names {want}, a key this node does not hold (current {self.keys.current.public}"
+            + (f", pending {pending.public}" if pending else ", none pending") + ")")])
+
+    def compile(self, msg: pb.DesiredState, restoring: bool = False) -> Desired:
         """Validate and expand a desired state against this host (raises InvalidDesiredState)."""
-        return compile_desired(msg, settings=self.settings, public_key=self.public_key,
+        return compile_desired(msg, settings=self.settings, public_key=self.own_key(msg, restoring),
                                host_links=routing.link_names())
 
     def observe(self, desired: Desired) -> Observed:
@@ -98,6 +130,9 @@ class Reconciler:
 
     def reconcile(self, desired: Desired, full: bool = True) -> Result:
         t0 = time.perf_counter()
+        if desired.public_key != self.keys.current.public and not self.keys.promote(desired.public_key):
+            # compiled while that key was held; it is no longer (another switch came first)
+            raise ApplyError("keys", f"key {desired.public_key} is neither current nor pending")
         retired = None
         old = self._owned_interface
         if old is not None and old != desired.interface:
@@ -116,7 +151,7 @@ class Reconciler:
         if not p.empty:
             self.applied = None
             try:
-                self._apply(p)
+                self._apply(p, desired)
             except ApplyError:
                 raise
             except OSError as e:
@@ -127,14 +162,19 @@ class Reconciler:
             p = replace(p, retired_interface=retired)
         return Result(p, full, time.perf_counter() - t0)
 
-    def _apply(self, p: Plan) -> None:
+    def _apply(self, p: Plan, desired: Desired) -> None:
         s = self.settings
         if p.sysctls:
             sysctl.write(p.sysctls)
         if p.create_interface:
             self.backend.create(p.interface)
         if p.device is not None or p.peers:
-            self.backend.configure(p.interface, self._private_key, p.device, p.peers)
+            self.backend.configure(p.interface, self.keys.current.private, p.device, p.peers)
+            if p.device is not None and p.device.set_private_key and not p.create_interface:
+                # the new key dropped every session: handshake now, not on the next packet
+                kick = getattr(self.backend, "kick", None)
+                if kick is not None and desired.peers:
+                    kick(p.interface, {k: spec.keepalive for k, spec in desired.peers.items()})
         if p.touches_links():
             routing.apply(p, s.route_table, s.route_protocol)
         if p.nft is not None:
@@ -152,6 +192,7 @@ class Reconciler:
             "backend": self.backend.name,
             "interface": ifname,
             "public_key": self.public_key,
+            "pending_public_key": self.keys.pending.public if self.keys.pending else None,
             "exists": found is not None,
             "link": None if link is None else {
                 "mtu": link.mtu, "up": link.up, "addresses": sorted(link.addresses)},

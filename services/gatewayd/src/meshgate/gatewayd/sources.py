@@ -48,13 +48,26 @@ class Unreadable:
     error: InvalidDesiredState
 
 
-Update = Snapshot | Delta | Unreadable
+@dataclass(frozen=True)
+class RotateKey:
+    """The control plane asks for a new node key pair (``SyncResponse.rotate_key``): the
+    agent makes one pending and answers with its public half (``announce_key``)."""
+
+    reason: str = ""
+
+
+Update = Snapshot | Delta | Unreadable | RotateKey
 
 
 @dataclass(frozen=True)
 class Report:
     applied_revision: int | None
     error: str | None
+    code: str = ""
+    """A ``grpc.StatusCode`` name for the ack's status when ``error`` is set
+    (default FAILED_PRECONDITION)."""
+    refused: tuple = ()
+    """``trust.Refusal``s of peers left out of the applied state (``PERMISSION_DENIED``)."""
 
 
 class DesiredStateSource(Protocol):
@@ -63,6 +76,9 @@ class DesiredStateSource(Protocol):
 
     async def report(self, report: Report) -> None:
         ...
+
+    # Optional: ``async def announce_key(self, public_key: str) -> None`` (sources that
+    # can send RotateKey answer with the pending key's public half).
 
 
 def parse_json(text: str) -> pb.DesiredState:
@@ -107,6 +123,7 @@ class QueueSource:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.reports: list[Report] = []
+        self.announced: list[str] = []
 
     def put(self, update: Update) -> None:
         self.queue.put_nowait(update)
@@ -117,3 +134,6 @@ class QueueSource:
 
     async def report(self, report: Report) -> None:
         self.reports.append(report)
+
+    async def announce_key(self, public_key: str) -> None:
+        self.announced.append(public_key)

@@ -5,7 +5,11 @@ with `AgentService.Enroll`, and saves the node's identity (its name, the
 control plane's address and the agent credential) to `identity.json` in the
 state directory, created 0600 like the private key. The credential is a
 bearer token today; an mTLS certificate would be another `credential` kind in
-the same file.
+the same file.  It also keeps the key authority's public keys from the
+enrollment response (`key_authority_public_keys`, base64 in the file): with at
+least one, the agent applies only peers whose keys they signed; an identity
+without them (joined to a control plane without a key service, or written by an
+older gatewayd) means the development mode, where nothing is verified.
 
 `ControlPlaneSource` holds one Sync stream: Hello with the applied revision,
 then a snapshot and deltas, each handed to the agent as an update carrying the
@@ -13,6 +17,10 @@ change's W3C trace context; the agent's reports become acks. A lost stream is
 reopened with capped exponential backoff and full jitter; meanwhile the agent
 keeps the data plane exactly as it is. A delta whose base is not the last
 revision received is not applied: the source asks for a snapshot instead.
+`RotateKey` becomes a `sources.RotateKey` update; the agent answers through
+`announce_key`, which sends `NewKey{public_key}`.  An ack whose report names
+refused peers carries `PERMISSION_DENIED`, the summary as its message and a
+`google.rpc.ErrorInfo` (reason `PEER_KEY_REFUSED`) listing them.
 
 Hazards: the token is a secret (`keys.Secret`, never logged); messages carry
 pre-shared keys, so they are never logged either.
@@ -21,6 +29,7 @@ pre-shared keys, so they are never logged either.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -30,12 +39,13 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from meshgate.api.v1 import agent_pb2, agent_pb2_grpc
 from meshgate.gatewayd.backoff import Backoff
 from meshgate.gatewayd.keys import Secret
-from meshgate.gatewayd.sources import Delta, Report, Snapshot, Update
+from meshgate.gatewayd.sources import Delta, Report, RotateKey, Snapshot, Update
+from meshgate.gatewayd.trust import ERROR_DOMAIN, ERROR_REASON
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +65,14 @@ class Identity:
     control_plane: str
     token: Secret
     ca_file: str = ""
+    authority_keys: tuple[bytes, ...] = ()
+    """The key authority's Ed25519 public keys (raw); empty: nothing is verified."""
 
     def save(self, state_dir: Path) -> None:
         data = json.dumps(
             {"node": self.node, "control_plane": self.control_plane, "ca_file": self.ca_file,
-             "credential": {"token": self.token.reveal()}},
+             "credential": {"token": self.token.reveal()},
+             "key_authority_public_keys": [base64.b64encode(k).decode() for k in self.authority_keys]},
             indent=1,
         ).encode()
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -77,7 +90,13 @@ class Identity:
             data = json.loads((state_dir / IDENTITY_FILE).read_text())
         except FileNotFoundError:
             return None
-        return cls(data["node"], data["control_plane"], Secret(data["credential"]["token"]), data.get("ca_file", ""))
+        keys = tuple(base64.b64decode(k, validate=True) for k in data.get("key_authority_public_keys") or ())
+        return cls(data["node"], data["control_plane"], Secret(data["credential"]["token"]),
+                   data.get("ca_file", ""), keys)
+
+    def __repr__(self) -> str:
+        return (f"Identity(node={self.node!r}, control_plane={self.control_plane!r}, "
+                f"authority_keys={len(self.authority_keys)})")
 
 
 def channel(target: str, ca_file: str = "") -> grpc.aio.Channel:
@@ -110,7 +129,8 @@ async def join(
             ),
             timeout=timeout,
         )
-    identity = Identity(resp.node.name, target, Secret(resp.credential.token), ca_file)
+    identity = Identity(resp.node.name, target, Secret(resp.credential.token), ca_file,
+                        tuple(bytes(k) for k in resp.key_authority_public_keys))
     identity.save(state_dir)
     return identity, resp
 
@@ -200,9 +220,19 @@ class ControlPlaneSource:
                             continue
                         self.last_revision = msg.revision
                         yield Delta(d, msg.revision, traceparent=tp)
+                    elif kind == "rotate_key":
+                        yield RotateKey(msg.rotate_key.reason)
             finally:
                 out.put_nowait(None)
                 call.cancel()
+
+    async def announce_key(self, public_key: str) -> None:
+        """Send `NewKey` (the answer to `RotateKey`); lost with the stream, in which case
+        the control plane asks again after the agent reconnects."""
+        if self._out is None:
+            log.warning("no stream to announce the new key on; it is sent when asked again")
+            return
+        self._out.put_nowait(agent_pb2.SyncRequest(new_key=agent_pb2.SyncRequest.NewKey(public_key=public_key)))
 
     def _ask_resync(self, reason: str) -> None:
         if self._out is not None and self._resync_asked_at != self.last_revision:
@@ -218,7 +248,12 @@ class ControlPlaneSource:
         ack = agent_pb2.SyncRequest.Ack(revision=report.applied_revision or self.last_revision)
         ack.apply_time.GetCurrentTime()
         if report.error:
-            ack.status.CopyFrom(status_pb2.Status(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message=report.error[:1024]))
+            code = getattr(grpc.StatusCode, report.code or "FAILED_PRECONDITION", grpc.StatusCode.FAILED_PRECONDITION)
+            ack.status.CopyFrom(status_pb2.Status(code=code.value[0], message=report.error[:1024]))
+            if report.refused:
+                info = error_details_pb2.ErrorInfo(reason=ERROR_REASON, domain=ERROR_DOMAIN)
+                info.metadata["peers"] = ",".join(sorted(r.resource or r.public_key for r in report.refused))[:4096]
+                ack.status.details.add().Pack(info)
         self._out.put_nowait(agent_pb2.SyncRequest(ack=ack))
         if report.error and report.applied_revision is None and "snapshot is needed" in report.error:
             self._ask_resync(report.error)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from meshgate.gatewayd.keys import Secret
 from meshgate.gatewayd.model import ObservedDevice
@@ -42,6 +42,10 @@ class Backend(Protocol):
         ops: Sequence[PeerOp],
     ) -> None:
         """Apply device settings and peer operations, in that order."""
+
+    def kick(self, ifname: str, peers: "Mapping[str, int]") -> None:
+        """Send every peer (public key -> its persistent keepalive) a keepalive now, so a
+        handshake starts at once after a private-key change."""
 
     def destroy(self, ifname: str) -> None:
         """Remove the interface (and stop its process, if any)."""

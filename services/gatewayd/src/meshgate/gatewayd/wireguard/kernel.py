@@ -12,7 +12,7 @@ hosts without it (such as the CI machines, which use wireguard-go).
 from __future__ import annotations
 
 import errno
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from meshgate.gatewayd.errors import ApplyError
 from meshgate.gatewayd.keys import Secret, public_key_of
@@ -139,6 +139,21 @@ class KernelBackend:
             raise
         except Exception as e:
             # pyroute2's message may include attributes; keep only the error code
+            raise ApplyError("wireguard", f"netlink set {ifname} failed: "
+                             f"{getattr(e, 'code', type(e).__name__)}") from None
+        finally:
+            wg.close()
+
+    def kick(self, ifname: str, peers: Mapping[str, int]) -> None:
+        """A keepalive to every peer now: persistent keepalive off, on (which sends one
+        at once), back to its value (see ``userspace.kick_lines``)."""
+        wg = self._WireGuard()
+        try:
+            for key, keepalive in sorted(peers.items()):
+                for value in (0, 1, keepalive):
+                    wg.set(ifname, peer={"public_key": key, "update_only": True,
+                                         "persistent_keepalive": value})
+        except Exception as e:
             raise ApplyError("wireguard", f"netlink set {ifname} failed: "
                              f"{getattr(e, 'code', type(e).__name__)}") from None
         finally:

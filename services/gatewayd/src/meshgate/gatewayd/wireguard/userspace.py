@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from meshgate.gatewayd.errors import ApplyError
 from meshgate.gatewayd.keys import Secret, public_key_of_raw
@@ -82,6 +82,18 @@ def uapi_lines(private_key: Secret | None, device: DeviceChange | None,
         if op.allowed_ips is not None:
             lines.append("replace_allowed_ips=true")
             lines.extend("allowed_ip=" + a for a in sorted(op.allowed_ips))
+    return lines
+
+
+def kick_lines(peers: Mapping[str, int]) -> list[str]:
+    """Make wireguard-go send each peer a keepalive now (and so start a handshake when
+    it has no session): persistent keepalive is turned off, on (turning it on sends one
+    at once) and back to its configured value, in one transaction."""
+    lines: list[str] = []
+    for key, keepalive in sorted(peers.items()):
+        h = "public_key=" + b64_to_hex(key)
+        for value in (0, 1, keepalive):
+            lines += [h, "update_only=true", f"persistent_keepalive_interval={value}"]
     return lines
 
 
@@ -161,6 +173,9 @@ class UserspaceBackend:
     def configure(self, ifname: str, private_key: Secret | None, device: DeviceChange | None,
                   ops: Sequence[PeerOp]) -> None:
         self._client(ifname).set(uapi_lines(private_key, device, ops))
+
+    def kick(self, ifname: str, peers: Mapping[str, int]) -> None:
+        self._client(ifname).set(kick_lines(peers))
 
     def destroy(self, ifname: str) -> None:
         pid = self.recorded_pid(ifname)
