@@ -68,9 +68,13 @@ def ping(node: Node, count: int, dst: str = "100.64.0.1"):
 
 
 def lost(p) -> tuple[int, int]:
+    """(sent, lost) of a finished ping; prints its round-trip summary, whose maximum
+    shows how long packets waited (WireGuard queues them during a handshake)."""
     out, _ = p.communicate(timeout=120)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out
+    rtt = re.search(r"rtt .*", out)
+    print(rtt.group(0) if rtt else "no rtt summary")
     return int(m.group(1)), int(m.group(1)) - int(m.group(2))
 
 
