@@ -55,6 +55,7 @@ QUEUE_SIZE = 64
 HEARTBEAT_S = 20.0
 LEASE_TTL_S = 15
 STATUS_FLUSH_S = 0.05
+ROTATION_WAIT_S = 5.0  # longest a rotating node waits for its peers to learn its new key
 YIELD_EVERY = 64  # compiles between yields to the event loop in a fan-out
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
 
@@ -203,6 +204,9 @@ class Fanout:
         # compiled again by the retry task, never sent a state without them.
         self._psk_retry: set[str] = set()
         self._retry_task: asyncio.Task | None = None
+        # Node key rotations in their first phase: node -> the key its own
+        # interface keeps until its peers have the new one (see rotate()).
+        self.holds: dict[str, str] = {}
         self.desired: dict[str, Desired] = {}
         # node -> revision of the newest change that may have altered its state
         self.touched: dict[str, int] = {}
@@ -283,7 +287,13 @@ class Fanout:
                 self._start_retry()
                 return {}
             psk = lambda a, b: self.keys.psk(net_id, a, b)  # noqa: E731
-        return {n: compiler.compile_node(st, n, revision, index, psk) for n in names_}
+        return {n: self._held(compiler.compile_node(st, n, revision, index, psk)) for n in names_}
+
+    def _held(self, state: ds.DesiredState) -> ds.DesiredState:
+        old = self.holds.get(state.node)
+        if old is not None:
+            state.interface.public_key = old
+        return state
 
     def _start_retry(self) -> None:
         if self._retry_task is None or self._retry_task.done():
@@ -358,7 +368,8 @@ class Fanout:
                         # run) while a large change is still being compiled.
                         # The cache does not move on until this listener returns.
                         await asyncio.sleep(0)
-                    new = states[name] if states is not None else compiler.compile_node(st, name, change.revision, index)
+                    new = states[name] if states is not None else self._held(
+                        compiler.compile_node(st, name, change.revision, index))
                     dg = digest(new)
                     prev = self.desired.get(name)
                     if prev is not None and prev.digest == dg:
@@ -380,6 +391,44 @@ class Fanout:
             self.messages_sent += sent
             span.set_attribute("meshgate.nodes_recomputed", recomputed)
             span.set_attribute("meshgate.messages_sent", sent)
+
+    async def rotate(self, node: str, switch) -> None:
+        """A node key rotation in two phases. `switch()` makes the new key the
+        node's (signed, committed at revision R): its peers get the new key at
+        R, while the node's own interface keeps the old one. Once every
+        connected peer has acknowledged R (or ROTATION_WAIT_S passed), the node
+        is told to switch. Peers first: a node that switched before its peers
+        knew its new key would have its handshakes refused until WireGuard
+        retried (5 s)."""
+        st = self.cache.state_of(node)
+        if st is None:
+            return
+        self.holds[node] = st.nodes[node].public_key
+        try:
+            revision = await switch()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + ROTATION_WAIT_S
+            net_id = node.split("/")[1]
+            while loop.time() < deadline and not await self._peers_applied(net_id, node, revision):
+                await asyncio.sleep(0.05)
+        finally:
+            self.holds.pop(node, None)
+            await self.on_change(Change(self.cache.revision, "", {node.split("/")[1]: {node}}))
+
+    async def _peers_applied(self, net_id: str, node: str, revision: int) -> bool:
+        st = self.cache.networks.get(net_id)
+        if st is None or node not in st.nodes:
+            return True
+        await self.status.flush()
+        records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
+        sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
+        applied = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value).get("applied_revision", 0) for kv in records}
+        connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
+        for peer in compiler.peers_of(st, node):
+            pid = peer.rsplit("/", 1)[1]
+            if pid in connected and applied.get(pid, 0) < revision:
+                return False
+        return True
 
     async def _patch_psks(self, change: Change) -> int:
         """A change of pre-shared keys only: patch the new keys into the state
@@ -542,17 +591,21 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def _rotate(self, session: Session, public_key: str) -> None:
         """The agent's new key: signed by the key service and made the node's
-        key in one update; its desired state then names it (interface.public_key)
-        and its peers get it at the same revision."""
+        key in one update, which its peers learn first; then the node's desired
+        state names it in interface.public_key (Fanout.rotate)."""
         from google.protobuf import field_mask_pb2
 
         from meshgate.api.v1 import node_pb2
 
-        try:
-            await self.enrollment.nodes.update(node_pb2.UpdateNodeRequest(
+        async def switch() -> int:
+            updated = await self.enrollment.nodes.update(node_pb2.UpdateNodeRequest(
                 node=node_pb2.Node(name=session.node, public_key=public_key),
                 update_mask=field_mask_pb2.FieldMask(paths=["public_key"]),
             ))
+            return int(updated.etag)
+
+        try:
+            await self.fanout.rotate(session.node, switch)
             log.info("node %s switched to a new key", session.node)
         except ApiError as e:
             log.warning("key rotation of %s failed: %s", session.node, e)
