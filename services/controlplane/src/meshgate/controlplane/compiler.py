@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import egress_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.common.desired import apply_delta  # noqa: F401 - re-exported: diff's inverse
 
 
 @dataclass
@@ -297,34 +298,6 @@ def diff(old: ds.DesiredState, new: ds.DesiredState) -> ds.DesiredStateDelta | N
         d.default_route_changed = True
         d.default_route_via_peer = new.default_route_via_peer
     return d
-
-
-def apply_delta(state: ds.DesiredState, delta: ds.DesiredStateDelta, revision: int) -> ds.DesiredState:
-    """`state` with `delta` applied (what an agent does with a delta)."""
-    out = ds.DesiredState()
-    out.CopyFrom(state)
-    out.revision = revision
-    peers = {p.public_key: p for p in out.peers}
-    for pk in delta.removed_peers:
-        peers.pop(pk, None)
-    for p in delta.upserted_peers:
-        peers[p.public_key] = p
-    del out.peers[:]
-    out.peers.extend(sorted(peers.values(), key=lambda p: p.resource))
-    if delta.HasField("interface"):
-        out.interface.CopyFrom(delta.interface)
-    if delta.routes_changed:
-        del out.routes[:]
-        out.routes.extend(delta.routes)
-    if delta.egress_changed:
-        del out.egress[:]
-        out.egress.extend(delta.egress)
-    if delta.filter_rules_changed:
-        del out.filter_rules[:]
-        out.filter_rules.extend(delta.filter_rules)
-    if delta.default_route_changed:
-        out.default_route_via_peer = delta.default_route_via_peer
-    return out
 
 
 def _without_revision(s: ds.DesiredState) -> bytes:

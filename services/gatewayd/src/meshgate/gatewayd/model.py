@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Collection, Iterable, Mapping, NamedTuple
 
 from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.common.desired import apply_delta
 from meshgate.gatewayd import nftables
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import FieldViolation, InvalidDesiredState
@@ -466,34 +467,7 @@ def _metric(version: int, metric: int) -> int:
 
 def merge_delta(state: pb.DesiredState, delta: pb.DesiredStateDelta) -> pb.DesiredState:
     """The snapshot that results from applying ``delta`` on top of ``state``."""
-    out = pb.DesiredState()
-    out.CopyFrom(state)
-    if delta.upserted_peers or delta.removed_peers:
-        upserts = {p.public_key: p for p in delta.upserted_peers}
-        removed = set(delta.removed_peers)
-        kept = []
-        for p in state.peers:
-            if p.public_key in removed:
-                continue
-            kept.append(upserts.pop(p.public_key, p))
-        kept.extend(upserts.values())
-        del out.peers[:]
-        out.peers.extend(kept)
-    if delta.HasField("interface"):
-        out.interface.CopyFrom(delta.interface)
-    if delta.routes_changed:
-        del out.routes[:]
-        out.routes.extend(delta.routes)
-    if delta.egress_changed:
-        del out.egress[:]
-        out.egress.extend(delta.egress)
-    if delta.filter_rules_changed:
-        del out.filter_rules[:]
-        out.filter_rules.extend(delta.filter_rules)
-    if delta.default_route_changed:
-        out.default_route_via_peer = delta.default_route_via_peer
-    return out
-
+    return apply_delta(state, delta)
 
 def peers_only(delta: pb.DesiredStateDelta) -> bool:
     return not (
