@@ -93,7 +93,7 @@ def inner_apply(workdir: Path, token: str, reps: int) -> None:
         rmsg = big_state(rifname)
         rdesired = raw.compile(rmsg)
         conf = workdir / f"raw{rep}.conf"
-        lines = ["[Interface]", f"PrivateKey = {raw._private_key.reveal()}", ""]
+        lines = ["[Interface]", f"PrivateKey = {raw.keys.current.private.reveal()}", ""]
         for p in rmsg.peers:
             lines += ["[Peer]", f"PublicKey = {p.public_key}", f"AllowedIPs = {', '.join(p.allowed_ips)}", ""]
         conf.write_text("\n".join(lines))

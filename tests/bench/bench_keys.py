@@ -104,6 +104,9 @@ async def measure(target: str, endpoint: str) -> None:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     work = tempfile.mkdtemp(prefix="meshgate-bench-keys-")
     etcd = ks = None
     try:

@@ -40,6 +40,9 @@ class DeviceChange:
     set_private_key: bool = False
     listen_port: int | None = None
     fwmark: int | None = None
+    # The interface had another key: its sessions are gone and peers should
+    # handshake at once (a first key on a fresh interface has none to lose).
+    replaces_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,12 @@ def plan(desired: Desired, observed: Observed) -> Plan:
     dev = observed.device
     create = dev is None
     if dev is None:
-        device = DeviceChange(True, desired.listen_port, desired.fwmark or None)
+        device = DeviceChange(set_private_key=True, listen_port=desired.listen_port, fwmark=desired.fwmark or None)
         peer_ops = _peer_ops(desired.peers, {})
     else:
         device = DeviceChange(
             set_private_key=dev.public_key != desired.public_key,
+            replaces_key=bool(dev.public_key) and dev.public_key != desired.public_key,
             listen_port=desired.listen_port
             if desired.listen_port is not None and desired.listen_port != dev.listen_port
             else None,

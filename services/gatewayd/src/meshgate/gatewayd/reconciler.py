@@ -170,7 +170,7 @@ class Reconciler:
             self.backend.create(p.interface)
         if p.device is not None or p.peers:
             self.backend.configure(p.interface, self.keys.current.private, p.device, p.peers)
-            if p.device is not None and p.device.set_private_key and not p.create_interface:
+            if p.device is not None and p.device.replaces_key:
                 # the new key dropped every session: handshake now, not on the next packet
                 kick = getattr(self.backend, "kick", None)
                 if kick is not None and desired.peers:
