@@ -166,3 +166,50 @@ async def test_node_key_rotation_through_the_stream(keyed):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_change_during_a_slow_connect_is_not_lost(keyed):
+    """An agent connects while the key service is slow to hand out its pairs'
+    keys, and a node joins meanwhile (a new peer for it) whose keys come fast:
+    the connecting agent must end on the newest state (the connect's older
+    snapshot must not be sent after the fan-out's newer one), and the status
+    must say so."""
+    import asyncio
+
+    cp = keyed
+    a, b = await two_agents(cp)
+    ek = await make_key(cp, key_id="late")
+    c = await SimAgent(cp.agents, ek.secret, "c").enroll()
+    km = cp.app.fanout.keys
+    gate = asyncio.Event()
+    real_ensure = km.ensure
+    calls = 0
+
+    async def slow_first_ensure(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the connect's fetch is slow; the fan-out's are not
+            await gate.wait()
+        return await real_ensure(*args, **kwargs)
+
+    km.ensure = slow_first_ensure
+    d = SimAgent(cp.agents, ek.secret, "d")
+    try:
+        await c.connect()
+        await wait_until(lambda: calls >= 1, "c's connect waits for its keys")
+        await d.enroll()  # a new peer for c, while c's connect waits
+        await asyncio.sleep(0.3)
+        gate.set()
+        await wait_until(lambda: c.state is not None and len(c.state.peers) == 3, "c peers with a, b and d")
+
+        async def all_converged():
+            st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+            return st.total_nodes == 4 and all(n.converged for n in st.nodes if n.connected) and \
+                sum(n.connected for n in st.nodes) == 3
+
+        await wait_until(all_converged, "every connected node converged")
+    finally:
+        km.ensure = real_ensure
+        gate.set()
+        for x in (a, b, c):
+            await x.close()

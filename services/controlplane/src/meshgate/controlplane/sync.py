@@ -207,6 +207,9 @@ class Fanout:
         # Node key rotations in their first phase: node -> the key its own
         # interface keeps until its peers have the new one (see rotate()).
         self.holds: dict[str, str] = {}
+        # Compile-and-send is serialized: fetching PSKs awaits, and a state
+        # compiled before the wait must never be sent after a newer one.
+        self._send_lock = asyncio.Lock()
         self.desired: dict[str, Desired] = {}
         # node -> revision of the newest change that may have altered its state
         self.touched: dict[str, int] = {}
@@ -327,6 +330,10 @@ class Fanout:
     # changes -------------------------------------------------------------
 
     async def on_change(self, change: Change) -> None:
+        async with self._send_lock:
+            await self._on_change(change)
+
+    async def _on_change(self, change: Change) -> None:
         parent = propagate.extract({"traceparent": change.traceparent}) if change.traceparent else None
         with tracer.start_as_current_span(
             "controlplane.fanout", context=parent,
@@ -487,23 +494,24 @@ class Fanout:
         if old is not None:
             old.close(ApiError(grpc.StatusCode.ABORTED, "superseded by a newer stream from the same node"))
         session = Session(node, agent_version=hello.agent_version)
-        self.sessions[node] = session
         if self.cache.state_of(node) is None:
             raise not_found("meshgate.io/Node", node)
-        state = await self.current(node)
-        if state is None:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; reconnect later",
-                           "KEY_SERVICE_UNAVAILABLE")
-        dg = digest(state)
-        d = self.desired.get(node)
-        if d is None or d.digest != dg:
-            rev = self.touched.get(node, self.cache.revision)
-            self.desired[node] = Desired(dg, rev)
-            state.revision = rev
-        session.push(state, "", force_snapshot=True)
-        self.messages_sent += 1
-        if self.rotation_pending(node):
-            session.ask_rotation("requested by the key service")
+        async with self._send_lock:
+            state = await self.current(node)
+            if state is None:
+                raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; reconnect later",
+                               "KEY_SERVICE_UNAVAILABLE")
+            dg = digest(state)
+            d = self.desired.get(node)
+            if d is None or d.digest != dg:
+                rev = self.touched.get(node, self.cache.revision)
+                self.desired[node] = Desired(dg, rev)
+                state.revision = rev
+            self.sessions[node] = session
+            session.push(state, "", force_snapshot=True)
+            self.messages_sent += 1
+            if self.rotation_pending(node):
+                session.ask_rotation("requested by the key service")
         await self.etcd.client.put(self._session_key(node), hello.agent_version.encode() or b"-", lease=self.lease)
         self._record(node, contact=True)
         return session
@@ -517,10 +525,11 @@ class Fanout:
                 pass
 
     async def resync(self, session: Session) -> None:
-        state = await self.current(session.node)
-        if state is not None:
-            session.push(state, "", force_snapshot=True)
-            self.messages_sent += 1
+        async with self._send_lock:
+            state = await self.current(session.node)
+            if state is not None:
+                session.push(state, "", force_snapshot=True)
+                self.messages_sent += 1
 
     def ack(self, session: Session, ack: agent_pb2.SyncRequest.Ack) -> None:
         dg = session.inflight.get(ack.revision)
@@ -564,9 +573,11 @@ class Fanout:
         for name in sorted(st.nodes if st else ()):
             nid = name.rsplit("/", 1)[1]
             dg = digest(compiled[name])
+            # Read-only: recording this digest as sent would hide the change
+            # from the fan-out when it has not processed it yet.
             d = self.desired.get(name)
             if d is None or d.digest != dg:
-                d = self.desired[name] = Desired(dg, self.touched.get(name, self.cache.revision))
+                d = Desired(dg, self.touched.get(name, self.cache.revision))
             rec = recs.get(nid, {})
             nc = out.nodes.add(
                 node=name,
