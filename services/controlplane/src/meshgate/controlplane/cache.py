@@ -181,7 +181,7 @@ class StateCache:
                 if st is not None and parts[1] == "nodes":
                     sig = _parse(keys_pb2.SignedNodeKey, kv.key, kv.value)
                     if sig is not None:
-                        st.signatures[name] = sig
+                        compiler.add_signature(st.signatures.setdefault(name, {}), sig)
                 elif parts[1] == "nodeRotation":
                     req = _parse(keys_pb2.RotateNodeKeyResponse, kv.key, kv.value)
                     if req is not None:
@@ -233,7 +233,7 @@ class StateCache:
             if kind == "nodes" and st is not None:
                 sig = _parse(keys_pb2.SignedNodeKey, ev.key, ev.value) if ev.put else None
                 if sig is not None:
-                    st.signatures[name] = sig
+                    compiler.add_signature(st.signatures.setdefault(name, {}), sig)
                 else:
                     st.signatures.pop(name, None)
                 if name in st.nodes:
@@ -279,7 +279,8 @@ class StateCache:
             if net_id not in befores and net_id in self.networks:
                 st = self.networks[net_id]
                 befores[net_id] = compiler.NetworkState(
-                    st.network, dict(st.nodes), dict(st.gateways), dict(st.policies), dict(st.signatures)
+                    st.network, dict(st.nodes), dict(st.gateways), dict(st.policies),
+                    {n: dict(v) for n, v in st.signatures.items()},
                 )
             return befores.get(net_id)
 

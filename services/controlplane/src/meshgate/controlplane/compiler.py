@@ -44,8 +44,19 @@ class NetworkState:
     nodes: dict[str, node_pb2.Node] = field(default_factory=dict)
     gateways: dict[str, egress_pb2.EgressGateway] = field(default_factory=dict)
     policies: dict[str, policy_pb2.AccessPolicy] = field(default_factory=dict)
-    # The key service's signatures of node keys (keys/nodes/...), by node name.
-    signatures: dict[str, keys_pb2.SignedNodeKey] = field(default_factory=dict)
+    # The key service's signatures of node keys (keys/nodes/...): node name ->
+    # public key -> signature. The previous key's signature is kept beside the
+    # current one: during a rotation the new key is signed before the node
+    # record names it, and the old key must stay signed until then.
+    signatures: dict[str, dict[str, keys_pb2.SignedNodeKey]] = field(default_factory=dict)
+
+
+def add_signature(sigs: dict[str, keys_pb2.SignedNodeKey], sig: keys_pb2.SignedNodeKey, keep: int = 2) -> None:
+    """Record `sig` among a node's signatures, keeping the `keep` newest."""
+    sigs.pop(sig.public_key, None)
+    sigs[sig.public_key] = sig
+    while len(sigs) > keep:
+        del sigs[next(iter(sigs))]
 
 
 # psk(a, b): the pre-shared key of the pair of nodes a and b, "" for none.
@@ -214,13 +225,13 @@ def compile_node(
     use_psk = psk is not None and not net.disable_preshared_keys
     for p in peer_names:
         peer = state.nodes[p]
-        sig = state.signatures.get(p)
+        sig = state.signatures.get(p, {}).get(peer.public_key)
         out.peers.append(
             ds.Peer(
                 public_key=peer.public_key,
                 # Only a signature of exactly this key counts; a key that reached
                 # etcd without the key service has none, and agents refuse it.
-                public_key_signature=sig.signature if sig is not None and sig.public_key == peer.public_key else b"",
+                public_key_signature=sig.signature if sig is not None else b"",
                 preshared_key=psk(name, p) if use_psk else "",
                 endpoint=peer.endpoint,
                 allowed_ips=_sort_cidrs(allowed[p]),

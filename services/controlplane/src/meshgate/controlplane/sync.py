@@ -81,6 +81,7 @@ class Session:
     inflight: dict[int, str] = field(default_factory=dict)  # revision -> digest
     closed: bool = False
     close_reason: ApiError | None = None
+    acked: int = 0  # the newest revision the agent acknowledged as applied
     overflows: int = 0
     agent_version: str = ""
 
@@ -207,9 +208,14 @@ class Fanout:
         # Node key rotations in their first phase: node -> the key its own
         # interface keeps until its peers have the new one (see rotate()).
         self.holds: dict[str, str] = {}
+        # ... or, for a node with an endpoint, the key its PEERS keep seeing
+        # until it has switched (node first): node -> (old key, old signature).
+        self.peer_holds: dict[str, tuple[str, bytes]] = {}
         # Compile-and-send is serialized: fetching PSKs awaits, and a state
         # compiled before the wait must never be sent after a newer one.
         self._send_lock = asyncio.Lock()
+        # Wakes waiters on acks (rotate() waits for peers to apply a revision).
+        self._acked = asyncio.Condition()
         self.desired: dict[str, Desired] = {}
         # node -> revision of the newest change that may have altered its state
         self.touched: dict[str, int] = {}
@@ -296,6 +302,18 @@ class Fanout:
         old = self.holds.get(state.node)
         if old is not None:
             state.interface.public_key = old
+        if self.peer_holds:
+            for peer in state.peers:
+                held = self.peer_holds.get(peer.resource)
+                if held is None or peer.public_key == held[0]:
+                    continue
+                new_key = peer.public_key
+                peer.public_key, peer.public_key_signature = held
+                for r in state.routes:
+                    if r.via_peer == new_key:
+                        r.via_peer = held[0]
+                if state.default_route_via_peer == new_key:
+                    state.default_route_via_peer = held[0]
         return state
 
     def _start_retry(self) -> None:
@@ -401,41 +419,82 @@ class Fanout:
 
     async def rotate(self, node: str, switch) -> None:
         """A node key rotation in two phases. `switch()` makes the new key the
-        node's (signed, committed at revision R): its peers get the new key at
-        R, while the node's own interface keeps the old one. Once every
-        connected peer has acknowledged R (or ROTATION_WAIT_S passed), the node
-        is told to switch. Peers first: a node that switched before its peers
-        knew its new key would have its handshakes refused until WireGuard
-        retried (5 s)."""
+        node's (signed, committed at revision R); who learns it first depends
+        on who can start the handshake with the new key:
+
+        - a node with an endpoint (a gateway, a server) switches first while
+          its peers keep its old key; once it acknowledged R, the peers get the
+          new key and, adding it, handshake with it at once (they know where it
+          is);
+        - a node without one (behind NAT) switches last: its peers learn the
+          new key first, and once they acknowledged R the node switches and
+          handshakes with them (it knows where they are).
+
+        The other order loses traffic until WireGuard retries (5 s): the side
+        that learns last has nowhere to send its handshake, or sends it too
+        early. Each phase waits at most ROTATION_WAIT_S."""
         st = self.cache.state_of(node)
         if st is None:
             return
-        self.holds[node] = st.nodes[node].public_key
+        me = st.nodes[node]
+        net_id = node.split("/")[1]
+        node_first = bool(me.endpoint)
+        if node_first:
+            old_sig = st.signatures.get(node, {}).get(me.public_key)
+            self.peer_holds[node] = (me.public_key, old_sig.signature if old_sig else b"")
+        else:
+            self.holds[node] = me.public_key
         try:
             revision = await switch()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + ROTATION_WAIT_S
-            net_id = node.split("/")[1]
-            while loop.time() < deadline and not await self._peers_applied(net_id, node, revision):
-                await asyncio.sleep(0.05)
+            while loop.time() < deadline:
+                if node_first:
+                    s = self.sessions.get(node)
+                    done = s is None or s.acked >= revision
+                else:
+                    done = await self._peers_applied(net_id, node, revision)
+                if done:
+                    break
+                async with self._acked:
+                    try:
+                        # an ack here wakes us at once; peers elsewhere are polled
+                        await asyncio.wait_for(self._acked.wait(), 0.05)
+                    except asyncio.TimeoutError:
+                        pass
         finally:
             self.holds.pop(node, None)
-            await self.on_change(Change(self.cache.revision, "", {node.split("/")[1]: {node}}))
+            self.peer_holds.pop(node, None)
+            st = self.cache.state_of(node)
+            affected = {node, *compiler.peers_of(st, node)} if st is not None else {node}
+            await self.on_change(Change(self.cache.revision, "", {net_id: affected}))
+
+    async def _notify_acked(self) -> None:
+        async with self._acked:
+            self._acked.notify_all()
 
     async def _peers_applied(self, net_id: str, node: str, revision: int) -> bool:
+        """Have the node's connected peers applied `revision`? Peers with a
+        stream here answer from memory (woken by their acks); only peers on
+        other replicas need their status records read."""
         st = self.cache.networks.get(net_id)
         if st is None or node not in st.nodes:
             return True
-        await self.status.flush()
+        remote = []
+        for peer in compiler.peers_of(st, node):
+            s = self.sessions.get(peer)
+            if s is not None:
+                if s.acked < revision:
+                    return False
+            else:
+                remote.append(peer.rsplit("/", 1)[1])
+        if not remote:
+            return True
         records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
         sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
         applied = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value).get("applied_revision", 0) for kv in records}
         connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
-        for peer in compiler.peers_of(st, node):
-            pid = peer.rsplit("/", 1)[1]
-            if pid in connected and applied.get(pid, 0) < revision:
-                return False
-        return True
+        return all(applied.get(pid, 0) >= revision for pid in remote if pid in connected)
 
     async def _patch_psks(self, change: Change) -> int:
         """A change of pre-shared keys only: patch the new keys into the state
@@ -532,6 +591,9 @@ class Fanout:
                 self.messages_sent += 1
 
     def ack(self, session: Session, ack: agent_pb2.SyncRequest.Ack) -> None:
+        if ack.status.code == 0:
+            session.acked = max(session.acked, ack.revision)
+            asyncio.get_running_loop().create_task(self._notify_acked())
         dg = session.inflight.get(ack.revision)
         for r in [r for r in session.inflight if r <= ack.revision]:
             del session.inflight[r]
