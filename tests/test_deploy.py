@@ -44,3 +44,9 @@ def test_unit_runs_an_entry_point_with_accepted_options(unit, tmp_path):
 
         ns = build_parser().parse_args(args)  # exits 2 on an option it does not take
         assert str(ns.state_dir) == "/var/lib/meshgate/gatewayd" and ns.log_format == "json"
+
+
+def test_gatewayd_unit_leaves_wireguard_go_running_on_stop():
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.read(ROOT / "deploy/systemd/meshgate-gatewayd.service")
+    assert cp["Service"]["KillMode"] == "process"
