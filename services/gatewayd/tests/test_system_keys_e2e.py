@@ -68,19 +68,8 @@ def up(loop: KeyedLoop, eg: Egress) -> None:
     loop.wait_converged(1 + len(eg.clients))
 
 
-def tunnel_up(node, timeout: float = 30) -> None:
-    """Until a ping across the tunnel is answered: the first handshake after
-    the agents converge can race one side's first apply, and WireGuard then
-    retries only after 5 s. Loss is measured from here on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.host.run("ping", "-n", "-c", "1", "-W", "1", "100.64.0.1", check=False).returncode == 0:
-            return
-    raise AssertionError("the tunnel never passed a packet")
-
-
 def ping(node, count: int = 100):
-    tunnel_up(node)
+    node.host.wait_reachable("100.64.0.1")
     return node.host.spawn("ping", "-n", "-i", "0.1", "-c", str(count), "-W", "1", "100.64.0.1")
 
 

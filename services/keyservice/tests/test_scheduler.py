@@ -40,7 +40,8 @@ async def eventually(check, timeout: float = 30.0):
         result = await check()
         if result:
             return result
-        assert time.monotonic() < deadline, "condition not reached"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not reached within {timeout:.0f}s")
         await asyncio.sleep(0.05)
 
 

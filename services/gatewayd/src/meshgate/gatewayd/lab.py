@@ -107,6 +107,15 @@ class Host:
                      "--timeout", str(timeout), check=False, timeout=timeout + 30)
         return r.stdout.strip() if r.returncode == 0 else None
 
+    def wait_reachable(self, addr: str, timeout: float = 30) -> None:
+        """Until a ping to `addr` is answered. Across a tunnel, the first
+        handshake after the agents converge can race one side's first apply,
+        and WireGuard then retries after 5 s: loss measurements start here."""
+        deadline = time.monotonic() + timeout
+        while self.run("ping", "-n", "-c", "1", "-W", "1", addr, check=False).returncode != 0:
+            if time.monotonic() >= deadline:
+                raise LabError(f"{addr} never answered a ping from {self.name} within {timeout:.0f}s")
+
     def route_dev(self, dst: str, mark: int | None = None) -> str:
         args = ["-json", "route", "get", dst] + (["mark", str(mark)] if mark else [])
         return json.loads(self.ip(*args).stdout)[0].get("dev", "")
