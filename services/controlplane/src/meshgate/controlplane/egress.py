@@ -20,7 +20,7 @@ from meshgate.common.errors import (
 from meshgate.controlplane import masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
-from meshgate.controlplane.txn import Conflict, retrying
+from meshgate.controlplane.txn import retrying
 
 KIND = Kind("meshgate.io/EgressGateway", "egressGateways", egress_pb2.EgressGateway)
 MUTABLE = frozenset(
@@ -97,12 +97,10 @@ class EgressGateways(Resources):
             gw.etag = ""
             if req.validate_only:
                 return gw
-            ok, _, rev = await self.etcd.txn(
+            rev = await self.commit(
                 [*compare, self.t.create(key) == 0],
                 [self.t.put(key, store.encode(gw)), self.t.put(self.keys.guard(net_id, "egress"), b"")],
             )
-            if not ok:
-                raise Conflict
             gw.etag = str(rev)
             return gw
 

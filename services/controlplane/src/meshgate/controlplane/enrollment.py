@@ -34,7 +34,7 @@ from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
-from meshgate.controlplane.txn import Conflict, retrying
+from meshgate.controlplane.txn import retrying
 
 KIND = Kind("meshgate.io/EnrollmentKey", "enrollmentKeys", enrollment_pb2.EnrollmentKey)
 SECRET_PREFIX = "mgek_"
@@ -120,12 +120,10 @@ class EnrollmentKeys(Resources):
             ek.secret = ""
             ek.etag = ""
             secret = _mint(SECRET_PREFIX, net_id, req.enrollment_key_id)
-            ok, _, rev = await self.etcd.txn(
+            rev = await self.commit(
                 [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0],
                 [self.t.put(key, store.encode(ek)), self.t.put(self.secret_key(net_id, req.enrollment_key_id), _digest(secret))],
             )
-            if not ok:
-                raise Conflict
             ek.etag = str(rev)
             ek.secret = secret
             return ek

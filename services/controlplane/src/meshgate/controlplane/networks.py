@@ -20,7 +20,7 @@ from meshgate.common.errors import (
 )
 from meshgate.controlplane import masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
-from meshgate.controlplane.txn import Conflict, decode_page_token, encode_page_token, retrying
+from meshgate.controlplane.txn import decode_page_token, encode_page_token, retrying
 
 KIND = Kind("meshgate.io/Network", "networks", network_pb2.Network)
 MUTABLE = frozenset(
@@ -89,12 +89,10 @@ class Networks(Resources):
             if req.validate_only:
                 return net
             key = self.keys.network(req.network_id)
-            ok, _, rev = await self.etcd.txn(
+            rev = await self.commit(
                 [self.t.create(key) == 0, self.t.mod(self.keys.guard_networks()) == guard_rev],
                 [self.t.put(key, store.encode(net)), self.t.put(self.keys.guard_networks(), b"")],
             )
-            if not ok:
-                raise Conflict
             net.etag = str(rev)
             return net
 

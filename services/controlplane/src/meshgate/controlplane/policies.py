@@ -12,7 +12,7 @@ from meshgate.common.errors import FieldViolation, already_exists, invalid_argum
 from meshgate.controlplane import masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
-from meshgate.controlplane.txn import Conflict, retrying
+from meshgate.controlplane.txn import retrying
 
 KIND = Kind("meshgate.io/AccessPolicy", "accessPolicies", policy_pb2.AccessPolicy)
 MUTABLE = frozenset(
@@ -83,12 +83,10 @@ class AccessPolicies(Resources):
             p.etag = ""
             if req.validate_only:
                 return p
-            ok, _, rev = await self.etcd.txn(
+            rev = await self.commit(
                 [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0],
                 [self.t.put(key, store.encode(p))],
             )
-            if not ok:
-                raise Conflict
             p.etag = str(rev)
             return p
 
