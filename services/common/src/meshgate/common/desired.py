@@ -38,4 +38,7 @@ def apply_delta(state: ds.DesiredState, delta: ds.DesiredStateDelta, revision: i
         out.filter_rules.extend(delta.filter_rules)
     if delta.default_route_changed:
         out.default_route_via_peer = delta.default_route_via_peer
+    if delta.relayed_ranges_changed:
+        del out.relayed_ranges[:]
+        out.relayed_ranges.extend(delta.relayed_ranges)
     return out

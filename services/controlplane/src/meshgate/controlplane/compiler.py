@@ -308,6 +308,9 @@ def diff(old: ds.DesiredState, new: ds.DesiredState) -> ds.DesiredStateDelta | N
     if old.default_route_via_peer != new.default_route_via_peer:
         d.default_route_changed = True
         d.default_route_via_peer = new.default_route_via_peer
+    if list(old.relayed_ranges) != list(new.relayed_ranges):
+        d.relayed_ranges_changed = True
+        d.relayed_ranges.extend(new.relayed_ranges)
     return d
 
 

@@ -241,6 +241,7 @@ class DesiredState(_message.Message):
     EGRESS_FIELD_NUMBER: _builtins.int
     FILTER_RULES_FIELD_NUMBER: _builtins.int
     DEFAULT_ROUTE_VIA_PEER_FIELD_NUMBER: _builtins.int
+    RELAYED_RANGES_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """`networks/{network}/nodes/{node}`."""
     revision: _builtins.int
@@ -261,6 +262,13 @@ class DesiredState(_message.Message):
 
     @_builtins.property
     def filter_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterRule]: ...
+    @_builtins.property
+    def relayed_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Overlay addresses this node relays for (its external clients): traffic
+        from or to them that enters and leaves the WireGuard interface is
+        forwarded, and IP forwarding is turned on.
+        """
+
     def __init__(
         self,
         *,
@@ -272,10 +280,11 @@ class DesiredState(_message.Message):
         egress: _abc.Iterable[Global___EgressConfig] | None = ...,
         filter_rules: _abc.Iterable[Global___FilterRule] | None = ...,
         default_route_via_peer: _builtins.str = ...,
+        relayed_ranges: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "filter_rules", b"filter_rules", "interface", b"interface", "node", b"node", "peers", b"peers", "revision", b"revision", "routes", b"routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "filter_rules", b"filter_rules", "interface", b"interface", "node", b"node", "peers", b"peers", "relayed_ranges", b"relayed_ranges", "revision", b"revision", "routes", b"routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,6 +309,8 @@ class DesiredStateDelta(_message.Message):
     DEFAULT_ROUTE_CHANGED_FIELD_NUMBER: _builtins.int
     DEFAULT_ROUTE_VIA_PEER_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    RELAYED_RANGES_CHANGED_FIELD_NUMBER: _builtins.int
+    RELAYED_RANGES_FIELD_NUMBER: _builtins.int
     base_revision: _builtins.int
     """The revision the delta applies on top of; an agent whose applied revision
     differs asks for a snapshot instead.
@@ -316,6 +327,8 @@ class DesiredStateDelta(_message.Message):
     """The revision the state is at once the delta is applied (the same as the
     carrying SyncResponse's revision), so a delta is complete on its own.
     """
+    relayed_ranges_changed: _builtins.bool
+    """When true, `relayed_ranges` replaces the relayed ranges."""
     @_builtins.property
     def upserted_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
         """Peers added or changed, replaced whole, matched by public key."""
@@ -334,6 +347,8 @@ class DesiredStateDelta(_message.Message):
     def egress(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressConfig]: ...
     @_builtins.property
     def filter_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterRule]: ...
+    @_builtins.property
+    def relayed_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -350,10 +365,12 @@ class DesiredStateDelta(_message.Message):
         default_route_changed: _builtins.bool = ...,
         default_route_via_peer: _builtins.str = ...,
         revision: _builtins.int = ...,
+        relayed_ranges_changed: _builtins.bool = ...,
+        relayed_ranges: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "default_route_changed", b"default_route_changed", "default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "egress_changed", b"egress_changed", "filter_rules", b"filter_rules", "filter_rules_changed", b"filter_rules_changed", "interface", b"interface", "removed_peers", b"removed_peers", "revision", b"revision", "routes", b"routes", "routes_changed", b"routes_changed", "upserted_peers", b"upserted_peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "default_route_changed", b"default_route_changed", "default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "egress_changed", b"egress_changed", "filter_rules", b"filter_rules", "filter_rules_changed", b"filter_rules_changed", "interface", b"interface", "relayed_ranges", b"relayed_ranges", "relayed_ranges_changed", b"relayed_ranges_changed", "removed_peers", b"removed_peers", "revision", b"revision", "routes", b"routes", "routes_changed", b"routes_changed", "upserted_peers", b"upserted_peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

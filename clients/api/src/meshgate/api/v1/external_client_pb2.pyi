@@ -85,9 +85,10 @@ class ExternalClient(_message.Message):
     etag: _builtins.str
     @_builtins.property
     def allowed_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ranges the client routes into the overlay. Empty means the network's
-        ranges plus the egress ranges of its gateway node; 0.0.0.0/0 makes it a
-        full tunnel (personal private browsing).
+        """Ranges the client routes into the overlay (its configuration's
+        AllowedIPs). Empty means the network's ranges plus every egress range its
+        gateway node reaches. 0.0.0.0/0 makes it a full tunnel, which leaves
+        through the network's internet gateway.
         """
 
     @_builtins.property

@@ -36,7 +36,9 @@ class SignedNodeKey(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGN_TIME_FIELD_NUMBER: _builtins.int
     node: _builtins.str
-    """`networks/{network}/nodes/{node}`."""
+    """`networks/{network}/nodes/{node}`, or an external client's
+    `networks/{network}/externalClients/{external_client}`.
+    """
     public_key: _builtins.str
     signature: _builtins.bytes
     """Ed25519 signature."""
@@ -323,18 +325,27 @@ class ClientKeyPair(_message.Message):
 
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
     public_key: _builtins.str
     private_key: _builtins.str
     """Base64. Secret: returned once, stored only encrypted."""
+    @_builtins.property
+    def signed(self) -> Global___SignedNodeKey:
+        """The key authority's signature binding `public_key` to the client's
+        resource name (agents apply the client as a peer only with it). Also
+        kept, public, at `keys/clientKeys/{network}/{client}`.
+        """
+
     def __init__(
         self,
         *,
         public_key: _builtins.str = ...,
         private_key: _builtins.str = ...,
+        signed: Global___SignedNodeKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["private_key", b"private_key", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["private_key", b"private_key", "public_key", b"public_key", "signed", b"signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
