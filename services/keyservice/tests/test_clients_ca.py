@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from meshgate.api.v1 import keys_pb2
+from meshgate.common import signing
 from meshgate.keyservice.core import KeyServiceCore
 from meshgate.keyservice.sealing import header
 
@@ -41,6 +42,22 @@ async def test_client_key_pair_returned_once_stored_sealed(ks, secrets):
     assert await ks.etcd.dump() == before
     await ks.core.clients.forget(name)
     assert await ks.etcd.get(ks.etcd.key("keys", "clients", "prod", "phone")) is None
+    assert await ks.etcd.get(ks.etcd.key("keys", "clientKeys", "prod", "phone")) is None
+
+
+async def test_client_key_is_signed_for_the_client_and_recorded(ks, secrets):
+    name = "networks/prod/externalClients/laptop"
+    pair = await ks.stub.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=name))
+    secrets.append(base64.b64decode(pair.private_key))
+    authority = (await ks.stub.GetKeyAuthority(keys_pb2.GetKeyAuthorityRequest())).public_keys
+    assert (pair.signed.node, pair.signed.public_key) == (name, pair.public_key)
+    assert signing.verify_any(authority, name, pair.public_key, pair.signed.signature)
+    # The signature binds the client's name: it is worthless for a node or another client.
+    assert not signing.verify_any(authority, "networks/prod/nodes/laptop", pair.public_key, pair.signed.signature)
+    assert not signing.verify_any(authority, "networks/prod/externalClients/other", pair.public_key,
+                                  pair.signed.signature)
+    kv = await ks.etcd.get(ks.etcd.key("keys", "clientKeys", "prod", "laptop"))
+    assert keys_pb2.SignedNodeKey.FromString(kv.value) == pair.signed
 
 
 def csr_for(key, cn="ignored", sans=()) -> bytes:

@@ -110,6 +110,25 @@ async def test_rotate_named_pairs_and_all(ks, put_network, secrets):
     assert (st.epoch, st.state, st.rotated) == (1, "done", 5)
 
 
+async def test_network_rotation_leaves_external_client_pairs_alone(ks, put_network, secrets):
+    await put_network("prod")
+    client_pair = ["networks/prod/nodes/hub|networks/prod/externalClients/phone"]
+    (before,) = await issue(ks, client_pair)
+    nodes_before = await issue(ks, hub(3))
+    r = await ks.stub.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
+    assert r.rotated == 3
+    (after,) = await issue(ks, client_pair)
+    assert (after.generation, after.key) == (before.generation, before.key)
+    assert [k.generation for k in await issue(ks, hub(3))] == [g.generation + 1 for g in nodes_before]
+    # Named, it rotates (the operator then gives the client a new configuration).
+    r = await ks.stub.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod",
+                                                                              pairs=client_pair))
+    assert r.rotated == 1
+    (named,) = await issue(ks, client_pair)
+    assert named.generation == before.generation + 1
+    secrets += [base64.b64decode(k.key) for k in (before, named, *nodes_before)]
+
+
 async def test_disabled_or_unknown_network(ks, put_network):
     await put_network("off", disable_preshared_keys=True)
     before = await ks.etcd.dump()

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from meshgate.api.v1 import keys_pb2, keys_pb2_grpc, node_pb2
+from meshgate.api.v1 import external_client_pb2, keys_pb2, keys_pb2_grpc, node_pb2
 from meshgate.common.testing import ServiceProcess
 from meshgate.keyservice.election import Election
 from meshgate.keyservice.sealing import header
@@ -138,6 +138,20 @@ async def test_node_key_age_requests_rotation_once(core, etcd, put_network):
     kv = await etcd.get(etcd.key("keys", "nodeRotation", "prod", "old"))
     assert keys_pb2.RotateNodeKeyResponse.FromString(kv.value).request_time.seconds > 0
     assert (await core.scheduler.tick()).node_rotations_requested == []
+
+
+async def test_node_key_age_skips_nodes_serving_external_clients(core, etcd, put_network):
+    await put_network("prod", max_node_key_age=HOUR)
+    for name in ("gw", "plain"):
+        n = node_pb2.Node(name=f"networks/prod/nodes/{name}", public_key="x" * 44, public_key_create_time=hours_ago(2))
+        await etcd.put(etcd.key("nodes", "prod", name), n.SerializeToString())
+    client = external_client_pb2.ExternalClient(name="networks/prod/externalClients/phone",
+                                                gateway_node="networks/prod/nodes/gw")
+    await etcd.put(etcd.key("externalClients", "prod", "phone"), client.SerializeToString())
+    report = await core.scheduler.tick()
+    assert report.node_rotations_requested == ["networks/prod/nodes/plain"]
+    assert report.node_rotations_skipped == ["networks/prod/nodes/gw"]
+    assert await etcd.get(etcd.key("keys", "nodeRotation", "prod", "gw")) is None
 
 
 def leader_of(procs: list[ServiceProcess], value: str) -> ServiceProcess:

@@ -46,7 +46,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
 
     async def IssueClientKeyPair(self, request, context):
         pair = await self.core.clients.issue(request.external_client)
-        return keys_pb2.ClientKeyPair(public_key=pair.public_key, private_key=pair.private_key)
+        return keys_pb2.ClientKeyPair(public_key=pair.public_key, private_key=pair.private_key, signed=pair.signed)
 
     async def SignCertificate(self, request, context):
         issued = await self.core.ca.sign(request.csr, request.identity)

@@ -8,7 +8,9 @@ envelope's header so listing the authority needs no decryption.
 
 Registering a node key validates the node's resource name and the key, signs
 the binding defined in `signing.py`, and records the `SignedNodeKey` (public)
-at `keys/nodes/{net}/{node}`.
+at `keys/nodes/{net}/{node}`. External clients' keys are signed the same way
+when the key service generates them (clients.py), recorded at
+`keys/clientKeys/{net}/{client}`.
 """
 
 from __future__ import annotations
@@ -88,6 +90,17 @@ class Authority:
         self._signer = (kid, Ed25519PrivateKey.from_private_bytes(raw))
         return self._signer
 
+    async def sign(self, resource: str, raw: bytes) -> keys_pb2.SignedNodeKey:
+        """A `SignedNodeKey` binding the raw key to `resource` (a node or an
+        external client) under the current authority key; not recorded."""
+        kid, private = await optimistic(self._private, "loading the key authority")
+        signed = keys_pb2.SignedNodeKey(
+            node=resource, public_key=base64.b64encode(raw).decode(), signature=signing.sign(private, resource, raw),
+            key_id=kid,
+        )
+        signed.sign_time.GetCurrentTime()
+        return signed
+
     async def register(self, node: str, public_key: str) -> keys_pb2.SignedNodeKey:
         """Validate, sign and record a node's public key."""
         errs = []
@@ -106,7 +119,7 @@ class Authority:
         assert parsed is not None and raw is not None
         net, node_id = parsed
         canonical = base64.b64encode(raw).decode()
-        kid, private = await optimistic(self._private, "loading the key authority")
+        kid, _ = await optimistic(self._private, "loading the key authority")
         v = self.vault
         path = f"keys/nodes/{net}/{node_id}"
         old = await v.etcd.get(v.key(path))
@@ -114,10 +127,7 @@ class Authority:
             prev = keys_pb2.SignedNodeKey.FromString(old.value)
             if prev.public_key == canonical and prev.key_id == kid:
                 return prev
-        signed = keys_pb2.SignedNodeKey(
-            node=node, public_key=canonical, signature=signing.sign(private, node, raw), key_id=kid
-        )
-        signed.sign_time.GetCurrentTime()
+        signed = await self.sign(node, raw)
         await v.etcd.put(v.key(path), signed.SerializeToString())
         log.info("signed the public key of %s with %s", node, kid)
         return signed

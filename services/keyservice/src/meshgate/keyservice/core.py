@@ -47,7 +47,7 @@ class KeyServiceCore:
         self.vault = Vault(etcd, keyring)
         self.authority = Authority(self.vault)
         self.psk = PresharedKeys(self.vault)
-        self.clients = ClientKeys(self.vault)
+        self.clients = ClientKeys(self.vault, self.authority)
         self.ca = CertificateAuthority(self.vault, cert_validity)
         self.election = Election(etcd, LEADER, identity, election_ttl)
         self.scheduler = Scheduler(self.vault, self.psk, scheduler_interval)

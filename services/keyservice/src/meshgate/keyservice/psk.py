@@ -23,6 +23,9 @@ Rotating a whole network is an *epoch*, recorded at `keys/rotation/{net}`
    rotated at most once per epoch however many workers run the epoch;
 3. finish: the record moves to done.
 
+Pairs with an external client (`~` in the id) are not part of epochs: the
+client's key sits in a static configuration that no rotation can reach.
+
 A worker that dies between 1 and 3 leaves the epoch running; the next
 scheduler leader (or anyone calling `resume`) finishes it without rotating a
 pair twice. Callers may add fence compares (the scheduler adds "the leader
@@ -340,6 +343,12 @@ class PresharedKeys:
             todo = []
             for kv in kvs:
                 pair = kv.key[len(base):].decode()
+                if "~" in pair:
+                    # An external client holds its key in a static
+                    # configuration that nothing can update: whole-network
+                    # rotations leave its pair alone (rotate it by name, then
+                    # hand the client a new configuration).
+                    continue
                 meta = self._header(net, pair, kv)
                 if int(meta["epoch"]) < epoch:
                     todo.append((kv, pair, int(meta["gen"])))

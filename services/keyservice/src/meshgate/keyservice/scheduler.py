@@ -10,7 +10,8 @@ plane; read here, never written) and:
 - records a node key rotation request (`keys/nodeRotation/{net}/{node}`) for
   every node whose public key is older than `max_node_key_age` and has no
   request since that key was registered. The control plane forwards requests
-  to the agents, which generate the new pair.
+  to the agents, which generate the new pair. Nodes that external clients
+  connect to are skipped: the clients' static configurations name their key.
 
 Every write carries the election fence. Networks with
 `disable_preshared_keys` are skipped for pre-shared keys.
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from meshgate.api.v1 import keys_pb2, network_pb2, node_pb2
+from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
 from meshgate.common.errors import ApiError
 from meshgate.common.etcd import EtcdUnavailable
 from meshgate.keyservice.psk import PresharedKeys
@@ -60,6 +61,8 @@ class TickReport:
     epochs_resumed: list[str] = field(default_factory=list)
     keys_rotated: int = 0
     node_rotations_requested: list[str] = field(default_factory=list)
+    # due, but external clients connect to them (see _node_keys)
+    node_rotations_skipped: list[str] = field(default_factory=list)
 
 
 class Scheduler:
@@ -117,12 +120,20 @@ class Scheduler:
         age = network.max_node_key_age.ToNanoseconds()
         base = self.vault.key(f"nodes/{net}/")
         kvs, _ = await self.vault.etcd.list_prefix(base)
+        # A node that external clients connect to is named by its public key in
+        # their static configurations: rotating it on a schedule would cut
+        # them off, so only an explicit request rotates it.
+        client_kvs, _ = await self.vault.etcd.list_prefix(self.vault.key(f"externalClients/{net}/"))
+        serving = {external_client_pb2.ExternalClient.FromString(c.value).gateway_node for c in client_kvs}
         for kv in kvs:
             node = node_pb2.Node.FromString(kv.value)
             created = node.public_key_create_time.ToNanoseconds()
             if not node.public_key or not created or now_ns < created + age:
                 continue
             node_id = kv.key[len(base):].decode()
+            if f"networks/{net}/nodes/{node_id}" in serving:
+                report.node_rotations_skipped.append(f"networks/{net}/nodes/{node_id}")
+                continue
             if await request_node_rotation(self.vault, net, node_id, fence, only_if_older_than_ns=created):
                 log.info("requested a key rotation of networks/%s/nodes/%s (key older than %ds)",
                          net, node_id, age // 1_000_000_000)
