@@ -167,6 +167,27 @@ async def test_peer_delta_and_stale_delta(setup):
     await task
 
 
+async def test_relayed_ranges_delta_is_not_a_peer_delta(setup):
+    # the fast path keeps the previous table: a relayed_ranges change must be compiled whole
+    agent, rec, src = setup
+    stop, task = await running(agent)
+    src.put(Snapshot(state(1)))
+    await until(lambda: rec.passes)
+    d = pb.DesiredStateDelta(base_revision=1, relayed_ranges_changed=True,
+                             relayed_ranges=["100.64.0.3/32"])
+    src.put(Delta(d, revision=2))
+    await until(lambda: len(rec.passes) == 2)
+    assert agent.target.relayed_ranges == ("100.64.0.3/32",)
+    assert "@relay4" in agent.target.nft.text
+    assert agent.target.sysctls["net.ipv4.ip_forward"] == "1"
+    assert list(rec.store.load_desired().relayed_ranges) == ["100.64.0.3/32"]
+    src.put(Delta(pb.DesiredStateDelta(base_revision=2, relayed_ranges_changed=True), revision=3))
+    await until(lambda: len(rec.passes) == 3)
+    assert agent.target.relayed_ranges == () and "relay" not in agent.target.nft.text
+    stop.set()
+    await task
+
+
 async def test_restores_from_disk_and_resyncs_when_data_plane_dies(setup, tmp_path):
     agent, rec, src = setup
     rec.store.save_desired(state(7))

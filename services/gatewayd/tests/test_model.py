@@ -10,7 +10,7 @@ from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import InvalidDesiredState
 from meshgate.gatewayd.model import (
-    RouteSpec, compile_desired, compile_peer_delta, merge_delta,
+    RouteSpec, compile_desired, compile_peer_delta, merge_delta, peers_only,
 )
 
 S = Settings()
@@ -152,3 +152,62 @@ def test_delta_removing_a_routed_peer_rejected():
     delta = pb.DesiredStateDelta(base_revision=1, removed_peers=[key(0)])
     with pytest.raises(InvalidDesiredState):
         compile_peer_delta(compiled(msg), delta, 2)
+
+
+def test_relayed_ranges_expand_to_relay_sets_and_forwarding():
+    msg = state(2)
+    msg.relayed_ranges.extend(["100.64.0.9/32", "100.64.0.3/32"])
+    d = compiled(msg)
+    assert d.relayed_ranges == ("100.64.0.3/32", "100.64.0.9/32")
+    assert d.sysctls == {"net.ipv4.ip_forward": "1"}  # no v6 range: no v6 forwarding
+    assert 'iifname "mg0" oifname "mg0" ip saddr @relay4 accept' in d.nft.text
+    assert 'iifname "mg0" oifname "mg0" ip daddr @relay4 accept' in d.nft.text
+    assert "relay6" not in d.nft.text
+    msg.relayed_ranges.append("fd00:64::9/128")
+    d6 = compiled(msg)
+    assert d6.sysctls == {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
+    assert "ip6 saddr @relay6 accept" in d6.nft.text and "ip6 daddr @relay6 accept" in d6.nft.text
+    assert compiled(state(2)).sysctls == {} and "relay" not in compiled(state(2)).nft.text
+
+
+def test_relayed_ranges_are_a_set_order_and_repetition_do_not_change_the_table():
+    a, b = state(1), state(1)
+    a.relayed_ranges.extend(["100.64.0.9/32", "fd00::/64", "100.64.0.3/32"])
+    b.relayed_ranges.extend(["fd00:0::/64", "100.64.0.3/32", " 100.64.0.9/32", "100.64.0.3/32"])
+    da, db = compiled(a), compiled(b)
+    assert da.relayed_ranges == db.relayed_ranges == ("100.64.0.3/32", "100.64.0.9/32", "fd00::/64")
+    assert da.nft == db.nft
+
+
+def test_bad_relayed_ranges_rejected_precisely():
+    msg = state(1)
+    msg.relayed_ranges.extend(["100.64.0.5", "100.64.0.5/24", "laptop/32", "100.64.0.5/33",
+                               "0.0.0.0/0", "::/0", "100.64.0.6/32"])
+    v = violations(msg)
+    assert v == [
+        "relayed_ranges[0]: not a valid CIDR (missing /prefix length)",
+        "relayed_ranges[1]: not a valid CIDR (100.64.0.5/24 has host bits set)",
+        "relayed_ranges[2]: not a valid CIDR ('laptop' is not an IPv4 address)",
+        "relayed_ranges[3]: not a valid CIDR (prefix length above 32)",
+        "relayed_ranges[4]: 0.0.0.0/0 would relay all traffic between peers; "
+        "list the external clients' addresses",
+        "relayed_ranges[5]: ::/0 would relay all traffic between peers; "
+        "list the external clients' addresses",
+    ]
+
+
+def test_relayed_ranges_delta_takes_the_full_compile():
+    base = state(3)
+    d0 = compiled(base)
+    delta = pb.DesiredStateDelta(base_revision=1, relayed_ranges_changed=True,
+                                 relayed_ranges=["100.64.0.7/32"])
+    assert not peers_only(delta)
+    d1 = compiled(merge_delta(base, delta))
+    assert d1.relayed_ranges == ("100.64.0.7/32",) and d1.nft.digest != d0.nft.digest
+    cleared = merge_delta(merge_delta(base, delta), pb.DesiredStateDelta(
+        base_revision=1, relayed_ranges_changed=True))
+    assert compiled(cleared).nft == d0.nft
+    # a peers-only delta leaves the relayed ranges as they were
+    peer_delta = pb.DesiredStateDelta(base_revision=1, removed_peers=[key(2)])
+    assert peers_only(peer_delta)
+    assert compile_peer_delta(d1, peer_delta, 2).relayed_ranges == ("100.64.0.7/32",)

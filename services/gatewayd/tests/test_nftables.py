@@ -44,6 +44,38 @@ def test_filters_render_input_chain():
     assert t.text.rstrip().endswith('iifname "mg0" drop\n\t}\n}'.rstrip())
 
 
+def test_relayed_ranges_accept_tunnel_to_tunnel_before_the_drops():
+    t = render("mg0", [egress()], [], [N("100.64.0.5/32"), N("100.64.0.8/30"), N("fd00:64::5/128")])
+    lines = [x.strip() for x in t.text.splitlines()]
+    relay = [
+        'iifname "mg0" oifname "mg0" ip saddr @relay4 accept',
+        'iifname "mg0" oifname "mg0" ip daddr @relay4 accept',
+        'iifname "mg0" oifname "mg0" ip6 saddr @relay6 accept',
+        'iifname "mg0" oifname "mg0" ip6 daddr @relay6 accept',
+    ]
+    idx = [lines.index(r) for r in relay]
+    assert idx == sorted(idx)
+    assert max(idx) < lines.index('iifname "mg0" drop') < lines.index('oifname "mg0" drop')
+    assert "elements = { 100.64.0.5/32, 100.64.0.8/30 }" in lines
+    assert "elements = { fd00:64::5/128 }" in lines
+    # relay rules never NAT: the postrouting chain is the egress entry's alone
+    assert t.text.count("masquerade") == 1 and "relay" not in t.text.split("chain postrouting")[1]
+    # no relayed ranges: exactly the table of before
+    assert render("mg0", [egress()], [], []) == render("mg0", [egress()], [])
+    assert "relay" not in render("mg0", [egress()], []).text
+
+
+def test_nft_accepts_the_relay_sets(lab):
+    h = lab.host("nftr")
+    t = render("mg0", [egress()], [Filter((), (), "icmp", (), True)],
+               [N("100.64.0.5/32"), N("100.64.0.4/30"), N("fd00:64::5/128")])
+    h.run("nft", "-f", "-", input=t.text)
+    listing = h.run("nft", "list", "table", "inet", "meshgate").stdout
+    assert 'iifname "mg0" oifname "mg0" ip saddr @relay4 accept' in listing
+    assert 'iifname "mg0" oifname "mg0" ip6 daddr @relay6 accept' in listing
+    assert "100.64.0.4/30" in listing  # the /32 inside it is merged away (auto-merge)
+
+
 def test_nft_loads_replaces_atomically_and_leaves_others(lab, tmp_path):
     h = lab.host("nft")
     h.run("nft", "add", "table", "ip", "foreign")

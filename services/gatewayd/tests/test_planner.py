@@ -185,6 +185,23 @@ def test_drift_is_planned_back():
     assert plan(d, evaluate(drifted, p, d)).empty
 
 
+def test_relayed_ranges_change_only_the_table_and_forwarding():
+    d0 = compiled(state(3))
+    with_relay = state(3)
+    with_relay.relayed_ranges.append("100.64.0.3/32")  # peer 1's address: an external client
+    d1 = compiled(with_relay)
+    p = plan(d1, expected_observed(d0))
+    assert p.nft is not None and p.nft.digest == d1.nft.digest
+    assert p.sysctls == (("net.ipv4.ip_forward", "1"),)
+    assert not p.peers and p.device is None and not p.touches_links()
+    assert p.changes() == [f"replace table inet meshgate ({d1.nft.digest})", "sysctl net.ipv4.ip_forward=1"]
+    after = evaluate(expected_observed(d0), p, d1)
+    assert plan(d1, after).empty
+    # taken away again: the table goes back, forwarding is never turned off
+    back = plan(d0, after)
+    assert back.nft is not None and back.nft.digest == d0.nft.digest and back.sysctls == ()
+
+
 # ---------------------------------------------------------------- property
 
 
@@ -217,6 +234,8 @@ def desired_states(draw):
     if draw(st.booleans()):
         e = msg.egress.add(nat=draw(st.booleans()))
         e.ranges.extend(draw(st.sampled_from([["192.0.2.0/24"], ["192.0.2.0/25", "2001:db8::/32"]])))
+    msg.relayed_ranges.extend(draw(st.sampled_from(
+        [[], ["100.64.1.200/32"], ["100.64.1.200/32", "fd00::c8/128"]])))
     return msg
 
 
@@ -235,6 +254,8 @@ def test_plan_converges_from_any_previous_state(a, b):
                for k, v in db.peers.items() if v.endpoint)
     assert after.routes == db.routes and after.rules == db.rules
     assert after.link.addresses == db.addresses
+    assert after.nft_digest == db.nft.digest
+    assert all(after.sysctls.get(k) == v for k, v in db.sysctls.items())
 
 
 @hsettings(max_examples=100, deadline=None)

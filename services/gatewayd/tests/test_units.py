@@ -13,6 +13,7 @@ import pytest
 from meshgate.gatewayd import keys
 from meshgate.gatewayd.backoff import Backoff, jittered
 from meshgate.gatewayd.config import Settings
+from meshgate.gatewayd.lab import LabError, parse_wg_quick
 from meshgate.gatewayd.planner import DeviceChange, PeerOp
 from meshgate.gatewayd.wireguard.uapi import b64_to_hex, parse_get
 from meshgate.gatewayd.wireguard.userspace import device_to_observed, uapi_lines
@@ -117,3 +118,43 @@ def test_settings_from_defaults_env_and_flags():
         Settings.load({"backend": "iptables"}, env={})
     with pytest.raises(ValueError):
         Settings.load({"route_table": 254}, env={})
+
+
+def test_wg_quick_config_split_for_wg_setconf():
+    text = """
+[Interface]
+PrivateKey = cHJpdmF0ZS1rZXktcHJpdmF0ZS1rZXktcHJpdmF0ZSE=
+Address = 100.64.0.5/32, fd00:64::5/128   # both families
+DNS = 100.64.0.1, corp.example
+mtu = 1380
+SaveConfig = true
+
+[Peer]
+PublicKey = cHVibGljL2tleS9wdWJsaWMva2V5L3B1YmxpYy9rZSE=
+PresharedKey = cHJlc2hhcmVkLWtleS1wcmVzaGFyZWQta2V5LXByZSE=
+Endpoint = 203.0.113.1:51820
+AllowedIPs = 100.64.0.0/24,198.51.100.0/24
+AllowedIPs = 0.0.0.0/0
+PersistentKeepalive = 25
+"""
+    c = parse_wg_quick(text)
+    assert c.addresses == ("100.64.0.5/32", "fd00:64::5/128")
+    assert c.dns == ("100.64.0.1", "corp.example") and c.mtu == 1380 and c.table == "auto"
+    assert c.allowed_ips == ("100.64.0.0/24", "198.51.100.0/24", "0.0.0.0/0")
+    assert c.wg_text.splitlines() == [
+        "[Interface]",
+        "PrivateKey = cHJpdmF0ZS1rZXktcHJpdmF0ZS1rZXktcHJpdmF0ZSE=",
+        "[Peer]",
+        "PublicKey = cHVibGljL2tleS9wdWJsaWMva2V5L3B1YmxpYy9rZSE=",
+        "PresharedKey = cHJlc2hhcmVkLWtleS1wcmVzaGFyZWQta2V5LXByZSE=",
+        "Endpoint = 203.0.113.1:51820",
+        "AllowedIPs = 100.64.0.0/24,198.51.100.0/24",
+        "AllowedIPs = 0.0.0.0/0",
+        "PersistentKeepalive = 25",
+    ]
+    with pytest.raises(LabError, match="PostUp is not supported"):
+        parse_wg_quick("[Interface]\nPostUp = touch /tmp/x\n")
+    with pytest.raises(LabError, match="unknown section"):
+        parse_wg_quick("[Peers]\n")
+    with pytest.raises(LabError, match="Table"):
+        parse_wg_quick("[Interface]\nTable = main\n")

@@ -14,6 +14,10 @@ interfaces ``mg<token><role>``; wireguard-go's UAPI sockets live in the global
 
 Addresses come only from the documentation ranges and 100.64.0.0/10.
 
+Besides gatewayd nodes, a host can carry a plain WireGuard interface
+(``Lab.plain_wireguard``: wireguard-go configured with ``wg`` from wg-quick style
+text), standing in for an external client such as a laptop.
+
 Also a tiny TCP "who am I" service (``python -m meshgate.gatewayd.lab whoami``) that
 answers each connection with the peer address it sees, and its client (``ask``).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -41,6 +46,7 @@ from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd.wireguard.uapi import socket_path
 
 PY = sys.executable
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
 
 
 class LabError(RuntimeError):
@@ -251,6 +257,173 @@ class Node:
         return out
 
 
+# ---------------------------------------------------------------- plain WireGuard hosts
+
+# keys of a wg-quick file that `wg setconf` does not know ([Interface] only)
+_WG_QUICK_ONLY = {"address", "dns", "mtu", "table", "saveconfig"}
+_WG_QUICK_HOOKS = {"preup", "postup", "predown", "postdown"}
+
+
+@dataclass(frozen=True)
+class WgQuickConfig:
+    """A wg-quick style configuration, split into what ``wg setconf`` takes and what
+    wg-quick itself does (addresses, DNS, MTU, routing table)."""
+
+    wg_text: str
+    """The configuration without the wg-quick-only keys: input for ``wg setconf``."""
+    addresses: tuple[str, ...]
+    dns: tuple[str, ...]
+    mtu: int | None
+    table: str
+    """``auto`` (routes for the allowed IPs; a /0 with wg-quick's fwmark rules),
+    ``off`` (no routes) or a table number."""
+    allowed_ips: tuple[str, ...]
+    """Every peer's allowed IPs as written (routes use ``wg show``'s canonical form)."""
+
+
+def parse_wg_quick(text: str) -> WgQuickConfig:
+    """Split a wg-quick configuration (``[Interface]`` PrivateKey/Address/DNS/...,
+    ``[Peer]`` PublicKey/PresharedKey/Endpoint/AllowedIPs/PersistentKeepalive).
+
+    Keys are matched case-insensitively, ``#`` starts a comment, and list values are
+    comma separated, as in wg(8) and wg-quick(8).  PreUp/PostUp/PreDown/PostDown are
+    refused: the lab never runs commands a configuration names.
+    """
+    out: list[str] = []
+    addresses: list[str] = []
+    dns: list[str] = []
+    allowed: list[str] = []
+    mtu: int | None = None
+    table = "auto"
+    section = ""
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+            if section not in ("interface", "peer"):
+                raise LabError(f"wg-quick config line {n}: unknown section {line}")
+            out.append(f"[{'Interface' if section == 'interface' else 'Peer'}]")
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not section:
+            raise LabError(f"wg-quick config line {n}: expected `Key = value` inside a section")
+        lkey = key.lower()
+        values = [x.strip() for x in value.split(",") if x.strip()]
+        if section == "interface" and lkey in _WG_QUICK_HOOKS:
+            raise LabError(f"wg-quick config line {n}: {key} is not supported (no commands are run)")
+        if section == "interface" and lkey in _WG_QUICK_ONLY:
+            if lkey == "address":
+                addresses += values
+            elif lkey == "dns":
+                dns += values
+            elif lkey == "mtu":
+                if not value.isdigit():
+                    raise LabError(f"wg-quick config line {n}: MTU {value!r} is not a number")
+                mtu = int(value)
+            elif lkey == "table":
+                table = value.lower()
+                if table not in ("auto", "off") and not table.isdigit():
+                    raise LabError(f"wg-quick config line {n}: Table {value!r} is not auto, off or a number")
+            continue  # SaveConfig: nothing to save
+        if section == "peer" and lkey == "allowedips":
+            allowed += values
+        out.append(f"{key} = {value}")
+    return WgQuickConfig("\n".join(out) + "\n", tuple(addresses), tuple(dns), mtu, table,
+                         tuple(allowed))
+
+
+@dataclass
+class PlainWireGuard:
+    """A WireGuard interface that no gatewayd manages: ``wireguard-go`` configured
+    with ``wg``, the way wg-quick brings up a configuration file (an external
+    client such as a laptop).  Made by ``Lab.plain_wireguard``."""
+
+    host: Host
+    ifname: str
+    config: WgQuickConfig
+    process: subprocess.Popen
+    rules: list[tuple[str, ...]] = field(default_factory=list)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self.config.addresses
+
+    def wg(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return self.host.run("wg", *args, input=input)
+
+    def public_key(self) -> str:
+        return self.wg("show", self.ifname, "public-key").stdout.strip()
+
+    def syncconf(self, text: str) -> None:
+        """``wg syncconf`` with a new configuration's WireGuard part (keys, peers):
+        changed peers only, sessions of the others kept.  Addresses, DNS and routes
+        stay as they were brought up."""
+        self.wg("syncconf", self.ifname, "/dev/stdin", input=parse_wg_quick(text).wg_text)
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """``wg show dump`` per peer: handshake time, transfer counters, allowed IPs."""
+        r = self.wg("show", self.ifname, "dump")
+        out = {}
+        for line in r.stdout.splitlines()[1:]:
+            f = line.split("\t")
+            out[f[0]] = {"endpoint": f[2], "allowed_ips": f[3], "handshake": int(f[4]),
+                         "rx": int(f[5]), "tx": int(f[6]), "keepalive": f[7]}
+        return out
+
+    def down(self) -> None:
+        """Remove the interface (its addresses and routes go with it) and the policy
+        rules ``up`` added."""
+        for rule in reversed(self.rules):
+            self.host.ip(*rule[:1], "rule", "del", *rule[1:], check=False)
+        self.rules.clear()
+        _stop(self.process)
+
+    def _up(self) -> None:
+        cfg = self.config
+        self.wg("setconf", self.ifname, "/dev/stdin", input=cfg.wg_text)
+        for a in cfg.addresses:
+            self.host.ip("-6" if ":" in a else "-4", "address", "add", a, "dev", self.ifname)
+        self.host.ip("link", "set", self.ifname, "mtu", str(cfg.mtu or 1420), "up")
+        if cfg.table == "off":
+            return
+        # as wg-quick: the canonical allowed IPs, most specific first
+        shown = self.wg("show", self.ifname, "allowed-ips").stdout
+        nets = sorted({x for line in shown.splitlines() for x in line.split()[1:] if x != "(none)"},
+                      key=lambda x: (-int(x.rsplit("/", 1)[1]), x))
+        for net in nets:
+            fam = "-6" if ":" in net else "-4"
+            if cfg.table != "auto":
+                self.host.ip(fam, "route", "add", net, "dev", self.ifname, "table", cfg.table)
+            elif net.endswith("/0"):
+                self._add_default(fam, net)
+            elif not self.host.ip(fam, "route", "show", "dev", self.ifname, "match", net).stdout.strip():
+                self.host.ip(fam, "route", "add", net, "dev", self.ifname)
+
+    def _add_default(self, fam: str, net: str) -> None:
+        """wg-quick's default route: the tunnel's own packets carry a fwmark and keep
+        the main table; everything else uses a table with the default route, except
+        where the main table has something more specific than its default."""
+        mark = self.wg("show", self.ifname, "fwmark").stdout.strip()
+        if mark in ("", "off"):
+            table = 51820
+            while any(self.host.ip(f, "route", "show", "table", str(table), check=False).stdout.strip()
+                      for f in ("-4", "-6")):
+                table += 1
+            self.wg("set", self.ifname, "fwmark", str(table))
+        else:
+            table = int(mark, 0)
+        for rule in ((fam, "not", "fwmark", str(table), "table", str(table)),
+                     (fam, "table", "main", "suppress_prefixlength", "0")):
+            self.host.ip(rule[0], "rule", "add", *rule[1:])
+            self.rules.append(rule)
+        self.host.ip(fam, "route", "add", net, "dev", self.ifname, "table", str(table))
+        if fam == "-4":
+            self.host.run("sysctl", "-q", "net.ipv4.conf.all.src_valid_mark=1")
+
+
 class Lab:
     def __init__(self, workdir: Path | None = None):
         self.token = self._fresh_token()
@@ -258,6 +431,7 @@ class Lab:
         self.hosts: list[Host] = []
         self.nodes: list[Node] = []
         self.procs: list[subprocess.Popen] = []
+        self.plain: list[PlainWireGuard] = []
         self._wg_seen: dict[str, int] = {}
         self._closed = False
 
@@ -299,6 +473,53 @@ class Lab:
         self.nodes.append(n)
         return n
 
+    def ifname(self, role: str) -> str:
+        """A WireGuard interface name unique on this host (``mg<token><role>``, at most
+        15 characters): wireguard-go's UAPI sockets are not per namespace."""
+        name = f"mg{self.token}{role}"[:15]
+        used = {n.ifname for n in self.nodes} | set(self._wg_seen) | {w.ifname for w in self.plain}
+        if name in used or socket_path(name).exists():
+            raise LabError(f"interface name {name!r} (role {role!r}) is already in use")
+        return name
+
+    def plain_wireguard(self, host: Host, ifname: str, config: str) -> PlainWireGuard:
+        """Bring up a WireGuard interface in ``host`` the way ``wg-quick up`` would, with
+        no gatewayd: ``wireguard-go -f <ifname>``, then ``wg setconf`` with ``config``
+        minus the wg-quick-only keys (Address, DNS, MTU, Table, SaveConfig), the
+        addresses added, the link up (MTU 1420 unless given), and a route via the
+        interface for every peer's allowed IPs (a /0 the wg-quick way: fwmark,
+        ``not fwmark`` rule and ``suppress_prefixlength 0``).
+
+        ``config`` is wg-quick text, e.g. an external client's configuration file.  DNS
+        is kept in ``.config.dns``, not applied; PreUp/PostUp/... are refused.
+        ``ifname`` must be unique on the host (see ``ifname``).  The process is the
+        lab's: ``close`` stops it and checks that its UAPI socket is gone.
+        """
+        if not _IFNAME_RE.fullmatch(ifname):
+            raise LabError(f"{ifname!r} is not a valid interface name")
+        if socket_path(ifname).exists():
+            raise LabError(f"{socket_path(ifname)} exists: {ifname} is in use on this host")
+        cfg = parse_wg_quick(config)
+        log = open(self.dir / f"wireguard-go.{ifname}.log", "ab")
+        try:
+            proc = host.spawn("wireguard-go", "-f", ifname, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error"))
+        finally:
+            log.close()
+        w = PlainWireGuard(host, ifname, cfg, proc)
+        self.plain.append(w)
+        deadline = time.monotonic() + 15
+        while host.run("wg", "show", ifname, check=False).returncode != 0:
+            if proc.poll() is not None:
+                raise LabError(f"wireguard-go {ifname} in {host.name} exited with {proc.returncode}: "
+                               f"{(self.dir / f'wireguard-go.{ifname}.log').read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise LabError(f"wireguard-go {ifname} in {host.name} did not open its UAPI socket")
+            time.sleep(0.02)
+        w._up()
+        return w
+
     def close(self) -> None:
         if self._closed:
             return
@@ -315,7 +536,7 @@ class Lab:
                 _kill_pid(pid)
         for h in reversed(self.hosts):
             _run(["ip", "netns", "del", h.name], check=False)
-        for ifname, _ in self._recorded_wg():
+        for ifname in [i for i, _ in self._recorded_wg()] + [w.ifname for w in self.plain]:
             # wireguard-go removes its socket on SIGTERM; a SIGKILLed one leaves it
             sock = socket_path(ifname)
             if sock.exists():
@@ -338,6 +559,7 @@ class Lab:
                 out.append(str(socket_path(ifname)))
             if _is_wg(pid, ifname):
                 out.append(f"wireguard-go pid {pid}")
+        out += [str(socket_path(w.ifname)) for w in self.plain if socket_path(w.ifname).exists()]
         return out
 
     def _recorded_wg(self) -> list[tuple[str, int]]:

@@ -87,6 +87,9 @@ class Desired:
     nft: nftables.Table
     sysctls: Mapping[str, str]
     egress_interfaces: frozenset[str] = frozenset()
+    relayed_ranges: tuple[str, ...] = ()
+    """Canonical, sorted: the overlay ranges this node relays for (in ``nft``'s
+    ``relay4``/``relay6`` sets and the forwarding ``sysctls``)."""
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,8 @@ def compile_desired(
             accept=f.accept,
         ))
 
+    relayed = _relayed(msg.relayed_ranges, v)
+
     if v:
         raise InvalidDesiredState(v)
 
@@ -436,6 +441,9 @@ def compile_desired(
             if any(n.version == fam for n in e.sources) and (
                     e.internet_gateway or any(n.version == fam for n in e.ranges)):
                 sysctls[key] = "1"
+    for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
+        if any(n.version == fam for n in relayed):
+            sysctls[key] = "1"
     if any(r.dst == "0.0.0.0/0" for r in routes):
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
 
@@ -451,10 +459,29 @@ def compile_desired(
         peers=peers,
         routes=frozenset(routes),
         rules=frozenset(rules),
-        nft=nftables.render(iface, egress, filters),
+        nft=nftables.render(iface, egress, filters, relayed),
         sysctls=sysctls,
         egress_interfaces=frozenset(egress_ifaces),
+        relayed_ranges=tuple(n.text for n in relayed),
     )
+
+
+def _relayed(texts: Iterable[str], v: list[FieldViolation]) -> list[Cidr]:
+    """``relayed_ranges``: strict CIDRs, sorted and deduplicated (a set: neither order
+    nor repetition changes the table).  A /0 is refused: it would make the node relay
+    everything between all its peers, which is not "its external clients"."""
+    out: dict[str, Cidr] = {}
+    for i, t in enumerate(texts):
+        n = _net(t, f"relayed_ranges[{i}]", v)
+        if n is None:
+            continue
+        if n.lo == 0 and n.hi == (_V4_ALL if n.version == 4 else _V6_ALL):
+            v.append(FieldViolation(
+                f"relayed_ranges[{i}]",
+                f"{n.text} would relay all traffic between peers; list the external clients' addresses"))
+            continue
+        out.setdefault(n.text, n)
+    return sorted(out.values(), key=_range)
 
 
 def _metric(version: int, metric: int) -> int:
@@ -473,6 +500,7 @@ def peers_only(delta: pb.DesiredStateDelta) -> bool:
     return not (
         delta.HasField("interface") or delta.routes_changed or delta.egress_changed
         or delta.filter_rules_changed or delta.default_route_changed
+        or delta.relayed_ranges_changed
     )
 
 

@@ -22,7 +22,7 @@ import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from meshgate.gatewayd.errors import ApplyError
 
@@ -79,8 +79,16 @@ def _set(name: str, nets: list[Net]) -> list[str]:
     ]
 
 
-def render(iface: str, egress: list[Egress], filters: list[Filter]) -> Table:
-    """The whole ``inet meshgate`` table for this node, as ``nft -f`` input."""
+def render(iface: str, egress: list[Egress], filters: list[Filter],
+           relayed: Sequence[Net] = ()) -> Table:
+    """The whole ``inet meshgate`` table for this node, as ``nft -f`` input.
+
+    ``relayed`` are the overlay ranges this node relays for (its external clients):
+    traffic from or to them that enters and leaves the WireGuard interface is
+    accepted (sets ``relay4``/``relay6``), ahead of the drops of overlay traffic.
+    The caller passes them sorted and deduplicated: the text, hence the digest,
+    depends on their order.
+    """
     sets: list[str] = []
     forward: list[str] = []
     nat: list[str] = []
@@ -104,6 +112,13 @@ def render(iface: str, egress: list[Egress], filters: list[Filter]) -> Table:
             forward.append(f"\t\t{match} accept")
             if e.nat:
                 nat.append(f"\t\t{match} masquerade")
+    for fam, kw in ((4, "ip"), (6, "ip6")):
+        nets = [n for n in relayed if n.version == fam]
+        if not nets:
+            continue
+        sets += _set(f"relay{fam}", nets)
+        forward += [f"\t\tiifname {wg} oifname {wg} {kw} {d}addr @relay{fam} accept"
+                    for d in ("s", "d")]
     lines = [f"table {FAMILY} {TABLE} {{", "\tcomment \"meshgate:@DIGEST@\""]
     lines += sets
     lines += [
