@@ -170,11 +170,13 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                   'range its\n'
                                                   'gateway node reaches. 0.0.0.0/0 makes it a full tunnel, which '
                                                   'leaves\n'
-                                                  "through the network's internet gateway.",
+                                                  "through the network's internet gateway.\n"
+                                                  'Immutable: it is written into the configuration handed out once.',
  'meshgate.api.v1.ExternalClient.config': 'A wg-quick configuration, including the private key. Returned only by the\n'
                                           'call that creates the client; the private key is stored only encrypted.',
  'meshgate.api.v1.ExternalClient.disabled': "A disabled client is removed from its gateway's peers but kept.",
- 'meshgate.api.v1.ExternalClient.dns_servers': "DNS servers written into the client's configuration.",
+ 'meshgate.api.v1.ExternalClient.dns_servers': "DNS servers written into the client's configuration (immutable, like\n"
+                                               'allowed_ranges).',
  'meshgate.api.v1.ExternalClient.gateway_node': 'The node the client connects to, `networks/{network}/nodes/{node}`; '
                                                 'it\n'
                                                 'needs an endpoint.',
@@ -187,8 +189,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.ExternalClientService.DeleteExternalClient': 'Deletes a client and releases its addresses.',
  'meshgate.api.v1.ExternalClientService.GetExternalClient': 'Gets a client (without its private key).',
  'meshgate.api.v1.ExternalClientService.ListExternalClients': 'Lists the clients of a network in name order.',
- 'meshgate.api.v1.ExternalClientService.UpdateExternalClient': "Updates a client's ranges, DNS servers or disabled "
-                                                               'flag.',
+ 'meshgate.api.v1.ExternalClientService.UpdateExternalClient': "Updates a client's disabled flag, display name or "
+                                                               'labels.',
  'meshgate.api.v1.FilterRule': 'Filtering of overlay traffic at this node. Empty means allow everything.',
  'meshgate.api.v1.GetNetworkRequest.name': '`networks/{network}`.',
  'meshgate.api.v1.GetNetworkStatusRequest.name': '`networks/{network}`.',

@@ -394,7 +394,7 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ExternalClient:
-        """Updates a client's ranges, DNS servers or disabled flag."""
+        """Updates a client's disabled flag, display name or labels."""
         return self._unary('meshgate.api.v1.ExternalClientService', 'UpdateExternalClient', _build(external_client_pb2.UpdateExternalClientRequest, request, external_client=external_client, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     def delete_external_client(
@@ -1156,7 +1156,7 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> external_client_pb2.ExternalClient:
-        """Updates a client's ranges, DNS servers or disabled flag."""
+        """Updates a client's disabled flag, display name or labels."""
         return await self._unary('meshgate.api.v1.ExternalClientService', 'UpdateExternalClient', _build(external_client_pb2.UpdateExternalClientRequest, request, external_client=external_client, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     async def delete_external_client(

@@ -18,6 +18,8 @@ from meshgate.api.v1 import (
     egress_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
+    external_client_pb2,
+    external_client_pb2_grpc,
     network_pb2,
     network_pb2_grpc,
     node_pb2,
@@ -31,6 +33,7 @@ from meshgate.controlplane import events
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.egress import EgressGateways
 from meshgate.controlplane.enrollment import EnrollmentKeys
+from meshgate.controlplane.externalclients import ExternalClients
 from meshgate.controlplane.keymaterial import KeyMaterial
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
@@ -153,6 +156,28 @@ class AccessPolicyService(policy_pb2_grpc.AccessPolicyServiceServicer):
         return empty_pb2.Empty()
 
 
+class ExternalClientService(external_client_pb2_grpc.ExternalClientServiceServicer):
+    def __init__(self, clients: ExternalClients) -> None:
+        self.clients = clients
+
+    async def CreateExternalClient(self, request, context):
+        return await self.clients.create(request)
+
+    async def GetExternalClient(self, request, context):
+        return await self.clients.get(request.name)
+
+    async def ListExternalClients(self, request, context):
+        items, token = await self.clients.list_children(request.parent, request.page_size, request.page_token)
+        return external_client_pb2.ListExternalClientsResponse(external_clients=items, next_page_token=token)
+
+    async def UpdateExternalClient(self, request, context):
+        return await self.clients.update(request)
+
+    async def DeleteExternalClient(self, request, context):
+        await self.clients.delete(request)
+        return empty_pb2.Empty()
+
+
 class ControlPlane:
     """The control plane's parts wired to one etcd adapter, with a lifecycle:
     `start()` loads the state cache and starts the fan-out, `stop()` ends
@@ -167,6 +192,7 @@ class ControlPlane:
         self.gateways = EgressGateways(etcd, self.networks)
         self.policies = AccessPolicies(etcd, self.networks)
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
+        self.external_clients = ExternalClients(etcd, self.networks, self.cache, self.key_material)
         self.fanout = Fanout(self.cache, etcd, self.key_material)
         self.bindings = [
             ServiceBinding.of(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
@@ -176,6 +202,10 @@ class ControlPlane:
                 enrollment_pb2, enrollment_pb2_grpc, "EnrollmentKeyService", EnrollmentKeyService(self.enrollment)
             ),
             ServiceBinding.of(policy_pb2, policy_pb2_grpc, "AccessPolicyService", AccessPolicyService(self.policies)),
+            ServiceBinding.of(
+                external_client_pb2, external_client_pb2_grpc, "ExternalClientService",
+                ExternalClientService(self.external_clients),
+            ),
             ServiceBinding.of(
                 agent_pb2, agent_pb2_grpc, "AgentService", AgentService(self.enrollment, self.fanout, self.cache)
             ),

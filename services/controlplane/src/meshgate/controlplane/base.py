@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshgate.common.errors import FieldViolation, etag_mismatch, invalid_argument, not_found
-from meshgate.common.etcd import KV, Etcd
+from meshgate.common.etcd import KV, Etcd, prefix_end
 from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.txn import Conflict, decode_page_token, encode_page_token
 
@@ -80,6 +80,13 @@ class Resources:
         if more and kvs:
             token = encode_page_token(parent, kvs[-1].key[len(prefix):].decode())
         return items, token
+
+    async def used_addresses(self, net_id: str, family: str) -> set[str]:
+        """Addresses of network `net_id` claimed by nodes and external clients, from etcd."""
+        prefix = self.etcd.key("ipam", net_id, family, "")
+        kvs, _, _ = await self.etcd.range(prefix, prefix_end(prefix), keys_only=True)
+        n = len(prefix)
+        return {kv.key[n:].decode() for kv in kvs}
 
     async def commit(self, compare, ops, *, etag: str = "", kv: KV | None = None, name: str = "") -> int:
         """One write transaction, returning its revision. A lost compare raises

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 from google.protobuf.message import DecodeError
 
-from meshgate.api.v1 import egress_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import compiler, ipam, store
@@ -34,6 +34,7 @@ _COLLECTIONS = {
     "nodes": ("nodes", node_pb2.Node),
     "egressGateways": ("gateways", egress_pb2.EgressGateway),
     "accessPolicies": ("policies", policy_pb2.AccessPolicy),
+    "externalClients": ("external_clients", external_client_pb2.ExternalClient),
 }
 
 
@@ -77,7 +78,7 @@ class StateCache:
         # node name -> when a key rotation was last requested for it (ns)
         self.rotation_requests: dict[str, int] = {}
 
-    def _index(self, net_id: str, node: node_pb2.Node | None, add: bool) -> None:
+    def _index(self, net_id: str, node: node_pb2.Node | external_client_pb2.ExternalClient | None, add: bool) -> None:
         if node is None:
             return
         for family, addr in (("v4", node.ipv4_address), ("v6", node.ipv6_address)):
@@ -177,8 +178,8 @@ class StateCache:
         for parts, kv in children:
             if parts[0] == "keys":
                 st = nets.get(parts[2])
-                name = f"networks/{parts[2]}/nodes/{parts[3]}"
-                if st is not None and parts[1] == "nodes":
+                name = _key_owner(parts)
+                if st is not None and parts[1] in ("nodes", "clientKeys"):
                     sig = _parse(keys_pb2.SignedNodeKey, kv.key, kv.value)
                     if sig is not None:
                         compiler.add_signature(st.signatures.setdefault(name, {}), sig)
@@ -197,7 +198,7 @@ class StateCache:
         self.rotation_requests = rotations
         self.addresses, self.pubkeys = {}, {}
         for net_id, st in nets.items():
-            for node in st.nodes.values():
+            for node in (*st.nodes.values(), *st.external_clients.values()):
                 self._index(net_id, node, True)
         self.revision = 0
         self._advance(rev)
@@ -229,8 +230,8 @@ class StateCache:
                         if name in st.nodes:
                             change.affected.setdefault(net_id, set()).add(name)
                 continue
-            name = f"networks/{net_id}/nodes/{rid}"
-            if kind == "nodes" and st is not None:
+            name = _key_owner(parts)
+            if kind in ("nodes", "clientKeys") and st is not None:
                 sig = _parse(keys_pb2.SignedNodeKey, ev.key, ev.value) if ev.put else None
                 if sig is not None:
                     compiler.add_signature(st.signatures.setdefault(name, {}), sig)
@@ -239,6 +240,8 @@ class StateCache:
                 if name in st.nodes:
                     # Those who peer with the node carry its signature.
                     change.affected.setdefault(net_id, set()).update({name, *compiler.peers_of(st, name)})
+                elif name in st.external_clients:
+                    change.affected.setdefault(net_id, set()).update(compiler.affected_by_client(None, st, name))
             elif kind == "nodeRotation":
                 req = _parse(keys_pb2.RotateNodeKeyResponse, ev.key, ev.value) if ev.put else None
                 if req is not None:
@@ -278,14 +281,12 @@ class StateCache:
         def before(net_id: str) -> compiler.NetworkState | None:
             if net_id not in befores and net_id in self.networks:
                 st = self.networks[net_id]
-                befores[net_id] = compiler.NetworkState(
-                    st.network, dict(st.nodes), dict(st.gateways), dict(st.policies),
-                    {n: dict(v) for n, v in st.signatures.items()},
-                )
+                befores[net_id] = st.copy()
             return befores.get(net_id)
 
         whole_network: set[str] = set()
         changed_nodes: list[tuple[str, str]] = []
+        changed_clients: list[tuple[str, str]] = []
         for parts, ev in relevant:
             net_id = parts[1]
             before(net_id)
@@ -317,13 +318,15 @@ class StateCache:
             else:
                 msg = None
                 getattr(st, attr).pop(name, None)
-            if parts[0] == "nodes":
+            if parts[0] in ("nodes", "externalClients"):
                 self._index(net_id, previous, False)
                 self._index(net_id, msg, True)
             if parts[0] == "nodes":
                 changed_nodes.append((net_id, name))
                 if not ev.put:
                     change.deleted_nodes.add(name)
+            elif parts[0] == "externalClients":
+                changed_clients.append((net_id, name))
             else:
                 whole_network.add(net_id)
         for net_id in whole_network:
@@ -335,6 +338,11 @@ class StateCache:
             if net_id in whole_network:
                 continue
             aff = compiler.affected_by_node(befores.get(net_id), self.networks.get(net_id), name)
+            change.affected.setdefault(net_id, set()).update(aff)
+        for net_id, name in changed_clients:
+            if net_id in whole_network:
+                continue
+            aff = compiler.affected_by_client(befores.get(net_id), self.networks.get(net_id), name)
             change.affected.setdefault(net_id, set()).update(aff)
         for gone in change.deleted_nodes:
             for aff in change.affected.values():
@@ -361,9 +369,16 @@ def _parse(cls, key: bytes, value: bytes):
 
 
 def _key_record(parts: list[str]) -> bool:
-    """keys/{nodes|psk|nodeRotation}/{net}/{id}: what the key service writes
-    that the control plane follows (not the sealed client keys or its own state)."""
-    return len(parts) == 4 and parts[0] == "keys" and parts[1] in ("nodes", "psk", "nodeRotation")
+    """keys/{nodes|clientKeys|psk|nodeRotation}/{net}/{id}: what the key
+    service writes that the control plane follows (not the sealed client keys
+    or its own state)."""
+    return len(parts) == 4 and parts[0] == "keys" and parts[1] in ("nodes", "clientKeys", "psk", "nodeRotation")
+
+
+def _key_owner(parts: list[str]) -> str:
+    """The resource a keys/{kind}/{net}/{id} record belongs to."""
+    collection = "externalClients" if parts[1] == "clientKeys" else "nodes"
+    return f"networks/{parts[2]}/{collection}/{parts[3]}"
 
 
 def names_of(parts: list[str]) -> str:

@@ -19,6 +19,13 @@ Rules:
   specific peers still win.
 - Gateway nodes get an `EgressConfig` per gateway they run, HA standbys
   included, so a failover only moves routes.
+- An external client (a plain WireGuard device) peers only with its gateway
+  node, and only while it is enabled and has a key. The gateway node gets it as
+  a peer (allowed IPs: its host addresses) and relays for its addresses
+  (`relayed_ranges`); every node that peers with the gateway node routes the
+  client's host addresses to it, so the client reaches the network and the
+  network answers. Under a DENY default, the client is subject to the policies
+  that let its gateway node reach a node: it borrows the gateway's peerings.
 
 Hazard: `peers_of` is also what decides which agents a change reaches (see
 `affected_by_node`); if peering rules change, both must agree.
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from meshgate.api.v1 import desired_state_pb2 as ds
-from meshgate.api.v1 import egress_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common.desired import apply_delta  # noqa: F401 - re-exported: diff's inverse
 
 
@@ -44,11 +51,20 @@ class NetworkState:
     nodes: dict[str, node_pb2.Node] = field(default_factory=dict)
     gateways: dict[str, egress_pb2.EgressGateway] = field(default_factory=dict)
     policies: dict[str, policy_pb2.AccessPolicy] = field(default_factory=dict)
-    # The key service's signatures of node keys (keys/nodes/...): node name ->
-    # public key -> signature. The previous key's signature is kept beside the
-    # current one: during a rotation the new key is signed before the node
-    # record names it, and the old key must stay signed until then.
+    # The key service's signatures of node keys (keys/nodes/...) and of
+    # external clients' keys (keys/clientKeys/...): resource name -> public key
+    # -> signature. The previous key's signature is kept beside the current
+    # one: during a rotation the new key is signed before the node record names
+    # it, and the old key must stay signed until then.
     signatures: dict[str, dict[str, keys_pb2.SignedNodeKey]] = field(default_factory=dict)
+    external_clients: dict[str, external_client_pb2.ExternalClient] = field(default_factory=dict)
+
+    def copy(self) -> "NetworkState":
+        """A copy whose collections can change without touching this one's."""
+        return NetworkState(
+            self.network, dict(self.nodes), dict(self.gateways), dict(self.policies),
+            {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients),
+        )
 
 
 def add_signature(sigs: dict[str, keys_pb2.SignedNodeKey], sig: keys_pb2.SignedNodeKey, keep: int = 2) -> None:
@@ -178,7 +194,31 @@ def _sort_cidrs(cidrs: Iterable[str]) -> list[str]:
     return [k[3] for k in sorted({_cidr_key(c) for c in cidrs})]
 
 
-def _host_routes(node: node_pb2.Node) -> list[str]:
+def clients_of(state: NetworkState, gateway_node: str) -> list[external_client_pb2.ExternalClient]:
+    """The enabled external clients with a key that connect through `gateway_node`, by name."""
+    return [
+        c for _, c in sorted(state.external_clients.items())
+        if c.gateway_node == gateway_node and c.public_key and not c.disabled
+    ]
+
+
+def client_allowed_ranges(state: NetworkState, client: external_client_pb2.ExternalClient) -> list[str]:
+    """What the client routes into the tunnel: its own `allowed_ranges`, or by
+    default the network's ranges plus every egress range its gateway node
+    reaches (carried by itself or by a gateway node it peers with)."""
+    if client.allowed_ranges:
+        return _sort_cidrs(client.allowed_ranges)
+    net = state.network
+    out = [c for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
+    gw_node = client.gateway_node
+    if gw_node in state.nodes:
+        reachable = set(peers_of(state, gw_node)) | {gw_node}
+        by_range, _ = active_gateways(state)
+        out += [r for r, gw in by_range.items() if gw.node in reachable]
+    return _sort_cidrs(out)
+
+
+def _host_routes(node: node_pb2.Node | external_client_pb2.ExternalClient) -> list[str]:
     out = []
     if node.ipv4_address:
         out.append(f"{node.ipv4_address}/32")
@@ -207,6 +247,11 @@ def compile_node(
 
     peer_names = peers_of(state, name, index)
     allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
+    if state.external_clients:
+        # Clients are reached through their gateway node.
+        for c in state.external_clients.values():
+            if c.gateway_node in allowed and c.public_key and not c.disabled:
+                allowed[c.gateway_node] += _host_routes(c)
     by_range, internet = active_gateways(state)
     routes = []
     for r in sorted(by_range, key=lambda c: _cidr_key(c)[3]):
@@ -239,6 +284,27 @@ def compile_node(
                 resource=p,
             )
         )
+    clients = clients_of(state, name) if state.external_clients else []
+    for c in clients:
+        sig = state.signatures.get(c.name, {}).get(c.public_key)
+        out.peers.append(
+            ds.Peer(
+                public_key=c.public_key,
+                public_key_signature=sig.signature if sig is not None else b"",
+                preshared_key=psk(name, c.name) if use_psk else "",
+                allowed_ips=_sort_cidrs(_host_routes(c)),
+                resource=c.name,
+            )
+        )
+        out.relayed_ranges.extend(_host_routes(c))
+    if clients:
+        # Canonical peer order (meshgate.common.desired): by resource, then key.
+        ordered = sorted(out.peers, key=lambda p: (p.resource, p.public_key))
+        del out.peers[:]
+        out.peers.extend(ordered)
+        relayed = _sort_cidrs(out.relayed_ranges)
+        del out.relayed_ranges[:]
+        out.relayed_ranges.extend(relayed)
     out.routes.extend(routes)
 
     sources = [c for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
@@ -262,6 +328,19 @@ def compile_node(
 # compile_node, PeerIndex and active_gateways). Hazard: a field the compiler
 # starts reading from peers must be added here.
 PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags")
+
+
+def affected_by_client(before: NetworkState | None, after: NetworkState | None, name: str) -> set[str]:
+    """Nodes whose desired state may change when external client `name`
+    changes: its gateway node (before and after) and the nodes that peer with
+    it (they route the client's addresses to it)."""
+    out: set[str] = set()
+    for st in (before, after):
+        c = st.external_clients.get(name) if st is not None else None
+        if c is not None and c.gateway_node in st.nodes:
+            out.add(c.gateway_node)
+            out.update(peers_of(st, c.gateway_node))
+    return out
 
 
 def affected_by_node(before: NetworkState | None, after: NetworkState | None, name: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""IP address management: which overlay address a new node gets.
+"""IP address management: which overlay address a new node or external client gets.
 
 Pure selection only; the caller claims the address in etcd with a
 compare-and-swap on `ipam/{network}/{family}/{address}` (create revision 0), so
@@ -16,6 +16,10 @@ import ipaddress
 import random
 import socket
 from typing import Collection, Iterator
+
+import grpc
+
+from meshgate.common.errors import ApiError, FieldViolation
 
 SPREAD = 64
 
@@ -87,3 +91,13 @@ def pick_int(
 def capacity(cidr: str) -> int:
     net = ipaddress.ip_network(cidr)
     return max(net.num_addresses - 2, 0)
+
+
+def exhausted(field: str, cidr: str) -> ApiError:
+    """The error for a request that needs an address when `cidr` has none left."""
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"no free address left in {cidr}",
+        "ADDRESS_POOL_EXHAUSTED",
+        [FieldViolation(field, f"no free address left in {cidr}")],
+    )

@@ -13,8 +13,7 @@ from typing import Sequence
 
 import grpc
 
-from meshgate.api.v1 import egress_pb2, node_pb2
-from meshgate.common.etcd import prefix_end
+from meshgate.api.v1 import egress_pb2, external_client_pb2, node_pb2
 from meshgate.common.errors import (
     ApiError,
     FieldViolation,
@@ -23,7 +22,7 @@ from meshgate.common.errors import (
     invalid_argument,
     reference_not_found,
 )
-from meshgate.controlplane import ipam, masks, names, store, validation
+from meshgate.controlplane import externalclients, ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.keymaterial import KeyMaterial
@@ -34,15 +33,6 @@ KIND = Kind("meshgate.io/Node", "nodes", node_pb2.Node)
 CACHE_WAIT_S = 2.0  # past this the cache is considered stuck and etcd is read directly
 MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels"})
 ALL_FIELDS = frozenset(f.name for f in node_pb2.Node.DESCRIPTOR.fields)
-
-
-def _exhausted(field: str, cidr: str) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"no free address left in {cidr}",
-        "ADDRESS_POOL_EXHAUSTED",
-        [FieldViolation(field, f"no free address left in {cidr}")],
-    )
 
 
 def _in_use(field: str, what: str, holder: str) -> ApiError:
@@ -85,12 +75,6 @@ class Nodes(Resources):
         if msg.state == node_pb2.Node.STATE_UNSPECIFIED:
             msg.state = node_pb2.Node.PENDING
         return msg
-
-    async def _used(self, net_id: str, family: str) -> set[str]:
-        prefix = self.etcd.key("ipam", net_id, family, "")
-        kvs, _, _ = await self.etcd.range(prefix, prefix_end(prefix), keys_only=True)
-        n = len(prefix)
-        return {kv.key[n:].decode() for kv in kvs}
 
     async def create(self, req: node_pb2.CreateNodeRequest) -> node_pb2.Node:
         net_id = self.parse_parent(req.parent)
@@ -177,12 +161,12 @@ class Nodes(Resources):
                         addr = ipam.pick_int(cidr, used_ints | {ipam.as_int(a) for a in pending}, spread)
                         used = {a for a in pending if ipam.as_int(a) in used_ints}
                     else:
-                        used = await self._used(net_id, family)
+                        used = await self.used_addresses(net_id, family)
                         addr = ipam.pick(cidr, used | pending, attempt)
                     if addr is None:
                         if pending - used:
                             raise Conflict  # only in-flight claims left: wait for them to settle
-                        raise _exhausted(f"node.{field}", cidr)
+                        raise ipam.exhausted(f"node.{field}", cidr)
                     pending.add(addr)
                     picked.append((pending, addr))
                 setattr(node, field, addr)
@@ -309,6 +293,16 @@ class Nodes(Resources):
                     f"node {req.name!r} is used by egress gateways ({names_}); delete them first or pass force",
                     "RESOURCE_IN_USE", req.name, KIND.type_name,
                 )
+            client_kvs, _ = await self.etcd.list_prefix(self.etcd.key("externalClients", net_id, ""))
+            client_kvs = [ckv for ckv in client_kvs
+                          if external_client_pb2.ExternalClient.FromString(ckv.value).gateway_node == req.name]
+            clients = [store.decode(external_client_pb2.ExternalClient, ckv) for ckv in client_kvs]
+            if clients and not req.force:
+                raise failed_precondition(
+                    f"node {req.name!r} is the gateway node of external clients "
+                    f"({', '.join(c.name for c in clients)}); delete them first or pass force (which deletes them)",
+                    "RESOURCE_IN_USE", req.name, KIND.type_name,
+                )
             if req.validate_only:
                 return None
             ops = [
@@ -326,9 +320,18 @@ class Nodes(Resources):
                 ops.append(self.t.delete(u.key))
             if users:
                 ops.append(self.t.put(self.keys.guard(net_id, "egress"), b""))
+            # The key service's records of the node: its signature and the
+            # pre-shared keys of its pairs (sealed; deleting needs no KEK).
+            ops.append(self.t.delete(self.etcd.key("keys", "nodes", net_id, node_id)))
+            psk_keys = await externalclients.psk_keys(self, net_id)
+            psk_base = len(externalclients.psk_prefix(self, net_id))
+            ops += [self.t.delete(k) for k in psk_keys if node_id in k[psk_base:].decode().split(".")]
+            for c in clients:
+                ops += externalclients.delete_ops(self, net_id, c, psk_keys)
             await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision,
-                 self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0)],
+                 self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0),
+                 *(self.t.mod(ckv.key) == ckv.mod_revision for ckv in client_kvs)],
                 ops,
                 etag=req.etag, kv=kv, name=req.name,
             )

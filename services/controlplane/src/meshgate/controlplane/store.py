@@ -5,9 +5,10 @@ Layout under the prefix (default `/meshgate`):
     networks/{net}                      Network
     nodes/{net}/{node}                  Node
     egressGateways/{net}/{gw}           EgressGateway
-    ipam/{net}/v4/{address}             the node name holding the address
+    externalClients/{net}/{client}      ExternalClient (never its config or private key)
+    ipam/{net}/v4/{address}             the node or external client holding the address
     ipam/{net}/v6/{address}
-    pubkeys/{net}/{urlsafe key}         the node name holding the public key
+    pubkeys/{net}/{urlsafe key}         the node or external client holding the public key
     guards/networks                     bumped by every network create/delete
     guards/{net}/nodes                  bumped by every node create/delete
     guards/{net}/egress                 bumped by every egress gateway write
@@ -50,7 +51,7 @@ PER_NETWORK = (
 
 
 # The key service's collections under `keys/{collection}/{net}/...` (docs/keys.md).
-KEY_SERVICE_PER_NETWORK = ("psk", "nodes", "nodeRotation", "clients")
+KEY_SERVICE_PER_NETWORK = ("psk", "nodes", "nodeRotation", "clients", "clientKeys")
 
 
 class Keys:

@@ -291,6 +291,8 @@ class Fanout:
         psk = None
         if self.keys.enabled and not st.network.disable_preshared_keys:
             pairs = [(n, p) for n in names_ for p in index.peers_of(n)]
+            if st.external_clients:
+                pairs += [(n, c.name) for n in names_ for c in compiler.clients_of(st, n)]
             if not await self.keys.ensure(net_id, pairs):
                 self._psk_retry.update(names_)
                 self._start_retry()
@@ -503,13 +505,12 @@ class Fanout:
         changed: dict[str, dict[str, set[str]]] = {}  # network -> node -> peers with a new key
         for net_id, pair in change.psk_pairs:
             self.keys.forget(net_id, pair)
-            a, _, b = pair.partition(".")
-            if a.startswith("~") or b.startswith("~"):
-                continue  # external clients have no stream
-            na, nb = f"networks/{net_id}/nodes/{a}", f"networks/{net_id}/nodes/{b}"
+            na, nb = (_peer_name(net_id, seg) for seg in pair.split(".", 1))
             per_net = changed.setdefault(net_id, {})
-            per_net.setdefault(na, set()).add(nb)
-            per_net.setdefault(nb, set()).add(na)
+            # External clients have no stream: only the node end is patched.
+            for me, other in ((na, nb), (nb, na)):
+                if "/nodes/" in me:
+                    per_net.setdefault(me, set()).add(other)
         sent = 0
         for net_id, per_node in changed.items():
             st = self.cache.networks.get(net_id)
@@ -530,7 +531,9 @@ class Fanout:
                 self._start_retry()
                 continue
             for name in live:
-                session = self.sessions[name]
+                session = self.sessions.get(name)
+                if session is None or session.sent is None:
+                    continue  # the stream ended while the keys were fetched
                 new = ds.DesiredState()
                 new.CopyFrom(session.sent)
                 new.revision = change.revision
@@ -756,3 +759,10 @@ def with_trace(etcd: Etcd) -> Etcd:
 
     etcd.txn = txn  # type: ignore[method-assign]
     return etcd
+
+
+def _peer_name(net_id: str, segment: str) -> str:
+    """The resource name of one end of a pre-shared key pair id (keymaterial.pair_id)."""
+    if segment.startswith("~"):
+        return f"networks/{net_id}/externalClients/{segment[1:]}"
+    return f"networks/{net_id}/nodes/{segment}"

@@ -267,6 +267,43 @@ def egress_overlaps(gw, ranges: list[Net], network, others: Iterable, prefix: st
     return out
 
 
+# --- external clients ---------------------------------------------------
+
+MAX_DNS_SERVERS = 8
+
+
+def external_client(c, prefix: str = "external_client") -> list[V]:
+    """Fields of an ExternalClient on their own (its gateway node and network
+    are checked against etcd by the caller)."""
+    out: list[V] = []
+    if not c.gateway_node:
+        out.append(V(f"{prefix}.gateway_node", "is required"))
+    elif names.parse_child(c.gateway_node, "nodes") is None:
+        out.append(V(f"{prefix}.gateway_node",
+                     f"{c.gateway_node!r} is not a node name (networks/{{network}}/nodes/{{node}})"))
+    if len(c.allowed_ranges) > MAX_RANGES:
+        out.append(V(f"{prefix}.allowed_ranges", f"has {len(c.allowed_ranges)} ranges; at most {MAX_RANGES} are allowed"))
+    seen: list[Net] = []
+    for i, r in enumerate(c.allowed_ranges):
+        net, errs = parse_cidr(f"{prefix}.allowed_ranges[{i}]", r)
+        out += errs
+        if net is None:
+            continue
+        if net in seen:
+            out.append(V(f"{prefix}.allowed_ranges[{i}]", f"{r} is listed twice"))
+        seen.append(net)
+    if len(c.dns_servers) > MAX_DNS_SERVERS:
+        out.append(V(f"{prefix}.dns_servers", f"has {len(c.dns_servers)} servers; at most {MAX_DNS_SERVERS} are allowed"))
+    for i, d in enumerate(c.dns_servers):
+        try:
+            ipaddress.ip_address(d)
+        except ValueError:
+            out.append(V(f"{prefix}.dns_servers[{i}]", f"{d!r} is not an IP address"))
+    out += check_text(f"{prefix}.display_name", c.display_name, MAX_DISPLAY_NAME)
+    out += check_labels(f"{prefix}.labels", dict(c.labels))
+    return out
+
+
 def page_size(field: str, value: int) -> tuple[int, list[V]]:
     if value < 0:
         return 0, [V(field, "may not be negative")]

@@ -89,11 +89,14 @@ class ExternalClient(_message.Message):
         AllowedIPs). Empty means the network's ranges plus every egress range its
         gateway node reaches. 0.0.0.0/0 makes it a full tunnel, which leaves
         through the network's internet gateway.
+        Immutable: it is written into the configuration handed out once.
         """
 
     @_builtins.property
     def dns_servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """DNS servers written into the client's configuration."""
+        """DNS servers written into the client's configuration (immutable, like
+        allowed_ranges).
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...

@@ -89,7 +89,7 @@ class ExternalClientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateExternalClient(self, request, context):
-        """Updates a client's ranges, DNS servers or disabled flag.
+        """Updates a client's disabled flag, display name or labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

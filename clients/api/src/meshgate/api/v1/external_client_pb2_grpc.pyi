@@ -41,7 +41,7 @@ class ExternalClientServiceStub:
     ListExternalClients: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.ListExternalClientsRequest, _external_client_pb2.ListExternalClientsResponse]
     """Lists the clients of a network in name order."""
     UpdateExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.UpdateExternalClientRequest, _external_client_pb2.ExternalClient]
-    """Updates a client's ranges, DNS servers or disabled flag."""
+    """Updates a client's disabled flag, display name or labels."""
     DeleteExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.DeleteExternalClientRequest, _empty_pb2.Empty]
     """Deletes a client and releases its addresses."""
 
@@ -57,7 +57,7 @@ class ExternalClientServiceAsyncStub(ExternalClientServiceStub):
     ListExternalClients: _aio.UnaryUnaryMultiCallable[_external_client_pb2.ListExternalClientsRequest, _external_client_pb2.ListExternalClientsResponse]  # type: ignore[assignment]
     """Lists the clients of a network in name order."""
     UpdateExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.UpdateExternalClientRequest, _external_client_pb2.ExternalClient]  # type: ignore[assignment]
-    """Updates a client's ranges, DNS servers or disabled flag."""
+    """Updates a client's disabled flag, display name or labels."""
     DeleteExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.DeleteExternalClientRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a client and releases its addresses."""
 
@@ -94,7 +94,7 @@ class ExternalClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _external_client_pb2.UpdateExternalClientRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_external_client_pb2.ExternalClient, _abc.Awaitable[_external_client_pb2.ExternalClient]]:
-        """Updates a client's ranges, DNS servers or disabled flag."""
+        """Updates a client's disabled flag, display name or labels."""
 
     @_abc_1.abstractmethod
     def DeleteExternalClient(

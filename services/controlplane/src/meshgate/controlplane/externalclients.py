@@ -1,0 +1,316 @@
+"""External clients: remote-access devices without an agent (laptops, phones).
+
+A client connects to one node of the network, its *gateway node*, with a plain
+WireGuard configuration. Creating one:
+
+1. validates the request and reads the network and the gateway node, which
+   must have a public key and an endpoint (the client dials it);
+2. picks overlay addresses from the network's ranges, the same claims as
+   nodes' (`ipam/{net}/{family}/{address}`), so clients and nodes never share
+   an address;
+3. has the key service generate the client's key pair (it keeps the private
+   key only sealed and records its signature of the public key for the
+   client's name at `keys/clientKeys/{net}/{client}`) and, unless the network
+   turned them off, the pre-shared key of the pair (gateway node, client);
+4. writes the client, its address claims and a claim on its public key in one
+   transaction comparing the network, the gateway node and every claim;
+5. returns the client with `config`, a wg-quick configuration including the
+   private key and the pre-shared key. Nothing returns them again.
+
+The compiler then makes the client a peer of its gateway node (see
+compiler.py). Deleting a client removes, in one transaction, the record, its
+claims and the key service's records of it (its sealed key pair, signature and
+pre-shared keys): the sealed values need no key-encryption key to delete.
+
+A create that fails after step 3 removes the key material it issued. One that
+crashed there leaves it; the key service then refuses a second pair for the
+name, and a later create treats material older than `STALE_ISSUE_S` with no
+client record as abandoned, removes it and issues anew.
+
+Without a key service (development) the control plane generates the pair
+itself, stores no private key and signs nothing.
+
+Hazard: `config` holds secrets. It is set only on the object returned by
+create and is never stored, logged or put into an error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import Sequence
+
+from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
+from meshgate.common.etcd import prefix_end
+from meshgate.common.errors import (
+    FieldViolation,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    reference_not_found,
+)
+from meshgate.controlplane import compiler, ipam, masks, names, store, validation
+from meshgate.controlplane.base import Kind, Resources
+from meshgate.controlplane.cache import StateCache
+from meshgate.controlplane.keymaterial import ClientKeyPair, KeyMaterial, pair_id
+from meshgate.controlplane.networks import Networks
+from meshgate.controlplane.txn import Conflict, retrying
+
+log = logging.getLogger(__name__)
+
+KIND = Kind("meshgate.io/ExternalClient", "externalClients", external_client_pb2.ExternalClient)
+# The ranges and DNS servers are written into the configuration handed out
+# once; changing them in the record would change nothing on the device.
+MUTABLE = frozenset({"disabled", "display_name", "labels"})
+ALL_FIELDS = frozenset(f.name for f in external_client_pb2.ExternalClient.DESCRIPTOR.fields)
+OUTPUT_ONLY = ("ipv4_address", "ipv6_address", "public_key", "config", "uid", "create_time", "update_time", "etag")
+DEFAULT_KEEPALIVE_S = 25  # clients usually sit behind NAT
+STALE_ISSUE_S = 60  # key material of a client with no record, older than this, was abandoned
+
+
+def wg_quick_config(
+    network: network_pb2.Network,
+    gateway: node_pb2.Node,
+    client: external_client_pb2.ExternalClient,
+    allowed: Sequence[str],
+    private_key: str,
+    preshared_key: str,
+) -> str:
+    """The client's wg-quick configuration (secret: holds its private key)."""
+    addresses = [f"{a}/{32 if ipaddress.ip_address(a).version == 4 else 128}"
+                 for a in (client.ipv4_address, client.ipv6_address) if a]
+    lines = [f"# meshgate external client {client.name} (via {gateway.name})", "[Interface]",
+             f"PrivateKey = {private_key}", f"Address = {', '.join(addresses)}"]
+    if client.dns_servers:
+        lines.append(f"DNS = {', '.join(client.dns_servers)}")
+    if network.mtu:
+        lines.append(f"MTU = {network.mtu}")
+    lines += ["", "[Peer]", f"PublicKey = {gateway.public_key}"]
+    if preshared_key:
+        lines.append(f"PresharedKey = {preshared_key}")
+    lines += [
+        f"Endpoint = {gateway.endpoint}",
+        f"AllowedIPs = {', '.join(allowed)}",
+        f"PersistentKeepalive = {network.persistent_keepalive.seconds or DEFAULT_KEEPALIVE_S}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def delete_ops(res: Resources, net_id: str, client: external_client_pb2.ExternalClient,
+               psk_keys: Sequence[bytes]) -> list:
+    """Transaction operations removing `client`, its claims and its key
+    material. `psk_keys` are the keys of `psk_prefix(net_id)`."""
+    cid = client.name.rsplit("/", 1)[1]
+    ops = [
+        res.t.delete(res.etcd.key(KIND.collection, net_id, cid)),
+        res.t.delete(res.etcd.key("keys", "clients", net_id, cid)),
+        res.t.delete(res.etcd.key("keys", "clientKeys", net_id, cid)),
+    ]
+    for family, addr in (("v4", client.ipv4_address), ("v6", client.ipv6_address)):
+        if addr:
+            ops.append(res.t.delete(res.keys.ipam(net_id, family, addr)))
+    if client.public_key:
+        ops.append(res.t.delete(res.keys.pubkey(net_id, client.public_key)))
+    segment = f"~{cid}"
+    prefix = psk_prefix(res, net_id)
+    for k in psk_keys:
+        if segment in k[len(prefix):].decode().split("."):
+            ops.append(res.t.delete(k))
+    return ops
+
+
+def psk_prefix(res: Resources, net_id: str) -> bytes:
+    return res.etcd.key("keys", "psk", net_id, "")
+
+
+async def psk_keys(res: Resources, net_id: str) -> list[bytes]:
+    """The keys (not the sealed values) of the network's pre-shared keys."""
+    prefix = psk_prefix(res, net_id)
+    kvs, _, _ = await res.etcd.range(prefix, prefix_end(prefix), keys_only=True)
+    return [kv.key for kv in kvs]
+
+
+class ExternalClients(Resources):
+    kind = KIND
+
+    def __init__(self, etcd, networks: Networks, cache: StateCache | None = None,
+                 keys: KeyMaterial | None = None) -> None:
+        super().__init__(etcd)
+        self.networks = networks
+        self.cache = cache
+        self.key_material = keys or KeyMaterial()
+
+    def present(self, msg):
+        msg.config = ""  # never stored; belt and braces
+        return msg
+
+    # create ----------------------------------------------------------------
+
+    async def create(self, req: external_client_pb2.CreateExternalClientRequest) -> external_client_pb2.ExternalClient:
+        net_id = self.parse_parent(req.parent)
+        errs = validation.check_id("external_client_id", req.external_client_id)
+        errs += validation.external_client(req.external_client)
+        if errs:
+            raise invalid_argument(errs)
+        gw_net, gw_id = names.parse_child(req.external_client.gateway_node, "nodes")
+        if gw_net != net_id:
+            raise invalid_argument([FieldViolation(
+                "external_client.gateway_node",
+                f"{req.external_client.gateway_node!r} is not in network {names.network_name(net_id)!r}")])
+        name = names.child_name(net_id, KIND.collection, req.external_client_id)
+        key = self.key_of(net_id, req.external_client_id)
+        issued: dict[str, object] = {}  # the key pair and PSK, issued once for all attempts
+
+        async def attempt(n: int) -> external_client_pb2.ExternalClient:
+            network, net_kv = await self.networks.require(net_id, "parent")
+            if await self.etcd.get(key) is not None:
+                raise already_exists(KIND.type_name, name)
+            node_kv = await self.etcd.get(self.keys.node(net_id, gw_id))
+            if node_kv is None:
+                raise reference_not_found("external_client.gateway_node", "meshgate.io/Node",
+                                          req.external_client.gateway_node)
+            gateway = store.decode(node_pb2.Node, node_kv)
+            missing = [what for what, ok in (("a public key (it has not enrolled)", gateway.public_key),
+                                             ("an endpoint", gateway.endpoint)) if not ok]
+            if missing:
+                raise failed_precondition(
+                    f"gateway node {gateway.name!r} has no {' and no '.join(missing)}; "
+                    "external clients dial their gateway node", "GATEWAY_NODE_NOT_READY",
+                    gateway.name, "meshgate.io/Node")
+            client = external_client_pb2.ExternalClient()
+            client.CopyFrom(req.external_client)
+            for f in OUTPUT_ONLY:
+                client.ClearField(f)
+            client.name = name
+            compare = [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0,
+                       self.t.mod(node_kv.key) == node_kv.mod_revision]
+            ops = []
+            for family, field, cidr in (("v4", "ipv4_address", network.ipv4_cidr),
+                                        ("v6", "ipv6_address", network.ipv6_cidr)):
+                if not cidr:
+                    continue
+                addr = ipam.pick(cidr, await self.used_addresses(net_id, family), n)
+                if addr is None:
+                    raise ipam.exhausted(f"external_client.{field}", cidr)
+                setattr(client, field, addr)
+                ikey = self.keys.ipam(net_id, family, addr)
+                compare.append(self.t.create(ikey) == 0)
+                ops.append(self.t.put(ikey, name.encode()))
+            client.uid = store.new_uid()
+            client.create_time.CopyFrom(store.now())
+            client.update_time.CopyFrom(client.create_time)
+            if req.validate_only:
+                return client
+            if "pair" not in issued:
+                issued["pair"] = await self._issue(name, net_id, req.external_client_id)
+            pair: ClientKeyPair = issued["pair"]  # type: ignore[assignment]
+            use_psk = self.key_material.enabled and not network.disable_preshared_keys
+            if use_psk and "psk" not in issued:
+                issued["psk"] = await self.key_material.pair_psk(net_id, gateway.name, name)
+            client.public_key = pair.public_key
+            pkey = self.keys.pubkey(net_id, pair.public_key)
+            compare.append(self.t.create(pkey) == 0)
+            ops.append(self.t.put(pkey, name.encode()))
+            ok, _, rev = await self.etcd.txn(compare, [self.t.put(key, store.encode(client)), *ops])
+            if not ok:
+                if await self.etcd.get(key) is not None:
+                    raise already_exists(KIND.type_name, name)
+                raise Conflict
+            client.etag = str(rev)
+            state = self.cache.networks.get(net_id) if self.cache is not None else None
+            if state is None or gateway.name not in state.nodes:
+                state = compiler.NetworkState(network, {gateway.name: gateway})
+            out = external_client_pb2.ExternalClient()
+            out.CopyFrom(client)
+            out.config = wg_quick_config(network, gateway, client, compiler.client_allowed_ranges(state, client),
+                                         pair.private_key, str(issued.get("psk", "")))
+            log.info("created %s via %s", name, gateway.name)
+            return out
+
+        try:
+            return await retrying(attempt, f"create {name}")
+        except BaseException:
+            if "pair" in issued:
+                await self._discard(net_id, req.external_client_id, issued["pair"])  # type: ignore[arg-type]
+            raise
+
+    async def _issue(self, name: str, net_id: str, cid: str) -> ClientKeyPair:
+        """A fresh key pair for the client, clearing material an abandoned
+        create left behind (see the module docstring)."""
+        pair = await self.key_material.issue_client(name)
+        if pair is not None:
+            return pair
+        # The key service holds a pair for this name but there is no client.
+        sig_kv = await self.etcd.get(self.etcd.key("keys", "clientKeys", net_id, cid))
+        signed = keys_pb2.SignedNodeKey.FromString(sig_kv.value) if sig_kv is not None else None
+        age = time.time() - signed.sign_time.seconds if signed is not None else STALE_ISSUE_S + 1
+        if age <= STALE_ISSUE_S:
+            raise Conflict  # another create of this name is in flight; if it fails, retry finds it stale
+        log.warning("removing the key material of %s left by an abandoned create", name)
+        await self.etcd.txn([], [self.t.delete(self.etcd.key("keys", "clients", net_id, cid)),
+                                 self.t.delete(self.etcd.key("keys", "clientKeys", net_id, cid))])
+        pair = await self.key_material.issue_client(name)
+        if pair is None:
+            raise Conflict
+        return pair
+
+    async def _discard(self, net_id: str, cid: str, pair: ClientKeyPair) -> None:
+        """Remove key material this create issued, unless a client now holds it."""
+        key = self.key_of(net_id, cid)
+        sig_key = self.etcd.key("keys", "clientKeys", net_id, cid)
+        try:
+            current = await self.etcd.get(key)
+            if current is not None and external_client_pb2.ExternalClient.FromString(current.value).public_key \
+                    == pair.public_key:
+                return
+            sig_kv = await self.etcd.get(sig_key)
+            if sig_kv is None or keys_pb2.SignedNodeKey.FromString(sig_kv.value).public_key != pair.public_key:
+                return
+            gone = external_client_pb2.ExternalClient(name=names.child_name(net_id, KIND.collection, cid))
+            ops = delete_ops(self, net_id, gone, await psk_keys(self, net_id))[1:]  # not the record itself
+            await self.etcd.txn([self.t.create(key) == 0, self.t.mod(sig_key) == sig_kv.mod_revision], ops)
+        except Exception:  # noqa: BLE001 - best effort; a later create clears it as stale
+            log.warning("could not remove the key material of a failed create of %s/%s", net_id, cid)
+
+    # update and delete -----------------------------------------------------
+
+    async def update(self, req: external_client_pb2.UpdateExternalClientRequest) -> external_client_pb2.ExternalClient:
+        name = req.external_client.name
+        self.parse_name(name, "external_client.name")
+        paths, violations = masks.resolve(list(req.update_mask.paths), MUTABLE, ALL_FIELDS)
+        if violations:
+            raise invalid_argument(violations)
+
+        async def attempt(_: int) -> external_client_pb2.ExternalClient:
+            current, kv = await self.read(name)
+            self.check_etag(req.external_client.etag, kv, name)
+            updated = external_client_pb2.ExternalClient()
+            updated.CopyFrom(current)
+            masks.apply(req.external_client, updated, paths)
+            errs = validation.external_client(updated)
+            if errs:
+                raise invalid_argument(errs)
+            updated.update_time.CopyFrom(store.now())
+            if req.validate_only:
+                return self.present(updated)
+            rev = await self.commit([self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))],
+                                    etag=req.external_client.etag, kv=kv, name=name)
+            updated.etag = str(rev)
+            return self.present(updated)
+
+        return await retrying(attempt, f"update {name}")
+
+    async def delete(self, req: external_client_pb2.DeleteExternalClientRequest) -> None:
+        net_id, _ = self.parse_name(req.name)
+
+        async def attempt(_: int) -> None:
+            current, kv = await self.read(req.name)
+            self.check_etag(req.etag, kv, req.name)
+            ops = delete_ops(self, net_id, current, await psk_keys(self, net_id))
+            await self.commit([self.t.mod(kv.key) == kv.mod_revision], ops, etag=req.etag, kv=kv, name=req.name)
+            if self.key_material.enabled:
+                self.key_material.forget(net_id, pair_id(current.gateway_node, req.name))
+            return None
+
+        await retrying(attempt, f"delete {req.name}")
