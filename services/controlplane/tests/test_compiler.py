@@ -7,7 +7,7 @@ import random
 from google.protobuf import duration_pb2
 from hypothesis import given, settings, strategies as st
 
-from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import egress_pb2, external_client_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.controlplane import compiler
 
 RANGE_POOL = ["198.51.100.0/24", "203.0.113.0/25", "203.0.113.128/25", "192.0.2.0/26", "192.0.2.64/26", "2001:db8::/48"]
@@ -49,6 +49,16 @@ def network_states(draw):
             priority=draw(st.integers(0, 3)),
             internet_gateway=draw(st.integers(0, 5)) == 0,
         )
+    for c in range(draw(st.integers(0, 3))):
+        cname = f"networks/n/externalClients/c{c}"
+        state.external_clients[cname] = external_client_pb2.ExternalClient(
+            name=cname,
+            gateway_node=draw(st.sampled_from(names)),
+            ipv4_address=f"100.64.0.{200 + c}",
+            ipv6_address=f"fd00::c{c}" if v6 else "",
+            public_key=_key(500 + c) if draw(st.integers(0, 5)) else "",
+            disabled=draw(st.integers(0, 4)) == 0,
+        )
     if deny:
         for p in range(draw(st.integers(0, 3))):
             sel = st.one_of(st.just("*"), st.sampled_from([f"tag:{t}" for t in TAGS]), st.sampled_from([f"node:node{i}" for i in range(n)]))
@@ -88,13 +98,34 @@ def test_compiled_states_hold_the_invariants(state):
                 assert holders[0].resource == gw.node
         # a gateway node carries an egress config per gateway it runs
         assert len(out.egress) == sum(1 for g in state.gateways.values() if g.node == name)
+        # peers in canonical order (meshgate.common.desired.apply_delta keeps it)
+        assert [p.resource for p in out.peers] == sorted(p.resource for p in out.peers)
+        # external clients: exactly the enabled, keyed clients of this gateway
+        # node are peers, with their host routes only, and relayed for
+        mine = [c for c in state.external_clients.values()
+                if c.gateway_node == name and c.public_key and not c.disabled]
+        client_peers = [p for p in out.peers if "/externalClients/" in p.resource]
+        assert [p.resource for p in client_peers] == sorted(c.name for c in mine)
+        relayed = set()
+        for c in mine:
+            hosts = {f"{c.ipv4_address}/32"} | ({f"{c.ipv6_address}/128"} if c.ipv6_address else set())
+            (p,) = [p for p in client_peers if p.resource == c.name]
+            assert set(p.allowed_ips) == hosts and p.endpoint == ""
+            relayed |= hosts
+        assert set(out.relayed_ranges) == relayed
+        # every other node reaches an enabled client through its gateway node, if it peers with it
+        for c in state.external_clients.values():
+            if c.gateway_node == name or not c.public_key or c.disabled:
+                continue
+            via = [p.resource for p in out.peers if f"{c.ipv4_address}/32" in p.allowed_ips]
+            assert via == ([c.gateway_node] if c.gateway_node in peer_names else [])
 
 
 @settings(max_examples=100, deadline=None)
 @given(network_states(), st.randoms())
 def test_compilation_is_deterministic(state, rnd):
     shuffled = compiler.NetworkState(state.network)
-    for attr in ("nodes", "gateways", "policies"):
+    for attr in ("nodes", "gateways", "policies", "external_clients"):
         items = list(getattr(state, attr).items())
         rnd.shuffle(items)
         setattr(shuffled, attr, dict(items))
@@ -124,7 +155,7 @@ def test_delta_takes_old_state_to_new(before, after):
 def test_affected_set_covers_every_node_whose_state_changes(state, data):
     """Changing one node (its key or tags) changes no node outside affected_by_node."""
     name = data.draw(st.sampled_from(sorted(state.nodes)))
-    after = compiler.NetworkState(state.network, dict(state.nodes), dict(state.gateways), dict(state.policies))
+    after = state.copy()
     changed = node_pb2.Node()
     changed.CopyFrom(state.nodes[name])
     changed.public_key = _key(random.Random(data.draw(st.integers())).randrange(1000, 2000))
@@ -135,6 +166,44 @@ def test_affected_set_covers_every_node_whose_state_changes(state, data):
         if other in affected:
             continue
         assert compiler.compile_node(state, other) == compiler.compile_node(after, other), other
+
+
+@settings(max_examples=100, deadline=None)
+@given(network_states(), st.data())
+def test_affected_set_covers_every_node_a_client_change_touches(state, data):
+    """Adding, changing (key, gateway node, disabled) or removing one external
+    client changes no node outside affected_by_client."""
+    after = state.copy()
+    names = sorted(state.nodes)
+    cname = data.draw(st.sampled_from(sorted(state.external_clients) + ["networks/n/externalClients/new"]))
+    if cname in state.external_clients and data.draw(st.booleans()):
+        del after.external_clients[cname]
+    else:
+        after.external_clients[cname] = external_client_pb2.ExternalClient(
+            name=cname, gateway_node=data.draw(st.sampled_from(names)), ipv4_address="100.64.0.250",
+            public_key=_key(900), disabled=data.draw(st.booleans()))
+    affected = compiler.affected_by_client(state, after, cname)
+    for other in state.nodes:
+        if other not in affected:
+            assert compiler.compile_node(state, other) == compiler.compile_node(after, other), other
+
+
+def test_client_allowed_ranges_default_to_network_and_reachable_egress():
+    net = network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/24", default_policy=network_pb2.DENY)
+    state = compiler.NetworkState(net)
+    for i, n in enumerate(("gw", "egr", "lonely")):
+        state.nodes[f"networks/n/nodes/{n}"] = node_pb2.Node(
+            name=f"networks/n/nodes/{n}", ipv4_address=f"100.64.0.{i + 1}", public_key=_key(i + 1))
+    for g, (node, r) in enumerate((("egr", "198.51.100.0/24"), ("lonely", "203.0.113.0/24"))):
+        state.gateways[f"networks/n/egressGateways/g{g}"] = egress_pb2.EgressGateway(
+            name=f"networks/n/egressGateways/g{g}", node=f"networks/n/nodes/{node}", ranges=[r])
+    state.policies["networks/n/accessPolicies/p"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/p", sources=["node:gw"], destinations=["node:egr"], action=policy_pb2.ACCEPT)
+    client = external_client_pb2.ExternalClient(name="networks/n/externalClients/c", gateway_node="networks/n/nodes/gw")
+    # gw reaches egr's range (policy) but not lonely's
+    assert compiler.client_allowed_ranges(state, client) == ["100.64.0.0/24", "198.51.100.0/24"]
+    client.allowed_ranges[:] = ["0.0.0.0/0"]
+    assert compiler.client_allowed_ranges(state, client) == ["0.0.0.0/0"]
 
 
 def test_hub_and_spoke_spoke_join_affects_only_spoke_and_hubs():
