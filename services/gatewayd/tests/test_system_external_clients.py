@@ -1,0 +1,88 @@
+"""External clients end to end, in namespaces: a real key service and control
+plane, gatewayd agents that joined with an enrollment key, and a laptop that
+runs nothing of ours: the configuration `CreateExternalClient` returned, brought
+up the way `wg-quick up` would (`Lab.plain_wireguard`).
+
+    laptop (plain WireGuard) --203.0.113.32/28-- gateway --198.51.100.0/24-- ext
+                                                   |  203.0.113.0/28
+                                                 client0 (gatewayd)
+
+The laptop reaches the gateway node, another node (relayed by the gateway) and
+the egress range (NATed by the gateway); disabling or deleting the client cuts
+it off.
+"""
+
+from __future__ import annotations
+
+import configparser
+
+import pytest
+
+from meshgate.api.v1 import egress_pb2, external_client_pb2 as ec, external_client_pb2_grpc
+from meshgate.gatewayd.lab import Egress
+
+from test_system_keys_e2e import KeyedLoop, keyed, up  # noqa: F401 - keyed is a fixture
+
+pytestmark = pytest.mark.root
+
+LAPTOP_UNDERLAY, GW_TO_LAPTOP = "203.0.113.34", "203.0.113.33"
+WHOAMI_PORT = 8080
+
+
+def pings(host, addr: str, count: int = 3) -> bool:
+    return host.run("ping", "-n", "-c", str(count), "-W", "1", addr, check=False).returncode == 0
+
+
+def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLoop, egress: Egress):  # noqa: F811
+    eg, lab = egress, egress.lab
+    laptop = lab.host("laptop")
+    lab.wire(eg.gw.host, "eth-l", f"{GW_TO_LAPTOP}/28", laptop, "eth0", f"{LAPTOP_UNDERLAY}/28")
+    laptop.ip("route", "add", "default", "via", GW_TO_LAPTOP)
+    up(keyed, eg)
+    keyed.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+        parent="networks/lab", egress_gateway_id="out",
+        egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/gateway", ranges=["198.51.100.0/24"])))
+    clients = external_client_pb2_grpc.ExternalClientServiceStub(keyed.channel)
+    c = clients.CreateExternalClient(ec.CreateExternalClientRequest(
+        parent="networks/lab", external_client_id="laptop",
+        external_client=ec.ExternalClient(gateway_node="networks/lab/nodes/gateway")), timeout=30)
+    conf = configparser.ConfigParser()
+    conf.optionxform = str
+    conf.read_string(c.config)
+    assert conf["Peer"]["AllowedIPs"] == "100.64.0.0/24, 198.51.100.0/24"
+    # The client config names the gateway node's underlay address its agent registered.
+    assert conf["Peer"]["Endpoint"] == f"{eg.gw_underlay(0)}:51820"
+    keyed.wait_converged(2, at_least=keyed.status().revision)
+    wg = lab.plain_wireguard(laptop, lab.ifname("lap"), c.config)
+    try:
+        laptop.wait_reachable("100.64.0.1")  # the gateway node
+        eg.clients[0].host.wait_reachable("100.64.0.1")  # the nodes' own tunnel (see Host.wait_reachable)
+        assert pings(laptop, eg.overlay(0)), "the other node, relayed by the gateway node"
+        assert pings(eg.clients[0].host, c.ipv4_address), "the other node reaches the laptop back"
+        server = eg.ext.whoami_server(eg.ext_addr, WHOAMI_PORT)
+        try:
+            assert laptop.ask(eg.ext_addr, WHOAMI_PORT) == eg.gw_ext_addr, "egress NATed by the gateway node"
+        finally:
+            server.kill()
+        assert list(wg.peers()) == [eg.gw.public_key]
+
+        # Disabled: the gateway node drops the peer; the laptop is cut off.
+        clients.UpdateExternalClient(ec.UpdateExternalClientRequest(
+            external_client=ec.ExternalClient(name=c.name, disabled=True),
+            update_mask={"paths": ["disabled"]}))
+        keyed.wait_converged(2, at_least=keyed.status().revision)
+        assert c.public_key not in eg.gw.peers()
+        assert not pings(laptop, "100.64.0.1", count=2)
+        # Enabled again: the same configuration works.
+        clients.UpdateExternalClient(ec.UpdateExternalClientRequest(
+            external_client=ec.ExternalClient(name=c.name, disabled=False),
+            update_mask={"paths": ["disabled"]}))
+        keyed.wait_converged(2, at_least=keyed.status().revision)
+        laptop.wait_reachable("100.64.0.1")
+        # Deleted: cut off for good.
+        clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=c.name))
+        keyed.wait_converged(2, at_least=keyed.status().revision)
+        assert c.public_key not in eg.gw.peers()
+        assert not pings(laptop, eg.overlay(0), count=2)
+    finally:
+        wg.down()
