@@ -112,3 +112,26 @@ def test_help_on_every_level():
     assert "Creates a network." in run("network", "--help").stdout
     h = run("network", "create", "--help").stdout
     assert "--network.ipv4-cidr" in h and "CIDR notation" in h and "--from-file" in h
+
+
+def test_secrets_returned_once_are_printed_in_table_output(controlplane, fresh):
+    """A table shows a few columns; the enrollment secret and an external
+    client's configuration exist only in the create response, so the table
+    output prints them in full below it."""
+    t = controlplane.target
+    run("network", "create", "--network-id", fresh.net, "--network.ipv4-cidr", fresh.cidr, target=t)
+    out = run("enrollment-key", "create", "--parent", fresh.network, "--enrollment-key-id", "k", "-o", "table",
+              target=t).stdout
+    assert "returned only now" in out and f"mgek_{fresh.net}.k." in out
+    node = json.loads(run("node", "create", "--parent", fresh.network, "--node-id", "gw", "--node.endpoint",
+                          "192.0.2.10:51820", "--node.public-key", "A" * 43 + "=", "-o", "json", target=t).stdout)
+    out = run("external-client", "create", "--parent", fresh.network, "--external-client-id", "phone",
+              "--external-client.gateway-node", node["name"], "-o", "table", target=t).stdout
+    head, _, config = out.partition("returned only now; keep it safe, it holds secrets):\n")
+    assert head.splitlines()[0].split() == ["NAME", "GATEWAY", "IPV4", "DISABLED"]
+    assert config.startswith("# meshgate external client") and "PrivateKey = " in config
+    assert "Endpoint = 192.0.2.10:51820" in config
+    # Get never returns it.
+    got = run("external-client", "get", f"{fresh.network}/externalClients/phone", "-o", "table", target=t).stdout
+    assert "PrivateKey" not in got and "returned only now" not in got
+    run("network", "delete", fresh.network, "--force", target=t)

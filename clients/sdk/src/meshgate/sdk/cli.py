@@ -62,6 +62,11 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+# Fields holding secrets the server returns once (on create), which table
+# output prints in full under the table.
+ONCE = {"meshgate.api.v1.ExternalClient": "config", "meshgate.api.v1.EnrollmentKey": "secret"}
+
+
 class Refused(click.ClickException):
     """The server refused the call: exit code 1, one line."""
 
@@ -328,6 +333,12 @@ class Printer:
                 click.echo(table_of(rows, fd.message_type))
                 return
             click.echo(table_of([msg], msg.DESCRIPTOR))
+            once = ONCE.get(msg.DESCRIPTOR.full_name)
+            if once and getattr(msg, once):
+                # Secret material the server returns once: a table must not swallow it.
+                click.echo(f"\n# {once} (returned only now; keep it safe, it holds secrets):")
+                value = getattr(msg, once)
+                click.echo(value, nl=not value.endswith("\n"))
 
     def stream(self, msg: Message) -> None:
         """One message of a stream, as soon as it arrives."""
