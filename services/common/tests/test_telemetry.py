@@ -65,7 +65,7 @@ def test_console_exporter_writes_spans_with_service_name():
     r = run_child("console")
     assert r.returncode == 0, r.stderr
     assert '"name": "child-span"' in r.stdout
-    assert "svc-from-env" in r.stdout
+    assert '"service.name": "svc-from-env"' in r.stdout
 
 
 def test_unsupported_exporter_is_refused():

@@ -1,6 +1,13 @@
 """The control plane with a real key service: signed peer keys, pre-shared
 keys delivered to both ends and rotated, node key rotation through the
-stream, and forged keys left unsigned."""
+stream, and forged keys left unsigned.
+
+Every test runs under the "never in the open" guard (`secret_guard`, root
+conftest): the KEKs, every secret they open in the store (pre-shared keys, the
+authority's signing key, the CA key), the enrollment secrets and the agents'
+tokens must appear in no log record (this process's or the key service's),
+no raw etcd value and no span (the in-process control plane's, and the key
+service process's, exported to the guard)."""
 
 import base64
 import os
@@ -18,18 +25,31 @@ from meshgate.controlplane.api import ControlPlane
 from cptest import SimAgent, key, make_key, make_network, wait_until
 
 
-def write_kek_file(path, *ids):
+def kek_line(guard, kek_id: str) -> str:
+    """A new KEK's line for a KEK file; the guard searches for it (and opens the store with it)."""
+    guard.keks[kek_id] = os.urandom(32)
+    return f"{kek_id}:{base64.b64encode(guard.keks[kek_id]).decode()}\n"
+
+
+def write_kek_file(path, guard, *ids):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         for i in ids:
-            f.write(f"{i}:{base64.b64encode(os.urandom(32)).decode()}\n")
+            f.write(kek_line(guard, i))
+
+
+KS = "/meshgate.api.v1.KeyService/"
 
 
 @pytest.fixture
-async def keyed(etcd, etcd_server, etcd_prefix, tmp_path):
+async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     """A key service process and a control plane using it, on one etcd prefix."""
     kek_file = tmp_path / "kek"
-    write_kek_file(kek_file, "t1")
+    write_kek_file(kek_file, secret_guard, "t1")
+    # Every test enrolls agents: the calls must have made spans, for the guard to search.
+    secret_guard.expect_span("/meshgate.api.v1.AgentService/Enroll", "in-process", at_least=2)
+    secret_guard.expect_span(KS + "RegisterNodeKey", "meshgate-keyservice", at_least=2)
+    secret_guard.expect_span(KS + "IssuePresharedKeys", "meshgate-keyservice")
     ks = ServiceProcess(
         "meshgate-keyservice",
         ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", str(kek_file)],
@@ -48,15 +68,22 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path):
     cp.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(channel)
     cp.agents = agent_pb2_grpc.AgentServiceStub(channel)
     cp.ks = keys_pb2_grpc.KeyServiceStub(ks_channel)
-    cp.ks_proc, cp.etcd, cp.app, cp.kek_file = ks, etcd, app, kek_file
+    cp.ks_proc, cp.etcd, cp.app, cp.kek_file, cp.guard = ks, etcd, app, kek_file, secret_guard
+    cp.sim_agents = []
     try:
         yield cp
     finally:
+        # Every pre-shared key delivered, rotated-away ones too (the store keeps only the current).
+        for agent in cp.sim_agents:
+            for msg in agent.received:
+                peers = msg.snapshot.state.peers if msg.WhichOneof("message") == "snapshot" else msg.delta.delta.upserted_peers
+                secret_guard.add(*(base64.b64decode(p.preshared_key) for p in peers if p.preshared_key))
         await channel.close()
         await ks_channel.close()
         await server.stop(0)
         await app.stop()
         ks.stop()
+        secret_guard.process_logs.append(ks.log(tail=0))
 
 
 async def _converged(cp) -> bool:
@@ -64,11 +91,19 @@ async def _converged(cp) -> bool:
     return st.converged_nodes == st.total_nodes == 2
 
 
+async def enrolled(cp, agent):
+    await agent.enroll()
+    cp.guard.add_token(agent.token)
+    cp.sim_agents.append(agent)
+    return agent
+
+
 async def two_agents(cp):
     await make_network(cp)
     ek = await make_key(cp)
-    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
-    b = await (await SimAgent(cp.agents, ek.secret, "b", "192.0.2.2:51820").enroll()).connect()
+    cp.guard.add_token(ek.secret)
+    a = await (await enrolled(cp, SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820"))).connect()
+    b = await (await enrolled(cp, SimAgent(cp.agents, ek.secret, "b", "192.0.2.2:51820"))).connect()
     await wait_until(lambda: all(x.state is not None and len(x.state.peers) == 1 for x in (a, b)), "a and b peer")
     return a, b
 
@@ -132,7 +167,7 @@ async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(key
         received = (len(a.received), len(b.received))
         # The operator adds the new KEK to the file, then rotates (online).
         with open(cp.kek_file, "a") as f:
-            f.write(f"t2:{base64.b64encode(os.urandom(32)).decode()}\n")
+            f.write(kek_line(cp.guard, "t2"))
         r = await cp.ks.RotateKeyEncryptionKey(keys_pb2.RotateKeyEncryptionKeyRequest(new_key_id="t2"))
         assert r.rewrapped >= 2
         st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
@@ -179,7 +214,8 @@ async def test_change_during_a_slow_connect_is_not_lost(keyed):
     cp = keyed
     a, b = await two_agents(cp)
     ek = await make_key(cp, key_id="late")
-    c = await SimAgent(cp.agents, ek.secret, "c").enroll()
+    cp.guard.add_token(ek.secret)
+    c = await enrolled(cp, SimAgent(cp.agents, ek.secret, "c"))
     km = cp.app.fanout.keys
     gate = asyncio.Event()
     real_ensure = km.ensure
@@ -197,7 +233,7 @@ async def test_change_during_a_slow_connect_is_not_lost(keyed):
     try:
         await c.connect()
         await wait_until(lambda: calls >= 1, "c's connect waits for its keys")
-        await d.enroll()  # a new peer for c, while c's connect waits
+        await enrolled(cp, d)  # a new peer for c, while c's connect waits
         await asyncio.sleep(0.3)
         gate.set()
         await wait_until(lambda: c.state is not None and len(c.state.peers) == 3, "c peers with a, b and d")

@@ -4,11 +4,18 @@ plane using it, and gatewayd agents that joined with an enrollment key.
 - a peer key written straight into etcd is never applied, and the agent says why;
 - rotating every pre-shared key under continuous ping (10/s) loses nothing;
 - rotating a node's key under the same ping loses at most 10 packets.
+
+Every test runs under the "never in the open" guard (`secret_guard`, root
+conftest): the KEK, every secret it opens in the store, the enrollment
+secret, the agents' tokens and the nodes' private keys (old and new) must
+appear in no log record, no process log (key service, control plane, every
+gatewayd), no raw etcd value and no span the three services exported.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import time
@@ -18,15 +25,16 @@ import pytest
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
 from meshgate.common.testing import ServiceProcess
-from meshgate.gatewayd.lab import ControlPlaneView, Egress
+from meshgate.gatewayd.lab import ControlPlaneView, Egress, Lab
 
 RANGE = "198.51.100.0/24"
+KS = "/meshgate.api.v1.KeyService/"
 
 
 class KeyedLoop(ControlPlaneView):
-    def __init__(self, ks: ServiceProcess, cp: ServiceProcess, socket: str):
+    def __init__(self, ks: ServiceProcess, cp: ServiceProcess, socket: str, guard):
         super().__init__(cp.target, socket)
-        self.ks_proc, self.cp = ks, cp
+        self.ks_proc, self.cp, self.guard = ks, cp, guard
         self.ks_channel = grpc.insecure_channel(ks.target)
         self.ks = keys_pb2_grpc.KeyServiceStub(self.ks_channel)
 
@@ -35,24 +43,58 @@ class KeyedLoop(ControlPlaneView):
         self.ks_channel.close()
 
 
+def node_secrets(lab: Lab) -> list[str]:
+    """What the nodes hold in their state directories: private keys (current
+    and pending), the agent's token, the enrollment secret it joined with."""
+    out = []
+    for n in lab.nodes:
+        for f in (n.state_dir / "private.key", n.state_dir / "private.key.next",
+                  n.state_dir.parent / f"{n.state_dir.name}-enroll.key"):
+            if f.exists():
+                out.append(f.read_text().strip())
+        identity = n.state_dir / "identity.json"
+        if identity.exists():
+            out.append(json.loads(identity.read_text())["credential"]["token"])
+    return out
+
+
+def register(guard, held: list[str]) -> None:
+    for value in held:
+        if value.startswith(("mgek_", "mgat_")):
+            guard.add_token(value)
+        else:
+            guard.add(base64.b64decode(value))
+
+
 @pytest.fixture
-def keyed(lab, etcd_server, etcd_prefix):
+def keyed(secret_guard, lab, etcd_server, etcd_prefix):
+    secret_guard.keks["k1"] = os.urandom(32)
     kek = lab.dir / "kek"
     fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, f"k1:{base64.b64encode(os.urandom(32)).decode()}\n".encode())
+    os.write(fd, f"k1:{base64.b64encode(secret_guard.keks['k1']).decode()}\n".encode())
     os.close(fd)
+    # The three services export their spans to the guard, which searches them.
+    secret_guard.expect_span("/meshgate.api.v1.AgentService/Enroll", "meshgate-controlplane", at_least=2)
+    secret_guard.expect_span(KS + "RegisterNodeKey", "meshgate-keyservice", at_least=2)
+    secret_guard.expect_span(KS + "IssuePresharedKeys", "meshgate-keyservice")
+    secret_guard.expect_span("gatewayd.apply", "meshgate-gatewayd", at_least=2)
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
     ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)]).start()
     socket = str(lab.dir / "cp.sock")
     cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
                         listen=f"127.0.0.1:0,unix:{socket}").start()
-    loop = KeyedLoop(ks, cp, f"unix:{socket}")
+    loop = KeyedLoop(ks, cp, f"unix:{socket}", secret_guard)
     try:
         yield loop
     finally:
         loop.close()
+        for n in lab.nodes:  # before the lab removes their directories: their logs and keys
+            n.stop()
+        register(secret_guard, node_secrets(lab))
+        secret_guard.process_logs += [n.log_path.read_text(errors="replace") for n in lab.nodes if n.log_path.exists()]
         cp.stop()
         ks.stop()
+        secret_guard.process_logs += [cp.log(tail=0), ks.log(tail=0)]
 
 
 def up(loop: KeyedLoop, eg: Egress) -> None:
@@ -60,9 +102,11 @@ def up(loop: KeyedLoop, eg: Egress) -> None:
         network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
     key = loop.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
         parent="networks/lab", enrollment_key_id="lab", enrollment_key=enrollment_pb2.EnrollmentKey()))
+    loop.guard.add_token(key.secret)
     eg.gw.join(loop.agent_target, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820")
     for i, c in enumerate(eg.clients):
         c.join(loop.agent_target, key.secret, f"client{i}")
+    register(loop.guard, node_secrets(eg.lab))  # the first private keys (a rotation replaces them)
     for n in (eg.gw, *eg.clients):
         n.start()
     loop.wait_converged(1 + len(eg.clients))
@@ -128,6 +172,10 @@ def test_psk_rotation_under_ping_loses_nothing(keyed: KeyedLoop, egress: Egress)
     eg = egress
     up(keyed, eg)
     client = eg.clients[0]
+    # The key about to be rotated away (the store keeps only the new one): the guard searches for it too.
+    before = keyed.ks.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(
+        network="networks/lab", pairs=["networks/lab/nodes/client0|networks/lab/nodes/gateway"]))
+    keyed.guard.add(*(base64.b64decode(k.key) for k in before.keys))
     p = ping(client)
     time.sleep(2)
     r = keyed.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/lab"))

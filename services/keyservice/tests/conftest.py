@@ -8,18 +8,21 @@
 - `kek_env(*ids, path=None)`: environment giving a key-service process KEKs.
 - `secrets`: a list tests append every secret they were handed to (PSKs,
   client private keys, ...).
-- `never_in_open` (autouse): captures every log record at DEBUG during the
-  test (and the logs of processes the test put in `process_logs`); at the end, collects every secret the test's etcd prefix holds (by
-  opening each envelope with every KEK the test made) plus `secrets` and
-  the KEKs themselves, and fails if any of them appears, raw or as hex,
-  base64 or urlsafe base64 (padded or not), in any raw etcd value under the
-  prefix or in any log record (message, arguments, exception text).
+- `never_in_open` (autouse): the root conftest's `secret_guard` around every
+  test. It captures every log record at DEBUG during the test (and the logs
+  of processes the test put in `process_logs`) and every span (made in this
+  process, or exported by the processes the test started); at the end it
+  collects every secret the test's etcd prefix holds (by opening each
+  envelope with every KEK the test made) plus `secrets` and the KEKs
+  themselves, and fails if any of them appears, raw or as hex, base64 or
+  urlsafe base64 (padded or not), in any raw etcd value under the prefix, in
+  any log record (message, arguments, exception text) or in any span
+  (attributes, events and exception stack traces, status, resource).
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 import os
 from dataclasses import dataclass
 
@@ -30,15 +33,15 @@ from meshgate.api.v1 import keys_pb2_grpc, network_pb2
 from meshgate.common.config import ServerConfig
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer
+from meshgate.common.testing import find_leaks
 from meshgate.keyservice.api import bindings
 from meshgate.keyservice.core import KeyServiceCore
-from meshgate.keyservice.sealing import Keyring, SealError, generate_kek, split
-from meshgate.keyservice.vault import CHECK_PLAINTEXT
+from meshgate.keyservice.sealing import Keyring, generate_kek
 
 
 class Keks:
-    def __init__(self) -> None:
-        self.made: dict[str, bytes] = {}
+    def __init__(self, made: dict[str, bytes] | None = None) -> None:
+        self.made: dict[str, bytes] = {} if made is None else made
 
     def new(self, kek_id: str) -> tuple[str, bytes]:
         self.made[kek_id] = generate_kek()
@@ -51,95 +54,26 @@ class Keks:
         return f"{kek_id}:{base64.b64encode(self.made[kek_id]).decode()}"
 
 
-@pytest.fixture
-def keks() -> Keks:
-    return Keks()
-
-
-@pytest.fixture
-def secrets() -> list[bytes]:
-    return []
-
-
-def forms(secret: bytes) -> list[bytes]:
-    out = {secret, secret.hex().encode(), base64.b64encode(secret), base64.urlsafe_b64encode(secret)}
-    out |= {f.rstrip(b"=") for f in list(out)}
-    return [f for f in out if len(f) >= 8]
-
-
-def record_text(rec: logging.LogRecord) -> str:
-    parts = [str(rec.msg), repr(rec.args)]
-    try:
-        parts.append(rec.getMessage())
-    except Exception:  # noqa: BLE001
-        pass
-    if rec.exc_info:
-        parts.append(logging.Formatter().formatException(rec.exc_info))
-    if rec.exc_text:
-        parts.append(rec.exc_text)
-    parts.append(repr({k: v for k, v in rec.__dict__.items() if k not in ("msg", "args", "exc_info")}))
-    return "\n".join(parts)
-
-
-def find_leaks(secrets: list[bytes], values: list[bytes], texts: list[str]) -> list[str]:
-    leaks = []
-    for i, s in enumerate(secrets):
-        for f in forms(s):
-            if any(f in v for v in values):
-                leaks.append(f"secret #{i} found in a raw etcd value")
-            if any(f.decode("latin-1") in t for t in texts):
-                leaks.append(f"secret #{i} found in a log record")
-    return leaks
-
-
-def open_all(raw: dict[bytes, bytes], prefix: bytes, keks: Keks) -> list[bytes]:
-    """Every secret sealed in `raw` that one of the test's KEKs opens."""
-    rings = [Keyring([(i, k)]) for i, k in keks.made.items()]
-    out = []
-    for key, value in raw.items():
-        try:
-            split(value)
-        except SealError:
-            continue
-        path = key[len(prefix) + 1 :].decode()
-        for ring in rings:
-            try:
-                _, plain = ring.open(path, value)
-            except Exception:  # noqa: BLE001 - wrong KEK for this record
-                continue
-            if plain != CHECK_PLAINTEXT:
-                out.append(plain)
-    return out
-
-
-@pytest.fixture
-def process_logs() -> list[str]:
-    """Logs of key-service processes a test ran; the guard scans them too."""
-    return []
-
-
 @pytest.fixture(autouse=True)
-async def never_in_open(request, caplog, keks, secrets, process_logs):
-    caplog.set_level(logging.DEBUG)
-    uses_etcd = "etcd_prefix" in request.fixturenames and "etcd_server" in request.fixturenames
-    # Requested here so that they are torn down after this fixture's check.
-    server = request.getfixturevalue("etcd_server") if uses_etcd else None
-    prefix = request.getfixturevalue("etcd_prefix") if uses_etcd else ""
-    yield
-    if server is None:
-        return
-    client = Etcd(server.endpoint, prefix)
-    await client.connect()
-    try:
-        raw = await client.dump()
-    finally:
-        await client.close()
-    stored = open_all(raw, client.prefix, keks)
-    everything = [*stored, *secrets, *keks.made.values()]
-    texts = [record_text(r) for r in caplog.records] + process_logs
-    leaks = find_leaks(everything, list(raw.values()), texts)
-    assert not leaks, leaks
-    request.node.user_properties.append(("secrets_checked", len(everything)))
+def never_in_open(secret_guard):
+    """Every test here runs under the root conftest's `secret_guard`."""
+    return secret_guard
+
+
+@pytest.fixture
+def keks(secret_guard) -> Keks:
+    return Keks(secret_guard.keks)
+
+
+@pytest.fixture
+def secrets(secret_guard) -> list[bytes]:
+    return secret_guard.secrets
+
+
+@pytest.fixture
+def process_logs(secret_guard) -> list[str]:
+    """Logs of key-service processes a test ran; the guard scans them too."""
+    return secret_guard.process_logs
 
 
 async def write_network(etcd: Etcd, net: str, **fields) -> network_pb2.Network:
@@ -207,5 +141,5 @@ def kek_env(keks):
 
 @pytest.fixture
 def leaks():
-    """`find_leaks(secrets, raw values, texts) -> [what leaked where]`, for tests that check more places."""
+    """`find_leaks(secrets, raw values, texts, spans=()) -> [what leaked where]`, for tests that check more places."""
     return find_leaks

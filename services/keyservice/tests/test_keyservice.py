@@ -96,8 +96,11 @@ def reflect(target: str, **req) -> reflection_pb2.ServerReflectionResponse:
         return resp
 
 
-def test_process_health_reflection_and_surface(keyservice):
+def test_process_health_reflection_and_surface(keyservice, secret_guard):
     target = keyservice.target
+    # The process exports its spans to the guard, which searches them for secrets.
+    for method in METHODS:
+        secret_guard.expect_span(f"/{SERVICE.full_name}/{method}", "meshgate-keyservice")
     for name in ("", SERVICE.full_name):
         assert health(target, name) == health_pb2.HealthCheckResponse.SERVING, name
     names = {s.name for s in reflect(target, list_services="").list_services_response.service}

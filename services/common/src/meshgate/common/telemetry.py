@@ -40,11 +40,11 @@ def configure(service_name: str, environ: Mapping[str, str] | None = None):
     if choice == "none":
         log.debug("tracing disabled")
         return None
-    from opentelemetry.sdk.resources import OTEL_SERVICE_NAME, Resource
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    resource = Resource.create({OTEL_SERVICE_NAME: environ.get("OTEL_SERVICE_NAME", service_name)})
+    resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
     if choice == "console":
         exporter = ConsoleSpanExporter()

@@ -4,10 +4,15 @@
 default) and `--port-file`,
 waits until the port file appears and the standard health check answers
 SERVING, and stops the process by its PID (SIGTERM, then SIGKILL).
+`OtlpReceiver` receives the spans processes export. The last section has the
+parts of the "never in the open" guard (secrets searched in logs and spans):
+`forms`, `find_leaks`, `SpanCapture` (spans made in the test process).
 """
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -119,8 +125,18 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list = []  # (service name, opentelemetry.proto.trace.v1.Span)
+        self.resource_spans: list = []  # every ResourceSpans received, whole (resource and scopes too)
         self.server = None
         self.port = 0
+        self.unix_path = ""
+
+    def _record(self, request) -> None:
+        for rs in request.resource_spans:
+            self.resource_spans.append(rs)
+            service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    self.spans.append((service, span))
 
     async def start(self, unix_path: str = "") -> "OtlpReceiver":
         """Listen on a free loopback port, and on `unix_path` too when given
@@ -131,13 +147,7 @@ class OtlpReceiver:
 
         class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
             async def Export(self, request, context):
-                for rs in request.resource_spans:
-                    service = next(
-                        (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
-                    )
-                    for ss in rs.scope_spans:
-                        for span in ss.spans:
-                            receiver.spans.append((service, span))
+                receiver._record(request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         self.server = grpc.aio.server()
@@ -148,6 +158,36 @@ class OtlpReceiver:
             self.server.add_insecure_port(f"unix:{unix_path}")
         await self.server.start()
         return self
+
+    def start_threaded(self, unix_path: str = "") -> "OtlpReceiver":
+        """`start()` for callers without an event loop (or with one that comes
+        and goes, like a test's): a synchronous gRPC server on its own threads.
+        Stop it with `close()`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        receiver = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                receiver._record(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-receiver"))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.unix_path = unix_path
+        if unix_path:
+            self.server.add_insecure_port(f"unix:{unix_path}")
+        self.server.start()
+        return self
+
+    def close(self) -> None:
+        """Stop a receiver started with `start_threaded()`."""
+        if self.server is not None:
+            self.server.stop(0).wait(10)
+            self.server = None
 
     @property
     def endpoint(self) -> str:
@@ -168,3 +208,204 @@ class OtlpReceiver:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(0)
+
+
+# ---------------------------------------------------------------- secrets never in the open
+#
+# The "never in the open" guard (the root conftest's `secret_guard`) searches
+# log records, raw etcd values and spans for every secret a test was handed.
+# These are its parts that need no pytest and no key service.
+
+
+def forms(secret: bytes) -> list[bytes]:
+    """How a secret may show up: raw, hex, base64 and urlsafe base64, padded or not."""
+    out = {secret, secret.hex().encode(), base64.b64encode(secret), base64.urlsafe_b64encode(secret)}
+    out |= {f.rstrip(b"=") for f in list(out)}
+    return [f for f in out if len(f) >= 8]
+
+
+def token_secrets(token: str) -> list[bytes]:
+    """A meshgate token (`mgek_{net}.{id}.{random}`, `mgat_...`) as secrets:
+    the whole token and its random part's bytes (so their other encodings are
+    searched too)."""
+    out = [token.encode()]
+    tail = token.rsplit(".", 1)[-1]
+    try:
+        out.append(base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)))
+    except ValueError:
+        pass
+    return out
+
+
+def record_text(rec: logging.LogRecord) -> str:
+    """Everything a log record carries, as text: message, arguments, exception, extra fields."""
+    parts = [str(rec.msg), repr(rec.args)]
+    try:
+        parts.append(rec.getMessage())
+    except Exception:  # noqa: BLE001
+        pass
+    if rec.exc_info:
+        parts.append(logging.Formatter().formatException(rec.exc_info))
+    if rec.exc_text:
+        parts.append(rec.exc_text)
+    parts.append(repr({k: v for k, v in rec.__dict__.items() if k not in ("msg", "args", "exc_info")}))
+    return "\n".join(parts)
+
+
+@dataclass
+class Haystack:
+    """One place to search (a span, with its resource and scope): its
+    serialised bytes and every string and bytes field in it."""
+
+    where: str
+    blobs: list[bytes]
+    texts: list[str]
+
+
+def _strings(msg, texts: list[str], blobs: list[bytes]) -> None:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for fd, value in msg.ListFields():
+        values = value if fd.is_repeated else [value]
+        for v in values:
+            if fd.type == FieldDescriptor.TYPE_STRING:
+                texts.append(v)
+            elif fd.type == FieldDescriptor.TYPE_BYTES:
+                blobs.append(v)
+            elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+                _strings(v, texts, blobs)
+
+
+def otlp_haystacks(resource_spans, origin: str) -> list[Haystack]:
+    """One haystack per span of OTLP `ResourceSpans`: the span's name,
+    attributes, events (exception messages and stack traces included), links
+    and status message, with its resource's and scope's attributes."""
+    out = []
+    for rs in resource_spans:
+        service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+        r_texts: list[str] = []
+        r_blobs: list[bytes] = [rs.resource.SerializeToString()]
+        _strings(rs.resource, r_texts, r_blobs)
+        for ss in rs.scope_spans:
+            s_texts: list[str] = []
+            s_blobs: list[bytes] = [ss.scope.SerializeToString()]
+            _strings(ss.scope, s_texts, s_blobs)
+            for span in ss.spans:
+                texts, blobs = [*r_texts, *s_texts], [*r_blobs, *s_blobs, span.SerializeToString()]
+                _strings(span, texts, blobs)
+                out.append(Haystack(f"{origin} span {span.name!r} of {service or '?'}", blobs, texts))
+    return out
+
+
+def find_leaks(
+    secrets: Sequence[bytes], values: Sequence[bytes], texts: Sequence[str], spans: Sequence[Haystack] = ()
+) -> list[str]:
+    """Where each secret shows up (in any of its `forms`): raw etcd `values`,
+    log `texts`, `spans`. Empty when nowhere."""
+    leaks = []
+    joined_blobs = b"\0".join(b for h in spans for b in h.blobs)
+    joined_texts = "\0".join(t for h in spans for t in h.texts)
+    for i, s in enumerate(secrets):
+        for f in forms(s):
+            text = f.decode("latin-1")
+            if any(f in v for v in values):
+                leaks.append(f"secret #{i} found in a raw etcd value")
+            if any(text in t for t in texts):
+                leaks.append(f"secret #{i} found in a log record")
+            if f in joined_blobs or text in joined_texts:
+                leaks += [
+                    f"secret #{i} found in {h.where}"
+                    for h in spans
+                    if any(f in b for b in h.blobs) or any(text in t for t in h.texts)
+                ]
+    return sorted(set(leaks))
+
+
+class SpanCapture:
+    """Spans made in this process, for tests, while `active`.
+
+    The OpenTelemetry API lets a process install its global tracer provider
+    once. `span_capture()` installs one for the whole test process, at start:
+    while no capture is active its tracers are the API's no-op tracer (exactly
+    what a process without a provider gets, so other tests see no change);
+    while active they are an SDK provider's, which keeps every finished span
+    in memory (`finished()`).
+    """
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter = InMemorySpanExporter()
+        self.sdk = TracerProvider(resource=Resource.create({"service.name": "pytest-in-process"}))
+        self.sdk.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.active = False
+
+    def start(self) -> None:
+        self.exporter.clear()
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+    def finished(self) -> list:
+        """Spans finished since `start()` (SDK `ReadableSpan`s)."""
+        return list(self.exporter.get_finished_spans())
+
+    def haystacks(self) -> list[Haystack]:
+        """The finished spans as the OTLP exporter would send them, to search."""
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        spans = self.finished()
+        return otlp_haystacks(encode_spans(spans).resource_spans, "in-process") if spans else []
+
+
+def _switching_provider(capture: SpanCapture):
+    from opentelemetry import trace
+
+    class Tracer(trace.ProxyTracer):
+        # ProxyTracer delegates start_span and start_as_current_span (sync,
+        # async and decorator uses) to `_tracer`; only the choice differs.
+        @property
+        def _tracer(self):
+            if not capture.active:
+                return self._noop_tracer
+            if self._real_tracer is None:
+                self._real_tracer = capture.sdk.get_tracer(
+                    self._instrumenting_module_name, self._instrumenting_library_version,
+                    self._schema_url, self._attributes,
+                )
+            return self._real_tracer
+
+    class Provider(trace.TracerProvider):
+        def get_tracer(self, instrumenting_module_name, instrumenting_library_version=None,
+                       schema_url=None, attributes=None):
+            return Tracer(instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
+
+    provider = Provider()
+    provider.capture = capture
+    return provider
+
+
+_capture: SpanCapture | None = None
+
+
+def span_capture() -> SpanCapture:
+    """This process's `SpanCapture`; the first call installs the global tracer
+    provider (fails if something else already installed one)."""
+    global _capture
+    if _capture is not None:
+        return _capture
+    from opentelemetry import trace
+
+    current = trace.get_tracer_provider()
+    if not isinstance(current, trace.ProxyTracerProvider):
+        raise RuntimeError(f"a global tracer provider is already installed ({current!r}): spans cannot be captured")
+    capture = SpanCapture()
+    trace.set_tracer_provider(_switching_provider(capture))
+    if getattr(trace.get_tracer_provider(), "capture", None) is not capture:
+        raise RuntimeError("could not install the span-capturing tracer provider")
+    _capture = capture
+    return capture
