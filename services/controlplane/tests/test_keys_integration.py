@@ -46,10 +46,6 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     """A key service process and a control plane using it, on one etcd prefix."""
     kek_file = tmp_path / "kek"
     write_kek_file(kek_file, secret_guard, "t1")
-    # Every test enrolls agents: the calls must have made spans, for the guard to search.
-    secret_guard.expect_span("/meshgate.api.v1.AgentService/Enroll", "in-process", at_least=2)
-    secret_guard.expect_span(KS + "RegisterNodeKey", "meshgate-keyservice", at_least=2)
-    secret_guard.expect_span(KS + "IssuePresharedKeys", "meshgate-keyservice")
     ks = ServiceProcess(
         "meshgate-keyservice",
         ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", str(kek_file)],
@@ -99,6 +95,11 @@ async def enrolled(cp, agent):
 
 
 async def two_agents(cp):
+    # The calls below must make spans (the control plane's here, the key
+    # service's in its process), for the guard to search them.
+    cp.guard.expect_span("/meshgate.api.v1.AgentService/Enroll", "in-process", at_least=2)
+    cp.guard.expect_span(KS + "RegisterNodeKey", "meshgate-keyservice", at_least=2)
+    cp.guard.expect_span(KS + "IssuePresharedKeys", "meshgate-keyservice")
     await make_network(cp)
     ek = await make_key(cp)
     cp.guard.add_token(ek.secret)

@@ -73,11 +73,6 @@ def keyed(secret_guard, lab, etcd_server, etcd_prefix):
     fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, f"k1:{base64.b64encode(secret_guard.keks['k1']).decode()}\n".encode())
     os.close(fd)
-    # The three services export their spans to the guard, which searches them.
-    secret_guard.expect_span("/meshgate.api.v1.AgentService/Enroll", "meshgate-controlplane", at_least=2)
-    secret_guard.expect_span(KS + "RegisterNodeKey", "meshgate-keyservice", at_least=2)
-    secret_guard.expect_span(KS + "IssuePresharedKeys", "meshgate-keyservice")
-    secret_guard.expect_span("gatewayd.apply", "meshgate-gatewayd", at_least=2)
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
     ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)]).start()
     socket = str(lab.dir / "cp.sock")
@@ -98,6 +93,12 @@ def keyed(secret_guard, lab, etcd_server, etcd_prefix):
 
 
 def up(loop: KeyedLoop, eg: Egress) -> None:
+    # The three services export their spans to the guard, which searches them:
+    # what follows must have made some.
+    loop.guard.expect_span("/meshgate.api.v1.AgentService/Enroll", "meshgate-controlplane", at_least=2)
+    loop.guard.expect_span(KS + "RegisterNodeKey", "meshgate-keyservice", at_least=2)
+    loop.guard.expect_span(KS + "IssuePresharedKeys", "meshgate-keyservice")
+    loop.guard.expect_span("gatewayd.apply", "meshgate-gatewayd", at_least=2)
     loop.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
         network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
     key = loop.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
