@@ -56,9 +56,16 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     ks_channel = grpc.aio.insecure_channel(ks.target)
-    from meshgate.api.v1 import agent_pb2_grpc, enrollment_pb2_grpc, network_pb2_grpc, node_pb2_grpc
+    from meshgate.api.v1 import (
+        agent_pb2_grpc,
+        enrollment_pb2_grpc,
+        external_client_pb2_grpc,
+        network_pb2_grpc,
+        node_pb2_grpc,
+    )
 
     cp = SimpleNamespace()
+    cp.clients = external_client_pb2_grpc.ExternalClientServiceStub(channel)
     cp.networks = network_pb2_grpc.NetworkServiceStub(channel)
     cp.nodes = node_pb2_grpc.NodeServiceStub(channel)
     cp.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(channel)
