@@ -1,15 +1,19 @@
 """Real control-plane processes with simulated agents: one trace per change
 (the API call, the fan-out, and the trace context each affected agent receives,
-at a real OTLP receiver); a graceful shutdown ending agent streams; two
-processes on one etcd serving agents that converge on each other's changes."""
+at a real OTLP receiver), joined by the key service's spans when the call
+needs it; a graceful shutdown ending agent streams; two processes on one etcd
+serving agents that converge on each other's changes."""
 
 import asyncio
+import base64
+import os
 
 import grpc
 import pytest
 
 from meshgate.api.v1 import agent_pb2_grpc, egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
-from meshgate.api.v1 import network_pb2, network_pb2_grpc
+from meshgate.api.v1 import external_client_pb2, external_client_pb2_grpc, network_pb2, network_pb2_grpc
+from meshgate.api.v1 import node_pb2, node_pb2_grpc
 from meshgate.common.testing import OtlpReceiver, ServiceProcess
 
 import cptest
@@ -72,6 +76,53 @@ async def test_api_change_and_its_deltas_share_one_trace(etcd_server, etcd_prefi
             await a.close()
         await ch.close()
         cp.stop()
+
+
+async def test_key_service_calls_join_the_api_calls_trace(etcd_server, etcd_prefix, otlp, tmp_path):
+    kek = tmp_path / "kek"
+    fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, f"k1:{base64.b64encode(os.urandom(32)).decode()}\n".encode())
+    os.close(fd)
+    common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
+    ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)],
+                        env=otlp.env("meshgate-keyservice")).start()
+    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
+                        env=otlp.env("meshgate-controlplane")).start()
+    ch = grpc.aio.insecure_channel(cp.target)
+    try:
+        await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(
+            network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
+        await node_pb2_grpc.NodeServiceStub(ch).CreateNode(node_pb2.CreateNodeRequest(
+            parent="networks/prod", node_id="gw",
+            node=node_pb2.Node(endpoint="192.0.2.1:51820", public_key=base64.b64encode(os.urandom(32)).decode())))
+        await external_client_pb2_grpc.ExternalClientServiceStub(ch).CreateExternalClient(
+            external_client_pb2.CreateExternalClientRequest(
+                parent="networks/prod", external_client_id="phone",
+                external_client=external_client_pb2.ExternalClient(gateway_node="networks/prod/nodes/gw")))
+        create = "/meshgate.api.v1.ExternalClientService/CreateExternalClient"
+        issue = "/meshgate.api.v1.KeyService/IssueClientKeyPair"
+
+        def spans_of_create():
+            roots = [s for svc, s in otlp.spans if svc == "meshgate-controlplane" and s.name == create]
+            if not roots:
+                return None
+            trace = otlp.trace(roots[0].trace_id)
+            if not any(svc == "meshgate-keyservice" and s.name == issue for svc, s in trace):
+                return None
+            return trace
+
+        trace = await cptest.wait_until(spans_of_create, "the create's trace with the key service's span")
+        by_service = {(svc, s.name, s.kind): s for svc, s in trace}
+        api = next(s for (svc, name, _), s in by_service.items() if svc == "meshgate-controlplane" and name == create)
+        server = next(s for (svc, name, _), s in by_service.items() if svc == "meshgate-keyservice" and name == issue)
+        client = next(s for (svc, name, _), s in by_service.items()
+                      if svc == "meshgate-controlplane" and name == issue)
+        # API call -> the control plane's client span -> the key service's server span.
+        assert client.parent_span_id == api.span_id and server.parent_span_id == client.span_id
+    finally:
+        await ch.close()
+        cp.stop()
+        ks.stop()
 
 
 async def test_sigterm_ends_agent_streams_with_unavailable(etcd_server, etcd_prefix):

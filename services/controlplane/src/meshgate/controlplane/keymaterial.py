@@ -63,7 +63,13 @@ class KeyMaterial:
     def __init__(self, target: str = "", timeout: float = 10) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target) if target else None
+        self._channel = None
+        if target:
+            from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+            # Client spans carry the caller's trace to the key service, so its
+            # spans join the API call that needed them.
+            self._channel = grpc.aio.insecure_channel(target, interceptors=aio_client_interceptors())
         self.stub = keys_pb2_grpc.KeyServiceStub(self._channel) if self._channel else None
         self._psks: dict[tuple[str, str], tuple[int, str]] = {}
         self._authority: list[bytes] = []
