@@ -11,10 +11,13 @@ egress gateway through the API and shows:
 2. once the gateway is declared, the client reaches it and the service sees the
    gateway's address (NAT), each step confirmed by the network's convergence
    status;
-3. traffic to the client's own LAN never enters the tunnel;
-4. with NAT turned off (an update with a field mask) the service sees the
+3. a laptop that runs no agent (an external client) gets a WireGuard
+   configuration from the API, once, and with it reaches the service through
+   the gateway too;
+4. traffic to the client's own LAN never enters the tunnel;
+5. with NAT turned off (an update with a field mask) the service sees the
    client's overlay address;
-5. deleting the egress gateway through the API stops the traffic.
+6. deleting the egress gateway through the API stops the traffic.
 
 With ``--control-plane`` and ``--agent-socket`` it uses a running control
 plane (``make run`` passes its own); without them it starts etcd and a control
@@ -141,7 +144,10 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     peer = client.peers()[gw.public_key]
     say(f"    client tunnel to the gateway: {peer['tx']} bytes sent, {peer['rx']} received")
 
-    step(4, "traffic to the client's own LAN stays out of the tunnel")
+    step(4, "a laptop with no agent: the API creates an external client and returns its WireGuard configuration once")
+    laptop_ok = _laptop(lab, cp, eg)
+
+    step(5, "traffic to the client's own LAN stays out of the tunnel")
     eg.lans[0].whoami_server("192.0.2.10", PORT)
     before = client.peers()[gw.public_key]
     lan_seen = client.host.ask("192.0.2.10", PORT)
@@ -149,7 +155,7 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     lan_ok = lan_seen == "192.0.2.1" and (before["tx"], before["rx"]) == (after["tx"], after["rx"])
     say(f"    the LAN host sees {lan_seen}; tunnel counters unchanged: {lan_ok}")
 
-    step(5, "the API turns NAT off (update with field mask `nat`); the service's network routes the overlay back")
+    step(6, "the API turns NAT off (update with field mask `nat`); the service's network routes the overlay back")
     eg.ext.ip("route", "add", CIDR, "via", eg.gw_ext_addr)
     updated = cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
         egress_gateway=egress_pb2.EgressGateway(name=gateway.name, nat=False, etag=gateway.etag),
@@ -160,23 +166,49 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     nat_off_ok = seen2 == client_overlay
     say(f"    the service now sees {seen2}: {'OK, the client overlay address' if nat_off_ok else 'UNEXPECTED'}")
 
-    step(6, "the API deletes the egress gateway; the traffic stops")
+    step(7, "the API deletes the egress gateway; the traffic stops")
     cp.egress.DeleteEgressGateway(egress_pb2.DeleteEgressGatewayRequest(name=gateway.name))
     _converged(cp, 2, cp.status().revision)
     seen3 = client.host.ask(eg.ext_addr, PORT, timeout=2)
     stop_ok = seen3 is None
     say(f"    the client tries again: {'unreachable, as it should be' if stop_ok else f'reached as {seen3} (UNEXPECTED)'}")
 
-    step(7, "the network's convergence status")
+    step(8, "the network's convergence status")
     for n in cp.status().nodes:
         say(f"    {n.node}: connected={n.connected} converged={n.converged} "
             f"applied revision {n.applied_revision} (desired {n.desired_revision})")
     if keep_seconds:
         say(f"keeping everything for {keep_seconds:.0f}s")
         time.sleep(keep_seconds)
-    good = nat_ok and lan_ok and nat_off_ok and stop_ok
+    good = nat_ok and laptop_ok and lan_ok and nat_off_ok and stop_ok
     say("\nresult: " + ("the egress gateway works" if good else "something did not work"))
     return 0 if good else 1
+
+
+def _laptop(lab: Lab, cp: ControlPlaneView, eg) -> bool:
+    """An external client through the gateway node: created through the API,
+    brought up from the returned configuration the way wg-quick would."""
+    from meshgate.api.v1 import external_client_pb2 as ec, external_client_pb2_grpc
+
+    laptop = lab.host("laptop")
+    lab.wire(eg.gw.host, "eth-lap", "203.0.113.49/28", laptop, "eth0", "203.0.113.50/28")
+    laptop.ip("route", "add", "default", "via", "203.0.113.49")  # its ISP: everything via the gateway's side
+    client = external_client_pb2_grpc.ExternalClientServiceStub(cp.channel).CreateExternalClient(
+        ec.CreateExternalClientRequest(parent=cp.network, external_client_id="laptop",
+                                       external_client=ec.ExternalClient(gateway_node=f"{cp.network}/nodes/gateway")),
+        timeout=30)
+    shown = [line if not line.startswith(("PrivateKey", "PresharedKey")) else line.split("=")[0] + "= (secret)"
+             for line in client.config.splitlines()]
+    say(f"    {client.name}: {client.ipv4_address}; its configuration (secrets elided here):")
+    for line in shown:
+        say(f"      {line}")
+    _converged(cp, 2, int(client.etag))
+    lab.plain_wireguard(laptop, lab.ifname("lap"), client.config)
+    laptop.wait_reachable(_address(cp, "gateway"))
+    seen = laptop.ask(eg.ext_addr, PORT)
+    ok = seen == eg.gw_ext_addr
+    say(f"    the laptop reaches the service, which sees {seen}: {'OK, the gateway' if ok else 'UNEXPECTED'}")
+    return ok
 
 
 def _address(cp: ControlPlaneView, node_id: str) -> str:
