@@ -57,6 +57,7 @@ def peer(agent, resource):
 
 
 async def agents(cp, n=2):
+    """`n` enrolled, connected agents (closed by the `keyed` fixture)."""
     # The key service's spans must reach the guard for it to search them.
     cp.guard.expect_span(KS + "IssueClientKeyPair", "meshgate-keyservice")
     cp.guard.expect_span("/meshgate.api.v1.ExternalClientService/CreateExternalClient", "in-process")
@@ -89,152 +90,132 @@ async def assert_not_stored(etcd, *secrets: bytes) -> None:
 async def test_create_returns_config_once_and_client_peers_its_gateway(keyed):
     cp = keyed
     a, b = await agents(cp)
-    try:
-        c = await create(cp.clients, guard=cp.guard, dns_servers=["192.0.2.53"], display_name="Ann's phone")
-        conf = parse_config(c.config)
-        private = base64.b64decode(conf["Interface"]["PrivateKey"])
-        psk = conf["Peer"]["PresharedKey"]
-        # The private key matches the public key the record keeps.
-        derived = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
-        assert base64.b64encode(derived).decode() == c.public_key
-        assert conf["Interface"]["Address"] == f"{c.ipv4_address}/32, {c.ipv6_address}/128"
-        assert conf["Interface"]["DNS"] == "192.0.2.53"
-        assert conf["Peer"]["PublicKey"] == a.public_key and conf["Peer"]["Endpoint"] == "192.0.2.1:51820"
-        assert conf["Peer"]["AllowedIPs"] == "100.64.0.0/24, fd00:64::/64"
-        assert int(conf["Peer"]["PersistentKeepalive"]) > 0
-        # Its addresses come from the network's pool, apart from the nodes'.
-        assert ipaddress.ip_address(c.ipv4_address) in ipaddress.ip_network("100.64.0.0/24")
-        assert c.ipv4_address not in {a.node.ipv4_address, b.node.ipv4_address}
-        # The config is returned once: never by Get or List, never stored.
-        got = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
-        assert got.config == "" and got.public_key == c.public_key and got.etag == c.etag
-        listed = await cp.clients.ListExternalClients(ec.ListExternalClientsRequest(parent="networks/prod"))
-        assert [x.name for x in listed.external_clients] == [PHONE] and listed.external_clients[0].config == ""
-        await assert_not_stored(cp.etcd, private, base64.b64decode(psk))
-        # The gateway node gets the client as a signed peer with the same PSK, and relays for it.
-        await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).public_key_signature, "a peers phone")
-        pc = peer(a, PHONE)
-        assert signing.verify_any(a.authority, PHONE, pc.public_key, pc.public_key_signature)
-        assert pc.public_key == c.public_key and pc.preshared_key == psk and pc.endpoint == ""
-        host_routes = [f"{c.ipv4_address}/32", f"{c.ipv6_address}/128"]
-        assert list(pc.allowed_ips) == host_routes and list(a.state.relayed_ranges) == host_routes
-        # The other node routes the client's addresses to the gateway node, and does not peer with the client.
-        await wait_until(lambda: f"{c.ipv4_address}/32" in peer(b, a.node.name).allowed_ips, "b routes phone via a")
-        assert peer(b, PHONE) is None and not b.state.relayed_ranges
+    c = await create(cp.clients, guard=cp.guard, dns_servers=["192.0.2.53"], display_name="Ann's phone")
+    conf = parse_config(c.config)
+    private = base64.b64decode(conf["Interface"]["PrivateKey"])
+    psk = conf["Peer"]["PresharedKey"]
+    # The private key matches the public key the record keeps.
+    derived = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    assert base64.b64encode(derived).decode() == c.public_key
+    assert conf["Interface"]["Address"] == f"{c.ipv4_address}/32, {c.ipv6_address}/128"
+    assert conf["Interface"]["DNS"] == "192.0.2.53"
+    assert conf["Peer"]["PublicKey"] == a.public_key and conf["Peer"]["Endpoint"] == "192.0.2.1:51820"
+    assert conf["Peer"]["AllowedIPs"] == "100.64.0.0/24, fd00:64::/64"
+    assert int(conf["Peer"]["PersistentKeepalive"]) > 0
+    # Its addresses come from the network's pool, apart from the nodes'.
+    assert ipaddress.ip_address(c.ipv4_address) in ipaddress.ip_network("100.64.0.0/24")
+    assert c.ipv4_address not in {a.node.ipv4_address, b.node.ipv4_address}
+    # The config is returned once: never by Get or List, never stored.
+    got = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
+    assert got.config == "" and got.public_key == c.public_key and got.etag == c.etag
+    listed = await cp.clients.ListExternalClients(ec.ListExternalClientsRequest(parent="networks/prod"))
+    assert [x.name for x in listed.external_clients] == [PHONE] and listed.external_clients[0].config == ""
+    await assert_not_stored(cp.etcd, private, base64.b64decode(psk))
+    # The gateway node gets the client as a signed peer with the same PSK, and relays for it.
+    await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).public_key_signature, "a peers phone")
+    pc = peer(a, PHONE)
+    assert signing.verify_any(a.authority, PHONE, pc.public_key, pc.public_key_signature)
+    assert pc.public_key == c.public_key and pc.preshared_key == psk and pc.endpoint == ""
+    host_routes = [f"{c.ipv4_address}/32", f"{c.ipv6_address}/128"]
+    assert list(pc.allowed_ips) == host_routes and list(a.state.relayed_ranges) == host_routes
+    # The other node routes the client's addresses to the gateway node, and does not peer with the client.
+    await wait_until(lambda: f"{c.ipv4_address}/32" in peer(b, a.node.name).allowed_ips, "b routes phone via a")
+    assert peer(b, PHONE) is None and not b.state.relayed_ranges
 
-        # Disabled: gone from the gateway's peers and from b's routes; enabled: back.
-        mask = field_mask_pb2.FieldMask(paths=["disabled"])
-        await cp.clients.UpdateExternalClient(ec.UpdateExternalClientRequest(
-            external_client=ec.ExternalClient(name=PHONE, disabled=True), update_mask=mask))
-        await wait_until(lambda: peer(a, PHONE) is None and not a.state.relayed_ranges, "phone disabled on a")
-        await wait_until(lambda: f"{c.ipv4_address}/32" not in peer(b, a.node.name).allowed_ips, "b drops the route")
-        await cp.clients.UpdateExternalClient(ec.UpdateExternalClientRequest(
-            external_client=ec.ExternalClient(name=PHONE, disabled=False), update_mask=mask))
-        await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).preshared_key == psk, "phone back")
+    # Disabled: gone from the gateway's peers and from b's routes; enabled: back.
+    mask = field_mask_pb2.FieldMask(paths=["disabled"])
+    await cp.clients.UpdateExternalClient(ec.UpdateExternalClientRequest(
+        external_client=ec.ExternalClient(name=PHONE, disabled=True), update_mask=mask))
+    await wait_until(lambda: peer(a, PHONE) is None and not a.state.relayed_ranges, "phone disabled on a")
+    await wait_until(lambda: f"{c.ipv4_address}/32" not in peer(b, a.node.name).allowed_ips, "b drops the route")
+    await cp.clients.UpdateExternalClient(ec.UpdateExternalClientRequest(
+        external_client=ec.ExternalClient(name=PHONE, disabled=False), update_mask=mask))
+    await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).preshared_key == psk, "phone back")
 
-        # Deleted: off the gateway, and nothing of it left in etcd.
-        await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE))
-        await wait_until(lambda: peer(a, PHONE) is None and not a.state.relayed_ranges, "phone deleted from a")
-        left = [k for k in await cp.etcd.dump() if b"phone" in k or c.ipv4_address.encode() in k]
-        assert left == []
-        with pytest.raises(grpc.aio.AioRpcError) as ei:
-            await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
-        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
-        # Its address is free again.
-        again = await create(cp.clients, guard=cp.guard, client_id="laptop")
-        assert again.ipv4_address == c.ipv4_address
-    finally:
-        await a.close()
-        await b.close()
+    # Deleted: off the gateway, and nothing of it left in etcd.
+    await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE))
+    await wait_until(lambda: peer(a, PHONE) is None and not a.state.relayed_ranges, "phone deleted from a")
+    left = [k for k in await cp.etcd.dump() if b"phone" in k or c.ipv4_address.encode() in k]
+    assert left == []
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    # Its address is free again.
+    again = await create(cp.clients, guard=cp.guard, client_id="laptop")
+    assert again.ipv4_address == c.ipv4_address
 
 
 async def test_named_psk_rotation_reaches_the_gateway_and_network_rotation_skips_the_client(keyed):
     cp = keyed
     a, b = await agents(cp)
-    try:
-        c = await create(cp.clients, guard=cp.guard)
-        psk = parse_config(c.config)["Peer"]["PresharedKey"]
-        await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).preshared_key == psk, "phone on a")
-        node_psk = peer(a, b.node.name).preshared_key
-        await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
-        await wait_until(lambda: peer(a, b.node.name).preshared_key != node_psk, "node pair rotated")
-        assert peer(a, PHONE).preshared_key == psk  # the client's static config still works
-        await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(
-            network="networks/prod", pairs=[f"{a.node.name}|{PHONE}"]))
-        await wait_until(lambda: peer(a, PHONE).preshared_key not in ("", psk), "client pair rotated by name")
-    finally:
-        await a.close()
-        await b.close()
+    c = await create(cp.clients, guard=cp.guard)
+    psk = parse_config(c.config)["Peer"]["PresharedKey"]
+    await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).preshared_key == psk, "phone on a")
+    node_psk = peer(a, b.node.name).preshared_key
+    await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
+    await wait_until(lambda: peer(a, b.node.name).preshared_key != node_psk, "node pair rotated")
+    assert peer(a, PHONE).preshared_key == psk  # the client's static config still works
+    await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(
+        network="networks/prod", pairs=[f"{a.node.name}|{PHONE}"]))
+    await wait_until(lambda: peer(a, PHONE).preshared_key not in ("", psk), "client pair rotated by name")
 
 
 async def test_forged_client_written_into_etcd_is_unsigned(keyed):
     cp = keyed
     a, b = await agents(cp)
-    try:
-        forged_key = base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
-        forged = ec.ExternalClient(name="networks/prod/externalClients/evil", gateway_node=a.node.name,
-                                   ipv4_address="100.64.0.200", public_key=forged_key)
-        await cp.etcd.put(cp.etcd.key("externalClients", "prod", "evil"), forged.SerializeToString())
-        await wait_until(lambda: peer(a, forged.name) is not None, "a is sent the forged client")
-        p = peer(a, forged.name)
-        assert p.public_key_signature == b""
-        assert not signing.verify_any(a.authority, p.resource, p.public_key, p.public_key_signature)
-        # A real client's signature does not verify for another name either.
-        real = await create(cp.clients, guard=cp.guard)
-        sig = await cp.etcd.get(cp.etcd.key("keys", "clientKeys", "prod", "phone"))
-        signed = keys_pb2.SignedNodeKey.FromString(sig.value)
-        assert signing.verify_any(a.authority, PHONE, real.public_key, signed.signature)
-        assert not signing.verify_any(a.authority, forged.name, real.public_key, signed.signature)
-    finally:
-        await a.close()
-        await b.close()
+    forged_key = base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    forged = ec.ExternalClient(name="networks/prod/externalClients/evil", gateway_node=a.node.name,
+                               ipv4_address="100.64.0.200", public_key=forged_key)
+    await cp.etcd.put(cp.etcd.key("externalClients", "prod", "evil"), forged.SerializeToString())
+    await wait_until(lambda: peer(a, forged.name) is not None, "a is sent the forged client")
+    p = peer(a, forged.name)
+    assert p.public_key_signature == b""
+    assert not signing.verify_any(a.authority, p.resource, p.public_key, p.public_key_signature)
+    # A real client's signature does not verify for another name either.
+    real = await create(cp.clients, guard=cp.guard)
+    sig = await cp.etcd.get(cp.etcd.key("keys", "clientKeys", "prod", "phone"))
+    signed = keys_pb2.SignedNodeKey.FromString(sig.value)
+    assert signing.verify_any(a.authority, PHONE, real.public_key, signed.signature)
+    assert not signing.verify_any(a.authority, forged.name, real.public_key, signed.signature)
 
 
 async def test_node_delete_refused_while_it_serves_clients_and_forced_removes_them(keyed):
     cp = keyed
     a, b = await agents(cp)
-    try:
-        await create(cp.clients, guard=cp.guard)
-        await create(cp.clients, guard=cp.guard, client_id="laptop", gateway="b")
-        before = await config_state(cp.etcd)
-        with pytest.raises(grpc.aio.AioRpcError) as ei:
-            await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=a.node.name))
-        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert details(ei.value)[1] == "RESOURCE_IN_USE" and PHONE in ei.value.details()
-        assert await config_state(cp.etcd) == before
-        await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=a.node.name, force=True))
-        keys = list(await cp.etcd.dump())
-        assert [k for k in keys if b"phone" in k] == []
-        # (the agent's live session record is bound to its stream's lease)
-        assert [k for k in keys if (k.endswith(b"/prod/a") and b"/sessions/" not in k) or b"/psk/prod/a." in k] == []
-        assert any(k.endswith(b"externalClients/prod/laptop") for k in keys)
-    finally:
-        await a.close()
-        await b.close()
+    await create(cp.clients, guard=cp.guard)
+    await create(cp.clients, guard=cp.guard, client_id="laptop", gateway="b")
+    before = await config_state(cp.etcd)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=a.node.name))
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(ei.value)[1] == "RESOURCE_IN_USE" and PHONE in ei.value.details()
+    assert await config_state(cp.etcd) == before
+    await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=a.node.name, force=True))
+    keys = list(await cp.etcd.dump())
+    assert [k for k in keys if b"phone" in k] == []
+    # (the agent's live session record is bound to its stream's lease)
+    assert [k for k in keys if (k.endswith(b"/prod/a") and b"/sessions/" not in k) or b"/psk/prod/a." in k] == []
+    assert any(k.endswith(b"externalClients/prod/laptop") for k in keys)
 
 
 async def test_abandoned_key_material_is_cleared_only_when_stale(keyed):
     cp = keyed
     a, b = await agents(cp)
-    try:
-        # A create that crashed after the key service issued the pair.
-        orphan = await cp.ks.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=PHONE))
-        cp.guard.add(base64.b64decode(orphan.private_key))
-        with pytest.raises(grpc.aio.AioRpcError) as ei:
-            await create(cp.clients, guard=cp.guard)  # too fresh to tell from a create in flight
-        assert ei.value.code() == grpc.StatusCode.ABORTED
-        assert await cp.etcd.get(cp.etcd.key("externalClients", "prod", "phone")) is None
-        sig_key = cp.etcd.key("keys", "clientKeys", "prod", "phone")
-        signed = keys_pb2.SignedNodeKey.FromString((await cp.etcd.get(sig_key)).value)
-        signed.sign_time.seconds -= 3600
-        await cp.etcd.put(sig_key, signed.SerializeToString())
-        c = await create(cp.clients, guard=cp.guard)
-        assert c.public_key != signed.public_key
-        now = keys_pb2.SignedNodeKey.FromString((await cp.etcd.get(sig_key)).value)
-        assert now.public_key == c.public_key
-    finally:
-        await a.close()
-        await b.close()
+    # A create that crashed after the key service issued the pair.
+    orphan = await cp.ks.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=PHONE))
+    cp.guard.add(base64.b64decode(orphan.private_key))
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await create(cp.clients, guard=cp.guard)  # too fresh to tell from a create in flight
+    assert ei.value.code() == grpc.StatusCode.ABORTED
+    assert await cp.etcd.get(cp.etcd.key("externalClients", "prod", "phone")) is None
+    sig_key = cp.etcd.key("keys", "clientKeys", "prod", "phone")
+    signed = keys_pb2.SignedNodeKey.FromString((await cp.etcd.get(sig_key)).value)
+    signed.sign_time.seconds -= 3600
+    await cp.etcd.put(sig_key, signed.SerializeToString())
+    c = await create(cp.clients, guard=cp.guard)
+    assert c.public_key != signed.public_key
+    now = keys_pb2.SignedNodeKey.FromString((await cp.etcd.get(sig_key)).value)
+    assert now.public_key == c.public_key
 
 
 BAD = [

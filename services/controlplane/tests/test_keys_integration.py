@@ -78,6 +78,7 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     finally:
         # Every pre-shared key delivered, rotated-away ones too (the store keeps only the current).
         for agent in cp.sim_agents:
+            await agent.close()
             for msg in agent.received:
                 peers = msg.snapshot.state.peers if msg.WhichOneof("message") == "snapshot" else msg.delta.delta.upserted_peers
                 secret_guard.add(*(base64.b64decode(p.preshared_key) for p in peers if p.preshared_key))

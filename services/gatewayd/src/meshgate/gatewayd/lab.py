@@ -248,13 +248,17 @@ class Node:
 
     def peers(self) -> dict[str, dict[str, Any]]:
         """``wg show dump`` per peer: handshake time, transfer counters, allowed IPs."""
-        r = self.host.run("wg", "show", self.ifname, "dump")
-        out = {}
-        for line in r.stdout.splitlines()[1:]:
-            f = line.split("\t")
-            out[f[0]] = {"endpoint": f[2], "allowed_ips": f[3], "handshake": int(f[4]),
-                         "rx": int(f[5]), "tx": int(f[6]), "keepalive": f[7]}
-        return out
+        return wg_dump_peers(self.host.run("wg", "show", self.ifname, "dump").stdout)
+
+
+def wg_dump_peers(dump: str) -> dict[str, dict[str, Any]]:
+    """The peers of ``wg show <if> dump`` output, by public key."""
+    out = {}
+    for line in dump.splitlines()[1:]:
+        f = line.split("\t")
+        out[f[0]] = {"endpoint": f[2], "allowed_ips": f[3], "handshake": int(f[4]),
+                     "rx": int(f[5]), "tx": int(f[6]), "keepalive": f[7]}
+    return out
 
 
 # ---------------------------------------------------------------- plain WireGuard hosts
@@ -365,13 +369,7 @@ class PlainWireGuard:
 
     def peers(self) -> dict[str, dict[str, Any]]:
         """``wg show dump`` per peer: handshake time, transfer counters, allowed IPs."""
-        r = self.wg("show", self.ifname, "dump")
-        out = {}
-        for line in r.stdout.splitlines()[1:]:
-            f = line.split("\t")
-            out[f[0]] = {"endpoint": f[2], "allowed_ips": f[3], "handshake": int(f[4]),
-                         "rx": int(f[5]), "tx": int(f[6]), "keepalive": f[7]}
-        return out
+        return wg_dump_peers(self.wg("show", self.ifname, "dump").stdout)
 
     def down(self) -> None:
         """Remove the interface (its addresses and routes go with it) and the policy
