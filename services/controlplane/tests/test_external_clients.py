@@ -225,6 +225,7 @@ BAD = [
     ("bad range", dict(allowed_ranges=["10.0.0.1/8"]), "external_client.allowed_ranges[0]"),
     ("range twice", dict(allowed_ranges=["192.0.2.0/24", "192.0.2.0/24"]), "external_client.allowed_ranges[1]"),
     ("bad dns", dict(dns_servers=["dns.example"]), "external_client.dns_servers[0]"),
+    ("dns scope id", dict(dns_servers=["192.0.2.53", "fe80::1%$(id) x"]), "external_client.dns_servers[1]"),
     ("long name", dict(display_name="x" * 200), "external_client.display_name"),
 ]
 
@@ -292,3 +293,52 @@ async def test_without_a_key_service(cp):
     conf = parse_config(c.config)
     assert "PresharedKey" not in conf["Peer"] and conf["Peer"]["AllowedIPs"] == "0.0.0.0/0"
     await assert_not_stored(cp.etcd, base64.b64decode(conf["Interface"]["PrivateKey"]))
+
+
+async def test_deletes_stay_under_etcds_transaction_limit(keyed):
+    """etcd refuses transactions of more than 128 operations: a node with 130
+    pairs, and a forced delete of a node serving 20 clients, still go."""
+    cp = keyed
+    await make_network(cp)
+    gw_key = base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    await make_node(cp, node_id="a", endpoint="192.0.2.1:51820", public_key=gw_key)
+    await make_node(cp, node_id="hub", endpoint="192.0.2.2:51820")
+    pairs = [f"networks/prod/nodes/hub|networks/prod/nodes/s{i}" for i in range(130)]
+    keys = await cp.ks.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(network="networks/prod", pairs=pairs))
+    cp.guard.add(*(base64.b64decode(k.key) for k in keys.keys))
+    await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/hub"))
+    left = [k for k in await cp.etcd.dump() if b"/keys/psk/prod/" in k]
+    assert left == []
+    for i in range(20):
+        await create(cp.clients, guard=cp.guard, client_id=f"c{i}")
+    await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/a", force=True))
+    dump = await cp.etcd.dump()
+    assert [k for k in dump if b"externalClients/" in k or b"/clientKeys/" in k or b"/keys/clients/" in k] == []
+    assert [k for k in dump if b"/ipam/" in k or b"/pubkeys/" in k or b"/keys/psk/" in k] == []
+
+
+async def test_a_client_created_while_its_node_is_deleted_stops_the_delete(keyed):
+    """The delete read "no clients"; a create commits before the delete does.
+    The delete must not go through (the clients guard), and then refuses."""
+    cp = keyed
+    await make_network(cp)
+    await make_node(cp, node_id="a", endpoint="192.0.2.1:51820",
+                    public_key=base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode())
+    etcd = cp.app.nodes.etcd
+    real = etcd.list_prefix
+    raced = []
+
+    async def list_prefix(prefix, *a, **kw):
+        out = await real(prefix, *a, **kw)
+        if b"/externalClients/" in prefix and not raced:
+            raced.append(await create(cp.clients, guard=cp.guard))  # lands after the delete's read
+        return out
+
+    etcd.list_prefix = list_prefix
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/a"))
+    finally:
+        etcd.list_prefix = real
+    assert raced and ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION and PHONE in ei.value.details()
+    assert await cp.etcd.get(cp.etcd.key("nodes", "prod", "a")) is not None

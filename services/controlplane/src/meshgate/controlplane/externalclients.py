@@ -25,7 +25,15 @@ pre-shared keys): the sealed values need no key-encryption key to delete.
 A create that fails after step 3 removes the key material it issued. One that
 crashed there leaves it; the key service then refuses a second pair for the
 name, and a later create treats material older than `STALE_ISSUE_S` with no
-client record as abandoned, removes it and issues anew.
+client record as abandoned, removes it and issues anew. Both removals compare
+"no client record" and the signature record's revision, and a create commits
+only while the signature record still holds its own key: two creates racing
+over abandoned material cannot leave a client whose key the gateway refuses.
+The age is judged by the key service's `sign_time` against this host's clock,
+so the two must agree within seconds (as for TLS).
+
+Every client create and delete bumps `guards/{net}/clients`, which node deletes
+compare: a client cannot appear on a node being deleted.
 
 Without a key service (development) the control plane generates the pair
 itself, stores no private key and signs nothing.
@@ -42,7 +50,6 @@ import time
 from typing import Sequence
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
-from meshgate.common.etcd import prefix_end
 from meshgate.common.errors import (
     FieldViolation,
     already_exists,
@@ -97,38 +104,33 @@ def wg_quick_config(
     return "\n".join(lines) + "\n"
 
 
-def delete_ops(res: Resources, net_id: str, client: external_client_pb2.ExternalClient,
-               psk_keys: Sequence[bytes]) -> list:
-    """Transaction operations removing `client`, its claims and its key
-    material. `psk_keys` are the keys of `psk_prefix(net_id)`."""
-    cid = client.name.rsplit("/", 1)[1]
-    ops = [
-        res.t.delete(res.etcd.key(KIND.collection, net_id, cid)),
+def material_ops(res: Resources, net_id: str, client_name: str, gateway_node: str) -> list:
+    """Operations deleting the key service's records of a client: its sealed
+    key pair, its signature and the pre-shared key of its one pair."""
+    cid = client_name.rsplit("/", 1)[1]
+    return [
         res.t.delete(res.etcd.key("keys", "clients", net_id, cid)),
         res.t.delete(res.etcd.key("keys", "clientKeys", net_id, cid)),
+        res.t.delete(res.etcd.key("keys", "psk", net_id, pair_id(gateway_node, client_name))),
     ]
+
+
+def guard_key(res: Resources, net_id: str) -> bytes:
+    """`guards/{net}/clients`, bumped by every client create and delete: a node
+    delete compares it, so no client can appear on a node being deleted."""
+    return res.keys.guard(net_id, "clients")
+
+
+def delete_ops(res: Resources, net_id: str, client: external_client_pb2.ExternalClient) -> list:
+    """Operations removing `client`, its claims and its key material (at most 8)."""
+    cid = client.name.rsplit("/", 1)[1]
+    ops = [res.t.delete(res.etcd.key(KIND.collection, net_id, cid)), res.t.put(guard_key(res, net_id), b"")]
     for family, addr in (("v4", client.ipv4_address), ("v6", client.ipv6_address)):
         if addr:
             ops.append(res.t.delete(res.keys.ipam(net_id, family, addr)))
     if client.public_key:
         ops.append(res.t.delete(res.keys.pubkey(net_id, client.public_key)))
-    segment = f"~{cid}"
-    prefix = psk_prefix(res, net_id)
-    for k in psk_keys:
-        if segment in k[len(prefix):].decode().split("."):
-            ops.append(res.t.delete(k))
-    return ops
-
-
-def psk_prefix(res: Resources, net_id: str) -> bytes:
-    return res.etcd.key("keys", "psk", net_id, "")
-
-
-async def psk_keys(res: Resources, net_id: str) -> list[bytes]:
-    """The keys (not the sealed values) of the network's pre-shared keys."""
-    prefix = psk_prefix(res, net_id)
-    kvs, _, _ = await res.etcd.range(prefix, prefix_end(prefix), keys_only=True)
-    return [kv.key for kv in kvs]
+    return ops + material_ops(res, net_id, client.name, client.gateway_node)
 
 
 class ExternalClients(Resources):
@@ -203,15 +205,27 @@ class ExternalClients(Resources):
             if req.validate_only:
                 return client
             if "pair" not in issued:
-                issued["pair"] = await self._issue(name, net_id, req.external_client_id)
+                issued["pair"] = await self._issue(name, net_id, req.external_client_id,
+                                                   req.external_client.gateway_node)
             pair: ClientKeyPair = issued["pair"]  # type: ignore[assignment]
+            if self.key_material.enabled:
+                # Commit only while the key service's record still holds this
+                # pair (a concurrent create could have cleared it as abandoned).
+                sig_key = self.etcd.key("keys", "clientKeys", net_id, req.external_client_id)
+                sig_kv = await self.etcd.get(sig_key)
+                if sig_kv is None or keys_pb2.SignedNodeKey.FromString(sig_kv.value).public_key != pair.public_key:
+                    issued.clear()
+                    raise Conflict
+                compare.append(self.t.mod(sig_key) == sig_kv.mod_revision)
             use_psk = self.key_material.enabled and not network.disable_preshared_keys
             if use_psk and "psk" not in issued:
+                # Never a key remembered from an earlier client of this name.
+                self.key_material.forget(net_id, pair_id(gateway.name, name))
                 issued["psk"] = await self.key_material.pair_psk(net_id, gateway.name, name)
             client.public_key = pair.public_key
             pkey = self.keys.pubkey(net_id, pair.public_key)
             compare.append(self.t.create(pkey) == 0)
-            ops.append(self.t.put(pkey, name.encode()))
+            ops += [self.t.put(pkey, name.encode()), self.t.put(guard_key(self, net_id), b"")]
             ok, _, rev = await self.etcd.txn(compare, [self.t.put(key, store.encode(client)), *ops])
             if not ok:
                 if await self.etcd.get(key) is not None:
@@ -232,30 +246,35 @@ class ExternalClients(Resources):
             return await retrying(attempt, f"create {name}")
         except BaseException:
             if "pair" in issued:
-                await self._discard(net_id, req.external_client_id, issued["pair"])  # type: ignore[arg-type]
+                await self._discard(net_id, req.external_client_id, req.external_client.gateway_node,
+                                    issued["pair"])  # type: ignore[arg-type]
             raise
 
-    async def _issue(self, name: str, net_id: str, cid: str) -> ClientKeyPair:
+    async def _issue(self, name: str, net_id: str, cid: str, gateway_node: str) -> ClientKeyPair:
         """A fresh key pair for the client, clearing material an abandoned
         create left behind (see the module docstring)."""
         pair = await self.key_material.issue_client(name)
         if pair is not None:
             return pair
         # The key service holds a pair for this name but there is no client.
-        sig_kv = await self.etcd.get(self.etcd.key("keys", "clientKeys", net_id, cid))
+        sig_key = self.etcd.key("keys", "clientKeys", net_id, cid)
+        sig_kv = await self.etcd.get(sig_key)
         signed = keys_pb2.SignedNodeKey.FromString(sig_kv.value) if sig_kv is not None else None
         age = time.time() - signed.sign_time.seconds if signed is not None else STALE_ISSUE_S + 1
         if age <= STALE_ISSUE_S:
             raise Conflict  # another create of this name is in flight; if it fails, retry finds it stale
         log.warning("removing the key material of %s left by an abandoned create", name)
-        await self.etcd.txn([], [self.t.delete(self.etcd.key("keys", "clients", net_id, cid)),
-                                 self.t.delete(self.etcd.key("keys", "clientKeys", net_id, cid))])
+        # Only if it is still that material and still no client holds it.
+        fence = [self.t.create(self.key_of(net_id, cid)) == 0,
+                 self.t.mod(sig_key) == (sig_kv.mod_revision if sig_kv is not None else 0)]
+        await self.etcd.txn(fence, material_ops(self, net_id, name, gateway_node))
+        self.key_material.forget(net_id, pair_id(gateway_node, name))
         pair = await self.key_material.issue_client(name)
         if pair is None:
             raise Conflict
         return pair
 
-    async def _discard(self, net_id: str, cid: str, pair: ClientKeyPair) -> None:
+    async def _discard(self, net_id: str, cid: str, gateway_node: str, pair: ClientKeyPair) -> None:
         """Remove key material this create issued, unless a client now holds it."""
         key = self.key_of(net_id, cid)
         sig_key = self.etcd.key("keys", "clientKeys", net_id, cid)
@@ -267,9 +286,10 @@ class ExternalClients(Resources):
             sig_kv = await self.etcd.get(sig_key)
             if sig_kv is None or keys_pb2.SignedNodeKey.FromString(sig_kv.value).public_key != pair.public_key:
                 return
-            gone = external_client_pb2.ExternalClient(name=names.child_name(net_id, KIND.collection, cid))
-            ops = delete_ops(self, net_id, gone, await psk_keys(self, net_id))[1:]  # not the record itself
-            await self.etcd.txn([self.t.create(key) == 0, self.t.mod(sig_key) == sig_kv.mod_revision], ops)
+            name = names.child_name(net_id, KIND.collection, cid)
+            await self.etcd.txn([self.t.create(key) == 0, self.t.mod(sig_key) == sig_kv.mod_revision],
+                                material_ops(self, net_id, name, gateway_node))
+            self.key_material.forget(net_id, pair_id(gateway_node, name))
         except Exception:  # noqa: BLE001 - best effort; a later create clears it as stale
             log.warning("could not remove the key material of a failed create of %s/%s", net_id, cid)
 
@@ -307,7 +327,7 @@ class ExternalClients(Resources):
         async def attempt(_: int) -> None:
             current, kv = await self.read(req.name)
             self.check_etag(req.etag, kv, req.name)
-            ops = delete_ops(self, net_id, current, await psk_keys(self, net_id))
+            ops = delete_ops(self, net_id, current)
             await self.commit([self.t.mod(kv.key) == kv.mod_revision], ops, etag=req.etag, kv=kv, name=req.name)
             if self.key_material.enabled:
                 self.key_material.forget(net_id, pair_id(current.gateway_node, req.name))

@@ -9,11 +9,13 @@ in the transaction that removes the node.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import Sequence
 
 import grpc
 
 from meshgate.api.v1 import egress_pb2, external_client_pb2, node_pb2
+from meshgate.common.etcd import prefix_end
 from meshgate.common.errors import (
     ApiError,
     FieldViolation,
@@ -29,7 +31,10 @@ from meshgate.controlplane.keymaterial import KeyMaterial
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import Conflict, retrying
 
+log = logging.getLogger(__name__)
+
 KIND = Kind("meshgate.io/Node", "nodes", node_pb2.Node)
+PSK_DELETE_BATCH = 120  # etcd allows 128 operations per transaction
 CACHE_WAIT_S = 2.0  # past this the cache is considered stuck and etcd is read directly
 MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels"})
 ALL_FIELDS = frozenset(f.name for f in node_pb2.Node.DESCRIPTOR.fields)
@@ -277,6 +282,19 @@ class Nodes(Resources):
 
         return await retrying(attempt, f"update {name}")
 
+    async def _forget_pairs(self, net_id: str, node_id: str) -> None:
+        """Delete the pre-shared keys of a deleted node's pairs (sealed; deleting
+        needs no KEK), in batches under etcd's 128 operations per transaction.
+        Idempotent; a failure leaves only unused sealed keys behind."""
+        prefix = self.etcd.key("keys", "psk", net_id, "")
+        try:
+            kvs, _, _ = await self.etcd.range(prefix, prefix_end(prefix), keys_only=True)
+            mine = [kv.key for kv in kvs if node_id in kv.key[len(prefix):].decode().split(".")]
+            for i in range(0, len(mine), PSK_DELETE_BATCH):
+                await self.etcd.txn([], [self.t.delete(k) for k in mine[i:i + PSK_DELETE_BATCH]])
+        except Exception:  # noqa: BLE001 - the node is gone either way
+            log.warning("could not delete the pre-shared keys of deleted node networks/%s/nodes/%s", net_id, node_id)
+
     async def delete(self, req: node_pb2.DeleteNodeRequest) -> None:
         net_id, node_id = self.parse_name(req.name)
 
@@ -293,6 +311,7 @@ class Nodes(Resources):
                     f"node {req.name!r} is used by egress gateways ({names_}); delete them first or pass force",
                     "RESOURCE_IN_USE", req.name, KIND.type_name,
                 )
+            client_guard = await self.etcd.get(externalclients.guard_key(self, net_id))
             client_kvs, _ = await self.etcd.list_prefix(self.etcd.key("externalClients", net_id, ""))
             client_kvs = [ckv for ckv in client_kvs
                           if external_client_pb2.ExternalClient.FromString(ckv.value).gateway_node == req.name]
@@ -305,11 +324,21 @@ class Nodes(Resources):
                 )
             if req.validate_only:
                 return None
+            if clients:
+                # Forced: each client goes in its own transaction (a node may
+                # serve many; etcd caps a transaction at 128 operations), then
+                # the delete runs again and finds none.
+                for c, ckv in zip(clients, client_kvs):
+                    await self.etcd.txn([self.t.mod(ckv.key) == ckv.mod_revision],
+                                        externalclients.delete_ops(self, net_id, c))
+                raise Conflict
             ops = [
                 self.t.delete(kv.key),
                 self.t.put(self.keys.guard(net_id, "nodes"), b""),
                 self.t.delete(self.etcd.key("agents", net_id, node_id)),
                 self.t.delete(self.etcd.key("status", net_id, node_id)),
+                # the key service's signature of its key (public; see below for the rest)
+                self.t.delete(self.etcd.key("keys", "nodes", net_id, node_id)),
             ]
             for family, addr in (("v4", current.ipv4_address), ("v6", current.ipv6_address)):
                 if addr:
@@ -320,21 +349,15 @@ class Nodes(Resources):
                 ops.append(self.t.delete(u.key))
             if users:
                 ops.append(self.t.put(self.keys.guard(net_id, "egress"), b""))
-            # The key service's records of the node: its signature and the
-            # pre-shared keys of its pairs (sealed; deleting needs no KEK).
-            ops.append(self.t.delete(self.etcd.key("keys", "nodes", net_id, node_id)))
-            psk_keys = await externalclients.psk_keys(self, net_id)
-            psk_base = len(externalclients.psk_prefix(self, net_id))
-            ops += [self.t.delete(k) for k in psk_keys if node_id in k[psk_base:].decode().split(".")]
-            for c in clients:
-                ops += externalclients.delete_ops(self, net_id, c, psk_keys)
             await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision,
                  self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0),
-                 *(self.t.mod(ckv.key) == ckv.mod_revision for ckv in client_kvs)],
+                 self.t.mod(externalclients.guard_key(self, net_id)) == (
+                     client_guard.mod_revision if client_guard else 0)],
                 ops,
                 etag=req.etag, kv=kv, name=req.name,
             )
+            await self._forget_pairs(net_id, node_id)
             return None
 
         await retrying(attempt, f"delete {req.name}")

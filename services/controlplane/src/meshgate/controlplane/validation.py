@@ -297,8 +297,12 @@ def external_client(c, prefix: str = "external_client") -> list[V]:
     for i, d in enumerate(c.dns_servers):
         try:
             ipaddress.ip_address(d)
+            # A scope id (fe80::1%eth0) would carry free text into the configuration.
+            ok = "%" not in d
         except ValueError:
-            out.append(V(f"{prefix}.dns_servers[{i}]", f"{d!r} is not an IP address"))
+            ok = False
+        if not ok:
+            out.append(V(f"{prefix}.dns_servers[{i}]", f"{d!r} is not an IP address (without a scope id)"))
     out += check_text(f"{prefix}.display_name", c.display_name, MAX_DISPLAY_NAME)
     out += check_labels(f"{prefix}.labels", dict(c.labels))
     return out
