@@ -206,7 +206,7 @@ async def test_abandoned_key_material_is_cleared_only_when_stale(keyed):
     cp.guard.add(base64.b64decode(orphan.private_key))
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await create(cp.clients, guard=cp.guard)  # too fresh to tell from a create in flight
-    assert ei.value.code() == grpc.StatusCode.ABORTED
+    assert ei.value.code() == grpc.StatusCode.ABORTED and "did not finish" in ei.value.details()
     assert await cp.etcd.get(cp.etcd.key("externalClients", "prod", "phone")) is None
     sig_key = cp.etcd.key("keys", "clientKeys", "prod", "phone")
     signed = keys_pb2.SignedNodeKey.FromString((await cp.etcd.get(sig_key)).value)

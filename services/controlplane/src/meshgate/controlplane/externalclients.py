@@ -46,11 +46,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+
+import grpc
 import time
 from typing import Sequence
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
 from meshgate.common.errors import (
+    ApiError,
     FieldViolation,
     already_exists,
     failed_precondition,
@@ -74,6 +77,7 @@ ALL_FIELDS = frozenset(f.name for f in external_client_pb2.ExternalClient.DESCRI
 OUTPUT_ONLY = ("ipv4_address", "ipv6_address", "public_key", "config", "uid", "create_time", "update_time", "etag")
 DEFAULT_KEEPALIVE_S = 25  # clients usually sit behind NAT
 STALE_ISSUE_S = 60  # key material of a client with no record, older than this, was abandoned
+IN_FLIGHT_RETRIES = 5  # attempts that wait for a concurrent create of the same name
 
 
 def wg_quick_config(
@@ -206,7 +210,7 @@ class ExternalClients(Resources):
                 return client
             if "pair" not in issued:
                 issued["pair"] = await self._issue(name, net_id, req.external_client_id,
-                                                   req.external_client.gateway_node)
+                                                   req.external_client.gateway_node, n)
             pair: ClientKeyPair = issued["pair"]  # type: ignore[assignment]
             if self.key_material.enabled:
                 # Commit only while the key service's record still holds this
@@ -250,7 +254,7 @@ class ExternalClients(Resources):
                                     issued["pair"])  # type: ignore[arg-type]
             raise
 
-    async def _issue(self, name: str, net_id: str, cid: str, gateway_node: str) -> ClientKeyPair:
+    async def _issue(self, name: str, net_id: str, cid: str, gateway_node: str, attempt: int) -> ClientKeyPair:
         """A fresh key pair for the client, clearing material an abandoned
         create left behind (see the module docstring)."""
         pair = await self.key_material.issue_client(name)
@@ -262,7 +266,12 @@ class ExternalClients(Resources):
         signed = keys_pb2.SignedNodeKey.FromString(sig_kv.value) if sig_kv is not None else None
         age = time.time() - signed.sign_time.seconds if signed is not None else STALE_ISSUE_S + 1
         if age <= STALE_ISSUE_S:
-            raise Conflict  # another create of this name is in flight; if it fails, retry finds it stale
+            if attempt < IN_FLIGHT_RETRIES:
+                raise Conflict  # another create of this name may be in flight: it will have finished
+            raise ApiError(
+                grpc.StatusCode.ABORTED,
+                f"a key pair for {name} was issued {age:.0f}s ago by a create that did not finish; "
+                f"retry after {STALE_ISSUE_S}s, when it counts as abandoned", "CONCURRENT_MODIFICATION")
         log.warning("removing the key material of %s left by an abandoned create", name)
         # Only if it is still that material and still no client holds it.
         fence = [self.t.create(self.key_of(net_id, cid)) == 0,
