@@ -90,6 +90,30 @@ async def test_50_concurrent_redemptions_of_single_use_key_make_one_node(cp):
     assert [n.name for n in nodes.nodes] == [ok[0].node.name]
 
 
+async def test_unlimited_key_counts_uses_without_contention_and_honours_revocation(cp):
+    """A fleet-wide key: 40 agents join at once and every one succeeds, without
+    the redemptions writing (and so contending on) the key's record; uses are
+    counted; a revocation still stops the next join; a delete leaves nothing."""
+    await make_network(cp)
+    ek = await make_key(cp)  # no max_uses: unlimited
+    before = await cp.etcd.get(cp.etcd.key("enrollmentKeys", "prod", "k"))
+    resps = await asyncio.gather(*(_enroll(cp, ek.secret, f"n{i}") for i in range(40)))
+    assert len({r.node.name for r in resps}) == 40
+    after = await cp.etcd.get(cp.etcd.key("enrollmentKeys", "prod", "k"))
+    assert after.mod_revision == before.mod_revision  # redemptions never rewrote the record
+    got = await cp.keys.GetEnrollmentKey(enrollment_pb2.GetEnrollmentKeyRequest(name=ek.name))
+    assert got.uses == 40 and got.etag == ek.etag
+    listed = await cp.keys.ListEnrollmentKeys(enrollment_pb2.ListEnrollmentKeysRequest(parent="networks/prod"))
+    assert [k.uses for k in listed.enrollment_keys] == [40]
+    revoked = await cp.keys.RevokeEnrollmentKey(enrollment_pb2.RevokeEnrollmentKeyRequest(name=ek.name))
+    assert revoked.uses == 40
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await _enroll(cp, ek.secret, "late")
+    assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await cp.keys.DeleteEnrollmentKey(enrollment_pb2.DeleteEnrollmentKeyRequest(name=ek.name))
+    assert [k for k in await cp.etcd.dump() if b"/enrollmentUses/" in k] == []
+
+
 async def test_secrets_and_tokens_are_stored_only_hashed(cp):
     await make_network(cp)
     ek = await make_key(cp)

@@ -106,6 +106,13 @@ class Etcd:
         kvs = [KV(kv.key, kv.value, kv.mod_revision, kv.create_revision) for kv in resp.kvs]
         return kvs, resp.more, resp.header.revision
 
+    async def count_prefix(self, prefix: bytes) -> int:
+        """How many keys are under `prefix` (etcd counts; nothing is transferred)."""
+        await self.client.connect()
+        req = rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix), count_only=True)
+        resp = await self._call(self.client.kvstub.Range(req, timeout=self.client._timeout))
+        return resp.count
+
     async def list_prefix(self, prefix: bytes, revision: int = 0) -> tuple[list[KV], int]:
         kvs, _, rev = await self.range(prefix, prefix_end(prefix), revision=revision)
         return kvs, rev

@@ -4,8 +4,13 @@ A key's secret is `mgek_{network}.{key id}.{random}`: the network and id let
 the control plane find the key directly, and only a SHA-256 of the whole
 secret is stored (the random part has 256 bits, so a plain hash is enough).
 Redeeming a key compares the key's mod revision in the transaction that
-increments its use count and creates the node, so a single-use key makes
-exactly one node however many agents race for it.
+creates the node, so a revoked, deleted or changed key is never redeemed. A
+key with a use limit also counts the use in its own record in that
+transaction, so a single-use key makes exactly one node however many agents
+race for it. A key without a limit records each use as its own key,
+`enrollmentUses/{net}/{key}/{node}`, and leaves its record unchanged: agents
+joining at once with one fleet-wide key do not contend on it (its `uses` is
+the record's count plus those keys).
 
 The credential returned by `Enroll` is a bearer token
 `mgat_{network}.{node}.{random}`, also stored only as a hash; agents present it
@@ -88,9 +93,28 @@ class EnrollmentKeys(Resources):
     def agent_key(self, net: str, node: str) -> bytes:
         return self.etcd.key("agents", net, node)
 
+    def uses_prefix(self, net: str, rid: str) -> bytes:
+        return self.etcd.key("enrollmentUses", net, rid, "")
+
     def present(self, msg):
         msg.secret = ""
         return msg
+
+    async def _with_uses(self, msg):
+        """`msg` with the uses of an unlimited key counted in (see the module docstring)."""
+        if not msg.max_uses:
+            net, rid = self.parse_name(msg.name)
+            msg.uses += await self.etcd.count_prefix(self.uses_prefix(net, rid))
+        return msg
+
+    async def get(self, name: str):
+        return await self._with_uses(await super().get(name))
+
+    async def list_children(self, parent: str, page_size: int, page_token: str):
+        items, token = await super().list_children(parent, page_size, page_token)
+        for item in items:
+            await self._with_uses(item)
+        return items, token
 
     async def create(self, req: enrollment_pb2.CreateEnrollmentKeyRequest) -> enrollment_pb2.EnrollmentKey:
         net_id = self.parse_parent(req.parent)
@@ -135,7 +159,7 @@ class EnrollmentKeys(Resources):
             ek, kv = await self.read(req.name)
             self.check_etag(req.etag, kv, req.name)
             if ek.HasField("revoke_time"):
-                return self.present(ek)
+                return await self._with_uses(self.present(ek))
             ek.revoke_time.CopyFrom(store.now())
             ek.update_time.CopyFrom(ek.revoke_time)
             rev = await self.commit(
@@ -143,7 +167,7 @@ class EnrollmentKeys(Resources):
                 etag=req.etag, kv=kv, name=req.name,
             )
             ek.etag = str(rev)
-            return self.present(ek)
+            return await self._with_uses(self.present(ek))
 
         return await retrying(attempt, f"revoke {req.name}")
 
@@ -155,7 +179,8 @@ class EnrollmentKeys(Resources):
             self.check_etag(req.etag, kv, req.name)
             await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision],
-                [self.t.delete(kv.key), self.t.delete(self.secret_key(net_id, rid))],
+                [self.t.delete(kv.key), self.t.delete(self.secret_key(net_id, rid)),
+                 self.t.delete(self.uses_prefix(net_id, rid), store.range_after(self.uses_prefix(net_id, rid), "")[1])],
                 etag=req.etag, kv=kv, name=req.name,
             )
 
@@ -191,9 +216,14 @@ class EnrollmentKeys(Resources):
                 raise _refused("expired", f"enrollment key {ek.name} has expired")
             if ek.max_uses and ek.uses >= ek.max_uses:
                 raise _refused("exhausted", f"enrollment key {ek.name} is exhausted: used {ek.uses} of {ek.max_uses} times")
-            ek.uses += 1
-            ek.update_time.CopyFrom(store.now())
             token = _mint(TOKEN_PREFIX, net_id, node_id)
+            if ek.max_uses:
+                ek.uses += 1
+                ek.update_time.CopyFrom(store.now())
+                use = self.t.put(ekey, store.encode(ek))
+            else:
+                # one key per redemption (a node id can be enrolled again after a delete)
+                use = self.t.put(self.uses_prefix(net_id, key_id) + f"{node_id}.{secrets.token_hex(6)}".encode(), b"")
             template = node_pb2.Node(
                 tags=list(ek.tags), endpoint=req.endpoint, listen_port=req.listen_port, public_key=req.public_key,
                 display_name=req.hostname[:validation.MAX_DISPLAY_NAME],
@@ -201,7 +231,7 @@ class EnrollmentKeys(Resources):
             node = await self.nodes.create_in_txn(
                 net_id, node_id, template, n,
                 compare_extra=[self.t.mod(ekey) == kv.mod_revision],
-                ops_extra=[self.t.put(ekey, store.encode(ek)), self.t.put(self.agent_key(net_id, node_id), _digest(token))],
+                ops_extra=[use, self.t.put(self.agent_key(net_id, node_id), _digest(token))],
             )
             return agent_pb2.EnrollResponse(
                 node=node,

@@ -15,6 +15,7 @@ Layout under the prefix (default `/meshgate`):
     accessPolicies/{net}/{policy}       AccessPolicy
     enrollmentKeys/{net}/{key}          EnrollmentKey (without its secret)
     enrollmentSecrets/{net}/{key}       SHA-256 of the key's secret
+    enrollmentUses/{net}/{key}/{node}   empty: one redemption of an unlimited key
     agents/{net}/{node}                 SHA-256 of the node agent's bearer token
     status/{net}/{node}                 the agent's last acknowledgement (NodeConvergence)
     changes/trace                       W3C traceparent of the newest change (see sync.py)
@@ -45,7 +46,7 @@ from meshgate.common.etcd import KV, Etcd, prefix_end
 
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
-    "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets",
+    "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",
     "externalClients", "accessPolicies", "agents", "status",
 )
 
