@@ -131,6 +131,17 @@ def test_secrets_returned_once_are_printed_in_table_output(controlplane, fresh):
     assert head.splitlines()[0].split() == ["NAME", "GATEWAY", "IPV4", "DISABLED"]
     assert config.startswith("# meshgate external client") and "PrivateKey = " in config
     assert "Endpoint = 192.0.2.10:51820" in config
+    # -o secret: the configuration alone, ready for a file; -o qr: a QR code of it.
+    raw = run("external-client", "create", "--parent", fresh.network, "--external-client-id", "laptop",
+              "--external-client.gateway-node", node["name"], "-o", "secret", target=t).stdout
+    assert raw.startswith("# meshgate external client") and raw.endswith("\n") and "PrivateKey = " in raw
+    qr = run("external-client", "create", "--parent", fresh.network, "--external-client-id", "tablet",
+             "--external-client.gateway-node", node["name"], "-o", "qr", target=t).stdout
+    assert len(qr.splitlines()) > 20 and set(qr) <= set(" \n\u2580\u2584\u2588") | {"\x1b"} | set("[0-9;m")
+    # ... refused before the call where there is no secret: nothing is created.
+    bad = run("node", "create", "--parent", fresh.network, "--node-id", "x", "-o", "secret", target=t, check=False)
+    assert bad.returncode == 2 and "returns no secret" in bad.stderr
+    assert run("node", "get", f"{fresh.network}/nodes/x", target=t, check=False).returncode == 1
     # Get never returns it.
     got = run("external-client", "get", f"{fresh.network}/externalClients/phone", "-o", "table", target=t).stdout
     assert "PrivateKey" not in got and "returned only now" not in got

@@ -35,7 +35,8 @@ from google.protobuf.message_factory import GetMessageClass
 from meshgate.sdk import api, config as config_mod, errors, masks
 from meshgate.sdk._comments import COMMENTS
 
-OUTPUTS = ("table", "json", "yaml")
+OUTPUTS = ("table", "json", "yaml", "secret", "qr")
+STREAM_OUTPUTS = ("table", "json", "yaml")
 MAX_DEPTH = 3
 WKT_SCALAR = {"google.protobuf.Duration", "google.protobuf.Timestamp", "google.protobuf.FieldMask"}
 EVENT_TYPES = ["meshgate.io/Network", "meshgate.io/Node", "meshgate.io/EgressGateway", "meshgate.io/EnrollmentKey",
@@ -315,6 +316,22 @@ class Printer:
         self.header_done = False
 
     def one(self, msg: Message) -> None:
+        if self.output in ("secret", "qr"):
+            # Just the secret a create returns once: a file's content (an
+            # external client's configuration) or a QR code of it for a phone.
+            once = ONCE.get(msg.DESCRIPTOR.full_name)
+            if not once or not getattr(msg, once):
+                raise _usage(f"-o {self.output}: this call returns no secret (only creating an external client "
+                             "or an enrollment key does)")
+            value = getattr(msg, once)
+            if self.output == "secret":
+                click.echo(value, nl=not value.endswith("\n"))
+            else:
+                import segno
+
+                qr = segno.make(value, error="m")
+                qr.terminal(compact=True)
+            return
         if self.output == "json":
             click.echo(json.dumps(to_dict(msg), indent=2, sort_keys=True))
         elif self.output == "yaml":
@@ -432,11 +449,17 @@ def make_command(m: api.Method) -> click.Command:
                                help="Read the request from a JSON or YAML file ('-' for stdin); options override it."
                                + (" For this stream: one request per YAML document or JSON line." if m.client_streaming else "")))
     params.append(click.Option(["-o", "--output", "output"], type=click.Choice(OUTPUTS), default=None,
-                               help="Output format (default: table on a terminal, json otherwise)."))
+                               help="Output format (default: table on a terminal, json otherwise). secret, qr: only "
+                                    "the secret a create returns once (an external client's configuration, an "
+                                    "enrollment key's secret), as is or as a QR code for a phone's WireGuard app."))
     req_cls = GetMessageClass(m.input)
     svc_method = m.python_name
 
     def callback(positional_name=None, from_file=None, output=None, **values):
+        if output in ("secret", "qr") and m.output.full_name not in ONCE:
+            # Refused before the call: a create must not run and lose its output.
+            raise _usage(f"-o {output}: this call returns no secret (only creating an external client or an "
+                         "enrollment key does)")
         state = _state()
         printer = Printer(output)
         if m.client_streaming:
@@ -591,7 +614,7 @@ def _context_file() -> config_mod.ContextFile:
               help="Deliver the events after this revision (an event's revision or an etag); 0 means from now.")
 @click.option("--type", "types", multiple=True, type=click.Choice(EVENT_TYPES), help="Only these resource types. Repeatable.")
 @click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
-@click.option("-o", "--output", type=click.Choice(OUTPUTS), default=None, help="Output format (one line or document per event).")
+@click.option("-o", "--output", type=click.Choice(STREAM_OUTPUTS), default=None, help="Output format (one line or document per event).")
 def watch_command(parent, start_revision, types, count, output) -> None:
     from meshgate.sdk.client import AsyncClient
 
