@@ -49,6 +49,7 @@ def network_states(draw):
             priority=draw(st.integers(0, 3)),
             internet_gateway=draw(st.integers(0, 5)) == 0,
         )
+    state.down = set(draw(st.lists(st.sampled_from(names), unique=True, max_size=3)))
     for c in range(draw(st.integers(0, 3))):
         cname = f"networks/n/externalClients/c{c}"
         state.external_clients[cname] = external_client_pb2.ExternalClient(
@@ -186,6 +187,55 @@ def test_affected_set_covers_every_node_a_client_change_touches(state, data):
     for other in state.nodes:
         if other not in affected:
             assert compiler.compile_node(state, other) == compiler.compile_node(after, other), other
+
+
+@settings(max_examples=200, deadline=None)
+@given(network_states())
+def test_a_range_stays_on_a_gateway_whose_node_is_up_when_there_is_one(state):
+    by_range, _ = compiler.active_gateways(state)
+    for r, chosen in by_range.items():
+        candidates = [g for g in state.gateways.values()
+                      if r in g.ranges and g.node in state.nodes and state.nodes[g.node].public_key]
+        assert chosen in candidates
+        up = [g for g in candidates if g.node not in state.down]
+        best = min(up or candidates, key=lambda g: (-g.priority, g.name))
+        assert chosen == best
+
+
+@settings(max_examples=100, deadline=None)
+@given(network_states(), st.data())
+def test_affected_set_covers_every_node_a_liveness_change_touches(state, data):
+    name = data.draw(st.sampled_from(sorted(state.nodes)))
+    after = state.copy()
+    after.down ^= {name}
+    affected = compiler.affected_by_liveness(state, name)
+    for other in state.nodes:
+        if other not in affected:
+            assert compiler.compile_node(state, other) == compiler.compile_node(after, other), other
+
+
+def test_failover_moves_a_range_to_the_standby_and_back():
+    net = network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/24")
+    state = compiler.NetworkState(net)
+    for i, n in enumerate(("primary", "standby", "client")):
+        state.nodes[f"networks/n/nodes/{n}"] = node_pb2.Node(
+            name=f"networks/n/nodes/{n}", ipv4_address=f"100.64.0.{i + 1}", public_key=_key(i + 1))
+    for g, (node, prio) in enumerate((("primary", 10), ("standby", 1))):
+        state.gateways[f"networks/n/egressGateways/g{g}"] = egress_pb2.EgressGateway(
+            name=f"networks/n/egressGateways/g{g}", node=f"networks/n/nodes/{node}", ranges=["198.51.100.0/24"],
+            priority=prio)
+
+    def via():
+        out = compiler.compile_node(state, "networks/n/nodes/client")
+        return [r.via_peer for r in out.routes]
+
+    assert via() == [_key(1)]
+    state.down = {"networks/n/nodes/primary"}
+    assert via() == [_key(2)]
+    state.down = {"networks/n/nodes/primary", "networks/n/nodes/standby"}
+    assert via() == [_key(1)]  # all down: the best keeps it
+    state.down = set()
+    assert via() == [_key(1)]
 
 
 def test_client_allowed_ranges_default_to_network_and_reachable_egress():

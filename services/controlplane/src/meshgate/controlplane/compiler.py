@@ -11,8 +11,12 @@ Rules:
   destination. A node without a public key is nobody's peer (it has not
   enrolled a key yet), but still gets its own desired state.
 - Each egress range is carried by one gateway: among the gateways declaring it
-  (HA), the highest priority wins, ties broken by name. Nodes reach it through
-  that gateway's node; the gateway's own node does not route it into the tunnel.
+  (HA), those whose node is up come first (a node is down once its agent has
+  been disconnected for the failover delay, see liveness.py), then the highest
+  priority wins, ties broken by name. When every candidate is down the best of
+  them keeps the range (routes never vanish because agents are unreachable).
+  Nodes reach the range through that gateway's node; the gateway's own node
+  does not route it into the tunnel.
 - An internet gateway adds 0.0.0.0/0 (and ::/0 with IPv6) to the chosen
   gateway's peer, and names that peer as the default route. This is the one
   permitted overlap of allowed IPs: WireGuard routes by longest prefix, so more
@@ -58,12 +62,15 @@ class NetworkState:
     # it, and the old key must stay signed until then.
     signatures: dict[str, dict[str, keys_pb2.SignedNodeKey]] = field(default_factory=dict)
     external_clients: dict[str, external_client_pb2.ExternalClient] = field(default_factory=dict)
+    # Names of nodes marked down (`liveness/{net}/{node}`): their gateways
+    # yield their ranges to gateways on nodes that are up.
+    down: set[str] = field(default_factory=set)
 
     def copy(self) -> "NetworkState":
         """A copy whose collections can change without touching this one's."""
         return NetworkState(
             self.network, dict(self.nodes), dict(self.gateways), dict(self.policies),
-            {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients),
+            {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients), set(self.down),
         )
 
 
@@ -168,7 +175,8 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
         node = state.nodes.get(gw.node)
         return node is not None and bool(node.public_key)
 
-    ranked = sorted((g for g in state.gateways.values() if usable(g)), key=lambda g: (-g.priority, g.name))
+    ranked = sorted((g for g in state.gateways.values() if usable(g)),
+                    key=lambda g: (g.node in state.down, -g.priority, g.name))
     by_range: dict[str, egress_pb2.EgressGateway] = {}
     internet = None
     for gw in ranked:
@@ -328,6 +336,15 @@ def compile_node(
 # compile_node, PeerIndex and active_gateways). Hazard: a field the compiler
 # starts reading from peers must be added here.
 PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags")
+
+
+def affected_by_liveness(state: NetworkState | None, name: str) -> set[str]:
+    """Nodes whose desired state may change when node `name` goes down or
+    comes back: every node, if it runs a gateway (its ranges may move);
+    otherwise none (liveness decides nothing else)."""
+    if state is None or not any(g.node == name for g in state.gateways.values()):
+        return set()
+    return set(state.nodes)
 
 
 def affected_by_client(before: NetworkState | None, after: NetworkState | None, name: str) -> set[str]:
