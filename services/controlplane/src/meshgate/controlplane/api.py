@@ -8,6 +8,8 @@ the server kit's interceptor.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 
 from google.protobuf import empty_pb2
 
@@ -35,6 +37,7 @@ from meshgate.controlplane.egress import EgressGateways
 from meshgate.controlplane.enrollment import EnrollmentKeys
 from meshgate.controlplane.externalclients import ExternalClients
 from meshgate.controlplane.keymaterial import KeyMaterial
+from meshgate.controlplane.liveness import DEFAULT_DELAY_S, Liveness
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
 from meshgate.controlplane.policies import AccessPolicies
@@ -183,9 +186,10 @@ class ControlPlane:
     `start()` loads the state cache and starts the fan-out, `stop()` ends
     agent streams and flushes status."""
 
-    def __init__(self, etcd: Etcd, keyservice: str = "") -> None:
+    def __init__(self, etcd: Etcd, keyservice: str = "", gateway_failover_after: float = DEFAULT_DELAY_S) -> None:
         self.etcd = with_trace(etcd)
         self.cache = StateCache(etcd)
+        self.liveness = Liveness(etcd, self.cache, gateway_failover_after, replica=f"{socket.gethostname()}/{os.getpid()}")
         self.key_material = KeyMaterial(keyservice)
         self.networks = Networks(etcd)
         self.nodes = Nodes(etcd, self.networks, self.cache, self.key_material)
@@ -213,11 +217,13 @@ class ControlPlane:
         ]
 
     async def start(self) -> None:
+        self.liveness.start()
         await self.fanout.start()
         await self.cache.start()
         await asyncio.wait_for(self.cache.ready.wait(), 30)
 
     async def stop(self) -> None:
+        await self.liveness.stop()
         await self.fanout.stop()
         await self.cache.stop()
         await self.key_material.close()

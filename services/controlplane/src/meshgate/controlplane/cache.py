@@ -55,6 +55,8 @@ class Change:
     # last sent instead of recompiling (the key service writes a rotation of a
     # thousand pairs as a run of transactions).
     psk_only: bool = False
+    # nodes whose agent session appeared or went (sessions/...; see liveness.py)
+    sessions: set[str] = field(default_factory=set)
 
 
 Listener = Callable[[Change], Awaitable[None]]
@@ -77,6 +79,8 @@ class StateCache:
         self._waiters: list[tuple[int, asyncio.Future]] = []
         # node name -> when a key rotation was last requested for it (ns)
         self.rotation_requests: dict[str, int] = {}
+        # names of nodes whose agent holds a stream on some replica (sessions/...)
+        self.sessions: set[str] = set()
 
     def _index(self, net_id: str, node: node_pb2.Node | external_client_pb2.ExternalClient | None, add: bool) -> None:
         if node is None:
@@ -172,10 +176,18 @@ class StateCache:
                 children.append((parts, kv))
             elif parts == ["changes", "trace"]:
                 traceparent = kv.value.decode(errors="replace")
-            elif _key_record(parts):
+            elif _key_record(parts) or (parts[0] in _NODE_FLAGS and len(parts) == 3):
                 children.append((parts, kv))
         rotations: dict[str, int] = {}
+        sessions: set[str] = set()
         for parts, kv in children:
+            if parts[0] in _NODE_FLAGS:
+                name = f"networks/{parts[1]}/nodes/{parts[2]}"
+                if parts[0] == "sessions":
+                    sessions.add(name)
+                elif parts[1] in nets:
+                    nets[parts[1]].down.add(name)
+                continue
             if parts[0] == "keys":
                 st = nets.get(parts[2])
                 name = _key_owner(parts)
@@ -196,6 +208,7 @@ class StateCache:
             getattr(st, attr)[msg.name] = msg
         self.networks = nets
         self.rotation_requests = rotations
+        self.sessions = sessions
         self.addresses, self.pubkeys = {}, {}
         for net_id, st in nets.items():
             for node in (*st.nodes.values(), *st.external_clients.values()):
@@ -204,7 +217,7 @@ class StateCache:
         self._advance(rev)
         self.ready.set()
         change = Change(rev, traceparent, {n: set(st.nodes) for n, st in nets.items()}, reset=True,
-                        rotations=set(rotations))
+                        rotations=set(rotations), sessions=set(sessions))
         log.info("state cache loaded at revision %d: %d networks", rev, len(nets))
         await self._notify(change)
 
@@ -255,17 +268,24 @@ class StateCache:
         relevant = []
         keyed = []
         traceparent = ""
+        sessions: set[str] = set()
         for ev in batch.events:
             parts = self._split(ev.key)
             if parts is None:
                 continue
-            if parts == ["changes", "trace"] and ev.put:
+            if parts[0] == "sessions" and len(parts) == 3:
+                name = f"networks/{parts[1]}/nodes/{parts[2]}"
+                (self.sessions.add if ev.put else self.sessions.discard)(name)
+                sessions.add(name)
+            elif parts[0] == "liveness" and len(parts) == 3:
+                relevant.append((parts, ev))
+            elif parts == ["changes", "trace"] and ev.put:
                 traceparent = ev.value.decode(errors="replace")
             elif (parts[0] == "networks" and len(parts) == 2) or (parts[0] in _COLLECTIONS and len(parts) == 3):
                 relevant.append((parts, ev))
             elif _key_record(parts):
                 keyed.append((parts, ev))
-        change = Change(batch.revision, traceparent)
+        change = Change(batch.revision, traceparent, sessions=sessions)
         if keyed:
             psk_only = self._apply_keys(keyed, change)
             if not relevant:
@@ -275,6 +295,8 @@ class StateCache:
                 return
         if not relevant:
             self._advance(batch.revision)
+            if sessions:
+                await self._notify(change)
             return
         befores: dict[str, compiler.NetworkState] = {}
 
@@ -307,6 +329,11 @@ class StateCache:
                 continue
             st = self.networks.get(net_id)
             if st is None:
+                continue
+            if parts[0] == "liveness":
+                name = f"networks/{net_id}/nodes/{parts[2]}"
+                (st.down.add if ev.put else st.down.discard)(name)
+                change.affected.setdefault(net_id, set()).update(compiler.affected_by_liveness(st, name))
                 continue
             attr, cls = _COLLECTIONS[parts[0]]
             name = names_of(parts)
@@ -366,6 +393,11 @@ def _parse(cls, key: bytes, value: bytes):
     except DecodeError:
         log.warning("ignoring %s: not a %s", key.decode(errors="replace"), cls.DESCRIPTOR.name)
         return None
+
+
+# Per-node flags the cache follows besides resources: agent sessions and
+# liveness marks (liveness.py).
+_NODE_FLAGS = ("sessions", "liveness")
 
 
 def _key_record(parts: list[str]) -> bool:

@@ -23,6 +23,11 @@ class ControlPlaneConfig(config.ServerConfig):
         "127.0.0.1:7400",
         "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
     )
+    gateway_failover_after: float = config.option(
+        15.0,
+        "seconds an egress gateway node's agent may be disconnected before its ranges move to a standby gateway "
+        "(another gateway declaring the same range); 0 turns failover off",
+    )
     keyservice: str = config.option(
         "",
         "the key service's address (host:port or unix:/path); it signs node keys and issues pre-shared "
@@ -33,7 +38,9 @@ class ControlPlaneConfig(config.ServerConfig):
 async def run(cfg: ControlPlaneConfig) -> None:
     etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
-    app = ControlPlane(etcd, cfg.keyservice)
+    if cfg.gateway_failover_after < 0:
+        raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")
+    app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after)
     if not cfg.keyservice:
         log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
     await app.start()

@@ -18,6 +18,8 @@ Layout under the prefix (default `/meshgate`):
     enrollmentUses/{net}/{key}/{node}   empty: one redemption of an unlimited key
     agents/{net}/{node}                 SHA-256 of the node agent's bearer token
     status/{net}/{node}                 the agent's last acknowledgement (NodeConvergence)
+    sessions/{net}/{node}               the agent's stream, on the holding replica's lease
+    liveness/{net}/{node}               a gateway node marked down (liveness.py)
     changes/trace                       W3C traceparent of the newest change (see sync.py)
 
 Values are binary protobuf. A resource's etag is its key's mod revision, so
@@ -47,7 +49,7 @@ from meshgate.common.etcd import KV, Etcd, prefix_end
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
     "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",
-    "externalClients", "accessPolicies", "agents", "status",
+    "externalClients", "accessPolicies", "agents", "status", "liveness",
 )
 
 

@@ -1,0 +1,141 @@
+"""Egress gateway failover by liveness, with simulated agents on a real
+control plane and etcd: when the primary gateway node's agent stays away
+longer than the failover delay, its range moves to the standby; when it comes
+back, the range moves back; a shorter absence changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from meshgate.api.v1 import (
+    agent_pb2_grpc,
+    egress_pb2_grpc,
+    enrollment_pb2_grpc,
+    network_pb2_grpc,
+    node_pb2_grpc,
+)
+from meshgate.common.config import ServerConfig
+from meshgate.common.server import GrpcServer
+from meshgate.controlplane.api import ControlPlane
+
+from cptest import SimAgent, make_gateway, make_key, make_network, wait_until
+
+RANGE = "198.51.100.0/24"
+
+
+@pytest.fixture
+async def failover_cp(etcd):
+    """Starts control planes with a given failover delay on the test's etcd prefix."""
+    made = []
+
+    async def start(delay: float):
+        app = ControlPlane(etcd, gateway_failover_after=delay)
+        await app.start()
+        server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
+        port = await server.start()
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        cp = SimpleNamespace(
+            app=app, etcd=etcd, networks=network_pb2_grpc.NetworkServiceStub(ch),
+            nodes=node_pb2_grpc.NodeServiceStub(ch), egress=egress_pb2_grpc.EgressGatewayServiceStub(ch),
+            keys=enrollment_pb2_grpc.EnrollmentKeyServiceStub(ch), agents=agent_pb2_grpc.AgentServiceStub(ch),
+            sim=[],
+        )
+        made.append((cp, ch, server))
+        return cp
+
+    yield start
+    for cp, ch, server in made:
+        for a in cp.sim:
+            await a.close()
+        await ch.close()
+        await server.stop(0)
+        await cp.app.stop()
+
+
+async def ha_network(cp):
+    """primary (priority 10) and standby (priority 1) both declare RANGE; a
+    client routes it through whichever carries it."""
+    await make_network(cp)
+    ek = await make_key(cp)
+    agents = {}
+    for i, name in enumerate(("primary", "standby", "client")):
+        a = await (await SimAgent(cp.agents, ek.secret, name, f"192.0.2.{i + 1}:51820").enroll()).connect()
+        cp.sim.append(a)
+        agents[name] = a
+    await make_gateway(cp, gw_id="gw-primary", node="primary", ranges=(RANGE,), priority=10)
+    await make_gateway(cp, gw_id="gw-standby", node="standby", ranges=(RANGE,), priority=1)
+    await wait_until(lambda: via(agents["client"]) == agents["primary"].public_key, "client routes via the primary")
+    return agents
+
+
+def via(agent) -> str:
+    routes = [r.via_peer for r in agent.state.routes if r.destination == RANGE] if agent.state else []
+    return routes[0] if routes else ""
+
+
+async def mark(cp, node: str):
+    return await cp.etcd.get(cp.etcd.key("liveness", "prod", node))
+
+
+async def test_range_moves_to_the_standby_and_back(failover_cp):
+    cp = await failover_cp(0.5)
+    agents = await ha_network(cp)
+    client, primary, standby = agents["client"], agents["primary"], agents["standby"]
+    await primary.close()  # the primary's machine goes away
+    await wait_until(lambda: via(client) == standby.public_key, "client fails over to the standby", timeout=20)
+    assert await mark(cp, "primary") is not None
+    # The standby's own state is unchanged in what it forwards: it always had its egress config.
+    assert [list(e.ranges) for e in standby.state.egress] == [[RANGE]]
+    await primary.connect()  # back
+    await wait_until(lambda: via(client) == primary.public_key, "client back on the primary", timeout=20)
+    await wait_until(_cleared(cp, "primary"), "the primary's mark is cleared")
+    assert cp.app.liveness.marks_written == 1 and cp.app.liveness.marks_cleared == 1
+
+
+def _cleared(cp, node):
+    async def check():
+        return await mark(cp, node) is None
+    return check
+
+
+async def test_an_absence_shorter_than_the_delay_changes_nothing(failover_cp):
+    cp = await failover_cp(30)
+    agents = await ha_network(cp)
+    client, primary = agents["client"], agents["primary"]
+    received = len(client.received)
+    await primary.close()
+    await asyncio.sleep(0.5)
+    await primary.connect()
+    await wait_until(lambda: primary.state is not None and primary.received, "primary reconnected")
+    await asyncio.sleep(0.5)
+    assert via(client) == primary.public_key and len(client.received) == received
+    assert await mark(cp, "primary") is None and cp.app.liveness.marks_written == 0
+
+
+async def test_failover_off_keeps_the_range_on_the_primary(failover_cp):
+    cp = await failover_cp(0)
+    agents = await ha_network(cp)
+    client, primary = agents["client"], agents["primary"]
+    await primary.close()
+    await asyncio.sleep(1.5)
+    assert via(client) == primary.public_key and await mark(cp, "primary") is None
+
+
+async def test_a_lone_gateway_keeps_its_range_while_down(failover_cp):
+    """No standby: the range stays where it is (routes never vanish because an agent is away)."""
+    cp = await failover_cp(0.3)
+    await make_network(cp)
+    ek = await make_key(cp)
+    gw = await (await SimAgent(cp.agents, ek.secret, "gw", "192.0.2.1:51820").enroll()).connect()
+    client = await (await SimAgent(cp.agents, ek.secret, "client", "192.0.2.2:51820").enroll()).connect()
+    cp.sim += [gw, client]
+    await make_gateway(cp, gw_id="only", node="gw", ranges=(RANGE,))
+    await wait_until(lambda: via(client) == gw.public_key, "client routes via the gateway")
+    await gw.close()
+    await wait_until(lambda: mark(cp, "gw"), "gw marked down", timeout=20)
+    await asyncio.sleep(0.3)
+    assert via(client) == gw.public_key
