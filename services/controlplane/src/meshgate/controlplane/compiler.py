@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Sequence
 
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
@@ -128,23 +128,54 @@ class PeerIndex:
     peers are then the union of the opposite sets of the policies it matches,
     so compiling every node of a network costs the size of the result, not
     nodes x nodes policy evaluations. Valid only while the state is unchanged:
-    build one per change (the fan-out) or per call (`peers_of`).
+    build one per change (the fan-out) or per call (`peers_of`). It also keeps
+    what every compile of the state would otherwise work out again: the active
+    gateways and the order of their ranges.
     """
 
     def __init__(self, state: NetworkState) -> None:
+        self._state = state
+        self._active: tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None, list[str]] | None = None
         self.keyed = sorted(n for n, node in state.nodes.items() if node.public_key)
         self._keyed_set = set(self.keyed)
         self.allow_all = state.network.default_policy != network_pb2.DENY
         self.pairs: list[tuple[set[str], set[str]]] = []
         if self.allow_all:
             return
+        selected: dict[str, frozenset[str]] = {}  # selector -> keyed nodes it matches, each worked out once
+
+        def matching(selectors) -> set[str]:
+            out: set[str] = set()
+            for sel in selectors:
+                got = selected.get(sel)
+                if got is None:
+                    got = selected[sel] = self._select(state, sel)
+                out |= got
+            return out
+
         for p in state.policies.values():
             if p.disabled or p.action != policy_pb2.ACCEPT:
                 continue
-            src = {n for n in self.keyed if any(_matches(s, state.nodes[n], state) for s in p.sources)}
-            dst = {n for n in self.keyed if any(_matches(d, state.nodes[n], state) for d in p.destinations)}
+            src = matching(p.sources)
+            dst = matching(p.destinations)
             if src and dst:
                 self.pairs.append((src, dst))
+
+    def _select(self, state: NetworkState, selector: str) -> frozenset[str]:
+        """The keyed nodes `selector` matches: `_matches`, over all of them at once."""
+        if selector == "*":
+            return frozenset(self.keyed)
+        kind, _, value = selector.partition(":")
+        if kind == "tag":
+            return frozenset(n for n in self.keyed if value in state.nodes[n].tags)
+        if kind == "node":
+            return frozenset(n for n in self.keyed if _id(state.nodes[n].name) == value)
+        if kind == "egress":
+            gw = state.gateways.get(f"{state.network.name}/egressGateways/{value}")
+            if gw is None:
+                return frozenset()
+            return frozenset(n for n in self.keyed if state.nodes[n].name == gw.node)
+        return frozenset()
 
     def peers_of(self, name: str) -> list[str]:
         """Names of the nodes `name` peers with, sorted."""
@@ -160,6 +191,13 @@ class PeerIndex:
                 out |= src
         out.discard(name)
         return sorted(out)
+
+    def active_gateways(self) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None, list[str]]:
+        """`active_gateways(state)`, plus its ranges in route order; worked out once."""
+        if self._active is None:
+            by_range, internet = active_gateways(self._state)
+            self._active = (by_range, internet, sorted(by_range, key=lambda c: _cidr_key(c)[3]))
+        return self._active
 
 
 def peers_of(state: NetworkState, name: str, index: PeerIndex | None = None) -> list[str]:
@@ -198,7 +236,9 @@ def _cidr_key(cidr: str) -> tuple[int, int, int, str]:
     return n.version, int(n.network_address), n.prefixlen, str(n)
 
 
-def _sort_cidrs(cidrs: Iterable[str]) -> list[str]:
+def _sort_cidrs(cidrs: Sequence[str]) -> list[str]:
+    if len(cidrs) == 1:  # most peers' allowed IPs: one host route
+        return [_cidr_key(cidrs[0])[3]]
     return [k[3] for k in sorted({_cidr_key(c) for c in cidrs})]
 
 
@@ -260,9 +300,13 @@ def compile_node(
         for c in state.external_clients.values():
             if c.gateway_node in allowed and c.public_key and not c.disabled:
                 allowed[c.gateway_node] += _host_routes(c)
-    by_range, internet = active_gateways(state)
+    if index is not None:
+        by_range, internet, range_order = index.active_gateways()
+    else:
+        by_range, internet = active_gateways(state)
+        range_order = sorted(by_range, key=lambda c: _cidr_key(c)[3])
     routes = []
-    for r in sorted(by_range, key=lambda c: _cidr_key(c)[3]):
+    for r in range_order:
         gw = by_range[r]
         if gw.node == name or gw.node not in allowed:
             continue
@@ -276,21 +320,21 @@ def compile_node(
 
     keepalive = net.persistent_keepalive.seconds
     use_psk = psk is not None and not net.disable_preshared_keys
+    add_peer = out.peers.add  # built in place: appending a Peer would copy it
+    nodes, signatures = state.nodes, state.signatures
     for p in peer_names:
-        peer = state.nodes[p]
-        sig = state.signatures.get(p, {}).get(peer.public_key)
-        out.peers.append(
-            ds.Peer(
-                public_key=peer.public_key,
-                # Only a signature of exactly this key counts; a key that reached
-                # etcd without the key service has none, and agents refuse it.
-                public_key_signature=sig.signature if sig is not None else b"",
-                preshared_key=psk(name, p) if use_psk else "",
-                endpoint=peer.endpoint,
-                allowed_ips=_sort_cidrs(allowed[p]),
-                persistent_keepalive_seconds=keepalive,
-                resource=p,
-            )
+        peer = nodes[p]
+        sig = signatures.get(p, {}).get(peer.public_key)
+        add_peer(
+            public_key=peer.public_key,
+            # Only a signature of exactly this key counts; a key that reached
+            # etcd without the key service has none, and agents refuse it.
+            public_key_signature=sig.signature if sig is not None else b"",
+            preshared_key=psk(name, p) if use_psk else "",
+            endpoint=peer.endpoint,
+            allowed_ips=_sort_cidrs(allowed[p]),
+            persistent_keepalive_seconds=keepalive,
+            resource=p,
         )
     clients = clients_of(state, name) if state.external_clients else []
     for c in clients:
@@ -379,39 +423,47 @@ def affected_by_node(before: NetworkState | None, after: NetworkState | None, na
     return out
 
 
-def diff(old: ds.DesiredState, new: ds.DesiredState) -> ds.DesiredStateDelta | None:
-    """The delta taking `old` to `new`, or None when they are equal."""
-    if _without_revision(old) == _without_revision(new):
+def diff(old: ds.DesiredState, new: ds.DesiredState, differ: bool = False) -> ds.DesiredStateDelta | None:
+    """The delta taking `old` to `new`, or None when they are equal. `differ`:
+    the caller already knows they are not (it compared `body()`s)."""
+    if not differ and body(old) == body(new):
         return None
     d = ds.DesiredStateDelta(base_revision=old.revision, revision=new.revision)
-    old_peers = {p.public_key: p for p in old.peers}
-    new_peers = {p.public_key: p for p in new.peers}
-    for pk, p in new_peers.items():
-        if old_peers.get(pk) != p:
-            d.upserted_peers.append(p)
-    d.removed_peers.extend(pk for pk in old_peers if pk not in new_peers)
+    if old.peers != new.peers:
+        old_peers = {p.public_key: p for p in old.peers}
+        new_peers = {p.public_key: p for p in new.peers}
+        for pk, p in new_peers.items():
+            if old_peers.get(pk) != p:
+                d.upserted_peers.append(p)
+        d.removed_peers.extend(pk for pk in old_peers if pk not in new_peers)
     if old.interface != new.interface:
         d.interface.CopyFrom(new.interface)
-    if list(old.routes) != list(new.routes):
+    if old.routes != new.routes:
         d.routes_changed = True
         d.routes.extend(new.routes)
-    if list(old.egress) != list(new.egress):
+    if old.egress != new.egress:
         d.egress_changed = True
         d.egress.extend(new.egress)
-    if list(old.filter_rules) != list(new.filter_rules):
+    if old.filter_rules != new.filter_rules:
         d.filter_rules_changed = True
         d.filter_rules.extend(new.filter_rules)
     if old.default_route_via_peer != new.default_route_via_peer:
         d.default_route_changed = True
         d.default_route_via_peer = new.default_route_via_peer
-    if list(old.relayed_ranges) != list(new.relayed_ranges):
+    if old.relayed_ranges != new.relayed_ranges:
         d.relayed_ranges_changed = True
         d.relayed_ranges.extend(new.relayed_ranges)
     return d
 
 
-def _without_revision(s: ds.DesiredState) -> bytes:
-    c = ds.DesiredState()
-    c.CopyFrom(s)
-    c.revision = 0
-    return c.SerializeToString(deterministic=True)
+def body(s: ds.DesiredState) -> bytes:
+    """The deterministic serialization of `s` without its revision: equal
+    bodies are equal states (what the fan-out digests and compares)."""
+    rev = s.revision
+    if not rev:
+        return s.SerializeToString(deterministic=True)
+    s.revision = 0  # cheaper than serializing a copy; restored at once
+    try:
+        return s.SerializeToString(deterministic=True)
+    finally:
+        s.revision = rev

@@ -23,6 +23,7 @@ Hazard: PSKs are secrets: never log them or put them in errors or spans.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Iterable
@@ -53,8 +54,12 @@ def _segment(name: str) -> str:
     return f"~{rid}" if collection == "externalClients" else rid
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def pair_id(a: str, b: str) -> str:
-    """The key service's id of the pair of peers `a` and `b` (node or external client resource names)."""
+    """The key service's id of the pair of peers `a` and `b` (node or external client resource names).
+
+    Cached: every compile looks up the key of each of its peers' pairs, and the
+    pairs recur from change to change."""
     x, y = sorted((_segment(a), _segment(b)))
     return f"{x}.{y}"
 

@@ -60,11 +60,9 @@ YIELD_EVERY = 64  # compiles between yields to the event loop in a fan-out
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
 
 
-def digest(state: ds.DesiredState) -> str:
-    c = ds.DesiredState()
-    c.CopyFrom(state)
-    c.revision = 0
-    return hashlib.sha256(c.SerializeToString(deterministic=True)).hexdigest()[:32]
+def digest(state: ds.DesiredState, body: bytes | None = None) -> str:
+    """The digest of a state without its revision; `body`: its `compiler.body()`, if at hand."""
+    return hashlib.sha256(compiler.body(state) if body is None else body).hexdigest()[:32]
 
 
 @dataclass
@@ -78,6 +76,7 @@ class Session:
     node: str
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     sent: ds.DesiredState | None = None
+    sent_body: bytes = b""  # compiler.body(sent)
     inflight: dict[int, str] = field(default_factory=dict)  # revision -> digest
     closed: bool = False
     close_reason: ApiError | None = None
@@ -92,23 +91,28 @@ class Session:
             snapshot=agent_pb2.SyncResponse.Snapshot(state=state),
         )
 
-    def push(self, state: ds.DesiredState, traceparent: str, force_snapshot: bool = False) -> int:
-        """Queue the message taking the agent to `state`; returns messages queued."""
+    def push(self, state: ds.DesiredState, traceparent: str, force_snapshot: bool = False,
+             body: bytes | None = None, dg: str | None = None) -> int:
+        """Queue the message taking the agent to `state`; returns messages queued.
+        `body` and `dg`: the state's `compiler.body()` and digest, if at hand."""
         if self.closed:
             return 0
+        if body is None:
+            body = compiler.body(state)
         if self.sent is None or force_snapshot:
             msg = self._snapshot(state, traceparent)
         else:
-            delta = compiler.diff(self.sent, state)
-            if delta is None:
+            if body == self.sent_body:
                 return 0
+            delta = compiler.diff(self.sent, state, differ=True)
             msg = agent_pb2.SyncResponse(
                 revision=state.revision,
                 trace_context=agent_pb2.TraceContext(traceparent=traceparent),
                 delta=agent_pb2.SyncResponse.Delta(delta=delta),
             )
         self.sent = state
-        self.inflight[state.revision] = digest(state)
+        self.sent_body = body
+        self.inflight[state.revision] = dg if dg is not None else digest(state, body)
         try:
             self.queue.put_nowait(msg)
         except asyncio.QueueFull:
@@ -149,12 +153,14 @@ class StatusWriter:
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
-        self.pending: dict[bytes, bytes] = {}
+        # key -> value, or a record (dict) written as JSON at the flush: a
+        # record updated again before the flush is encoded once, as it is then.
+        self.pending: dict[bytes, bytes | dict] = {}
         self.deletes: set[bytes] = set()
         self.wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: bytes | dict) -> None:
         self.deletes.discard(key)
         self.pending[key] = value
         self.wake.set()
@@ -184,7 +190,9 @@ class StatusWriter:
                 await asyncio.sleep(1)
 
     async def flush(self) -> None:
-        items, self.pending = list(self.pending.items()), {}
+        items = [(k, v if isinstance(v, bytes) else json.dumps(v, sort_keys=True).encode())
+                 for k, v in self.pending.items()]
+        self.pending = {}
         t = self.etcd.txn_ops
         for i in range(0, len(items), MAX_TXN_OPS):
             chunk = items[i : i + MAX_TXN_OPS]
@@ -397,14 +405,15 @@ class Fanout:
                         await asyncio.sleep(0)
                     new = states[name] if states is not None else self._held(
                         compiler.compile_node(st, name, change.revision, index))
-                    dg = digest(new)
+                    body = compiler.body(new)  # serialized once: digest and the delta's test
+                    dg = digest(new, body)
                     prev = self.desired.get(name)
                     if prev is not None and prev.digest == dg:
                         continue
                     self.desired[name] = Desired(dg, change.revision)
                     s = self.sessions.get(name)
                     if s is not None:
-                        sent += s.push(new, change.traceparent)
+                        sent += s.push(new, change.traceparent, body=body, dg=dg)
             for name in change.deleted_nodes:
                 self.desired.pop(name, None)
                 self.touched.pop(name, None)
@@ -545,8 +554,10 @@ class Fanout:
                             peer.preshared_key = key
                             dirty = True
                 if dirty:
-                    self.desired[name] = Desired(digest(new), change.revision)
-                    sent += session.push(new, change.traceparent)
+                    body = compiler.body(new)
+                    dg = digest(new, body)
+                    self.desired[name] = Desired(dg, change.revision)
+                    sent += session.push(new, change.traceparent, body=body, dg=dg)
         return sent
 
     # sessions ------------------------------------------------------------
@@ -563,14 +574,15 @@ class Fanout:
             if state is None:
                 raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; reconnect later",
                                "KEY_SERVICE_UNAVAILABLE")
-            dg = digest(state)
+            body = compiler.body(state)
+            dg = digest(state, body)
             d = self.desired.get(node)
             if d is None or d.digest != dg:
                 rev = self.touched.get(node, self.cache.revision)
                 self.desired[node] = Desired(dg, rev)
                 state.revision = rev
             self.sessions[node] = session
-            session.push(state, "", force_snapshot=True)
+            session.push(state, "", force_snapshot=True, body=body, dg=dg)
             self.messages_sent += 1
             if self.rotation_pending(node):
                 session.ask_rotation("requested by the key service")
@@ -596,7 +608,8 @@ class Fanout:
     def ack(self, session: Session, ack: agent_pb2.SyncRequest.Ack) -> None:
         if ack.status.code == 0:
             session.acked = max(session.acked, ack.revision)
-            asyncio.get_running_loop().create_task(self._notify_acked())
+            if self.holds or self.peer_holds:  # set for as long as rotate() may wait on acks
+                asyncio.get_running_loop().create_task(self._notify_acked())
         dg = session.inflight.get(ack.revision)
         for r in [r for r in session.inflight if r <= ack.revision]:
             del session.inflight[r]
@@ -616,7 +629,7 @@ class Fanout:
             rec["last_error"] = error
         if contact:
             rec["contact_ns"] = time.time_ns()
-        self.status.put(key, json.dumps(rec, sort_keys=True).encode())
+        self.status.put(key, rec)  # serialized when flushed: one encoding per node per flush
 
     # status --------------------------------------------------------------
 
