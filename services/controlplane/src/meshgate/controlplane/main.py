@@ -10,6 +10,7 @@ from meshgate.common import config
 from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer, serve
+from meshgate.controlplane import gctune
 from meshgate.controlplane.api import ControlPlane
 
 log = logging.getLogger("meshgate.controlplane")
@@ -44,6 +45,7 @@ async def run(cfg: ControlPlaneConfig) -> None:
     if not cfg.keyservice:
         log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
     await app.start()
+    gctune.freeze_startup_heap()  # the cache is loaded: keep its objects out of GC passes
     server = GrpcServer(cfg, app.bindings)
     await serve(server, before_drain=[app.fanout.close_sessions], on_shutdown=[app.stop, etcd.close])
 
