@@ -198,3 +198,69 @@ async def test_agents_on_two_control_plane_processes_converge_on_a_change_made_t
             await ch.close()
         for p in procs:
             p.stop()
+
+
+FROZEN_AGENT = """
+import asyncio, sys
+import grpc
+sys.path.insert(0, sys.argv[3])
+import cptest
+from meshgate.api.v1 import agent_pb2_grpc
+
+async def main():
+    ch = grpc.aio.insecure_channel(sys.argv[1])
+    a = await (await cptest.SimAgent(agent_pb2_grpc.AgentServiceStub(ch), sys.argv[2], "frozen").enroll()).connect()
+    await cptest.wait_until(lambda: a.state is not None, "snapshot")
+    print("connected", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_an_agent_that_stops_answering_is_disconnected_by_keepalive(etcd_server, etcd_prefix):
+    """An agent whose machine hangs (here: SIGSTOP, so its kernel still acks
+    TCP but nothing answers HTTP/2 pings) is noticed by the server's keepalive
+    and shown disconnected, so gateway failover can start; without keepalive
+    its stream would look alive until TCP gave up, many minutes later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cp = ServiceProcess(
+        "meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]).start()
+    ch = grpc.aio.insecure_channel(cp.target)
+    agent = None
+    try:
+        nets = network_pb2_grpc.NetworkServiceStub(ch)
+        await nets.CreateNetwork(
+            network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
+        key = await enrollment_pb2_grpc.EnrollmentKeyServiceStub(ch).CreateEnrollmentKey(
+            enrollment_pb2.CreateEnrollmentKeyRequest(parent="networks/prod", enrollment_key_id="k",
+                                                      enrollment_key=enrollment_pb2.EnrollmentKey()))
+        tests_dir = os.path.dirname(cptest.__file__)
+        agent = subprocess.Popen([sys.executable, "-c", FROZEN_AGENT, cp.target, key.secret, tests_dir],
+                                 stdout=subprocess.PIPE, text=True)
+        assert await asyncio.to_thread(agent.stdout.readline) == "connected\n"
+
+        async def connected() -> bool:
+            st = await nets.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+            return bool(st.nodes) and st.nodes[0].connected
+
+        assert await connected()
+        agent.send_signal(signal.SIGSTOP)
+        await cptest.wait_until(lambda: _not(connected), "the hung agent shown disconnected", timeout=60)
+    finally:
+        if agent is not None:
+            agent.send_signal(signal.SIGCONT)
+            agent.kill()
+            agent.wait(10)
+        await ch.close()
+        cp.stop()
+
+
+def _not(check):
+    async def run():
+        return not await check()
+    return run()

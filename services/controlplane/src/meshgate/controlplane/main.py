@@ -16,6 +16,22 @@ from meshgate.controlplane.api import ControlPlane
 log = logging.getLogger("meshgate.controlplane")
 
 
+# HTTP/2 keepalive on agents' streams: a node that vanished without closing
+# its connection (power loss, a cut link) is noticed within about 15 s (a
+# ping every 10 s, 5 s to answer), its session ends, and gateway failover
+# (liveness.py) can start counting. Agents ping every 20 s themselves
+# (gatewayd/stream.py), which the server must accept.
+AGENT_KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    # Recent gRPC cores time a keepalive ping out by this, not by
+    # keepalive_timeout (whose default, a minute, would hide a dead agent).
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
+
 @dataclass
 class ControlPlaneConfig(config.ServerConfig):
     """Control-plane settings: the server kit's, and where the key service is."""
@@ -46,7 +62,7 @@ async def run(cfg: ControlPlaneConfig) -> None:
         log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
     await app.start()
     gctune.freeze_startup_heap()  # the cache is loaded: keep its objects out of GC passes
-    server = GrpcServer(cfg, app.bindings)
+    server = GrpcServer(cfg, app.bindings, options=AGENT_KEEPALIVE)
     await serve(server, before_drain=[app.fanout.close_sessions], on_shutdown=[app.stop, etcd.close])
 
 

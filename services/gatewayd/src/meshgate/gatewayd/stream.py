@@ -54,6 +54,8 @@ IDENTITY_FILE = "identity.json"
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # what recent gRPC cores actually time a keepalive ping out by (default: a minute)
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
