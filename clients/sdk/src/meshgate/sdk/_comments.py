@@ -113,7 +113,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                       'replies back to the gateway.',
  'meshgate.api.v1.EgressGateway.node': 'The node that forwards, `networks/{network}/nodes/{node}`, in the same '
                                        'network.',
- 'meshgate.api.v1.EgressGateway.priority': 'Among gateways with the same ranges, the highest priority wins (0-1000).',
+ 'meshgate.api.v1.EgressGateway.priority': 'Among gateways with the same ranges, the highest priority wins (0-1000),\n'
+                                           'preferring gateways whose node is up: one whose agent has been\n'
+                                           "disconnected longer than the control plane's failover delay yields the\n"
+                                           'ranges to the next, and takes them back when it returns.',
  'meshgate.api.v1.EgressGateway.ranges': 'Destination ranges (CIDR) reached through the gateway; at most 256. They\n'
                                          "may not overlap the network's own ranges, nor another gateway's ranges\n"
                                          'unless equal (HA).',

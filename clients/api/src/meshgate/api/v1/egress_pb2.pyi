@@ -78,7 +78,11 @@ class EgressGateway(_message.Message):
     gateway's route to each range.
     """
     priority: _builtins.int
-    """Among gateways with the same ranges, the highest priority wins (0-1000)."""
+    """Among gateways with the same ranges, the highest priority wins (0-1000),
+    preferring gateways whose node is up: one whose agent has been
+    disconnected longer than the control plane's failover delay yields the
+    ranges to the next, and takes them back when it returns.
+    """
     internet_gateway: _builtins.bool
     """Also carry all other traffic (0.0.0.0/0 and ::/0) of the nodes that use it."""
     display_name: _builtins.str
