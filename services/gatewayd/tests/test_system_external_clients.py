@@ -14,6 +14,7 @@ it off.
 
 from __future__ import annotations
 
+import base64
 import configparser
 
 import pytest
@@ -49,6 +50,10 @@ def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLo
     conf = configparser.ConfigParser()
     conf.optionxform = str
     conf.read_string(c.config)
+    # The laptop's private key and pre-shared key: in no log, span or etcd value.
+    keyed.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
+                    c.config)
+    keyed.guard.expect_span("/meshgate.api.v1.KeyService/IssueClientKeyPair", "meshgate-keyservice")
     assert conf["Peer"]["AllowedIPs"] == "100.64.0.0/24, 198.51.100.0/24"
     # The client config names the gateway node's underlay address its agent registered.
     assert conf["Peer"]["Endpoint"] == f"{eg.gw_underlay(0)}:51820"
