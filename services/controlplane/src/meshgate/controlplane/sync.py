@@ -722,8 +722,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(session.queue.get(), HEARTBEAT_S)
-                except asyncio.TimeoutError:
+                    if not session.queue.empty():
+                        msg = session.queue.get_nowait()
+                    else:
+                        # asyncio.timeout, not wait_for: no task per message
+                        async with asyncio.timeout(HEARTBEAT_S):
+                            msg = await session.queue.get()
+                except TimeoutError:
                     msg = agent_pb2.SyncResponse(
                         revision=session.sent.revision if session.sent else 0,
                         heartbeat=agent_pb2.SyncResponse.Heartbeat(),
