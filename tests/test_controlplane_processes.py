@@ -264,3 +264,47 @@ def _not(check):
     async def run():
         return not await check()
     return run()
+
+
+async def test_the_key_service_link_can_use_mtls(etcd_server, etcd_prefix, tmp_path):
+    """Key service serving mTLS; the control plane reaches it with
+    --keyservice-ca/-cert/-key (a node key gets signed), and without a client
+    certificate it cannot (the create is refused as UNAVAILABLE, not made unsigned)."""
+    from meshgate.common.testing import write_test_pki
+
+    pki = write_test_pki(tmp_path)
+    kek = tmp_path / "kek"
+    fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, f"k1:{base64.b64encode(os.urandom(32)).decode()}\n".encode())
+    os.close(fd)
+    common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
+    read = {k: open(v, "rb").read() for k, v in pki.items()}
+    ks = ServiceProcess(
+        "meshgate-keyservice",
+        common + ["--kek-file", str(kek), "--tls-cert", pki["srv.pem"], "--tls-key", pki["srv.key"],
+                  "--tls-client-ca", pki["ca.pem"]],
+        credentials=grpc.ssl_channel_credentials(read["ca.pem"], read["cli.key"], read["cli.pem"]),
+    ).start()
+    procs = [ks]
+    try:
+        for name, extra in (("mtls", ["--keyservice-cert", pki["cli.pem"], "--keyservice-key", pki["cli.key"]]),
+                            ("no-client-cert", [])):
+            cp = ServiceProcess("meshgate-controlplane",
+                                common + ["--keyservice", ks.target, "--keyservice-ca", pki["ca.pem"], *extra]).start()
+            procs.append(cp)
+            async with grpc.aio.insecure_channel(cp.target) as ch:
+                if name == "mtls":
+                    await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(network_pb2.CreateNetworkRequest(
+                        network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
+                req = node_pb2.CreateNodeRequest(parent="networks/prod", node_id=f"n-{name}",
+                                                 node=node_pb2.Node(public_key=base64.b64encode(os.urandom(32)).decode()))
+                if name == "mtls":
+                    node = await node_pb2_grpc.NodeServiceStub(ch).CreateNode(req)
+                    assert node.public_key
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as ei:
+                        await node_pb2_grpc.NodeServiceStub(ch).CreateNode(req)
+                    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "key service" in ei.value.details()
+    finally:
+        for p in procs:
+            p.stop()

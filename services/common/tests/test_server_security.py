@@ -6,19 +6,13 @@ binding, which the tests prove with 192.0.2.1 (TEST-NET-1, not on this host).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer, is_loopback, server_credentials
+from meshgate.common.testing import write_test_pki
 
 
 @pytest.mark.parametrize(
@@ -69,55 +63,9 @@ async def test_start_refuses_before_binding():
 # --- TLS ---------------------------------------------------------------------
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject, issuer, key, issuer_key, *, ca=False, san=None, usage=None):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    if usage:
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("meshgate test CA", "meshgate test CA", ca_key, ca_key, ca=True)
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = _cert(
-        "controlplane", "meshgate test CA", srv_key, ca_key,
-        san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
-    )
-    cli_key = ec.generate_private_key(ec.SECP256R1())
-    cli = _cert("node-a", "meshgate test CA", cli_key, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    files = {}
-    for name, obj in [("ca.pem", ca), ("srv.pem", srv), ("srv.key", srv_key), ("cli.pem", cli), ("cli.key", cli_key)]:
-        (d / name).write_bytes(_pem(obj))
-        files[name] = str(d / name)
-    return files
+    return write_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def _check(port: int, creds: grpc.ChannelCredentials | None) -> health_pb2.HealthCheckResponse:

@@ -40,6 +40,8 @@ class ServiceProcess:
     listen: str = "127.0.0.1:0"
     port: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    # For a server started with TLS: the health check's channel credentials.
+    credentials: grpc.ChannelCredentials | None = field(default=None, repr=False)
     _workdir: str = field(default="", repr=False)
     _final_log: str | None = field(default=None, repr=False)
 
@@ -74,7 +76,9 @@ class ServiceProcess:
         raise RuntimeError(f"{self.entry_point} did not become healthy in {timeout}s:\n{self.log()}")
 
     def healthy(self) -> bool:
-        with grpc.insecure_channel(self.target) as ch:
+        ch = (grpc.secure_channel(self.target, self.credentials) if self.credentials is not None
+              else grpc.insecure_channel(self.target))
+        with ch:
             try:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
             except grpc.RpcError:
@@ -409,3 +413,54 @@ def span_capture() -> SpanCapture:
         raise RuntimeError("could not install the span-capturing tracer provider")
     _capture = capture
     return capture
+
+
+def write_test_pki(directory) -> dict[str, str]:
+    """A throwaway CA with a server certificate (for 127.0.0.1 and localhost)
+    and a client certificate, as PEM files in `directory` (made by the test):
+    paths by name, `ca.pem`, `srv.pem`, `srv.key`, `cli.pem`, `cli.key`."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject, key, issuer_key, *, ca=False, san=None, usage=None):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (
+            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("meshgate test CA"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def pem(obj) -> bytes:
+        if isinstance(obj, x509.Certificate):
+            return obj.public_bytes(serialization.Encoding.PEM)
+        return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    d = Path(directory)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("meshgate test CA", ca_key, ca_key, ca=True)
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    srv = cert("server", srv_key, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+               san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    cli_key = ec.generate_private_key(ec.SECP256R1())
+    cli = cert("client", cli_key, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    files = {}
+    for fname, obj in [("ca.pem", ca), ("srv.pem", srv), ("srv.key", srv_key), ("cli.pem", cli), ("cli.key", cli_key)]:
+        (d / fname).write_bytes(pem(obj))
+        files[fname] = str(d / fname)
+    return files

@@ -186,11 +186,12 @@ class ControlPlane:
     `start()` loads the state cache and starts the fan-out, `stop()` ends
     agent streams and flushes status."""
 
-    def __init__(self, etcd: Etcd, keyservice: str = "", gateway_failover_after: float = DEFAULT_DELAY_S) -> None:
+    def __init__(self, etcd: Etcd, keyservice: str = "", gateway_failover_after: float = DEFAULT_DELAY_S,
+                 keyservice_credentials=None) -> None:
         self.etcd = with_trace(etcd)
         self.cache = StateCache(etcd)
         self.liveness = Liveness(etcd, self.cache, gateway_failover_after, replica=f"{socket.gethostname()}/{os.getpid()}")
-        self.key_material = KeyMaterial(keyservice)
+        self.key_material = KeyMaterial(keyservice, credentials=keyservice_credentials)
         self.networks = Networks(etcd)
         self.nodes = Nodes(etcd, self.networks, self.cache, self.key_material)
         self.gateways = EgressGateways(etcd, self.networks)

@@ -65,7 +65,7 @@ def pair_id(a: str, b: str) -> str:
 
 
 class KeyMaterial:
-    def __init__(self, target: str = "", timeout: float = 10) -> None:
+    def __init__(self, target: str = "", timeout: float = 10, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self._channel = None
@@ -74,7 +74,10 @@ class KeyMaterial:
 
             # Client spans carry the caller's trace to the key service, so its
             # spans join the API call that needed them.
-            self._channel = grpc.aio.insecure_channel(target, interceptors=aio_client_interceptors())
+            if credentials is not None:
+                self._channel = grpc.aio.secure_channel(target, credentials, interceptors=aio_client_interceptors())
+            else:
+                self._channel = grpc.aio.insecure_channel(target, interceptors=aio_client_interceptors())
         self.stub = keys_pb2_grpc.KeyServiceStub(self._channel) if self._channel else None
         self._psks: dict[tuple[str, str], tuple[int, str]] = {}
         self._authority: list[bytes] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+
+import grpc
 from dataclasses import dataclass
 
 from meshgate.common import config
@@ -45,10 +47,38 @@ class ControlPlaneConfig(config.ServerConfig):
         "seconds an egress gateway node's agent may be disconnected before its ranges move to a standby gateway "
         "(another gateway declaring the same range); 0 turns failover off",
     )
+    keyservice_ca: str = config.option(
+        "", "PEM CA bundle that signed the key service's certificate: the link to it uses TLS when set",
+    )
+    keyservice_cert: str = config.option("", "PEM client certificate for the key service (when it requires mTLS)")
+    keyservice_key: str = config.option("", "PEM private key of --keyservice-cert")
     keyservice: str = config.option(
         "",
         "the key service's address (host:port or unix:/path); it signs node keys and issues pre-shared "
         "keys. Empty: nothing is signed and no pre-shared keys are used (development only)",
+    )
+
+
+def keyservice_credentials(cfg: ControlPlaneConfig) -> grpc.ChannelCredentials | None:
+    """TLS (or mTLS) credentials for the key service link; None for plaintext."""
+    if not (cfg.keyservice_ca or cfg.keyservice_cert or cfg.keyservice_key):
+        return None
+    if not cfg.keyservice_ca:
+        raise SystemExit("--keyservice-cert/--keyservice-key need --keyservice-ca (the key service's CA)")
+    if bool(cfg.keyservice_cert) != bool(cfg.keyservice_key):
+        raise SystemExit("--keyservice-cert and --keyservice-key go together")
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise SystemExit(f"cannot read the {what} {path!r}: {e.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(cfg.keyservice_ca, "key service CA"),
+        private_key=read(cfg.keyservice_key, "key service client key") if cfg.keyservice_key else None,
+        certificate_chain=read(cfg.keyservice_cert, "key service client certificate") if cfg.keyservice_cert else None,
     )
 
 
@@ -57,7 +87,8 @@ async def run(cfg: ControlPlaneConfig) -> None:
     await etcd.connect()
     if cfg.gateway_failover_after < 0:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")
-    app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after)
+    app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after,
+                       keyservice_credentials=keyservice_credentials(cfg))
     if not cfg.keyservice:
         log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
     await app.start()
