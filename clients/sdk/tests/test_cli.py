@@ -128,7 +128,7 @@ def test_secrets_returned_once_are_printed_in_table_output(controlplane, fresh):
     out = run("external-client", "create", "--parent", fresh.network, "--external-client-id", "phone",
               "--external-client.gateway-node", node["name"], "-o", "table", target=t).stdout
     head, _, config = out.partition("returned only now; keep it safe, it holds secrets):\n")
-    assert head.splitlines()[0].split() == ["NAME", "GATEWAY", "IPV4", "DISABLED"]
+    assert head.splitlines()[0].split() == ["NAME", "GATEWAY", "IPV4", "DISABLED", "LAST", "HANDSHAKE"]
     assert config.startswith("# meshgate external client") and "PrivateKey = " in config
     assert "Endpoint = 192.0.2.10:51820" in config
     # -o secret: the configuration alone, ready for a file; -o qr: a QR code of it.

@@ -342,3 +342,44 @@ async def test_a_client_created_while_its_node_is_deleted_stops_the_delete(keyed
         etcd.list_prefix = real
     assert raced and ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION and PHONE in ei.value.details()
     assert await cp.etcd.get(cp.etcd.key("nodes", "prod", "a")) is not None
+
+
+async def test_the_gateway_nodes_reports_show_the_clients_tunnel(keyed):
+    """gatewayd reports its peers' handshake times and counters (Health); the
+    control plane keeps those of the external clients it sent the node, and
+    Get and List show them. Reports about other keys or from other nodes do not count."""
+    from google.protobuf import timestamp_pb2
+
+    from meshgate.api.v1 import agent_pb2
+
+    cp = keyed
+    a, b = await agents(cp)
+    c = await create(cp.clients, guard=cp.guard)
+    await wait_until(lambda: peer(a, PHONE) is not None, "phone on a")
+    handshake = timestamp_pb2.Timestamp(seconds=1_790_000_000)
+
+    def health(*peers):
+        h = agent_pb2.SyncRequest.Health()
+        for key, rx in peers:
+            h.peers.add(public_key=key, latest_handshake_time=handshake, rx_bytes=rx, tx_bytes=rx * 2)
+        return agent_pb2.SyncRequest(health=h)
+
+    got = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
+    assert not got.HasField("last_handshake_time") and not got.HasField("report_time")
+    # b was never sent the client: its report about the client's key is ignored.
+    await b._acks.put(health((c.public_key, 999)))
+    # a reports it (and a stranger key, ignored).
+    await a._acks.put(health((c.public_key, 1234), (base64.b64encode(bytes(32)).decode(), 5)))
+
+    async def reported():
+        g = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
+        return g if g.rx_bytes else None
+
+    got = await wait_until(reported, "the client's tunnel shown")
+    assert (got.last_handshake_time, got.rx_bytes, got.tx_bytes) == (handshake, 1234, 2468)
+    assert got.HasField("report_time")
+    listed = await cp.clients.ListExternalClients(ec.ListExternalClientsRequest(parent="networks/prod"))
+    assert [(x.name, x.rx_bytes) for x in listed.external_clients] == [(PHONE, 1234)]
+    # Deleting the client deletes its report too.
+    await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE))
+    assert [k for k in await cp.etcd.dump() if b"/clientHealth/" in k] == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import time
 
 import pytest
 
@@ -34,8 +35,10 @@ def pings(host, addr: str, count: int = 3) -> bool:
     return host.run("ping", "-n", "-c", str(count), "-W", "1", addr, check=False).returncode == 0
 
 
-def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLoop, egress: Egress):  # noqa: F811
+def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLoop, egress: Egress,  # noqa: F811
+                                                                  monkeypatch):
     eg, lab = egress, egress.lab
+    monkeypatch.setenv("MESHGATE_GATEWAYD_HEALTH_INTERVAL", "1")  # gatewayd reports its peers every second
     laptop = lab.host("laptop")
     lab.wire(eg.gw.host, "eth-l", f"{GW_TO_LAPTOP}/28", laptop, "eth0", f"{LAPTOP_UNDERLAY}/28")
     laptop.ip("route", "add", "default", "via", GW_TO_LAPTOP)
@@ -70,6 +73,13 @@ def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLo
         finally:
             server.kill()
         assert list(wg.peers()) == [eg.gw.public_key]
+        # The gateway node's reports show the laptop's tunnel on the client resource.
+        deadline = time.monotonic() + 30
+        got = clients.GetExternalClient(ec.GetExternalClientRequest(name=c.name))
+        while not (got.HasField("last_handshake_time") and got.rx_bytes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            got = clients.GetExternalClient(ec.GetExternalClientRequest(name=c.name))
+        assert got.HasField("last_handshake_time") and got.rx_bytes > 0 and got.tx_bytes > 0, got
 
         # Disabled: the gateway node drops the peer; the laptop is cut off.
         clients.UpdateExternalClient(ec.UpdateExternalClientRequest(

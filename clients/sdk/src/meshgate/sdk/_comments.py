@@ -184,8 +184,18 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                 'it\n'
                                                 'needs an endpoint.',
  'meshgate.api.v1.ExternalClient.ipv4_address': 'Overlay addresses allocated to the client.',
+ 'meshgate.api.v1.ExternalClient.last_handshake_time': "The client's tunnel as its gateway node last reported it "
+                                                       '(gatewayd sends\n'
+                                                       "its peers' counters every 30 s): when the client last "
+                                                       'completed a\n'
+                                                       'handshake, and the bytes the gateway node received from and '
+                                                       'sent to it.\n'
+                                                       'Unset until the gateway node has reported the client.',
  'meshgate.api.v1.ExternalClient.name': 'Resource name, `networks/{network}/externalClients/{external_client}`.',
  'meshgate.api.v1.ExternalClient.public_key': "The client's public key.",
+ 'meshgate.api.v1.ExternalClient.report_time': 'When the gateway node first reported these values (reports that '
+                                               'change\n'
+                                               'nothing are not recorded).',
  'meshgate.api.v1.ExternalClientService': 'Manages external clients.',
  'meshgate.api.v1.ExternalClientService.CreateExternalClient': 'Creates a client with a fresh key pair; the response '
                                                                'carries its config, once.',
@@ -345,7 +355,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.SyncRequest': 'Agent to control plane.',
  'meshgate.api.v1.SyncRequest.Ack': 'The outcome of applying one revision.',
  'meshgate.api.v1.SyncRequest.Ack.status': 'OK, or why the apply failed (the previous state stays in place).',
- 'meshgate.api.v1.SyncRequest.Health': "Periodic health of the node's data plane.",
+ 'meshgate.api.v1.SyncRequest.Health': "Periodic health of the node's data plane: gatewayd sends every peer's\n"
+                                       'counters every 30 s while connected (the control plane keeps those of\n'
+                                       'external clients, shown on ExternalClient).',
  'meshgate.api.v1.SyncRequest.Hello': 'First message on a stream.',
  'meshgate.api.v1.SyncRequest.Hello.applied_revision': 'The revision the agent has applied (from its state on disk), 0 '
                                                        'if none.',

@@ -53,7 +53,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "meshgate.api.v1.EnrollmentKey": [("NAME", "name"), ("USES", "uses"), ("MAX USES", "max_uses"),
                                       ("EXPIRES", "expire_time"), ("REVOKED", "revoke_time")],
     "meshgate.api.v1.ExternalClient": [("NAME", "name"), ("GATEWAY", "gateway_node"), ("IPV4", "ipv4_address"),
-                                       ("DISABLED", "disabled")],
+                                       ("DISABLED", "disabled"), ("LAST HANDSHAKE", "last_handshake_time")],
     "meshgate.api.v1.AccessPolicy": [("NAME", "name"), ("SOURCES", "sources"), ("DESTINATIONS", "destinations"),
                                      ("PROTOCOL", "protocol"), ("ACTION", "action"), ("PRIORITY", "priority")],
     "meshgate.api.v1.WatchEvent": [("REVISION", "revision"), ("TYPE", "type"), ("RESOURCE", "resource_name")],

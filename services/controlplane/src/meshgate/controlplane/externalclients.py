@@ -45,6 +45,7 @@ create and is never stored, logged or put into an error.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 
 import grpc
@@ -126,9 +127,10 @@ def guard_key(res: Resources, net_id: str) -> bytes:
 
 
 def delete_ops(res: Resources, net_id: str, client: external_client_pb2.ExternalClient) -> list:
-    """Operations removing `client`, its claims and its key material (at most 8)."""
+    """Operations removing `client`, its claims, its health report and its key material (at most 9)."""
     cid = client.name.rsplit("/", 1)[1]
-    ops = [res.t.delete(res.etcd.key(KIND.collection, net_id, cid)), res.t.put(guard_key(res, net_id), b"")]
+    ops = [res.t.delete(res.etcd.key(KIND.collection, net_id, cid)), res.t.put(guard_key(res, net_id), b""),
+           res.t.delete(res.etcd.key("clientHealth", net_id, cid))]
     for family, addr in (("v4", client.ipv4_address), ("v6", client.ipv6_address)):
         if addr:
             ops.append(res.t.delete(res.keys.ipam(net_id, family, addr)))
@@ -150,6 +152,36 @@ class ExternalClients(Resources):
     def present(self, msg):
         msg.config = ""  # never stored; belt and braces
         return msg
+
+    async def _with_health(self, items: list) -> list:
+        """Fill the tunnel fields from the gateway nodes' reports
+        (`clientHealth/{net}/{client}`, written by the fan-out), when they are
+        about the client's current key and gateway node."""
+        if not items:
+            return items
+        net_id, _ = self.parse_name(items[0].name)
+        if len(items) == 1:
+            kv = await self.etcd.get(self.etcd.key("clientHealth", net_id, items[0].name.rsplit("/", 1)[1]))
+            kvs = [kv] if kv is not None else []
+        else:
+            kvs, _ = await self.etcd.list_prefix(self.etcd.key("clientHealth", net_id, ""))
+        reports = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value) for kv in kvs}
+        for c in items:
+            r = reports.get(c.name.rsplit("/", 1)[1])
+            if r is None or r.get("public_key") != c.public_key or r.get("gateway_node") != c.gateway_node:
+                continue
+            if r["handshake_ns"]:
+                c.last_handshake_time.FromNanoseconds(r["handshake_ns"])
+            c.rx_bytes, c.tx_bytes = r["rx_bytes"], r["tx_bytes"]
+            c.report_time.FromNanoseconds(r["report_ns"])
+        return items
+
+    async def get(self, name: str):
+        return (await self._with_health([await super().get(name)]))[0]
+
+    async def list_children(self, parent: str, page_size: int, page_token: str):
+        items, token = await super().list_children(parent, page_size, page_token)
+        return await self._with_health(items), token
 
     # create ----------------------------------------------------------------
 

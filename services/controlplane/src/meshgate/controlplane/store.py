@@ -20,6 +20,7 @@ Layout under the prefix (default `/meshgate`):
     status/{net}/{node}                 the agent's last acknowledgement (NodeConvergence)
     sessions/{net}/{node}               the agent's stream, on the holding replica's lease
     liveness/{net}/{node}               a gateway node marked down (liveness.py)
+    clientHealth/{net}/{client}         an external client's tunnel as its gateway node reported it (JSON)
     changes/trace                       W3C traceparent of the newest change (see sync.py)
 
 Values are binary protobuf. A resource's etag is its key's mod revision, so
@@ -49,7 +50,7 @@ from meshgate.common.etcd import KV, Etcd, prefix_end
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
     "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",
-    "externalClients", "accessPolicies", "agents", "status", "liveness",
+    "externalClients", "accessPolicies", "agents", "status", "liveness", "clientHealth",
 )
 
 

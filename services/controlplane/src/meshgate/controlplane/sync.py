@@ -231,6 +231,7 @@ class Fanout:
         self.status = StatusWriter(etcd)
         self.messages_sent = 0
         self._records: dict[bytes, dict] = {}
+        self._client_health: dict[bytes, dict] = {}  # what this replica last wrote per client
         self.lease = None
         self._lease_task: asyncio.Task | None = None
         cache.listeners.append(self.on_change)
@@ -631,6 +632,31 @@ class Fanout:
             rec["contact_ns"] = time.time_ns()
         self.status.put(key, rec)  # serialized when flushed: one encoding per node per flush
 
+    def client_health(self, session: Session, health: agent_pb2.SyncRequest.Health) -> None:
+        """Keep what a gateway node reports of its external clients' tunnels
+        (`clientHealth/{net}/{client}`, JSON; externalclients.py shows it). Only
+        peers the node was sent as external clients count, and only changes are
+        written."""
+        if session.sent is None:
+            return
+        clients = {p.public_key: p.resource for p in session.sent.peers if "/externalClients/" in p.resource}
+        if not clients:
+            return
+        now = time.time_ns()
+        for peer in health.peers:
+            name = clients.get(peer.public_key)
+            if name is None:
+                continue
+            _, net, _, cid = name.split("/")
+            rec = {"gateway_node": session.node, "public_key": peer.public_key,
+                   "handshake_ns": peer.latest_handshake_time.ToNanoseconds() if peer.HasField("latest_handshake_time")
+                   else 0, "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes}
+            key = self.etcd.key("clientHealth", net, cid)
+            if self._client_health.get(key) == rec:
+                continue
+            self._client_health[key] = rec
+            self.status.put(key, {**rec, "report_ns": now})
+
     # status --------------------------------------------------------------
 
     async def network_status(self, network: network_pb2.Network) -> network_pb2.NetworkStatus:
@@ -754,6 +780,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     asyncio.create_task(self._rotate(session, req.new_key.public_key))
                 elif kind == "health":
                     self.fanout._record(session.node)
+                    self.fanout.client_health(session, req.health)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:

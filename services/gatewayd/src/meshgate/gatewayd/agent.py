@@ -105,12 +105,23 @@ class Agent:
         now = loop.time()
         next_resync = now + jittered(self.settings.resync_interval, self.settings.resync_jitter, self.rng)
         next_supervise = now + self.settings.supervise_interval
+        # The first report soon after start (a freshly joined client wants to see
+        # its tunnel), then one every health_interval.
+        health_every = self.settings.health_interval
+        send_health = getattr(self.source, "send_health", None) if health_every > 0 else None
+        next_health = now + min(5.0, health_every) if send_health else float("inf")
         retry_at: float | None = None
         try:
             while not stop.is_set():
                 now = loop.time()
                 if now >= next_resync:
                     self._need_full = True
+                if now >= next_health:
+                    next_health = now + health_every
+                    try:
+                        await send_health(await asyncio.to_thread(self.rec.peer_stats))
+                    except Exception as e:  # noqa: BLE001 - a report is best effort
+                        log.warning("could not report peer health: %s", e)
                 if now >= next_supervise:
                     next_supervise = now + self.settings.supervise_interval
                     if self._applied_gen >= 0 and not await asyncio.to_thread(self.rec.alive):
@@ -131,7 +142,7 @@ class Agent:
                         log.warning("apply failed (attempt %d); retrying in %.2fs as a full pass",
                                     self.backoff.attempt, delay)
                     continue
-                deadlines = [next_resync, next_supervise] + ([retry_at] if retry_at else [])
+                deadlines = [next_resync, next_supervise, next_health] + ([retry_at] if retry_at else [])
                 timeout = max(0.0, min(deadlines) - loop.time())
                 self._wake.clear()
                 waker = asyncio.create_task(self._wake.wait())

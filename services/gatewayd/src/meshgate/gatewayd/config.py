@@ -57,6 +57,10 @@ class Settings:
     supervise_interval: float = 1.0
     """Seconds between liveness checks of the wireguard-go process."""
 
+    health_interval: float = 30.0
+    """Seconds between reports of the peers' handshake times and byte counters to the
+    control plane (0: never)."""
+
     wireguard_go: str = "wireguard-go"
     """The wireguard-go binary gatewayd starts for the userspace backend."""
 

@@ -183,6 +183,14 @@ class Reconciler:
     def alive(self) -> bool:
         return self.applied is None or self.backend.alive(self.applied.interface)
 
+    def peer_stats(self) -> dict[str, Any]:
+        """Per-peer counters of the applied interface (public key -> PeerStats); empty
+        before the first apply or when the interface is gone."""
+        if self.applied is None:
+            return {}
+        found = self.backend.observe(self.applied.interface)
+        return dict(found[1]) if found else {}
+
     def show(self, ifname: str) -> dict[str, Any]:
         """The observed state as JSON-ready data, without key material."""
         s = self.settings

@@ -236,6 +236,20 @@ class ControlPlaneSource:
             return
         self._out.put_nowait(agent_pb2.SyncRequest(new_key=agent_pb2.SyncRequest.NewKey(public_key=public_key)))
 
+    async def send_health(self, stats) -> None:
+        """Send `Health` with every peer's handshake time and counters (public key ->
+        PeerStats); dropped when there is no stream (the next report follows)."""
+        if self._out is None or not self.connected.is_set():
+            return
+        health = agent_pb2.SyncRequest.Health()
+        for key in sorted(stats):
+            st = stats[key]
+            p = health.peers.add(public_key=key, rx_bytes=st.rx_bytes, tx_bytes=st.tx_bytes)
+            if st.last_handshake_sec:
+                p.latest_handshake_time.seconds = st.last_handshake_sec
+                p.latest_handshake_time.nanos = st.last_handshake_nsec
+        self._out.put_nowait(agent_pb2.SyncRequest(health=health))
+
     def _ask_resync(self, reason: str) -> None:
         if self._out is not None and self._resync_asked_at != self.last_revision:
             self._resync_asked_at = self.last_revision

@@ -227,7 +227,10 @@ class SyncRequest(_message.Message):
 
     @_typing.final
     class Health(_message.Message):
-        """Periodic health of the node's data plane."""
+        """Periodic health of the node's data plane: gatewayd sends every peer's
+        counters every 30 s while connected (the control plane keeps those of
+        external clients, shown on ExternalClient).
+        """
 
         DESCRIPTOR: _descriptor.Descriptor
 

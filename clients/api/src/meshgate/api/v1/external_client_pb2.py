@@ -29,7 +29,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshgate/api/v1/external_client.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x05\n\x0e\x45xternalClient\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x30\n\x0cgateway_node\x18\x02 \x01(\tB\x1a\xe2\x41\x02\x02\x05\xfa\x41\x12\n\x10meshgate.io/Node\x12\x1a\n\x0cipv4_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cipv6_address\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\npublic_key\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61llowed_ranges\x18\x06 \x03(\tB\x04\xe2\x41\x01\x05\x12\x19\n\x0b\x64ns_servers\x18\x07 \x03(\tB\x04\xe2\x41\x01\x05\x12\x10\n\x08\x64isabled\x18\x08 \x01(\x08\x12\x14\n\x06\x63onfig\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12;\n\x06labels\x18\x0b \x03(\x0b\x32+.meshgate.api.v1.ExternalClient.LabelsEntry\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:v\xea\x41s\n\x1ameshgate.io/ExternalClient\x12\x34networks/{network}/externalClients/{external_client}*\x0f\x65xternalClients2\x0e\x65xternalClient\"\xcb\x01\n\x1b\x43reateExternalClientRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1ameshgate.io/ExternalClient\x12 \n\x12\x65xternal_client_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x0f\x65xternal_client\x18\x03 \x01(\x0b\x32\x1f.meshgate.api.v1.ExternalClientB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"M\n\x18GetExternalClientRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1ameshgate.io/ExternalClient\"x\n\x1aListExternalClientsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1ameshgate.io/ExternalClient\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"q\n\x1bListExternalClientsResponse\x12\x39\n\x10\x65xternal_clients\x18\x01 \x03(\x0b\x32\x1f.meshgate.api.v1.ExternalClient\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa5\x01\n\x1bUpdateExternalClientRequest\x12>\n\x0f\x65xternal_client\x18\x01 \x01(\x0b\x32\x1f.meshgate.api.v1.ExternalClientB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"^\n\x1b\x44\x65leteExternalClientRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1ameshgate.io/ExternalClient\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t2\x96\x04\n\x15\x45xternalClientService\x12\x65\n\x14\x43reateExternalClient\x12,.meshgate.api.v1.CreateExternalClientRequest\x1a\x1f.meshgate.api.v1.ExternalClient\x12_\n\x11GetExternalClient\x12).meshgate.api.v1.GetExternalClientRequest\x1a\x1f.meshgate.api.v1.ExternalClient\x12p\n\x13ListExternalClients\x12+.meshgate.api.v1.ListExternalClientsRequest\x1a,.meshgate.api.v1.ListExternalClientsResponse\x12\x65\n\x14UpdateExternalClient\x12,.meshgate.api.v1.UpdateExternalClientRequest\x1a\x1f.meshgate.api.v1.ExternalClient\x12\\\n\x14\x44\x65leteExternalClient\x12,.meshgate.api.v1.DeleteExternalClientRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshgate/api/v1/external_client.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x06\n\x0e\x45xternalClient\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x30\n\x0cgateway_node\x18\x02 \x01(\tB\x1a\xe2\x41\x02\x02\x05\xfa\x41\x12\n\x10meshgate.io/Node\x12\x1a\n\x0cipv4_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cipv6_address\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\npublic_key\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61llowed_ranges\x18\x06 \x03(\tB\x04\xe2\x41\x01\x05\x12\x19\n\x0b\x64ns_servers\x18\x07 \x03(\tB\x04\xe2\x41\x01\x05\x12\x10\n\x08\x64isabled\x18\x08 \x01(\x08\x12\x14\n\x06\x63onfig\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12;\n\x06labels\x18\x0b \x03(\x0b\x32+.meshgate.api.v1.ExternalClient.LabelsEntry\x12=\n\x13last_handshake_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08rx_bytes\x18\r \x01(\x04\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08tx_bytes\x18\x0e \x01(\x04\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0breport_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:v\xea\x41s\n\x1ameshgate.io/ExternalClient\x12\x34networks/{network}/externalClients/{external_client}*\x0f\x65xternalClients2\x0e\x65xternalClient\"\xcb\x01\n\x1b\x43reateExternalClientRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1ameshgate.io/ExternalClient\x12 \n\x12\x65xternal_client_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x0f\x65xternal_client\x18\x03 \x01(\x0b\x32\x1f.meshgate.api.v1.ExternalClientB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"M\n\x18GetExternalClientRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1ameshgate.io/ExternalClient\"x\n\x1aListExternalClientsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1ameshgate.io/ExternalClient\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"q\n\x1bListExternalClientsResponse\x12\x39\n\x10\x65xternal_clients\x18\x01 \x03(\x0b\x32\x1f.meshgate.api.v1.ExternalClient\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa5\x01\n\x1bUpdateExternalClientRequest\x12>\n\x0f\x65xternal_client\x18\x01 \x01(\x0b\x32\x1f.meshgate.api.v1.ExternalClientB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"^\n\x1b\x44\x65leteExternalClientRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1ameshgate.io/ExternalClient\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t2\x96\x04\n\x15\x45xternalClientService\x12\x65\n\x14\x43reateExternalClient\x12,.meshgate.api.v1.CreateExternalClientRequest\x1a\x1f.meshgate.api.v1.ExternalClient\x12_\n\x11GetExternalClient\x12).meshgate.api.v1.GetExternalClientRequest\x1a\x1f.meshgate.api.v1.ExternalClient\x12p\n\x13ListExternalClients\x12+.meshgate.api.v1.ListExternalClientsRequest\x1a,.meshgate.api.v1.ListExternalClientsResponse\x12\x65\n\x14UpdateExternalClient\x12,.meshgate.api.v1.UpdateExternalClientRequest\x1a\x1f.meshgate.api.v1.ExternalClient\x12\\\n\x14\x44\x65leteExternalClient\x12,.meshgate.api.v1.DeleteExternalClientRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,6 +54,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXTERNALCLIENT'].fields_by_name['dns_servers']._serialized_options = b'\342A\001\005'
   _globals['_EXTERNALCLIENT'].fields_by_name['config']._loaded_options = None
   _globals['_EXTERNALCLIENT'].fields_by_name['config']._serialized_options = b'\342A\001\003'
+  _globals['_EXTERNALCLIENT'].fields_by_name['last_handshake_time']._loaded_options = None
+  _globals['_EXTERNALCLIENT'].fields_by_name['last_handshake_time']._serialized_options = b'\342A\001\003'
+  _globals['_EXTERNALCLIENT'].fields_by_name['rx_bytes']._loaded_options = None
+  _globals['_EXTERNALCLIENT'].fields_by_name['rx_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_EXTERNALCLIENT'].fields_by_name['tx_bytes']._loaded_options = None
+  _globals['_EXTERNALCLIENT'].fields_by_name['tx_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_EXTERNALCLIENT'].fields_by_name['report_time']._loaded_options = None
+  _globals['_EXTERNALCLIENT'].fields_by_name['report_time']._serialized_options = b'\342A\001\003'
   _globals['_EXTERNALCLIENT'].fields_by_name['uid']._loaded_options = None
   _globals['_EXTERNALCLIENT'].fields_by_name['uid']._serialized_options = b'\342A\001\003'
   _globals['_EXTERNALCLIENT'].fields_by_name['create_time']._loaded_options = None
@@ -77,21 +85,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEEXTERNALCLIENTREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETEEXTERNALCLIENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\034\n\032meshgate.io/ExternalClient'
   _globals['_EXTERNALCLIENT']._serialized_start=215
-  _globals['_EXTERNALCLIENT']._serialized_end=873
-  _globals['_EXTERNALCLIENT_LABELSENTRY']._serialized_start=708
-  _globals['_EXTERNALCLIENT_LABELSENTRY']._serialized_end=753
-  _globals['_CREATEEXTERNALCLIENTREQUEST']._serialized_start=876
-  _globals['_CREATEEXTERNALCLIENTREQUEST']._serialized_end=1079
-  _globals['_GETEXTERNALCLIENTREQUEST']._serialized_start=1081
-  _globals['_GETEXTERNALCLIENTREQUEST']._serialized_end=1158
-  _globals['_LISTEXTERNALCLIENTSREQUEST']._serialized_start=1160
-  _globals['_LISTEXTERNALCLIENTSREQUEST']._serialized_end=1280
-  _globals['_LISTEXTERNALCLIENTSRESPONSE']._serialized_start=1282
-  _globals['_LISTEXTERNALCLIENTSRESPONSE']._serialized_end=1395
-  _globals['_UPDATEEXTERNALCLIENTREQUEST']._serialized_start=1398
-  _globals['_UPDATEEXTERNALCLIENTREQUEST']._serialized_end=1563
-  _globals['_DELETEEXTERNALCLIENTREQUEST']._serialized_start=1565
-  _globals['_DELETEEXTERNALCLIENTREQUEST']._serialized_end=1659
-  _globals['_EXTERNALCLIENTSERVICE']._serialized_start=1662
-  _globals['_EXTERNALCLIENTSERVICE']._serialized_end=2196
+  _globals['_EXTERNALCLIENT']._serialized_end=1039
+  _globals['_EXTERNALCLIENT_LABELSENTRY']._serialized_start=874
+  _globals['_EXTERNALCLIENT_LABELSENTRY']._serialized_end=919
+  _globals['_CREATEEXTERNALCLIENTREQUEST']._serialized_start=1042
+  _globals['_CREATEEXTERNALCLIENTREQUEST']._serialized_end=1245
+  _globals['_GETEXTERNALCLIENTREQUEST']._serialized_start=1247
+  _globals['_GETEXTERNALCLIENTREQUEST']._serialized_end=1324
+  _globals['_LISTEXTERNALCLIENTSREQUEST']._serialized_start=1326
+  _globals['_LISTEXTERNALCLIENTSREQUEST']._serialized_end=1446
+  _globals['_LISTEXTERNALCLIENTSRESPONSE']._serialized_start=1448
+  _globals['_LISTEXTERNALCLIENTSRESPONSE']._serialized_end=1561
+  _globals['_UPDATEEXTERNALCLIENTREQUEST']._serialized_start=1564
+  _globals['_UPDATEEXTERNALCLIENTREQUEST']._serialized_end=1729
+  _globals['_DELETEEXTERNALCLIENTREQUEST']._serialized_start=1731
+  _globals['_DELETEEXTERNALCLIENTREQUEST']._serialized_end=1825
+  _globals['_EXTERNALCLIENTSERVICE']._serialized_start=1828
+  _globals['_EXTERNALCLIENTSERVICE']._serialized_end=2362
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,10 @@ class ExternalClient(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    LAST_HANDSHAKE_TIME_FIELD_NUMBER: _builtins.int
+    RX_BYTES_FIELD_NUMBER: _builtins.int
+    TX_BYTES_FIELD_NUMBER: _builtins.int
+    REPORT_TIME_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -81,6 +85,8 @@ class ExternalClient(_message.Message):
     call that creates the client; the private key is stored only encrypted.
     """
     display_name: _builtins.str
+    rx_bytes: _builtins.int
+    tx_bytes: _builtins.int
     uid: _builtins.str
     etag: _builtins.str
     @_builtins.property
@@ -101,6 +107,20 @@ class ExternalClient(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
+    def last_handshake_time(self) -> _timestamp_pb2.Timestamp:
+        """The client's tunnel as its gateway node last reported it (gatewayd sends
+        its peers' counters every 30 s): when the client last completed a
+        handshake, and the bytes the gateway node received from and sent to it.
+        Unset until the gateway node has reported the client.
+        """
+
+    @_builtins.property
+    def report_time(self) -> _timestamp_pb2.Timestamp:
+        """When the gateway node first reported these values (reports that change
+        nothing are not recorded).
+        """
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -118,14 +138,18 @@ class ExternalClient(_message.Message):
         config: _builtins.str = ...,
         display_name: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        last_handshake_time: _timestamp_pb2.Timestamp | None = ...,
+        rx_bytes: _builtins.int = ...,
+        tx_bytes: _builtins.int = ...,
+        report_time: _timestamp_pb2.Timestamp | None = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_handshake_time", b"last_handshake_time", "report_time", b"report_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranges", b"allowed_ranges", "config", b"config", "create_time", b"create_time", "disabled", b"disabled", "display_name", b"display_name", "dns_servers", b"dns_servers", "etag", b"etag", "gateway_node", b"gateway_node", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "name", b"name", "public_key", b"public_key", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranges", b"allowed_ranges", "config", b"config", "create_time", b"create_time", "disabled", b"disabled", "display_name", b"display_name", "dns_servers", b"dns_servers", "etag", b"etag", "gateway_node", b"gateway_node", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "last_handshake_time", b"last_handshake_time", "name", b"name", "public_key", b"public_key", "report_time", b"report_time", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
