@@ -383,3 +383,36 @@ async def test_the_gateway_nodes_reports_show_the_clients_tunnel(keyed):
     # Deleting the client deletes its report too.
     await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE))
     assert [k for k in await cp.etcd.dump() if b"/clientHealth/" in k] == []
+
+
+async def test_rotating_a_clients_key_hands_out_a_new_config_once(keyed):
+    cp = keyed
+    a, b = await agents(cp)
+    c = await create(cp.clients, guard=cp.guard)
+    old_conf = parse_config(c.config)
+    await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).public_key == c.public_key, "phone on a")
+    # A stale etag: refused before anything is issued.
+    before = await config_state(cp.etcd)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await cp.clients.RotateExternalClientKey(ec.RotateExternalClientKeyRequest(name=PHONE, etag="1"))
+    assert ei.value.code() == grpc.StatusCode.ABORTED
+    assert await config_state(cp.etcd) == before
+    r = await cp.clients.RotateExternalClientKey(ec.RotateExternalClientKeyRequest(name=PHONE, etag=c.etag))
+    conf = parse_config(r.config)
+    cp.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
+                 r.config)
+    derived = X25519PrivateKey.from_private_bytes(base64.b64decode(conf["Interface"]["PrivateKey"])).public_key()
+    assert base64.b64encode(derived.public_bytes_raw()).decode() == r.public_key != c.public_key
+    assert conf["Peer"]["PresharedKey"] != old_conf["Peer"]["PresharedKey"]
+    assert conf["Interface"]["Address"] == old_conf["Interface"]["Address"]  # same addresses
+    # The gateway node now has the new key, signed, with the new PSK; the old key is gone.
+    await wait_until(lambda: peer(a, PHONE) is not None and peer(a, PHONE).public_key == r.public_key, "new key on a")
+    p = peer(a, PHONE)
+    assert signing.verify_any(a.authority, PHONE, p.public_key, p.public_key_signature)
+    assert p.preshared_key == conf["Peer"]["PresharedKey"]
+    assert c.public_key not in [x.public_key for x in a.state.peers]
+    got = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
+    assert got.public_key == r.public_key and got.config == ""
+    keys = await cp.etcd.dump()
+    claims = [v for k, v in keys.items() if b"/pubkeys/prod/" in k and v == PHONE.encode()]
+    assert len(claims) == 1  # the old key's claim went with it

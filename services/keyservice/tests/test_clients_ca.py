@@ -45,6 +45,19 @@ async def test_client_key_pair_returned_once_stored_sealed(ks, secrets):
     assert await ks.etcd.get(ks.etcd.key("keys", "clientKeys", "prod", "phone")) is None
 
 
+async def test_client_key_pair_replaced_on_rotation(ks, secrets):
+    name = "networks/prod/externalClients/tablet"
+    first = await ks.stub.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=name))
+    second = await ks.stub.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=name, replace=True))
+    secrets += [base64.b64decode(first.private_key), base64.b64decode(second.private_key)]
+    assert second.public_key != first.public_key and second.signed.public_key == second.public_key
+    kv = await ks.etcd.get(ks.etcd.key("keys", "clients", "prod", "tablet"))
+    _, stored = ks.core.vault.unseal("keys/clients/prod/tablet", kv.value)
+    assert stored == base64.b64decode(second.private_key)  # the old private key is gone
+    sig = await ks.etcd.get(ks.etcd.key("keys", "clientKeys", "prod", "tablet"))
+    assert keys_pb2.SignedNodeKey.FromString(sig.value).public_key == second.public_key
+
+
 async def test_client_key_is_signed_for_the_client_and_recorded(ks, secrets):
     name = "networks/prod/externalClients/laptop"
     pair = await ks.stub.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=name))

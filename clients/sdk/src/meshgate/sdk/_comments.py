@@ -202,6 +202,13 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.ExternalClientService.DeleteExternalClient': 'Deletes a client and releases its addresses.',
  'meshgate.api.v1.ExternalClientService.GetExternalClient': 'Gets a client (without its private key).',
  'meshgate.api.v1.ExternalClientService.ListExternalClients': 'Lists the clients of a network in name order.',
+ 'meshgate.api.v1.ExternalClientService.RotateExternalClientKey': 'Gives a client a new key pair and pre-shared key; '
+                                                                  'the response carries its\n'
+                                                                  "new configuration (with the gateway node's current "
+                                                                  'key and endpoint),\n'
+                                                                  'once. The old configuration stops working when the '
+                                                                  'gateway node applies\n'
+                                                                  'the change.',
  'meshgate.api.v1.ExternalClientService.UpdateExternalClient': "Updates a client's disabled flag, display name or "
                                                                'labels.',
  'meshgate.api.v1.FilterRule': 'Filtering of overlay traffic at this node. Empty means allow everything.',
@@ -220,6 +227,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                'control\n'
                                                "plane has registered it). Empty means the node's current key.",
  'meshgate.api.v1.IssueClientKeyPairRequest.external_client': '`networks/{network}/externalClients/{external_client}`.',
+ 'meshgate.api.v1.IssueClientKeyPairRequest.replace': "Replace the client's current pair (a rotation; its old private "
+                                                      'key is\n'
+                                                      'discarded). Without it, a second request for a client is '
+                                                      'ALREADY_EXISTS.',
  'meshgate.api.v1.IssuePresharedKeysRequest.network': '`networks/{network}`.',
  'meshgate.api.v1.IssuePresharedKeysRequest.pairs': 'Pairs as `{node a resource}|{node b resource}`.',
  'meshgate.api.v1.KeyAuthority.public_keys': 'Ed25519 public keys whose signatures agents accept (the current first).',
@@ -334,6 +345,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                       'sorted.',
  'meshgate.api.v1.PresharedKey.peers': "The two peers' resource names.",
  'meshgate.api.v1.Protocol.PROTOCOL_UNSPECIFIED': 'Every protocol.',
+ 'meshgate.api.v1.RotateExternalClientKeyRequest.etag': 'When set, the call fails with ABORTED unless it matches the '
+                                                        "client's etag.",
  'meshgate.api.v1.RotateKeyEncryptionKeyRequest.new_key_id': 'Id of the new key-encryption key, which the service must '
                                                              'already hold.',
  'meshgate.api.v1.RotateKeyEncryptionKeyResponse.rewrapped': 'How many stored secrets were re-wrapped.',

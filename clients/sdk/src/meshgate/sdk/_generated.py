@@ -410,6 +410,26 @@ class SyncMethods:
         """Deletes a client and releases its addresses."""
         return self._unary('meshgate.api.v1.ExternalClientService', 'DeleteExternalClient', _build(external_client_pb2.DeleteExternalClientRequest, request, name=name, etag=etag), timeout, metadata)
 
+    def rotate_external_client_key(
+        self,
+        request: external_client_pb2.RotateExternalClientKeyRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> external_client_pb2.ExternalClient:
+        """Gives a client a new key pair and pre-shared key; the response carries its
+        new configuration (with the gateway node's current key and endpoint),
+        once. The old configuration stops working when the gateway node applies
+        the change.
+
+        Arguments (or fields of `request`):
+        - etag: When set, the call fails with ABORTED unless it matches the client's etag.
+        """
+        return self._unary('meshgate.api.v1.ExternalClientService', 'RotateExternalClientKey', _build(external_client_pb2.RotateExternalClientKeyRequest, request, name=name, etag=etag), timeout, metadata)
+
     # NetworkService --------------------------------------------------------
 
     def create_network(
@@ -729,6 +749,7 @@ class SyncMethods:
         /,
         *,
         external_client: str | None = None,
+        replace: bool | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> keys_pb2.ClientKeyPair:
@@ -736,8 +757,9 @@ class SyncMethods:
 
         Arguments (or fields of `request`):
         - external_client: `networks/{network}/externalClients/{external_client}`.
+        - replace: Replace the client's current pair (a rotation; its old private key is discarded). Without it, a second request for a client is ALREADY_EXISTS.
         """
-        return self._unary('meshgate.api.v1.KeyService', 'IssueClientKeyPair', _build(keys_pb2.IssueClientKeyPairRequest, request, external_client=external_client), timeout, metadata)
+        return self._unary('meshgate.api.v1.KeyService', 'IssueClientKeyPair', _build(keys_pb2.IssueClientKeyPairRequest, request, external_client=external_client, replace=replace), timeout, metadata)
 
     def sign_certificate(
         self,
@@ -1172,6 +1194,26 @@ class AsyncMethods:
         """Deletes a client and releases its addresses."""
         return await self._unary('meshgate.api.v1.ExternalClientService', 'DeleteExternalClient', _build(external_client_pb2.DeleteExternalClientRequest, request, name=name, etag=etag), timeout, metadata)
 
+    async def rotate_external_client_key(
+        self,
+        request: external_client_pb2.RotateExternalClientKeyRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> external_client_pb2.ExternalClient:
+        """Gives a client a new key pair and pre-shared key; the response carries its
+        new configuration (with the gateway node's current key and endpoint),
+        once. The old configuration stops working when the gateway node applies
+        the change.
+
+        Arguments (or fields of `request`):
+        - etag: When set, the call fails with ABORTED unless it matches the client's etag.
+        """
+        return await self._unary('meshgate.api.v1.ExternalClientService', 'RotateExternalClientKey', _build(external_client_pb2.RotateExternalClientKeyRequest, request, name=name, etag=etag), timeout, metadata)
+
     # NetworkService --------------------------------------------------------
 
     async def create_network(
@@ -1491,6 +1533,7 @@ class AsyncMethods:
         /,
         *,
         external_client: str | None = None,
+        replace: bool | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> keys_pb2.ClientKeyPair:
@@ -1498,8 +1541,9 @@ class AsyncMethods:
 
         Arguments (or fields of `request`):
         - external_client: `networks/{network}/externalClients/{external_client}`.
+        - replace: Replace the client's current pair (a rotation; its old private key is discarded). Without it, a second request for a client is ALREADY_EXISTS.
         """
-        return await self._unary('meshgate.api.v1.KeyService', 'IssueClientKeyPair', _build(keys_pb2.IssueClientKeyPairRequest, request, external_client=external_client), timeout, metadata)
+        return await self._unary('meshgate.api.v1.KeyService', 'IssueClientKeyPair', _build(keys_pb2.IssueClientKeyPairRequest, request, external_client=external_client, replace=replace), timeout, metadata)
 
     async def sign_certificate(
         self,

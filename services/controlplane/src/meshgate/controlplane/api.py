@@ -180,6 +180,9 @@ class ExternalClientService(external_client_pb2_grpc.ExternalClientServiceServic
         await self.clients.delete(request)
         return empty_pb2.Empty()
 
+    async def RotateExternalClientKey(self, request, context):
+        return await self.clients.rotate_key(request)
+
 
 class ControlPlane:
     """The control plane's parts wired to one etcd adapter, with a lifecycle:

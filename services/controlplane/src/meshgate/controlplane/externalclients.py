@@ -268,15 +268,8 @@ class ExternalClients(Resources):
                     raise already_exists(KIND.type_name, name)
                 raise Conflict
             client.etag = str(rev)
-            state = self.cache.networks.get(net_id) if self.cache is not None else None
-            if state is None or gateway.name not in state.nodes:
-                state = compiler.NetworkState(network, {gateway.name: gateway})
-            out = external_client_pb2.ExternalClient()
-            out.CopyFrom(client)
-            out.config = wg_quick_config(network, gateway, client, compiler.client_allowed_ranges(state, client),
-                                         pair.private_key, str(issued.get("psk", "")))
             log.info("created %s via %s", name, gateway.name)
-            return out
+            return self._with_config(net_id, network, gateway, client, pair.private_key, str(issued.get("psk", "")))
 
         try:
             return await retrying(attempt, f"create {name}")
@@ -285,6 +278,56 @@ class ExternalClients(Resources):
                 await self._discard(net_id, req.external_client_id, req.external_client.gateway_node,
                                     issued["pair"])  # type: ignore[arg-type]
             raise
+
+    def _with_config(self, net_id: str, network, gateway, client, private_key: str, psk: str):
+        """A copy of `client` carrying its wg-quick configuration (secret)."""
+        state = self.cache.networks.get(net_id) if self.cache is not None else None
+        if state is None or gateway.name not in state.nodes:
+            state = compiler.NetworkState(network, {gateway.name: gateway})
+        out = external_client_pb2.ExternalClient()
+        out.CopyFrom(client)
+        out.config = wg_quick_config(network, gateway, client, compiler.client_allowed_ranges(state, client),
+                                     private_key, psk)
+        return out
+
+    async def rotate_key(self, req: external_client_pb2.RotateExternalClientKeyRequest):
+        """A new key pair and pre-shared key for a client, and its new
+        configuration, once. The key service replaces the pair first; the
+        record then names the new key (the gateway node applies it, the old
+        configuration stops working). A record write that keeps losing to
+        concurrent updates is retried with the same new pair, never a third."""
+        net_id, _ = self.parse_name(req.name)
+        current, kv = await self.read(req.name)
+        self.check_etag(req.etag, kv, req.name)
+        pair = await self.key_material.issue_client(req.name, replace=True)
+        assert pair is not None  # replace never reports an existing pair
+        network, _ = await self.networks.require(net_id, "name")
+        psk = ""
+        if self.key_material.enabled and not network.disable_preshared_keys:
+            psk = await self.key_material.rotate_pair(net_id, current.gateway_node, req.name)
+
+        async def attempt(_: int):
+            client, ckv = await self.read(req.name)
+            node_kv = await self.etcd.get(self.keys.node(net_id, client.gateway_node.rsplit("/", 1)[1]))
+            if node_kv is None:
+                raise failed_precondition(f"the gateway node {client.gateway_node!r} no longer exists",
+                                          "GATEWAY_NODE_NOT_READY", client.gateway_node, "meshgate.io/Node")
+            gateway = store.decode(node_pb2.Node, node_kv)
+            old_key, client.public_key = client.public_key, pair.public_key
+            client.update_time.CopyFrom(store.now())
+            ops = [self.t.put(ckv.key, store.encode(client)),
+                   self.t.put(self.keys.pubkey(net_id, pair.public_key), req.name.encode())]
+            if old_key:
+                ops.append(self.t.delete(self.keys.pubkey(net_id, old_key)))
+            rev = await self.commit(
+                [self.t.mod(ckv.key) == ckv.mod_revision,
+                 self.t.create(self.keys.pubkey(net_id, pair.public_key)) == 0], ops)
+            client.etag = str(rev)
+            return self.present(client), gateway
+
+        client, gateway = await retrying(attempt, f"rotate the key of {req.name}")
+        log.info("rotated the key of %s", req.name)
+        return self._with_config(net_id, network, gateway, client, pair.private_key, psk)
 
     async def _issue(self, name: str, net_id: str, cid: str, gateway_node: str, attempt: int) -> ClientKeyPair:
         """A fresh key pair for the client, clearing material an abandoned

@@ -45,7 +45,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return resp
 
     async def IssueClientKeyPair(self, request, context):
-        pair = await self.core.clients.issue(request.external_client)
+        pair = await self.core.clients.issue(request.external_client, replace=request.replace)
         return keys_pb2.ClientKeyPair(public_key=pair.public_key, private_key=pair.private_key, signed=pair.signed)
 
     async def SignCertificate(self, request, context):

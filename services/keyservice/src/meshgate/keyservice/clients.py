@@ -8,6 +8,8 @@ for the client's resource name at `keys/clientKeys/{net}/{client}` (public, a
 `SignedNodeKey`): the client's gateway node applies it as a peer only with
 that signature, exactly as for node keys. A second request for the same client
 is refused with ALREADY_EXISTS: the private key is never handed out again.
+A request with `replace` (a rotation) makes a new pair in place of the
+current one, whose private key is then gone.
 `forget()` removes both records when the client is deleted (the control plane
 also deletes them in the transaction that deletes the client).
 """
@@ -57,7 +59,9 @@ class ClientKeys:
         self.vault = vault
         self.authority = authority
 
-    async def issue(self, external_client: str) -> ClientKeyPair:
+    async def issue(self, external_client: str, replace: bool = False) -> ClientKeyPair:
+        """A new pair for the client; with `replace`, instead of its current one
+        (a rotation), else only if it has none."""
         net, client = _parse(external_client)
         v = self.vault
         path = f"keys/clients/{net}/{client}"
@@ -67,16 +71,17 @@ class ClientKeys:
         public = base64.b64encode(raw_public).decode()
         signed = await self.authority.sign(external_client, raw_public)
         sealed = v.seal(path, {"public": public, "created": time.time_ns()}, raw_private)
+        compare = [v.guard()] if replace else [v.t.create(v.key(path)) == 0, v.guard()]
         ok, _, _ = await v.etcd.txn(
-            [v.t.create(v.key(path)) == 0, v.guard()],
+            compare,
             [v.t.put(v.key(path), sealed), v.t.put(v.key(signature_path(net, client)), signed.SerializeToString())],
         )
         if not ok:
-            if await v.etcd.get(v.key(path)) is not None:
+            if not replace and await v.etcd.get(v.key(path)) is not None:
                 raise already_exists("ExternalClient key pair", external_client)
             await v.refresh_active()
-            return await self.issue(external_client)
-        log.info("issued a key pair for %s", external_client)
+            return await self.issue(external_client, replace)
+        log.info("%s a key pair for %s", "replaced" if replace else "issued", external_client)
         return ClientKeyPair(public, base64.b64encode(raw_private).decode(), signed)
 
     async def forget(self, external_client: str) -> bool:

@@ -61,6 +61,11 @@ class ExternalClientServiceStub:
                 request_serializer=meshgate_dot_api_dot_v1_dot_external__client__pb2.DeleteExternalClientRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.RotateExternalClientKey = channel.unary_unary(
+                '/meshgate.api.v1.ExternalClientService/RotateExternalClientKey',
+                request_serializer=meshgate_dot_api_dot_v1_dot_external__client__pb2.RotateExternalClientKeyRequest.SerializeToString,
+                response_deserializer=meshgate_dot_api_dot_v1_dot_external__client__pb2.ExternalClient.FromString,
+                _registered_method=True)
 
 
 class ExternalClientServiceServicer:
@@ -102,6 +107,16 @@ class ExternalClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateExternalClientKey(self, request, context):
+        """Gives a client a new key pair and pre-shared key; the response carries its
+        new configuration (with the gateway node's current key and endpoint),
+        once. The old configuration stops working when the gateway node applies
+        the change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExternalClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +144,11 @@ def add_ExternalClientServiceServicer_to_server(servicer, server):
                     servicer.DeleteExternalClient,
                     request_deserializer=meshgate_dot_api_dot_v1_dot_external__client__pb2.DeleteExternalClientRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'RotateExternalClientKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateExternalClientKey,
+                    request_deserializer=meshgate_dot_api_dot_v1_dot_external__client__pb2.RotateExternalClientKeyRequest.FromString,
+                    response_serializer=meshgate_dot_api_dot_v1_dot_external__client__pb2.ExternalClient.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +287,33 @@ class ExternalClientService:
             '/meshgate.api.v1.ExternalClientService/DeleteExternalClient',
             meshgate_dot_api_dot_v1_dot_external__client__pb2.DeleteExternalClientRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateExternalClientKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.api.v1.ExternalClientService/RotateExternalClientKey',
+            meshgate_dot_api_dot_v1_dot_external__client__pb2.RotateExternalClientKeyRequest.SerializeToString,
+            meshgate_dot_api_dot_v1_dot_external__client__pb2.ExternalClient.FromString,
             options,
             channel_credentials,
             insecure,

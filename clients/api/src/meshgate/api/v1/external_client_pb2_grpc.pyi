@@ -44,6 +44,12 @@ class ExternalClientServiceStub:
     """Updates a client's disabled flag, display name or labels."""
     DeleteExternalClient: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.DeleteExternalClientRequest, _empty_pb2.Empty]
     """Deletes a client and releases its addresses."""
+    RotateExternalClientKey: _grpc.UnaryUnaryMultiCallable[_external_client_pb2.RotateExternalClientKeyRequest, _external_client_pb2.ExternalClient]
+    """Gives a client a new key pair and pre-shared key; the response carries its
+    new configuration (with the gateway node's current key and endpoint),
+    once. The old configuration stops working when the gateway node applies
+    the change.
+    """
 
 @_typing.type_check_only
 class ExternalClientServiceAsyncStub(ExternalClientServiceStub):
@@ -60,6 +66,12 @@ class ExternalClientServiceAsyncStub(ExternalClientServiceStub):
     """Updates a client's disabled flag, display name or labels."""
     DeleteExternalClient: _aio.UnaryUnaryMultiCallable[_external_client_pb2.DeleteExternalClientRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a client and releases its addresses."""
+    RotateExternalClientKey: _aio.UnaryUnaryMultiCallable[_external_client_pb2.RotateExternalClientKeyRequest, _external_client_pb2.ExternalClient]  # type: ignore[assignment]
+    """Gives a client a new key pair and pre-shared key; the response carries its
+    new configuration (with the gateway node's current key and endpoint),
+    once. The old configuration stops working when the gateway node applies
+    the change.
+    """
 
 class ExternalClientServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages external clients."""
@@ -103,5 +115,17 @@ class ExternalClientServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a client and releases its addresses."""
+
+    @_abc_1.abstractmethod
+    def RotateExternalClientKey(
+        self,
+        request: _external_client_pb2.RotateExternalClientKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_external_client_pb2.ExternalClient, _abc.Awaitable[_external_client_pb2.ExternalClient]]:
+        """Gives a client a new key pair and pre-shared key; the response carries its
+        new configuration (with the gateway node's current key and endpoint),
+        once. The old configuration stops working when the gateway node applies
+        the change.
+        """
 
 def add_ExternalClientServiceServicer_to_server(servicer: ExternalClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -304,16 +304,22 @@ class IssueClientKeyPairRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EXTERNAL_CLIENT_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
     external_client: _builtins.str
     """`networks/{network}/externalClients/{external_client}`."""
+    replace: _builtins.bool
+    """Replace the client's current pair (a rotation; its old private key is
+    discarded). Without it, a second request for a client is ALREADY_EXISTS.
+    """
     def __init__(
         self,
         *,
         external_client: _builtins.str = ...,
+        replace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_client", b"external_client"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_client", b"external_client", "replace", b"replace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
