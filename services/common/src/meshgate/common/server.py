@@ -158,17 +158,19 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     if not cfg.tls_key:
         raise SystemExit("--tls-cert needs --tls-key (the certificate's private key)")
 
-    def read(path: str, what: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise SystemExit(f"cannot read the {what} {path}: {e.strerror}") from None
-
-    cert = read(cfg.tls_cert, "TLS certificate")
-    key = read(cfg.tls_key, "TLS private key")
-    ca = read(cfg.tls_client_ca, "client CA bundle") if cfg.tls_client_ca else None
+    cert = read_file(cfg.tls_cert, "TLS certificate")
+    key = read_file(cfg.tls_key, "TLS private key")
+    ca = read_file(cfg.tls_client_ca, "client CA bundle") if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def read_file(path: str, what: str) -> bytes:
+    """A TLS file's bytes, or a clear exit naming what it was for."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"cannot read the {what} {path}: {e.strerror}") from None
 
 
 class GrpcServer:

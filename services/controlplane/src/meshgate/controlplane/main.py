@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import Etcd
-from meshgate.common.server import GrpcServer, serve
+from meshgate.common.server import GrpcServer, read_file, serve
 from meshgate.controlplane import gctune
 from meshgate.controlplane.api import ControlPlane
 
@@ -68,17 +68,11 @@ def keyservice_credentials(cfg: ControlPlaneConfig) -> grpc.ChannelCredentials |
     if bool(cfg.keyservice_cert) != bool(cfg.keyservice_key):
         raise SystemExit("--keyservice-cert and --keyservice-key go together")
 
-    def read(path: str, what: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise SystemExit(f"cannot read the {what} {path!r}: {e.strerror}") from None
-
     return grpc.ssl_channel_credentials(
-        root_certificates=read(cfg.keyservice_ca, "key service CA"),
-        private_key=read(cfg.keyservice_key, "key service client key") if cfg.keyservice_key else None,
-        certificate_chain=read(cfg.keyservice_cert, "key service client certificate") if cfg.keyservice_cert else None,
+        root_certificates=read_file(cfg.keyservice_ca, "key service CA"),
+        private_key=read_file(cfg.keyservice_key, "key service client key") if cfg.keyservice_key else None,
+        certificate_chain=(read_file(cfg.keyservice_cert, "key service client certificate")
+                           if cfg.keyservice_cert else None),
     )
 
 
