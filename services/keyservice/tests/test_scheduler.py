@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import time
 
@@ -218,3 +219,36 @@ async def test_sigkill_the_leader_due_rotation_still_happens_once(etcd_server, e
         process_logs.append(log)
         # (grpc logs a cancelled watch's request iterator as a DEBUG traceback; errors would be ERROR.)
         assert " ERROR " not in log and " CRITICAL " not in log, log
+
+
+async def test_sweep_deletes_key_material_of_deleted_owners_only_when_old(core, etcd, put_network, secrets):
+    """PSKs of pairs with a deleted peer, key pairs and signatures of deleted
+    clients, signatures and rotation requests of deleted nodes go; what
+    belongs to existing owners, or is younger than the grace, stays."""
+    from meshgate.keyservice.scheduler import SWEEP_GRACE_S
+
+    await put_network("prod")
+    for n in ("a", "b"):
+        node = node_pb2.Node(name=f"networks/prod/nodes/{n}")
+        await etcd.put(etcd.key("nodes", "prod", n), node.SerializeToString())
+    await etcd.put(etcd.key("externalClients", "prod", "phone"), b"")
+    live = ["networks/prod/nodes/a|networks/prod/nodes/b", "networks/prod/nodes/a|networks/prod/externalClients/phone"]
+    dead = ["networks/prod/nodes/a|networks/prod/nodes/gone", "networks/prod/nodes/b|networks/prod/externalClients/old"]
+    secrets += [p.key for p in await core.psk.issue("networks/prod", live + dead)]
+    for c in ("phone", "old"):
+        pair = await core.clients.issue(f"networks/prod/externalClients/{c}")
+        secrets.append(base64.b64decode(pair.private_key))
+    for n in ("a", "gone"):
+        await core.authority.register(f"networks/prod/nodes/{n}", base64.b64encode(bytes(range(1, 33))).decode())
+    await etcd.put(etcd.key("keys", "nodeRotation", "prod", "gone"), keys_pb2.RotateNodeKeyResponse().SerializeToString())
+    before = set(await etcd.dump())
+    # Young: nothing goes (except the rotation request, which carries no time).
+    report = await core.scheduler.sweep()
+    assert report.swept == 1 and not await etcd.get(etcd.key("keys", "nodeRotation", "prod", "gone"))
+    # Old enough: exactly the orphans go.
+    report = await core.scheduler.sweep(now_ns=time.time_ns() + int((SWEEP_GRACE_S + 1) * 1e9))
+    after = set(await etcd.dump())
+    gone = {k.decode().split("/keys/", 1)[1] for k in before - after}
+    assert gone == {"psk/prod/a.gone", "psk/prod/b.~old", "clients/prod/old", "clientKeys/prod/old", "nodes/prod/gone",
+                    "nodeRotation/prod/gone"}
+    assert report.swept == 5

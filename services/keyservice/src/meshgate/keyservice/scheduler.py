@@ -13,6 +13,9 @@ plane; read here, never written) and:
   to the agents, which generate the new pair. Nodes that external clients
   connect to are skipped: the clients' static configurations name their key.
 
+- sweeps key material whose owner is gone (`_sweep`): the garbage collection
+  the brief puts under the election.
+
 Every write carries the election fence. Networks with
 `disable_preshared_keys` are skipped for pre-shared keys.
 """
@@ -27,8 +30,9 @@ from typing import Any, Sequence
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
 from meshgate.common.errors import ApiError
-from meshgate.common.etcd import EtcdUnavailable
+from meshgate.common.etcd import EtcdUnavailable, prefix_end
 from meshgate.keyservice.psk import PresharedKeys
+from meshgate.keyservice.sealing import header
 from meshgate.keyservice.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,26 @@ class TickReport:
     node_rotations_requested: list[str] = field(default_factory=list)
     # due, but external clients connect to them (see _node_keys)
     node_rotations_skipped: list[str] = field(default_factory=list)
+    # key records deleted because their node or client is gone (see _sweep)
+    swept: int = 0
+
+
+SWEEP_GRACE_S = 600.0  # key material younger than this is never swept
+
+
+def _issued_ns(kind: str, value: bytes) -> int:
+    """When a key record was made (ns), from what it carries in the open; 0
+    (old enough) when it does not say."""
+    try:
+        if kind in ("clients",):
+            return int(header(value).get("created", 0))
+        if kind in ("clientKeys", "nodes"):
+            return keys_pb2.SignedNodeKey.FromString(value).sign_time.ToNanoseconds()
+        if kind == "nodeRotation":
+            return keys_pb2.RotateNodeKeyResponse.FromString(value).request_time.ToNanoseconds()
+    except Exception:  # noqa: BLE001 - unreadable: judged by its owner alone
+        return 0
+    return 0
 
 
 class Scheduler:
@@ -77,6 +101,7 @@ class Scheduler:
         while True:
             try:
                 await self.tick(fence)
+                await self.sweep(fence)
             except (ApiError, EtcdUnavailable) as e:
                 log.warning("scheduled rotation tick failed: %s", e)
             self.ticks += 1
@@ -97,6 +122,70 @@ class Scheduler:
             if network.max_node_key_age.ToNanoseconds() > 0:
                 await self._node_keys(net, network, fence, now_ns, report)
         return report
+
+    async def sweep(self, fence: Sequence[Any] = (), now_ns: int | None = None) -> TickReport:
+        """Garbage collection of every network's key material (see `_sweep`)."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        report = TickReport()
+        base = self.vault.key("networks/")
+        kvs, _, _ = await self.vault.etcd.range(base, prefix_end(base), keys_only=True)
+        for kv in kvs:
+            net = kv.key[len(base):].decode()
+            if "/" not in net:
+                await self._sweep(net, fence, now_ns, report)
+        return report
+
+    async def _sweep(self, net: str, fence: Sequence[Any], now_ns: int, report: TickReport) -> None:
+        """Delete key material whose owner is gone: pre-shared keys of pairs with
+        a deleted peer, the key pairs and signatures of deleted external
+        clients, the signatures and rotation requests of deleted nodes. The
+        control plane deletes them with their owners; this catches what a
+        lagging replica re-issued afterwards or a crash left behind. Only
+        material older than SWEEP_GRACE_S is touched (a create in flight issues
+        key material before its record exists), and each delete compares that
+        the owner still does not exist and the record is unchanged."""
+        v = self.vault
+        cutoff = now_ns - int(SWEEP_GRACE_S * 1e9)
+
+        async def ids(collection: str) -> set[str]:
+            prefix = v.key(f"{collection}/{net}/")
+            kvs, _, _ = await v.etcd.range(prefix, prefix_end(prefix), keys_only=True)
+            return {kv.key[len(prefix):].decode() for kv in kvs}
+
+        nodes, clients = await ids("nodes"), await ids("externalClients")
+
+        def owner_key(segment: str) -> bytes:
+            if segment.startswith("~"):
+                return v.key(f"externalClients/{net}/{segment[1:]}")
+            return v.key(f"nodes/{net}/{segment}")
+
+        def exists(segment: str) -> bool:
+            return segment[1:] in clients if segment.startswith("~") else segment in nodes
+
+        doomed: list[tuple[Any, list[bytes]]] = []  # (kv, owner keys that must still be absent)
+        base = v.key(f"keys/psk/{net}/")
+        for kv in (await v.etcd.list_prefix(base))[0]:
+            gone = [seg for seg in kv.key[len(base):].decode().split(".") if not exists(seg)]
+            if gone and int(header(kv.value).get("created", 0)) < cutoff:
+                doomed.append((kv, [owner_key(seg) for seg in gone]))
+        for kind, collection, present in (("clients", "externalClients", clients),
+                                          ("clientKeys", "externalClients", clients),
+                                          ("nodes", "nodes", nodes), ("nodeRotation", "nodes", nodes)):
+            base = v.key(f"keys/{kind}/{net}/")
+            for kv in (await v.etcd.list_prefix(base))[0]:
+                rid = kv.key[len(base):].decode()
+                if rid in present or _issued_ns(kind, kv.value) >= cutoff:
+                    continue
+                doomed.append((kv, [v.key(f"{collection}/{net}/{rid}")]))
+        for kv, owners in doomed:
+            ok, _, _ = await v.etcd.txn(
+                [v.t.mod(kv.key) == kv.mod_revision, *(v.t.create(k) == 0 for k in owners), *fence],
+                [v.t.delete(kv.key)],
+            )
+            if ok:
+                report.swept += 1
+        if report.swept:
+            log.info("swept %d key records of deleted nodes and clients in networks/%s", report.swept, net)
 
     async def _psk(self, net: str, network: network_pb2.Network, fence: Sequence[Any], now_ns: int,
                    report: TickReport) -> None:
