@@ -8,6 +8,7 @@ forced node deletes undo exactly that."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import configparser
 import ipaddress
@@ -416,3 +417,31 @@ async def test_rotating_a_clients_key_hands_out_a_new_config_once(keyed):
     keys = await cp.etcd.dump()
     claims = [v for k, v in keys.items() if b"/pubkeys/prod/" in k and v == PHONE.encode()]
     assert len(claims) == 1  # the old key's claim went with it
+
+
+async def test_concurrent_rotations_leave_record_and_key_service_agreeing(keyed):
+    cp = keyed
+    a, b = await agents(cp)
+    await create(cp.clients, guard=cp.guard)
+    results = await asyncio.gather(*(cp.clients.RotateExternalClientKey(ec.RotateExternalClientKeyRequest(name=PHONE))
+                                     for _ in range(3)), return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, Exception)]
+    for r in ok:
+        conf = parse_config(r.config)
+        cp.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
+                     r.config)
+    assert ok and all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.ABORTED
+                      for r in results if isinstance(r, Exception))
+    got = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
+    sig = keys_pb2.SignedNodeKey.FromString((await cp.etcd.get(cp.etcd.key("keys", "clientKeys", "prod", "phone"))).value)
+    assert got.public_key == sig.public_key  # the record names the key the key service signed
+    assert got.public_key in [r.public_key for r in ok]
+
+
+async def test_rotation_without_a_key_service(cp):
+    stub = external_client_pb2_grpc.ExternalClientServiceStub(cp.channel)
+    await make_network(cp)
+    await make_node(cp, node_id="a", endpoint="192.0.2.1:51820", public_key=base64.b64encode(bytes(range(32))).decode())
+    c = await create(stub)
+    r = await stub.RotateExternalClientKey(ec.RotateExternalClientKeyRequest(name=PHONE))
+    assert r.public_key != c.public_key and "PrivateKey = " in r.config

@@ -139,3 +139,23 @@ async def test_a_lone_gateway_keeps_its_range_while_down(failover_cp):
     await wait_until(lambda: mark(cp, "gw"), "gw marked down", timeout=20)
     await asyncio.sleep(0.3)
     assert via(client) == gw.public_key
+
+
+async def test_an_old_stream_ending_on_one_replica_does_not_disconnect_the_agent_on_another(failover_cp):
+    """The agent's stream to replica A goes stale and it reconnects to B; when
+    A finally ends the old stream it must not delete B's session key (else the
+    node would look gone, be marked down and never fail back)."""
+    a_cp = await failover_cp(0.3)
+    b_cp = await failover_cp(0.3)
+    agents = await ha_network(a_cp)
+    primary = agents["primary"]
+    again = SimAgent(b_cp.agents, "", "primary")
+    again.node, again.token, again.public_key = primary.node, primary.token, primary.public_key
+    await again.connect()
+    b_cp.sim.append(again)
+    await wait_until(lambda: again.state is not None, "primary streaming from B")
+    await primary.close()  # A ends the old stream now
+    await asyncio.sleep(1.0)  # longer than the failover delay
+    assert await a_cp.etcd.get(a_cp.etcd.key("sessions", "prod", "primary")) is not None
+    assert await mark(a_cp, "primary") is None
+    assert via(agents["client"]) == primary.public_key

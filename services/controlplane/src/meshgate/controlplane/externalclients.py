@@ -57,6 +57,7 @@ from meshgate.common.errors import (
     ApiError,
     FieldViolation,
     already_exists,
+    etag_mismatch,
     failed_precondition,
     invalid_argument,
     reference_not_found,
@@ -306,8 +307,17 @@ class ExternalClients(Resources):
         if self.key_material.enabled and not network.disable_preshared_keys:
             psk = await self.key_material.rotate_pair(net_id, current.gateway_node, req.name)
 
+        sig_key = self.etcd.key("keys", "clientKeys", net_id, req.name.rsplit("/", 1)[1])
+
         async def attempt(_: int):
             client, ckv = await self.read(req.name)
+            if req.etag and ckv.mod_revision != kv.mod_revision:
+                raise etag_mismatch(KIND.type_name, req.name)
+            sig_kv = await self.etcd.get(sig_key) if self.key_material.enabled else None
+            if self.key_material.enabled and (
+                    sig_kv is None or keys_pb2.SignedNodeKey.FromString(sig_kv.value).public_key != pair.public_key):
+                raise ApiError(grpc.StatusCode.ABORTED, f"a concurrent rotation of {req.name} replaced this one's key "
+                               "pair; its result stands (call again for another)", "CONCURRENT_MODIFICATION")
             node_kv = await self.etcd.get(self.keys.node(net_id, client.gateway_node.rsplit("/", 1)[1]))
             if node_kv is None:
                 raise failed_precondition(f"the gateway node {client.gateway_node!r} no longer exists",
@@ -319,13 +329,24 @@ class ExternalClients(Resources):
                    self.t.put(self.keys.pubkey(net_id, pair.public_key), req.name.encode())]
             if old_key:
                 ops.append(self.t.delete(self.keys.pubkey(net_id, old_key)))
-            rev = await self.commit(
-                [self.t.mod(ckv.key) == ckv.mod_revision,
-                 self.t.create(self.keys.pubkey(net_id, pair.public_key)) == 0], ops)
+            cmp = [self.t.mod(ckv.key) == ckv.mod_revision,
+                   self.t.create(self.keys.pubkey(net_id, pair.public_key)) == 0]
+            if self.key_material.enabled:
+                cmp.append(self.t.mod(sig_key) == sig_kv.mod_revision)
+            rev = await self.commit(cmp, ops)
             client.etag = str(rev)
             return self.present(client), gateway
 
-        client, gateway = await retrying(attempt, f"rotate the key of {req.name}")
+        try:
+            client, gateway = await retrying(attempt, f"rotate the key of {req.name}")
+        except ApiError as e:
+            if e.reason == "CONCURRENT_MODIFICATION" and "concurrent rotation" in e.message:
+                raise
+            # The key service already holds the new pair: the old configuration
+            # no longer matches it. Say so; another call completes a rotation.
+            raise ApiError(e.code, f"{e.message}; the rotation of {req.name} did not complete and its old "
+                           "configuration may no longer work: call RotateExternalClientKey again",
+                           e.reason) from None
         log.info("rotated the key of %s", req.name)
         return self._with_config(net_id, network, gateway, client, pair.private_key, psk)
 

@@ -40,6 +40,7 @@ from meshgate.controlplane.cache import Change, StateCache
 log = logging.getLogger(__name__)
 
 DEFAULT_DELAY_S = 15.0
+RETRY_S = 2.0  # after a failed mark or clear
 
 
 def mark_key(etcd: Etcd, node: str) -> bytes:
@@ -66,11 +67,16 @@ class Liveness:
         self._tasks: set[asyncio.Task] = set()
         self.marks_written = 0
         self.marks_cleared = 0
+        self._stopped = True
 
     def start(self) -> None:
+        self._stopped = False
         self.cache.listeners.append(self.on_change)
 
     async def stop(self) -> None:
+        self._stopped = True
+        if self.on_change in self.cache.listeners:
+            self.cache.listeners.remove(self.on_change)
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
@@ -87,6 +93,8 @@ class Liveness:
     async def on_change(self, change: Change) -> None:
         """Re-evaluate after every change: cheap (the gateway nodes of each
         network, a set lookup each)."""
+        if self._stopped:
+            return
         now = time.monotonic()
         tracked: set[str] = set()
         for st in self.cache.networks.values():
@@ -135,9 +143,9 @@ class Liveness:
                  self.t.create(self._node_key(node)) > 0],
                 [self.t.put(mark_key(self.etcd, node), value)],
             )
-        except Exception:  # noqa: BLE001 - etcd away: the next change re-arms
-            log.warning("could not mark %s down; will retry on the next change", node)
-            self._absent_since.pop(node, None)
+        except Exception:  # noqa: BLE001 - etcd away: try again shortly (a quiet cluster brings no change)
+            log.warning("could not mark %s down; retrying in %.0fs", node, RETRY_S)
+            self._arm(node, RETRY_S)
             return
         if ok:
             self.marks_written += 1
@@ -150,12 +158,19 @@ class Liveness:
                 [self.t.create(session_key(self.etcd, node)) > 0, self.t.create(mark_key(self.etcd, node)) > 0],
                 [self.t.delete(mark_key(self.etcd, node))],
             )
-        except Exception:  # noqa: BLE001 - the next change retries
-            log.warning("could not mark %s up again; will retry on the next change", node)
+        except Exception:  # noqa: BLE001 - try again shortly, while it is still marked and back
+            log.warning("could not mark %s up again; retrying in %.0fs", node, RETRY_S)
+            asyncio.get_running_loop().call_later(RETRY_S, self._retry_clear, node)
             return
         if ok:
             self.marks_cleared += 1
             log.info("%s is back: its agent reconnected", node)
+
+    def _retry_clear(self, node: str) -> None:
+        net = node.split("/")[1]
+        st = self.cache.networks.get(net)
+        if not self._stopped and st is not None and node in st.down and node in self.cache.sessions:
+            self._spawn(self._clear(node))
 
     def _node_key(self, node: str) -> bytes:
         _, net, _, nid = node.split("/")

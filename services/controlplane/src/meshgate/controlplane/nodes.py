@@ -338,6 +338,7 @@ class Nodes(Resources):
                 self.t.delete(self.etcd.key("agents", net_id, node_id)),
                 self.t.delete(self.etcd.key("status", net_id, node_id)),
                 self.t.delete(self.etcd.key("liveness", net_id, node_id)),
+                self.t.delete(self.etcd.key("sessions", net_id, node_id)),
                 # the key service's signature of its key (public; see below for the rest)
                 self.t.delete(self.etcd.key("keys", "nodes", net_id, node_id)),
             ]

@@ -50,7 +50,7 @@ from meshgate.common.etcd import KV, Etcd, prefix_end
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
     "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",
-    "externalClients", "accessPolicies", "agents", "status", "liveness", "clientHealth",
+    "externalClients", "accessPolicies", "agents", "status", "liveness", "clientHealth", "sessions",
 )
 
 

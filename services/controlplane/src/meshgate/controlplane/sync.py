@@ -28,6 +28,7 @@ loop: it must only queue, never await a stream.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import hashlib
 import json
 import logging
@@ -83,6 +84,13 @@ class Session:
     acked: int = 0  # the newest revision the agent acknowledged as applied
     overflows: int = 0
     agent_version: str = ""
+    # What this session writes at sessions/{net}/{node}: unique per stream, so
+    # a replica deletes the key only while it is still this session's (the
+    # agent may have reconnected to another replica meanwhile).
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def record(self) -> bytes:
+        return f"{self.agent_version or '-'} {self.token}".encode()
 
     def _snapshot(self, state: ds.DesiredState, traceparent: str) -> agent_pb2.SyncResponse:
         return agent_pb2.SyncResponse(
@@ -277,8 +285,7 @@ class Fanout:
         log.warning("session lease expired; granting a new one for %d open sessions", len(self.sessions))
         self.lease = await self.etcd.client.lease(LEASE_TTL_S)
         t = self.etcd.txn_ops
-        puts = [t.put(self._session_key(n), s.agent_version.encode() or b"-", lease=self.lease)
-                for n, s in list(self.sessions.items())]
+        puts = [t.put(self._session_key(n), s.record(), lease=self.lease) for n, s in list(self.sessions.items())]
         for i in range(0, len(puts), MAX_TXN_OPS):
             await self.etcd.txn([], puts[i : i + MAX_TXN_OPS])
 
@@ -421,6 +428,7 @@ class Fanout:
                 s = self.sessions.pop(name, None)
                 if s is not None:
                     s.close(not_found("meshgate.io/Node", name))
+                    asyncio.get_running_loop().create_task(self._drop_session_key(s))
             for name in change.rotations:
                 s = self.sessions.get(name)
                 if s is not None and self.rotation_pending(name):
@@ -567,6 +575,14 @@ class Fanout:
         old = self.sessions.pop(node, None)
         if old is not None:
             old.close(ApiError(grpc.StatusCode.ABORTED, "superseded by a newer stream from the same node"))
+        try:
+            return await self._open(node, hello)
+        except BaseException:
+            if old is not None:  # its key must not outlive it when no new one replaces it
+                await self._drop_session_key(old)
+            raise
+
+    async def _open(self, node: str, hello: agent_pb2.SyncRequest.Hello) -> Session:
         session = Session(node, agent_version=hello.agent_version)
         if self.cache.state_of(node) is None:
             raise not_found("meshgate.io/Node", node)
@@ -587,17 +603,24 @@ class Fanout:
             self.messages_sent += 1
             if self.rotation_pending(node):
                 session.ask_rotation("requested by the key service")
-        await self.etcd.client.put(self._session_key(node), hello.agent_version.encode() or b"-", lease=self.lease)
+        await self.etcd.client.put(self._session_key(node), session.record(), lease=self.lease)
         self._record(node, contact=True)
         return session
 
     async def close(self, session: Session) -> None:
         if self.sessions.get(session.node) is session:
             del self.sessions[session.node]
-            try:
-                await self.etcd.client.delete(self._session_key(session.node))
-            except Exception:  # noqa: BLE001 - the lease removes it anyway
-                pass
+            await self._drop_session_key(session)
+
+    async def _drop_session_key(self, session: Session) -> None:
+        """Delete the session's key if it is still this session's (compared by
+        value: another replica may hold the agent's newer stream)."""
+        key = self._session_key(session.node)
+        t = self.etcd.txn_ops
+        try:
+            await self.etcd.txn([t.value(key) == session.record()], [t.delete(key)])
+        except Exception:  # noqa: BLE001 - the lease removes it anyway
+            pass
 
     async def resync(self, session: Session) -> None:
         async with self._send_lock:
@@ -648,6 +671,11 @@ class Fanout:
             if name is None:
                 continue
             _, net, _, cid = name.split("/")
+            st = self.cache.networks.get(net)
+            if st is None or name not in st.external_clients:
+                # deleted since it was sent: do not bring its record back
+                self._client_health.pop(self.etcd.key("clientHealth", net, cid), None)
+                continue
             rec = {"gateway_node": session.node, "public_key": peer.public_key,
                    "handshake_ns": peer.latest_handshake_time.ToNanoseconds() if peer.HasField("latest_handshake_time")
                    else 0, "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes}

@@ -78,13 +78,14 @@ def _issued_ns(kind: str, value: bytes) -> int:
     """When a key record was made (ns), from what it carries in the open; 0
     (old enough) when it does not say."""
     try:
-        if kind in ("clients",):
+        if kind in ("clients", "psk"):
             return int(header(value).get("created", 0))
         if kind in ("clientKeys", "nodes"):
             return keys_pb2.SignedNodeKey.FromString(value).sign_time.ToNanoseconds()
         if kind == "nodeRotation":
             return keys_pb2.RotateNodeKeyResponse.FromString(value).request_time.ToNanoseconds()
-    except Exception:  # noqa: BLE001 - unreadable: judged by its owner alone
+    except Exception:  # noqa: BLE001 - unreadable (a broken envelope too): judged by its owner alone
+        log.warning("a key record of kind %s does not parse; swept if its owner is gone", kind)
         return 0
     return 0
 
@@ -166,7 +167,7 @@ class Scheduler:
         base = v.key(f"keys/psk/{net}/")
         for kv in (await v.etcd.list_prefix(base))[0]:
             gone = [seg for seg in kv.key[len(base):].decode().split(".") if not exists(seg)]
-            if gone and int(header(kv.value).get("created", 0)) < cutoff:
+            if gone and _issued_ns("psk", kv.value) < cutoff:
                 doomed.append((kv, [owner_key(seg) for seg in gone]))
         for kind, collection, present in (("clients", "externalClients", clients),
                                           ("clientKeys", "externalClients", clients),
