@@ -164,12 +164,10 @@ class StatusWriter:
         # key -> value, or a record (dict) written as JSON at the flush: a
         # record updated again before the flush is encoded once, as it is then.
         self.pending: dict[bytes, bytes | dict] = {}
-        self.deletes: set[bytes] = set()
         self.wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     def put(self, key: bytes, value: bytes | dict) -> None:
-        self.deletes.discard(key)
         self.pending[key] = value
         self.wake.set()
 
