@@ -13,6 +13,7 @@ import pytest
 
 from meshgate.api.v1 import (
     agent_pb2_grpc,
+    network_pb2,
     egress_pb2_grpc,
     enrollment_pb2_grpc,
     network_pb2_grpc,
@@ -88,6 +89,9 @@ async def test_range_moves_to_the_standby_and_back(failover_cp):
     await primary.close()  # the primary's machine goes away
     await wait_until(lambda: via(client) == standby.public_key, "client fails over to the standby", timeout=20)
     assert await mark(cp, "primary") is not None
+    status = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+    assert {n.node.rsplit("/", 1)[1]: n.failed_over for n in status.nodes} == {
+        "client": False, "primary": True, "standby": False}
     # The standby's own state is unchanged in what it forwards: it always had its egress config.
     assert [list(e.ranges) for e in standby.state.egress] == [[RANGE]]
     await primary.connect()  # back

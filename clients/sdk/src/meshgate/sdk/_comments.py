@@ -313,6 +313,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.NodeConvergence.converged': 'True when applied_revision >= desired_revision.',
  'meshgate.api.v1.NodeConvergence.desired_revision': 'The etcd revision of the newest desired state computed for the '
                                                      'node.',
+ 'meshgate.api.v1.NodeConvergence.failed_over': 'The node runs an egress gateway and its agent has been away longer '
+                                                'than\n'
+                                                "the control plane's failover delay: its ranges went to standby "
+                                                'gateways.',
  'meshgate.api.v1.NodeConvergence.last_contact_time': 'When the agent was last heard from.',
  'meshgate.api.v1.NodeConvergence.last_error': 'The last error the agent reported, empty if its last apply succeeded.',
  'meshgate.api.v1.NodeConvergence.node': '`networks/{network}/nodes/{node}`.',

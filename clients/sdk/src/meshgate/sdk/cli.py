@@ -59,7 +59,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "meshgate.api.v1.WatchEvent": [("REVISION", "revision"), ("TYPE", "type"), ("RESOURCE", "resource_name")],
     "meshgate.api.v1.NodeConvergence": [("NODE", "node"), ("DESIRED", "desired_revision"),
                                         ("APPLIED", "applied_revision"), ("CONVERGED", "converged"),
-                                        ("CONNECTED", "connected")],
+                                        ("CONNECTED", "connected"), ("FAILED OVER", "failed_over")],
 }
 
 

@@ -716,6 +716,7 @@ class Fanout:
                 converged=rec.get("applied_digest") == d.digest,
                 connected=nid in connected,
                 last_error=rec.get("last_error", ""),
+                failed_over=name in st.down,
             )
             if rec.get("contact_ns"):
                 nc.last_contact_time.FromNanoseconds(rec["contact_ns"])

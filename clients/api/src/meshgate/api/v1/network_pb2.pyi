@@ -367,6 +367,7 @@ class NodeConvergence(_message.Message):
     CONNECTED_FIELD_NUMBER: _builtins.int
     LAST_CONTACT_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_OVER_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """`networks/{network}/nodes/{node}`."""
     desired_revision: _builtins.int
@@ -379,6 +380,10 @@ class NodeConvergence(_message.Message):
     """Whether the node's agent holds a sync stream now."""
     last_error: _builtins.str
     """The last error the agent reported, empty if its last apply succeeded."""
+    failed_over: _builtins.bool
+    """The node runs an egress gateway and its agent has been away longer than
+    the control plane's failover delay: its ranges went to standby gateways.
+    """
     @_builtins.property
     def last_contact_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent was last heard from."""
@@ -393,10 +398,11 @@ class NodeConvergence(_message.Message):
         connected: _builtins.bool = ...,
         last_contact_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
+        failed_over: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_contact_time", b"last_contact_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "desired_revision", b"desired_revision", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "desired_revision", b"desired_revision", "failed_over", b"failed_over", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
