@@ -43,7 +43,11 @@ class ServerConfig:
         "127.0.0.1:0",
         "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
     )
-    etcd_endpoints: str = option("127.0.0.1:2379", "etcd endpoint, host:port")
+    etcd_endpoints: str = option(
+        "127.0.0.1:2379",
+        "etcd endpoints, host:port, comma-separated for the members of a cluster (IP addresses; or one DNS name "
+        "that resolves to every member)",
+    )
     etcd_prefix: str = option("/meshgate", "key prefix under which all meshgate state lives in etcd")
     tls_cert: str = option("", "PEM certificate file for TLS; without it the server speaks plaintext")
     tls_key: str = option("", "PEM private key file for TLS")

@@ -11,6 +11,7 @@ All keys are bytes under one prefix (default `/meshgate`), joined with `/`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -47,13 +48,53 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+def channel_target(endpoints: str) -> tuple[str, int]:
+    """(host, port) for aetcd, which dials `{host}:{port}`, from one endpoint
+    (`host:port`) or several, comma-separated, which must be IP addresses: they
+    become one gRPC target (`ipv4:a:p,b:p`), whose channel uses the first
+    member it can reach and moves to another when that one fails. (A DNS name
+    that resolves to every member works as a single endpoint too.)"""
+    parts = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if not parts:
+        raise ValueError("no etcd endpoint given")
+    parsed = []
+    for e in parts:
+        host, sep, port = e.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"etcd endpoint {e!r} is not host:port")
+        parsed.append((host.strip("[]") or "127.0.0.1", int(port)))
+    if len(parsed) == 1:
+        host, port = parsed[0]
+        return (f"[{host}]" if ":" in host else host), port
+    try:
+        versions = {ipaddress.ip_address(h).version for h, _ in parsed}
+    except ValueError:
+        raise ValueError("several etcd endpoints must be IP addresses (or give one DNS name for all members)") from None
+    if len(versions) > 1:
+        raise ValueError("several etcd endpoints must all be IPv4 or all IPv6")
+    fmt = (lambda h, p: f"{h}:{p}") if versions == {4} else (lambda h, p: f"[{h}]:{p}")
+    head = ",".join(fmt(h, p) for h, p in parsed[:-1])
+    last_host, last_port = parsed[-1]
+    scheme = "ipv4" if versions == {4} else "ipv6"
+    return f"{scheme}:{head},{last_host if versions == {4} else f'[{last_host}]'}", last_port
+
+
+def for_service(endpoints: str, prefix: str) -> "Etcd":
+    """The adapter a service entry point uses: a bad `--etcd-endpoints` is a
+    clear exit, not a traceback."""
+    try:
+        return Etcd(endpoints, prefix)
+    except ValueError as e:
+        raise SystemExit(f"--etcd-endpoints: {e}") from None
+
+
 class Etcd:
     def __init__(self, endpoint: str = "127.0.0.1:2379", prefix: str = "/meshgate", timeout: float = 10) -> None:
-        host, _, port = endpoint.rpartition(":")
+        host, port = channel_target(endpoint)
         self.prefix = prefix.rstrip("/").encode()
         self.client = aetcd.Client(
-            host=host.strip("[]") or "127.0.0.1",
-            port=int(port),
+            host=host,
+            port=port,
             timeout=timeout,
             options={
                 "grpc.max_receive_message_length": MAX_MESSAGE,

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 
 
@@ -43,13 +44,15 @@ class EtcdProcess:
     peer_port: int = 0
     name: str = "meshgate-etcd"
     log_path: str = ""
+    # Members of a cluster (`name=http://127.0.0.1:peer,...`); empty: this one alone.
+    initial_cluster: str = ""
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
-    def start(self, timeout: float = 30) -> "EtcdProcess":
+    def start(self, timeout: float = 30, wait: bool = True) -> "EtcdProcess":
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not os.path.exists(binary):
             raise RuntimeError("etcd not found: install the Debian package etcd-server (make install)")
@@ -71,8 +74,10 @@ class EtcdProcess:
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster={self.name}={peer}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={peer}'}",
             "--initial-cluster-state=new",
+            # one token for every member of a cluster (etcd refuses peers whose differs)
+            f"--initial-cluster-token=meshgate-{zlib.crc32((self.initial_cluster or self.name).encode()):08x}",
             "--auto-compaction-mode=periodic",
             "--auto-compaction-retention=1h",
             "--logger=zap",
@@ -83,6 +88,14 @@ class EtcdProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         logf.close()
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30) -> "EtcdProcess":
+        """Until `/health` says true (for a cluster member: once it has a quorum)."""
+        assert self.proc is not None
+        client = f"http://127.0.0.1:{self.client_port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -106,3 +119,23 @@ class EtcdProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def start_cluster(base_dir: str, members: int = 3, timeout: float = 30) -> list[EtcdProcess]:
+    """An etcd cluster of `members` on loopback, each with its own data
+    directory under `base_dir`; every member started before any is waited for
+    (a member is healthy only once a quorum is up)."""
+    procs = [EtcdProcess(os.path.join(base_dir, f"m{i}"), client_port=free_port(), peer_port=free_port(),
+                         name=f"m{i}") for i in range(members)]
+    cluster = ",".join(f"{p.name}=http://127.0.0.1:{p.peer_port}" for p in procs)
+    try:
+        for p in procs:
+            p.initial_cluster = cluster
+            p.start(timeout, wait=False)
+        for p in procs:
+            p.wait_healthy(timeout)
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs

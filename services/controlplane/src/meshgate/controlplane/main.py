@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service
-from meshgate.common.etcd import Etcd
+from meshgate.common.etcd import for_service
 from meshgate.common.server import GrpcServer, read_file, serve
 from meshgate.controlplane import gctune
 from meshgate.controlplane.api import ControlPlane
@@ -77,7 +77,7 @@ def keyservice_credentials(cfg: ControlPlaneConfig) -> grpc.ChannelCredentials |
 
 
 async def run(cfg: ControlPlaneConfig) -> None:
-    etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
+    etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
     if cfg.gateway_failover_after < 0:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service
-from meshgate.common.etcd import Etcd
+from meshgate.common.etcd import for_service
 from meshgate.common.server import GrpcServer, serve, server_credentials
 from meshgate.keyservice.api import bindings
 from meshgate.keyservice.core import KeyServiceCore
@@ -48,7 +48,7 @@ async def run(cfg: KeyServiceConfig) -> None:
         keyring = Keyring.from_config(cfg.kek_file, cfg.kek)
     except KekError as e:
         raise SystemExit(f"meshgate-keyservice: {e}") from None
-    etcd = Etcd(cfg.etcd_endpoints, cfg.etcd_prefix)
+    etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
     core = KeyServiceCore(
         etcd, keyring, cert_validity=dt.timedelta(hours=cfg.cert_validity_hours), scheduler=cfg.scheduler,
