@@ -682,8 +682,10 @@ def test_gatewayd_daemonset(rendered, tmp_path, monkeypatch):
     state = mounted(pod, c, str(run.state_dir))
     assert state["hostPath"]["path"] == "/var/lib/meshgate"
     assert mounted(pod, c, "/var/run/wireguard"[4:]) == vols["run"]  # /run: wireguard-go's sockets
-    probe = c["readinessProbe"]["exec"]["command"]
-    assert str(run.state_dir / "status.json") in probe[-1]
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        probe = check_gatewayd_argv(c[probe_name]["exec"]["command"], env, monkeypatch)
+        assert probe.command == "check" and probe.state_dir == run.state_dir
+    assert check_gatewayd_argv(c["livenessProbe"]["exec"]["command"], env, monkeypatch).max_age > 0
 
     inits = {i["name"]: i for i in pod["initContainers"]}
     assert list(inits) == ["sysctls", "join"]

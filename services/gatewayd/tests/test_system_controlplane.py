@@ -67,6 +67,10 @@ def test_join_egress_nat_then_remove(loop: Loop, egress2: Egress):
     eg = egress2
     join_all(loop, eg)
     loop.wait_converged(3)
+    # The health probe agrees: every running agent has applied its state.
+    for n in (eg.gw, *eg.clients):
+        r = n.gatewayd("check", "--max-age", "300")
+        assert r.returncode == 0 and r.stdout.startswith("ok: revision"), r.stdout
     eg.ext.whoami_server(eg.ext_addr, EXT_PORT)
     assert eg.clients[0].host.ask(eg.ext_addr, EXT_PORT, timeout=1) is None  # no gateway yet
 

@@ -158,3 +158,29 @@ PersistentKeepalive = 25
         parse_wg_quick("[Peers]\n")
     with pytest.raises(LabError, match="Table"):
         parse_wg_quick("[Interface]\nTable = main\n")
+
+
+def test_check_reports_readiness_from_the_agents_status(tmp_path, capsys):
+    """`gatewayd check`, the health probe: ready once a state is applied and the
+    last pass succeeded; stale when the agent stopped writing its status."""
+    import json
+    import os
+    import time
+
+    from meshgate.gatewayd.main import main
+
+    def check(*extra):
+        code = main(["check", "--state-dir", str(tmp_path), *extra])
+        return code, capsys.readouterr().out.strip()
+
+    assert check()[0] == 1 and "no readable status" in check()[1]
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"state": "waiting", "applied_revision": None}))
+    assert check() == (1, "not ready: nothing applied yet (waiting)")
+    status.write_text(json.dumps({"state": "retrying", "applied_revision": 7, "last_error": "nft: boom"}))
+    assert check() == (1, "not ready: the last pass failed: nft: boom")
+    status.write_text(json.dumps({"state": "applied", "applied_revision": 9}))
+    assert check() == (0, "ok: revision 9 applied")
+    old = time.time() - 600
+    os.utime(status, (old, old))
+    assert check("--max-age", "300")[0] == 1 and check()[0] == 0

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from meshgate.api.v1 import desired_state_pb2 as pb
@@ -93,7 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "--interface defaults to the last applied one")
     sub.add_parser("public-key", parents=[common],
                    help="print the node's public key, generating the key pair on first use")
+    c = sub.add_parser("check", parents=[common],
+                       help="exit 0 when the running agent has applied a desired state and its last "
+                            "pass succeeded, 1 otherwise (for health probes); prints why")
+    c.add_argument("--max-age", type=float, default=0.0, metavar="SECONDS",
+                   help="also fail when the agent has not written its status for this long (it does "
+                        "at least every resync interval, 60 s by default): a hung agent")
     return p
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    path = settings.state_dir / "status.json"  # read only: a probe creates nothing
+    try:
+        status = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        print(f"not ready: no readable status in {settings.state_dir} (is `gatewayd run` running?)")
+        return 1
+    if status.get("applied_revision") is None:
+        print(f"not ready: nothing applied yet ({status.get('state', 'waiting')})")
+        return 1
+    if status.get("state") != "applied":
+        print(f"not ready: the last pass failed: {status.get('last_error') or status.get('state')}")
+        return 1
+    if args.max_age and age > args.max_age:
+        print(f"stale: the agent last wrote its status {age:.0f}s ago (limit {args.max_age:.0f}s)")
+        return 1
+    print(f"ok: revision {status['applied_revision']} applied")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +192,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from meshgate.gatewayd.reconciler import Reconciler
     from meshgate.gatewayd.store import StateStore
 
+    if args.command == "check":
+        return _check(args, settings)
     if args.command == "public-key":
         print(StateStore(settings.state_dir).keypair()[1])
         return 0
