@@ -47,10 +47,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-
-import grpc
 import time
 from typing import Sequence
+
+import grpc
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
 from meshgate.common.errors import (
