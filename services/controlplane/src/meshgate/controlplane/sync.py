@@ -28,10 +28,10 @@ loop: it must only queue, never await a stream.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import hashlib
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
