@@ -136,6 +136,7 @@ class PeerIndex:
     def __init__(self, state: NetworkState) -> None:
         self._state = state
         self._active: tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None, list[str]] | None = None
+        self._clients: dict[str, list[external_client_pb2.ExternalClient]] | None = None
         self.keyed = sorted(n for n, node in state.nodes.items() if node.public_key)
         self._keyed_set = set(self.keyed)
         self.allow_all = state.network.default_policy != network_pb2.DENY
@@ -192,6 +193,12 @@ class PeerIndex:
         out.discard(name)
         return sorted(out)
 
+    def clients_by_gateway(self) -> dict[str, list[external_client_pb2.ExternalClient]]:
+        """`clients_by_gateway(state)`, worked out once."""
+        if self._clients is None:
+            self._clients = clients_by_gateway(self._state)
+        return self._clients
+
     def active_gateways(self) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None, list[str]]:
         """`active_gateways(state)`, plus its ranges in route order; worked out once."""
         if self._active is None:
@@ -242,12 +249,18 @@ def _sort_cidrs(cidrs: Sequence[str]) -> list[str]:
     return [k[3] for k in sorted({_cidr_key(c) for c in cidrs})]
 
 
+def clients_by_gateway(state: NetworkState) -> dict[str, list[external_client_pb2.ExternalClient]]:
+    """The enabled external clients with a key, by gateway node, each list by name."""
+    out: dict[str, list[external_client_pb2.ExternalClient]] = {}
+    for _, c in sorted(state.external_clients.items()):
+        if c.public_key and not c.disabled:
+            out.setdefault(c.gateway_node, []).append(c)
+    return out
+
+
 def clients_of(state: NetworkState, gateway_node: str) -> list[external_client_pb2.ExternalClient]:
     """The enabled external clients with a key that connect through `gateway_node`, by name."""
-    return [
-        c for _, c in sorted(state.external_clients.items())
-        if c.gateway_node == gateway_node and c.public_key and not c.disabled
-    ]
+    return clients_by_gateway(state).get(gateway_node, [])
 
 
 def client_allowed_ranges(state: NetworkState, client: external_client_pb2.ExternalClient) -> list[str]:
@@ -295,11 +308,12 @@ def compile_node(
 
     peer_names = peers_of(state, name, index)
     allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
-    if state.external_clients:
-        # Clients are reached through their gateway node.
-        for c in state.external_clients.values():
-            if c.gateway_node in allowed and c.public_key and not c.disabled:
-                allowed[c.gateway_node] += _host_routes(c)
+    by_gateway = ((index.clients_by_gateway() if index is not None else clients_by_gateway(state))
+                  if state.external_clients else {})
+    for gw_node, served in by_gateway.items():
+        if gw_node in allowed:  # clients are reached through their gateway node
+            for c in served:
+                allowed[gw_node] += _host_routes(c)
     if index is not None:
         by_range, internet, range_order = index.active_gateways()
     else:
@@ -336,7 +350,7 @@ def compile_node(
             persistent_keepalive_seconds=keepalive,
             resource=p,
         )
-    clients = clients_of(state, name) if state.external_clients else []
+    clients = by_gateway.get(name, [])
     for c in clients:
         sig = state.signatures.get(c.name, {}).get(c.public_key)
         out.peers.append(

@@ -306,7 +306,8 @@ class Fanout:
         if self.keys.enabled and not st.network.disable_preshared_keys:
             pairs = [(n, p) for n in names_ for p in index.peers_of(n)]
             if st.external_clients:
-                pairs += [(n, c.name) for n in names_ for c in compiler.clients_of(st, n)]
+                served = index.clients_by_gateway()
+                pairs += [(n, c.name) for n in names_ for c in served.get(n, ())]
             if not await self.keys.ensure(net_id, pairs):
                 self._psk_retry.update(names_)
                 self._start_retry()
