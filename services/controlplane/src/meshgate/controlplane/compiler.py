@@ -258,10 +258,6 @@ def clients_by_gateway(state: NetworkState) -> dict[str, list[external_client_pb
     return out
 
 
-def clients_of(state: NetworkState, gateway_node: str) -> list[external_client_pb2.ExternalClient]:
-    """The enabled external clients with a key that connect through `gateway_node`, by name."""
-    return clients_by_gateway(state).get(gateway_node, [])
-
 
 def client_allowed_ranges(state: NetworkState, client: external_client_pb2.ExternalClient) -> list[str]:
     """What the client routes into the tunnel: its own `allowed_ranges`, or by
