@@ -23,7 +23,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.AccessPolicyService.UpdateAccessPolicy': "Updates a policy's selectors, ports, action or priority.",
  'meshgate.api.v1.AgentCredential': 'What the agent presents on later calls.',
  'meshgate.api.v1.AgentCredential.certificate_chain': "A PEM certificate chain for mTLS, signed by the key service's "
-                                                      'CA.',
+                                                      'CA.\n'
+                                                      'Reserved: not issued yet.',
+ 'meshgate.api.v1.AgentCredential.expire_time': 'Reserved: not set yet (tokens do not expire).',
  'meshgate.api.v1.AgentCredential.token': 'A bearer token, sent as `authorization: Bearer ...` metadata. Secret.',
  'meshgate.api.v1.AgentService': "Used by gatewayd. Calls after Enroll carry the agent's credential; an agent\n"
                                  "can read only its own node's state.",
@@ -98,7 +100,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                   "interfaces, normally NATed to that interface's address.\n"
                                   '\n'
                                   'High availability: several gateways may serve exactly the same range; the one\n'
-                                  'with the highest `priority` whose node is connected carries it.',
+                                  'with the highest `priority` whose node is not marked down carries it (see\n'
+                                  '`priority`).',
  'meshgate.api.v1.EgressGateway.display_name': 'A human-readable name, at most 128 characters.',
  'meshgate.api.v1.EgressGateway.egress_interface': "The gateway's outbound interface. Empty means the interface of "
                                                    'the\n'
@@ -128,13 +131,15 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.EgressGatewayService.ListEgressGateways': 'Lists the egress gateways of a network in name order.',
  'meshgate.api.v1.EgressGatewayService.UpdateEgressGateway': "Updates an egress gateway's ranges, NAT, interface or "
                                                              'priority.',
- 'meshgate.api.v1.EnrollRequest.csr': "A PEM certificate signing request for the agent's mTLS identity; empty\n"
-                                      'while token credentials are in use.',
+ 'meshgate.api.v1.EnrollRequest.csr': "A PEM certificate signing request for the agent's mTLS identity.\n"
+                                      'Reserved: not read yet (agents get token credentials).',
  'meshgate.api.v1.EnrollRequest.endpoint': 'Underlay endpoint other nodes can reach, if any.',
  'meshgate.api.v1.EnrollRequest.enrollment_secret': "The enrollment key's secret.",
  'meshgate.api.v1.EnrollRequest.node_id': 'The node id to take; empty means derived from `hostname`.',
  'meshgate.api.v1.EnrollRequest.public_key': 'The WireGuard public key generated on the node.',
- 'meshgate.api.v1.EnrollResponse.ca_certificates': 'PEM CA certificates the agent trusts for the control plane.',
+ 'meshgate.api.v1.EnrollResponse.ca_certificates': 'PEM CA certificates the agent trusts for the control plane. '
+                                                   'Reserved:\n'
+                                                   'not set yet (`gatewayd join --ca-file` gives the CA).',
  'meshgate.api.v1.EnrollResponse.key_authority_public_keys': "The key service's Ed25519 public keys that sign peer "
                                                              'keys (raw, 32 bytes each).',
  'meshgate.api.v1.EnrollmentKey': 'A key that lets agents join one network. Only a hash of its secret is stored.',
@@ -175,8 +180,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                   'leaves\n'
                                                   "through the network's internet gateway.\n"
                                                   'Immutable: it is written into the configuration handed out once.',
- 'meshgate.api.v1.ExternalClient.config': 'A wg-quick configuration, including the private key. Returned only by the\n'
-                                          'call that creates the client; the private key is stored only encrypted.',
+ 'meshgate.api.v1.ExternalClient.config': 'A wg-quick configuration, including the private key. Returned only by\n'
+                                          'CreateExternalClient and RotateExternalClientKey; the private key is\n'
+                                          'stored only encrypted.',
  'meshgate.api.v1.ExternalClient.disabled': "A disabled client is removed from its gateway's peers but kept.",
  'meshgate.api.v1.ExternalClient.dns_servers': "DNS servers written into the client's configuration (immutable, like\n"
                                                'allowed_ranges).',
@@ -232,12 +238,14 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                       'discarded). Without it, a second request for a client is '
                                                       'ALREADY_EXISTS.',
  'meshgate.api.v1.IssuePresharedKeysRequest.network': '`networks/{network}`.',
- 'meshgate.api.v1.IssuePresharedKeysRequest.pairs': 'Pairs as `{node a resource}|{node b resource}`.',
+ 'meshgate.api.v1.IssuePresharedKeysRequest.pairs': 'Pairs as `{peer a resource}|{peer b resource}`, each a node or '
+                                                    'an\n'
+                                                    'external client.',
  'meshgate.api.v1.KeyAuthority.public_keys': 'Ed25519 public keys whose signatures agents accept (the current first).',
  'meshgate.api.v1.KeyService': 'Issues and rotates key material.',
  'meshgate.api.v1.KeyService.GetKeyAuthority': 'The public keys agents use to verify peer key signatures.',
  'meshgate.api.v1.KeyService.IssueClientKeyPair': 'Generates a key pair for an external client.',
- 'meshgate.api.v1.KeyService.IssuePresharedKeys': 'Issues (or returns the current) pre-shared keys for pairs of nodes.',
+ 'meshgate.api.v1.KeyService.IssuePresharedKeys': 'Issues (or returns the current) pre-shared keys for pairs of peers.',
  'meshgate.api.v1.KeyService.RegisterNodeKey': "Registers a node's public key and returns the key authority's "
                                                'signature.',
  'meshgate.api.v1.KeyService.RotateKeyEncryptionKey': 'Re-wraps every stored secret under a new key-encryption key, '
@@ -345,8 +353,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.PresharedKey': 'A pre-shared key for one pair of peers.',
  'meshgate.api.v1.PresharedKey.generation': 'Increases with each rotation.',
  'meshgate.api.v1.PresharedKey.key': 'Base64 of 32 bytes. Secret: returned only to the control plane.',
- 'meshgate.api.v1.PresharedKey.name': '`networks/{network}/presharedKeys/{pair}` where pair is `{node a}.{node b}`\n'
-                                      'sorted.',
+ 'meshgate.api.v1.PresharedKey.name': "`networks/{network}/presharedKeys/{pair}` where pair is the two peers'\n"
+                                      "ids sorted and joined by `.`; an external client's id is written\n"
+                                      '`~{client}` (a pair is two nodes, or a node and an external client).',
  'meshgate.api.v1.PresharedKey.peers': "The two peers' resource names.",
  'meshgate.api.v1.Protocol.PROTOCOL_UNSPECIFIED': 'Every protocol.',
  'meshgate.api.v1.RotateExternalClientKeyRequest.etag': 'When set, the call fails with ABORTED unless it matches the '
@@ -356,7 +365,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.RotateKeyEncryptionKeyResponse.rewrapped': 'How many stored secrets were re-wrapped.',
  'meshgate.api.v1.RotateNodeKeyResponse.request_time': "The rotation is carried out by the node's agent; this is when "
                                                        'it was asked.',
- 'meshgate.api.v1.RotatePresharedKeysRequest.pairs': 'Empty means every pair of the network.',
+ 'meshgate.api.v1.RotatePresharedKeysRequest.pairs': 'Empty means every pair of nodes of the network (a pair with an '
+                                                     'external\n'
+                                                     'client rotates only when named: its key sits in a static '
+                                                     'configuration).',
  'meshgate.api.v1.Route': 'A route the node sends into the tunnel.',
  'meshgate.api.v1.Route.destination': 'Destination CIDR.',
  'meshgate.api.v1.Route.via_peer': 'The public key of the peer that carries it (its allowed_ips include it).',

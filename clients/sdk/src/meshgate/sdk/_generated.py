@@ -147,7 +147,7 @@ class SyncMethods:
         - node_id: The node id to take; empty means derived from `hostname`.
         - public_key: The WireGuard public key generated on the node.
         - endpoint: Underlay endpoint other nodes can reach, if any.
-        - csr: A PEM certificate signing request for the agent's mTLS identity; empty while token credentials are in use.
+        - csr: A PEM certificate signing request for the agent's mTLS identity. Reserved: not read yet (agents get token credentials).
         """
         return self._unary('meshgate.api.v1.AgentService', 'Enroll', _build(agent_pb2.EnrollRequest, request, enrollment_secret=enrollment_secret, node_id=node_id, hostname=hostname, public_key=public_key, endpoint=endpoint, listen_port=listen_port, csr=csr, agent_version=agent_version), timeout, metadata)
 
@@ -706,11 +706,11 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> keys_pb2.IssuePresharedKeysResponse:
-        """Issues (or returns the current) pre-shared keys for pairs of nodes.
+        """Issues (or returns the current) pre-shared keys for pairs of peers.
 
         Arguments (or fields of `request`):
         - network: `networks/{network}`.
-        - pairs: Pairs as `{node a resource}|{node b resource}`.
+        - pairs: Pairs as `{peer a resource}|{peer b resource}`, each a node or an external client.
         """
         return self._unary('meshgate.api.v1.KeyService', 'IssuePresharedKeys', _build(keys_pb2.IssuePresharedKeysRequest, request, network=network, pairs=pairs), timeout, metadata)
 
@@ -727,7 +727,7 @@ class SyncMethods:
         """Rotates pre-shared keys now.
 
         Arguments (or fields of `request`):
-        - pairs: Empty means every pair of the network.
+        - pairs: Empty means every pair of nodes of the network (a pair with an external client rotates only when named: its key sits in a static configuration).
         """
         return self._unary('meshgate.api.v1.KeyService', 'RotatePresharedKeys', _build(keys_pb2.RotatePresharedKeysRequest, request, network=network, pairs=pairs), timeout, metadata)
 
@@ -931,7 +931,7 @@ class AsyncMethods:
         - node_id: The node id to take; empty means derived from `hostname`.
         - public_key: The WireGuard public key generated on the node.
         - endpoint: Underlay endpoint other nodes can reach, if any.
-        - csr: A PEM certificate signing request for the agent's mTLS identity; empty while token credentials are in use.
+        - csr: A PEM certificate signing request for the agent's mTLS identity. Reserved: not read yet (agents get token credentials).
         """
         return await self._unary('meshgate.api.v1.AgentService', 'Enroll', _build(agent_pb2.EnrollRequest, request, enrollment_secret=enrollment_secret, node_id=node_id, hostname=hostname, public_key=public_key, endpoint=endpoint, listen_port=listen_port, csr=csr, agent_version=agent_version), timeout, metadata)
 
@@ -1490,11 +1490,11 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> keys_pb2.IssuePresharedKeysResponse:
-        """Issues (or returns the current) pre-shared keys for pairs of nodes.
+        """Issues (or returns the current) pre-shared keys for pairs of peers.
 
         Arguments (or fields of `request`):
         - network: `networks/{network}`.
-        - pairs: Pairs as `{node a resource}|{node b resource}`.
+        - pairs: Pairs as `{peer a resource}|{peer b resource}`, each a node or an external client.
         """
         return await self._unary('meshgate.api.v1.KeyService', 'IssuePresharedKeys', _build(keys_pb2.IssuePresharedKeysRequest, request, network=network, pairs=pairs), timeout, metadata)
 
@@ -1511,7 +1511,7 @@ class AsyncMethods:
         """Rotates pre-shared keys now.
 
         Arguments (or fields of `request`):
-        - pairs: Empty means every pair of the network.
+        - pairs: Empty means every pair of nodes of the network (a pair with an external client rotates only when named: its key sits in a static configuration).
         """
         return await self._unary('meshgate.api.v1.KeyService', 'RotatePresharedKeys', _build(keys_pb2.RotatePresharedKeysRequest, request, network=network, pairs=pairs), timeout, metadata)
 

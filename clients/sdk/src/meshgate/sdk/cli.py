@@ -66,6 +66,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 # Fields holding secrets the server returns once (on create), which table
 # output prints in full under the table.
 ONCE = {"meshgate.api.v1.ExternalClient": "config", "meshgate.api.v1.EnrollmentKey": "secret"}
+SECRET_CALLS = "only creating an external client or rotating its key, or creating an enrollment key, returns one"
 
 
 class Refused(click.ClickException):
@@ -321,8 +322,7 @@ class Printer:
             # external client's configuration) or a QR code of it for a phone.
             once = ONCE.get(msg.DESCRIPTOR.full_name)
             if not once or not getattr(msg, once):
-                raise _usage(f"-o {self.output}: this call returns no secret (only creating an external client "
-                             "or an enrollment key does)")
+                raise _usage(f"-o {self.output}: this call returns no secret ({SECRET_CALLS})")
             value = getattr(msg, once)
             if self.output == "secret":
                 click.echo(value, nl=not value.endswith("\n"))
@@ -458,8 +458,7 @@ def make_command(m: api.Method) -> click.Command:
     def callback(positional_name=None, from_file=None, output=None, **values):
         if output in ("secret", "qr") and m.output.full_name not in ONCE:
             # Refused before the call: a create must not run and lose its output.
-            raise _usage(f"-o {output}: this call returns no secret (only creating an external client or an "
-                         "enrollment key does)")
+            raise _usage(f"-o {output}: this call returns no secret ({SECRET_CALLS})")
         state = _state()
         printer = Printer(output)
         if m.client_streaming:

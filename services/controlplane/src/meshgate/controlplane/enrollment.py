@@ -8,7 +8,7 @@ creates the node, so a revoked, deleted or changed key is never redeemed. A
 key with a use limit also counts the use in its own record in that
 transaction, so a single-use key makes exactly one node however many agents
 race for it. A key without a limit records each use as its own key,
-`enrollmentUses/{net}/{key}/{node}`, and leaves its record unchanged: agents
+`enrollmentUses/{net}/{key}/{node}.{random}`, and leaves its record unchanged: agents
 joining at once with one fleet-wide key do not contend on it (its `uses` is
 the record's count plus those keys).
 

@@ -15,7 +15,7 @@ Layout under the prefix (default `/meshgate`):
     accessPolicies/{net}/{policy}       AccessPolicy
     enrollmentKeys/{net}/{key}          EnrollmentKey (without its secret)
     enrollmentSecrets/{net}/{key}       SHA-256 of the key's secret
-    enrollmentUses/{net}/{key}/{node}   empty: one redemption of an unlimited key
+    enrollmentUses/{net}/{key}/{node}.{random}  empty: one redemption of an unlimited key
     agents/{net}/{node}                 SHA-256 of the node agent's bearer token
     status/{net}/{node}                 the agent's last acknowledgement (NodeConvergence)
     sessions/{net}/{node}               the agent's stream, on the holding replica's lease

@@ -35,8 +35,11 @@ class KeyServiceConfig(config.ServerConfig):
         secret=True,
     )
     cert_validity_hours: float = config.option(24.0, "validity of certificates the internal CA signs, in hours")
-    scheduler: bool = config.option(True, "take part in the election for running scheduled rotations")
-    scheduler_interval: float = config.option(30.0, "seconds between two checks for due rotations (leader only)")
+    scheduler: bool = config.option(
+        True, "take part in the election for running scheduled rotations and the sweep of key material left by "
+        "deleted nodes and clients")
+    scheduler_interval: float = config.option(
+        30.0, "seconds between two scheduler ticks: rotations due, then the sweep (leader only)")
     election_ttl: int = config.option(10, "seconds of the scheduler leader's lease; a dead leader is replaced within it")
 
 

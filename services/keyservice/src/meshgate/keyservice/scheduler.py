@@ -13,8 +13,9 @@ plane; read here, never written) and:
   to the agents, which generate the new pair. Nodes that external clients
   connect to are skipped: the clients' static configurations name their key.
 
-- sweeps key material whose owner is gone (`_sweep`): the garbage collection
-  the brief puts under the election.
+- sweeps key material whose owner is gone (`_sweep`): pre-shared keys of pairs
+  with a deleted peer, deleted clients' key pairs and signatures, deleted
+  nodes' signatures and rotation requests, once older than SWEEP_GRACE_S.
 
 Every write carries the election fence. Networks with
 `disable_preshared_keys` are skipped for pre-shared keys.

@@ -45,8 +45,8 @@ class EnrollRequest(_message.Message):
     """Underlay endpoint other nodes can reach, if any."""
     listen_port: _builtins.int
     csr: _builtins.bytes
-    """A PEM certificate signing request for the agent's mTLS identity; empty
-    while token credentials are in use.
+    """A PEM certificate signing request for the agent's mTLS identity.
+    Reserved: not read yet (agents get token credentials).
     """
     agent_version: _builtins.str
     def __init__(
@@ -81,9 +81,13 @@ class AgentCredential(_message.Message):
     token: _builtins.str
     """A bearer token, sent as `authorization: Bearer ...` metadata. Secret."""
     certificate_chain: _builtins.bytes
-    """A PEM certificate chain for mTLS, signed by the key service's CA."""
+    """A PEM certificate chain for mTLS, signed by the key service's CA.
+    Reserved: not issued yet.
+    """
     @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Reserved: not set yet (tokens do not expire)."""
+
     def __init__(
         self,
         *,
@@ -110,7 +114,9 @@ class EnrollResponse(_message.Message):
     CA_CERTIFICATES_FIELD_NUMBER: _builtins.int
     KEY_AUTHORITY_PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
     ca_certificates: _builtins.bytes
-    """PEM CA certificates the agent trusts for the control plane."""
+    """PEM CA certificates the agent trusts for the control plane. Reserved:
+    not set yet (`gatewayd join --ca-file` gives the CA).
+    """
     @_builtins.property
     def node(self) -> _node_pb2.Node: ...
     @_builtins.property

@@ -26,7 +26,8 @@ class EgressGateway(_message.Message):
     interfaces, normally NATed to that interface's address.
 
     High availability: several gateways may serve exactly the same range; the one
-    with the highest `priority` whose node is connected carries it.
+    with the highest `priority` whose node is not marked down carries it (see
+    `priority`).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -81,8 +81,9 @@ class ExternalClient(_message.Message):
     disabled: _builtins.bool
     """A disabled client is removed from its gateway's peers but kept."""
     config: _builtins.str
-    """A wg-quick configuration, including the private key. Returned only by the
-    call that creates the client; the private key is stored only encrypted.
+    """A wg-quick configuration, including the private key. Returned only by
+    CreateExternalClient and RotateExternalClientKey; the private key is
+    stored only encrypted.
     """
     display_name: _builtins.str
     rx_bytes: _builtins.int

@@ -138,8 +138,9 @@ class PresharedKey(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """`networks/{network}/presharedKeys/{pair}` where pair is `{node a}.{node b}`
-    sorted.
+    """`networks/{network}/presharedKeys/{pair}` where pair is the two peers'
+    ids sorted and joined by `.`; an external client's id is written
+    `~{client}` (a pair is two nodes, or a node and an external client).
     """
     key: _builtins.str
     """Base64 of 32 bytes. Secret: returned only to the control plane."""
@@ -178,7 +179,9 @@ class IssuePresharedKeysRequest(_message.Message):
     """`networks/{network}`."""
     @_builtins.property
     def pairs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Pairs as `{node a resource}|{node b resource}`."""
+        """Pairs as `{peer a resource}|{peer b resource}`, each a node or an
+        external client.
+        """
 
     def __init__(
         self,
@@ -264,7 +267,9 @@ class RotatePresharedKeysRequest(_message.Message):
     network: _builtins.str
     @_builtins.property
     def pairs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty means every pair of the network."""
+        """Empty means every pair of nodes of the network (a pair with an external
+        client rotates only when named: its key sits in a static configuration).
+        """
 
     def __init__(
         self,

@@ -96,7 +96,7 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssuePresharedKeys(self, request, context):
-        """Issues (or returns the current) pre-shared keys for pairs of nodes.
+        """Issues (or returns the current) pre-shared keys for pairs of peers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,7 @@ class KeyServiceStub:
     GetKeyAuthority: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetKeyAuthorityRequest, _keys_pb2.KeyAuthority]
     """The public keys agents use to verify peer key signatures."""
     IssuePresharedKeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.IssuePresharedKeysRequest, _keys_pb2.IssuePresharedKeysResponse]
-    """Issues (or returns the current) pre-shared keys for pairs of nodes."""
+    """Issues (or returns the current) pre-shared keys for pairs of peers."""
     RotatePresharedKeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RotatePresharedKeysRequest, _keys_pb2.RotatePresharedKeysResponse]
     """Rotates pre-shared keys now."""
     RotateNodeKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RotateNodeKeyRequest, _keys_pb2.RotateNodeKeyResponse]
@@ -63,7 +63,7 @@ class KeyServiceAsyncStub(KeyServiceStub):
     GetKeyAuthority: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetKeyAuthorityRequest, _keys_pb2.KeyAuthority]  # type: ignore[assignment]
     """The public keys agents use to verify peer key signatures."""
     IssuePresharedKeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.IssuePresharedKeysRequest, _keys_pb2.IssuePresharedKeysResponse]  # type: ignore[assignment]
-    """Issues (or returns the current) pre-shared keys for pairs of nodes."""
+    """Issues (or returns the current) pre-shared keys for pairs of peers."""
     RotatePresharedKeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.RotatePresharedKeysRequest, _keys_pb2.RotatePresharedKeysResponse]  # type: ignore[assignment]
     """Rotates pre-shared keys now."""
     RotateNodeKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.RotateNodeKeyRequest, _keys_pb2.RotateNodeKeyResponse]  # type: ignore[assignment]
@@ -100,7 +100,7 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.IssuePresharedKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.IssuePresharedKeysResponse, _abc.Awaitable[_keys_pb2.IssuePresharedKeysResponse]]:
-        """Issues (or returns the current) pre-shared keys for pairs of nodes."""
+        """Issues (or returns the current) pre-shared keys for pairs of peers."""
 
     @_abc_1.abstractmethod
     def RotatePresharedKeys(
