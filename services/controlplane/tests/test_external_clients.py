@@ -445,3 +445,50 @@ async def test_rotation_without_a_key_service(cp):
     c = await create(stub)
     r = await stub.RotateExternalClientKey(ec.RotateExternalClientKeyRequest(name=PHONE))
     assert r.public_key != c.public_key and "PrivateKey = " in r.config
+
+
+async def test_a_client_shows_when_its_configuration_went_stale(keyed):
+    """The gateway node's endpoint or key changes, or PSKs are turned off: Get
+    says why the handed-out configuration no longer works; a key rotation
+    hands out a current one."""
+    from meshgate.api.v1 import network_pb2
+
+    cp = keyed
+    await make_network(cp)
+    gw_key = base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    await make_node(cp, node_id="a", endpoint="192.0.2.1:51820", public_key=gw_key)
+    c = await create(cp.clients, guard=cp.guard)
+
+    async def reason():
+        return (await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))).config_stale_reason
+
+    assert await reason() == ""
+    await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name="networks/prod/nodes/a", endpoint="192.0.2.9:51820"),
+        update_mask=field_mask_pb2.FieldMask(paths=["endpoint"])))
+    await wait_until(lambda: reason(), "stale after the endpoint changed")
+    assert await reason() == "the gateway node's endpoint changed"
+    new_key = base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name="networks/prod/nodes/a", public_key=new_key),
+        update_mask=field_mask_pb2.FieldMask(paths=["public_key"])))
+    await wait_until(lambda: _contains(reason(), "key changed"), "stale after the key changed")
+    assert await reason() == "the gateway node's key changed; the gateway node's endpoint changed"
+    r = await cp.clients.RotateExternalClientKey(ec.RotateExternalClientKeyRequest(name=PHONE))
+    conf = parse_config(r.config)
+    cp.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
+                 r.config)
+    assert conf["Peer"]["PublicKey"] == new_key and conf["Peer"]["Endpoint"] == "192.0.2.9:51820"
+    assert await reason() == ""
+    await cp.networks.UpdateNetwork(network_pb2.UpdateNetworkRequest(
+        network=network_pb2.Network(name="networks/prod", disable_preshared_keys=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["disable_preshared_keys"])))
+    await wait_until(lambda: reason(), "stale after PSKs were turned off")
+    assert await reason() == "pre-shared keys were turned off"
+    listed = await cp.clients.ListExternalClients(ec.ListExternalClientsRequest(parent="networks/prod"))
+    assert [x.config_stale_reason for x in listed.external_clients] == ["pre-shared keys were turned off"]
+    assert c.config_stale_reason == ""
+
+
+async def _contains(coro, text):
+    return text in await coro

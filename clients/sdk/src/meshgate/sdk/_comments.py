@@ -183,6 +183,13 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.ExternalClient.config': 'A wg-quick configuration, including the private key. Returned only by\n'
                                           'CreateExternalClient and RotateExternalClientKey; the private key is\n'
                                           'stored only encrypted.',
+ 'meshgate.api.v1.ExternalClient.config_stale_reason': 'Why the configuration handed out no longer matches the network '
+                                                       '(the\n'
+                                                       "gateway node's key or endpoint changed, pre-shared keys were "
+                                                       'turned on or\n'
+                                                       'off); empty while it still does. RotateExternalClientKey hands '
+                                                       'out a\n'
+                                                       'current one.',
  'meshgate.api.v1.ExternalClient.disabled': "A disabled client is removed from its gateway's peers but kept.",
  'meshgate.api.v1.ExternalClient.dns_servers': "DNS servers written into the client's configuration (immutable, like\n"
                                                'allowed_ranges).',

@@ -128,10 +128,11 @@ def guard_key(res: Resources, net_id: str) -> bytes:
 
 
 def delete_ops(res: Resources, net_id: str, client: external_client_pb2.ExternalClient) -> list:
-    """Operations removing `client`, its claims, its health report and its key material (at most 9)."""
+    """Operations removing `client`, its claims, its side records and its key material (at most 10)."""
     cid = client.name.rsplit("/", 1)[1]
     ops = [res.t.delete(res.etcd.key(KIND.collection, net_id, cid)), res.t.put(guard_key(res, net_id), b""),
-           res.t.delete(res.etcd.key("clientHealth", net_id, cid))]
+           res.t.delete(res.etcd.key("clientHealth", net_id, cid)),
+           res.t.delete(res.etcd.key("clientIssued", net_id, cid))]
     for family, addr in (("v4", client.ipv4_address), ("v6", client.ipv6_address)):
         if addr:
             ops.append(res.t.delete(res.keys.ipam(net_id, family, addr)))
@@ -154,20 +155,40 @@ class ExternalClients(Resources):
         msg.config = ""  # never stored; belt and braces
         return msg
 
-    async def _with_health(self, items: list) -> list:
-        """Fill the tunnel fields from the gateway nodes' reports
-        (`clientHealth/{net}/{client}`, written by the fan-out), when they are
-        about the client's current key and gateway node."""
+    async def _records(self, collection: str, net_id: str, items: list) -> dict[str, dict]:
+        """JSON side records of `items` (one get, or one range for a page)."""
+        if len(items) == 1:
+            kv = await self.etcd.get(self.etcd.key(collection, net_id, items[0].name.rsplit("/", 1)[1]))
+            kvs = [kv] if kv is not None else []
+        else:
+            kvs, _ = await self.etcd.list_prefix(self.etcd.key(collection, net_id, ""))
+        return {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value) for kv in kvs}
+
+    async def _with_status(self, items: list) -> list:
+        """Fill the output fields that are not stored on the client: the tunnel
+        as its gateway node reported it (`clientHealth/...`, written by the
+        fan-out, when about the client's current key and gateway node), and
+        whether its configuration went stale (against `clientIssued/...`, what
+        the configuration was made with)."""
         if not items:
             return items
         net_id, _ = self.parse_name(items[0].name)
-        if len(items) == 1:
-            kv = await self.etcd.get(self.etcd.key("clientHealth", net_id, items[0].name.rsplit("/", 1)[1]))
-            kvs = [kv] if kv is not None else []
-        else:
-            kvs, _ = await self.etcd.list_prefix(self.etcd.key("clientHealth", net_id, ""))
-        reports = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value) for kv in kvs}
+        reports = await self._records("clientHealth", net_id, items)
+        issued = await self._records("clientIssued", net_id, items)
+        network, nodes = await self._network_view(net_id, {c.gateway_node for c in items})
+        psk_now = self.key_material.enabled and network is not None and not network.disable_preshared_keys
         for c in items:
+            made = issued.get(c.name.rsplit("/", 1)[1])
+            gateway = nodes.get(c.gateway_node)
+            if made is not None and made.get("public_key") == c.public_key and gateway is not None:
+                why = []
+                if gateway.public_key != made["gateway_public_key"]:
+                    why.append("the gateway node's key changed")
+                if gateway.endpoint != made["gateway_endpoint"]:
+                    why.append("the gateway node's endpoint changed")
+                if psk_now != made["psk"]:
+                    why.append("pre-shared keys were turned " + ("on" if psk_now else "off"))
+                c.config_stale_reason = "; ".join(why)
             r = reports.get(c.name.rsplit("/", 1)[1])
             if r is None or r.get("public_key") != c.public_key or r.get("gateway_node") != c.gateway_node:
                 continue
@@ -177,12 +198,33 @@ class ExternalClients(Resources):
             c.report_time.FromNanoseconds(r["report_ns"])
         return items
 
+    async def _network_view(self, net_id: str, gateway_nodes: set[str]):
+        """The network and the named nodes, from the cache when it has them."""
+        st = self.cache.networks.get(net_id) if self.cache is not None and self.cache.ready.is_set() else None
+        if st is not None:
+            return st.network, {n: st.nodes[n] for n in gateway_nodes if n in st.nodes}
+        kv = await self.etcd.get(self.keys.network(net_id))
+        network = store.decode(network_pb2.Network, kv) if kv is not None else None
+        nodes = {}
+        for n in gateway_nodes:
+            nkv = await self.etcd.get(self.keys.node(net_id, n.rsplit("/", 1)[1]))
+            if nkv is not None:
+                nodes[n] = store.decode(node_pb2.Node, nkv)
+        return network, nodes
+
+    def _issued_op(self, net_id: str, client, gateway, psk: bool):
+        """What a configuration is made with, kept to tell when it goes stale."""
+        record = {"public_key": client.public_key, "gateway_public_key": gateway.public_key,
+                  "gateway_endpoint": gateway.endpoint, "psk": psk}
+        return self.t.put(self.etcd.key("clientIssued", net_id, client.name.rsplit("/", 1)[1]),
+                          json.dumps(record, sort_keys=True).encode())
+
     async def get(self, name: str):
-        return (await self._with_health([await super().get(name)]))[0]
+        return (await self._with_status([await super().get(name)]))[0]
 
     async def list_children(self, parent: str, page_size: int, page_token: str):
         items, token = await super().list_children(parent, page_size, page_token)
-        return await self._with_health(items), token
+        return await self._with_status(items), token
 
     # create ----------------------------------------------------------------
 
@@ -262,7 +304,8 @@ class ExternalClients(Resources):
             client.public_key = pair.public_key
             pkey = self.keys.pubkey(net_id, pair.public_key)
             compare.append(self.t.create(pkey) == 0)
-            ops += [self.t.put(pkey, name.encode()), self.t.put(guard_key(self, net_id), b"")]
+            ops += [self.t.put(pkey, name.encode()), self.t.put(guard_key(self, net_id), b""),
+                    self._issued_op(net_id, client, gateway, use_psk)]
             ok, _, rev = await self.etcd.txn(compare, [self.t.put(key, store.encode(client)), *ops])
             if not ok:
                 if await self.etcd.get(key) is not None:
@@ -326,7 +369,8 @@ class ExternalClients(Resources):
             old_key, client.public_key = client.public_key, pair.public_key
             client.update_time.CopyFrom(store.now())
             ops = [self.t.put(ckv.key, store.encode(client)),
-                   self.t.put(self.keys.pubkey(net_id, pair.public_key), req.name.encode())]
+                   self.t.put(self.keys.pubkey(net_id, pair.public_key), req.name.encode()),
+                   self._issued_op(net_id, client, gateway, bool(psk))]
             if old_key:
                 ops.append(self.t.delete(self.keys.pubkey(net_id, old_key)))
             cmp = [self.t.mod(ckv.key) == ckv.mod_revision,

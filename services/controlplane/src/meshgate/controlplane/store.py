@@ -21,6 +21,7 @@ Layout under the prefix (default `/meshgate`):
     sessions/{net}/{node}               the agent's stream, on the holding replica's lease
     liveness/{net}/{node}               a gateway node marked down (liveness.py)
     clientHealth/{net}/{client}         an external client's tunnel as its gateway node reported it (JSON)
+    clientIssued/{net}/{client}         what its configuration was made with (JSON; no secret)
     changes/trace                       W3C traceparent of the newest change (see sync.py)
 
 Values are binary protobuf. A resource's etag is its key's mod revision, so
@@ -50,7 +51,7 @@ from meshgate.common.etcd import KV, Etcd, prefix_end
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
     "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",
-    "externalClients", "accessPolicies", "agents", "status", "liveness", "clientHealth", "sessions",
+    "externalClients", "accessPolicies", "agents", "status", "liveness", "clientHealth", "clientIssued", "sessions",
 )
 
 

@@ -63,6 +63,7 @@ class ExternalClient(_message.Message):
     RX_BYTES_FIELD_NUMBER: _builtins.int
     TX_BYTES_FIELD_NUMBER: _builtins.int
     REPORT_TIME_FIELD_NUMBER: _builtins.int
+    CONFIG_STALE_REASON_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -88,6 +89,12 @@ class ExternalClient(_message.Message):
     display_name: _builtins.str
     rx_bytes: _builtins.int
     tx_bytes: _builtins.int
+    config_stale_reason: _builtins.str
+    """Why the configuration handed out no longer matches the network (the
+    gateway node's key or endpoint changed, pre-shared keys were turned on or
+    off); empty while it still does. RotateExternalClientKey hands out a
+    current one.
+    """
     uid: _builtins.str
     etag: _builtins.str
     @_builtins.property
@@ -143,6 +150,7 @@ class ExternalClient(_message.Message):
         rx_bytes: _builtins.int = ...,
         tx_bytes: _builtins.int = ...,
         report_time: _timestamp_pb2.Timestamp | None = ...,
+        config_stale_reason: _builtins.str = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
@@ -150,7 +158,7 @@ class ExternalClient(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_handshake_time", b"last_handshake_time", "report_time", b"report_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranges", b"allowed_ranges", "config", b"config", "create_time", b"create_time", "disabled", b"disabled", "display_name", b"display_name", "dns_servers", b"dns_servers", "etag", b"etag", "gateway_node", b"gateway_node", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "last_handshake_time", b"last_handshake_time", "name", b"name", "public_key", b"public_key", "report_time", b"report_time", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranges", b"allowed_ranges", "config", b"config", "config_stale_reason", b"config_stale_reason", "create_time", b"create_time", "disabled", b"disabled", "display_name", b"display_name", "dns_servers", b"dns_servers", "etag", b"etag", "gateway_node", b"gateway_node", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "last_handshake_time", b"last_handshake_time", "name", b"name", "public_key", b"public_key", "report_time", b"report_time", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
