@@ -14,7 +14,7 @@ import pytest
 from meshgate.api.v1 import agent_pb2_grpc, egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 from meshgate.api.v1 import external_client_pb2, external_client_pb2_grpc, network_pb2, network_pb2_grpc
 from meshgate.api.v1 import node_pb2, node_pb2_grpc
-from meshgate.common.testing import OtlpReceiver, ServiceProcess
+from meshgate.common.testing import OtlpReceiver, ServiceProcess, write_kek_file
 
 import cptest
 
@@ -80,9 +80,7 @@ async def test_api_change_and_its_deltas_share_one_trace(etcd_server, etcd_prefi
 
 async def test_key_service_calls_join_the_api_calls_trace(etcd_server, etcd_prefix, otlp, tmp_path):
     kek = tmp_path / "kek"
-    fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, f"k1:{base64.b64encode(os.urandom(32)).decode()}\n".encode())
-    os.close(fd)
+    write_kek_file(kek)
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
     ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)],
                         env=otlp.env("meshgate-keyservice")).start()
@@ -274,9 +272,7 @@ async def test_the_key_service_link_can_use_mtls(etcd_server, etcd_prefix, tmp_p
 
     pki = write_test_pki(tmp_path)
     kek = tmp_path / "kek"
-    fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, f"k1:{base64.b64encode(os.urandom(32)).decode()}\n".encode())
-    os.close(fd)
+    write_kek_file(kek)
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
     read = {k: open(v, "rb").read() for k, v in pki.items()}
     ks = ServiceProcess(

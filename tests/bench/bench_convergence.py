@@ -100,7 +100,7 @@ from google.protobuf import field_mask_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.etcd import Etcd, prefix_end
 from meshgate.common.etcdproc import EtcdProcess
-from meshgate.common.testing import ServiceProcess
+from meshgate.common.testing import ServiceProcess, write_kek_file
 
 NET = "bench"
 CIDR = "100.64.0.0/21"
@@ -693,9 +693,7 @@ def main() -> int:
         info(f"etcd on {etcd_proc.endpoint} (pid {etcd_proc.proc.pid})")
         env_clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESHGATE_"))}
         kek_file = os.path.join(tmp, "kek")
-        fd = os.open(kek_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"bench1:{base64.b64encode(os.urandom(32)).decode()}\n")
+        write_kek_file(kek_file, {"bench1": os.urandom(32)})
         common = ["--etcd-endpoints", etcd_proc.endpoint, "--etcd-prefix", "/bench", "--log-level", "warning"]
         ks = ServiceProcess("meshgate-keyservice", args=[*common, "--kek-file", kek_file, "--no-scheduler"])
         cp = ServiceProcess("meshgate-controlplane", args=common)

@@ -19,23 +19,17 @@ from meshgate.api.v1 import keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
 from meshgate.common import signing
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
-from meshgate.common.testing import ServiceProcess
+from meshgate.common.testing import ServiceProcess, kek_line, write_kek_file
 from meshgate.controlplane.api import ControlPlane
 
 from cptest import SimAgent, key, make_key, make_network, wait_until
 
 
-def kek_line(guard, kek_id: str) -> str:
-    """A new KEK's line for a KEK file; the guard searches for it (and opens the store with it)."""
-    guard.keks[kek_id] = os.urandom(32)
-    return f"{kek_id}:{base64.b64encode(guard.keks[kek_id]).decode()}\n"
-
-
-def write_kek_file(path, guard, *ids):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        for i in ids:
-            f.write(kek_line(guard, i))
+def new_keks(guard, *ids: str) -> dict[str, bytes]:
+    """Fresh KEKs, known to the guard (it searches for them and opens the store with them)."""
+    keks = {i: os.urandom(32) for i in ids}
+    guard.keks.update(keks)
+    return keks
 
 
 KS = "/meshgate.api.v1.KeyService/"
@@ -45,7 +39,7 @@ KS = "/meshgate.api.v1.KeyService/"
 async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     """A key service process and a control plane using it, on one etcd prefix."""
     kek_file = tmp_path / "kek"
-    write_kek_file(kek_file, secret_guard, "t1")
+    write_kek_file(kek_file, new_keks(secret_guard, "t1"))
     ks = ServiceProcess(
         "meshgate-keyservice",
         ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", str(kek_file)],
@@ -176,7 +170,7 @@ async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(key
         received = (len(a.received), len(b.received))
         # The operator adds the new KEK to the file, then rotates (online).
         with open(cp.kek_file, "a") as f:
-            f.write(kek_line(cp.guard, "t2"))
+            f.write(kek_line("t2", new_keks(cp.guard, "t2")["t2"]) + "\n")
         r = await cp.ks.RotateKeyEncryptionKey(keys_pb2.RotateKeyEncryptionKeyRequest(new_key_id="t2"))
         assert r.rewrapped >= 2
         st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))

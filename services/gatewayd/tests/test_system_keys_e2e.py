@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
-from meshgate.common.testing import ServiceProcess
+from meshgate.common.testing import ServiceProcess, write_kek_file
 from meshgate.gatewayd.lab import ControlPlaneView, Egress, Lab
 
 RANGE = "198.51.100.0/24"
@@ -68,11 +68,8 @@ def register(guard, held: list[str]) -> None:
 
 @pytest.fixture
 def keyed(secret_guard, lab, etcd_server, etcd_prefix):
-    secret_guard.keks["k1"] = os.urandom(32)
     kek = lab.dir / "kek"
-    fd = os.open(kek, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, f"k1:{base64.b64encode(secret_guard.keks['k1']).decode()}\n".encode())
-    os.close(fd)
+    secret_guard.keks.update(write_kek_file(kek))
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
     ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)]).start()
     socket = str(lab.dir / "cp.sock")

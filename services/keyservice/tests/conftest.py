@@ -22,8 +22,6 @@
 
 from __future__ import annotations
 
-import base64
-import os
 from dataclasses import dataclass
 
 import grpc
@@ -33,7 +31,7 @@ from meshgate.api.v1 import keys_pb2_grpc, network_pb2
 from meshgate.common.config import ServerConfig
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer
-from meshgate.common.testing import find_leaks
+from meshgate.common.testing import find_leaks, kek_line, write_kek_file
 from meshgate.keyservice.api import bindings
 from meshgate.keyservice.core import KeyServiceCore
 from meshgate.keyservice.sealing import Keyring, generate_kek
@@ -51,7 +49,7 @@ class Keks:
         return Keyring([(i, self.made[i]) for i in ids])
 
     def line(self, kek_id: str) -> str:
-        return f"{kek_id}:{base64.b64encode(self.made[kek_id]).decode()}"
+        return kek_line(kek_id, self.made[kek_id])
 
 
 @pytest.fixture(autouse=True)
@@ -114,11 +112,8 @@ async def ks(core, etcd):
 
 def _kek_env(keks: Keks, *ids: str, path: str | None = None) -> dict[str, str]:
     """Environment for a key-service process: KEKs in a 0600 file when `path` is given, else inline."""
-    text = "\n".join(keks.line(i) for i in ids) + "\n"
     if path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write_kek_file(path, {i: keks.made[i] for i in ids})
         return {"MESHGATE_KEYSERVICE_KEK_FILE": path}
     return {"MESHGATE_KEYSERVICE_KEK": ",".join(keks.line(i) for i in ids)}
 

@@ -464,3 +464,18 @@ def write_test_pki(directory) -> dict[str, str]:
         (d / fname).write_bytes(pem(obj))
         files[fname] = str(d / fname)
     return files
+
+
+def kek_line(kek_id: str, kek: bytes) -> str:
+    """One key-encryption key as the key service reads it: `id:base64`."""
+    return f"{kek_id}:{base64.b64encode(kek).decode()}"
+
+
+def write_kek_file(path, keks: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """A 0600 KEK file for a key-service process (`--kek-file`), one line per
+    KEK; with no `keys`, one fresh KEK `k1`. Returns the KEKs written."""
+    keks = keks if keks is not None else {"k1": os.urandom(32)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(kek_line(i, k) + "\n" for i, k in keks.items()))
+    return keks
