@@ -23,7 +23,7 @@ import time
 import grpc
 import pytest
 
-from meshgate.api.v1 import egress_pb2, enrollment_pb2, keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
+from meshgate.api.v1 import enrollment_pb2, keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
 from meshgate.common.testing import ServiceProcess, write_kek_file
 from meshgate.gatewayd.lab import ControlPlaneView, Egress, Lab
 
