@@ -100,7 +100,7 @@ class Liveness:
         for st in self.cache.networks.values():
             gateway_nodes = {g.node for g in st.gateways.values() if g.node in st.nodes}
             tracked |= gateway_nodes
-            for node in gateway_nodes | (st.down & set(st.nodes)):
+            for node in gateway_nodes | (st.down & st.nodes.keys()):
                 present = node in self.cache.sessions
                 if present:
                     self._cancel(node)
