@@ -125,7 +125,10 @@ async def cp(etcd):
     cfg = ServerConfig(listen="127.0.0.1:0", shutdown_grace=1)
     server = GrpcServer(cfg, app.bindings)
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    from cptest import authed_channel, mint_token
+
+    token = await mint_token(app)
+    channel = authed_channel(f"127.0.0.1:{port}", token)
     yield ControlPlane(
         server,
         channel,

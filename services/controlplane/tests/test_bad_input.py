@@ -7,7 +7,7 @@ from google.protobuf import field_mask_pb2
 
 from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2
 
-from cptest import details, key, make_gateway, make_network, make_node
+from cptest import audit_records, state_dump, details, key, make_gateway, make_network, make_node
 
 N = network_pb2
 NO = node_pb2
@@ -122,7 +122,8 @@ async def world(cp):
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_bad_input_is_refused_precisely_and_changes_nothing(world, case):
     (stub_name, method, request), code, field = CASES[case]
-    before = await world.etcd.dump()
+    before = await state_dump(world.etcd)
+    audited = len(await audit_records(world.etcd))
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await getattr(getattr(world, stub_name), method)(request)
     assert e.value.code() == code, e.value.details()
@@ -132,4 +133,12 @@ async def test_bad_input_is_refused_precisely_and_changes_nothing(world, case):
         assert field in violations, f"{field} not in {violations}"
     if code == INVALID:
         assert violations and reason in ("INVALID_FIELD", "CIDR_OVERLAP")
-    assert await world.etcd.dump() == before
+    assert await state_dump(world.etcd) == before
+    # The refusal changed nothing but the audit log: a refused mutation leaves
+    # one record with its status; a refused read leaves none.
+    new = (await audit_records(world.etcd))[audited:]
+    if method.startswith(("List", "Get")):
+        assert new == []
+    else:
+        assert [(r.method.rsplit("/", 1)[1], r.status_code, r.principal) for r in new] == [
+            (method, code.name, "tokens/test-admin")]

@@ -6,7 +6,7 @@ from google.protobuf import field_mask_pb2
 
 from meshgate.api.v1 import egress_pb2, node_pb2
 
-from cptest import details, make_gateway, make_network, make_node
+from cptest import state_dump, details, make_gateway, make_network, make_node
 
 
 @pytest.fixture
@@ -34,13 +34,13 @@ async def test_identical_ranges_on_two_gateways_is_ha(cp, net):
 
 async def test_partial_overlap_with_another_gateway_refused(cp, net):
     await make_gateway(cp, gw_id="one", ranges=["198.51.100.0/24"])
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await make_gateway(cp, gw_id="two", node="b", ranges=["198.51.100.128/25"])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations, reason = details(e.value)
     assert reason == "CIDR_OVERLAP" and "egress_gateway.ranges[0]" in violations
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_internet_gateway_without_ranges(cp, net):
@@ -57,7 +57,7 @@ async def test_update_ranges_with_mask_and_stale_etag(cp, net):
         )
     )
     assert list(out.ranges) == ["203.0.113.0/24"] and out.nat is False
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.egress.UpdateEgressGateway(
             egress_pb2.UpdateEgressGatewayRequest(
@@ -66,7 +66,7 @@ async def test_update_ranges_with_mask_and_stale_etag(cp, net):
             )
         )
     assert e.value.code() == grpc.StatusCode.ABORTED
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_move_gateway_to_other_node(cp, net):
@@ -96,11 +96,11 @@ async def test_list_and_delete(cp, net):
 
 async def test_node_in_use_by_gateway_needs_force(cp, net):
     await make_gateway(cp, node="a")
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/a"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/a", force=True))
     r = await cp.egress.ListEgressGateways(egress_pb2.ListEgressGatewaysRequest(parent="networks/prod"))
     assert not r.egress_gateways

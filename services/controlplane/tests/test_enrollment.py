@@ -11,7 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import agent_pb2, enrollment_pb2, node_pb2
 
-from cptest import SimAgent, details, key, make_key, make_network
+from cptest import state_dump, SimAgent, details, key, make_key, make_network
 
 
 def _enroll(cp, secret, node_id, pk=None):
@@ -59,7 +59,7 @@ async def test_refused_keys(cp, case):
         secret = secret[:-5] + ("AAAAA" if not secret.endswith("AAAAA") else "BBBBB")
     elif case == "garbage":
         secret = "hello"
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await _enroll(cp, secret, "late")
     expected = {
@@ -75,7 +75,7 @@ async def test_refused_keys(cp, case):
     if expected == grpc.StatusCode.PERMISSION_DENIED:
         assert case in e.value.details()
     assert ek.secret not in e.value.details()
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_50_concurrent_redemptions_of_single_use_key_make_one_node(cp):
@@ -111,14 +111,14 @@ async def test_unlimited_key_counts_uses_without_contention_and_honours_revocati
         await _enroll(cp, ek.secret, "late")
     assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
     await cp.keys.DeleteEnrollmentKey(enrollment_pb2.DeleteEnrollmentKeyRequest(name=ek.name))
-    assert [k for k in await cp.etcd.dump() if b"/enrollmentUses/" in k] == []
+    assert [k for k in await state_dump(cp.etcd) if b"/enrollmentUses/" in k] == []
 
 
 async def test_secrets_and_tokens_are_stored_only_hashed(cp):
     await make_network(cp)
     ek = await make_key(cp)
     agent = await SimAgent(cp.agents, ek.secret, "n1").enroll()
-    blob = b"".join(k + v for k, v in (await cp.etcd.dump()).items())
+    blob = b"".join(k + v for k, v in (await state_dump(cp.etcd)).items())
     for secret in (ek.secret, agent.token):
         for form in (secret.encode(), base64.b64encode(secret.encode()), secret.split(".")[-1].encode()):
             assert form not in blob
@@ -127,9 +127,9 @@ async def test_secrets_and_tokens_are_stored_only_hashed(cp):
 async def test_enroll_validates_its_input_and_changes_nothing(cp):
     await make_network(cp)
     ek = await make_key(cp)
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.agents.Enroll(agent_pb2.EnrollRequest(enrollment_secret=ek.secret, node_id="ok", public_key="short", endpoint="nope"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {"public_key", "endpoint"} <= set(details(e.value)[0])
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before

@@ -25,7 +25,7 @@ from meshgate.api.v1 import (
 )
 from meshgate.common import signing
 
-from cptest import SimAgent, details, make_key, make_network, make_node, wait_until
+from cptest import state_dump, SimAgent, details, make_key, make_network, make_node, wait_until
 from test_keys_integration import KS, enrolled, keyed  # noqa: F401,F811 - keyed is the fixture
 
 PHONE = "networks/prod/externalClients/phone"
@@ -136,7 +136,7 @@ async def test_create_returns_config_once_and_client_peers_its_gateway(keyed):
     # Deleted: off the gateway, and nothing of it left in etcd.
     await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE))
     await wait_until(lambda: peer(a, PHONE) is None and not a.state.relayed_ranges, "phone deleted from a")
-    left = [k for k in await cp.etcd.dump() if b"phone" in k or c.ipv4_address.encode() in k]
+    left = [k for k in await state_dump(cp.etcd) if b"phone" in k or c.ipv4_address.encode() in k]
     assert left == []
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
@@ -192,7 +192,7 @@ async def test_node_delete_refused_while_it_serves_clients_and_forced_removes_th
     assert details(ei.value)[1] == "RESOURCE_IN_USE" and PHONE in ei.value.details()
     assert await config_state(cp.etcd) == before
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=a.node.name, force=True))
-    keys = list(await cp.etcd.dump())
+    keys = list(await state_dump(cp.etcd))
     assert [k for k in keys if b"phone" in k] == []
     # (the agent's live session record is bound to its stream's lease)
     assert [k for k in keys if (k.endswith(b"/prod/a") and b"/sessions/" not in k) or b"/psk/prod/a." in k] == []
@@ -236,7 +236,7 @@ async def test_bad_input_is_refused_and_changes_nothing(keyed, case, kw, field):
     cp = keyed
     await make_network(cp)
     await make_node(cp, node_id="a", endpoint="192.0.2.1:51820", public_key=base64.b64encode(bytes(range(32))).decode())
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     kw = dict(kw)
     client_id = kw.pop("client_id", "phone")
     gateway_node = kw.pop("gateway_node", None)
@@ -249,7 +249,7 @@ async def test_bad_input_is_refused_and_changes_nothing(keyed, case, kw, field):
         await cp.clients.CreateExternalClient(req)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in details(ei.value)[0]
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_refusals_that_need_the_store_change_nothing(keyed):
@@ -257,7 +257,7 @@ async def test_refusals_that_need_the_store_change_nothing(keyed):
     await make_network(cp)
     await make_node(cp, node_id="bare")  # no key and no endpoint yet
     await make_node(cp, node_id="a", endpoint="192.0.2.1:51820", public_key=base64.b64encode(bytes(range(32))).decode())
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     for gateway, code, reason in (("missing", grpc.StatusCode.NOT_FOUND, ""),
                                   ("bare", grpc.StatusCode.FAILED_PRECONDITION, "GATEWAY_NODE_NOT_READY")):
         with pytest.raises(grpc.aio.AioRpcError) as ei:
@@ -265,12 +265,12 @@ async def test_refusals_that_need_the_store_change_nothing(keyed):
         assert ei.value.code() == code
         if reason:
             assert details(ei.value)[1] == reason
-        assert await cp.etcd.dump() == before
+        assert await state_dump(cp.etcd) == before
     c = await create(cp.clients, guard=cp.guard)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await create(cp.clients, guard=cp.guard)
     assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     # Ranges, DNS servers and the gateway node are in the configuration handed out once: immutable.
     for path in ("allowed_ranges", "dns_servers", "gateway_node", "public_key", "config"):
         with pytest.raises(grpc.aio.AioRpcError) as ei:
@@ -281,7 +281,7 @@ async def test_refusals_that_need_the_store_change_nothing(keyed):
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE, etag="1"))
     assert ei.value.code() == grpc.StatusCode.ABORTED
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
     assert c.etag
 
 
@@ -308,12 +308,12 @@ async def test_deletes_stay_under_etcds_transaction_limit(keyed):
     keys = await cp.ks.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(network="networks/prod", pairs=pairs))
     cp.guard.add(*(base64.b64decode(k.key) for k in keys.keys))
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/hub"))
-    left = [k for k in await cp.etcd.dump() if b"/keys/psk/prod/" in k]
+    left = [k for k in await state_dump(cp.etcd) if b"/keys/psk/prod/" in k]
     assert left == []
     for i in range(20):
         await create(cp.clients, guard=cp.guard, client_id=f"c{i}")
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/a", force=True))
-    dump = await cp.etcd.dump()
+    dump = await state_dump(cp.etcd)
     assert [k for k in dump if b"externalClients/" in k or b"/clientKeys/" in k or b"/keys/clients/" in k] == []
     assert [k for k in dump if b"/ipam/" in k or b"/pubkeys/" in k or b"/keys/psk/" in k] == []
 
@@ -383,7 +383,7 @@ async def test_the_gateway_nodes_reports_show_the_clients_tunnel(keyed):
     assert [(x.name, x.rx_bytes) for x in listed.external_clients] == [(PHONE, 1234)]
     # Deleting the client deletes its report too.
     await cp.clients.DeleteExternalClient(ec.DeleteExternalClientRequest(name=PHONE))
-    assert [k for k in await cp.etcd.dump() if b"/clientHealth/" in k] == []
+    assert [k for k in await state_dump(cp.etcd) if b"/clientHealth/" in k] == []
 
 
 async def test_rotating_a_clients_key_hands_out_a_new_config_once(keyed):
@@ -414,7 +414,7 @@ async def test_rotating_a_clients_key_hands_out_a_new_config_once(keyed):
     assert c.public_key not in [x.public_key for x in a.state.peers]
     got = await cp.clients.GetExternalClient(ec.GetExternalClientRequest(name=PHONE))
     assert got.public_key == r.public_key and got.config == ""
-    keys = await cp.etcd.dump()
+    keys = await state_dump(cp.etcd)
     claims = [v for k, v in keys.items() if b"/pubkeys/prod/" in k and v == PHONE.encode()]
     assert len(claims) == 1  # the old key's claim went with it
 

@@ -6,7 +6,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from meshgate.api.v1 import network_pb2
 
-from cptest import details, make_network, make_node
+from cptest import state_dump, details, make_network, make_node
 
 
 async def test_create_applies_defaults_and_get_returns_it(cp):
@@ -20,14 +20,14 @@ async def test_create_applies_defaults_and_get_returns_it(cp):
 
 
 async def test_create_validate_only_stores_nothing(cp):
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     net = await cp.networks.CreateNetwork(
         network_pb2.CreateNetworkRequest(
             network_id="dry", network=network_pb2.Network(ipv4_cidr="100.64.1.0/24"), validate_only=True
         )
     )
     assert net.name == "networks/dry"
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_duplicate_name_is_already_exists(cp):
@@ -88,7 +88,7 @@ async def test_update_keepalive_duration_and_labels(cp):
 
 async def test_update_refuses_immutable_and_unknown_paths(cp):
     net = await make_network(cp)
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     for path in ("ipv4_cidr", "uid", "nonsense"):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await cp.networks.UpdateNetwork(
@@ -99,7 +99,7 @@ async def test_update_refuses_immutable_and_unknown_paths(cp):
             )
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "update_mask.paths[0]" in details(e.value)[0]
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_stale_etag_is_aborted_and_changes_nothing(cp):
@@ -110,7 +110,7 @@ async def test_stale_etag_is_aborted_and_changes_nothing(cp):
             update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
         )
     )
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.networks.UpdateNetwork(
             network_pb2.UpdateNetworkRequest(
@@ -123,7 +123,7 @@ async def test_stale_etag_is_aborted_and_changes_nothing(cp):
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.networks.DeleteNetwork(network_pb2.DeleteNetworkRequest(name=net.name, etag=net.etag))
     assert e.value.code() == grpc.StatusCode.ABORTED
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
     await cp.networks.DeleteNetwork(network_pb2.DeleteNetworkRequest(name=net.name, etag=fresh.etag))
 
 
@@ -137,22 +137,22 @@ async def test_delete_then_get_is_not_found(cp):
 
 async def test_delete_with_nodes_needs_force_and_force_leaves_no_orphans(cp):
     await make_network(cp, "other", "100.64.5.0/24")
-    other_keys = await cp.etcd.dump()
+    other_keys = await state_dump(cp.etcd)
     await make_network(cp, "prod", "100.64.0.0/24", ipv6_cidr="fd00::/64")
     from cptest import key, make_gateway
 
     await make_node(cp, "prod", "a", public_key=key())
     await make_node(cp, "prod", "b")
     await make_gateway(cp, "prod", "gw", "a")
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.networks.DeleteNetwork(network_pb2.DeleteNetworkRequest(name="networks/prod"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details(e.value)[1] == "RESOURCE_IN_USE"
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
     await cp.networks.DeleteNetwork(network_pb2.DeleteNetworkRequest(name="networks/prod", force=True))
-    after = await cp.etcd.dump()
+    after = await state_dump(cp.etcd)
     assert not [k for k in after if b"prod" in k], "forced delete left keys of the network behind"
     # Only the global guard's value (bumped) may differ from before the network existed.
     assert set(after) == set(other_keys)

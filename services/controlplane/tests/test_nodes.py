@@ -8,7 +8,7 @@ from google.protobuf import field_mask_pb2
 
 from meshgate.api.v1 import node_pb2
 
-from cptest import details, key, make_network, make_node
+from cptest import state_dump, details, key, make_network, make_node
 
 
 async def test_create_allocates_lowest_free_addresses_in_both_families(cp):
@@ -27,12 +27,12 @@ async def test_requested_address_is_honoured_once(cp):
     await make_network(cp)
     n = await make_node(cp, node_id="a", ipv4_address="100.64.0.77")
     assert n.ipv4_address == "100.64.0.77"
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await make_node(cp, node_id="b", ipv4_address="100.64.0.77")
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert details(e.value) == ({"node.ipv4_address": "100.64.0.77 is already used by networks/prod/nodes/a"}, "ADDRESS_IN_USE")
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_delete_releases_addresses_and_key(cp):
@@ -48,12 +48,12 @@ async def test_small_range_is_exhausted_without_reserved_addresses(cp):
     await make_network(cp, cidr="100.64.0.0/29")  # 8 addresses, 6 usable
     got = [(await make_node(cp, node_id=f"n{i}")).ipv4_address for i in range(6)]
     assert got == [f"100.64.0.{i}" for i in range(1, 7)]
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await make_node(cp, node_id="n6")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details(e.value)[1] == "ADDRESS_POOL_EXHAUSTED"
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_public_key_unique_within_network(cp):
@@ -107,7 +107,7 @@ async def test_update_mask_and_key_rotation_moves_the_key_claim(cp):
 async def test_update_refuses_address_change_and_stale_etag(cp):
     await make_network(cp)
     a = await make_node(cp, node_id="a")
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.nodes.UpdateNode(
             node_pb2.UpdateNodeRequest(
@@ -119,7 +119,7 @@ async def test_update_refuses_address_change_and_stale_etag(cp):
     await cp.nodes.UpdateNode(
         node_pb2.UpdateNodeRequest(node=node_pb2.Node(name=a.name, display_name="v2"), update_mask=field_mask_pb2.FieldMask(paths=["display_name"]))
     )
-    before = await cp.etcd.dump()
+    before = await state_dump(cp.etcd)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await cp.nodes.UpdateNode(
             node_pb2.UpdateNodeRequest(
@@ -128,7 +128,7 @@ async def test_update_refuses_address_change_and_stale_etag(cp):
             )
         )
     assert e.value.code() == grpc.StatusCode.ABORTED
-    assert await cp.etcd.dump() == before
+    assert await state_dump(cp.etcd) == before
 
 
 async def test_addresses_never_reserved_in_v6_either(cp):

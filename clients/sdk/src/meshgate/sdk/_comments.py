@@ -21,6 +21,27 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.AccessPolicyService.GetAccessPolicy': 'Gets a policy.',
  'meshgate.api.v1.AccessPolicyService.ListAccessPolicies': 'Lists the policies of a network in name order.',
  'meshgate.api.v1.AccessPolicyService.UpdateAccessPolicy': "Updates a policy's selectors, ports, action or priority.",
+ 'meshgate.api.v1.AccessRule': 'The access rule of one RPC. Every RPC a meshgate server serves declares\n'
+                               'exactly one (`option (meshgate.api.v1.access) = {...}`); a server refuses\n'
+                               'to start when one of its RPCs has none (deny by default).',
+ 'meshgate.api.v1.AccessRule.agent': 'An agent RPC: authenticated by the agent protocol (enrollment secret,\n'
+                                     'agent credential), never by an API token; an API token grants nothing here.',
+ 'meshgate.api.v1.AccessRule.collection': "Creates only: the collection of the new resource's name, so that the\n"
+                                          'audit record names it (`{parent}/{collection}/{id}`).',
+ 'meshgate.api.v1.AccessRule.id_field': 'The request field holding the id of the new resource (creates).',
+ 'meshgate.api.v1.AccessRule.mutation': 'The call changes state: it is audited whatever its outcome.',
+ 'meshgate.api.v1.AccessRule.per_item': 'A listing or watch that returns only the items the caller may see: when\n'
+                                        '`scope_field` is empty in the request, holding the permission for some\n'
+                                        'networks is enough, and items of other networks are left out.',
+ 'meshgate.api.v1.AccessRule.permission': 'The permission the caller needs, `{collection}.{verb}` (for example\n'
+                                          '`nodes.update`). Empty: any authenticated caller (agent RPCs aside).',
+ 'meshgate.api.v1.AccessRule.returns_secret': "The call returns secret material (an enrollment key's secret, an "
+                                              'external\n'
+                                              "client's configuration): the caller needs `secrets.read` too.",
+ 'meshgate.api.v1.AccessRule.scope_field': 'The request field (a dotted path) holding a resource name whose network\n'
+                                           'the call is about: `name`, `parent`, `node.name`; the permission must be\n'
+                                           'held for that network. Empty: the permission must be held for every\n'
+                                           'network (creating a network, tokens), unless `per_item`.',
  'meshgate.api.v1.AgentCredential': 'What the agent presents on later calls.',
  'meshgate.api.v1.AgentCredential.certificate_chain': "A PEM certificate chain for mTLS, signed by the key service's "
                                                       'CA.\n'
@@ -31,6 +52,31 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                  "can read only its own node's state.",
  'meshgate.api.v1.AgentService.Enroll': "Joins a network with an enrollment key, registering the node's public key.",
  'meshgate.api.v1.AgentService.Sync': 'One stream per agent: a snapshot on connect, then deltas; the agent acks.',
+ 'meshgate.api.v1.AuditRecord': 'One audited call: every mutation, every refused call and every call that\n'
+                                'returns a secret. Field values are never recorded, only field paths.',
+ 'meshgate.api.v1.AuditRecord.authentication': 'How the caller authenticated: `token`, `oidc` or `none`.',
+ 'meshgate.api.v1.AuditRecord.field_paths': 'The fields the call set or changed (paths, never values).',
+ 'meshgate.api.v1.AuditRecord.method': 'The full RPC name, `/meshgate.api.v1.NodeService/UpdateNode`.',
+ 'meshgate.api.v1.AuditRecord.name': 'Resource name, `auditRecords/{time}-{random}`: records sort by time.',
+ 'meshgate.api.v1.AuditRecord.network': 'The network of that resource, when it has one.',
+ 'meshgate.api.v1.AuditRecord.peer': "The caller's address, as the server saw it.",
+ 'meshgate.api.v1.AuditRecord.principal': 'Who: `tokens/{token}`, `oidc:{issuer}#{subject}`, or `anonymous`.',
+ 'meshgate.api.v1.AuditRecord.resource': 'The resource the call was about, when it names one.',
+ 'meshgate.api.v1.AuditRecord.returned_secret': 'The call returned secret material (never recorded itself).',
+ 'meshgate.api.v1.AuditRecord.status_code': 'The outcome, a gRPC status code name (`OK`, `PERMISSION_DENIED`, ...).',
+ 'meshgate.api.v1.AuditRecord.status_message': 'The status message when the call failed.',
+ 'meshgate.api.v1.AuditRecord.time': 'When the call arrived.',
+ 'meshgate.api.v1.AuditRecord.trace_id': 'The trace id of the call (hex), to find it in the traces.',
+ 'meshgate.api.v1.AuditRecordService': 'Reads the audit log.',
+ 'meshgate.api.v1.AuditRecordService.ListAuditRecords': 'Lists audit records, oldest first, filtered by resource, '
+                                                        'principal and time.',
+ 'meshgate.api.v1.AuditRecordService.WatchAuditRecords': 'Streams audit records as they are written, from now on.',
+ 'meshgate.api.v1.CallerIdentity': 'Who the server takes the caller to be.',
+ 'meshgate.api.v1.CallerIdentity.authentication': 'How the caller authenticated: `token` or `oidc`.',
+ 'meshgate.api.v1.CallerIdentity.bindings': 'What the caller may do.',
+ 'meshgate.api.v1.CallerIdentity.expire_time': 'When the credential expires.',
+ 'meshgate.api.v1.CallerIdentity.principal': '`tokens/{token}` for an API token, `oidc:{issuer}#{subject}` for an OIDC '
+                                             'token.',
  'meshgate.api.v1.Certificate.certificate_chain': 'PEM chain, leaf first.',
  'meshgate.api.v1.ClientKeyPair.private_key': 'Base64. Secret: returned once, stored only encrypted.',
  'meshgate.api.v1.ClientKeyPair.signed': "The key authority's signature binding `public_key` to the client's\n"
@@ -49,6 +95,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.CreateNodeRequest.parent': '`networks/{network}`.',
  'meshgate.api.v1.CreateNodeRequest.validate_only': 'Check the request without creating the node or allocating '
                                                     'addresses.',
+ 'meshgate.api.v1.CreateTokenRequest.token_id': "The token's id: lowercase letters, digits and hyphens, at most 63.",
  'meshgate.api.v1.DefaultPolicy': 'What happens to traffic between nodes that no access policy mentions.',
  'meshgate.api.v1.DefaultPolicy.ALLOW': 'Every node may reach every other node (a full mesh).',
  'meshgate.api.v1.DefaultPolicy.DEFAULT_POLICY_UNSPECIFIED': 'Treated as ALLOW.',
@@ -260,6 +307,13 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.KeyService.RotateNodeKey': "Asks a node's agent to generate a new key pair and switch to it.",
  'meshgate.api.v1.KeyService.RotatePresharedKeys': 'Rotates pre-shared keys now.',
  'meshgate.api.v1.KeyService.SignCertificate': 'Signs an mTLS certificate with the internal CA.',
+ 'meshgate.api.v1.ListAuditRecordsRequest.end_time': 'Only records before this time.',
+ 'meshgate.api.v1.ListAuditRecordsRequest.principal': 'Only records of this principal (e.g. `tokens/ci`).',
+ 'meshgate.api.v1.ListAuditRecordsRequest.resource': 'Only records about this resource or resources under it (a name '
+                                                     'prefix,\n'
+                                                     'e.g. `networks/prod` or `networks/prod/nodes/a`).',
+ 'meshgate.api.v1.ListAuditRecordsRequest.start_time': 'Only records at or after this time.',
+ 'meshgate.api.v1.ListAuditRecordsResponse.audit_records': 'Oldest first.',
  'meshgate.api.v1.ListNetworksRequest.page_size': 'At most this many networks (default 50, at most 1000).',
  'meshgate.api.v1.ListNetworksRequest.page_token': 'The `next_page_token` from a previous call.',
  'meshgate.api.v1.ListNetworksResponse.next_page_token': 'Empty when there are no more pages.',
@@ -365,6 +419,14 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                       '`~{client}` (a pair is two nodes, or a node and an external client).',
  'meshgate.api.v1.PresharedKey.peers': "The two peers' resource names.",
  'meshgate.api.v1.Protocol.PROTOCOL_UNSPECIFIED': 'Every protocol.',
+ 'meshgate.api.v1.RoleBinding': 'What a principal may do within a set of networks.',
+ 'meshgate.api.v1.RoleBinding.networks': 'The networks (`networks/{network}`) the binding applies to; empty for\n'
+                                         'every network. `admin` is never scoped.',
+ 'meshgate.api.v1.RoleBinding.permissions': 'Explicit permissions instead of a role, for automation that needs\n'
+                                            'exactly these (for example `enrollmentKeys.create` and `secrets.read`).',
+ 'meshgate.api.v1.RoleBinding.role': 'A predefined role: `admin`, `network-admin`, `network-editor`, `viewer`\n'
+                                     'or `enroller` (docs/security.md has the table). Empty when `permissions`\n'
+                                     'is given.',
  'meshgate.api.v1.RotateExternalClientKeyRequest.etag': 'When set, the call fails with ABORTED unless it matches the '
                                                         "client's etag.",
  'meshgate.api.v1.RotateKeyEncryptionKeyRequest.new_key_id': 'Id of the new key-encryption key, which the service must '
@@ -412,11 +474,31 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                            'using the current key until the desired state names the new one.',
  'meshgate.api.v1.SyncResponse.revision': 'The revision the message brings the node to.',
  'meshgate.api.v1.SyncResponse.trace_context': 'The change that caused the message, for tracing the apply.',
+ 'meshgate.api.v1.Token': 'An API token for a person or for automation. Only a hash of its secret is\n'
+                          'stored; the secret is returned once, by the call that creates it.',
+ 'meshgate.api.v1.Token.bindings': "What the token's bearer may do (at least one binding).",
+ 'meshgate.api.v1.Token.creator': 'The principal that created the token.',
+ 'meshgate.api.v1.Token.description': 'Free text, at most 1024 characters: whose token it is and what for.',
+ 'meshgate.api.v1.Token.expire_time': 'After this time the token is refused. Required: tokens expire.',
+ 'meshgate.api.v1.Token.last_use_time': 'When the token was last used (to the minute).',
+ 'meshgate.api.v1.Token.name': 'Resource name, `tokens/{token}`.',
+ 'meshgate.api.v1.Token.revoke_time': 'Set once the token is revoked; a revoked token is refused on every replica.',
+ 'meshgate.api.v1.Token.secret': 'The bearer token (`mgtk_...`). Returned only by the call that creates the\n'
+                                 'token; never stored or shown again.',
+ 'meshgate.api.v1.TokenService': 'Manages API tokens (admin only).',
+ 'meshgate.api.v1.TokenService.CreateToken': 'Creates a token; the response carries its secret, once.',
+ 'meshgate.api.v1.TokenService.DeleteToken': 'Deletes a token (and so refuses it).',
+ 'meshgate.api.v1.TokenService.GetCallerIdentity': 'Says who the caller is and what it may do (any authenticated '
+                                                   'caller).',
+ 'meshgate.api.v1.TokenService.GetToken': 'Gets a token (without its secret).',
+ 'meshgate.api.v1.TokenService.ListTokens': 'Lists the tokens.',
+ 'meshgate.api.v1.TokenService.RevokeToken': 'Revokes a token: every replica refuses it within a second.',
  'meshgate.api.v1.TraceContext': 'W3C trace context of the change that caused a message.',
  'meshgate.api.v1.UpdateNetworkRequest.network': 'The network with its `name` set and the new values.',
  'meshgate.api.v1.UpdateNetworkRequest.update_mask': 'Which fields to change. Empty means every mutable field.',
  'meshgate.api.v1.UpdateNetworkRequest.validate_only': 'Check the request and return the result without storing it.',
  'meshgate.api.v1.UpdateNodeRequest.update_mask': 'Which fields to change. Empty means every mutable field.',
+ 'meshgate.api.v1.WatchAuditRecordsRequest.resource': 'As in ListAuditRecordsRequest.',
  'meshgate.api.v1.WatchEvent.resource_name': "The resource's name.",
  'meshgate.api.v1.WatchEvent.revision': 'The etcd revision of the change; resume from it.',
  'meshgate.api.v1.WatchRequest.parent': '`networks/{network}` to watch one network, empty for all.',

@@ -8,12 +8,166 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Mappin
 from google.protobuf import duration_pb2, empty_pb2, field_mask_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
-from meshgate.api.v1 import agent_pb2, desired_state_pb2, egress_pb2, enrollment_pb2, errors_pb2, events_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import agent_pb2, auth_pb2, desired_state_pb2, egress_pb2, enrollment_pb2, errors_pb2, events_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.sdk._build import Metadata, build as _build
 
 
 class SyncMethods:
     """Every RPC of the API as a method; see `Client`."""
+
+    # TokenService ----------------------------------------------------------
+
+    def create_token(
+        self,
+        request: auth_pb2.CreateTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        token_id: str | None = None,
+        token: auth_pb2.Token | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.Token:
+        """Creates a token; the response carries its secret, once.
+
+        Arguments (or fields of `request`):
+        - token_id: The token's id: lowercase letters, digits and hyphens, at most 63.
+        """
+        return self._unary('meshgate.api.v1.TokenService', 'CreateToken', _build(auth_pb2.CreateTokenRequest, request, token_id=token_id, token=token), timeout, metadata)
+
+    def get_token(
+        self,
+        request: auth_pb2.GetTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.Token:
+        """Gets a token (without its secret)."""
+        return self._unary('meshgate.api.v1.TokenService', 'GetToken', _build(auth_pb2.GetTokenRequest, request, name=name), timeout, metadata)
+
+    def list_tokens(
+        self,
+        request: auth_pb2.ListTokensRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.ListTokensResponse:
+        """Lists the tokens."""
+        return self._unary('meshgate.api.v1.TokenService', 'ListTokens', _build(auth_pb2.ListTokensRequest, request, page_size=page_size, page_token=page_token), timeout, metadata)
+
+    def iter_tokens(
+        self,
+        request: auth_pb2.ListTokensRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[auth_pb2.Token]:
+        """Every item of `list_tokens`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_tokens, _build(auth_pb2.ListTokensRequest, request, page_size=page_size, page_token=page_token), 'tokens', timeout, metadata)
+
+    def revoke_token(
+        self,
+        request: auth_pb2.RevokeTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.Token:
+        """Revokes a token: every replica refuses it within a second."""
+        return self._unary('meshgate.api.v1.TokenService', 'RevokeToken', _build(auth_pb2.RevokeTokenRequest, request, name=name, etag=etag), timeout, metadata)
+
+    def delete_token(
+        self,
+        request: auth_pb2.DeleteTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> empty_pb2.Empty:
+        """Deletes a token (and so refuses it)."""
+        return self._unary('meshgate.api.v1.TokenService', 'DeleteToken', _build(auth_pb2.DeleteTokenRequest, request, name=name, etag=etag), timeout, metadata)
+
+    def get_caller_identity(
+        self,
+        request: auth_pb2.GetCallerIdentityRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.CallerIdentity:
+        """Says who the caller is and what it may do (any authenticated caller)."""
+        return self._unary('meshgate.api.v1.TokenService', 'GetCallerIdentity', _build(auth_pb2.GetCallerIdentityRequest, request), timeout, metadata)
+
+    # AuditRecordService ----------------------------------------------------
+
+    def list_audit_records(
+        self,
+        request: auth_pb2.ListAuditRecordsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        resource: str | None = None,
+        principal: str | None = None,
+        start_time: timestamp_pb2.Timestamp | None = None,
+        end_time: timestamp_pb2.Timestamp | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.ListAuditRecordsResponse:
+        """Lists audit records, oldest first, filtered by resource, principal and time.
+
+        Arguments (or fields of `request`):
+        - resource: Only records about this resource or resources under it (a name prefix, e.g. `networks/prod` or `networks/prod/nodes/a`).
+        - principal: Only records of this principal (e.g. `tokens/ci`).
+        - start_time: Only records at or after this time.
+        - end_time: Only records before this time.
+        """
+        return self._unary('meshgate.api.v1.AuditRecordService', 'ListAuditRecords', _build(auth_pb2.ListAuditRecordsRequest, request, page_size=page_size, page_token=page_token, resource=resource, principal=principal, start_time=start_time, end_time=end_time), timeout, metadata)
+
+    def iter_audit_records(
+        self,
+        request: auth_pb2.ListAuditRecordsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        resource: str | None = None,
+        principal: str | None = None,
+        start_time: timestamp_pb2.Timestamp | None = None,
+        end_time: timestamp_pb2.Timestamp | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[auth_pb2.AuditRecord]:
+        """Every item of `list_audit_records`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_audit_records, _build(auth_pb2.ListAuditRecordsRequest, request, page_size=page_size, page_token=page_token, resource=resource, principal=principal, start_time=start_time, end_time=end_time), 'audit_records', timeout, metadata)
+
+    def watch_audit_records(
+        self,
+        request: auth_pb2.WatchAuditRecordsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        resource: str | None = None,
+        principal: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[auth_pb2.AuditRecord]:
+        """Streams audit records as they are written, from now on.
+
+        Arguments (or fields of `request`):
+        - resource: As in ListAuditRecordsRequest.
+        """
+        return self._unary_stream('meshgate.api.v1.AuditRecordService', 'WatchAuditRecords', _build(auth_pb2.WatchAuditRecordsRequest, request, resource=resource, principal=principal), timeout, metadata)
 
     # NodeService -----------------------------------------------------------
 
@@ -798,6 +952,160 @@ class SyncMethods:
 
 class AsyncMethods:
     """Every RPC of the API as a coroutine; see `Client`."""
+
+    # TokenService ----------------------------------------------------------
+
+    async def create_token(
+        self,
+        request: auth_pb2.CreateTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        token_id: str | None = None,
+        token: auth_pb2.Token | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.Token:
+        """Creates a token; the response carries its secret, once.
+
+        Arguments (or fields of `request`):
+        - token_id: The token's id: lowercase letters, digits and hyphens, at most 63.
+        """
+        return await self._unary('meshgate.api.v1.TokenService', 'CreateToken', _build(auth_pb2.CreateTokenRequest, request, token_id=token_id, token=token), timeout, metadata)
+
+    async def get_token(
+        self,
+        request: auth_pb2.GetTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.Token:
+        """Gets a token (without its secret)."""
+        return await self._unary('meshgate.api.v1.TokenService', 'GetToken', _build(auth_pb2.GetTokenRequest, request, name=name), timeout, metadata)
+
+    async def list_tokens(
+        self,
+        request: auth_pb2.ListTokensRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.ListTokensResponse:
+        """Lists the tokens."""
+        return await self._unary('meshgate.api.v1.TokenService', 'ListTokens', _build(auth_pb2.ListTokensRequest, request, page_size=page_size, page_token=page_token), timeout, metadata)
+
+    def iter_tokens(
+        self,
+        request: auth_pb2.ListTokensRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[auth_pb2.Token]:
+        """Every item of `list_tokens`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_tokens, _build(auth_pb2.ListTokensRequest, request, page_size=page_size, page_token=page_token), 'tokens', timeout, metadata)
+
+    async def revoke_token(
+        self,
+        request: auth_pb2.RevokeTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.Token:
+        """Revokes a token: every replica refuses it within a second."""
+        return await self._unary('meshgate.api.v1.TokenService', 'RevokeToken', _build(auth_pb2.RevokeTokenRequest, request, name=name, etag=etag), timeout, metadata)
+
+    async def delete_token(
+        self,
+        request: auth_pb2.DeleteTokenRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> empty_pb2.Empty:
+        """Deletes a token (and so refuses it)."""
+        return await self._unary('meshgate.api.v1.TokenService', 'DeleteToken', _build(auth_pb2.DeleteTokenRequest, request, name=name, etag=etag), timeout, metadata)
+
+    async def get_caller_identity(
+        self,
+        request: auth_pb2.GetCallerIdentityRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.CallerIdentity:
+        """Says who the caller is and what it may do (any authenticated caller)."""
+        return await self._unary('meshgate.api.v1.TokenService', 'GetCallerIdentity', _build(auth_pb2.GetCallerIdentityRequest, request), timeout, metadata)
+
+    # AuditRecordService ----------------------------------------------------
+
+    async def list_audit_records(
+        self,
+        request: auth_pb2.ListAuditRecordsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        resource: str | None = None,
+        principal: str | None = None,
+        start_time: timestamp_pb2.Timestamp | None = None,
+        end_time: timestamp_pb2.Timestamp | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> auth_pb2.ListAuditRecordsResponse:
+        """Lists audit records, oldest first, filtered by resource, principal and time.
+
+        Arguments (or fields of `request`):
+        - resource: Only records about this resource or resources under it (a name prefix, e.g. `networks/prod` or `networks/prod/nodes/a`).
+        - principal: Only records of this principal (e.g. `tokens/ci`).
+        - start_time: Only records at or after this time.
+        - end_time: Only records before this time.
+        """
+        return await self._unary('meshgate.api.v1.AuditRecordService', 'ListAuditRecords', _build(auth_pb2.ListAuditRecordsRequest, request, page_size=page_size, page_token=page_token, resource=resource, principal=principal, start_time=start_time, end_time=end_time), timeout, metadata)
+
+    def iter_audit_records(
+        self,
+        request: auth_pb2.ListAuditRecordsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        resource: str | None = None,
+        principal: str | None = None,
+        start_time: timestamp_pb2.Timestamp | None = None,
+        end_time: timestamp_pb2.Timestamp | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[auth_pb2.AuditRecord]:
+        """Every item of `list_audit_records`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_audit_records, _build(auth_pb2.ListAuditRecordsRequest, request, page_size=page_size, page_token=page_token, resource=resource, principal=principal, start_time=start_time, end_time=end_time), 'audit_records', timeout, metadata)
+
+    def watch_audit_records(
+        self,
+        request: auth_pb2.WatchAuditRecordsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        resource: str | None = None,
+        principal: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[auth_pb2.AuditRecord]:
+        """Streams audit records as they are written, from now on.
+
+        Arguments (or fields of `request`):
+        - resource: As in ListAuditRecordsRequest.
+        """
+        return self._unary_stream('meshgate.api.v1.AuditRecordService', 'WatchAuditRecords', _build(auth_pb2.WatchAuditRecordsRequest, request, resource=resource, principal=principal), timeout, metadata)
 
     # NodeService -----------------------------------------------------------
 

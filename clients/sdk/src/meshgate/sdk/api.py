@@ -18,6 +18,7 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDesc
 
 from meshgate.api.v1 import (
     agent_pb2,
+    auth_pb2,
     egress_pb2,
     enrollment_pb2,
     events_pb2,
@@ -33,7 +34,7 @@ PACKAGE = "meshgate.api.v1"
 # Every module that defines services; a new .proto with a service is added here
 # (the enumeration test fails until it is).
 SERVICE_MODULES = (network_pb2, node_pb2, egress_pb2, enrollment_pb2, external_client_pb2, policy_pb2,
-                   events_pb2, agent_pb2, keys_pb2)
+                   events_pb2, auth_pb2, agent_pb2, keys_pb2)
 KEY_SERVICE = f"{PACKAGE}.KeyService"
 
 

@@ -2,7 +2,10 @@
 
 Handlers hold no logic: parsing, validation and transactions live in the
 per-kind modules. Errors are raised as `ApiError` and turned into statuses by
-the server kit's interceptor.
+the server kit's interceptor. Every servicer is wrapped by the access guard
+(auth/guard.py) before it is bound: authentication, the RPC's access rule and
+the audit record happen there, and listings marked `per_item` filter here by
+what the caller may see.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from dataclasses import dataclass
 
 from google.protobuf import empty_pb2
 
 from meshgate.api.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
     egress_pb2,
     egress_pb2_grpc,
     enrollment_pb2,
@@ -32,6 +38,9 @@ from meshgate.api.v1 import (
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import ServiceBinding
 from meshgate.controlplane import events
+from meshgate.controlplane.auth import audit as audit_mod
+from meshgate.controlplane.auth.guard import Authenticator, Guard, current_principal, visible_networks
+from meshgate.controlplane.auth.tokens import DEFAULT_MAX_TTL_S, TokenCache, Tokens
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.egress import EgressGateways
 from meshgate.controlplane.enrollment import EnrollmentKeys
@@ -57,6 +66,9 @@ class NetworkService(network_pb2_grpc.NetworkServiceServicer):
 
     async def ListNetworks(self, request, context):
         items, token = await self.networks.list(request.page_size, request.page_token)
+        visible = visible_networks("networks.list")
+        if visible is not None:
+            items = [n for n in items if n.name.split("/", 1)[1] in visible]
         return network_pb2.ListNetworksResponse(networks=items, next_page_token=token)
 
     async def UpdateNetwork(self, request, context):
@@ -184,14 +196,88 @@ class ExternalClientService(external_client_pb2_grpc.ExternalClientServiceServic
         return await self.clients.rotate_key(request)
 
 
+class TokenService(auth_pb2_grpc.TokenServiceServicer):
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+
+    async def CreateToken(self, request, context):
+        return await self.tokens.create(request, creator=current_principal().name)
+
+    async def GetToken(self, request, context):
+        return await self.tokens.get(request.name)
+
+    async def ListTokens(self, request, context):
+        items, token = await self.tokens.list(request.page_size, request.page_token)
+        return auth_pb2.ListTokensResponse(tokens=items, next_page_token=token)
+
+    async def RevokeToken(self, request, context):
+        return await self.tokens.revoke(request)
+
+    async def DeleteToken(self, request, context):
+        await self.tokens.delete(request)
+        return empty_pb2.Empty()
+
+    async def GetCallerIdentity(self, request, context):
+        p = current_principal()
+        out = auth_pb2.CallerIdentity(principal=p.name, authentication=p.authentication)
+        for b in p.bindings:
+            out.bindings.add(role=b.role, permissions=sorted(b.permissions),
+                             networks=[f"networks/{n}" for n in sorted(b.networks)])
+        if p.expire_time is not None:
+            out.expire_time.FromNanoseconds(int(p.expire_time * 1e9))
+        return out
+
+
+class AuditRecordService(auth_pb2_grpc.AuditRecordServiceServicer):
+    def __init__(self, log: audit_mod.AuditLog) -> None:
+        self.log = log
+
+    async def ListAuditRecords(self, request, context):
+        items, token = await self.log.list(request, visible_networks("audit.list"))
+        return auth_pb2.ListAuditRecordsResponse(audit_records=items, next_page_token=token)
+
+    async def WatchAuditRecords(self, request, context):
+        async for rec in self.log.watch(request, visible_networks("audit.watch")):
+            yield rec
+
+
+@dataclass
+class AuthSettings:
+    """How callers of the admin API are authenticated and audited."""
+
+    bootstrap_token_file: str = ""
+    """Where to write the bootstrap admin token on the first start (0600); empty: none is made."""
+    bootstrap_token_ttl_s: float = 30 * 86400
+    """How long the bootstrap admin token is valid."""
+    token_max_ttl_s: float = DEFAULT_MAX_TTL_S
+    """The longest lifetime CreateToken accepts."""
+    oidc_issuers: tuple = ()
+    """OIDC issuers whose JWTs are accepted (oidc.IssuerConfig); empty: API tokens only."""
+    audit_retention_s: float = audit_mod.DEFAULT_RETENTION_S
+    """How long audit records are kept."""
+    audit_max_records: int = audit_mod.DEFAULT_MAX_RECORDS
+    """The most audit records kept; the oldest go first."""
+
+
 class ControlPlane:
     """The control plane's parts wired to one etcd adapter, with a lifecycle:
     `start()` loads the state cache and starts the fan-out, `stop()` ends
     agent streams and flushes status."""
 
     def __init__(self, etcd: Etcd, keyservice: str = "", gateway_failover_after: float = DEFAULT_DELAY_S,
-                 keyservice_credentials=None) -> None:
-        self.etcd = with_trace(etcd)
+                 keyservice_credentials=None, auth: AuthSettings | None = None) -> None:
+        self.auth_settings = auth or AuthSettings()
+        self.etcd = audit_mod.with_audit(with_trace(etcd))
+        self.token_cache = TokenCache(etcd)
+        self.tokens = Tokens(etcd, self.token_cache, self.auth_settings.token_max_ttl_s)
+        self.audit = audit_mod.AuditLog(etcd, self.auth_settings.audit_retention_s,
+                                        self.auth_settings.audit_max_records)
+        oidc = None
+        if self.auth_settings.oidc_issuers:
+            from meshgate.controlplane.auth.oidc import OidcVerifier
+
+            oidc = OidcVerifier(list(self.auth_settings.oidc_issuers))
+        self.guard = Guard(Authenticator(self.token_cache, self.tokens, oidc), self.audit)
         self.cache = StateCache(etcd)
         self.liveness = Liveness(etcd, self.cache, gateway_failover_after, replica=f"{socket.gethostname()}/{os.getpid()}")
         self.key_material = KeyMaterial(keyservice, credentials=keyservice_credentials)
@@ -202,31 +288,43 @@ class ControlPlane:
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
         self.external_clients = ExternalClients(etcd, self.networks, self.cache, self.key_material)
         self.fanout = Fanout(self.cache, etcd, self.key_material)
+        bind = self._bind
         self.bindings = [
-            ServiceBinding.of(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
-            ServiceBinding.of(node_pb2, node_pb2_grpc, "NodeService", NodeService(self.nodes)),
-            ServiceBinding.of(egress_pb2, egress_pb2_grpc, "EgressGatewayService", EgressGatewayService(self.gateways)),
-            ServiceBinding.of(
-                enrollment_pb2, enrollment_pb2_grpc, "EnrollmentKeyService", EnrollmentKeyService(self.enrollment)
-            ),
-            ServiceBinding.of(policy_pb2, policy_pb2_grpc, "AccessPolicyService", AccessPolicyService(self.policies)),
-            ServiceBinding.of(
-                external_client_pb2, external_client_pb2_grpc, "ExternalClientService",
-                ExternalClientService(self.external_clients),
-            ),
-            ServiceBinding.of(
-                agent_pb2, agent_pb2_grpc, "AgentService", AgentService(self.enrollment, self.fanout, self.cache)
-            ),
-            events.binding(etcd),
+            bind(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
+            bind(node_pb2, node_pb2_grpc, "NodeService", NodeService(self.nodes)),
+            bind(egress_pb2, egress_pb2_grpc, "EgressGatewayService", EgressGatewayService(self.gateways)),
+            bind(enrollment_pb2, enrollment_pb2_grpc, "EnrollmentKeyService", EnrollmentKeyService(self.enrollment)),
+            bind(policy_pb2, policy_pb2_grpc, "AccessPolicyService", AccessPolicyService(self.policies)),
+            bind(external_client_pb2, external_client_pb2_grpc, "ExternalClientService",
+                 ExternalClientService(self.external_clients)),
+            bind(auth_pb2, auth_pb2_grpc, "TokenService", TokenService(self.tokens)),
+            bind(auth_pb2, auth_pb2_grpc, "AuditRecordService", AuditRecordService(self.audit)),
+            bind(agent_pb2, agent_pb2_grpc, "AgentService", AgentService(self.enrollment, self.fanout, self.cache)),
+            events.binding(etcd, self.guard.protect),
         ]
 
+    def _bind(self, pb2_module, grpc_module, name: str, servicer) -> ServiceBinding:
+        """A binding whose RPCs the access guard protects (refused without a rule)."""
+        return ServiceBinding.of(pb2_module, grpc_module, name,
+                                 self.guard.protect(servicer, pb2_module.DESCRIPTOR.services_by_name[name]))
+
     async def start(self) -> None:
+        self.token_cache.start()
+        await asyncio.wait_for(self.token_cache.ready.wait(), 30)
+        if self.auth_settings.bootstrap_token_file:
+            await self.tokens.bootstrap(self.auth_settings.bootstrap_token_file,
+                                        self.auth_settings.bootstrap_token_ttl_s)
+        self.tokens.start()
+        self.audit.start()
         self.liveness.start()
         await self.fanout.start()
         await self.cache.start()
         await asyncio.wait_for(self.cache.ready.wait(), 30)
 
     async def stop(self) -> None:
+        await self.tokens.stop()
+        await self.audit.stop()
+        await self.token_cache.stop()
         await self.liveness.stop()
         await self.fanout.stop()
         await self.cache.stop()

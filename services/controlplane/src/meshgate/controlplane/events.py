@@ -22,6 +22,7 @@ Hazards:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -43,6 +44,7 @@ from meshgate.common.errors import ApiError, FieldViolation, invalid_argument
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.common.server import ServiceBinding
 from meshgate.controlplane import names
+from meshgate.controlplane.auth.guard import visible_networks
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,11 @@ TYPE_NAMES = {k.type_name for k in KINDS.values()}
 class Filter:
     network: str  # empty for every network
     types: frozenset[str]  # empty for every type
+    visible: frozenset[str] | None = None  # the networks the caller may see (None: all)
 
     def wants(self, kind: EventKind, network: str) -> bool:
-        return (not self.network or self.network == network) and (not self.types or kind.type_name in self.types)
+        return ((not self.network or self.network == network) and (not self.types or kind.type_name in self.types)
+                and (self.visible is None or network in self.visible))
 
 
 def parse_request(request: events_pb2.WatchRequest) -> Filter:
@@ -139,7 +143,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         self.etcd = etcd
 
     async def Watch(self, request, context) -> AsyncIterator[events_pb2.WatchEvent]:
-        flt = parse_request(request)
+        flt = dataclasses.replace(parse_request(request), visible=visible_networks("events.watch"))
         prefix = self.etcd.prefix
         start = request.start_revision + 1 if request.start_revision else await self.etcd.revision() + 1
         watch = await self._open(prefix + b"/", prefix_end(prefix + b"/"), start)
@@ -188,5 +192,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         )
 
 
-def binding(etcd: Etcd) -> ServiceBinding:
-    return ServiceBinding.of(events_pb2, events_pb2_grpc, "EventService", EventService(etcd))
+def binding(etcd: Etcd, protect) -> ServiceBinding:
+    """The EventService binding, its RPCs passed through `protect` (the access guard)."""
+    servicer = protect(EventService(etcd), events_pb2.DESCRIPTOR.services_by_name["EventService"])
+    return ServiceBinding.of(events_pb2, events_pb2_grpc, "EventService", servicer)

@@ -26,9 +26,10 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshgate/api/v1/enrollment.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x03\n\rEnrollmentKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x10\n\x08max_uses\x18\x04 \x01(\r\x12\x12\n\x04uses\x18\x05 \x01(\rB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06secret\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t:q\xea\x41n\n\x19meshgate.io/EnrollmentKey\x12\x32networks/{network}/enrollmentKeys/{enrollment_key}*\x0e\x65nrollmentKeys2\renrollmentKey\"\xaf\x01\n\x1a\x43reateEnrollmentKeyRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EnrollmentKey\x12\x1f\n\x11\x65nrollment_key_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x0e\x65nrollment_key\x18\x03 \x01(\x0b\x32\x1e.meshgate.api.v1.EnrollmentKeyB\x04\xe2\x41\x01\x02\"K\n\x17GetEnrollmentKeyRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EnrollmentKey\"v\n\x19ListEnrollmentKeysRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EnrollmentKey\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x1aListEnrollmentKeysResponse\x12\x37\n\x0f\x65nrollment_keys\x18\x01 \x03(\x0b\x32\x1e.meshgate.api.v1.EnrollmentKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x1aRevokeEnrollmentKeyRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EnrollmentKey\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\\\n\x1a\x44\x65leteEnrollmentKeyRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EnrollmentKey\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t2\x87\x04\n\x14\x45nrollmentKeyService\x12\x62\n\x13\x43reateEnrollmentKey\x12+.meshgate.api.v1.CreateEnrollmentKeyRequest\x1a\x1e.meshgate.api.v1.EnrollmentKey\x12\\\n\x10GetEnrollmentKey\x12(.meshgate.api.v1.GetEnrollmentKeyRequest\x1a\x1e.meshgate.api.v1.EnrollmentKey\x12m\n\x12ListEnrollmentKeys\x12*.meshgate.api.v1.ListEnrollmentKeysRequest\x1a+.meshgate.api.v1.ListEnrollmentKeysResponse\x12\x62\n\x13RevokeEnrollmentKey\x12+.meshgate.api.v1.RevokeEnrollmentKeyRequest\x1a\x1e.meshgate.api.v1.EnrollmentKey\x12Z\n\x13\x44\x65leteEnrollmentKey\x12+.meshgate.api.v1.DeleteEnrollmentKeyRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshgate/api/v1/enrollment.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\xec\x03\n\rEnrollmentKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x10\n\x08max_uses\x18\x04 \x01(\r\x12\x12\n\x04uses\x18\x05 \x01(\rB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06secret\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t:q\xea\x41n\n\x19meshgate.io/EnrollmentKey\x12\x32networks/{network}/enrollmentKeys/{enrollment_key}*\x0e\x65nrollmentKeys2\renrollmentKey\"\xaf\x01\n\x1a\x43reateEnrollmentKeyRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EnrollmentKey\x12\x1f\n\x11\x65nrollment_key_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x0e\x65nrollment_key\x18\x03 \x01(\x0b\x32\x1e.meshgate.api.v1.EnrollmentKeyB\x04\xe2\x41\x01\x02\"K\n\x17GetEnrollmentKeyRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EnrollmentKey\"v\n\x19ListEnrollmentKeysRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EnrollmentKey\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x1aListEnrollmentKeysResponse\x12\x37\n\x0f\x65nrollment_keys\x18\x01 \x03(\x0b\x32\x1e.meshgate.api.v1.EnrollmentKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x1aRevokeEnrollmentKeyRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EnrollmentKey\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\\\n\x1a\x44\x65leteEnrollmentKeyRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EnrollmentKey\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t2\xe3\x05\n\x14\x45nrollmentKeyService\x12\xae\x01\n\x13\x43reateEnrollmentKey\x12+.meshgate.api.v1.CreateEnrollmentKeyRequest\x1a\x1e.meshgate.api.v1.EnrollmentKey\"J\x92\xa1\x19\x46\n\x15\x65nrollmentKeys.create\x12\x06parent\x18\x01 \x01\x32\x0e\x65nrollmentKeys:\x11\x65nrollment_key_id\x12|\n\x10GetEnrollmentKey\x12(.meshgate.api.v1.GetEnrollmentKeyRequest\x1a\x1e.meshgate.api.v1.EnrollmentKey\"\x1e\x92\xa1\x19\x1a\n\x12\x65nrollmentKeys.get\x12\x04name\x12\x90\x01\n\x12ListEnrollmentKeys\x12*.meshgate.api.v1.ListEnrollmentKeysRequest\x1a+.meshgate.api.v1.ListEnrollmentKeysResponse\"!\x92\xa1\x19\x1d\n\x13\x65nrollmentKeys.list\x12\x06parent\x12\x87\x01\n\x13RevokeEnrollmentKey\x12+.meshgate.api.v1.RevokeEnrollmentKeyRequest\x1a\x1e.meshgate.api.v1.EnrollmentKey\"#\x92\xa1\x19\x1f\n\x15\x65nrollmentKeys.revoke\x12\x04name \x01\x12\x7f\n\x13\x44\x65leteEnrollmentKey\x12+.meshgate.api.v1.DeleteEnrollmentKeyRequest\x1a\x16.google.protobuf.Empty\"#\x92\xa1\x19\x1f\n\x15\x65nrollmentKeys.delete\x12\x04name \x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,20 +66,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEENROLLMENTKEYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031meshgate.io/EnrollmentKey'
   _globals['_DELETEENROLLMENTKEYREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETEENROLLMENTKEYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031meshgate.io/EnrollmentKey'
-  _globals['_ENROLLMENTKEY']._serialized_start=176
-  _globals['_ENROLLMENTKEY']._serialized_end=668
-  _globals['_CREATEENROLLMENTKEYREQUEST']._serialized_start=671
-  _globals['_CREATEENROLLMENTKEYREQUEST']._serialized_end=846
-  _globals['_GETENROLLMENTKEYREQUEST']._serialized_start=848
-  _globals['_GETENROLLMENTKEYREQUEST']._serialized_end=923
-  _globals['_LISTENROLLMENTKEYSREQUEST']._serialized_start=925
-  _globals['_LISTENROLLMENTKEYSREQUEST']._serialized_end=1043
-  _globals['_LISTENROLLMENTKEYSRESPONSE']._serialized_start=1045
-  _globals['_LISTENROLLMENTKEYSRESPONSE']._serialized_end=1155
-  _globals['_REVOKEENROLLMENTKEYREQUEST']._serialized_start=1157
-  _globals['_REVOKEENROLLMENTKEYREQUEST']._serialized_end=1249
-  _globals['_DELETEENROLLMENTKEYREQUEST']._serialized_start=1251
-  _globals['_DELETEENROLLMENTKEYREQUEST']._serialized_end=1343
-  _globals['_ENROLLMENTKEYSERVICE']._serialized_start=1346
-  _globals['_ENROLLMENTKEYSERVICE']._serialized_end=1865
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['CreateEnrollmentKey']._loaded_options = None
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['CreateEnrollmentKey']._serialized_options = b'\222\241\031F\n\025enrollmentKeys.create\022\006parent\030\001 \0012\016enrollmentKeys:\021enrollment_key_id'
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['GetEnrollmentKey']._loaded_options = None
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['GetEnrollmentKey']._serialized_options = b'\222\241\031\032\n\022enrollmentKeys.get\022\004name'
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['ListEnrollmentKeys']._loaded_options = None
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['ListEnrollmentKeys']._serialized_options = b'\222\241\031\035\n\023enrollmentKeys.list\022\006parent'
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['RevokeEnrollmentKey']._loaded_options = None
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['RevokeEnrollmentKey']._serialized_options = b'\222\241\031\037\n\025enrollmentKeys.revoke\022\004name \001'
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['DeleteEnrollmentKey']._loaded_options = None
+  _globals['_ENROLLMENTKEYSERVICE'].methods_by_name['DeleteEnrollmentKey']._serialized_options = b'\222\241\031\037\n\025enrollmentKeys.delete\022\004name \001'
+  _globals['_ENROLLMENTKEY']._serialized_start=204
+  _globals['_ENROLLMENTKEY']._serialized_end=696
+  _globals['_CREATEENROLLMENTKEYREQUEST']._serialized_start=699
+  _globals['_CREATEENROLLMENTKEYREQUEST']._serialized_end=874
+  _globals['_GETENROLLMENTKEYREQUEST']._serialized_start=876
+  _globals['_GETENROLLMENTKEYREQUEST']._serialized_end=951
+  _globals['_LISTENROLLMENTKEYSREQUEST']._serialized_start=953
+  _globals['_LISTENROLLMENTKEYSREQUEST']._serialized_end=1071
+  _globals['_LISTENROLLMENTKEYSRESPONSE']._serialized_start=1073
+  _globals['_LISTENROLLMENTKEYSRESPONSE']._serialized_end=1183
+  _globals['_REVOKEENROLLMENTKEYREQUEST']._serialized_start=1185
+  _globals['_REVOKEENROLLMENTKEYREQUEST']._serialized_end=1277
+  _globals['_DELETEENROLLMENTKEYREQUEST']._serialized_start=1279
+  _globals['_DELETEENROLLMENTKEYREQUEST']._serialized_end=1371
+  _globals['_ENROLLMENTKEYSERVICE']._serialized_start=1374
+  _globals['_ENROLLMENTKEYSERVICE']._serialized_end=2113
 # @@protoc_insertion_point(module_scope)

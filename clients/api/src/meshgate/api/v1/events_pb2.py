@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 from meshgate.api.v1 import egress_pb2 as meshgate_dot_api_dot_v1_dot_egress__pb2
 from meshgate.api.v1 import enrollment_pb2 as meshgate_dot_api_dot_v1_dot_enrollment__pb2
 from meshgate.api.v1 import external_client_pb2 as meshgate_dot_api_dot_v1_dot_external__client__pb2
@@ -30,19 +31,21 @@ from meshgate.api.v1 import node_pb2 as meshgate_dot_api_dot_v1_dot_node__pb2
 from meshgate.api.v1 import policy_pb2 as meshgate_dot_api_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshgate/api/v1/events.proto\x12\x0fmeshgate.api.v1\x1a\x1cmeshgate/api/v1/egress.proto\x1a meshgate/api/v1/enrollment.proto\x1a%meshgate/api/v1/external_client.proto\x1a\x1dmeshgate/api/v1/network.proto\x1a\x1ameshgate/api/v1/node.proto\x1a\x1cmeshgate/api/v1/policy.proto\"N\n\x0cWatchRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x16\n\x0eresource_types\x18\x03 \x03(\t\"\xf2\x03\n\nWatchEvent\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .meshgate.api.v1.WatchEvent.Type\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12+\n\x07network\x18\n \x01(\x0b\x32\x18.meshgate.api.v1.NetworkH\x00\x12%\n\x04node\x18\x0b \x01(\x0b\x32\x15.meshgate.api.v1.NodeH\x00\x12\x38\n\x0e\x65gress_gateway\x18\x0c \x01(\x0b\x32\x1e.meshgate.api.v1.EgressGatewayH\x00\x12\x38\n\x0e\x65nrollment_key\x18\r \x01(\x0b\x32\x1e.meshgate.api.v1.EnrollmentKeyH\x00\x12:\n\x0f\x65xternal_client\x18\x0e \x01(\x0b\x32\x1f.meshgate.api.v1.ExternalClientH\x00\x12\x36\n\raccess_policy\x18\x0f \x01(\x0b\x32\x1d.meshgate.api.v1.AccessPolicyH\x00\"C\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\x42\n\n\x08resource2U\n\x0c\x45ventService\x12\x45\n\x05Watch\x12\x1d.meshgate.api.v1.WatchRequest\x1a\x1b.meshgate.api.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshgate/api/v1/events.proto\x12\x0fmeshgate.api.v1\x1a\x1ameshgate/api/v1/auth.proto\x1a\x1cmeshgate/api/v1/egress.proto\x1a meshgate/api/v1/enrollment.proto\x1a%meshgate/api/v1/external_client.proto\x1a\x1dmeshgate/api/v1/network.proto\x1a\x1ameshgate/api/v1/node.proto\x1a\x1cmeshgate/api/v1/policy.proto\"N\n\x0cWatchRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x16\n\x0eresource_types\x18\x03 \x03(\t\"\xf2\x03\n\nWatchEvent\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .meshgate.api.v1.WatchEvent.Type\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12+\n\x07network\x18\n \x01(\x0b\x32\x18.meshgate.api.v1.NetworkH\x00\x12%\n\x04node\x18\x0b \x01(\x0b\x32\x15.meshgate.api.v1.NodeH\x00\x12\x38\n\x0e\x65gress_gateway\x18\x0c \x01(\x0b\x32\x1e.meshgate.api.v1.EgressGatewayH\x00\x12\x38\n\x0e\x65nrollment_key\x18\r \x01(\x0b\x32\x1e.meshgate.api.v1.EnrollmentKeyH\x00\x12:\n\x0f\x65xternal_client\x18\x0e \x01(\x0b\x32\x1f.meshgate.api.v1.ExternalClientH\x00\x12\x36\n\raccess_policy\x18\x0f \x01(\x0b\x32\x1d.meshgate.api.v1.AccessPolicyH\x00\"C\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\x42\n\n\x08resource2s\n\x0c\x45ventService\x12\x63\n\x05Watch\x12\x1d.meshgate.api.v1.WatchRequest\x1a\x1b.meshgate.api.v1.WatchEvent\"\x1c\x92\xa1\x19\x18\n\x0c\x65vents.watch\x12\x06parent@\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshgate.api.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHREQUEST']._serialized_start=241
-  _globals['_WATCHREQUEST']._serialized_end=319
-  _globals['_WATCHEVENT']._serialized_start=322
-  _globals['_WATCHEVENT']._serialized_end=820
-  _globals['_WATCHEVENT_TYPE']._serialized_start=741
-  _globals['_WATCHEVENT_TYPE']._serialized_end=808
-  _globals['_EVENTSERVICE']._serialized_start=822
-  _globals['_EVENTSERVICE']._serialized_end=907
+  _globals['_EVENTSERVICE'].methods_by_name['Watch']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['Watch']._serialized_options = b'\222\241\031\030\n\014events.watch\022\006parent@\001'
+  _globals['_WATCHREQUEST']._serialized_start=269
+  _globals['_WATCHREQUEST']._serialized_end=347
+  _globals['_WATCHEVENT']._serialized_start=350
+  _globals['_WATCHEVENT']._serialized_end=848
+  _globals['_WATCHEVENT_TYPE']._serialized_start=769
+  _globals['_WATCHEVENT_TYPE']._serialized_end=836
+  _globals['_EVENTSERVICE']._serialized_start=850
+  _globals['_EVENTSERVICE']._serialized_end=965
 # @@protoc_insertion_point(module_scope)

@@ -28,9 +28,10 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmeshgate/api/v1/network.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x05\n\x07Network\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x18\n\tipv4_cidr\x18\x04 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x17\n\tipv6_cidr\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05\x12\x13\n\x0blisten_port\x18\x06 \x01(\r\x12\x0b\n\x03mtu\x18\x07 \x01(\r\x12\x37\n\x14persistent_keepalive\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x0e\x64\x65\x66\x61ult_policy\x18\t \x01(\x0e\x32\x1e.meshgate.api.v1.DefaultPolicy\x12\x1e\n\x16\x64isable_preshared_keys\x18\n \x01(\x08\x12\x33\n\x10max_node_key_age\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12@\n\x1dpreshared_key_rotation_period\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x06labels\x18\r \x03(\x0b\x32$.meshgate.api.v1.Network.LabelsEntry\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:?\xea\x41<\n\x13meshgate.io/Network\x12\x12networks/{network}*\x08networks2\x07network\"x\n\x14\x43reateNetworkRequest\x12\x18\n\nnetwork_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x07network\x18\x02 \x01(\x0b\x32\x18.meshgate.api.v1.NetworkB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"?\n\x11GetNetworkRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13meshgate.io/Network\"<\n\x13ListNetworksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListNetworksResponse\x12*\n\x08networks\x18\x01 \x03(\x0b\x32\x18.meshgate.api.v1.Network\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x14UpdateNetworkRequest\x12/\n\x07network\x18\x01 \x01(\x0b\x32\x18.meshgate.api.v1.NetworkB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"v\n\x14\x44\x65leteNetworkRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13meshgate.io/Network\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"E\n\x17GetNetworkStatusRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13meshgate.io/Network\"\xd9\x01\n\x0fNodeConvergence\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65sired_revision\x18\x02 \x01(\x03\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x35\n\x11last_contact_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x13\n\x0b\x66\x61iled_over\x18\x08 \x01(\x08\"\x8e\x01\n\rNetworkStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12/\n\x05nodes\x18\x03 \x03(\x0b\x32 .meshgate.api.v1.NodeConvergence\x12\x17\n\x0f\x63onverged_nodes\x18\x04 \x01(\x05\x12\x13\n\x0btotal_nodes\x18\x05 \x01(\x05*D\n\rDefaultPolicy\x12\x1e\n\x1a\x44\x45\x46\x41ULT_POLICY_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x32\x8b\x04\n\x0eNetworkService\x12P\n\rCreateNetwork\x12%.meshgate.api.v1.CreateNetworkRequest\x1a\x18.meshgate.api.v1.Network\x12J\n\nGetNetwork\x12\".meshgate.api.v1.GetNetworkRequest\x1a\x18.meshgate.api.v1.Network\x12[\n\x0cListNetworks\x12$.meshgate.api.v1.ListNetworksRequest\x1a%.meshgate.api.v1.ListNetworksResponse\x12P\n\rUpdateNetwork\x12%.meshgate.api.v1.UpdateNetworkRequest\x1a\x18.meshgate.api.v1.Network\x12N\n\rDeleteNetwork\x12%.meshgate.api.v1.DeleteNetworkRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x10GetNetworkStatus\x12(.meshgate.api.v1.GetNetworkStatusRequest\x1a\x1e.meshgate.api.v1.NetworkStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmeshgate/api/v1/network.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\xda\x05\n\x07Network\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x18\n\tipv4_cidr\x18\x04 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x17\n\tipv6_cidr\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05\x12\x13\n\x0blisten_port\x18\x06 \x01(\r\x12\x0b\n\x03mtu\x18\x07 \x01(\r\x12\x37\n\x14persistent_keepalive\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x0e\x64\x65\x66\x61ult_policy\x18\t \x01(\x0e\x32\x1e.meshgate.api.v1.DefaultPolicy\x12\x1e\n\x16\x64isable_preshared_keys\x18\n \x01(\x08\x12\x33\n\x10max_node_key_age\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12@\n\x1dpreshared_key_rotation_period\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x06labels\x18\r \x03(\x0b\x32$.meshgate.api.v1.Network.LabelsEntry\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:?\xea\x41<\n\x13meshgate.io/Network\x12\x12networks/{network}*\x08networks2\x07network\"x\n\x14\x43reateNetworkRequest\x12\x18\n\nnetwork_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x07network\x18\x02 \x01(\x0b\x32\x18.meshgate.api.v1.NetworkB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"?\n\x11GetNetworkRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13meshgate.io/Network\"<\n\x13ListNetworksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListNetworksResponse\x12*\n\x08networks\x18\x01 \x03(\x0b\x32\x18.meshgate.api.v1.Network\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x14UpdateNetworkRequest\x12/\n\x07network\x18\x01 \x01(\x0b\x32\x18.meshgate.api.v1.NetworkB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"v\n\x14\x44\x65leteNetworkRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13meshgate.io/Network\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"E\n\x17GetNetworkStatusRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13meshgate.io/Network\"\xd9\x01\n\x0fNodeConvergence\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65sired_revision\x18\x02 \x01(\x03\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x35\n\x11last_contact_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x13\n\x0b\x66\x61iled_over\x18\x08 \x01(\x08\"\x8e\x01\n\rNetworkStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12/\n\x05nodes\x18\x03 \x03(\x0b\x32 .meshgate.api.v1.NodeConvergence\x12\x17\n\x0f\x63onverged_nodes\x18\x04 \x01(\x05\x12\x13\n\x0btotal_nodes\x18\x05 \x01(\x05*D\n\rDefaultPolicy\x12\x1e\n\x1a\x44\x45\x46\x41ULT_POLICY_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x32\xd1\x05\n\x0eNetworkService\x12\x7f\n\rCreateNetwork\x12%.meshgate.api.v1.CreateNetworkRequest\x1a\x18.meshgate.api.v1.Network\"-\x92\xa1\x19)\n\x0fnetworks.create \x01\x32\x08networks:\nnetwork_id\x12\x64\n\nGetNetwork\x12\".meshgate.api.v1.GetNetworkRequest\x1a\x18.meshgate.api.v1.Network\"\x18\x92\xa1\x19\x14\n\x0cnetworks.get\x12\x04name\x12r\n\x0cListNetworks\x12$.meshgate.api.v1.ListNetworksRequest\x1a%.meshgate.api.v1.ListNetworksResponse\"\x15\x92\xa1\x19\x11\n\rnetworks.list@\x01\x12w\n\rUpdateNetwork\x12%.meshgate.api.v1.UpdateNetworkRequest\x1a\x18.meshgate.api.v1.Network\"%\x92\xa1\x19!\n\x0fnetworks.update\x12\x0cnetwork.name \x01\x12m\n\rDeleteNetwork\x12%.meshgate.api.v1.DeleteNetworkRequest\x1a\x16.google.protobuf.Empty\"\x1d\x92\xa1\x19\x19\n\x0fnetworks.delete\x12\x04name \x01\x12|\n\x10GetNetworkStatus\x12(.meshgate.api.v1.GetNetworkStatusRequest\x1a\x1e.meshgate.api.v1.NetworkStatus\"\x1e\x92\xa1\x19\x1a\n\x12networks.getStatus\x12\x04nameb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,30 +66,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETENETWORKREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\025\n\023meshgate.io/Network'
   _globals['_GETNETWORKSTATUSREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_GETNETWORKSTATUSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\025\n\023meshgate.io/Network'
-  _globals['_DEFAULTPOLICY']._serialized_start=2015
-  _globals['_DEFAULTPOLICY']._serialized_end=2083
-  _globals['_NETWORK']._serialized_start=239
-  _globals['_NETWORK']._serialized_end=969
-  _globals['_NETWORK_LABELSENTRY']._serialized_start=859
-  _globals['_NETWORK_LABELSENTRY']._serialized_end=904
-  _globals['_CREATENETWORKREQUEST']._serialized_start=971
-  _globals['_CREATENETWORKREQUEST']._serialized_end=1091
-  _globals['_GETNETWORKREQUEST']._serialized_start=1093
-  _globals['_GETNETWORKREQUEST']._serialized_end=1156
-  _globals['_LISTNETWORKSREQUEST']._serialized_start=1158
-  _globals['_LISTNETWORKSREQUEST']._serialized_end=1218
-  _globals['_LISTNETWORKSRESPONSE']._serialized_start=1220
-  _globals['_LISTNETWORKSRESPONSE']._serialized_end=1311
-  _globals['_UPDATENETWORKREQUEST']._serialized_start=1314
-  _globals['_UPDATENETWORKREQUEST']._serialized_end=1457
-  _globals['_DELETENETWORKREQUEST']._serialized_start=1459
-  _globals['_DELETENETWORKREQUEST']._serialized_end=1577
-  _globals['_GETNETWORKSTATUSREQUEST']._serialized_start=1579
-  _globals['_GETNETWORKSTATUSREQUEST']._serialized_end=1648
-  _globals['_NODECONVERGENCE']._serialized_start=1651
-  _globals['_NODECONVERGENCE']._serialized_end=1868
-  _globals['_NETWORKSTATUS']._serialized_start=1871
-  _globals['_NETWORKSTATUS']._serialized_end=2013
-  _globals['_NETWORKSERVICE']._serialized_start=2086
-  _globals['_NETWORKSERVICE']._serialized_end=2609
+  _globals['_NETWORKSERVICE'].methods_by_name['CreateNetwork']._loaded_options = None
+  _globals['_NETWORKSERVICE'].methods_by_name['CreateNetwork']._serialized_options = b'\222\241\031)\n\017networks.create \0012\010networks:\nnetwork_id'
+  _globals['_NETWORKSERVICE'].methods_by_name['GetNetwork']._loaded_options = None
+  _globals['_NETWORKSERVICE'].methods_by_name['GetNetwork']._serialized_options = b'\222\241\031\024\n\014networks.get\022\004name'
+  _globals['_NETWORKSERVICE'].methods_by_name['ListNetworks']._loaded_options = None
+  _globals['_NETWORKSERVICE'].methods_by_name['ListNetworks']._serialized_options = b'\222\241\031\021\n\rnetworks.list@\001'
+  _globals['_NETWORKSERVICE'].methods_by_name['UpdateNetwork']._loaded_options = None
+  _globals['_NETWORKSERVICE'].methods_by_name['UpdateNetwork']._serialized_options = b'\222\241\031!\n\017networks.update\022\014network.name \001'
+  _globals['_NETWORKSERVICE'].methods_by_name['DeleteNetwork']._loaded_options = None
+  _globals['_NETWORKSERVICE'].methods_by_name['DeleteNetwork']._serialized_options = b'\222\241\031\031\n\017networks.delete\022\004name \001'
+  _globals['_NETWORKSERVICE'].methods_by_name['GetNetworkStatus']._loaded_options = None
+  _globals['_NETWORKSERVICE'].methods_by_name['GetNetworkStatus']._serialized_options = b'\222\241\031\032\n\022networks.getStatus\022\004name'
+  _globals['_DEFAULTPOLICY']._serialized_start=2043
+  _globals['_DEFAULTPOLICY']._serialized_end=2111
+  _globals['_NETWORK']._serialized_start=267
+  _globals['_NETWORK']._serialized_end=997
+  _globals['_NETWORK_LABELSENTRY']._serialized_start=887
+  _globals['_NETWORK_LABELSENTRY']._serialized_end=932
+  _globals['_CREATENETWORKREQUEST']._serialized_start=999
+  _globals['_CREATENETWORKREQUEST']._serialized_end=1119
+  _globals['_GETNETWORKREQUEST']._serialized_start=1121
+  _globals['_GETNETWORKREQUEST']._serialized_end=1184
+  _globals['_LISTNETWORKSREQUEST']._serialized_start=1186
+  _globals['_LISTNETWORKSREQUEST']._serialized_end=1246
+  _globals['_LISTNETWORKSRESPONSE']._serialized_start=1248
+  _globals['_LISTNETWORKSRESPONSE']._serialized_end=1339
+  _globals['_UPDATENETWORKREQUEST']._serialized_start=1342
+  _globals['_UPDATENETWORKREQUEST']._serialized_end=1485
+  _globals['_DELETENETWORKREQUEST']._serialized_start=1487
+  _globals['_DELETENETWORKREQUEST']._serialized_end=1605
+  _globals['_GETNETWORKSTATUSREQUEST']._serialized_start=1607
+  _globals['_GETNETWORKSTATUSREQUEST']._serialized_end=1676
+  _globals['_NODECONVERGENCE']._serialized_start=1679
+  _globals['_NODECONVERGENCE']._serialized_end=1896
+  _globals['_NETWORKSTATUS']._serialized_start=1899
+  _globals['_NETWORKSTATUS']._serialized_end=2041
+  _globals['_NETWORKSERVICE']._serialized_start=2114
+  _globals['_NETWORKSERVICE']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

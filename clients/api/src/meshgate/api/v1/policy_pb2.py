@@ -27,9 +27,10 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshgate/api/v1/policy.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\x9f\x04\n\x0c\x41\x63\x63\x65ssPolicy\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x14\n\x0c\x64\x65stinations\x18\x03 \x03(\t\x12+\n\x08protocol\x18\x04 \x01(\x0e\x32\x19.meshgate.api.v1.Protocol\x12)\n\x05ports\x18\x05 \x03(\x0b\x32\x1a.meshgate.api.v1.PortRange\x12-\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x1d.meshgate.api.v1.PolicyAction\x12\x10\n\x08priority\x18\x07 \x01(\r\x12\x15\n\rbidirectional\x18\x08 \x01(\x08\x12\x10\n\x08\x64isabled\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t:n\xea\x41k\n\x18meshgate.io/AccessPolicy\x12\x31networks/{network}/accessPolicies/{access_policy}*\x0e\x61\x63\x63\x65ssPolicies2\x0c\x61\x63\x63\x65ssPolicy\"\xc1\x01\n\x19\x43reateAccessPolicyRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\x12\x18meshgate.io/AccessPolicy\x12\x1e\n\x10\x61\x63\x63\x65ss_policy_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12:\n\raccess_policy\x18\x03 \x01(\x0b\x32\x1d.meshgate.api.v1.AccessPolicyB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"I\n\x16GetAccessPolicyRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18meshgate.io/AccessPolicy\"u\n\x19ListAccessPoliciesRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\x12\x18meshgate.io/AccessPolicy\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"m\n\x1aListAccessPoliciesResponse\x12\x36\n\x0f\x61\x63\x63\x65ss_policies\x18\x01 \x03(\x0b\x32\x1d.meshgate.api.v1.AccessPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9f\x01\n\x19UpdateAccessPolicyRequest\x12:\n\raccess_policy\x18\x01 \x01(\x0b\x32\x1d.meshgate.api.v1.AccessPolicyB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"Z\n\x19\x44\x65leteAccessPolicyRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18meshgate.io/AccessPolicy\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t*@\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x07\n\x03UDP\x10\x02\x12\x08\n\x04ICMP\x10\x03*C\n\x0cPolicyAction\x12\x1d\n\x19POLICY_ACTION_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43\x43\x45PT\x10\x01\x12\x08\n\x04\x44ROP\x10\x02\x32\xfb\x03\n\x13\x41\x63\x63\x65ssPolicyService\x12_\n\x12\x43reateAccessPolicy\x12*.meshgate.api.v1.CreateAccessPolicyRequest\x1a\x1d.meshgate.api.v1.AccessPolicy\x12Y\n\x0fGetAccessPolicy\x12\'.meshgate.api.v1.GetAccessPolicyRequest\x1a\x1d.meshgate.api.v1.AccessPolicy\x12m\n\x12ListAccessPolicies\x12*.meshgate.api.v1.ListAccessPoliciesRequest\x1a+.meshgate.api.v1.ListAccessPoliciesResponse\x12_\n\x12UpdateAccessPolicy\x12*.meshgate.api.v1.UpdateAccessPolicyRequest\x1a\x1d.meshgate.api.v1.AccessPolicy\x12X\n\x12\x44\x65leteAccessPolicy\x12*.meshgate.api.v1.DeleteAccessPolicyRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshgate/api/v1/policy.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\x9f\x04\n\x0c\x41\x63\x63\x65ssPolicy\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x14\n\x0c\x64\x65stinations\x18\x03 \x03(\t\x12+\n\x08protocol\x18\x04 \x01(\x0e\x32\x19.meshgate.api.v1.Protocol\x12)\n\x05ports\x18\x05 \x03(\x0b\x32\x1a.meshgate.api.v1.PortRange\x12-\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x1d.meshgate.api.v1.PolicyAction\x12\x10\n\x08priority\x18\x07 \x01(\r\x12\x15\n\rbidirectional\x18\x08 \x01(\x08\x12\x10\n\x08\x64isabled\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t:n\xea\x41k\n\x18meshgate.io/AccessPolicy\x12\x31networks/{network}/accessPolicies/{access_policy}*\x0e\x61\x63\x63\x65ssPolicies2\x0c\x61\x63\x63\x65ssPolicy\"\xc1\x01\n\x19\x43reateAccessPolicyRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\x12\x18meshgate.io/AccessPolicy\x12\x1e\n\x10\x61\x63\x63\x65ss_policy_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12:\n\raccess_policy\x18\x03 \x01(\x0b\x32\x1d.meshgate.api.v1.AccessPolicyB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"I\n\x16GetAccessPolicyRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18meshgate.io/AccessPolicy\"u\n\x19ListAccessPoliciesRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\x12\x18meshgate.io/AccessPolicy\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"m\n\x1aListAccessPoliciesResponse\x12\x36\n\x0f\x61\x63\x63\x65ss_policies\x18\x01 \x03(\x0b\x32\x1d.meshgate.api.v1.AccessPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9f\x01\n\x19UpdateAccessPolicyRequest\x12:\n\raccess_policy\x18\x01 \x01(\x0b\x32\x1d.meshgate.api.v1.AccessPolicyB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"Z\n\x19\x44\x65leteAccessPolicyRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18meshgate.io/AccessPolicy\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t*@\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x07\n\x03UDP\x10\x02\x12\x08\n\x04ICMP\x10\x03*C\n\x0cPolicyAction\x12\x1d\n\x19POLICY_ACTION_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43\x43\x45PT\x10\x01\x12\x08\n\x04\x44ROP\x10\x02\x32\xe2\x05\n\x13\x41\x63\x63\x65ssPolicyService\x12\xa8\x01\n\x12\x43reateAccessPolicy\x12*.meshgate.api.v1.CreateAccessPolicyRequest\x1a\x1d.meshgate.api.v1.AccessPolicy\"G\x92\xa1\x19\x43\n\x15\x61\x63\x63\x65ssPolicies.create\x12\x06parent \x01\x32\x0e\x61\x63\x63\x65ssPolicies:\x10\x61\x63\x63\x65ss_policy_id\x12y\n\x0fGetAccessPolicy\x12\'.meshgate.api.v1.GetAccessPolicyRequest\x1a\x1d.meshgate.api.v1.AccessPolicy\"\x1e\x92\xa1\x19\x1a\n\x12\x61\x63\x63\x65ssPolicies.get\x12\x04name\x12\x90\x01\n\x12ListAccessPolicies\x12*.meshgate.api.v1.ListAccessPoliciesRequest\x1a+.meshgate.api.v1.ListAccessPoliciesResponse\"!\x92\xa1\x19\x1d\n\x13\x61\x63\x63\x65ssPolicies.list\x12\x06parent\x12\x92\x01\n\x12UpdateAccessPolicy\x12*.meshgate.api.v1.UpdateAccessPolicyRequest\x1a\x1d.meshgate.api.v1.AccessPolicy\"1\x92\xa1\x19-\n\x15\x61\x63\x63\x65ssPolicies.update\x12\x12\x61\x63\x63\x65ss_policy.name \x01\x12}\n\x12\x44\x65leteAccessPolicy\x12*.meshgate.api.v1.DeleteAccessPolicyRequest\x1a\x16.google.protobuf.Empty\"#\x92\xa1\x19\x1f\n\x15\x61\x63\x63\x65ssPolicies.delete\x12\x04name \x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,26 +61,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEACCESSPOLICYREQUEST'].fields_by_name['access_policy']._serialized_options = b'\342A\001\002'
   _globals['_DELETEACCESSPOLICYREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETEACCESSPOLICYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\032\n\030meshgate.io/AccessPolicy'
-  _globals['_PROTOCOL']._serialized_start=1548
-  _globals['_PROTOCOL']._serialized_end=1612
-  _globals['_POLICYACTION']._serialized_start=1614
-  _globals['_POLICYACTION']._serialized_end=1681
-  _globals['_PORTRANGE']._serialized_start=205
-  _globals['_PORTRANGE']._serialized_end=245
-  _globals['_ACCESSPOLICY']._serialized_start=248
-  _globals['_ACCESSPOLICY']._serialized_end=791
-  _globals['_CREATEACCESSPOLICYREQUEST']._serialized_start=794
-  _globals['_CREATEACCESSPOLICYREQUEST']._serialized_end=987
-  _globals['_GETACCESSPOLICYREQUEST']._serialized_start=989
-  _globals['_GETACCESSPOLICYREQUEST']._serialized_end=1062
-  _globals['_LISTACCESSPOLICIESREQUEST']._serialized_start=1064
-  _globals['_LISTACCESSPOLICIESREQUEST']._serialized_end=1181
-  _globals['_LISTACCESSPOLICIESRESPONSE']._serialized_start=1183
-  _globals['_LISTACCESSPOLICIESRESPONSE']._serialized_end=1292
-  _globals['_UPDATEACCESSPOLICYREQUEST']._serialized_start=1295
-  _globals['_UPDATEACCESSPOLICYREQUEST']._serialized_end=1454
-  _globals['_DELETEACCESSPOLICYREQUEST']._serialized_start=1456
-  _globals['_DELETEACCESSPOLICYREQUEST']._serialized_end=1546
-  _globals['_ACCESSPOLICYSERVICE']._serialized_start=1684
-  _globals['_ACCESSPOLICYSERVICE']._serialized_end=2191
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['CreateAccessPolicy']._loaded_options = None
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['CreateAccessPolicy']._serialized_options = b'\222\241\031C\n\025accessPolicies.create\022\006parent \0012\016accessPolicies:\020access_policy_id'
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['GetAccessPolicy']._loaded_options = None
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['GetAccessPolicy']._serialized_options = b'\222\241\031\032\n\022accessPolicies.get\022\004name'
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['ListAccessPolicies']._loaded_options = None
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['ListAccessPolicies']._serialized_options = b'\222\241\031\035\n\023accessPolicies.list\022\006parent'
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['UpdateAccessPolicy']._loaded_options = None
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['UpdateAccessPolicy']._serialized_options = b'\222\241\031-\n\025accessPolicies.update\022\022access_policy.name \001'
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['DeleteAccessPolicy']._loaded_options = None
+  _globals['_ACCESSPOLICYSERVICE'].methods_by_name['DeleteAccessPolicy']._serialized_options = b'\222\241\031\037\n\025accessPolicies.delete\022\004name \001'
+  _globals['_PROTOCOL']._serialized_start=1576
+  _globals['_PROTOCOL']._serialized_end=1640
+  _globals['_POLICYACTION']._serialized_start=1642
+  _globals['_POLICYACTION']._serialized_end=1709
+  _globals['_PORTRANGE']._serialized_start=233
+  _globals['_PORTRANGE']._serialized_end=273
+  _globals['_ACCESSPOLICY']._serialized_start=276
+  _globals['_ACCESSPOLICY']._serialized_end=819
+  _globals['_CREATEACCESSPOLICYREQUEST']._serialized_start=822
+  _globals['_CREATEACCESSPOLICYREQUEST']._serialized_end=1015
+  _globals['_GETACCESSPOLICYREQUEST']._serialized_start=1017
+  _globals['_GETACCESSPOLICYREQUEST']._serialized_end=1090
+  _globals['_LISTACCESSPOLICIESREQUEST']._serialized_start=1092
+  _globals['_LISTACCESSPOLICIESREQUEST']._serialized_end=1209
+  _globals['_LISTACCESSPOLICIESRESPONSE']._serialized_start=1211
+  _globals['_LISTACCESSPOLICIESRESPONSE']._serialized_end=1320
+  _globals['_UPDATEACCESSPOLICYREQUEST']._serialized_start=1323
+  _globals['_UPDATEACCESSPOLICYREQUEST']._serialized_end=1482
+  _globals['_DELETEACCESSPOLICYREQUEST']._serialized_start=1484
+  _globals['_DELETEACCESSPOLICYREQUEST']._serialized_end=1574
+  _globals['_ACCESSPOLICYSERVICE']._serialized_start=1712
+  _globals['_ACCESSPOLICYSERVICE']._serialized_end=2450
 # @@protoc_insertion_point(module_scope)
