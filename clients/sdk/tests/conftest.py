@@ -39,12 +39,16 @@ def controlplane(etcd_server):
 
 
 @pytest.fixture
-def own_controlplane(etcd_server):
+def own_controlplane(etcd_server, monkeypatch):
+    """Starts a process for this test; its bootstrap admin token becomes
+    MESHGATE_TOKEN (as a user would export it)."""
     procs = []
 
     def start(prefix: str | None = None, listen: str = "127.0.0.1:0", env=None) -> ServiceProcess:
         p = start_controlplane(etcd_server, prefix or f"/sdk-{uuid.uuid4().hex[:8]}", listen, env)
         procs.append(p)
+        if p.admin_token:
+            monkeypatch.setenv("MESHGATE_TOKEN", p.admin_token)
         return p
 
     yield start
@@ -72,7 +76,9 @@ def fresh() -> Fresh:
 
 
 @pytest.fixture(autouse=True)
-def mgconfig(tmp_path, monkeypatch):
+def mgconfig(request, tmp_path, monkeypatch):
+    """An empty context file and MESHGATE_* cleared; for a test of the shared
+    control plane, its admin token in MESHGATE_TOKEN (the way a user passes one)."""
     import os
 
     for k in list(os.environ):
@@ -80,4 +86,6 @@ def mgconfig(tmp_path, monkeypatch):
             monkeypatch.delenv(k)
     path = tmp_path / "meshgate-config.yaml"
     monkeypatch.setenv("MESHGATE_CONFIG", str(path))
+    if "controlplane" in request.fixturenames:
+        monkeypatch.setenv("MESHGATE_TOKEN", request.getfixturevalue("controlplane").admin_token)
     return path

@@ -204,7 +204,16 @@ async def mint_token(app, token_id: str = "test-admin", role: str = "admin", net
     token = auth_pb2.Token(bindings=[auth_pb2.RoleBinding(role=role, networks=list(networks),
                                                           permissions=list(permissions))])
     token.expire_time.FromNanoseconds(int((time.time() + ttl_s) * 1e9))
-    made = await app.tokens.create(auth_pb2.CreateTokenRequest(token_id=token_id, token=token), creator="test")
+    from meshgate.common.errors import ApiError
+
+    try:
+        made = await app.tokens.create(auth_pb2.CreateTokenRequest(token_id=token_id, token=token), creator="test")
+    except ApiError as e:
+        if e.code != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+        # Another replica of the same test minted it on the shared prefix.
+        made = await app.tokens.create(auth_pb2.CreateTokenRequest(token_id=f"{token_id}-{os.urandom(3).hex()}",
+                                                                   token=token), creator="test")
     return made.secret
 
 

@@ -78,7 +78,7 @@ def secret_forms(secret: bytes) -> list[bytes]:
 
 async def config_state(etcd) -> dict[bytes, bytes]:
     """The keyspace without what connected agents keep writing (acks, sessions)."""
-    return {k: v for k, v in (await etcd.dump()).items() if b"/status/" not in k and b"/sessions/" not in k}
+    return {k: v for k, v in (await state_dump(etcd)).items() if b"/status/" not in k and b"/sessions/" not in k}
 
 
 async def assert_not_stored(etcd, *secrets: bytes) -> None:

@@ -23,7 +23,7 @@ from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
 from meshgate.controlplane.api import ControlPlane
 
-from cptest import SimAgent, make_gateway, make_key, make_network, wait_until
+from cptest import authed_channel, mint_token, SimAgent, make_gateway, make_key, make_network, wait_until
 
 RANGE = "198.51.100.0/24"
 
@@ -38,7 +38,7 @@ async def failover_cp(etcd):
         await app.start()
         server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
         port = await server.start()
-        ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        ch = authed_channel(f"127.0.0.1:{port}", await mint_token(app))
         cp = SimpleNamespace(
             app=app, etcd=etcd, networks=network_pb2_grpc.NetworkServiceStub(ch),
             nodes=node_pb2_grpc.NodeServiceStub(ch), egress=egress_pb2_grpc.EgressGatewayServiceStub(ch),

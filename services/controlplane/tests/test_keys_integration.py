@@ -22,7 +22,7 @@ from meshgate.common.server import GrpcServer
 from meshgate.common.testing import ServiceProcess, kek_line, write_kek_file
 from meshgate.controlplane.api import ControlPlane
 
-from cptest import SimAgent, key, make_key, make_network, wait_until
+from cptest import authed_channel, mint_token, SimAgent, key, make_key, make_network, wait_until
 
 
 def new_keks(guard, *ids: str) -> dict[str, bytes]:
@@ -48,7 +48,9 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     await app.start()
     server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    admin_token = await mint_token(app)
+    secret_guard.add_token(admin_token)  # an API token is a secret like the others
+    channel = authed_channel(f"127.0.0.1:{port}", admin_token)
     ks_channel = grpc.aio.insecure_channel(ks.target)
     from meshgate.api.v1 import (
         agent_pb2_grpc,

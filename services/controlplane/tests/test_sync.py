@@ -13,7 +13,7 @@ from meshgate.common.server import GrpcServer
 from meshgate.controlplane import sync
 from meshgate.controlplane.api import ControlPlane
 
-from cptest import SimAgent, make_gateway, make_key, make_network, wait_until
+from cptest import authed_channel, mint_token, SimAgent, make_gateway, make_key, make_network, wait_until
 
 
 async def status(cp, name="networks/prod"):
@@ -150,7 +150,7 @@ async def cp2(etcd_server, etcd_prefix):
     await app.start()
     server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authed_channel(f"127.0.0.1:{port}", await mint_token(app))
     yield agent_pb2_grpc.AgentServiceStub(channel)
     await channel.close()
     await server.stop(0)

@@ -36,6 +36,8 @@ PACKAGE = "meshgate.api.v1"
 SERVICE_MODULES = (network_pb2, node_pb2, egress_pb2, enrollment_pb2, external_client_pb2, policy_pb2,
                    events_pb2, auth_pb2, agent_pb2, keys_pb2)
 KEY_SERVICE = f"{PACKAGE}.KeyService"
+# CLI groups named otherwise than after their resource (`meshgate audit list`).
+COMMAND_NAMES = {"AuditRecordService": "audit"}
 
 
 def kebab(name: str) -> str:
@@ -144,7 +146,7 @@ class Service:
 
     @property
     def command(self) -> str:
-        return kebab(self.resource)
+        return COMMAND_NAMES.get(self.name, kebab(self.resource))
 
     @property
     def help(self) -> str:

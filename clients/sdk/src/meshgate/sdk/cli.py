@@ -56,6 +56,10 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
                                        ("DISABLED", "disabled"), ("LAST HANDSHAKE", "last_handshake_time")],
     "meshgate.api.v1.AccessPolicy": [("NAME", "name"), ("SOURCES", "sources"), ("DESTINATIONS", "destinations"),
                                      ("PROTOCOL", "protocol"), ("ACTION", "action"), ("PRIORITY", "priority")],
+    "meshgate.api.v1.Token": [("NAME", "name"), ("BINDINGS", "bindings"), ("EXPIRES", "expire_time"),
+                              ("REVOKED", "revoke_time"), ("LAST USED", "last_use_time")],
+    "meshgate.api.v1.AuditRecord": [("TIME", "time"), ("PRINCIPAL", "principal"), ("METHOD", "method"),
+                                    ("RESOURCE", "resource"), ("STATUS", "status_code"), ("TRACE", "trace_id")],
     "meshgate.api.v1.WatchEvent": [("REVISION", "revision"), ("TYPE", "type"), ("RESOURCE", "resource_name")],
     "meshgate.api.v1.NodeConvergence": [("NODE", "node"), ("DESIRED", "desired_revision"),
                                         ("APPLIED", "applied_revision"), ("CONVERGED", "converged"),
@@ -65,8 +69,10 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 
 # Fields holding secrets the server returns once (on create), which table
 # output prints in full under the table.
-ONCE = {"meshgate.api.v1.ExternalClient": "config", "meshgate.api.v1.EnrollmentKey": "secret"}
-SECRET_CALLS = "only creating an external client or rotating its key, or creating an enrollment key, returns one"
+ONCE = {"meshgate.api.v1.ExternalClient": "config", "meshgate.api.v1.EnrollmentKey": "secret",
+        "meshgate.api.v1.Token": "secret"}
+SECRET_CALLS = ("only creating an external client or rotating its key, creating an enrollment key, or creating an "
+                "API token returns one")
 
 
 class Refused(click.ClickException):
@@ -163,7 +169,7 @@ def _metavar(fd: FieldDescriptor) -> str | None:
         return "@FILE|TEXT" if fd.type == FieldDescriptor.TYPE_BYTES else None
     return {
         "google.protobuf.Duration": "DURATION",
-        "google.protobuf.Timestamp": "RFC3339",
+        "google.protobuf.Timestamp": "RFC3339|+30d",
         "google.protobuf.FieldMask": "PATHS",
     }.get(fd.message_type.full_name, "JSON|YAML")
 
@@ -194,7 +200,7 @@ def _json_value(fd: FieldDescriptor, value: Any, flag: str) -> Any:
     if name == "google.protobuf.FieldMask":
         return value
     if name == "google.protobuf.Timestamp":
-        return value
+        return _timestamp(value, flag)
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as e:
@@ -202,6 +208,24 @@ def _json_value(fd: FieldDescriptor, value: Any, flag: str) -> Any:
     if not isinstance(parsed, dict):
         raise _usage(f"{flag}: expected a JSON or YAML object")
     return parsed
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _timestamp(value: str, flag: str) -> str:
+    """RFC 3339 as is; `+30d`, `+12h`, `+90m`, `+45s` as that long from now."""
+    if not value.startswith("+"):
+        return value
+    num, unit = value[1:-1], value[-1:]
+    try:
+        seconds = float(num) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise _usage(f"{flag}: {value!r} is neither RFC 3339 nor +N[s|m|h|d]") from None
+    import datetime
+
+    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+    return at.isoformat().replace("+00:00", "Z")
 
 
 def options_to_dict(opts: list[FieldOption], values: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
@@ -451,7 +475,7 @@ def make_command(m: api.Method) -> click.Command:
     params.append(click.Option(["-o", "--output", "output"], type=click.Choice(OUTPUTS), default=None,
                                help="Output format (default: table on a terminal, json otherwise). secret, qr: only "
                                     "the secret a create returns once (an external client's configuration, an "
-                                    "enrollment key's secret), as is or as a QR code for a phone's WireGuard app."))
+                                    "enrollment key's secret, an API token), as is or as a QR code for a phone's WireGuard app."))
     req_cls = GetMessageClass(m.input)
     svc_method = m.python_name
 

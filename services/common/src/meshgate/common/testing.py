@@ -44,6 +44,21 @@ class ServiceProcess:
     credentials: grpc.ChannelCredentials | None = field(default=None, repr=False)
     _workdir: str = field(default="", repr=False)
     _final_log: str | None = field(default=None, repr=False)
+    _admin_token: str = field(default="", repr=False)
+    _token_file: str = field(default="", repr=False)
+
+    @property
+    def admin_token(self) -> str:
+        """A control plane's bootstrap admin token ('' when this process did
+        not make it: another one on the same prefix did first)."""
+        if not self._admin_token and self._token_file and os.path.exists(self._token_file):
+            with open(self._token_file) as f:
+                self._admin_token = f.read().strip()
+        return self._admin_token
+
+    @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.admin_token}"),)
 
     @property
     def target(self) -> str:
@@ -57,9 +72,16 @@ class ServiceProcess:
         self.log_path = self.log_path or os.path.join(workdir, "log")
         env = dict(os.environ)
         env.update(self.env)
+        extra = []
+        if self.entry_point == "meshgate-controlplane" and not any(
+                a.startswith("--bootstrap-token-file") for a in self.args):
+            # The control plane's API needs a token: a fresh prefix gets the
+            # bootstrap admin token, which the test reads from here.
+            self._token_file = os.path.join(workdir, "admin-token")
+            extra = ["--bootstrap-token-file", self._token_file]
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [exe, "--listen", self.listen, "--port-file", port_file, *self.args],
+            [exe, "--listen", self.listen, "--port-file", port_file, *extra, *self.args],
             stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         logf.close()
@@ -70,6 +92,7 @@ class ServiceProcess:
             if os.path.exists(port_file):
                 self.port = int(open(port_file).read())
                 if self.healthy():
+                    self.admin_token  # read it before stop() removes the work directory
                     return self
             time.sleep(0.05)
         self.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import grpc
@@ -13,7 +14,7 @@ from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import for_service
 from meshgate.common.server import GrpcServer, read_file, serve
 from meshgate.controlplane import gctune
-from meshgate.controlplane.api import ControlPlane
+from meshgate.controlplane.api import AuthSettings, ControlPlane
 
 log = logging.getLogger("meshgate.controlplane")
 
@@ -57,6 +58,18 @@ class ControlPlaneConfig(config.ServerConfig):
         "the key service's address (host:port or unix:/path); it signs node keys and issues pre-shared "
         "keys. Empty: nothing is signed and no pre-shared keys are used (development only)",
     )
+    bootstrap_token_file: str = config.option(
+        "",
+        "on the first start against an empty etcd prefix, create the admin token tokens/bootstrap-admin and "
+        "write it to this file (mode 0600, never overwritten, never logged)",
+    )
+    bootstrap_token_ttl: float = config.option(30 * 86400.0, "seconds the bootstrap admin token is valid")
+    token_max_ttl: float = config.option(366 * 86400.0, "the longest lifetime, in seconds, CreateToken accepts")
+    oidc_config: str = config.option(
+        "", "YAML file of OIDC issuers whose JWT bearer tokens are accepted (docs/security.md); empty: API tokens only",
+    )
+    audit_retention: float = config.option(90 * 86400.0, "seconds audit records are kept")
+    audit_max_records: int = config.option(1_000_000, "the most audit records kept; the oldest are deleted first")
 
 
 def keyservice_credentials(cfg: ControlPlaneConfig) -> grpc.ChannelCredentials | None:
@@ -76,16 +89,46 @@ def keyservice_credentials(cfg: ControlPlaneConfig) -> grpc.ChannelCredentials |
     )
 
 
+def auth_settings(cfg: ControlPlaneConfig) -> AuthSettings:
+    """The API's authentication settings; bad values are clear exits."""
+    for name in ("bootstrap_token_ttl", "token_max_ttl", "audit_retention"):
+        if getattr(cfg, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if cfg.audit_max_records <= 0:
+        raise SystemExit("--audit-max-records must be positive")
+    issuers: tuple = ()
+    if cfg.oidc_config:
+        from meshgate.controlplane.auth.oidc import load_config
+
+        try:
+            issuers = tuple(load_config(cfg.oidc_config))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--oidc-config: {e}") from None
+    if cfg.bootstrap_token_file:
+        parent = os.path.dirname(os.path.abspath(cfg.bootstrap_token_file))
+        if not os.path.isdir(parent):
+            raise SystemExit(f"--bootstrap-token-file: directory {parent} does not exist")
+    return AuthSettings(
+        bootstrap_token_file=cfg.bootstrap_token_file, bootstrap_token_ttl_s=cfg.bootstrap_token_ttl,
+        token_max_ttl_s=cfg.token_max_ttl, oidc_issuers=issuers, audit_retention_s=cfg.audit_retention,
+        audit_max_records=cfg.audit_max_records,
+    )
+
+
 async def run(cfg: ControlPlaneConfig) -> None:
     etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix)
     await etcd.connect()
     if cfg.gateway_failover_after < 0:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")
     app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after,
-                       keyservice_credentials=keyservice_credentials(cfg))
+                       keyservice_credentials=keyservice_credentials(cfg), auth=auth_settings(cfg))
     if not cfg.keyservice:
         log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
+    settings = app.auth_settings
     await app.start()
+    if not settings.bootstrap_token_file and not settings.oidc_issuers and not await app.tokens.any():
+        log.warning("no API token exists and no --bootstrap-token-file or --oidc-config is given: "
+                    "every call to the admin API will be refused")
     gctune.freeze_startup_heap()  # the cache is loaded: keep its objects out of GC passes
     server = GrpcServer(cfg, app.bindings, options=AGENT_KEEPALIVE)
     await serve(server, before_drain=[app.fanout.close_sessions], on_shutdown=[app.stop, etcd.close])

@@ -67,7 +67,12 @@ current: contextvars.ContextVar[AuditScope | None] = contextvars.ContextVar("mes
 
 
 def with_audit(etcd: Etcd) -> Etcd:
-    """Make every write transaction made inside an audited call carry its record."""
+    """Make every write transaction made inside an audited call carry its
+    record. Idempotent: replicas sharing one adapter (tests) wrap it once,
+    since etcd refuses a transaction that puts one key twice."""
+    if getattr(etcd, "_meshgate_audited", False):
+        return etcd
+    etcd._meshgate_audited = True  # type: ignore[attr-defined]
     original = etcd.txn
 
     async def txn(compare, success, failure=()):

@@ -20,14 +20,16 @@ Hazards:
   message never holds the token or its signature, and echoes only the
   unverified `iss`, `alg` or `kid` that made it refuse, with `repr`,
   truncated (so control characters cannot forge lines downstream).
-- A JWKS file is re-read when its mtime, size or inode changes (checked on
-  every call: one `stat`); a broken rewrite keeps the last good keys. A JWKS
-  URL is fetched by PyJWT's `PyJWKClient` in a worker thread, cached for
-  `JWKS_LIFESPAN_S`, and re-fetched early at most once per
-  `unknown_kid_refetch_s` when a token names a key it does not hold, so tokens
-  with made-up `kid`s cannot make the control plane hammer the IdP. While the
-  URL is unreachable and the cache has expired, every token of that issuer is
-  refused with OIDC_UNAVAILABLE.
+- A JWKS file is re-read when its mtime, ctime, size or inode changes
+  (checked on every call: one `stat`, and the read is synchronous: the file
+  is small and local); a broken rewrite keeps the last good keys. A JWKS
+  URL is fetched by PyJWT's `PyJWKClient` in a worker thread, one fetch at a
+  time per issuer, and cached for `JWKS_LIFESPAN_S`; a token naming a key the
+  cache lacks causes a refetch only if no fetch happened in the last
+  `unknown_kid_refetch_s` (60 s), so made-up `kid`s cannot make the control
+  plane hammer the IdP, and a newly published key may wait that long. While
+  the URL is unreachable and the cache has expired, every token of that
+  issuer is refused with OIDC_UNAVAILABLE (no stale keys are used).
 - A token whose claims map to no binding still authenticates, with no
   bindings: the access guard then refuses it with PERMISSION_DENIED. The
   token's lifetime is the IdP's: a principal is not revoked before its `exp`.
@@ -340,28 +342,36 @@ def _signing_keys(jwk_set: PyJWKSet) -> dict[str, PyJWK]:
 
 
 class _FileKeys:
-    """A JWKS file, re-read when its mtime, size or inode changes."""
+    """A JWKS file, re-read when its mtime, ctime, size or inode changes."""
 
     def __init__(self, issuer: str, path: str) -> None:
         self.issuer = issuer
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._keys: dict[str, PyJWK] | None = None
+        self._complaint = ""  # the last problem logged, so a broken file is logged once, not per call
+
+    def _problem(self, problem: str) -> None:
+        """Log a problem with the file once; refuse if no keys were ever read."""
+        if problem != self._complaint:
+            self._complaint = problem
+            if self._keys is None:
+                log.error("the JWKS file %s of issuer %s is unusable: %s", self.path, self.issuer, problem)
+            else:
+                log.warning("the JWKS file %s of issuer %s is unusable (%s); keeping its last %d keys",
+                            self.path, self.issuer, problem, len(self._keys))
+        if self._keys is None:
+            raise OidcRefused(OIDC_UNAVAILABLE, f"the keys of issuer {self.issuer!r} cannot be read")
 
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except OSError as e:
-            if self._keys is None:
-                log.error("cannot read the JWKS file %s of issuer %s: %s", self.path, self.issuer, e.strerror)
-                raise OidcRefused(OIDC_UNAVAILABLE, f"the keys of issuer {self.issuer!r} cannot be read") from None
-            log.warning("cannot stat the JWKS file %s of issuer %s (%s); keeping its last keys",
-                        self.path, self.issuer, e.strerror)
+            self._problem(e.strerror or type(e).__name__)
             return
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
             return
-        self._stamp = stamp
         try:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -369,13 +379,11 @@ class _FileKeys:
                 raise ValueError("not a JSON object")
             keys = _signing_keys(PyJWKSet.from_dict(data))
         except (OSError, ValueError, jwt.PyJWTError) as e:
-            if self._keys is None:
-                log.error("the JWKS file %s of issuer %s is unusable: %s", self.path, self.issuer, e)
-                self._stamp = None  # retry on the next call
-                raise OidcRefused(OIDC_UNAVAILABLE, f"the keys of issuer {self.issuer!r} cannot be read") from None
-            log.warning("the JWKS file %s of issuer %s is unusable (%s); keeping its last %d keys",
-                        self.path, self.issuer, e, len(self._keys))
+            self._stamp = stamp if self._keys is not None else None  # never read: retry on the next call
+            self._problem(str(e) or type(e).__name__)
             return
+        self._stamp = stamp
+        self._complaint = ""
         log.info("loaded %d signing keys of issuer %s from %s", len(keys), self.issuer, self.path)
         self._keys = keys
 
@@ -397,6 +405,7 @@ class _UrlKeys:
         self._lock = threading.Lock()
         self._fetching = asyncio.Lock()
         self._last_fetch: float | None = None  # monotonic time of the last fetch we caused
+        self._failed_at: float | None = None  # monotonic time the last fetch failed
 
     def _cached(self, kid: str) -> tuple[PyJWK | None, bool]:
         """(key, settled): settled when the cached set answers without a
@@ -435,16 +444,24 @@ class _UrlKeys:
         if settled:
             return key
         # One fetch at a time per issuer: callers queue here, not on worker
-        # threads, so a slow IdP cannot tie up the default executor.
+        # threads, so a slow IdP cannot tie up the default executor; and the
+        # callers that queued behind a failed fetch share its failure instead
+        # of each trying again.
+        arrived = time.monotonic()
         async with self._fetching:
             key, settled = self._cached(kid)
             if settled:
                 return key
+            if self._failed_at is not None and self._failed_at >= arrived:
+                raise OidcRefused(OIDC_UNAVAILABLE, f"the keys of issuer {self.issuer!r} cannot be fetched")
             try:
-                return await asyncio.to_thread(self._lookup, kid)
+                key = await asyncio.to_thread(self._lookup, kid)
             except (jwt.PyJWTError, ValueError, OSError) as e:  # unreachable, bad JSON, no usable keys
+                self._failed_at = time.monotonic()
                 log.warning("cannot fetch the JWKS of issuer %s from %s: %s", self.issuer, self.url, e)
                 raise OidcRefused(OIDC_UNAVAILABLE, f"the keys of issuer {self.issuer!r} cannot be fetched") from None
+            self._failed_at = None
+            return key
 
 
 # --- verification ------------------------------------------------------------
@@ -563,7 +580,7 @@ class OidcVerifier:
             raise OidcRefused(OIDC_NOT_YET_VALID, "the token is not valid yet (nbf or iat in the future)") from None
         except jwt.InvalidAudienceError:
             raise OidcRefused(OIDC_WRONG_AUDIENCE, f"the token is not meant for audience {cfg.audience!r}") from None
-        except jwt.InvalidIssuerError:
+        except jwt.InvalidIssuerError:  # defensive: the configuration was picked by this very iss
             raise OidcRefused(OIDC_WRONG_ISSUER, f"the token's issuer is not {cfg.issuer!r}") from None
         except jwt.MissingRequiredClaimError as e:
             raise OidcRefused(OIDC_MISSING_CLAIM, f"the token has no {e.claim} claim") from None

@@ -241,7 +241,10 @@ class Tokens:
                 await self._flusher
             except asyncio.CancelledError:
                 pass
-        await self.flush()
+        try:
+            await self.flush()
+        except EtcdUnavailable as e:
+            log.warning("could not record tokens' last use at shutdown: %s", e)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -291,6 +294,10 @@ class Tokens:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    async def any(self) -> bool:
+        """Whether any token exists."""
+        return await self.etcd.count_prefix(self.etcd.key("auth", "tokens", "")) > 0
 
     # API -----------------------------------------------------------------------
 
