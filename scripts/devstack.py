@@ -30,7 +30,8 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def ensure_network(target: str) -> network_pb2.Network:
+def ensure_network(target: str, token: str) -> network_pb2.Network:
+    md = (("authorization", f"Bearer {token}"),)
     with grpc.insecure_channel(target) as ch:
         stub = network_pb2_grpc.NetworkServiceStub(ch)
         try:
@@ -43,21 +44,29 @@ def ensure_network(target: str) -> network_pb2.Network:
                         ipv6_cidr="fd00:64::/64",
                     ),
                 ),
-                timeout=10,
+                timeout=10, metadata=md,
             )
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            return stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/demo"), timeout=10)
+            return stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/demo"), timeout=10, metadata=md)
 
 
-def run_demo(control_plane: str, agent_socket: str) -> int:
+def run_demo(control_plane: str, agent_socket: str, token_file: pathlib.Path) -> int:
     if os.geteuid() != 0:
         say("(skipping the egress demonstration: it needs root to create network namespaces)")
         return 0
     say("== egress demonstration through this control plane (network namespaces, wireguard-go, nftables) ==")
     return subprocess.call([sys.executable, "-m", "meshgate.gatewayd.demo",
-                            "--control-plane", control_plane, "--agent-socket", agent_socket])
+                            "--control-plane", control_plane, "--agent-socket", agent_socket,
+                            "--token-file", str(token_file)])
+
+
+def cli_context(target: str, token_file: pathlib.Path) -> None:
+    """A CLI context `local` that uses the bootstrap admin token (by its file)."""
+    meshgate = str(pathlib.Path(sys.executable).parent / "meshgate")
+    subprocess.run([meshgate, "context", "add", "local", "--target", target, "--token-file", str(token_file),
+                    "--use"], check=True, stdout=subprocess.DEVNULL)
 
 
 def ensure_kek(path: pathlib.Path) -> None:
@@ -115,21 +124,31 @@ def main() -> int:
                             log_path=str(state / "logs" / "meshgate-keyservice.log"))
         procs.append(ks.start())
         say(f"started meshgate-keyservice on {ks.target} (pid {ks.proc.pid}, log {ks.log_path})")
-        cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
+        token_file = state / "admin-token"
+        cp = ServiceProcess("meshgate-controlplane", common + [
+                                "--keyservice", ks.target, "--bootstrap-token-file", str(token_file),
+                                "--bootstrap-token-ttl", str(365 * 86400)],
                             listen=f"127.0.0.1:{args.controlplane_port},{agent_socket}",
                             log_path=str(state / "logs" / "meshgate-controlplane.log"))
         procs.append(cp.start())
         say(f"started meshgate-controlplane on {cp.target} (pid {cp.proc.pid}, log {cp.log_path})")
-        net = ensure_network(cp.target)
+        if not token_file.exists():
+            say(f"the API needs a token, and {token_file} (the bootstrap admin token of the first start) is gone: "
+                "run `make clean-state` to start over")
+            return 1
+        token = token_file.read_text().strip()
+        net = ensure_network(cp.target, token)
+        cli_context(cp.target, token_file)
         say()
         say(f"example network {net.name}: {net.ipv4_cidr} and {net.ipv6_cidr}, listen port {net.listen_port}")
-        say("try it (the API has server reflection, so grpcurl works too):")
-        say(
-            "  .venv/bin/python -c \"import grpc; from meshgate.api.v1 import network_pb2 as n, network_pb2_grpc as g; "
-            f"print(g.NetworkServiceStub(grpc.insecure_channel('{cp.target}')).ListNetworks(n.ListNetworksRequest()))\""
-        )
+        say(f"the admin token is in {token_file} (mode 0600); the CLI context `local` uses it:")
+        say("  .venv/bin/meshgate network list")
+        say("  .venv/bin/meshgate token create --token-id ann --token.bindings '{role: viewer}' "
+            "--token.expire-time +1d -o secret > ann.token")
+        say("  MESHGATE_TOKEN=$(cat ann.token) .venv/bin/meshgate network delete networks/demo   # PERMISSION_DENIED")
+        say("  .venv/bin/meshgate audit list")
         say()
-        rc = 0 if args.no_demo else run_demo(cp.target, agent_socket)
+        rc = 0 if args.no_demo else run_demo(cp.target, agent_socket, token_file)
         if rc != 0:
             say(f"the egress demonstration failed (exit {rc})")
             return rc

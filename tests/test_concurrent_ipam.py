@@ -10,6 +10,8 @@ import pytest
 from meshgate.api.v1 import network_pb2, network_pb2_grpc, node_pb2, node_pb2_grpc
 from meshgate.common.testing import ServiceProcess
 
+from cptest import authed_channel
+
 CIDR = "100.64.0.0/24"
 V6 = "fd00:64::/120"
 
@@ -32,7 +34,8 @@ def two_control_planes(etcd_server, etcd_prefix):
 
 
 async def test_200_concurrent_creates_on_two_processes(two_control_planes, etcd):
-    channels = [grpc.aio.insecure_channel(p.target) for p in two_control_planes]
+    token = next(p.admin_token for p in two_control_planes if p.admin_token)
+    channels = [authed_channel(p.target, token) for p in two_control_planes]
     try:
         await network_pb2_grpc.NetworkServiceStub(channels[0]).CreateNetwork(
             network_pb2.CreateNetworkRequest(

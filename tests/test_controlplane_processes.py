@@ -34,7 +34,7 @@ async def test_api_change_and_its_deltas_share_one_trace(etcd_server, etcd_prefi
         ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix],
         env=otlp.env("meshgate-controlplane"),
     ).start()
-    ch = grpc.aio.insecure_channel(cp.target)
+    ch = cptest.authed_channel(cp.target, cp.admin_token)
     agents = []
     try:
         await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(
@@ -86,7 +86,7 @@ async def test_key_service_calls_join_the_api_calls_trace(etcd_server, etcd_pref
                         env=otlp.env("meshgate-keyservice")).start()
     cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
                         env=otlp.env("meshgate-controlplane")).start()
-    ch = grpc.aio.insecure_channel(cp.target)
+    ch = cptest.authed_channel(cp.target, cp.admin_token)
     try:
         await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(
             network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
@@ -130,7 +130,7 @@ async def test_sigterm_ends_agent_streams_with_unavailable(etcd_server, etcd_pre
         "meshgate-controlplane",
         ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--shutdown-grace", "300"],
     ).start()
-    ch = grpc.aio.insecure_channel(cp.target)
+    ch = cptest.authed_channel(cp.target, cp.admin_token)
     try:
         await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(
             network_pb2.CreateNetworkRequest(network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24"))
@@ -159,7 +159,8 @@ async def test_agents_on_two_control_plane_processes_converge_on_a_change_made_t
         ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]).start()
         for _ in range(2)
     ]
-    chans = [grpc.aio.insecure_channel(p.target) for p in procs]
+    token = next(p.admin_token for p in procs if p.admin_token)
+    chans = [authed_channel(p.target, token) for p in procs]
     agents = []
     try:
         await network_pb2_grpc.NetworkServiceStub(chans[0]).CreateNetwork(
@@ -228,7 +229,7 @@ async def test_an_agent_that_stops_answering_is_disconnected_by_keepalive(etcd_s
 
     cp = ServiceProcess(
         "meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]).start()
-    ch = grpc.aio.insecure_channel(cp.target)
+    ch = cptest.authed_channel(cp.target, cp.admin_token)
     agent = None
     try:
         nets = network_pb2_grpc.NetworkServiceStub(ch)
@@ -282,13 +283,15 @@ async def test_the_key_service_link_can_use_mtls(etcd_server, etcd_prefix, tmp_p
         credentials=grpc.ssl_channel_credentials(read["ca.pem"], read["cli.key"], read["cli.pem"]),
     ).start()
     procs = [ks]
+    token = ""
     try:
         for name, extra in (("mtls", ["--keyservice-cert", pki["cli.pem"], "--keyservice-key", pki["cli.key"]]),
                             ("no-client-cert", [])):
             cp = ServiceProcess("meshgate-controlplane",
                                 common + ["--keyservice", ks.target, "--keyservice-ca", pki["ca.pem"], *extra]).start()
             procs.append(cp)
-            async with grpc.aio.insecure_channel(cp.target) as ch:
+            token = cp.admin_token or token  # the first process on the prefix made it
+            async with cptest.authed_channel(cp.target, token) as ch:
                 if name == "mtls":
                     await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(network_pb2.CreateNetworkRequest(
                         network_id="prod", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))

@@ -63,7 +63,7 @@ def cluster():
 async def test_the_control_plane_survives_the_loss_of_its_etcd_member(cluster):
     endpoints = ",".join(p.endpoint for p in cluster)
     cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", endpoints, "--etcd-prefix", "/cluster"]).start()
-    ch = grpc.aio.insecure_channel(cp.target)
+    ch = cptest.authed_channel(cp.target, cp.admin_token)
     agent = None
     try:
         await network_pb2_grpc.NetworkServiceStub(ch).CreateNetwork(network_pb2.CreateNetworkRequest(

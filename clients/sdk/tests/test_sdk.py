@@ -128,7 +128,9 @@ async def faulty(etcd):
     faults = Faults()
     server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=1), app.bindings, extra_interceptors=[faults])
     port = await server.start()
-    async with AsyncClient(f"127.0.0.1:{port}") as c:
+    from cptest import mint_token
+
+    async with AsyncClient(f"127.0.0.1:{port}", token=await mint_token(app)) as c:
         yield c, faults
     await server.stop(0)
     await app.stop()

@@ -80,11 +80,12 @@ def test_controlplane_serves_real_calls(controlplane):
         stub = network_pb2_grpc.NetworkServiceStub(ch)
         net = stub.CreateNetwork(
             network_pb2.CreateNetworkRequest(network_id="p1", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")),
-            timeout=10,
+            timeout=10, metadata=controlplane.auth_metadata,
         )
         assert net.name == "networks/p1"
         with pytest.raises(grpc.RpcError) as ei:
-            stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/nope"), timeout=10)
+            stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/nope"), timeout=10,
+                            metadata=controlplane.auth_metadata)
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -166,9 +166,8 @@ async def make_key(cp, net_id="prod", key_id="k", **kw):
 # ---------------------------------------------------------------- credentials
 
 
-class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call that has none (an
+class _Bearer:
+    """Adds `authorization: Bearer <token>` to calls that have none (an
     agent's own credential on the same channel wins)."""
 
     def __init__(self, token: str) -> None:
@@ -178,20 +177,33 @@ class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
         md = list(details.metadata or ())
         if not any(k == "authorization" for k, _ in md):
             md.append(("authorization", f"Bearer {self.token}"))
-        return details._replace(metadata=md) if hasattr(details, "_replace") else type(details)(
-            details.method, details.timeout, md, details.credentials, details.wait_for_ready)
+        return details._replace(metadata=md)
 
+
+# grpc.aio files an interceptor under the first call type it implements
+# only, so each call type gets its own class.
+class _BearerUU(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _BearerUS(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _BearerSU(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _BearerSS(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
+
+
+def bearer_interceptors(token: str) -> list:
+    return [cls(token) for cls in (_BearerUU, _BearerUS, _BearerSU, _BearerSS)]
 
 
 async def mint_token(app, token_id: str = "test-admin", role: str = "admin", networks=(), permissions=(),
@@ -218,7 +230,7 @@ async def mint_token(app, token_id: str = "test-admin", role: str = "admin", net
 
 
 def authed_channel(target: str, token: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, interceptors=[BearerAuth(token)])
+    return grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(token))
 
 
 async def state_dump(etcd) -> dict[bytes, bytes]:

@@ -26,7 +26,7 @@ class Loop(ControlPlaneView):
     """A control plane process and the API it is driven through."""
 
     def __init__(self, cp: ServiceProcess, socket: str):
-        super().__init__(cp.target, socket)
+        super().__init__(cp.target, socket, token=cp.admin_token)
         self.cp, self.socket = cp, socket
 
 

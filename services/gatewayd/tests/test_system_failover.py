@@ -58,7 +58,7 @@ def test_primary_dies_range_moves_to_standby_and_back(lab: Lab, etcd_server, etc
          "--gateway-failover-after", str(DELAY_S)],
         listen=f"127.0.0.1:0,unix:{socket}",
     ).start()
-    view = ControlPlaneView(proc.target, f"unix:{socket}")
+    view = ControlPlaneView(proc.target, f"unix:{socket}", token=proc.admin_token)
     try:
         view.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
             network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))

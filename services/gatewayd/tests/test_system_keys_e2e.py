@@ -33,7 +33,8 @@ KS = "/meshgate.api.v1.KeyService/"
 
 class KeyedLoop(ControlPlaneView):
     def __init__(self, ks: ServiceProcess, cp: ServiceProcess, socket: str, guard):
-        super().__init__(cp.target, socket)
+        super().__init__(cp.target, socket, token=cp.admin_token)
+        guard.add_token(cp.admin_token)
         self.ks_proc, self.cp, self.guard = ks, cp, guard
         self.ks_channel = grpc.insecure_channel(ks.target)
         self.ks = keys_pb2_grpc.KeyServiceStub(self.ks_channel)

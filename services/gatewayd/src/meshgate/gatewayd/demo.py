@@ -28,6 +28,7 @@ everything it made is removed on exit, also on Ctrl-C or SIGTERM. Needs root.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -51,7 +52,7 @@ def step(n: int, msg: str) -> None:
     say(f"\n[{n}] {msg}")
 
 
-def run(control_plane: str = "", agent_socket: str = "", keep_seconds: float = 0.0) -> int:
+def run(control_plane: str = "", agent_socket: str = "", keep_seconds: float = 0.0, token: str = "") -> int:
     reason = can_run()
     if reason:
         say(f"demo: cannot run here: {reason}")
@@ -68,7 +69,8 @@ def run(control_plane: str = "", agent_socket: str = "", keep_seconds: float = 0
             if not control_plane:
                 own = _OwnControlPlane(str(lab.dir))
                 control_plane, agent_socket = own.start()
-            cp = ControlPlaneView(control_plane, agent_socket, f"networks/{NETWORK_ID}")
+                token = own.cp.admin_token
+            cp = ControlPlaneView(control_plane, agent_socket, f"networks/{NETWORK_ID}", token=token)
             try:
                 return _demo(lab, cp, keep_seconds)
             except KeyboardInterrupt:
@@ -255,12 +257,22 @@ def main(argv: list[str] | None = None) -> int:
                    "without it the demo starts etcd and a control plane of its own")
     p.add_argument("--agent-socket", default="", help="unix:/path the control plane also listens on, for the "
                    "agents in the namespaces (needed with --control-plane)")
+    p.add_argument("--token-file", default="", help="file holding an API token for --control-plane (default: "
+                   "the MESHGATE_TOKEN variable); it needs to create and delete a network")
     p.add_argument("--keep", type=float, default=0.0, metavar="SECONDS",
                    help="keep everything this long before cleaning up")
     args = p.parse_args(argv)
     if bool(args.control_plane) != bool(args.agent_socket):
         p.error("--control-plane and --agent-socket go together")
-    return run(args.control_plane, args.agent_socket, args.keep)
+    token = os.environ.get("MESHGATE_TOKEN", "")
+    if args.token_file:
+        try:
+            token = open(args.token_file).read().strip()
+        except OSError as e:
+            p.error(f"--token-file: {e.strerror}")
+    if args.control_plane and not token:
+        p.error("--control-plane needs an API token: --token-file or MESHGATE_TOKEN")
+    return run(args.control_plane, args.agent_socket, args.keep, token)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import grpc
 from google.protobuf import json_format
 
 from meshgate.api.v1 import desired_state_pb2 as pb
@@ -764,18 +765,36 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- a control plane to drive
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Sends an API token with every call (the admin API requires one)."""
+
+    def __init__(self, token: str) -> None:
+        self.md = ("authorization", f"Bearer {token}")
+
+    def _with(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self.md])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+
 class ControlPlaneView:
     """The API of a running control plane, as the demo and the system tests use
     it: `target` for calls from this process, `agent_target` (a Unix socket,
     which crosses network namespaces) for agents in the lab's hosts."""
 
-    def __init__(self, target: str, agent_target: str, network: str = "networks/lab"):
+    def __init__(self, target: str, agent_target: str, network: str = "networks/lab", token: str = ""):
         import grpc
 
         from meshgate.api.v1 import egress_pb2_grpc, enrollment_pb2_grpc, network_pb2_grpc
 
         self.target, self.agent_target, self.network = target, agent_target, network
         self.channel = grpc.insecure_channel(target)
+        if token:
+            self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.networks = network_pb2_grpc.NetworkServiceStub(self.channel)
         self.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(self.channel)
         self.egress = egress_pb2_grpc.EgressGatewayServiceStub(self.channel)
