@@ -1,14 +1,17 @@
 """Authentication, authorization and the audit log, driven the way a user
 drives them: real etcd, real `meshgate-controlplane` processes, the real
-`meshgate` CLI as a subprocess (and the SDK for OIDC bearers).
+`meshgate` CLI as a subprocess (and the SDK where an ErrorInfo reason or an
+OIDC bearer is the point).
 
 - the bootstrap admin token file: made once, 0600, never logged, never
-  overwritten, and a stale one refused;
-- API tokens through the CLI: a viewer token, a refused delete, a refused
-  token listing, no token at all, revocation, and the audit records of it all;
+  overwritten, a stale one refused; the token expires after
+  --bootstrap-token-ttl; bad auth flags are clear exits;
+- API tokens through the CLI, on two replicas of one prefix: a viewer token,
+  a refused delete, a refused token listing, no token at all, revocation
+  (seen by the other replica too), and the audit records of it all;
 - a network-admin token scoped to one network;
-- OIDC bearers from a test issuer (a JWKS file): role mapping, and each way a
-  JWT is refused, with its specific ErrorInfo reason.
+- OIDC bearers from a test issuer (a JWKS file): role mapping, each way a JWT
+  is refused with its specific ErrorInfo reason, and a key rotation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import uuid
 
 import pytest
 
+from meshgate.api.v1 import auth_pb2
 from meshgate.common.testing import OtlpReceiver, ServiceProcess
 
 BIN = os.path.dirname(sys.executable)
@@ -39,6 +43,16 @@ def controlplane(etcd_server, prefix: str, *extra: str, env: dict[str, str] | No
     return ServiceProcess(
         "meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", prefix, *extra],
         env=env or {},
+    )
+
+
+def run_controlplane(etcd_server, *args: str) -> subprocess.CompletedProcess:
+    """A control plane process expected to exit at start."""
+    return subprocess.run(
+        [CONTROLPLANE, "--listen", "127.0.0.1:0", "--etcd-endpoints", etcd_server.endpoint,
+         "--etcd-prefix", f"/t-{uuid.uuid4().hex[:12]}", *args],
+        capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")},
     )
 
 
@@ -117,18 +131,45 @@ def test_bootstrap_token_file_made_once_never_logged_never_overwritten(etcd_serv
         assert not other.exists()
 
     # A stale file (etcd holds no bootstrap token under a fresh prefix): a clear exit, the file kept.
-    fresh_prefix = f"/t-{uuid.uuid4().hex[:12]}"
-    p = subprocess.run(
-        [CONTROLPLANE, "--listen", "127.0.0.1:0", "--etcd-endpoints", etcd_server.endpoint,
-         "--etcd-prefix", fresh_prefix, "--bootstrap-token-file", str(path)],
-        capture_output=True, text=True, timeout=30,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")},
-    )
+    p = run_controlplane(etcd_server, "--bootstrap-token-file", str(path))
     out = p.stdout + p.stderr
     assert p.returncode != 0, out
     assert str(path) in out and "stale" in out and "exists" in out, out
     assert not leaked(token, out)
     assert path.read_text() == content
+
+
+def test_bootstrap_token_expires_and_bad_auth_flags_exit(etcd_server, etcd_prefix, tmp_path, monkeypatch):
+    from meshgate.sdk import Client, errors
+
+    for k in list(os.environ):
+        if k.startswith("MESHGATE_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MESHGATE_CONFIG", str(tmp_path / "meshgate-config.yaml"))
+    path = tmp_path / "admin.token"
+    proc = controlplane(etcd_server, etcd_prefix, "--bootstrap-token-file", str(path), "--bootstrap-token-ttl", "4")
+    try:
+        proc.start()
+        with Client(proc.target, token=path.read_text().strip()) as c:
+            ident = c.get_caller_identity()
+            assert ident.principal == "tokens/bootstrap-admin"
+            assert 0 < ident.expire_time.seconds - time.time() <= 4
+            time.sleep(max(0.0, ident.expire_time.ToNanoseconds() / 1e9 - time.time()) + 0.2)
+            with pytest.raises(errors.Unauthenticated) as ei:
+                c.list_networks()
+            assert ei.value.reason == "TOKEN_EXPIRED"
+    finally:
+        proc.stop()
+
+    for args, says in [
+        (["--bootstrap-token-ttl", "0"], "--bootstrap-token-ttl"),
+        (["--audit-max-records", "0"], "--audit-max-records"),
+        (["--audit-retention", "-1"], "--audit-retention"),
+        (["--oidc-config", str(tmp_path / "missing.yaml")], "--oidc-config"),
+        (["--bootstrap-token-file", str(tmp_path / "no-such-dir" / "t")], "does not exist"),
+    ]:
+        p = run_controlplane(etcd_server, *args)
+        assert p.returncode != 0 and says in p.stdout + p.stderr, (args, p.stdout, p.stderr)
 
 
 # ---------------------------------------------------------------- 2 & 3. API tokens through the CLI
@@ -142,15 +183,20 @@ def cli_cp(etcd_server, tmp_path_factory):
     d = tmp_path_factory.mktemp("cli-cp")
     token_file = d / "admin.token"
     otlp = OtlpReceiver().start_threaded()
-    proc = controlplane(etcd_server, f"/t-{uuid.uuid4().hex[:12]}", "--bootstrap-token-file", str(token_file),
+    prefix = f"/t-{uuid.uuid4().hex[:12]}"
+    proc = controlplane(etcd_server, prefix, "--bootstrap-token-file", str(token_file),
                         env=otlp.env("meshgate-controlplane"))
+    peer = controlplane(etcd_server, prefix)  # a second replica on the same etcd prefix
     try:
         proc.start()
+        peer.start()
+        assert peer.admin_token == ""  # the prefix was bootstrapped already: no second admin token
         cli = Cli(d / "meshgate-config.yaml")
         cli.run("context", "add", "local", "--target", proc.target, "--token-file", str(token_file), "--use")
         cli.run("context", "add", "anon", "--target", proc.target)
-        yield proc, cli, token_file.read_text().strip(), otlp
+        yield proc, cli, token_file.read_text().strip(), otlp, peer
     finally:
+        peer.stop()
         proc.stop()
         otlp.close()
 
@@ -167,7 +213,7 @@ def poll(fn, what: str, timeout: float = 5.0):
 
 
 def test_viewer_token_refusals_revocation_and_audit(cli_cp):
-    proc, cli, admin, otlp = cli_cp
+    proc, cli, admin, otlp, peer = cli_cp
     assert "tokens/bootstrap-admin" in cli.run("token", "get-caller-identity", "-o", "json").stdout
 
     cli.run("network", "create", "--network-id", "x", "--network.ipv4-cidr", "100.64.1.0/24")
@@ -196,11 +242,24 @@ def test_viewer_token_refusals_revocation_and_audit(cli_cp):
     assert {"tokens/ann", "tokens/bootstrap-admin"} <= {t["name"] for t in tokens["tokens"]}
     assert not leaked(ann, json.dumps(tokens)) and not leaked(admin, json.dumps(tokens))
 
-    # Revocation: ann's next call is refused (every replica within a second).
+    got = cli.json("token", "get", "tokens/ann")
+    assert got["creator"] == "tokens/bootstrap-admin" and got["bindings"] == [{"role": "viewer"}]
+    assert got.get("last_use_time") and "secret" not in got and not leaked(ann, json.dumps(got))
+
+    # The other replica knows ann's token too.
+    on_peer = cli.json("--target", peer.target, "network", "list", token=ann)
+    assert "networks/x" in [n["name"] for n in on_peer["networks"]]
+
+    # Revocation: ann's next call is refused, on the replica that revoked it
+    # at once, on the other one within a second or so.
     revoked = cli.json("token", "revoke", "tokens/ann")
-    assert revoked["revoke_time"]
-    poll(lambda: cli.run("network", "list", token=ann, check=False).returncode == 1, "ann refused after revoke")
-    refused(cli.run("network", "list", token=ann, check=False), "UNAUTHENTICATED")
+    assert revoked["revoke_time"] and revoked["name"] == "tokens/ann" and "secret" not in revoked
+    gone = cli.run("network", "list", token=ann, check=False)
+    refused(gone, "UNAUTHENTICATED")
+    assert "revoked" in gone.stderr
+    poll(lambda: cli.run("--target", peer.target, "network", "list", token=ann, check=False).returncode == 1,
+         "ann refused by the other replica after revoke", timeout=3)
+    refused(cli.run("--target", peer.target, "network", "list", token=ann, check=False), "UNAUTHENTICATED")
 
     # The audit log.
     records = cli.json("audit", "list")["audit_records"]
@@ -239,15 +298,16 @@ def test_viewer_token_refusals_revocation_and_audit(cli_cp):
                     "--token.expire-time", "+1h", "-o", "secret").stdout.strip()
     refused(cli.run("audit", "list", token=other, check=False), "PERMISSION_DENIED")
 
-    # Nothing of either token in the control plane's log.
-    log = proc.log(tail=0)
-    assert "not-the-secret" not in log and "not-the-secret" not in text
-    for secret in (ann, admin, other):
-        assert not leaked(secret, log)
+    # None of the tokens in either replica's log.
+    for log in (proc.log(tail=0), peer.log(tail=0)):
+        assert "not-the-secret" not in log
+        for secret in (ann, admin, other):
+            assert not leaked(secret, log)
+    assert "not-the-secret" not in text
 
 
 def test_network_admin_token_scoped_to_one_network(cli_cp):
-    proc, cli, admin, _ = cli_cp
+    proc, cli, admin, _, _ = cli_cp
     cli.run("network", "create", "--network-id", "a", "--network.ipv4-cidr", "100.64.2.0/24")
     cli.run("network", "create", "--network-id", "b", "--network.ipv4-cidr", "100.64.3.0/24")
     na = cli.run("token", "create", "--token-id", "na", "--token.bindings",
@@ -356,6 +416,11 @@ def test_oidc_bearers_mapped_and_refused_with_reasons(etcd_server, etcd_prefix, 
             ident = c.get_caller_identity()
             assert (ident.principal, ident.authentication) == (f"oidc:{ISSUER}#alice", "oidc")
             assert [b.role for b in ident.bindings] == ["admin"]
+            token = auth_pb2.Token(bindings=[auth_pb2.RoleBinding(role="viewer")])
+            token.expire_time.FromSeconds(int(time.time()) + 3600)
+            made = c.create_token(token_id="ci", token=token)
+            jwts.append(made.secret)
+            assert c.get_token(name="tokens/ci").creator == f"oidc:{ISSUER}#alice"
 
         with Client(proc.target, token=ops_jwt) as c:
             assert "networks/o" in [n.name for n in c.list_networks().networks]
@@ -406,6 +471,20 @@ def test_oidc_bearers_mapped_and_refused_with_reasons(etcd_server, etcd_prefix, 
         assert any(r.principal == f"oidc:{ISSUER}#bob" and r.status_code == "PERMISSION_DENIED" for r in records)
         text = "".join(str(r) for r in records)
         assert not [t for t in jwts if leaked(t, text)]
+
+        # Key rotation: the JWKS file rewritten (replaced) is read again, no restart.
+        k2 = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(impostor.public_key()))
+        k2.update(kid="k2", use="sig", alg="RS256")
+        new_jwks = tmp_path / "jwks.json.new"
+        new_jwks.write_text(json.dumps({"keys": [jwk, k2]}))
+        os.replace(new_jwks, tmp_path / "jwks.json")
+        rotated = mint("dave", ["ops"], signer=impostor, kid="k2")
+        jwts.append(rotated)
+        with Client(proc.target, token=rotated) as c:
+            assert c.get_caller_identity().principal == f"oidc:{ISSUER}#dave"
+            # A broken rewrite keeps the last good keys.
+            (tmp_path / "jwks.json").write_text('{"keys": [')
+            assert c.get_caller_identity().principal == f"oidc:{ISSUER}#dave"
     finally:
         proc.stop()
     log = proc.log(tail=0)

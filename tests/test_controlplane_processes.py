@@ -160,7 +160,7 @@ async def test_agents_on_two_control_plane_processes_converge_on_a_change_made_t
         for _ in range(2)
     ]
     token = next(p.admin_token for p in procs if p.admin_token)
-    chans = [authed_channel(p.target, token) for p in procs]
+    chans = [cptest.authed_channel(p.target, token) for p in procs]
     agents = []
     try:
         await network_pb2_grpc.NetworkServiceStub(chans[0]).CreateNetwork(

@@ -23,10 +23,12 @@ RANGE = "198.51.100.0/24"
 
 
 class Loop(ControlPlaneView):
-    """A control plane process and the API it is driven through."""
+    """A control plane process and the API it is driven through (with the
+    admin token of the first process on the prefix: a restarted one makes none)."""
 
-    def __init__(self, cp: ServiceProcess, socket: str):
-        super().__init__(cp.target, socket, token=cp.admin_token)
+    def __init__(self, cp: ServiceProcess, socket: str, token: str = ""):
+        self.token = token or cp.admin_token
+        super().__init__(cp.target, socket, token=self.token)
         self.cp, self.socket = cp, socket
 
 
@@ -102,7 +104,7 @@ def test_control_plane_restart_loses_no_packets(loop: Loop, egress: Egress, etcd
     opened = {n.host.name: _streams_opened(n) for n in (eg.gw, client)}
     loop.cp = start_control_plane(etcd_server, etcd_prefix, loop.socket[len("unix:"):])
     loop.close()
-    loop.__init__(loop.cp, loop.socket)
+    loop.__init__(loop.cp, loop.socket, loop.token)
     # Each agent reconnected (a new stream, a fresh snapshot) and converged again.
     loop.wait_converged(2)
     for n in (eg.gw, client):

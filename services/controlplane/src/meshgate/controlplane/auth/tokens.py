@@ -268,17 +268,25 @@ class Tokens:
         marker = self.etcd.key("auth", "bootstrapped")
         if await self.etcd.get(marker) is not None:
             return False
-        if os.path.exists(path):
-            raise SystemExit(f"--bootstrap-token-file {path} exists but etcd holds no bootstrap token: "
-                             "remove the stale file (meshgate never overwrites it)")
+        if os.path.isdir(path):
+            raise SystemExit(f"--bootstrap-token-file {path} is a directory; name a file in it")
         tid = "bootstrap-admin"
         bearer = new_bearer(tid)
         token = auth_pb2.Token(name=f"tokens/{tid}", description="bootstrap admin token, made on the first start",
                                bindings=[auth_pb2.RoleBinding(role="admin")], creator="meshgate-controlplane",
                                uid=store.new_uid(), create_time=store.now())
         token.expire_time.FromNanoseconds(int((time.time() + ttl_s) * 1e9))
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # The file first, then the transaction: a crash in between leaves a
+        # file etcd knows nothing of (refused at the next start, with this
+        # message), never a token nobody has.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise SystemExit(f"--bootstrap-token-file {path} exists but etcd holds no bootstrap token: "
+                             "remove the stale file (meshgate never overwrites it)") from None
+        except OSError as e:
+            raise SystemExit(f"--bootstrap-token-file {path}: cannot create it: {e.strerror}") from None
+        ok = False
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(bearer + "\n")
@@ -287,13 +295,11 @@ class Tokens:
                 [self.t.put(marker, b"1"), self.t.put(self.key(tid), store.encode(token)),
                  self.t.put(self.hash_key(tid), token_hash(bearer).encode())],
             )
-            if ok:
-                os.replace(tmp, path)
-                log.warning("created the bootstrap admin token tokens/%s; it is in %s (mode 0600)", tid, path)
-            return ok
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if not ok:  # another replica bootstrapped first, or etcd failed: no file of ours
+                os.unlink(path)
+        log.warning("created the bootstrap admin token tokens/%s; it is in %s (mode 0600)", tid, path)
+        return True
 
     async def any(self) -> bool:
         """Whether any token exists."""
