@@ -21,7 +21,7 @@ import grpc
 
 from meshgate.api.v1 import network_pb2, network_pb2_grpc
 from meshgate.common.etcdproc import EtcdProcess, free_port
-from meshgate.common.testing import ServiceProcess
+from meshgate.common.testing import ServiceProcess, keyservice_pki
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -119,14 +119,19 @@ def main() -> int:
         agent_socket = f"unix:{state / 'controlplane.sock'}"
         # The key service first: the control plane has it sign node keys and
         # issue the pre-shared keys of every peer pair.
-        ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)],
+        # Its certificates (mTLS: the key service identifies its callers by
+        # them), made once by the offline command into state/pki.
+        pki = keyservice_pki(str(state / "pki"), etcd.endpoint, "/meshgate", str(kek))
+        ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
+                            credentials=pki.credentials(),
                             listen=f"127.0.0.1:{args.keyservice_port}",
                             log_path=str(state / "logs" / "meshgate-keyservice.log"))
         procs.append(ks.start())
         say(f"started meshgate-keyservice on {ks.target} (pid {ks.proc.pid}, log {ks.log_path})")
         token_file = state / "admin-token"
         cp = ServiceProcess("meshgate-controlplane", common + [
-                                "--keyservice", ks.target, "--bootstrap-token-file", str(token_file),
+                                "--keyservice", ks.target, *pki.controlplane_args,
+                                "--bootstrap-token-file", str(token_file),
                                 "--bootstrap-token-ttl", str(365 * 86400)],
                             listen=f"127.0.0.1:{args.controlplane_port},{agent_socket}",
                             log_path=str(state / "logs" / "meshgate-controlplane.log"))

@@ -14,7 +14,7 @@ import pytest
 from meshgate.api.v1 import agent_pb2_grpc, egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 from meshgate.api.v1 import external_client_pb2, external_client_pb2_grpc, network_pb2, network_pb2_grpc
 from meshgate.api.v1 import node_pb2, node_pb2_grpc
-from meshgate.common.testing import OtlpReceiver, ServiceProcess, write_kek_file
+from meshgate.common.testing import OtlpReceiver, ServiceProcess, keyservice_pki, write_kek_file
 
 import cptest
 
@@ -82,9 +82,10 @@ async def test_key_service_calls_join_the_api_calls_trace(etcd_server, etcd_pref
     kek = tmp_path / "kek"
     write_kek_file(kek)
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
-    ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)],
-                        env=otlp.env("meshgate-keyservice")).start()
-    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
+    pki = keyservice_pki(str(tmp_path / "pki"), etcd_server.endpoint, etcd_prefix, str(kek))
+    ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
+                        env=otlp.env("meshgate-keyservice"), credentials=pki.credentials()).start()
+    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args],
                         env=otlp.env("meshgate-controlplane")).start()
     ch = cptest.authed_channel(cp.target, cp.admin_token)
     try:
@@ -266,29 +267,28 @@ def _not(check):
 
 
 async def test_the_key_service_link_can_use_mtls(etcd_server, etcd_prefix, tmp_path):
-    """Key service serving mTLS; the control plane reaches it with
-    --keyservice-ca/-cert/-key (a node key gets signed), and without a client
-    certificate it cannot (the create is refused as UNAVAILABLE, not made unsigned)."""
-    from meshgate.common.testing import write_test_pki
-
-    pki = write_test_pki(tmp_path)
+    """Key service serving mTLS (certificates from `meshgate-keyservice-certs`);
+    the control plane reaches it with --keyservice-ca/-cert/-key (a node key
+    gets signed); without a client certificate, or with the operator's
+    identity instead of its own, it cannot (the create is refused as
+    UNAVAILABLE, not made unsigned)."""
     kek = tmp_path / "kek"
     write_kek_file(kek)
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
-    read = {k: open(v, "rb").read() for k, v in pki.items()}
-    ks = ServiceProcess(
-        "meshgate-keyservice",
-        common + ["--kek-file", str(kek), "--tls-cert", pki["srv.pem"], "--tls-key", pki["srv.key"],
-                  "--tls-client-ca", pki["ca.pem"]],
-        credentials=grpc.ssl_channel_credentials(read["ca.pem"], read["cli.key"], read["cli.pem"]),
-    ).start()
+    pki = keyservice_pki(str(tmp_path / "pki"), etcd_server.endpoint, etcd_prefix, str(kek))
+    ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
+                        credentials=pki.credentials()).start()
     procs = [ks]
     token = ""
     try:
-        for name, extra in (("mtls", ["--keyservice-cert", pki["cli.pem"], "--keyservice-key", pki["cli.key"]]),
-                            ("no-client-cert", [])):
+        for name, extra in (("mtls", ["--keyservice-cert", pki.path("controlplane.pem"),
+                                      "--keyservice-key", pki.path("controlplane.key")]),
+                            ("no-client-cert", []),
+                            ("operator-cert", ["--keyservice-cert", pki.path("operator.pem"),
+                                               "--keyservice-key", pki.path("operator.key")])):
             cp = ServiceProcess("meshgate-controlplane",
-                                common + ["--keyservice", ks.target, "--keyservice-ca", pki["ca.pem"], *extra]).start()
+                                common + ["--keyservice", ks.target, "--keyservice-ca", pki.path("ca.pem"), *extra]
+                                ).start()
             procs.append(cp)
             token = cp.admin_token or token  # the first process on the prefix made it
             async with cptest.authed_channel(cp.target, token) as ch:

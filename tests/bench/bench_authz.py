@@ -35,9 +35,17 @@ only one server is busy at a time (the calls are sequential), so the idle one
 costs little. The ratio is what an operator sees from one client; the
 absolute figures are an upper bound of the latency on a dedicated host.
 
-`--profile DIR` runs both servers under cProfile and writes `auth.prof` and
-`noauth.prof` there (read them with `python -m pstats`); the figures of such a
-run are inflated by the profiler and are not comparable to a plain run.
+The script also reports (stderr) p90/p99/mean of both series and each
+server's CPU time (user + system, from /proc) per measured call.
+
+`--round N` sets the calls per round (default 10). On a shared machine a
+burst of foreign load can land on a few rounds of one server and move the
+ratio by several hundredths; smaller rounds (10) cancel it better.
+
+`--profile DIR` runs both servers under cProfile (CPU time, not wall time) and
+writes `auth.prof` and `noauth.prof` there (read them with `python -m
+pstats`); the figures of such a run are inflated by the profiler and are not
+comparable to a plain run.
 
 Everything the script starts (etcd, both servers, temporary directories) is
 stopped by its handle and removed, also on failure or SIGTERM. It exits
@@ -288,7 +296,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ops", type=int, default=1000, help="measured CreateNode calls per server")
     ap.add_argument("--warmup", type=int, default=200, help="CreateNode calls per server before measuring")
-    ap.add_argument("--round", type=int, default=100, help="consecutive calls to one server before switching")
+    ap.add_argument("--round", type=int, default=10, help="consecutive calls to one server before switching")
     ap.add_argument("--profile", default="", metavar="DIR",
                     help="run both servers under cProfile, writing DIR/auth.prof and DIR/noauth.prof")
     ap.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)

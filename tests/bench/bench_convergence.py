@@ -695,7 +695,7 @@ def main() -> int:
         kek_file = os.path.join(tmp, "kek")
         write_kek_file(kek_file, {"bench1": os.urandom(32)})
         common = ["--etcd-endpoints", etcd_proc.endpoint, "--etcd-prefix", "/bench", "--log-level", "warning"]
-        ks = ServiceProcess("meshgate-keyservice", args=[*common, "--kek-file", kek_file, "--no-scheduler"])
+        ks = ServiceProcess("meshgate-keyservice", args=[*common, "--kek-file", kek_file, "--no-scheduler", "--insecure"])
         cp = ServiceProcess("meshgate-controlplane", args=common)
         saved_env = dict(os.environ)
         os.environ.clear()

@@ -211,6 +211,7 @@ def test_real_process_exits_zero_on_signal(etcd_server, etcd_prefix, entry_point
     env = {}
     if entry_point == "meshgate-keyservice":
         env["MESHGATE_KEYSERVICE_KEK"] = "t:" + base64.b64encode(os.urandom(32)).decode()
+        env["MESHGATE_KEYSERVICE_INSECURE"] = "true"
     proc = ServiceProcess(
         entry_point, ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix], env=env
     ).start()

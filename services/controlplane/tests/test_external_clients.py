@@ -203,7 +203,7 @@ async def test_abandoned_key_material_is_cleared_only_when_stale(keyed):
     cp = keyed
     a, b = await agents(cp)
     # A create that crashed after the key service issued the pair.
-    orphan = await cp.ks.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=PHONE))
+    orphan = await cp.ks_as_cp.IssueClientKeyPair(keys_pb2.IssueClientKeyPairRequest(external_client=PHONE))
     cp.guard.add(base64.b64decode(orphan.private_key))
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await create(cp.clients, guard=cp.guard)  # too fresh to tell from a create in flight
@@ -305,7 +305,7 @@ async def test_deletes_stay_under_etcds_transaction_limit(keyed):
     await make_node(cp, node_id="a", endpoint="192.0.2.1:51820", public_key=gw_key)
     await make_node(cp, node_id="hub", endpoint="192.0.2.2:51820")
     pairs = [f"networks/prod/nodes/hub|networks/prod/nodes/s{i}" for i in range(130)]
-    keys = await cp.ks.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(network="networks/prod", pairs=pairs))
+    keys = await cp.ks_as_cp.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(network="networks/prod", pairs=pairs))
     cp.guard.add(*(base64.b64decode(k.key) for k in keys.keys))
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/hub"))
     left = [k for k in await state_dump(cp.etcd) if b"/keys/psk/prod/" in k]

@@ -19,7 +19,7 @@ from meshgate.api.v1 import keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
 from meshgate.common import signing
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
-from meshgate.common.testing import ServiceProcess, kek_line, write_kek_file
+from meshgate.common.testing import ServiceProcess, kek_line, keyservice_pki, write_kek_file
 from meshgate.controlplane.api import ControlPlane
 
 from cptest import authed_channel, mint_token, SimAgent, key, make_key, make_network, wait_until
@@ -40,18 +40,24 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     """A key service process and a control plane using it, on one etcd prefix."""
     kek_file = tmp_path / "kek"
     write_kek_file(kek_file, new_keks(secret_guard, "t1"))
+    # The key service with mTLS, its certificates from the real offline command.
+    pki = keyservice_pki(str(tmp_path / "pki"), etcd_server.endpoint, etcd_prefix, str(kek_file))
     ks = ServiceProcess(
         "meshgate-keyservice",
-        ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", str(kek_file)],
+        ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", str(kek_file),
+         *pki.server_args], credentials=pki.credentials(),
     ).start()
-    app = ControlPlane(etcd, ks.target)
+    app = ControlPlane(etcd, ks.target, keyservice_credentials=pki.credentials("controlplane"))
     await app.start()
     server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
     port = await server.start()
     admin_token = await mint_token(app)
     secret_guard.add_token(admin_token)  # an API token is a secret like the others
     channel = authed_channel(f"127.0.0.1:{port}", admin_token)
-    ks_channel = grpc.aio.insecure_channel(ks.target)
+    # The test calls the key service as the operator (rotations) and as the
+    # control plane (pre-shared keys), with their certificates.
+    ks_channel = grpc.aio.secure_channel(ks.target, pki.credentials("operator"))
+    ks_cp_channel = grpc.aio.secure_channel(ks.target, pki.credentials("controlplane"))
     from meshgate.api.v1 import (
         agent_pb2_grpc,
         enrollment_pb2_grpc,
@@ -67,6 +73,7 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
     cp.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(channel)
     cp.agents = agent_pb2_grpc.AgentServiceStub(channel)
     cp.ks = keys_pb2_grpc.KeyServiceStub(ks_channel)
+    cp.ks_as_cp = keys_pb2_grpc.KeyServiceStub(ks_cp_channel)
     cp.ks_proc, cp.etcd, cp.app, cp.kek_file, cp.guard = ks, etcd, app, kek_file, secret_guard
     cp.sim_agents = []
     try:
@@ -80,6 +87,7 @@ async def keyed(etcd, etcd_server, etcd_prefix, tmp_path, secret_guard):
                 secret_guard.add(*(base64.b64decode(p.preshared_key) for p in peers if p.preshared_key))
         await channel.close()
         await ks_channel.close()
+        await ks_cp_channel.close()
         await server.stop(0)
         await app.stop()
         ks.stop()
@@ -179,7 +187,7 @@ async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(key
         assert st.converged_nodes == 2 and not any(n.last_error for n in st.nodes)
         assert cp.app.fanout.messages_sent == sent and (len(a.received), len(b.received)) == received
         # The PSKs still come out of the re-wrapped store, and unchanged.
-        got = await cp.ks.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(
+        got = await cp.ks_as_cp.IssuePresharedKeys(keys_pb2.IssuePresharedKeysRequest(
             network="networks/prod", pairs=["networks/prod/nodes/a|networks/prod/nodes/b"]))
         assert got.keys[0].key == a.state.peers[0].preshared_key
     finally:

@@ -24,20 +24,25 @@ import grpc
 import pytest
 
 from meshgate.api.v1 import enrollment_pb2, keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
-from meshgate.common.testing import ServiceProcess, write_kek_file
+from meshgate.common.testing import KeyServicePki, ServiceProcess, keyservice_pki, write_kek_file
 from meshgate.gatewayd.lab import ControlPlaneView, Egress, Lab
+from meshgate.gatewayd.trust import fingerprint, pins_of_secret
 
 RANGE = "198.51.100.0/24"
 KS = "/meshgate.api.v1.KeyService/"
 
 
 class KeyedLoop(ControlPlaneView):
-    def __init__(self, ks: ServiceProcess, cp: ServiceProcess, socket: str, guard):
+    def __init__(self, ks: ServiceProcess, cp: ServiceProcess, socket: str, guard, pki: KeyServicePki):
         super().__init__(cp.target, socket, token=cp.admin_token)
         guard.add_token(cp.admin_token)
         self.ks_proc, self.cp, self.guard = ks, cp, guard
-        self.ks_channel = grpc.insecure_channel(ks.target)
+        # The test speaks to the key service as the control plane does.
+        self.ks_channel = grpc.secure_channel(ks.target, pki.credentials("controlplane"))
         self.ks = keys_pb2_grpc.KeyServiceStub(self.ks_channel)
+
+    def authority_keys(self) -> list[bytes]:
+        return list(self.ks.GetKeyAuthority(keys_pb2.GetKeyAuthorityRequest(), timeout=10).public_keys)
 
     def close(self) -> None:
         super().close()
@@ -72,11 +77,13 @@ def keyed(secret_guard, lab, etcd_server, etcd_prefix):
     kek = lab.dir / "kek"
     secret_guard.keks.update(write_kek_file(kek))
     common = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
-    ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek)]).start()
+    pki = keyservice_pki(str(lab.dir / "pki"), etcd_server.endpoint, etcd_prefix, str(kek))
+    ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
+                        credentials=pki.credentials()).start()
     socket = str(lab.dir / "cp.sock")
-    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target],
+    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args],
                         listen=f"127.0.0.1:0,unix:{socket}").start()
-    loop = KeyedLoop(ks, cp, f"unix:{socket}", secret_guard)
+    loop = KeyedLoop(ks, cp, f"unix:{socket}", secret_guard, pki)
     try:
         yield loop
     finally:
@@ -102,9 +109,17 @@ def up(loop: KeyedLoop, eg: Egress) -> None:
     key = loop.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
         parent="networks/lab", enrollment_key_id="lab", enrollment_key=enrollment_pb2.EnrollmentKey()))
     loop.guard.add_token(key.secret)
+    base, pins = pins_of_secret(key.secret)
+    loop.guard.add_token(base)  # its random part, whatever the pins after it
+    # a control plane with a key service pins its authority in the secret
+    assert pins == tuple(fingerprint(k) for k in loop.authority_keys())
     eg.gw.join(loop.agent_target, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820")
     for i, c in enumerate(eg.clients):
         c.join(loop.agent_target, key.secret, f"client{i}")
+    for n in (eg.gw, *eg.clients):  # the pinned authority, and only it, is what the agents verify with
+        saved = json.loads((n.state_dir / "identity.json").read_text())
+        assert saved["authority_pinned_by"] == "enrollment key" and not saved["insecure_no_authority"]
+        assert [base64.b64decode(k) for k in saved["key_authority_public_keys"]] == loop.authority_keys()
     register(loop.guard, node_secrets(eg.lab))  # the first private keys (a rotation replaces them)
     for n in (eg.gw, *eg.clients):
         n.start()

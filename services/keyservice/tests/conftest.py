@@ -86,6 +86,10 @@ async def write_network(etcd: Etcd, net: str, **fields) -> network_pb2.Network:
 @pytest.fixture
 async def core(etcd, keks):
     keks.new("k1")
+    # The key service signs keys only of nodes of networks that exist: the
+    # networks the tests' nodes live in.
+    for net in ("prod", "n"):
+        await write_network(etcd, net)
     c = KeyServiceCore(etcd, keks.ring("k1"), scheduler=False)
     await c.start()
     yield c
@@ -102,7 +106,7 @@ class KS:
 
 @pytest.fixture
 async def ks(core, etcd):
-    server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=1), bindings(core))
+    server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=1), bindings(core, insecure=True))
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield KS(core, keys_pb2_grpc.KeyServiceStub(channel), etcd, f"127.0.0.1:{port}")

@@ -29,6 +29,14 @@ def wg_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
+async def test_register_refuses_a_node_of_a_network_that_does_not_exist(ks):
+    before = await ks.etcd.dump()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await ks.stub.RegisterNodeKey(keys_pb2.RegisterNodeKeyRequest(node="networks/ghost/nodes/a", public_key=wg_key()))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ghost" in e.value.details()
+    assert await ks.etcd.dump() == before
+
+
 async def test_register_signs_a_binding_agents_verify(ks):
     ka = await ks.stub.GetKeyAuthority(keys_pb2.GetKeyAuthorityRequest())
     assert len(ka.public_keys) == 1 and ka.key_ids[0] == signing.key_id(ka.public_keys[0])
@@ -76,7 +84,7 @@ async def test_register_refuses_bad_input_and_changes_nothing(ks, node, key, fie
     assert await ks.etcd.dump() == before
 
 
-async def test_authority_created_once_across_racing_replicas(etcd, keks):
+async def test_authority_created_once_across_racing_replicas(etcd, keks, put_network):
     keks.new("k1")
     cores = [KeyServiceCore(etcd, keks.ring("k1"), scheduler=False) for _ in range(4)]
     await asyncio.gather(*(c.start() for c in cores))
@@ -89,6 +97,7 @@ async def test_authority_created_once_across_racing_replicas(etcd, keks):
         assert all(p == pubs[0] for p in pubs) and len(pubs[0]) == 1
         # A signature made by one replica verifies with what any replica publishes.
         key = wg_key()
+        await put_network("n")
         s = await cores[3].authority.register("networks/n/nodes/x", key)
         assert signing.verify(pubs[0][0].public_key, "networks/n/nodes/x", key, s.signature)
     finally:

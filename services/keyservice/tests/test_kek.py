@@ -56,7 +56,7 @@ async def test_fresh_store_initialised_then_checked(etcd, keks):
 
 def test_process_refuses_to_start_without_the_right_kek(etcd_server, etcd_prefix, keks, kek_env, tmp_path):
     keks.new("k1"), keks.new("k2")
-    args = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix]
+    args = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--insecure"]
     ok = ServiceProcess("meshgate-keyservice", args, env=kek_env("k1", path=str(tmp_path / "kek"))).start()
     assert ok.stop() == 0, ok.log()
     exe = os.path.join(os.path.dirname(sys.executable), "meshgate-keyservice")

@@ -77,7 +77,7 @@ async def test_every_rpc_served_in_process(ks, method):
 def keyservice(etcd_server, etcd_prefix, kek_env, keks, tmp_path):
     keks.new("k1")
     proc = ServiceProcess(
-        "meshgate-keyservice", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix],
+        "meshgate-keyservice", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--insecure"],
         env=kek_env("k1", path=str(tmp_path / "kek")),
     ).start()
     yield proc
@@ -124,6 +124,7 @@ def test_process_config_from_env(etcd_server, etcd_prefix, keks, kek_env):
             "MESHGATE_KEYSERVICE_ETCD_ENDPOINTS": etcd_server.endpoint,
             "MESHGATE_KEYSERVICE_ETCD_PREFIX": etcd_prefix,
             "MESHGATE_KEYSERVICE_LOG_LEVEL": "debug",
+            "MESHGATE_KEYSERVICE_INSECURE": "true",
             **kek_env("k1"),
         },
     ).start()

@@ -169,7 +169,7 @@ async def test_sigkill_the_leader_due_rotation_still_happens_once(etcd_server, e
     secret_guard.expect_span("/meshgate.api.v1.KeyService/IssuePresharedKeys", "meshgate-keyservice", at_least=2)
     env = kek_env("k1", path=str(tmp_path / "kek"))
     args = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix,
-            "--scheduler-interval", "0.2", "--election-ttl", "2", "--log-level", "debug"]
+            "--scheduler-interval", "0.2", "--election-ttl", "2", "--log-level", "debug", "--insecure"]
     procs = [ServiceProcess("meshgate-keyservice", args, env=env, log_path=str(tmp_path / f"ks{i}.log")).start()
              for i in range(2)]
     try:

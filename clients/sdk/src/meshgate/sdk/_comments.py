@@ -26,6 +26,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                'to start when one of its RPCs has none (deny by default).',
  'meshgate.api.v1.AccessRule.agent': 'An agent RPC: authenticated by the agent protocol (enrollment secret,\n'
                                      'agent credential), never by an API token; an API token grants nothing here.',
+ 'meshgate.api.v1.AccessRule.callers': 'Services that authenticate callers by their certificate (the key\n'
+                                       'service): the service identities admitted, by name\n'
+                                       '(`meshgate://services/{name}`), for example `controlplane`, `operator`.\n'
+                                       "Any other caller, a node's identity included, is refused.",
  'meshgate.api.v1.AccessRule.collection': "Creates only: the collection of the new resource's name, so that the\n"
                                           'audit record names it (`{parent}/{collection}/{id}`).',
  'meshgate.api.v1.AccessRule.id_field': 'The request field holding the id of the new resource (creates).',

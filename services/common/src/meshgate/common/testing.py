@@ -502,3 +502,126 @@ def write_kek_file(path, keks: dict[str, bytes] | None = None) -> dict[str, byte
     with os.fdopen(fd, "w") as f:
         f.write("".join(kek_line(i, k) + "\n" for i, k in keks.items()))
     return keks
+
+
+@dataclass
+class KeyServicePki:
+    """Certificates for a key service with mTLS, made by the real offline
+    command (`meshgate-keyservice-certs`) against the key service's etcd and KEK."""
+
+    directory: str
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    @property
+    def server_args(self) -> list[str]:
+        """The key service's TLS flags (client certificates required)."""
+        return ["--tls-cert", self.path("keyservice.pem"), "--tls-key", self.path("keyservice.key"),
+                "--tls-client-ca", self.path("ca.pem")]
+
+    @property
+    def controlplane_args(self) -> list[str]:
+        """The control plane's flags for its link to the key service."""
+        return ["--keyservice-ca", self.path("ca.pem"), "--keyservice-cert", self.path("controlplane.pem"),
+                "--keyservice-key", self.path("controlplane.key")]
+
+    def credentials(self, who: str = "operator") -> grpc.ChannelCredentials:
+        def read(name: str) -> bytes:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read("ca.pem"), read(f"{who}.key"), read(f"{who}.pem"))
+
+
+def keyservice_pki(directory: str, etcd_endpoint: str, etcd_prefix: str, kek_file: str) -> KeyServicePki:
+    exe = os.path.join(os.path.dirname(sys.executable), "meshgate-keyservice-certs")
+    subprocess.run([exe, "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", etcd_prefix, "--kek-file", kek_file,
+                    "--out-dir", directory], check=True, capture_output=True, text=True)
+    return KeyServicePki(directory)
+
+
+# ---------------------------------------------------------------- etcd with TLS and authentication
+
+
+def write_etcd_pki(directory, client_cn: str = "meshgate") -> dict[str, str]:
+    """A throwaway CA for an etcd with TLS, as PEM files in `directory` (made
+    by the test): `ca.pem`; `etcd.pem`/`etcd.key`, etcd's certificate for
+    127.0.0.1 and localhost, for server and client authentication (etcd's
+    gateway and `EtcdProcess`'s probe present it as a client); and
+    `client.pem`/`client.key`, a client certificate with CN `client_cn`
+    (etcd takes the CN as the user when no token is sent). Keys are 0600."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshgate test etcd CA")])
+
+    def issue(cn: str, key, *, ca=False, san=None, usages=()):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name if ca else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usages:
+            b = b.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        return b.sign(ca_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    etcd_key = ec.generate_private_key(ec.SECP256R1())
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    both = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+    items = [
+        ("ca.pem", issue("", ca_key, ca=True)),
+        ("etcd.pem", issue("etcd", etcd_key, usages=both,
+                           san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])),
+        ("etcd.key", etcd_key),
+        ("client.pem", issue(client_cn, client_key, usages=(ExtendedKeyUsageOID.CLIENT_AUTH,))),
+        ("client.key", client_key),
+    ]
+    d = Path(directory)
+    files = {}
+    for fname, obj in items:
+        if isinstance(obj, x509.Certificate):
+            data, mode = obj.public_bytes(serialization.Encoding.PEM), 0o644
+        else:
+            data, mode = obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), 0o600
+        fd = os.open(d / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        files[fname] = str(d / fname)
+    return files
+
+
+def enable_etcd_auth(etcd, user: str, password: str, prefix: str, root_password: str) -> None:
+    """Turn etcd's authentication on (an `EtcdProcess`, through etcdctl):
+    users `root` and `user`, a role named `user` with readwrite on
+    `prefix/`, granted to `user`. Passwords go through etcdctl's stdin."""
+    prefix = prefix.rstrip("/") + "/"
+    etcd.etcdctl("user", "add", "root", "--interactive=false", stdin=root_password + "\n")
+    etcd.etcdctl("role", "add", "root")
+    etcd.etcdctl("user", "grant-role", "root", "root")
+    etcd.etcdctl("user", "add", user, "--interactive=false", stdin=password + "\n")
+    etcd.etcdctl("role", "add", user)
+    etcd.etcdctl("role", "grant-permission", user, "--prefix=true", "readwrite", prefix)
+    etcd.etcdctl("user", "grant-role", user, user)
+    etcd.etcdctl("auth", "enable")
+
+
+def write_password_file(path, password: str) -> str:
+    """A 0600 file holding `password` (for `--etcd-password-file`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return str(path)

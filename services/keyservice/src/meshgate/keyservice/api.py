@@ -1,13 +1,19 @@
-"""gRPC handlers of the key service: request in, core call, response out; no logic."""
+"""gRPC handlers of the key service: request in, core call, response out; no logic.
+
+Every RPC is wrapped by `access.protect` before it is bound: only the callers
+its rule names (by their certificate's identity) get through.
+"""
 
 from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import keys_pb2, keys_pb2_grpc
-from meshgate.common.errors import FieldViolation, invalid_argument
+import grpc
+
+from meshgate.common.errors import ApiError, FieldViolation, invalid_argument
 from meshgate.common.server import ServiceBinding
-from meshgate.keyservice import names
+from meshgate.keyservice import access, names
 from meshgate.keyservice.core import KeyServiceCore
 from meshgate.keyservice.scheduler import request_node_rotation
 
@@ -49,6 +55,14 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return keys_pb2.ClientKeyPair(public_key=pair.public_key, private_key=pair.private_key, signed=pair.signed)
 
     async def SignCertificate(self, request, context):
+        caller = access.current_caller()
+        if request.identity.startswith("services/") and caller not in (access.INSECURE,
+                                                                         access.SERVICE_PREFIX + "operator"):
+            # A service identity is the power to call this service (or to be
+            # the control plane): only the operator hands those out.
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{caller} may not obtain a certificate for a service identity ({request.identity})",
+                           "SERVICE_IDENTITY_REFUSED")
         issued = await self.core.ca.sign(request.csr, request.identity)
         ts = timestamp_pb2.Timestamp()
         ts.FromDatetime(issued.not_after)
@@ -60,5 +74,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return keys_pb2.RotateKeyEncryptionKeyResponse(rewrapped=await self.core.vault.rotate_kek(request.new_key_id))
 
 
-def bindings(core: KeyServiceCore) -> list[ServiceBinding]:
-    return [ServiceBinding.of(keys_pb2, keys_pb2_grpc, "KeyService", KeyService(core))]
+def bindings(core: KeyServiceCore, *, insecure: bool = False) -> list[ServiceBinding]:
+    """The key service's bindings; `insecure` admits every caller (development)."""
+    servicer = access.protect(KeyService(core), keys_pb2.DESCRIPTOR.services_by_name["KeyService"], insecure=insecure)
+    return [ServiceBinding.of(keys_pb2, keys_pb2_grpc, "KeyService", servicer)]

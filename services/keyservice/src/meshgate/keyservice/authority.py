@@ -19,10 +19,11 @@ import base64
 import logging
 from dataclasses import dataclass
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshgate.api.v1 import keys_pb2
-from meshgate.common.errors import FieldViolation, invalid_argument
+from meshgate.common.errors import ApiError, FieldViolation, failed_precondition, invalid_argument
 from meshgate.common import signing
 from meshgate.keyservice import names
 from meshgate.keyservice.sealing import header
@@ -122,12 +123,24 @@ class Authority:
         kid, _ = await optimistic(self._private, "loading the key authority")
         v = self.vault
         path = f"keys/nodes/{net}/{node_id}"
+        # Only for a network that exists, fenced on its record: a signature
+        # for a node of a network that does not exist (or is being deleted)
+        # is never written.
+        network = await v.etcd.get(v.key(f"networks/{net}"))
+        if network is None:
+            raise failed_precondition(f"network {net!r} does not exist; no key of its nodes is signed",
+                                      "NETWORK_NOT_FOUND", f"networks/{net}", "meshgate.io/Network")
         old = await v.etcd.get(v.key(path))
         if old is not None:
             prev = keys_pb2.SignedNodeKey.FromString(old.value)
             if prev.public_key == canonical and prev.key_id == kid:
                 return prev
         signed = await self.sign(node, raw)
-        await v.etcd.put(v.key(path), signed.SerializeToString())
+        t = v.etcd.txn_ops
+        ok, _, _ = await v.etcd.txn([t.mod(network.key) == network.mod_revision],
+                                    [t.put(v.key(path), signed.SerializeToString())])
+        if not ok:
+            raise ApiError(grpc.StatusCode.ABORTED, f"network {net!r} changed while signing; retry",
+                           "CONCURRENT_MODIFICATION")
         log.info("signed the public key of %s with %s", node, kid)
         return signed

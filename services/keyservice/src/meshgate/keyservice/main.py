@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service
-from meshgate.common.etcd import for_service
+from meshgate.common.etcd import etcd_credentials, for_service
 from meshgate.common.server import GrpcServer, serve, server_credentials
 from meshgate.keyservice.api import bindings
 from meshgate.keyservice.core import KeyServiceCore
@@ -43,15 +43,37 @@ class KeyServiceConfig(config.ServerConfig):
     election_ttl: int = config.option(10, "seconds of the scheduler leader's lease; a dead leader is replaced within it")
 
 
+def load_keyring(cfg: KeyServiceConfig) -> Keyring:
+    """The KEKs, or a clear exit: a KEK file others may read is refused, and so is a
+    KEK on the command line (every user of the host sees it in `ps`)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        argv = []
+    if any(a == b"--kek" or a.startswith(b"--kek=") for a in argv):
+        raise SystemExit("meshgate-keyservice: refusing a KEK given on the command line (--kek): every user "
+                         "of this host can read it with `ps`. Put it in a file readable only by the service "
+                         "(--kek-file, mode 0600) or in MESHGATE_KEYSERVICE_KEK")
+    try:
+        return Keyring.from_config(cfg.kek_file, cfg.kek, private_file=True)
+    except KekError as e:
+        raise SystemExit(f"meshgate-keyservice: {e}") from None
+
+
 async def run(cfg: KeyServiceConfig) -> None:
     # Refuse a plaintext non-loopback address (or broken TLS files) before
     # anything else, with the server kit's own message.
     server_credentials(cfg)
-    try:
-        keyring = Keyring.from_config(cfg.kek_file, cfg.kek)
-    except KekError as e:
-        raise SystemExit(f"meshgate-keyservice: {e}") from None
-    etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix)
+    if not cfg.insecure and not (cfg.tls_cert and cfg.tls_client_ca):
+        raise SystemExit(
+            "meshgate-keyservice: refusing to start without mTLS: its callers are identified by their certificates. "
+            "Give --tls-cert, --tls-key and --tls-client-ca (make them with `meshgate-keyservice-certs`), or "
+            "--insecure to admit every caller (development only)")
+    if cfg.insecure:
+        log.warning("--insecure: the key service admits EVERY caller without identifying it (development only)")
+    keyring = load_keyring(cfg)
+    etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix, etcd_credentials(cfg))
     await etcd.connect()
     core = KeyServiceCore(
         etcd, keyring, cert_validity=dt.timedelta(hours=cfg.cert_validity_hours), scheduler=cfg.scheduler,
@@ -71,7 +93,7 @@ async def run(cfg: KeyServiceConfig) -> None:
         await core.stop()
         await etcd.close()
 
-    server = GrpcServer(cfg, bindings(core))
+    server = GrpcServer(cfg, bindings(core, insecure=cfg.insecure))
     await serve(server, on_shutdown=[shutdown])
 
 

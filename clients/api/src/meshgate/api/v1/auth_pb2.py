@@ -29,7 +29,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshgate/api/v1/auth.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/descriptor.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\nAccessRule\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x13\n\x0bscope_field\x18\x02 \x01(\t\x12\x16\n\x0ereturns_secret\x18\x03 \x01(\x08\x12\x10\n\x08mutation\x18\x04 \x01(\x08\x12\r\n\x05\x61gent\x18\x05 \x01(\x08\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x10\n\x08id_field\x18\x07 \x01(\t\x12\x10\n\x08per_item\x18\x08 \x01(\x08\"B\n\x0bRoleBinding\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bpermissions\x18\x02 \x03(\t\x12\x10\n\x08networks\x18\x03 \x03(\t\"\xbd\x03\n\x05Token\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\x08\x62indings\x18\x03 \x03(\x0b\x32\x1c.meshgate.api.v1.RoleBinding\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\rlast_use_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06secret\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t:5\xea\x41\x32\n\x11meshgate.io/Token\x12\x0etokens/{token}*\x06tokens2\x05token\"Y\n\x12\x43reateTokenRequest\x12\x16\n\x08token_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x05token\x18\x02 \x01(\x0b\x32\x16.meshgate.api.v1.TokenB\x04\xe2\x41\x01\x02\";\n\x0fGetTokenRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11meshgate.io/Token\":\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x12ListTokensResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.meshgate.api.v1.Token\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x12RevokeTokenRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11meshgate.io/Token\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"L\n\x12\x44\x65leteTokenRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11meshgate.io/Token\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x1a\n\x18GetCallerIdentityRequest\"\x9c\x01\n\x0e\x43\x61llerIdentity\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x16\n\x0e\x61uthentication\x18\x02 \x01(\t\x12.\n\x08\x62indings\x18\x03 \x03(\x0b\x32\x1c.meshgate.api.v1.RoleBinding\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc2\x03\n\x0b\x41uditRecord\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x17\n\tprincipal\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61uthentication\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06method\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08resource\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07network\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x66ield_paths\x18\x08 \x03(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04peer\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bstatus_code\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0estatus_message\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08trace_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0freturned_secret\x18\r \x01(\x08\x42\x04\xe2\x41\x01\x03:T\xea\x41Q\n\x17meshgate.io/AuditRecord\x12\x1b\x61uditRecords/{audit_record}*\x0c\x61uditRecords2\x0b\x61uditRecord\"\xc3\x01\n\x17ListAuditRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x18ListAuditRecordsResponse\x12\x33\n\raudit_records\x18\x01 \x03(\x0b\x32\x1c.meshgate.api.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x18WatchAuditRecordsRequest\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t2\xf4\x04\n\x0cTokenService\x12u\n\x0b\x43reateToken\x12#.meshgate.api.v1.CreateTokenRequest\x1a\x16.meshgate.api.v1.Token\")\x92\xa1\x19%\n\rtokens.create\x18\x01 \x01\x32\x06tokens:\x08token_id\x12V\n\x08GetToken\x12 .meshgate.api.v1.GetTokenRequest\x1a\x16.meshgate.api.v1.Token\"\x10\x92\xa1\x19\x0c\n\ntokens.get\x12h\n\nListTokens\x12\".meshgate.api.v1.ListTokensRequest\x1a#.meshgate.api.v1.ListTokensResponse\"\x11\x92\xa1\x19\r\n\x0btokens.list\x12\x61\n\x0bRevokeToken\x12#.meshgate.api.v1.RevokeTokenRequest\x1a\x16.meshgate.api.v1.Token\"\x15\x92\xa1\x19\x11\n\rtokens.revoke \x01\x12\x61\n\x0b\x44\x65leteToken\x12#.meshgate.api.v1.DeleteTokenRequest\x1a\x16.google.protobuf.Empty\"\x15\x92\xa1\x19\x11\n\rtokens.delete \x01\x12\x65\n\x11GetCallerIdentity\x12).meshgate.api.v1.GetCallerIdentityRequest\x1a\x1f.meshgate.api.v1.CallerIdentity\"\x04\x92\xa1\x19\x00\x32\x9b\x02\n\x12\x41uditRecordService\x12\x85\x01\n\x10ListAuditRecords\x12(.meshgate.api.v1.ListAuditRecordsRequest\x1a).meshgate.api.v1.ListAuditRecordsResponse\"\x1c\x92\xa1\x19\x18\n\naudit.list\x12\x08resource@\x01\x12}\n\x11WatchAuditRecords\x12).meshgate.api.v1.WatchAuditRecordsRequest\x1a\x1c.meshgate.api.v1.AuditRecord\"\x1d\x92\xa1\x19\x19\n\x0b\x61udit.watch\x12\x08resource@\x01\x30\x01:M\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\x92\x94\x03 \x01(\x0b\x32\x1b.meshgate.api.v1.AccessRuleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshgate/api/v1/auth.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/descriptor.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\nAccessRule\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x13\n\x0bscope_field\x18\x02 \x01(\t\x12\x16\n\x0ereturns_secret\x18\x03 \x01(\x08\x12\x10\n\x08mutation\x18\x04 \x01(\x08\x12\r\n\x05\x61gent\x18\x05 \x01(\x08\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x10\n\x08id_field\x18\x07 \x01(\t\x12\x10\n\x08per_item\x18\x08 \x01(\x08\x12\x0f\n\x07\x63\x61llers\x18\t \x03(\t\"B\n\x0bRoleBinding\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bpermissions\x18\x02 \x03(\t\x12\x10\n\x08networks\x18\x03 \x03(\t\"\xbd\x03\n\x05Token\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\x08\x62indings\x18\x03 \x03(\x0b\x32\x1c.meshgate.api.v1.RoleBinding\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\rlast_use_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06secret\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t:5\xea\x41\x32\n\x11meshgate.io/Token\x12\x0etokens/{token}*\x06tokens2\x05token\"Y\n\x12\x43reateTokenRequest\x12\x16\n\x08token_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x05token\x18\x02 \x01(\x0b\x32\x16.meshgate.api.v1.TokenB\x04\xe2\x41\x01\x02\";\n\x0fGetTokenRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11meshgate.io/Token\":\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x12ListTokensResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.meshgate.api.v1.Token\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x12RevokeTokenRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11meshgate.io/Token\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"L\n\x12\x44\x65leteTokenRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11meshgate.io/Token\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x1a\n\x18GetCallerIdentityRequest\"\x9c\x01\n\x0e\x43\x61llerIdentity\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x16\n\x0e\x61uthentication\x18\x02 \x01(\t\x12.\n\x08\x62indings\x18\x03 \x03(\x0b\x32\x1c.meshgate.api.v1.RoleBinding\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc2\x03\n\x0b\x41uditRecord\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x17\n\tprincipal\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61uthentication\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06method\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08resource\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07network\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x66ield_paths\x18\x08 \x03(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04peer\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bstatus_code\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0estatus_message\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08trace_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0freturned_secret\x18\r \x01(\x08\x42\x04\xe2\x41\x01\x03:T\xea\x41Q\n\x17meshgate.io/AuditRecord\x12\x1b\x61uditRecords/{audit_record}*\x0c\x61uditRecords2\x0b\x61uditRecord\"\xc3\x01\n\x17ListAuditRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x18ListAuditRecordsResponse\x12\x33\n\raudit_records\x18\x01 \x03(\x0b\x32\x1c.meshgate.api.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x18WatchAuditRecordsRequest\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t2\xf4\x04\n\x0cTokenService\x12u\n\x0b\x43reateToken\x12#.meshgate.api.v1.CreateTokenRequest\x1a\x16.meshgate.api.v1.Token\")\x92\xa1\x19%\n\rtokens.create\x18\x01 \x01\x32\x06tokens:\x08token_id\x12V\n\x08GetToken\x12 .meshgate.api.v1.GetTokenRequest\x1a\x16.meshgate.api.v1.Token\"\x10\x92\xa1\x19\x0c\n\ntokens.get\x12h\n\nListTokens\x12\".meshgate.api.v1.ListTokensRequest\x1a#.meshgate.api.v1.ListTokensResponse\"\x11\x92\xa1\x19\r\n\x0btokens.list\x12\x61\n\x0bRevokeToken\x12#.meshgate.api.v1.RevokeTokenRequest\x1a\x16.meshgate.api.v1.Token\"\x15\x92\xa1\x19\x11\n\rtokens.revoke \x01\x12\x61\n\x0b\x44\x65leteToken\x12#.meshgate.api.v1.DeleteTokenRequest\x1a\x16.google.protobuf.Empty\"\x15\x92\xa1\x19\x11\n\rtokens.delete \x01\x12\x65\n\x11GetCallerIdentity\x12).meshgate.api.v1.GetCallerIdentityRequest\x1a\x1f.meshgate.api.v1.CallerIdentity\"\x04\x92\xa1\x19\x00\x32\x9b\x02\n\x12\x41uditRecordService\x12\x85\x01\n\x10ListAuditRecords\x12(.meshgate.api.v1.ListAuditRecordsRequest\x1a).meshgate.api.v1.ListAuditRecordsResponse\"\x1c\x92\xa1\x19\x18\n\naudit.list\x12\x08resource@\x01\x12}\n\x11WatchAuditRecords\x12).meshgate.api.v1.WatchAuditRecordsRequest\x1a\x1c.meshgate.api.v1.AuditRecord\"\x1d\x92\xa1\x19\x19\n\x0b\x61udit.watch\x12\x08resource@\x01\x30\x01:M\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\x92\x94\x03 \x01(\x0b\x32\x1b.meshgate.api.v1.AccessRuleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -107,37 +107,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITRECORDSERVICE'].methods_by_name['WatchAuditRecords']._loaded_options = None
   _globals['_AUDITRECORDSERVICE'].methods_by_name['WatchAuditRecords']._serialized_options = b'\222\241\031\031\n\013audit.watch\022\010resource@\001'
   _globals['_ACCESSRULE']._serialized_start=204
-  _globals['_ACCESSRULE']._serialized_end=370
-  _globals['_ROLEBINDING']._serialized_start=372
-  _globals['_ROLEBINDING']._serialized_end=438
-  _globals['_TOKEN']._serialized_start=441
-  _globals['_TOKEN']._serialized_end=886
-  _globals['_CREATETOKENREQUEST']._serialized_start=888
-  _globals['_CREATETOKENREQUEST']._serialized_end=977
-  _globals['_GETTOKENREQUEST']._serialized_start=979
-  _globals['_GETTOKENREQUEST']._serialized_end=1038
-  _globals['_LISTTOKENSREQUEST']._serialized_start=1040
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1098
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1100
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1185
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1187
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1263
-  _globals['_DELETETOKENREQUEST']._serialized_start=1265
-  _globals['_DELETETOKENREQUEST']._serialized_end=1341
-  _globals['_GETCALLERIDENTITYREQUEST']._serialized_start=1343
-  _globals['_GETCALLERIDENTITYREQUEST']._serialized_end=1369
-  _globals['_CALLERIDENTITY']._serialized_start=1372
-  _globals['_CALLERIDENTITY']._serialized_end=1528
-  _globals['_AUDITRECORD']._serialized_start=1531
-  _globals['_AUDITRECORD']._serialized_end=1981
-  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=1984
-  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=2179
-  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=2181
-  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=2285
-  _globals['_WATCHAUDITRECORDSREQUEST']._serialized_start=2287
-  _globals['_WATCHAUDITRECORDSREQUEST']._serialized_end=2350
-  _globals['_TOKENSERVICE']._serialized_start=2353
-  _globals['_TOKENSERVICE']._serialized_end=2981
-  _globals['_AUDITRECORDSERVICE']._serialized_start=2984
-  _globals['_AUDITRECORDSERVICE']._serialized_end=3267
+  _globals['_ACCESSRULE']._serialized_end=387
+  _globals['_ROLEBINDING']._serialized_start=389
+  _globals['_ROLEBINDING']._serialized_end=455
+  _globals['_TOKEN']._serialized_start=458
+  _globals['_TOKEN']._serialized_end=903
+  _globals['_CREATETOKENREQUEST']._serialized_start=905
+  _globals['_CREATETOKENREQUEST']._serialized_end=994
+  _globals['_GETTOKENREQUEST']._serialized_start=996
+  _globals['_GETTOKENREQUEST']._serialized_end=1055
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1057
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1115
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1117
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1202
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1204
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1280
+  _globals['_DELETETOKENREQUEST']._serialized_start=1282
+  _globals['_DELETETOKENREQUEST']._serialized_end=1358
+  _globals['_GETCALLERIDENTITYREQUEST']._serialized_start=1360
+  _globals['_GETCALLERIDENTITYREQUEST']._serialized_end=1386
+  _globals['_CALLERIDENTITY']._serialized_start=1389
+  _globals['_CALLERIDENTITY']._serialized_end=1545
+  _globals['_AUDITRECORD']._serialized_start=1548
+  _globals['_AUDITRECORD']._serialized_end=1998
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=2001
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=2196
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=2198
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=2302
+  _globals['_WATCHAUDITRECORDSREQUEST']._serialized_start=2304
+  _globals['_WATCHAUDITRECORDSREQUEST']._serialized_end=2367
+  _globals['_TOKENSERVICE']._serialized_start=2370
+  _globals['_TOKENSERVICE']._serialized_end=2998
+  _globals['_AUDITRECORDSERVICE']._serialized_start=3001
+  _globals['_AUDITRECORDSERVICE']._serialized_end=3284
 # @@protoc_insertion_point(module_scope)

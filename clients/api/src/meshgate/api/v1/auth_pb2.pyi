@@ -40,6 +40,7 @@ class AccessRule(_message.Message):
     COLLECTION_FIELD_NUMBER: _builtins.int
     ID_FIELD_FIELD_NUMBER: _builtins.int
     PER_ITEM_FIELD_NUMBER: _builtins.int
+    CALLERS_FIELD_NUMBER: _builtins.int
     permission: _builtins.str
     """The permission the caller needs, `{collection}.{verb}` (for example
     `nodes.update`). Empty: any authenticated caller (agent RPCs aside).
@@ -71,6 +72,14 @@ class AccessRule(_message.Message):
     `scope_field` is empty in the request, holding the permission for some
     networks is enough, and items of other networks are left out.
     """
+    @_builtins.property
+    def callers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Services that authenticate callers by their certificate (the key
+        service): the service identities admitted, by name
+        (`meshgate://services/{name}`), for example `controlplane`, `operator`.
+        Any other caller, a node's identity included, is refused.
+        """
+
     def __init__(
         self,
         *,
@@ -82,10 +91,11 @@ class AccessRule(_message.Message):
         collection: _builtins.str = ...,
         id_field: _builtins.str = ...,
         per_item: _builtins.bool = ...,
+        callers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "collection", b"collection", "id_field", b"id_field", "mutation", b"mutation", "per_item", b"per_item", "permission", b"permission", "returns_secret", b"returns_secret", "scope_field", b"scope_field"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "callers", b"callers", "collection", b"collection", "id_field", b"id_field", "mutation", b"mutation", "per_item", b"per_item", "permission", b"permission", "returns_secret", b"returns_secret", "scope_field", b"scope_field"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,7 +19,7 @@ and deleting networks) is excluded by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 
 SECRETS = "secrets.read"
 
@@ -62,7 +62,7 @@ class Binding:
     permissions: frozenset[str] = frozenset()
     networks: frozenset[str] = frozenset()
 
-    @property
+    @cached_property
     def granted(self) -> frozenset[str]:
         return role_permissions(self.role) | self.permissions if self.role else self.permissions
 
