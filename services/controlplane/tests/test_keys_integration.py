@@ -195,6 +195,30 @@ async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(key
         await b.close()
 
 
+async def test_an_unsolicited_new_key_is_refused(keyed):
+    """Whoever holds an agent's credential cannot have the control plane sign
+    and distribute their key: a NewKey nobody asked for changes nothing."""
+    from meshgate.api.v1 import agent_pb2
+
+    cp = keyed
+    a, b = await two_agents(cp)
+    try:
+        before = await cp.nodes.GetNode(node_pb2.GetNodeRequest(name=a.node.name))
+        await a._acks.put(agent_pb2.SyncRequest(new_key=agent_pb2.SyncRequest.NewKey(public_key=key())))
+
+        async def refused():
+            st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+            return any("no key rotation was requested" in n.last_error for n in st.nodes)
+
+        await wait_until(refused, "the refusal in the network status")
+        after = await cp.nodes.GetNode(node_pb2.GetNodeRequest(name=a.node.name))
+        assert after.public_key == before.public_key and after.etag == before.etag
+        assert b.state.peers[0].public_key == before.public_key
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_node_key_rotation_through_the_stream(keyed):
     cp = keyed
     a, b = await two_agents(cp)

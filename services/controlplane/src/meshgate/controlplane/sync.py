@@ -805,7 +805,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "resync":
                     await self.fanout.resync(session)
                 elif kind == "new_key":
-                    asyncio.create_task(self._rotate(session, req.new_key.public_key))
+                    if self.fanout.rotation_pending(session.node):
+                        asyncio.create_task(self._rotate(session, req.new_key.public_key))
+                    else:
+                        # Only a key the control plane asked for: whoever holds an
+                        # agent's credential must not be able to swap its key.
+                        log.warning("refused an unsolicited new key from %s (no rotation was requested)",
+                                    session.node)
+                        self.fanout._record(session.node, error="refused a new key: no key rotation was requested")
                 elif kind == "health":
                     self.fanout._record(session.node)
                     self.fanout.client_health(session, req.health)
