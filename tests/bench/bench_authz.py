@@ -55,7 +55,6 @@ non-zero if any call fails.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import signal
@@ -65,24 +64,11 @@ import sys
 import tempfile
 import time
 
+from benchkit import bench, info, percentile
+
 NETWORK_ID = "bench"
 CIDR = "100.64.0.0/16"
 MODES = ("auth", "noauth")
-
-
-def info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def bench(name: str, value: float, unit: str) -> None:
-    print(f"BENCH {name} {value:.3f} {unit}", flush=True)
-
-
-def percentile(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of non-empty `samples`."""
-    s = sorted(samples)
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
 
 
 def token_path(port_file: str) -> str:

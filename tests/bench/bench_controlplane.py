@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import shutil
 import signal
@@ -52,26 +51,13 @@ from meshgate.common.etcd import Etcd
 from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess
 
+from benchkit import bench, info, percentile
+
 NETWORK_ID = "bench"
 CIDR = "100.64.0.0/16"
 
 
-def info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 SEQUENTIAL: list[float] = []
-
-
-def bench(name: str, value: float, unit: str) -> None:
-    print(f"BENCH {name} {value:.3f} {unit}", flush=True)
-
-
-def percentile(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of non-empty `samples`."""
-    s = sorted(samples)
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
 
 
 async def measure_etcd_cas(endpoint: str, warmup: int, ops: int) -> list[float]:

@@ -69,7 +69,6 @@ import argparse
 import asyncio
 import base64
 import gc
-import math
 import os
 import shutil
 import signal
@@ -102,26 +101,13 @@ from meshgate.common.etcd import Etcd, prefix_end
 from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess, write_kek_file
 
+from benchkit import bench, info, percentile
+
 NET = "bench"
 CIDR = "100.64.0.0/21"
 HUBS = 2
 RANGE_A = "198.51.100.0/24"
 RANGE_B = "203.0.113.0/24"
-
-
-def info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def bench(name: str, value: float, unit: str) -> None:
-    print(f"BENCH {name} {value:.3f} {unit}", flush=True)
-
-
-def percentile(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of non-empty `samples`."""
-    s = sorted(samples)
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
 
 
 def wg_key() -> str:

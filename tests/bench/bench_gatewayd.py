@@ -34,9 +34,7 @@ from pathlib import Path
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 
-
-def bench(name: str, value: float, unit: str) -> None:
-    print(f"BENCH {name} {value:.3f} {unit}", flush=True)
+from benchkit import bench
 
 
 def rand_key() -> str:

@@ -29,7 +29,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -41,17 +40,11 @@ from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess
 from meshgate.keyservice.sealing import kek_line
 
+from benchkit import bench, info
+
 PREFIX = "/bench-keys"
 PAIRS = 1000
 RUNS = 5
-
-
-def info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def bench(name: str, value: float, unit: str) -> None:
-    print(f"BENCH {name} {value:.3f} {unit}", flush=True)
 
 
 async def measure(target: str, endpoint: str) -> None:
