@@ -49,6 +49,21 @@ class ServerConfig:
         "that resolves to every member)",
     )
     etcd_prefix: str = option("/meshgate", "key prefix under which all meshgate state lives in etcd")
+    etcd_ca: str = option(
+        "", "PEM CA bundle that signed etcd's server certificates: connect to etcd with TLS when set "
+        "(with several --etcd-endpoints each member's certificate must also name the first one)",
+    )
+    etcd_cert: str = option(
+        "", "PEM client certificate for etcd (for etcd's --client-cert-auth); needs --etcd-key and --etcd-ca",
+    )
+    etcd_key: str = option("", "PEM private key of --etcd-cert")
+    etcd_user: str = option(
+        "", "etcd user to authenticate as (etcd's own authentication); needs --etcd-password-file",
+    )
+    etcd_password_file: str = option(
+        "", "file holding --etcd-user's password (one line; mode 0600, or 0640 when owned by root); the password "
+        "itself is never an option",
+    )
     tls_cert: str = option("", "PEM certificate file for TLS; without it the server speaks plaintext")
     tls_key: str = option("", "PEM private key file for TLS")
     tls_client_ca: str = option("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")

@@ -544,7 +544,7 @@ def keyservice_pki(directory: str, etcd_endpoint: str, etcd_prefix: str, kek_fil
 # ---------------------------------------------------------------- etcd with TLS and authentication
 
 
-def write_etcd_pki(directory, client_cn: str = "meshgate") -> dict[str, str]:
+def write_etcd_pki(directory, client_cn: str = "meshgate-client") -> dict[str, str]:
     """A throwaway CA for an etcd with TLS, as PEM files in `directory` (made
     by the test): `ca.pem`; `etcd.pem`/`etcd.key`, etcd's certificate for
     127.0.0.1 and localhost, for server and client authentication (etcd's

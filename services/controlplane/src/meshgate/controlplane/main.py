@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service
-from meshgate.common.etcd import for_service
+from meshgate.common.etcd import etcd_credentials, for_service
 from meshgate.common.server import GrpcServer, read_file, serve
 from meshgate.controlplane import gctune
 from meshgate.controlplane.api import AuthSettings, ControlPlane
@@ -116,7 +116,7 @@ def auth_settings(cfg: ControlPlaneConfig) -> AuthSettings:
 
 
 async def run(cfg: ControlPlaneConfig) -> None:
-    etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix)
+    etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix, etcd_credentials(cfg))
     await etcd.connect()
     if cfg.gateway_failover_after < 0:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshgate.common.etcd import for_service
+from meshgate.common.etcd import EtcdCredentials, etcd_credentials, for_service
 from meshgate.keyservice.ca import CertificateAuthority
 from meshgate.keyservice.sealing import KekError, Keyring
 from meshgate.keyservice.vault import Vault
@@ -64,9 +64,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 async def make(etcd_endpoints: str, etcd_prefix: str, keyring: Keyring, out: Path, server_names: list[str],
-               validity: dt.timedelta) -> list[str]:
+               validity: dt.timedelta, credentials: EtcdCredentials | None = None) -> list[str]:
     """Write what is missing in `out`; returns the files written."""
-    etcd = for_service(etcd_endpoints, etcd_prefix)
+    etcd = for_service(etcd_endpoints, etcd_prefix, credentials)
     await etcd.connect()
     written: list[str] = []
     try:
@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-name", action="append", default=[],
                    help="a DNS name or IP address clients reach the key service at (repeatable; default 127.0.0.1)")
     p.add_argument("--validity-days", type=float, default=365.0)
+    for opt, what in (("ca", "PEM CA of etcd's server certificate (TLS)"), ("cert", "client certificate for etcd"),
+                      ("key", "its private key"), ("user", "etcd user"), ("password-file", "file holding its password")):
+        name = "etcd_" + opt.replace("-", "_")
+        p.add_argument(f"--etcd-{opt}", dest=name, default=os.environ.get(f"MESHGATE_KEYSERVICE_{name.upper()}", ""),
+                       help=f"{what}, as for meshgate-keyservice")
     args = p.parse_args(argv)
     if not args.kek_file:
         p.error("--kek-file is required (the key service's, or MESHGATE_KEYSERVICE_KEK_FILE)")
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     written = asyncio.run(make(args.etcd_endpoints, args.etcd_prefix, keyring, args.out_dir,
                                args.server_name or ["127.0.0.1", "localhost"],
-                               dt.timedelta(days=args.validity_days)))
+                               dt.timedelta(days=args.validity_days), etcd_credentials(args)))
     for w in written:
         print(f"wrote {w}")
     if not written:
