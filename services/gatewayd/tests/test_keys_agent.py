@@ -26,7 +26,10 @@ from meshgate.gatewayd.model import compile_desired, compile_peer_delta, expecte
 from meshgate.gatewayd.planner import plan
 from meshgate.gatewayd.sources import Delta, QueueSource, Report, RotateKey, Snapshot
 from meshgate.gatewayd.store import StateStore
-from meshgate.gatewayd.stream import ControlPlaneSource, Identity
+from meshgate.gatewayd.stream import (
+    ControlPlaneSource, Identity, IdentityError, JoinRefused, PlaintextRefused, channel, check_transport,
+    is_local_target, pins_for,
+)
 from meshgate.gatewayd.wireguard.userspace import kick_lines, uapi_lines
 
 from dataclasses import dataclass, field
@@ -105,8 +108,11 @@ def state(rev: int, peers: list[pb.Peer]) -> pb.DesiredState:
 # ---------------------------------------------------------------- verification
 
 
+NET = "networks/n"
+
+
 def test_verifier_accepts_signed_and_refuses_forgeries():
-    v = trust.PeerVerifier([AUTH_PUB])
+    v = trust.PeerVerifier([AUTH_PUB], NET)
     assert v.reason(peer(1)) is None
     assert v.reason(peer(1, signed=False)) == trust.UNSIGNED
     # a valid signature by the authority, for another node
@@ -125,11 +131,61 @@ def test_verifier_accepts_signed_and_refuses_forgeries():
     no_resource.resource = ""
     assert v.reason(no_resource) == trust.NO_RESOURCE
     # any of several authority keys (current and previous)
-    assert trust.PeerVerifier([signing.public_bytes(Ed25519PrivateKey.generate()), AUTH_PUB]).reason(peer(1)) is None
+    assert trust.PeerVerifier([signing.public_bytes(Ed25519PrivateKey.generate()), AUTH_PUB],
+                              NET).reason(peer(1)) is None
     with pytest.raises(ValueError):
-        trust.PeerVerifier([])
+        trust.PeerVerifier([], NET)
     with pytest.raises(ValueError):
-        trust.PeerVerifier([b"short"])
+        trust.PeerVerifier([b"short"], NET)
+    with pytest.raises(ValueError):
+        trust.PeerVerifier([AUTH_PUB], "")
+
+
+def test_verifier_refuses_a_key_signed_for_another_network():
+    v = trust.PeerVerifier([AUTH_PUB], NET)
+    other = pb.Peer(public_key=key(1), resource="networks/other/nodes/p1", allowed_ips=["100.64.0.2/32"],
+                    public_key_signature=signing.sign(AUTH, "networks/other/nodes/p1", key(1)))
+    # a genuine signature: the authority did sign that key, for a node of another network
+    assert signing.verify(AUTH_PUB, other.resource, other.public_key, other.public_key_signature)
+    assert v.reason(other) == "resource is not in this node's network (networks/n)"
+    prefix = pb.Peer(public_key=key(1), resource="networks/n-2/nodes/p1",
+                     public_key_signature=signing.sign(AUTH, "networks/n-2/nodes/p1", key(1)))
+    assert v.reason(prefix) == "resource is not in this node's network (networks/n)"
+    client = pb.Peer(public_key=key(2), resource="networks/n/externalClients/c",
+                     public_key_signature=signing.sign(AUTH, "networks/n/externalClients/c", key(2)))
+    assert v.reason(client) is None
+
+
+def test_pins_of_secret_and_the_pinned_keys():
+    other = signing.public_bytes(Ed25519PrivateKey.generate())
+    fp = trust.fingerprint(AUTH_PUB)
+    assert len(fp) == 22 and fp == base64.urlsafe_b64encode(
+        __import__("hashlib").sha256(AUTH_PUB).digest()[:16]).decode().rstrip("=")
+    base = "mgek_n.k." + "A" * 43
+    assert trust.pins_of_secret(base) == (base, ())
+    assert trust.pins_of_secret(f"{base}.ka_{fp}") == (base, (fp,))
+    assert trust.pins_of_secret(f"{base}.ka_{fp}.ka_{trust.fingerprint(other)}") == (
+        base, (fp, trust.fingerprint(other)))
+    assert trust.pins_of_secret(f"{base}.ka_short") == (f"{base}.ka_short", ())
+    assert trust.pinned_keys([other, AUTH_PUB], {fp}) == (AUTH_PUB,)
+    with pytest.raises(trust.PinMismatch, match="match none of the pinned"):
+        trust.pinned_keys([other], {fp})
+    with pytest.raises(trust.PinMismatch):
+        trust.pinned_keys([], {fp})
+    assert trust.parse_authority_key(base64.b64encode(AUTH_PUB).decode()) == AUTH_PUB
+    for bad in ("nope!", base64.b64encode(b"x" * 31).decode()):
+        with pytest.raises(ValueError, match="--authority-key"):
+            trust.parse_authority_key(bad)
+
+
+def test_the_control_plane_makes_the_same_fingerprint_and_hashes_without_it():
+    from meshgate.controlplane import enrollment
+
+    fp = trust.fingerprint(AUTH_PUB)
+    assert enrollment.authority_fingerprint(AUTH_PUB) == fp
+    base = "mgek_n.k." + "B" * 43
+    assert enrollment.without_pins(f"{base}.ka_{fp}.ka_{fp}") == base
+    assert enrollment.parse_secret(enrollment.without_pins(f"{base}.ka_{fp}"), "mgek_") == ("n", "k")
 
 
 def test_without_drops_refused_peers_and_what_points_at_them():
@@ -137,7 +193,7 @@ def test_without_drops_refused_peers_and_what_points_at_them():
     msg.routes.add(destination="100.64.0.3/32", via_peer=key(2))
     msg.routes.add(destination="100.64.0.2/32", via_peer=key(1))
     msg.default_route_via_peer = key(2)
-    refused = trust.PeerVerifier([AUTH_PUB]).refusals(msg.peers)
+    refused = trust.PeerVerifier([AUTH_PUB], NET).refusals(msg.peers)
     assert list(refused) == [key(2)]
     out = trust.without(msg, refused)
     assert [p.public_key for p in out.peers] == [key(1)]
@@ -154,7 +210,8 @@ def setup(tmp_path):
                         supervise_interval=0.01, resync_interval=3600)
     rec = StandIn(StateStore(tmp_path), settings)
     src = QueueSource()
-    agent = Agent(rec, settings, src, rng=random.Random(0), authority_keys=[AUTH_PUB])  # type: ignore[arg-type]
+    agent = Agent(rec, settings, src, rng=random.Random(0), authority_keys=[AUTH_PUB],  # type: ignore[arg-type]
+                  network=NET)
     return agent, rec, src
 
 
@@ -366,18 +423,62 @@ async def test_rotate_key_from_the_feed(setup):
 # ---------------------------------------------------------------- the stream's side
 
 
-def test_identity_keeps_authority_keys_and_loads_old_files(tmp_path):
-    ident = Identity("networks/n/nodes/a", "unix:/x", Secret("tok"), "", (AUTH_PUB,))
+def test_identity_keeps_pinned_keys_and_refuses_old_files(tmp_path):
+    ident = Identity("networks/n/nodes/a", "unix:/x", Secret("tok"), "", (AUTH_PUB,), "enrollment key",
+                     accept_default_route=True)
     ident.save(tmp_path)
     assert stat.S_IMODE((tmp_path / "identity.json").stat().st_mode) == 0o600
     loaded = Identity.load(tmp_path)
     assert loaded.authority_keys == (AUTH_PUB,) and loaded.token == Secret("tok")
+    assert loaded.pinned_by == "enrollment key" and loaded.accept_default_route and not loaded.insecure
+    assert loaded.network == "networks/n"
     assert "tok" not in repr(loaded)
     data = json.loads((tmp_path / "identity.json").read_text())
     assert data["key_authority_public_keys"] == [base64.b64encode(AUTH_PUB).decode()]
-    del data["key_authority_public_keys"]  # written by an older gatewayd
-    (tmp_path / "identity.json").write_text(json.dumps(data))
-    assert Identity.load(tmp_path).authority_keys == ()
+    # written by an older gatewayd: the keys were the control plane's word
+    old = {k: data[k] for k in ("node", "control_plane", "ca_file", "credential", "key_authority_public_keys")}
+    (tmp_path / "identity.json").write_text(json.dumps(old))
+    with pytest.raises(IdentityError, match="older gatewayd.*Join again"):
+        Identity.load(tmp_path)
+    # no keys and no --insecure-no-authority: not a usable identity
+    (tmp_path / "identity.json").write_text(json.dumps(dict(data, key_authority_public_keys=[])))
+    with pytest.raises(IdentityError, match="--insecure-no-authority"):
+        Identity.load(tmp_path)
+    (tmp_path / "identity.json").write_text("{not json")
+    with pytest.raises(IdentityError, match="unreadable"):
+        Identity.load(tmp_path)
+
+
+def test_plaintext_only_to_a_local_control_plane(caplog):
+    for local in ("unix:/run/cp.sock", "127.0.0.1:7400", "127.1.2.3:1", "[::1]:7400", "localhost:7400",
+                  "dns:///localhost:7400", "ipv4:127.0.0.1:7400", "ipv6:[::1]:7400", "unix-abstract:cp"):
+        assert is_local_target(local), local
+        check_transport(local, "", False)
+    for remote in ("192.0.2.1:7400", "cp.example.net:7400", "[2001:db8::1]:7400", "dns:///cp:7400",
+                   "0.0.0.0:7400", "localhost.example.net:1"):
+        assert not is_local_target(remote), remote
+        with pytest.raises(PlaintextRefused, match="--insecure"):
+            check_transport(remote, "", False)
+        check_transport(remote, "/etc/ca.pem", False)  # TLS: fine
+    caplog.clear()
+    check_transport("192.0.2.1:7400", "", True)
+    assert "INSECURE: plaintext to the control plane at 192.0.2.1:7400" in caplog.text
+    with pytest.raises(PlaintextRefused):
+        channel("192.0.2.1:7400")
+
+
+def test_pins_for_a_join():
+    fp = trust.fingerprint(AUTH_PUB)
+    other = signing.public_bytes(Ed25519PrivateKey.generate())
+    base = "mgek_n.k." + "C" * 43
+    assert pins_for(f"{base}.ka_{fp}", (), False) == ({fp}, "enrollment key")
+    assert pins_for(base, (AUTH_PUB,), False) == ({fp}, "--authority-key")
+    assert pins_for(f"{base}.ka_{fp}", (AUTH_PUB, other), False)[1] == "--authority-key"
+    with pytest.raises(JoinRefused, match="different authorities"):
+        pins_for(f"{base}.ka_{fp}", (other,), False)
+    with pytest.raises(JoinRefused, match="--insecure-no-authority"):
+        pins_for(base, (), False)
+    assert pins_for(base, (), True) == (set(), "")
 
 
 async def test_stream_acks_refusals_and_sends_new_key():

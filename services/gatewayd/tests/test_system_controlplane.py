@@ -57,10 +57,12 @@ def join_all(loop: Loop, eg: Egress) -> None:
         network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
     key = loop.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
         parent="networks/lab", enrollment_key_id="lab", enrollment_key=enrollment_pb2.EnrollmentKey(max_uses=3)))
-    out = eg.gw.join(loop.socket, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820")
+    # no key service: the secret pins no key authority (the development mode)
+    out = eg.gw.join(loop.socket, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820",
+                     insecure_no_authority=True)
     assert "joined as networks/lab/nodes/gateway: 100.64.0.1" in out
     for i, c in enumerate(eg.clients):
-        c.join(loop.socket, key.secret, f"client{i}")
+        c.join(loop.socket, key.secret, f"client{i}", insecure_no_authority=True)
     for n in (eg.gw, *eg.clients):
         n.start()
 
@@ -157,9 +159,10 @@ def test_one_trace_from_api_call_to_every_agents_apply(lab, egress2: Egress, etc
             network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
         key = lp.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
             parent="networks/lab", enrollment_key_id="lab", enrollment_key=enrollment_pb2.EnrollmentKey()))
-        eg.gw.join(lp.socket, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820")
+        eg.gw.join(lp.socket, key.secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820",
+                   insecure_no_authority=True)
         for i, c in enumerate(eg.clients):
-            c.join(lp.socket, key.secret, f"client{i}")
+            c.join(lp.socket, key.secret, f"client{i}", insecure_no_authority=True)
         for n in (eg.gw, *eg.clients):
             n.start(env=otlp.env("meshgate-gatewayd", via_unix=True))
         lp.wait_converged(3)

@@ -64,9 +64,12 @@ def test_primary_dies_range_moves_to_standby_and_back(lab: Lab, etcd_server, etc
             network_id="lab", network=network_pb2.Network(ipv4_cidr="100.64.0.0/24")))
         key = view.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
             parent="networks/lab", enrollment_key_id="k", enrollment_key=enrollment_pb2.EnrollmentKey()))
-        primary.join(view.agent_target, key.secret, "primary", endpoint="203.0.113.1:51820")
-        standby.join(view.agent_target, key.secret, "standby", endpoint="203.0.113.17:51820")
-        client.join(view.agent_target, key.secret, "client")
+        # no key service: the development mode
+        primary.join(view.agent_target, key.secret, "primary", endpoint="203.0.113.1:51820",
+                     insecure_no_authority=True)
+        standby.join(view.agent_target, key.secret, "standby", endpoint="203.0.113.17:51820",
+                     insecure_no_authority=True)
+        client.join(view.agent_target, key.secret, "client", insecure_no_authority=True)
         for n in (primary, standby, client):
             n.start()
         for node, prio in (("primary", 10), ("standby", 1)):

@@ -50,9 +50,9 @@ def cp(lab):
 def up(cp: ScriptedControlPlane, eg: Egress, gw_state: pb.DesiredState | None = None,
        client_states: list[pb.DesiredState] | None = None) -> None:
     """Join and start every node, send each its signed snapshot (revision 1), wait for OK acks."""
-    eg.gw.join(cp.target, "unused-secret", "gateway")
+    eg.gw.join(cp.target, cp.enrollment_secret(), "gateway")
     for i, c in enumerate(eg.clients):
-        c.join(cp.target, "unused-secret", f"client{i}")
+        c.join(cp.target, cp.enrollment_secret(), f"client{i}")
     states = [gw_state or eg.gateway_state()] + (client_states or [eg.client_state(i) for i in range(len(eg.clients))])
     for n in (eg.gw, *eg.clients):
         n.start()

@@ -60,7 +60,12 @@ def node_secrets(lab: Lab) -> list[str]:
                 out.append(f.read_text().strip())
         identity = n.state_dir / "identity.json"
         if identity.exists():
-            out.append(json.loads(identity.read_text())["credential"]["token"])
+            token = json.loads(identity.read_text())["credential"].get("token")
+            if token:
+                out.append(token)
+        for tls_key in (n.state_dir / "agent-tls.key", n.state_dir / "agent-tls.key.next"):
+            if tls_key.exists():
+                out.append(tls_key.read_text())  # the agent's mTLS private key (PEM)
     return out
 
 
@@ -68,6 +73,8 @@ def register(guard, held: list[str]) -> None:
     for value in held:
         if value.startswith(("mgek_", "mgat_")):
             guard.add_token(value)
+        elif value.startswith("-----BEGIN"):
+            guard.add(value)
         else:
             guard.add(base64.b64decode(value))
 
@@ -81,7 +88,9 @@ def keyed(secret_guard, lab, etcd_server, etcd_prefix):
     ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
                         credentials=pki.credentials()).start()
     socket = str(lab.dir / "cp.sock")
-    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args],
+    # Agents enroll on cp.sock and stream with their certificates on agents.sock (mTLS).
+    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args,
+                                                           *pki.agent_args(f"unix:{lab.dir / 'agents.sock'}")],
                         listen=f"127.0.0.1:0,unix:{socket}").start()
     loop = KeyedLoop(ks, cp, f"unix:{socket}", secret_guard, pki)
     try:

@@ -48,9 +48,12 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                            'network (creating a network, tokens), unless `per_item`.',
  'meshgate.api.v1.AgentCredential': 'What the agent presents on later calls.',
  'meshgate.api.v1.AgentCredential.certificate_chain': "A PEM certificate chain for mTLS, signed by the key service's "
-                                                      'CA.\n'
-                                                      'Reserved: not issued yet.',
- 'meshgate.api.v1.AgentCredential.expire_time': 'Reserved: not set yet (tokens do not expire).',
+                                                      'CA: its\n'
+                                                      "URI SAN `meshgate://networks/{net}/nodes/{node}` is the agent's "
+                                                      'identity.',
+ 'meshgate.api.v1.AgentCredential.expire_time': 'When the certificate expires (tokens do not); the agent renews it '
+                                                'over\n'
+                                                'its stream before then (RenewCertificate).',
  'meshgate.api.v1.AgentCredential.token': 'A bearer token, sent as `authorization: Bearer ...` metadata. Secret.',
  'meshgate.api.v1.AgentService': "Used by gatewayd. Calls after Enroll carry the agent's credential; an agent\n"
                                  "can read only its own node's state.",
@@ -182,15 +185,20 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.EgressGatewayService.ListEgressGateways': 'Lists the egress gateways of a network in name order.',
  'meshgate.api.v1.EgressGatewayService.UpdateEgressGateway': "Updates an egress gateway's ranges, NAT, interface or "
                                                              'priority.',
- 'meshgate.api.v1.EnrollRequest.csr': "A PEM certificate signing request for the agent's mTLS identity.\n"
-                                      'Reserved: not read yet (agents get token credentials).',
+ 'meshgate.api.v1.EnrollRequest.csr': "A PEM certificate signing request for the agent's mTLS identity (a key\n"
+                                      'the agent generated and keeps). When the control plane has a key service,\n'
+                                      'the credential returned is a certificate for it, naming the node.',
  'meshgate.api.v1.EnrollRequest.endpoint': 'Underlay endpoint other nodes can reach, if any.',
  'meshgate.api.v1.EnrollRequest.enrollment_secret': "The enrollment key's secret.",
  'meshgate.api.v1.EnrollRequest.node_id': 'The node id to take; empty means derived from `hostname`.',
  'meshgate.api.v1.EnrollRequest.public_key': 'The WireGuard public key generated on the node.',
- 'meshgate.api.v1.EnrollResponse.ca_certificates': 'PEM CA certificates the agent trusts for the control plane. '
-                                                   'Reserved:\n'
-                                                   'not set yet (`gatewayd join --ca-file` gives the CA).',
+ 'meshgate.api.v1.EnrollResponse.agent_endpoint': "With a certificate credential: where to stream (the control plane's "
+                                                  'mTLS\n'
+                                                  'agent listener, host:port); empty: the address the agent enrolled '
+                                                  'at.',
+ 'meshgate.api.v1.EnrollResponse.ca_certificates': "PEM CA certificates that signed the agent's certificate and the "
+                                                   'agent\n'
+                                                   "endpoint's (the internal CA), with a certificate credential.",
  'meshgate.api.v1.EnrollResponse.key_authority_public_keys': "The key service's Ed25519 public keys that sign peer "
                                                              'keys (raw, 32 bytes each).',
  'meshgate.api.v1.EnrollmentKey': 'A key that lets agents join one network. Only a hash of its secret is stored.',
@@ -469,6 +477,11 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                        'generated (the private half stays on the node). The control plane has the\n'
                                        "key service sign it, makes it the node's key, and then the node's desired\n"
                                        'state names it in `interface.public_key`, when the agent switches.',
+ 'meshgate.api.v1.SyncRequest.RenewCertificate': "A new certificate for the agent's identity, before the current one\n"
+                                                 'expires: a CSR for a fresh key. Answered with '
+                                                 'SyncResponse.certificate;\n'
+                                                 'the stream carries on, and the agent uses the new one when it '
+                                                 'reconnects.',
  'meshgate.api.v1.SyncRequest.ResyncRequest': 'Ask for a full snapshot (after a failed delta or a base revision '
                                               'mismatch).',
  'meshgate.api.v1.SyncResponse': 'Control plane to agent.',
@@ -476,6 +489,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                            'lives.',
  'meshgate.api.v1.SyncResponse.RotateKey': 'Generate a new WireGuard key pair and send its public half (NewKey); keep\n'
                                            'using the current key until the desired state names the new one.',
+ 'meshgate.api.v1.SyncResponse.certificate': 'The renewed certificate (the answer to RenewCertificate).',
  'meshgate.api.v1.SyncResponse.revision': 'The revision the message brings the node to.',
  'meshgate.api.v1.SyncResponse.trace_context': 'The change that caused the message, for tracing the apply.',
  'meshgate.api.v1.Token': 'An API token for a person or for automation. Only a hash of its secret is\n'

@@ -301,7 +301,7 @@ class SyncMethods:
         - node_id: The node id to take; empty means derived from `hostname`.
         - public_key: The WireGuard public key generated on the node.
         - endpoint: Underlay endpoint other nodes can reach, if any.
-        - csr: A PEM certificate signing request for the agent's mTLS identity. Reserved: not read yet (agents get token credentials).
+        - csr: A PEM certificate signing request for the agent's mTLS identity (a key the agent generated and keeps). When the control plane has a key service, the credential returned is a certificate for it, naming the node.
         """
         return self._unary('meshgate.api.v1.AgentService', 'Enroll', _build(agent_pb2.EnrollRequest, request, enrollment_secret=enrollment_secret, node_id=node_id, hostname=hostname, public_key=public_key, endpoint=endpoint, listen_port=listen_port, csr=csr, agent_version=agent_version), timeout, metadata)
 
@@ -1239,7 +1239,7 @@ class AsyncMethods:
         - node_id: The node id to take; empty means derived from `hostname`.
         - public_key: The WireGuard public key generated on the node.
         - endpoint: Underlay endpoint other nodes can reach, if any.
-        - csr: A PEM certificate signing request for the agent's mTLS identity. Reserved: not read yet (agents get token credentials).
+        - csr: A PEM certificate signing request for the agent's mTLS identity (a key the agent generated and keeps). When the control plane has a key service, the credential returned is a certificate for it, naming the node.
         """
         return await self._unary('meshgate.api.v1.AgentService', 'Enroll', _build(agent_pb2.EnrollRequest, request, enrollment_secret=enrollment_secret, node_id=node_id, hostname=hostname, public_key=public_key, endpoint=endpoint, listen_port=listen_port, csr=csr, agent_version=agent_version), timeout, metadata)
 

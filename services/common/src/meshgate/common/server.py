@@ -142,6 +142,21 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
+_warned_insecure: set[tuple[str, ...]] = set()
+
+
+def _warn_insecure(outside: list[str]) -> None:
+    """The WARNING of every start that serves plaintext beyond loopback (--insecure);
+    once per process and set of addresses (entry points call server_credentials
+    early to refuse, and again when the server starts)."""
+    key = tuple(outside)
+    if key in _warned_insecure:
+        return
+    _warned_insecure.add(key)
+    log.warning("INSECURE: serving plaintext on non-loopback address(es) %s (--insecure): callers and "
+                "their credentials are not protected on the network; development only", ", ".join(outside))
+
+
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     """The TLS credentials `cfg` asks for, or None for plaintext; exits with a
     message when plaintext would face a non-loopback address without --insecure
@@ -154,6 +169,8 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
                 f"refusing to serve plaintext on non-loopback address {outside[0]}: "
                 "configure --tls-cert/--tls-key, or pass --insecure for development"
             )
+        if outside:
+            _warn_insecure(outside)
         return None
     if not cfg.tls_key:
         raise SystemExit("--tls-cert needs --tls-key (the certificate's private key)")
@@ -183,10 +200,15 @@ class GrpcServer:
         *,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
+        extra_ports: Sequence[tuple[str, grpc.ServerCredentials]] = (),
     ) -> None:
+        """`extra_ports`: more addresses with credentials of their own (the
+        control plane's mTLS agent listener)."""
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
         self.cfg = cfg
+        self.extra_ports = list(extra_ports)
+        self.extra_bound: list[int] = []
         self.services = list(services)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
@@ -217,6 +239,12 @@ class GrpcServer:
                 self.port = port  # the first TCP port is the one reported
         if not listen_addresses(self.cfg.listen):
             raise SystemExit("--listen names no address")
+        self.extra_bound = []
+        for address, extra_creds in self.extra_ports:
+            port = self.server.add_secure_port(address, extra_creds)
+            if not port:
+                raise SystemExit(f"cannot listen on {address}")
+            self.extra_bound.append(port)
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for s in self.services:

@@ -526,6 +526,12 @@ class KeyServicePki:
         return ["--keyservice-ca", self.path("ca.pem"), "--keyservice-cert", self.path("controlplane.pem"),
                 "--keyservice-key", self.path("controlplane.key")]
 
+    def agent_args(self, listen: str) -> list[str]:
+        """The control plane's flags for an mTLS agent endpoint on `listen`
+        (agents get certificates from the key service's CA and stream there)."""
+        return ["--agent-listen", listen, "--agent-client-ca", self.path("ca.pem"),
+                "--agent-tls-cert", self.path("controlplane.pem"), "--agent-tls-key", self.path("controlplane.key")]
+
     def credentials(self, who: str = "operator") -> grpc.ChannelCredentials:
         def read(name: str) -> bytes:
             with open(self.path(name), "rb") as f:

@@ -288,6 +288,7 @@ class ControlPlane:
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
         self.external_clients = ExternalClients(etcd, self.networks, self.cache, self.key_material)
         self.fanout = Fanout(self.cache, etcd, self.key_material)
+        self.agent_service = AgentService(self.enrollment, self.fanout, self.cache)
         bind = self._bind
         self.bindings = [
             bind(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
@@ -299,9 +300,18 @@ class ControlPlane:
                  ExternalClientService(self.external_clients)),
             bind(auth_pb2, auth_pb2_grpc, "TokenService", TokenService(self.tokens)),
             bind(auth_pb2, auth_pb2_grpc, "AuditRecordService", AuditRecordService(self.audit)),
-            bind(agent_pb2, agent_pb2_grpc, "AgentService", AgentService(self.enrollment, self.fanout, self.cache)),
+            bind(agent_pb2, agent_pb2_grpc, "AgentService", self.agent_service),
             events.binding(etcd, self.guard.protect),
         ]
+
+    def serve_agent_certificates(self, endpoint: str, ca_pem: bytes, bearer_tokens: bool = False) -> None:
+        """Agents enroll with a CSR and get a certificate, and stream with it at
+        `endpoint` (an mTLS listener whose client CA is `ca_pem`); bearer tokens
+        are refused on Sync unless `bearer_tokens` (development, migration)."""
+        self.enrollment.agent_endpoint = endpoint
+        self.enrollment.agent_ca = ca_pem
+        self.enrollment.agent_tokens = bearer_tokens
+        self.agent_service.agent_tokens = bearer_tokens
 
     def _bind(self, pb2_module, grpc_module, name: str, servicer) -> ServiceBinding:
         """A binding whose RPCs the access guard protects (refused without a rule)."""

@@ -1,8 +1,13 @@
 """Enrollment keys, joining a network, and agent credentials.
 
 A key's secret is `mgek_{network}.{key id}.{random}`: the network and id let
-the control plane find the key directly, and only a SHA-256 of the whole
-secret is stored (the random part has 256 bits, so a plain hash is enough).
+the control plane find the key directly, and only a SHA-256 of it is stored
+(the random part has 256 bits, so a plain hash is enough). With a key service,
+the secret also carries the fingerprint of each key authority public key,
+`.ka_{fingerprint}` (the first 128 bits of SHA-256 of the raw Ed25519 key,
+unpadded base64url): gatewayd pins the authority to those, so a control plane
+that later presents another authority is refused at join. The fingerprints are
+public, not part of what is hashed: enrollment ignores them.
 Redeeming a key compares the key's mod revision in the transaction that
 creates the node, so a revoked, deleted or changed key is never redeemed. A
 key with a use limit also counts the use in its own record in that
@@ -12,10 +17,14 @@ race for it. A key without a limit records each use as its own key,
 joining at once with one fleet-wide key do not contend on it (its `uses` is
 the record's count plus those keys).
 
-The credential returned by `Enroll` is a bearer token
-`mgat_{network}.{node}.{random}`, also stored only as a hash; agents present it
-as `authorization: Bearer ...` on every later call. Swapping it for an mTLS
-certificate changes `AgentCredential`'s oneof, not the exchange.
+The credential returned by `Enroll` is, on a control plane with an mTLS agent
+listener (`--agent-listen`), a short-lived certificate for the key the agent
+generated (its CSR), naming the node, signed by the key service's CA after
+the node is committed (a race's loser never holds one; a failed signing
+removes the node again); the agent streams with it on the agent endpoint.
+Otherwise (development, or `--agent-bearer-tokens`) it is a bearer token
+`mgat_{network}.{node}.{random}`, also stored only as a hash; agents present
+it as `authorization: Bearer ...` on every later call.
 
 Hazards: secrets and tokens must never be logged or put in error messages;
 failures say which check failed, never the value. Unknown keys and wrong
@@ -55,6 +64,25 @@ def _mint(prefix: str, net: str, rid: str) -> str:
     return f"{prefix}{net}.{rid}.{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip('=')}"
 
 
+PIN_PREFIX = "ka_"
+_PIN_RE = re.compile(r"ka_[A-Za-z0-9_-]{22}")
+
+
+def authority_fingerprint(public_key: bytes) -> str:
+    """The pin of a raw Ed25519 authority key; gatewayd computes the same
+    (`meshgate.gatewayd.trust.fingerprint`)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(bytes(public_key)).digest()[:16]).decode().rstrip("=")
+
+
+def without_pins(secret: str) -> str:
+    """The secret without its trailing `.ka_{fingerprint}` segments (what is hashed)."""
+    while True:
+        head, sep, tail = secret.rpartition(".")
+        if not sep or not _PIN_RE.fullmatch(tail):
+            return secret
+        secret = head
+
+
 def parse_secret(secret: str, prefix: str) -> tuple[str, str] | None:
     m = _SECRET_RE.match(secret)
     if not m or m.group(1) != prefix:
@@ -86,6 +114,12 @@ class EnrollmentKeys(Resources):
         super().__init__(etcd)
         self.networks = networks
         self.nodes = nodes
+        # Set by the control plane when it serves an mTLS agent listener: where
+        # agents stream, the CA that signed its certificate and theirs, and
+        # whether an agent without a CSR may still get a bearer token.
+        self.agent_endpoint = ""
+        self.agent_ca = b""
+        self.agent_tokens = True
 
     def secret_key(self, net: str, rid: str) -> bytes:
         return self.etcd.key("enrollmentSecrets", net, rid)
@@ -128,6 +162,9 @@ class EnrollmentKeys(Resources):
             raise invalid_argument(errs)
         name = names.child_name(net_id, KIND.collection, req.enrollment_key_id)
         key = self.key_of(net_id, req.enrollment_key_id)
+        # empty without a key service (development): such secrets pin nothing
+        pins = "".join(f".{PIN_PREFIX}{authority_fingerprint(k)}"
+                       for k in await self.nodes.key_material.authority_keys())
 
         async def attempt(_: int):
             _net, net_kv = await self.networks.require(net_id, "parent")
@@ -149,7 +186,7 @@ class EnrollmentKeys(Resources):
                 [self.t.put(key, store.encode(ek)), self.t.put(self.secret_key(net_id, req.enrollment_key_id), _digest(secret))],
             )
             ek.etag = str(rev)
-            ek.secret = secret
+            ek.secret = secret + pins
             return ek
 
         return await retrying(attempt, f"create {name}")
@@ -189,7 +226,8 @@ class EnrollmentKeys(Resources):
     # joining -----------------------------------------------------------------
 
     async def enroll(self, req: agent_pb2.EnrollRequest) -> agent_pb2.EnrollResponse:
-        parsed = parse_secret(req.enrollment_secret, SECRET_PREFIX)
+        secret = without_pins(req.enrollment_secret)
+        parsed = parse_secret(secret, SECRET_PREFIX)
         if parsed is None:
             raise UNKNOWN_KEY
         net_id, key_id = parsed
@@ -200,6 +238,11 @@ class EnrollmentKeys(Resources):
         errs += validation.check_public_key("public_key", req.public_key)
         errs += validation.check_endpoint("endpoint", req.endpoint)
         errs += validation.check_port("listen_port", req.listen_port)
+        certified = bool(self.agent_endpoint and req.csr)
+        if self.agent_endpoint and not req.csr and not self.agent_tokens:
+            errs.append(FieldViolation("csr", "is required: this control plane issues agent certificates"))
+        if req.csr:
+            errs += _check_csr(req.csr)
         if errs:
             raise invalid_argument(errs)
         ekey = self.key_of(net_id, key_id)
@@ -207,7 +250,7 @@ class EnrollmentKeys(Resources):
         async def attempt(n: int) -> agent_pb2.EnrollResponse:
             kv = await self.etcd.get(ekey)
             digest = await self.etcd.get(self.secret_key(net_id, key_id))
-            if kv is None or digest is None or not hmac.compare_digest(digest.value, _digest(req.enrollment_secret)):
+            if kv is None or digest is None or not hmac.compare_digest(digest.value, _digest(secret)):
                 raise UNKNOWN_KEY
             ek = store.decode(enrollment_pb2.EnrollmentKey, kv)
             if ek.HasField("revoke_time"):
@@ -231,12 +274,23 @@ class EnrollmentKeys(Resources):
             node = await self.nodes.create_in_txn(
                 net_id, node_id, template, n,
                 compare_extra=[self.t.mod(ekey) == kv.mod_revision],
-                ops_extra=[use, self.t.put(self.agent_key(net_id, node_id), _digest(token))],
+                ops_extra=[use] + ([] if certified else [self.t.put(self.agent_key(net_id, node_id), _digest(token))]),
             )
+            if not certified:
+                credential = agent_pb2.AgentCredential(token=token)
+            else:
+                try:
+                    credential = await self.nodes.key_material.sign_certificate(req.csr, node.name)
+                except ApiError:
+                    # No node without a credential: its agent could never stream, nor join again.
+                    await self.nodes.delete(node_pb2.DeleteNodeRequest(name=node.name))
+                    raise
             return agent_pb2.EnrollResponse(
                 node=node,
-                credential=agent_pb2.AgentCredential(token=token),
+                credential=credential,
                 key_authority_public_keys=await self.nodes.key_material.authority_keys(),
+                ca_certificates=self.agent_ca if certified else b"",
+                agent_endpoint=self.agent_endpoint if certified else "",
             )
 
         return await retrying(attempt, f"enroll into networks/{net_id}")
@@ -259,3 +313,18 @@ class EnrollmentKeys(Resources):
             raise BAD_TOKEN
         return names.child_name(net_id, "nodes", node_id)
 
+
+def _check_csr(csr: bytes) -> list[FieldViolation]:
+    """A CSR the CA will accept: PEM, self-signed by its key (the key service
+    checks again; this refuses before the node is created)."""
+    from cryptography import x509
+
+    if len(csr) > 64 * 1024:
+        return [FieldViolation("csr", "is larger than 64 KiB")]
+    try:
+        req = x509.load_pem_x509_csr(csr)
+    except ValueError:
+        return [FieldViolation("csr", "is not a PEM certificate signing request")]
+    if not req.is_signature_valid:
+        return [FieldViolation("csr", "is not signed by its own key")]
+    return []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import etcd_credentials, for_service
-from meshgate.common.server import GrpcServer, read_file, serve
+from meshgate.common.server import GrpcServer, listen_addresses, read_file, serve
 from meshgate.controlplane import gctune
 from meshgate.controlplane.api import AuthSettings, ControlPlane
 
@@ -58,6 +58,23 @@ class ControlPlaneConfig(config.ServerConfig):
         "the key service's address (host:port or unix:/path); it signs node keys and issues pre-shared "
         "keys. Empty: nothing is signed and no pre-shared keys are used (development only)",
     )
+    agent_listen: str = config.option(
+        "",
+        "addresses of the mTLS agent endpoint, comma-separated (host:port with a fixed port, or unix:/path): agents "
+        "enroll with a CSR, get a certificate naming their node, and stream here with it. Needs --keyservice, "
+        "--agent-client-ca and a server certificate. Empty: agents get bearer tokens (development)",
+    )
+    agent_endpoint: str = config.option(
+        "", "the agent endpoint as agents reach it (host:port, or unix:/path); default: the first --agent-listen",
+    )
+    agent_tls_cert: str = config.option("", "PEM server certificate of the agent endpoint (default: --tls-cert)")
+    agent_tls_key: str = config.option("", "PEM private key of --agent-tls-cert (default: --tls-key)")
+    agent_client_ca: str = config.option(
+        "", "PEM CA that signs agents' certificates: the key service's internal CA (ca.pem of meshgate-keyservice-certs)",
+    )
+    agent_bearer_tokens: bool = config.option(
+        False, "with --agent-listen, still accept agents' bearer tokens on Sync (development, migrating old agents)",
+    )
     bootstrap_token_file: str = config.option(
         "",
         "on the first start against an empty etcd prefix, create the admin token tokens/bootstrap-admin and "
@@ -87,6 +104,31 @@ def keyservice_credentials(cfg: ControlPlaneConfig) -> grpc.ChannelCredentials |
         certificate_chain=(read_file(cfg.keyservice_cert, "key service client certificate")
                            if cfg.keyservice_cert else None),
     )
+
+
+def agent_listener(cfg: ControlPlaneConfig) -> tuple[list[tuple[str, grpc.ServerCredentials]], str, bytes]:
+    """(the agent endpoint's ports with their mTLS credentials, the endpoint
+    agents are told, the client CA) for --agent-listen; clear exits."""
+    if not cfg.agent_listen:
+        for name in ("agent_endpoint", "agent_tls_cert", "agent_tls_key", "agent_client_ca"):
+            if getattr(cfg, name):
+                raise SystemExit(f"--{name.replace('_', '-')} needs --agent-listen")
+        return [], "", b""
+    if not cfg.keyservice:
+        raise SystemExit("--agent-listen needs --keyservice: the key service's CA issues agents' certificates")
+    if not cfg.agent_client_ca:
+        raise SystemExit("--agent-listen needs --agent-client-ca (the key service's internal CA, ca.pem)")
+    cert, key = cfg.agent_tls_cert or cfg.tls_cert, cfg.agent_tls_key or cfg.tls_key
+    if not cert or not key:
+        raise SystemExit("--agent-listen needs a server certificate: --agent-tls-cert/--agent-tls-key (or --tls-cert/--tls-key)")
+    addresses = listen_addresses(cfg.agent_listen)
+    for a in addresses:
+        if not a.startswith("unix:") and a.rsplit(":", 1)[-1] in ("", "0"):
+            raise SystemExit(f"--agent-listen {a}: give a fixed port (agents are told where to connect)")
+    ca = read_file(cfg.agent_client_ca, "agent client CA")
+    creds = grpc.ssl_server_credentials([(read_file(key, "agent endpoint key"), read_file(cert, "agent endpoint certificate"))],
+                                        root_certificates=ca, require_client_auth=True)
+    return [(a, creds) for a in addresses], cfg.agent_endpoint or addresses[0], ca
 
 
 def auth_settings(cfg: ControlPlaneConfig) -> AuthSettings:
@@ -130,7 +172,14 @@ async def run(cfg: ControlPlaneConfig) -> None:
         log.warning("no API token exists and no --bootstrap-token-file or --oidc-config is given: "
                     "every call to the admin API will be refused")
     gctune.freeze_startup_heap()  # the cache is loaded: keep its objects out of GC passes
-    server = GrpcServer(cfg, app.bindings, options=AGENT_KEEPALIVE)
+    agent_ports, agent_endpoint, agent_ca = agent_listener(cfg)
+    if agent_ports:
+        app.serve_agent_certificates(agent_endpoint, agent_ca, bearer_tokens=cfg.agent_bearer_tokens)
+        log.info("agents get certificates and stream with them on %s%s", agent_endpoint,
+                 " (bearer tokens still accepted: --agent-bearer-tokens)" if cfg.agent_bearer_tokens else "")
+    else:
+        log.warning("no --agent-listen: agents get bearer tokens, without expiry (development only)")
+    server = GrpcServer(cfg, app.bindings, options=AGENT_KEEPALIVE, extra_ports=agent_ports)
     await serve(server, before_drain=[app.fanout.close_sessions], on_shutdown=[app.stop, etcd.close])
 
 

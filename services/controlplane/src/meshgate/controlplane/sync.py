@@ -44,6 +44,7 @@ from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import network_pb2
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
 from meshgate.common.etcd import Etcd
+from meshgate.common.identity import node_of, peer_identity
 from meshgate.controlplane import compiler, names
 from meshgate.controlplane.cache import Change, StateCache
 from meshgate.controlplane.enrollment import EnrollmentKeys
@@ -171,6 +172,12 @@ class StatusWriter:
         self.pending[key] = value
         self.wake.set()
 
+    def delete(self, key: bytes) -> None:
+        """Delete `key` at the next flush, after any put of it already under
+        way (a deleted node's last ack must not outlive the node)."""
+        self.pending[key] = None  # type: ignore[assignment]
+        self.wake.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="status-writer")
 
@@ -196,14 +203,14 @@ class StatusWriter:
                 await asyncio.sleep(1)
 
     async def flush(self) -> None:
-        items = [(k, v if isinstance(v, bytes) else json.dumps(v, sort_keys=True).encode())
+        items = [(k, v if v is None or isinstance(v, bytes) else json.dumps(v, sort_keys=True).encode())
                  for k, v in self.pending.items()]
         self.pending = {}
         t = self.etcd.txn_ops
         for i in range(0, len(items), MAX_TXN_OPS):
             chunk = items[i : i + MAX_TXN_OPS]
             try:
-                await self.etcd.txn([], [t.put(k, v) for k, v in chunk])
+                await self.etcd.txn([], [t.delete(k) if v is None else t.put(k, v) for k, v in chunk])
             except Exception:
                 for k, v in chunk:
                     self.pending.setdefault(k, v)
@@ -424,6 +431,7 @@ class Fanout:
             for name in change.deleted_nodes:
                 self.desired.pop(name, None)
                 self.touched.pop(name, None)
+                self.status.delete(self._status_key(name))  # after an ack written meanwhile
                 s = self.sessions.pop(name, None)
                 if s is not None:
                     s.close(not_found("meshgate.io/Node", name))
@@ -727,10 +735,52 @@ class Fanout:
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, enrollment: EnrollmentKeys, fanout: Fanout, cache: StateCache) -> None:
+    """Enroll and Sync. A Sync stream is authenticated by the agent's
+    certificate (its URI SAN names the node; the node must still exist), or,
+    where `agent_tokens` allows it (development, or a control plane without
+    an mTLS agent listener), by the bearer token issued at enrollment."""
+
+    def __init__(self, enrollment: EnrollmentKeys, fanout: Fanout, cache: StateCache, *,
+                 agent_tokens: bool = True) -> None:
         self.enrollment = enrollment
         self.fanout = fanout
         self.cache = cache
+        self.agent_tokens = agent_tokens
+
+    async def _who(self, context) -> str:
+        """The node a Sync stream speaks for."""
+        identity = peer_identity(context)
+        node = node_of(identity)
+        if node:
+            net_id, node_id = node.split("/")[1], node.split("/")[3]
+            # Refused at once when deleted, however long the certificate has left.
+            if await self.fanout.etcd.get(self.fanout.etcd.key("nodes", net_id, node_id)) is None:
+                raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"{node} no longer exists", "NODE_DELETED")
+            return node
+        if identity:
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED, f"{identity} is not an agent's identity",
+                           "NOT_AN_AGENT")
+        if not self.agent_tokens:
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                           "this stream needs the agent's certificate (mTLS, on the agent endpoint); bearer "
+                           "tokens are refused", "AGENT_CERTIFICATE_REQUIRED")
+        return await self.enrollment.authenticate(context.invocation_metadata())
+
+    async def _renew(self, session: Session, csr: bytes) -> None:
+        """A new certificate for the session's node, sent down its stream."""
+        try:
+            issued = await self.enrollment.nodes.key_material.sign_certificate(csr, session.node)
+        except ApiError as e:
+            log.warning("certificate renewal for %s failed: %s", session.node, e)
+            self.fanout._record(session.node, error=f"certificate renewal failed: {e.message}")
+            return
+        if session.closed:
+            return
+        try:
+            session.queue.put_nowait(agent_pb2.SyncResponse(
+                revision=session.sent.revision if session.sent else 0, certificate=issued))
+        except asyncio.QueueFull:
+            pass  # a slow agent gets a snapshot instead; it asks again, its certificate still valid
 
     async def _rotate(self, session: Session, public_key: str) -> None:
         """The agent's new key: signed by the key service and made the node's
@@ -758,7 +808,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         return await self.enrollment.enroll(request)
 
     async def Sync(self, request_iterator, context):
-        node = await self.enrollment.authenticate(context.invocation_metadata())
+        node = await self._who(context)
         it = request_iterator.__aiter__()
         try:
             first = await asyncio.wait_for(it.__anext__(), 30)
@@ -813,6 +863,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                         log.warning("refused an unsolicited new key from %s (no rotation was requested)",
                                     session.node)
                         self.fanout._record(session.node, error="refused a new key: no key rotation was requested")
+                elif kind == "renew_certificate":
+                    asyncio.create_task(self._renew(session, req.renew_certificate.csr))
                 elif kind == "health":
                     self.fanout._record(session.node)
                     self.fanout.client_health(session, req.health)

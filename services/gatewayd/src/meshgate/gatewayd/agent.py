@@ -21,6 +21,11 @@ as the control plane sent it (deltas merge onto it, and it is what ``desired.pb`
 keeps); the filter runs on every compile, so a peer refused earlier and correctly
 signed later is applied.
 
+Default routes (``consent.py``): unless the operator accepted them, the default
+routes of a new state are left out the same way (and always on a node that is
+the internet gateway itself); the change is logged once, kept in the status
+(``declined_routes``) and said in the (OK) ack of that revision.
+
 Node key rotation: a ``RotateKey`` update makes a pending key pair (``keys.NodeKeys``)
 and announces its public half to the source; the switch happens in the pass that
 applies a state naming that key (``reconciler.py``).
@@ -38,6 +43,7 @@ from opentelemetry import propagate, trace
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common import logsetup
+from meshgate.gatewayd import consent
 from meshgate.gatewayd.backoff import Backoff, jittered
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
@@ -54,12 +60,16 @@ log = logging.getLogger(__name__)
 class Agent:
     def __init__(self, reconciler: Reconciler, settings: Settings,
                  source: DesiredStateSource | None = None, rng: random.Random | None = None,
-                 authority_keys: Sequence[bytes] = ()):
+                 authority_keys: Sequence[bytes] = (), network: str = "",
+                 accept_default_route: bool = False):
         self.rec = reconciler
-        self.verifier = PeerVerifier(authority_keys) if authority_keys else None
+        self.verifier = PeerVerifier(authority_keys, network) if authority_keys else None
         """None: the development mode, nothing is verified."""
         self.refused: dict[str, Refusal] = {}
         """Peers of the current target left out (by public key)."""
+        self.accept_default_route = accept_default_route
+        self.declined: tuple[consent.Declined, ...] = ()
+        """Default routes of the current target left out."""
         self.settings = settings
         self.source = source
         self.rng = rng or random.Random()
@@ -77,6 +87,7 @@ class Agent:
             "state": "waiting", "applied_revision": None, "last_error": None, "attempt": 0,
             "full_syncs": 0, "delta_syncs": 0, "rejected": 0, "backend": reconciler.backend.name,
             "verify_peers": self.verifier is not None, "refused_peers": [],
+            "accept_default_route": accept_default_route, "declined_routes": [],
         }
         self._key_status()
 
@@ -139,8 +150,8 @@ class Agent:
                     else:
                         delay = self.backoff.next_delay()
                         retry_at = now + delay
-                        log.warning("apply failed (attempt %d); retrying in %.2fs as a full pass",
-                                    self.backoff.attempt, delay)
+                        log.warning("apply failed (attempt %d): %s; retrying in %.2fs as a full pass",
+                                    self.backoff.attempt, self.status["last_error"], delay)
                     continue
                 deadlines = [next_resync, next_supervise, next_health] + ([retry_at] if retry_at else [])
                 timeout = max(0.0, min(deadlines) - loop.time())
@@ -166,16 +177,25 @@ class Agent:
             return
         try:
             refused = self._refusals(msg.peers)
-            self._set_target(msg, self.rec.compile(without(msg, refused), restoring=True), refused)
+            kept, declined = self._consented(without(msg, refused))
+            self._set_target(msg, self.rec.compile(kept, restoring=True), refused, declined)
             log.info("restored revision %d from disk", msg.revision)
         except InvalidDesiredState as e:
             log.error("the desired state on disk no longer validates on this host: %s", e)
             self._record_error(str(e), rejected=True)
 
     def _set_target(self, msg: pb.DesiredState, desired: Desired,
-                    refused: dict[str, Refusal] | None = None) -> None:
+                    refused: dict[str, Refusal] | None = None,
+                    declined: tuple[consent.Declined, ...] = ()) -> None:
         if self.target is None or self.target.node != desired.node:
             logsetup.bind(node=desired.node)  # identity on every record from here on
+        if declined != self.declined:
+            if declined:
+                log.warning("%s", consent.summary(declined))
+            else:
+                log.info("no default routes declined any more")
+            self.declined = declined
+            self.status["declined_routes"] = [str(d) for d in declined]
         refused = refused or {}
         for key, r in refused.items():
             if key not in self.refused or self.refused[key] != r:
@@ -192,6 +212,11 @@ class Agent:
 
     def _refusals(self, peers) -> dict[str, Refusal]:
         return self.verifier.refusals(peers) if self.verifier is not None else {}
+
+    def _consented(self, msg: pb.DesiredState) -> tuple[pb.DesiredState, tuple[consent.Declined, ...]]:
+        """``msg`` without the default routes this node declines, and those."""
+        declined = tuple(consent.declined_routes(msg, self.accept_default_route))
+        return consent.without_declined(msg, declined), declined
 
     def _key_status(self) -> None:
         keys = getattr(self.rec, "keys", None)
@@ -235,10 +260,12 @@ class Agent:
         try:
             if isinstance(update, Unreadable):
                 raise update.error
+            declined = self.declined
             if isinstance(update, Snapshot):
                 msg = update.state
                 refused = self._refusals(msg.peers)
-                desired = self.rec.compile(without(msg, refused))
+                kept, declined = self._consented(without(msg, refused))
+                desired = self.rec.compile(kept)
             elif isinstance(update, Delta):
                 if self.target_msg is None or self.target is None:
                     raise InvalidDesiredState([FieldViolation(
@@ -255,9 +282,11 @@ class Agent:
                 else:
                     refused = self._refusals(msg.peers)
                 if peers_only(update.delta) and not refused and not self.refused:
+                    # routes and the default route are unchanged: so are the declines
                     desired = compile_peer_delta(self.target, update.delta, update.revision)
                 else:
-                    desired = self.rec.compile(without(msg, refused))
+                    kept, declined = self._consented(without(msg, refused))
+                    desired = self.rec.compile(kept)
             else:  # pragma: no cover
                 raise TypeError(update)
         except InvalidDesiredState as e:
@@ -266,13 +295,14 @@ class Agent:
             return False
         if getattr(update, "traceparent", ""):
             self._traces.append(update.traceparent)
-        self._set_target(msg, desired, refused)
+        self._set_target(msg, desired, refused, declined)
         return True
 
     async def _pass(self) -> bool:
         assert self.target is not None and self.target_msg is not None
         full, gen, target, msg = self._need_full, self._target_gen, self.target, self.target_msg
         refused = tuple(self.refused.values())
+        declined = self.declined
         self._need_full = False
         traces, self._traces = self._traces, []
         try:
@@ -309,9 +339,10 @@ class Agent:
             log.info("%s pass applied revision %d: %s", "full" if result.full else "delta",
                      target.revision, "; ".join(changes[:20]) + (" …" if len(changes) > 20 else ""))
         if refused:
-            await self._report(Report(target.revision, note, code="PERMISSION_DENIED", refused=refused))
+            await self._report(Report(target.revision, note, code="PERMISSION_DENIED", refused=refused,
+                                      declined=declined))
         else:
-            await self._report(Report(target.revision, None))
+            await self._report(Report(target.revision, None, declined=declined))
         return True
 
     def _record_error(self, message: str, rejected: bool = False) -> None:

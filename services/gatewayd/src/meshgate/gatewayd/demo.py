@@ -123,8 +123,17 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     say(f"    enrollment key {key.name} (max 2 uses, expires in 10 minutes)")
 
     step(2, "gatewayd joins on both nodes (key pairs generated on the nodes) and streams its state")
+    from meshgate.gatewayd.trust import pins_of_secret
+
+    pins = pins_of_secret(key.secret)[1]
+    if pins:
+        say(f"    the enrollment key pins the key authority {', '.join(pins)}: agents accept only peers it signed")
+    else:
+        say("    this control plane has no key service: the agents join with --insecure-no-authority "
+            "(development; peers' keys are not verified)")
     for node, node_id, endpoint in ((gw, "gateway", f"{eg.gw_underlay(0)}:51820"), (client, "client", "")):
-        out = node.join(cp.agent_target, key.secret, node_id, endpoint=endpoint).strip().splitlines()[0]
+        out = node.join(cp.agent_target, key.secret, node_id, endpoint=endpoint,
+                        insecure_no_authority=not pins).strip().splitlines()[0]
         say(f"    {node.host.name}: {out}")
         node.start()
     _converged(cp, 2)

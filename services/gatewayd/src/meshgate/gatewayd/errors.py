@@ -48,3 +48,15 @@ class ApplyError(GatewaydError):
 
 class EnvironmentProblem(GatewaydError):
     """The host lacks something gatewayd needs (a binary, a kernel feature)."""
+
+
+class ForeignInterface(ApplyError):
+    """The configured interface exists and gatewayd did not create it: nothing is
+    touched.  Retried (with backoff) in case its owner removes it."""
+
+    def __init__(self, ifname: str):
+        self.ifname = ifname
+        super().__init__(
+            "interface",
+            f"{ifname} already exists and gatewayd did not create it: leaving it untouched (no key, peers, "
+            f"addresses or routes changed); remove it or give gatewayd another interface name")

@@ -100,6 +100,16 @@ class Host:
         self.lab.procs.append(p)
         return p
 
+    def forward(self, addr: str, port: int, unix_path: str) -> subprocess.Popen:
+        """Relay TCP ``addr:port`` in this host to a Unix socket (``python -m
+        meshgate.gatewayd.lab forward``); stopped by the lab."""
+        p = self.spawn(PY, "-m", "meshgate.gatewayd.lab", "forward", addr, str(port), unix_path)
+        line = p.stdout.readline() if p.stdout else ""
+        if not line.startswith("ready"):
+            raise LabError(f"forwarder in {self.name} did not start: {line!r} "
+                           f"{p.stderr.read() if p.stderr else ''}")
+        return p
+
     def whoami_server(self, addr: str, port: int) -> subprocess.Popen:
         p = self.spawn(PY, "-m", "meshgate.gatewayd.lab", "whoami", addr, str(port))
         line = p.stdout.readline() if p.stdout else ""
@@ -161,12 +171,12 @@ class Node:
         return r
 
     def start(self, msg: pb.DesiredState | None = None, resync: float = 3600.0,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+              env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         """``gatewayd run``: following ``msg`` through a file when given, else the
-        control plane it joined (or the state on disk)."""
+        control plane it joined (or the state on disk); ``extra`` flags appended."""
         args = [PY, "-m", "meshgate.gatewayd", "run", "--state-dir", str(self.state_dir),
                 "--backend", self.backend, "--resync-interval", str(resync),
-                "--interface", self.ifname]
+                "--interface", self.ifname, *extra]
         if msg is not None:
             args += ["--file", str(self.write(msg))]
         log = open(self.log_path, "a")
@@ -182,15 +192,34 @@ class Node:
     def log_path(self) -> Path:
         return self.state_dir.parent / f"{self.state_dir.name}-daemon.log"
 
-    def join(self, control_plane: str, secret: str, node_id: str, endpoint: str = "") -> str:
-        """``gatewayd join``; returns its output (the node name and addresses)."""
-        r = self.host.run(PY, "-m", "meshgate.gatewayd", "join", "--key-file",
-                          str(self._secret_file(secret)), "--control-plane", control_plane,
-                          "--node-id", node_id, "--endpoint", endpoint, "--state-dir",
-                          str(self.state_dir), "--backend", self.backend, check=False)
+    def join(self, control_plane: str, secret: str, node_id: str, endpoint: str = "", *,
+             authority_keys: tuple[bytes, ...] = (), insecure_no_authority: bool = False,
+             insecure: bool = False, accept_default_route: bool = False) -> str:
+        """``gatewayd join``; returns its output (the node name and addresses).
+        ``insecure_no_authority`` is needed against a control plane without a key
+        service (its enrollment secrets pin no authority)."""
+        r = self.join_result(control_plane, secret, node_id, endpoint, authority_keys=authority_keys,
+                             insecure_no_authority=insecure_no_authority, insecure=insecure,
+                             accept_default_route=accept_default_route)
         if r.returncode != 0:
             raise LabError(f"gatewayd join in {self.host.name} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r.stdout
+
+    def join_result(self, control_plane: str, secret: str, node_id: str, endpoint: str = "", *,
+                    authority_keys: tuple[bytes, ...] = (), insecure_no_authority: bool = False,
+                    insecure: bool = False, accept_default_route: bool = False) -> subprocess.CompletedProcess:
+        """``gatewayd join`` as it ran (for tests of a refused join)."""
+        import base64
+
+        args = [PY, "-m", "meshgate.gatewayd", "join", "--key-file", str(self._secret_file(secret)),
+                "--control-plane", control_plane, "--node-id", node_id, "--endpoint", endpoint,
+                "--state-dir", str(self.state_dir), "--backend", self.backend]
+        for k in authority_keys:
+            args += ["--authority-key", base64.b64encode(k).decode()]
+        args += ["--insecure-no-authority"] if insecure_no_authority else []
+        args += ["--insecure"] if insecure else []
+        args += ["--accept-default-route"] if accept_default_route else []
+        return self.host.run(*args, check=False)
 
     def _secret_file(self, secret: str) -> Path:
         path = self.state_dir.parent / f"{self.state_dir.name}-enroll.key"
@@ -740,6 +769,39 @@ def _ask(addr: str, port: int, timeout: float) -> int:
     return 0
 
 
+def _forward(addr: str, port: int, unix_path: str) -> None:
+    """Accept TCP on addr:port and relay each connection to a Unix socket (a
+    control plane on a Unix socket, reached as a non-loopback TCP address from a
+    lab host)."""
+    import asyncio
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_unix_connection(unix_path)
+        except OSError:
+            w.close()
+            return
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, addr, port)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m meshgate.gatewayd.lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -750,10 +812,18 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("addr")
     a.add_argument("port", type=int)
     a.add_argument("--timeout", type=float, default=5.0)
+    f = sub.add_parser("forward", help="relay TCP connections on addr:port to a Unix socket")
+    f.add_argument("addr")
+    f.add_argument("port", type=int)
+    f.add_argument("unix_path")
     args = p.parse_args(argv)
     if args.cmd == "whoami":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         _whoami(args.addr, args.port)
+        return 0
+    if args.cmd == "forward":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        _forward(args.addr, args.port, args.unix_path)
         return 0
     return _ask(args.addr, args.port, args.timeout)
 
@@ -836,8 +906,10 @@ class ControlPlaneView:
 class ScriptedControlPlane:
     """A real gRPC ``AgentService`` server whose messages the test writes.
 
-    Agents ``join`` it (``Enroll`` returns the node name, a token and, when the
-    server has a key authority, its Ed25519 public key) and open ``Sync`` streams
+    Agents ``join`` it (``Enroll`` returns the node name, a token and the key
+    authority keys in ``presented``: by default the public key of the server's
+    authority, if it has one; ``enrollment_secret`` makes a secret that pins it)
+    and open ``Sync`` streams
     as they would with the real control plane; the test sends crafted
     ``SyncResponse``s with ``send`` and reads what the agents answered (``acks``,
     ``new_keys``).  It serves on a Unix socket (``target``), which crosses network
@@ -849,7 +921,11 @@ class ScriptedControlPlane:
         import asyncio
         import threading
 
+        from meshgate.common import signing
+
         self.socket_path, self.authority, self.network = Path(socket_path), authority, network
+        self.presented: list[bytes] = [signing.public_bytes(authority)] if authority is not None else []
+        """The key authority keys ``Enroll`` answers with (a test may present others)."""
         self.target = f"unix:{self.socket_path}"
         self.tokens: dict[str, str] = {}
         self.acks: dict[str, list] = {}
@@ -898,7 +974,6 @@ class ScriptedControlPlane:
 
     async def _enroll(self, request, context):
         from meshgate.api.v1 import agent_pb2, node_pb2
-        from meshgate.common import signing
 
         node = f"{self.network}/nodes/{request.node_id}"
         token = f"mgat_test.{secrets.token_urlsafe(16)}"
@@ -907,8 +982,7 @@ class ScriptedControlPlane:
             node=node_pb2.Node(name=node, public_key=request.public_key, ipv4_address="100.64.0.254"),
             credential=agent_pb2.AgentCredential(token=token),
         )
-        if self.authority is not None:
-            resp.key_authority_public_keys.append(signing.public_bytes(self.authority))
+        resp.key_authority_public_keys.extend(self.presented)
         return resp
 
     async def _sync(self, request_iterator, context):
@@ -951,6 +1025,18 @@ class ScriptedControlPlane:
                 del self._queues[node]
 
     # -- the test's side
+
+    def enrollment_secret(self, pinned: Any = "authority") -> str:
+        """A secret in the control plane's format (``Enroll`` here accepts any),
+        pinning ``pinned`` (an Ed25519 private key; by default this server's
+        authority, none when it has none or ``pinned`` is None) the way a control
+        plane with a key service does."""
+        from meshgate.common import signing
+        from meshgate.gatewayd.trust import PIN_PREFIX, fingerprint
+
+        base = f"mgek_{self.network.split('/')[1]}.scripted.{secrets.token_urlsafe(32)[:43]}"
+        key = self.authority if pinned == "authority" else pinned
+        return base + (f".{PIN_PREFIX}{fingerprint(signing.public_bytes(key))}" if key is not None else "")
 
     def sign(self, peer: Any) -> Any:
         """Give ``peer`` (a ``Peer``) a valid signature for its resource and key."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd.config import Settings
-from meshgate.gatewayd.errors import ApplyError, EnvironmentProblem, InvalidDesiredState
+from meshgate.gatewayd.errors import ApplyError, EnvironmentProblem, ForeignInterface, InvalidDesiredState
 from meshgate.gatewayd.sources import parse_json
 
 log = logging.getLogger("meshgate.gatewayd")
@@ -80,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--node-id", default="", help="node id to take (default: from the host name)")
     j.add_argument("--endpoint", default="", help="host:port other nodes reach this node at, if any")
     j.add_argument("--listen-port", type=int, default=0, help="WireGuard listen port (default: the network's)")
+    j.add_argument("--authority-key", action="append", default=[], metavar="BASE64",
+                   help="pin the key service's authority: the base64 of its raw Ed25519 public key "
+                        "(repeatable); the join is refused when the control plane presents another. "
+                        "Without it, the fingerprints the enrollment key carries are the pin")
+    j.add_argument("--insecure-no-authority", action="store_true",
+                   help="development only: join although nothing pins a key authority (a control plane "
+                        "without a key service); peers' keys are then not verified, and `run` says so "
+                        "with a WARNING on every start")
+    j.add_argument("--insecure", action="store_true",
+                   help="development only: allow plaintext to a control plane that is not loopback or a "
+                        "Unix socket (saved; `run` warns on every start)")
+    j.add_argument("--accept-default-route", action="store_true",
+                   help="install default routes (an internet gateway) the control plane sends; without it "
+                        "they are declined and reported (saved; `run --[no-]accept-default-route` overrides)")
     r = sub.add_parser("run", parents=[common], help="run the agent: restore the last applied "
                        "state from disk, then stream from the control plane (once joined) or "
                        "follow a file; resync periodically")
@@ -88,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "agent keeps the state on disk")
     r.add_argument("--control-plane", help="override the control plane address saved by `join`")
     r.add_argument("--resync-interval", type=float, help="seconds between full resyncs (default 60)")
+    r.add_argument("--insecure", action="store_true",
+                   help="development only: allow plaintext to a control plane that is not loopback or a "
+                        "Unix socket (also when `join --insecure` saved it; warned about on every start)")
+    r.add_argument("--accept-default-route", action=argparse.BooleanOptionalAction, default=None,
+                   help="install (or decline) default routes the control plane sends, for this run "
+                        "(default: what `join` saved; declined unless `join --accept-default-route`). "
+                        "States from --file are the operator's own and always apply as written")
     sub.add_parser("show", parents=[common], help="print the observed state as JSON (no secrets); "
                    "--interface defaults to the last applied one")
     sub.add_parser("down", parents=[common], help="remove everything gatewayd owns on this host; "
@@ -161,7 +182,8 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
     import grpc
 
     from meshgate.gatewayd.store import StateStore
-    from meshgate.gatewayd.stream import join
+    from meshgate.gatewayd.stream import JoinRefused, PlaintextRefused, check_transport, join
+    from meshgate.gatewayd.trust import fingerprint, parse_authority_key
 
     secret = args.enrollment_key
     if args.key_file:
@@ -170,13 +192,27 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
         print("gatewayd: join needs an enrollment key (argument, --key-file or MESHGATE_ENROLLMENT_KEY)",
               file=sys.stderr)
         return EXIT_INVALID
+    try:
+        authority_keys = tuple(parse_authority_key(k) for k in args.authority_key)
+        check_transport(args.control_plane, args.ca_file, args.insecure)
+    except ValueError as e:
+        print(f"gatewayd: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.insecure_no_authority and not authority_keys:
+        log.warning("INSECURE: joining with --insecure-no-authority: unless the enrollment key pins a key "
+                    "authority, peers' keys will not be verified (development only)")
     _, public_key = StateStore(settings.state_dir).keypair()
     try:
         identity, resp = asyncio.run(join(
             args.control_plane, secret, public_key, settings.state_dir, node_id=args.node_id,
             hostname=socket.gethostname(), endpoint=args.endpoint, listen_port=args.listen_port,
-            ca_file=args.ca_file,
+            ca_file=args.ca_file, authority_keys=authority_keys,
+            insecure_no_authority=args.insecure_no_authority, insecure=args.insecure,
+            accept_default_route=args.accept_default_route,
         ))
+    except (JoinRefused, PlaintextRefused) as e:
+        print(f"gatewayd: join refused: {e}", file=sys.stderr)
+        return EXIT_INVALID
     except grpc.aio.AioRpcError as e:
         code = e.code()
         print(f"gatewayd: join refused: {code.name}: {e.details()}", file=sys.stderr)
@@ -184,8 +220,52 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
                                         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS) else 1
     node = resp.node
     print(f"joined as {node.name}: {node.ipv4_address}" + (f", {node.ipv6_address}" if node.ipv6_address else ""))
+    if identity.authority_keys:
+        print(f"key authority pinned by the {identity.pinned_by}: "
+              + ", ".join(fingerprint(k) for k in identity.authority_keys))
+    else:
+        print("WARNING: no key authority: peers' keys are not verified (--insecure-no-authority)")
     print(f"identity saved in {settings.state_dir}; start the agent with `gatewayd run`")
     return 0
+
+
+def _run_source(args: argparse.Namespace, settings: Settings, rec):
+    """(source, authority keys, network, accept default routes) for `run`, with
+    the WARNINGs of every insecure choice; raises EnvironmentProblem (an unusable
+    identity) or PlaintextRefused."""
+    from meshgate.gatewayd.sources import FileSource
+    from meshgate.gatewayd.stream import ControlPlaneSource, Identity, IdentityError, check_transport
+    from meshgate.gatewayd.trust import fingerprint
+
+    if args.file:
+        log.warning("development mode: following %s; peer keys are not verified and its default routes "
+                    "apply as written (the file is the operator's own)", args.file)
+        return FileSource(args.file), (), "", True
+    try:
+        identity = Identity.load(settings.state_dir)
+    except IdentityError as e:
+        raise EnvironmentProblem(str(e)) from None
+    if identity is None:
+        log.info("not joined and no --file: keeping the state on disk")
+        return None, (), "", False
+    if args.control_plane:
+        identity.control_plane = args.control_plane
+    identity.insecure = identity.insecure or args.insecure
+    check_transport(identity.control_plane, identity.ca_file, identity.insecure)  # PlaintextRefused
+    if identity.authority_keys:
+        log.info("peer keys are verified against %d key authority key(s) pinned by the %s: %s",
+                 len(identity.authority_keys), identity.pinned_by or "join",
+                 ", ".join(fingerprint(k) for k in identity.authority_keys))
+    else:
+        log.warning("INSECURE: development mode (joined with --insecure-no-authority): peer keys are NOT "
+                    "verified; any key the control plane sends is applied")
+    accept = identity.accept_default_route if args.accept_default_route is None else args.accept_default_route
+    log.info("default routes from the control plane: %s (%s)", "accepted" if accept else "declined",
+             "run --[no-]accept-default-route" if args.accept_default_route is not None else "saved by join")
+    last = rec.store.load_desired()
+    source = ControlPlaneSource(identity, last.revision if last else 0)
+    log.info("node %s, control plane %s", identity.node, identity.control_plane)
+    return source, identity.authority_keys, identity.network, accept
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -202,39 +282,22 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from meshgate.common import telemetry
         from meshgate.gatewayd.agent import Agent
-        from meshgate.gatewayd.sources import FileSource
-        from meshgate.gatewayd.stream import ControlPlaneSource, Identity
+
+        from meshgate.gatewayd.stream import PlaintextRefused
 
         rec = Reconciler.for_host(settings)
-        source = None
-        authority_keys: tuple[bytes, ...] = ()
-        if args.file:
-            source = FileSource(args.file)
-        else:
-            try:
-                identity = Identity.load(settings.state_dir)
-            except (ValueError, KeyError) as e:
-                raise EnvironmentProblem(f"{settings.state_dir}/identity.json is unreadable: "
-                                         f"{type(e).__name__}") from None
-            if identity is not None:
-                if args.control_plane:
-                    identity.control_plane = args.control_plane
-                last = rec.store.load_desired()
-                source = ControlPlaneSource(identity, last.revision if last else 0)
-                authority_keys = identity.authority_keys
-                log.info("node %s, control plane %s", identity.node, identity.control_plane)
-            else:
-                log.info("not joined and no --file: keeping the state on disk")
+        try:
+            source, authority_keys, network, accept = _run_source(args, settings, rec)
+        except PlaintextRefused as e:
+            print(f"gatewayd: {e}", file=sys.stderr)
+            return EXIT_INVALID
         provider = telemetry.configure("meshgate-gatewayd")
         try:
-            if authority_keys:
-                log.info("peer keys are verified against %d key authority key(s)", len(authority_keys))
-            else:
-                log.warning("development mode: peer keys are not verified (no key authority keys)")
             try:
-                agent = Agent(rec, settings, source, authority_keys=authority_keys)
+                agent = Agent(rec, settings, source, authority_keys=authority_keys, network=network,
+                              accept_default_route=accept)
             except ValueError as e:
-                raise EnvironmentProblem(f"identity.json: bad key authority key: {e}") from None
+                raise EnvironmentProblem(f"identity.json: bad key authority key or node: {e}") from None
             return asyncio.run(agent.run_forever())
         finally:
             telemetry.shutdown(provider)
@@ -248,13 +311,26 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "show":
             print(json.dumps(rec.show(ifname), indent=1, sort_keys=True))
         else:
-            rec.down(ifname)
-            print(f"removed interface {ifname}, table inet meshgate, gatewayd's routes and rules")
+            if rec.down(ifname):
+                print(f"removed interface {ifname}, table inet meshgate, gatewayd's routes and rules")
+            else:
+                print(f"removed table inet meshgate, gatewayd's routes and rules; left {ifname} alone: "
+                      "gatewayd did not create it")
         return 0
 
+    from meshgate.gatewayd import consent
+
     msg = load_desired_file(args.file)
-    desired = rec.compile(msg)
+    # the file is the operator's own: its default routes apply, except through a
+    # peer of a node that is the internet gateway itself
+    declined = consent.declined_routes(msg, accept_default_route=True)
+    if declined:
+        print(f"gatewayd: {consent.summary(declined)}", file=sys.stderr)
+    desired = rec.compile(consent.without_declined(msg, declined))
     if args.command == "plan":
+        if not rec.owns(desired.interface) and rec.interface_exists(desired.interface):
+            print(f"gatewayd: {ForeignInterface(desired.interface)}", file=sys.stderr)
+            return EXIT_APPLY_FAILED
         observed = rec.observe(desired)
         from meshgate.gatewayd.planner import plan
 

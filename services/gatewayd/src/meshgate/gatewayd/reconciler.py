@@ -12,6 +12,14 @@ Appliers run in a fixed order: sysctls, WireGuard (interface, device, peers), li
 addresses, routes and rules (they need the link up), then the nftables table.  A
 failure stops the pass and forgets what was applied, so the retry is a full pass.
 
+Ownership: gatewayd manages only an interface it created (``interfaces.json`` in the
+state directory records each one right before creating it).  When the interface a
+state names exists but is not recorded (an operator's ``wg0``, another tool's, one in
+another namespace answering on the same UAPI socket path), the pass fails with
+``ForeignInterface`` before anything changes, and is retried with backoff like any
+failed apply.  A state directory from before the record adopts the interface of its
+last applied state (``desired.pb``), which that gatewayd did manage.
+
 Node key rotation: a desired state whose ``interface.public_key`` names the pending
 key (``keys.NodeKeys``) promotes it at the start of the pass that applies it; the plan
 then sees a private-key change and sets it in the same UAPI/netlink transaction as the
@@ -32,7 +40,7 @@ from typing import Any
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd import routing, sysctl
 from meshgate.gatewayd.config import Settings
-from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
+from meshgate.gatewayd.errors import ApplyError, FieldViolation, ForeignInterface, InvalidDesiredState
 from meshgate.gatewayd.keys import NodeKeys
 from meshgate.gatewayd.model import Desired, Observed, compile_desired, expected_observed
 from meshgate.gatewayd.nftables import NftTables
@@ -68,10 +76,9 @@ class Reconciler:
         self.keys = NodeKeys(store.dir)
         self.applied: Desired | None = None
         """What the last successful pass left in the kernel; None forces a full pass."""
-        last = store.load_desired()
-        self._owned_interface = (last.interface.name or settings.default_interface) if last else None
-        """The interface of the last state applied (also by an earlier process): when a new
-        state names another one, this one is ours to remove."""
+        if store.created_interfaces() is None:
+            last = store.load_desired()
+            store._save_interfaces({last.interface.name or settings.default_interface} if last else set())
 
     @classmethod
     def for_host(cls, settings: Settings) -> "Reconciler":
@@ -133,13 +140,17 @@ class Reconciler:
         if desired.public_key != self.keys.current.public and not self.keys.promote(desired.public_key):
             # compiled while that key was held; it is no longer (another switch came first)
             raise ApplyError("keys", f"key {desired.public_key} is neither current nor pending")
+        owned = self.store.created_interfaces() or set()
+        if desired.interface not in owned and self.interface_exists(desired.interface):
+            self.applied = None
+            raise ForeignInterface(desired.interface)
         retired = None
-        old = self._owned_interface
-        if old is not None and old != desired.interface:
+        for old in sorted(owned - {desired.interface}):
             # removed first: the new interface may need the old one's listen port
             log.info("interface renamed from %s to %s; removing %s", old, desired.interface, old)
             self.applied = None
             self.backend.destroy(old)
+            self.store.forget_created(old)
             retired = old
         previous = self.applied
         if full or previous is None or previous.interface != desired.interface:
@@ -157,7 +168,6 @@ class Reconciler:
             except OSError as e:
                 raise ApplyError("host", str(e)) from None
         self.applied = desired
-        self._owned_interface = desired.interface
         if retired:
             p = replace(p, retired_interface=retired)
         return Result(p, full, time.perf_counter() - t0)
@@ -167,6 +177,10 @@ class Reconciler:
         if p.sysctls:
             sysctl.write(p.sysctls)
         if p.create_interface:
+            if p.interface not in (self.store.created_interfaces() or set()):
+                if self.interface_exists(p.interface):  # appeared since the check
+                    raise ForeignInterface(p.interface)
+                self.store.record_created(p.interface)
             self.backend.create(p.interface)
         if p.device is not None or p.peers:
             self.backend.configure(p.interface, self.keys.current.private, p.device, p.peers)
@@ -179,6 +193,14 @@ class Reconciler:
             routing.apply(p, s.route_table, s.route_protocol)
         if p.nft is not None:
             self.nft.load(p.nft)
+
+    def interface_exists(self, ifname: str) -> bool:
+        """A link of that name in this namespace, or a WireGuard device answering
+        for it (wireguard-go's UAPI socket path is shared by every namespace)."""
+        return routing.observe_link(ifname) is not None or self.backend.observe(ifname) is not None
+
+    def owns(self, ifname: str) -> bool:
+        return ifname in (self.store.created_interfaces() or set())
 
     def alive(self) -> bool:
         return self.applied is None or self.backend.alive(self.applied.interface)
@@ -226,11 +248,16 @@ class Reconciler:
             }
         return out
 
-    def down(self, ifname: str) -> None:
-        """Remove everything gatewayd owns on this host (keeps the key and nothing else)."""
+    def down(self, ifname: str) -> bool:
+        """Remove everything gatewayd owns on this host (keeps the key and nothing else).
+        False when ``ifname`` is not gatewayd's: it is left alone."""
         s = self.settings
         self.nft.delete()
         routing.remove_owned(s.route_table, s.route_protocol)
-        self.backend.destroy(ifname)
+        ours = self.owns(ifname)
+        if ours:
+            self.backend.destroy(ifname)
+            self.store.forget_created(ifname)
         self.store.clear_desired()
         self.applied = None
+        return ours

@@ -68,6 +68,9 @@ class Report:
     (default FAILED_PRECONDITION)."""
     refused: tuple = ()
     """``trust.Refusal``s of peers left out of the applied state (``PERMISSION_DENIED``)."""
+    declined: tuple = ()
+    """``consent.Declined`` default routes left out of the applied state; with no
+    ``error`` the ack is OK and says what was declined."""
 
 
 class DesiredStateSource(Protocol):

@@ -3,6 +3,8 @@
 Layout (directory mode 0700)::
 
     private.key              the node's WireGuard private key (0600, see keys.py)
+    identity.json            the node's identity and join options (0600, see stream.py)
+    interfaces.json          the WireGuard interfaces gatewayd created (and so may manage)
     desired.pb               the last desired state applied successfully (binary protobuf)
     status.json              what the agent last did: applied revision, errors, counters
     nft.json                 the canonical listing of the loaded nftables table
@@ -12,6 +14,14 @@ Layout (directory mode 0700)::
 Files are replaced atomically (write, then rename), so a crash leaves the previous
 version, never half a file.  The desired state holds pre-shared keys: it is written
 0600 like the private key.
+
+``interfaces.json`` is what makes an interface gatewayd's: a name is recorded
+there right before gatewayd creates the interface, and removed when gatewayd
+destroys it.  An interface of the configured name that exists without a record
+(someone's ``wg0``) is never touched (reconciler.py).  The record carries the
+kernel's boot id: no interface survives a reboot, so after one the record is
+void, and a ``wg0`` that wg-quick brought up at boot is not mistaken for the
+one gatewayd made before.
 """
 
 from __future__ import annotations
@@ -63,6 +73,33 @@ class StateStore:
     def clear_desired(self) -> None:
         (self.dir / "desired.pb").unlink(missing_ok=True)
 
+    def created_interfaces(self) -> set[str] | None:
+        """The interfaces gatewayd recorded creating since this boot; None when
+        there is no record yet (a state directory of a gatewayd before the record
+        existed)."""
+        try:
+            data = json.loads((self.dir / "interfaces.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return set()  # unreadable: own nothing, so touch nothing
+        if not isinstance(data, dict) or data.get("boot_id") != _boot_id():
+            return set()
+        return {str(n) for n in data.get("created", [])}
+
+    def _save_interfaces(self, names: set[str]) -> None:
+        data = {"boot_id": _boot_id(), "created": sorted(names)}
+        self._write("interfaces.json", json.dumps(data).encode(), 0o644)
+
+    def record_created(self, ifname: str) -> None:
+        names = self.created_interfaces() or set()
+        if ifname not in names:
+            self._save_interfaces(names | {ifname})
+
+    def forget_created(self, ifname: str) -> None:
+        names = self.created_interfaces() or set()
+        self._save_interfaces(names - {ifname})
+
     def write_status(self, status: dict[str, Any]) -> None:
         status = dict(status, updated_at=time.time())
         self._write("status.json", json.dumps(status, indent=1, sort_keys=True).encode(), 0o644)
@@ -72,3 +109,10 @@ class StateStore:
             return json.loads((self.dir / "status.json").read_text())
         except (OSError, ValueError):
             return {}
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""

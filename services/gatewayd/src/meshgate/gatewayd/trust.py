@@ -1,17 +1,33 @@
-"""Which peers the agent accepts: signed peer keys.
+"""Which peers the agent accepts: signed peer keys, of its own network, by a
+key authority pinned outside the control plane.
 
-An agent that holds key authority public keys (from enrollment,
-``EnrollResponse.key_authority_public_keys``) accepts a peer only when its
-``public_key_signature`` is a valid Ed25519 signature by one of them over the
-binding of the peer's resource name and public key
-(``meshgate.common.signing``).  A peer that fails is *refused*: dropped from the
-desired state before validation and planning (together with the routes and the
-default route that name it), while the rest of the state applies.  Refusals are
-logged with the peer's resource, public key and reason, and reported to the
-control plane in the ack of that revision.
+**Pinning.** The key authority's public keys reach the agent in the control
+plane's answer to ``Enroll`` (``key_authority_public_keys``), but the agent
+keeps only those that match a pin it got elsewhere: the fingerprints the
+enrollment secret carries (``mgek_....ka_<fingerprint>``, one suffix per
+authority key, added by a control plane that has a key service; see
+``pins_of_secret``) or the keys given with ``gatewayd join --authority-key``.
+A control plane that presents another authority is refused at join, so it
+cannot have its own keys signed into the mesh.  The fingerprint is the first
+128 bits of SHA-256 of the raw 32-byte Ed25519 key, unpadded base64url
+(``fingerprint``): finding another key with the same fingerprint costs 2^128
+work.
 
-Without authority keys (an agent joined to a control plane that has no key
-service, or ``gatewayd run --file``) nothing is verified: the development mode.
+**Verification.** An agent that holds authority keys accepts a peer only when
+its ``public_key_signature`` is a valid Ed25519 signature by one of them over
+the binding of the peer's resource name and public key
+(``meshgate.common.signing``) and that resource belongs to the agent's own
+network (``networks/<its network>/...``): a key properly signed for a node of
+another network is refused like an unsigned one.  A peer that fails is
+*refused*: dropped from the desired state before validation and planning
+(together with the routes and the default route that name it), while the rest
+of the state applies.  Refusals are logged with the peer's resource, public key
+and reason, and reported to the control plane in the ack of that revision.
+
+Without authority keys (an agent joined with ``--insecure-no-authority`` to a
+control plane that has no key service, or ``gatewayd run --file``) nothing is
+verified: the development mode, which ``gatewayd run`` logs as a WARNING on
+every start.
 
 Verification results are cached by (resource, public key, signature), so a delta
 against a state of thousands of peers costs a dictionary lookup per unchanged
@@ -20,7 +36,11 @@ peer, not a signature check.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -34,6 +54,7 @@ log = logging.getLogger(__name__)
 UNSIGNED = "public key not signed by the key authority"
 BAD_SIGNATURE = "public key signature is not the key authority's for this peer and key"
 NO_RESOURCE = "no resource name to check the key's signature against"
+OTHER_NETWORK = "resource is not in this node's network ({network})"
 ERROR_REASON = "PEER_KEY_REFUSED"
 ERROR_DOMAIN = "gatewayd.meshgate"
 
@@ -48,16 +69,81 @@ class Refusal:
         return f"{self.resource or self.public_key}: {self.reason}"
 
 
-class PeerVerifier:
-    """Checks peers' key signatures against the key authority's public keys."""
+PIN_PREFIX = "ka_"
+_PIN_RE = re.compile(r"ka_([A-Za-z0-9_-]{22})")
 
-    def __init__(self, authority_keys: Iterable[bytes]):
+
+def fingerprint(authority_key: bytes) -> str:
+    """The pin of one raw 32-byte Ed25519 authority key: 22 characters of
+    unpadded base64url (the first 128 bits of its SHA-256).  The control plane
+    computes the same (``controlplane/enrollment.py``)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(bytes(authority_key)).digest()[:16]).decode().rstrip("=")
+
+
+def pins_of_secret(secret: str) -> tuple[str, tuple[str, ...]]:
+    """(the secret without its pins, the authority key fingerprints it carries):
+    trailing ``.ka_<fingerprint>`` segments, in order; none for a secret minted
+    by a control plane without a key service."""
+    base, pins = secret, []
+    while True:
+        head, sep, tail = base.rpartition(".")
+        m = _PIN_RE.fullmatch(tail) if sep else None
+        if m is None:
+            return base, tuple(reversed(pins))
+        pins.append(m.group(1))
+        base = head
+
+
+def parse_authority_key(text: str) -> bytes:
+    """A ``--authority-key`` value: the standard base64 of a raw 32-byte Ed25519
+    public key (as ``KeyAuthority.public_keys``).  Raises ValueError."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"--authority-key {text!r} is not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"--authority-key {text!r} is {len(raw)} bytes, not a 32-byte Ed25519 public key")
+    try:
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise ValueError(f"--authority-key {text!r} is not an Ed25519 public key") from None
+    return raw
+
+
+class PinMismatch(Exception):
+    """The control plane presented key authority keys that match no pin."""
+
+
+def pinned_keys(presented: Iterable[bytes], pins: Iterable[str]) -> tuple[bytes, ...]:
+    """The presented authority keys that match one of ``pins`` (fingerprints), in
+    the order presented; raises PinMismatch when none does."""
+    want = set(pins)
+    presented = [bytes(k) for k in presented]
+    kept = tuple(k for k in presented if fingerprint(k) in want)
+    if not kept:
+        shown = ", ".join(fingerprint(k) for k in presented) or "none"
+        raise PinMismatch(
+            f"the control plane presented key authority key(s) {shown}, which match none of the pinned "
+            f"fingerprint(s) {', '.join(sorted(want))}: it is not the key authority this node was told to trust")
+    return kept
+
+
+class PeerVerifier:
+    """Checks peers' key signatures against the key authority's public keys, and
+    that each peer belongs to ``network`` (``networks/<id>``)."""
+
+    def __init__(self, authority_keys: Iterable[bytes], network: str):
         self.keys: list[Ed25519PublicKey] = []
         for raw in authority_keys:
             # raises ValueError on a malformed key: a broken identity file is a host problem
             self.keys.append(Ed25519PublicKey.from_public_bytes(bytes(raw)))
         if not self.keys:
             raise ValueError("a verifier needs at least one key authority public key")
+        parts = network.split("/")
+        if len(parts) != 2 or parts[0] != "networks" or not parts[1]:
+            raise ValueError(f"a verifier needs this node's network (networks/<id>), not {network!r}")
+        self.network = network
+        self._prefix = network + "/"
         self._cache: dict[tuple[str, str, bytes], str | None] = {}
 
     def reason(self, peer: pb.Peer) -> str | None:
@@ -69,6 +155,8 @@ class PeerVerifier:
             why: str | None = UNSIGNED
         elif not peer.resource:
             why = NO_RESOURCE
+        elif not peer.resource.startswith(self._prefix) or peer.resource.count("/") != 3:
+            why = OTHER_NETWORK.format(network=self.network)
         elif signing.verify_any(self.keys, peer.resource, peer.public_key, peer.public_key_signature):
             why = None
         else:

@@ -24,14 +24,13 @@ import functools
 import logging
 
 import grpc
-from cryptography import x509
 
 from meshgate.common.access import Rule, rules_for
 from meshgate.common.errors import ApiError
+from meshgate.common.identity import SERVICE_PREFIX, peer_identity
 
 log = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "meshgate://services/"
 INSECURE = "insecure-development"
 
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("meshgate_keyservice_caller", default="")
@@ -40,24 +39,6 @@ _caller: contextvars.ContextVar[str] = contextvars.ContextVar("meshgate_keyservi
 def current_caller() -> str:
     """The identity of the caller being served (`meshgate://...`, or INSECURE)."""
     return _caller.get()
-
-
-def identity_of(context) -> str:
-    """The meshgate URI SAN of the caller's verified certificate, or ''."""
-    try:
-        auth = context.auth_context()
-    except Exception:  # noqa: BLE001 - no transport security at all
-        return ""
-    pems = auth.get("x509_pem_cert") or []
-    if not pems:
-        return ""
-    try:
-        cert = x509.load_pem_x509_certificate(pems[0])
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return ""
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("meshgate://")]
-    return uris[0] if len(uris) == 1 else ""
 
 
 def service_name(identity: str) -> str:
@@ -89,7 +70,7 @@ def protect(servicer, service, *, insecure: bool):
         def wrap(fn=fn, rule=rule):
             @functools.wraps(fn)
             async def guarded(request, context):
-                identity = INSECURE if insecure else identity_of(context)
+                identity = INSECURE if insecure else peer_identity(context)
                 check(rule, identity)
                 _caller.set(identity)
                 return await fn(request, context)

@@ -8,7 +8,9 @@ one), and writes into `--out-dir`:
 
     ca.pem                                   the internal CA (trust anchor for all three)
     keyservice.pem, keyservice.key           server: meshgate://services/keyservice, with --server-name SANs
-    controlplane.pem, controlplane.key       client: meshgate://services/controlplane
+    controlplane.pem, controlplane.key       meshgate://services/controlplane: client of the key
+                                             service, and server of the agent endpoint
+                                             (--agent-listen), with --controlplane-name SANs
     operator.pem, operator.key               client: meshgate://services/operator (KEK rotation,
                                              service certificates through the API)
 
@@ -40,7 +42,7 @@ from meshgate.keyservice.ca import CertificateAuthority
 from meshgate.keyservice.sealing import KekError, Keyring
 from meshgate.keyservice.vault import Vault
 
-IDENTITIES = {"keyservice": True, "controlplane": False, "operator": False}  # name -> is a server
+IDENTITIES = ("keyservice", "controlplane", "operator")
 
 
 def _csr(key: ec.EllipticCurvePrivateKey, name: str, server_names: list[str]) -> bytes:
@@ -64,7 +66,8 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 async def make(etcd_endpoints: str, etcd_prefix: str, keyring: Keyring, out: Path, server_names: list[str],
-               validity: dt.timedelta, credentials: EtcdCredentials | None = None) -> list[str]:
+               validity: dt.timedelta, credentials: EtcdCredentials | None = None,
+               controlplane_names: list[str] | None = None) -> list[str]:
     """Write what is missing in `out`; returns the files written."""
     etcd = for_service(etcd_endpoints, etcd_prefix, credentials)
     await etcd.connect()
@@ -75,12 +78,13 @@ async def make(etcd_endpoints: str, etcd_prefix: str, keyring: Keyring, out: Pat
         ca = CertificateAuthority(vault, validity)
         await ca.ensure()
         out.mkdir(parents=True, exist_ok=True)
-        for name, server in IDENTITIES.items():
+        sans = {"keyservice": server_names, "controlplane": controlplane_names or [], "operator": []}
+        for name in IDENTITIES:
             cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
             if cert_path.exists() and key_path.exists():
                 continue
             key = ec.generate_private_key(ec.SECP256R1())
-            issued = await ca.sign(_csr(key, name, server_names if server else []), f"services/{name}")
+            issued = await ca.sign(_csr(key, name, sans[name]), f"services/{name}")
             leaf_end = issued.chain_pem.index(b"-----END CERTIFICATE-----") + len(b"-----END CERTIFICATE-----\n")
             for p in (cert_path, key_path):
                 if p.exists():
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True, type=Path, help="where to write the certificates and keys")
     p.add_argument("--server-name", action="append", default=[],
                    help="a DNS name or IP address clients reach the key service at (repeatable; default 127.0.0.1)")
+    p.add_argument("--controlplane-name", action="append", default=[],
+                   help="a DNS name or IP address agents reach the control plane's agent endpoint at (repeatable; "
+                        "default 127.0.0.1 and localhost, which is also the name a unix: endpoint is checked against)")
     p.add_argument("--validity-days", type=float, default=365.0)
     for opt, what in (("ca", "PEM CA of etcd's server certificate (TLS)"), ("cert", "client certificate for etcd"),
                       ("key", "its private key"), ("user", "etcd user"), ("password-file", "file holding its password")):
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     written = asyncio.run(make(args.etcd_endpoints, args.etcd_prefix, keyring, args.out_dir,
                                args.server_name or ["127.0.0.1", "localhost"],
-                               dt.timedelta(days=args.validity_days), etcd_credentials(args)))
+                               dt.timedelta(days=args.validity_days), etcd_credentials(args),
+                               args.controlplane_name or ["127.0.0.1", "localhost"]))
     for w in written:
         print(f"wrote {w}")
     if not written:

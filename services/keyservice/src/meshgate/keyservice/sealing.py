@@ -18,6 +18,11 @@ A key-encryption key (KEK) is 32 random bytes with an id. Operators give them
 as lines `<id>:<base64 of 32 bytes>` in a file or an environment variable;
 several may be held at once during a rotation.
 
+The key service refuses a KEK file that others could read
+(`check_private_file`): no access for "others", and no group access either,
+except in the layout of a Kubernetes Secret volume (owned by root, group the
+service's own group, `defaultMode: 0440`), where the group is the pod's.
+
 Hazards:
 - Nothing here may put key material into an exception message, a log record
   or a repr. `Keyring.__repr__` shows ids only.
@@ -32,6 +37,7 @@ import binascii
 import json
 import os
 import re
+import stat
 import struct
 from typing import Any, Callable
 
@@ -126,6 +132,27 @@ def _ad(path: str, raw_header: bytes) -> bytes:
     return AD_DOMAIN + path.encode() + b"\0" + raw_header
 
 
+def check_private_file(path: str, st: os.stat_result) -> None:
+    """Raise KekError unless the KEK file ``path`` (``st`` from fstat of the open
+    file) is readable by its owner only: owned by this process's user or root,
+    no permission bits for others, none for the group unless it is root's file
+    whose group is this process's own (a Kubernetes Secret volume with fsGroup)."""
+    mode = stat.S_IMODE(st.st_mode)
+    euid = os.geteuid()
+    fix = f"make it readable by its owner only (chmod 600 {path})"
+    if st.st_uid not in (euid, 0):
+        raise KekError(f"refusing the KEK file {path}: it is owned by uid {st.st_uid}, neither this "
+                       f"service's user (uid {euid}) nor root; {fix}")
+    if mode & 0o007:
+        raise KekError(f"refusing the KEK file {path}: it is accessible by every user of this host "
+                       f"(mode {mode:04o}); {fix}")
+    if mode & 0o070:
+        k8s = st.st_uid == 0 and euid != 0 and st.st_gid in {os.getegid(), *os.getgroups()} and not mode & 0o020
+        if not k8s:
+            raise KekError(f"refusing the KEK file {path}: it is accessible by its group (gid {st.st_gid}, "
+                           f"mode {mode:04o}); {fix}")
+
+
 class Keyring:
     """The KEKs this process holds, by id, in the order the operator listed them.
 
@@ -139,12 +166,17 @@ class Keyring:
         self._loader = loader
 
     @classmethod
-    def from_config(cls, kek_file: str, kek_inline: str) -> "Keyring":
+    def from_config(cls, kek_file: str, kek_inline: str, *, private_file: bool = False) -> "Keyring":
+        """The KEKs of the file and the inline entries.  ``private_file`` (the key
+        service does this at start and on every re-read): refuse a KEK file that
+        others may read (``check_private_file``)."""
         def load() -> list[tuple[str, bytes]]:
             keys: list[tuple[str, bytes]] = []
             if kek_file:
                 try:
                     with open(kek_file, encoding="ascii", errors="replace") as f:
+                        if private_file:
+                            check_private_file(kek_file, os.fstat(f.fileno()))
                         text = f.read()
                 except OSError as e:
                     raise KekError(f"cannot read the KEK file {kek_file}: {e.strerror}") from None

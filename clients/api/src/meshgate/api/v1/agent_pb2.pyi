@@ -45,8 +45,9 @@ class EnrollRequest(_message.Message):
     """Underlay endpoint other nodes can reach, if any."""
     listen_port: _builtins.int
     csr: _builtins.bytes
-    """A PEM certificate signing request for the agent's mTLS identity.
-    Reserved: not read yet (agents get token credentials).
+    """A PEM certificate signing request for the agent's mTLS identity (a key
+    the agent generated and keeps). When the control plane has a key service,
+    the credential returned is a certificate for it, naming the node.
     """
     agent_version: _builtins.str
     def __init__(
@@ -81,12 +82,14 @@ class AgentCredential(_message.Message):
     token: _builtins.str
     """A bearer token, sent as `authorization: Bearer ...` metadata. Secret."""
     certificate_chain: _builtins.bytes
-    """A PEM certificate chain for mTLS, signed by the key service's CA.
-    Reserved: not issued yet.
+    """A PEM certificate chain for mTLS, signed by the key service's CA: its
+    URI SAN `meshgate://networks/{net}/nodes/{node}` is the agent's identity.
     """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Reserved: not set yet (tokens do not expire)."""
+        """When the certificate expires (tokens do not); the agent renews it over
+        its stream before then (RenewCertificate).
+        """
 
     def __init__(
         self,
@@ -113,9 +116,14 @@ class EnrollResponse(_message.Message):
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATES_FIELD_NUMBER: _builtins.int
     KEY_AUTHORITY_PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
+    AGENT_ENDPOINT_FIELD_NUMBER: _builtins.int
     ca_certificates: _builtins.bytes
-    """PEM CA certificates the agent trusts for the control plane. Reserved:
-    not set yet (`gatewayd join --ca-file` gives the CA).
+    """PEM CA certificates that signed the agent's certificate and the agent
+    endpoint's (the internal CA), with a certificate credential.
+    """
+    agent_endpoint: _builtins.str
+    """With a certificate credential: where to stream (the control plane's mTLS
+    agent listener, host:port); empty: the address the agent enrolled at.
     """
     @_builtins.property
     def node(self) -> _node_pb2.Node: ...
@@ -132,10 +140,11 @@ class EnrollResponse(_message.Message):
         credential: Global___AgentCredential | None = ...,
         ca_certificates: _builtins.bytes = ...,
         key_authority_public_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        agent_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificates", b"ca_certificates", "credential", b"credential", "key_authority_public_keys", b"key_authority_public_keys", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_endpoint", b"agent_endpoint", "ca_certificates", b"ca_certificates", "credential", b"credential", "key_authority_public_keys", b"key_authority_public_keys", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,11 +332,34 @@ class SyncRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RenewCertificate(_message.Message):
+        """A new certificate for the agent's identity, before the current one
+        expires: a CSR for a fresh key. Answered with SyncResponse.certificate;
+        the stream carries on, and the agent uses the new one when it reconnects.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        CSR_FIELD_NUMBER: _builtins.int
+        csr: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            csr: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
     NEW_KEY_FIELD_NUMBER: _builtins.int
+    RENEW_CERTIFICATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___SyncRequest.Hello: ...
     @_builtins.property
@@ -338,6 +370,8 @@ class SyncRequest(_message.Message):
     def resync(self) -> Global___SyncRequest.ResyncRequest: ...
     @_builtins.property
     def new_key(self) -> Global___SyncRequest.NewKey: ...
+    @_builtins.property
+    def renew_certificate(self) -> Global___SyncRequest.RenewCertificate: ...
     def __init__(
         self,
         *,
@@ -346,12 +380,13 @@ class SyncRequest(_message.Message):
         health: Global___SyncRequest.Health | None = ...,
         resync: Global___SyncRequest.ResyncRequest | None = ...,
         new_key: Global___SyncRequest.NewKey | None = ...,
+        renew_certificate: Global___SyncRequest.RenewCertificate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key", "renew_certificate"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -441,6 +476,7 @@ class SyncResponse(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ROTATE_KEY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The revision the message brings the node to."""
     @_builtins.property
@@ -455,6 +491,10 @@ class SyncResponse(_message.Message):
     def heartbeat(self) -> Global___SyncResponse.Heartbeat: ...
     @_builtins.property
     def rotate_key(self) -> Global___SyncResponse.RotateKey: ...
+    @_builtins.property
+    def certificate(self) -> Global___AgentCredential:
+        """The renewed certificate (the answer to RenewCertificate)."""
+
     def __init__(
         self,
         *,
@@ -464,12 +504,13 @@ class SyncResponse(_message.Message):
         delta: Global___SyncResponse.Delta | None = ...,
         heartbeat: Global___SyncResponse.Heartbeat | None = ...,
         rotate_key: Global___SyncResponse.RotateKey | None = ...,
+        certificate: Global___AgentCredential | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "rotate_key", b"rotate_key", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "rotate_key", b"rotate_key", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "revision", b"revision", "rotate_key", b"rotate_key", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "delta", b"delta", "heartbeat", b"heartbeat", "message", b"message", "revision", b"revision", "rotate_key", b"rotate_key", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["snapshot", "delta", "heartbeat", "rotate_key"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["snapshot", "delta", "heartbeat", "rotate_key", "certificate"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
