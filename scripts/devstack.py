@@ -131,6 +131,8 @@ def main() -> int:
         token_file = state / "admin-token"
         cp = ServiceProcess("meshgate-controlplane", common + [
                                 "--keyservice", ks.target, *pki.controlplane_args,
+                                # agents stream with certificates on this socket (mTLS)
+                                *pki.agent_args(f"unix:{state / 'agents.sock'}"),
                                 "--bootstrap-token-file", str(token_file),
                                 "--bootstrap-token-ttl", str(365 * 86400)],
                             listen=f"127.0.0.1:{args.controlplane_port},{agent_socket}",

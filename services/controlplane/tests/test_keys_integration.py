@@ -286,3 +286,47 @@ async def test_change_during_a_slow_connect_is_not_lost(keyed):
         gate.set()
         for x in (a, b, c):
             await x.close()
+
+
+async def test_a_refused_key_change_leaves_every_signature_as_it_was(keyed):
+    """The key service signs detached; the control plane records a signature
+    only in the transaction that commits its key: refused updates and lost
+    enrollment races leave no signature for a key a node does not hold."""
+    import asyncio
+
+    from google.protobuf import field_mask_pb2
+
+    from meshgate.api.v1 import keys_pb2 as kpb
+
+    cp = keyed
+    a, b = await two_agents(cp)
+
+    async def signed_key(node_id: str) -> str:
+        kv = await cp.etcd.get(cp.etcd.key("keys", "nodes", "prod", node_id))
+        return kpb.SignedNodeKey.FromString(kv.value).public_key
+
+    try:
+        assert await signed_key("b") == b.public_key
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+                node=node_pb2.Node(name=b.node.name, public_key=a.public_key),
+                update_mask=field_mask_pb2.FieldMask(paths=["public_key"])))
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert await signed_key("b") == b.public_key and await signed_key("a") == a.public_key
+        # Concurrent joins for one node id: one wins, and the signature is its key.
+        ek = await make_key(cp, key_id="race")
+        cp.guard.add_token(ek.secret)
+        racers = [SimAgent(cp.agents, ek.secret, "dup") for _ in range(6)]
+        results = await asyncio.gather(*(r.enroll() for r in racers), return_exceptions=True)
+        winners = [r for r, res in zip(racers, results) if not isinstance(res, BaseException)]
+        assert len(winners) == 1, results
+        for r, res in zip(racers, results):
+            if isinstance(res, BaseException):
+                assert res.code() == grpc.StatusCode.ALREADY_EXISTS
+            else:
+                cp.guard.add_token(r.token)
+        node = await cp.nodes.GetNode(node_pb2.GetNodeRequest(name="networks/prod/nodes/dup"))
+        assert node.public_key == winners[0].public_key == await signed_key("dup")
+    finally:
+        await a.close()
+        await b.close()

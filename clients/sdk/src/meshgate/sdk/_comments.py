@@ -431,6 +431,14 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                       '`~{client}` (a pair is two nodes, or a node and an external client).',
  'meshgate.api.v1.PresharedKey.peers': "The two peers' resource names.",
  'meshgate.api.v1.Protocol.PROTOCOL_UNSPECIFIED': 'Every protocol.',
+ 'meshgate.api.v1.RegisterNodeKeyRequest.detached': 'Return the signature without recording it: the caller (the '
+                                                    'control\n'
+                                                    'plane) records it (`keys/nodes/{net}/{node}`) in the transaction '
+                                                    'that\n'
+                                                    'commits the node with that key, so a refused or lost write leaves '
+                                                    'no\n'
+                                                    "signature behind and a committed node's signature is for its "
+                                                    'committed key.',
  'meshgate.api.v1.RoleBinding': 'What a principal may do within a set of networks.',
  'meshgate.api.v1.RoleBinding.networks': 'The networks (`networks/{network}`) the binding applies to; empty for\n'
                                          'every network. `admin` is never scoped.',

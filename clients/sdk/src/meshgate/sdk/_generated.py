@@ -833,11 +833,16 @@ class SyncMethods:
         *,
         node: str | None = None,
         public_key: str | None = None,
+        detached: bool | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> keys_pb2.SignedNodeKey:
-        """Registers a node's public key and returns the key authority's signature."""
-        return self._unary('meshgate.api.v1.KeyService', 'RegisterNodeKey', _build(keys_pb2.RegisterNodeKeyRequest, request, node=node, public_key=public_key), timeout, metadata)
+        """Registers a node's public key and returns the key authority's signature.
+
+        Arguments (or fields of `request`):
+        - detached: Return the signature without recording it: the caller (the control plane) records it (`keys/nodes/{net}/{node}`) in the transaction that commits the node with that key, so a refused or lost write leaves no signature behind and a committed node's signature is for its committed key.
+        """
+        return self._unary('meshgate.api.v1.KeyService', 'RegisterNodeKey', _build(keys_pb2.RegisterNodeKeyRequest, request, node=node, public_key=public_key, detached=detached), timeout, metadata)
 
     def get_key_authority(
         self,
@@ -1771,11 +1776,16 @@ class AsyncMethods:
         *,
         node: str | None = None,
         public_key: str | None = None,
+        detached: bool | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> keys_pb2.SignedNodeKey:
-        """Registers a node's public key and returns the key authority's signature."""
-        return await self._unary('meshgate.api.v1.KeyService', 'RegisterNodeKey', _build(keys_pb2.RegisterNodeKeyRequest, request, node=node, public_key=public_key), timeout, metadata)
+        """Registers a node's public key and returns the key authority's signature.
+
+        Arguments (or fields of `request`):
+        - detached: Return the signature without recording it: the caller (the control plane) records it (`keys/nodes/{net}/{node}`) in the transaction that commits the node with that key, so a refused or lost write leaves no signature behind and a committed node's signature is for its committed key.
+        """
+        return await self._unary('meshgate.api.v1.KeyService', 'RegisterNodeKey', _build(keys_pb2.RegisterNodeKeyRequest, request, node=node, public_key=public_key, detached=detached), timeout, metadata)
 
     async def get_key_authority(
         self,

@@ -252,11 +252,15 @@ def forms(secret: bytes) -> list[bytes]:
 
 
 def token_secrets(token: str) -> list[bytes]:
-    """A meshgate token (`mgek_{net}.{id}.{random}`, `mgat_...`) as secrets:
-    the whole token and its random part's bytes (so their other encodings are
-    searched too)."""
+    """A meshgate token (`mgek_{net}.{id}.{random}`, `mgat_...`, `mgtk_{id}.{random}`)
+    as secrets: the whole token and its random part's bytes (so their other
+    encodings are searched too). An enrollment secret's trailing
+    `.ka_{fingerprint}` pins are public and skipped to find the random part."""
     out = [token.encode()]
-    tail = token.rsplit(".", 1)[-1]
+    parts = token.split(".")
+    while len(parts) > 1 and parts[-1].startswith("ka_"):
+        parts.pop()
+    tail = parts[-1]
     try:
         out.append(base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)))
     except ValueError:

@@ -86,6 +86,7 @@ class KeyMaterial:
         self.stub = keys_pb2_grpc.KeyServiceStub(self._channel) if self._channel else None
         self._psks: dict[tuple[str, str], tuple[int, str]] = {}
         self._authority: list[bytes] = []
+        self._signed: dict[tuple[str, str], keys_pb2.SignedNodeKey] = {}
 
     @property
     def enabled(self) -> bool:
@@ -95,13 +96,18 @@ class KeyMaterial:
         if self._channel is not None:
             await self._channel.close()
 
-    async def register(self, node: str, public_key: str) -> None:
-        """Have the key service sign `node`'s key; refuse the write if it cannot."""
+    async def register(self, node: str, public_key: str) -> keys_pb2.SignedNodeKey | None:
+        """The key service's signature of `node`'s key, for the caller to record
+        (`signature_op`) in the transaction that commits the key; refuse the
+        write if it cannot be had. None without a key service."""
         if not self.enabled or not public_key:
-            return
+            return None
+        cached = self._signed.get((node, public_key))
+        if cached is not None:
+            return cached  # a retried transaction: the same signature
         try:
-            await self.stub.RegisterNodeKey(
-                keys_pb2.RegisterNodeKeyRequest(node=node, public_key=public_key), timeout=self.timeout
+            signed = await self.stub.RegisterNodeKey(
+                keys_pb2.RegisterNodeKeyRequest(node=node, public_key=public_key, detached=True), timeout=self.timeout
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -109,6 +115,18 @@ class KeyMaterial:
                                "INVALID_FIELD") from None
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service could not sign the node's key; retry",
                            "KEY_SERVICE_UNAVAILABLE") from None
+        if len(self._signed) > 4096:
+            self._signed.clear()
+        self._signed[(node, public_key)] = signed
+        return signed
+
+    @staticmethod
+    def signature_op(etcd, node: str, signed: keys_pb2.SignedNodeKey | None) -> list:
+        """The transaction op that records `signed` (none when None)."""
+        if signed is None:
+            return []
+        _, net, _, node_id = node.split("/")
+        return [etcd.txn_ops.put(etcd.key("keys", "nodes", net, node_id), signed.SerializeToString())]
 
     async def sign_certificate(self, csr: bytes, node: str):
         """An agent's certificate for `node` (an AgentCredential: the chain and

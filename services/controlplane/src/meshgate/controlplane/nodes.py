@@ -196,12 +196,14 @@ class Nodes(Resources):
             node.etag = ""
             if validate_only:
                 return node
-            if node.public_key and attempt == 0:
-                await self.key_material.register(name, node.public_key)
+            # The signature is recorded by this transaction, with the node: a
+            # refused or lost create leaves none behind.
+            signed = await self.key_material.register(name, node.public_key) if node.public_key else None
             ok, _, rev = await self.etcd.txn(
                 compare,
                 [
                     self.t.put(key, store.encode(node)),
+                    *self.key_material.signature_op(self.etcd, name, signed),
                     *claims,
                     self.t.put(self.keys.guard(net_id, "nodes"), b""),
                     *ops_extra,
@@ -261,11 +263,13 @@ class Nodes(Resources):
                     ops.append(self.t.delete(self.keys.pubkey(net_id, current.public_key)))
                 if updated.public_key:
                     pkey = self.keys.pubkey(net_id, updated.public_key)
-                    if not req.validate_only:
-                        await self.key_material.register(name, updated.public_key)
                     holder = await self.etcd.get(pkey)
                     if holder is not None:
                         raise _in_use("node.public_key", "this public key", holder.value.decode())
+                    if not req.validate_only:
+                        # Recorded by the update's own transaction (see create_in_txn).
+                        ops += self.key_material.signature_op(
+                            self.etcd, name, await self.key_material.register(name, updated.public_key))
                     compare.append(self.t.create(pkey) == 0)
                     ops.append(self.t.put(pkey, name.encode()))
                     updated.public_key_create_time.CopyFrom(store.now())

@@ -23,7 +23,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self.core = core
 
     async def RegisterNodeKey(self, request, context):
-        return await self.core.authority.register(request.node, request.public_key)
+        return await self.core.authority.register(request.node, request.public_key, detached=request.detached)
 
     async def GetKeyAuthority(self, request, context):
         keys = await self.core.authority.public_keys()

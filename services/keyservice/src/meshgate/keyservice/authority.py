@@ -102,8 +102,9 @@ class Authority:
         signed.sign_time.GetCurrentTime()
         return signed
 
-    async def register(self, node: str, public_key: str) -> keys_pb2.SignedNodeKey:
-        """Validate, sign and record a node's public key."""
+    async def register(self, node: str, public_key: str, detached: bool = False) -> keys_pb2.SignedNodeKey:
+        """Validate, sign and record a node's public key (`detached`: sign
+        only; the caller records it in its own transaction)."""
         errs = []
         parsed = names.parse_child(node, "nodes")
         if parsed is None:
@@ -136,6 +137,9 @@ class Authority:
             if prev.public_key == canonical and prev.key_id == kid:
                 return prev
         signed = await self.sign(node, raw)
+        if detached:
+            log.info("signed the public key of %s with %s (recorded by the caller)", node, kid)
+            return signed
         t = v.etcd.txn_ops
         ok, _, _ = await v.etcd.txn([t.mod(network.key) == network.mod_revision],
                                     [t.put(v.key(path), signed.SerializeToString())])

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshgate/api/v1/keys.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\x83\x01\n\rSignedNodeKey\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12-\n\tsign_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x16RegisterNodeKeyRequest\x12\x12\n\x04node\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x18\n\x16GetKeyAuthorityRequest\"4\n\x0cKeyAuthority\x12\x13\n\x0bpublic_keys\x18\x01 \x03(\x0c\x12\x0f\n\x07key_ids\x18\x02 \x03(\t\"\x83\x01\n\x0cPresharedKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05peers\x18\x02 \x03(\t\x12\x11\n\x03key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x19IssuePresharedKeysRequest\x12\x15\n\x07network\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05pairs\x18\x02 \x03(\t\"I\n\x1aIssuePresharedKeysResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x1d.meshgate.api.v1.PresharedKey\"*\n\x14RotateNodeKeyRequest\x12\x12\n\x04node\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"I\n\x15RotateNodeKeyResponse\x12\x30\n\x0crequest_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x1aRotatePresharedKeysRequest\x12\x15\n\x07network\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05pairs\x18\x02 \x03(\t\".\n\x1bRotatePresharedKeysResponse\x12\x0f\n\x07rotated\x18\x01 \x01(\x05\"K\n\x19IssueClientKeyPairRequest\x12\x1d\n\x0f\x65xternal_client\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"t\n\rClientKeyPair\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x19\n\x0bprivate_key\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\x06signed\x18\x03 \x01(\x0b\x32\x1e.meshgate.api.v1.SignedNodeKeyB\x04\xe2\x41\x01\x03\"C\n\x16SignCertificateRequest\x12\x11\n\x03\x63sr\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08identity\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"Y\n\x0b\x43\x65rtificate\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x1dRotateKeyEncryptionKeyRequest\x12\x18\n\nnew_key_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x1eRotateKeyEncryptionKeyResponse\x12\x11\n\trewrapped\x18\x01 \x01(\x05\x32\x82\x08\n\nKeyService\x12n\n\x0fRegisterNodeKey\x12\'.meshgate.api.v1.RegisterNodeKeyRequest\x1a\x1e.meshgate.api.v1.SignedNodeKey\"\x12\x92\xa1\x19\x0eJ\x0c\x63ontrolplane\x12w\n\x0fGetKeyAuthority\x12\'.meshgate.api.v1.GetKeyAuthorityRequest\x1a\x1d.meshgate.api.v1.KeyAuthority\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12\x81\x01\n\x12IssuePresharedKeys\x12*.meshgate.api.v1.IssuePresharedKeysRequest\x1a+.meshgate.api.v1.IssuePresharedKeysResponse\"\x12\x92\xa1\x19\x0eJ\x0c\x63ontrolplane\x12\x8e\x01\n\x13RotatePresharedKeys\x12+.meshgate.api.v1.RotatePresharedKeysRequest\x1a,.meshgate.api.v1.RotatePresharedKeysResponse\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12|\n\rRotateNodeKey\x12%.meshgate.api.v1.RotateNodeKeyRequest\x1a&.meshgate.api.v1.RotateNodeKeyResponse\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12t\n\x12IssueClientKeyPair\x12*.meshgate.api.v1.IssueClientKeyPairRequest\x1a\x1e.meshgate.api.v1.ClientKeyPair\"\x12\x92\xa1\x19\x0eJ\x0c\x63ontrolplane\x12v\n\x0fSignCertificate\x12\'.meshgate.api.v1.SignCertificateRequest\x1a\x1c.meshgate.api.v1.Certificate\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12\x89\x01\n\x16RotateKeyEncryptionKey\x12..meshgate.api.v1.RotateKeyEncryptionKeyRequest\x1a/.meshgate.api.v1.RotateKeyEncryptionKeyResponse\"\x0e\x92\xa1\x19\nJ\x08operatorb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshgate/api/v1/keys.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\x83\x01\n\rSignedNodeKey\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12-\n\tsign_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x16RegisterNodeKeyRequest\x12\x12\n\x04node\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x64\x65tached\x18\x03 \x01(\x08\"\x18\n\x16GetKeyAuthorityRequest\"4\n\x0cKeyAuthority\x12\x13\n\x0bpublic_keys\x18\x01 \x03(\x0c\x12\x0f\n\x07key_ids\x18\x02 \x03(\t\"\x83\x01\n\x0cPresharedKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05peers\x18\x02 \x03(\t\x12\x11\n\x03key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x19IssuePresharedKeysRequest\x12\x15\n\x07network\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05pairs\x18\x02 \x03(\t\"I\n\x1aIssuePresharedKeysResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x1d.meshgate.api.v1.PresharedKey\"*\n\x14RotateNodeKeyRequest\x12\x12\n\x04node\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"I\n\x15RotateNodeKeyResponse\x12\x30\n\x0crequest_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x1aRotatePresharedKeysRequest\x12\x15\n\x07network\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05pairs\x18\x02 \x03(\t\".\n\x1bRotatePresharedKeysResponse\x12\x0f\n\x07rotated\x18\x01 \x01(\x05\"K\n\x19IssueClientKeyPairRequest\x12\x1d\n\x0f\x65xternal_client\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"t\n\rClientKeyPair\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x19\n\x0bprivate_key\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\x06signed\x18\x03 \x01(\x0b\x32\x1e.meshgate.api.v1.SignedNodeKeyB\x04\xe2\x41\x01\x03\"C\n\x16SignCertificateRequest\x12\x11\n\x03\x63sr\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08identity\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"Y\n\x0b\x43\x65rtificate\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x1dRotateKeyEncryptionKeyRequest\x12\x18\n\nnew_key_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x1eRotateKeyEncryptionKeyResponse\x12\x11\n\trewrapped\x18\x01 \x01(\x05\x32\x82\x08\n\nKeyService\x12n\n\x0fRegisterNodeKey\x12\'.meshgate.api.v1.RegisterNodeKeyRequest\x1a\x1e.meshgate.api.v1.SignedNodeKey\"\x12\x92\xa1\x19\x0eJ\x0c\x63ontrolplane\x12w\n\x0fGetKeyAuthority\x12\'.meshgate.api.v1.GetKeyAuthorityRequest\x1a\x1d.meshgate.api.v1.KeyAuthority\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12\x81\x01\n\x12IssuePresharedKeys\x12*.meshgate.api.v1.IssuePresharedKeysRequest\x1a+.meshgate.api.v1.IssuePresharedKeysResponse\"\x12\x92\xa1\x19\x0eJ\x0c\x63ontrolplane\x12\x8e\x01\n\x13RotatePresharedKeys\x12+.meshgate.api.v1.RotatePresharedKeysRequest\x1a,.meshgate.api.v1.RotatePresharedKeysResponse\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12|\n\rRotateNodeKey\x12%.meshgate.api.v1.RotateNodeKeyRequest\x1a&.meshgate.api.v1.RotateNodeKeyResponse\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12t\n\x12IssueClientKeyPair\x12*.meshgate.api.v1.IssueClientKeyPairRequest\x1a\x1e.meshgate.api.v1.ClientKeyPair\"\x12\x92\xa1\x19\x0eJ\x0c\x63ontrolplane\x12v\n\x0fSignCertificate\x12\'.meshgate.api.v1.SignCertificateRequest\x1a\x1c.meshgate.api.v1.Certificate\"\x1c\x92\xa1\x19\x18J\x0c\x63ontrolplaneJ\x08operator\x12\x89\x01\n\x16RotateKeyEncryptionKey\x12..meshgate.api.v1.RotateKeyEncryptionKeyRequest\x1a/.meshgate.api.v1.RotateKeyEncryptionKeyResponse\"\x0e\x92\xa1\x19\nJ\x08operatorb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -77,37 +77,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNEDNODEKEY']._serialized_start=142
   _globals['_SIGNEDNODEKEY']._serialized_end=273
   _globals['_REGISTERNODEKEYREQUEST']._serialized_start=275
-  _globals['_REGISTERNODEKEYREQUEST']._serialized_end=345
-  _globals['_GETKEYAUTHORITYREQUEST']._serialized_start=347
-  _globals['_GETKEYAUTHORITYREQUEST']._serialized_end=371
-  _globals['_KEYAUTHORITY']._serialized_start=373
-  _globals['_KEYAUTHORITY']._serialized_end=425
-  _globals['_PRESHAREDKEY']._serialized_start=428
-  _globals['_PRESHAREDKEY']._serialized_end=559
-  _globals['_ISSUEPRESHAREDKEYSREQUEST']._serialized_start=561
-  _globals['_ISSUEPRESHAREDKEYSREQUEST']._serialized_end=626
-  _globals['_ISSUEPRESHAREDKEYSRESPONSE']._serialized_start=628
-  _globals['_ISSUEPRESHAREDKEYSRESPONSE']._serialized_end=701
-  _globals['_ROTATENODEKEYREQUEST']._serialized_start=703
-  _globals['_ROTATENODEKEYREQUEST']._serialized_end=745
-  _globals['_ROTATENODEKEYRESPONSE']._serialized_start=747
-  _globals['_ROTATENODEKEYRESPONSE']._serialized_end=820
-  _globals['_ROTATEPRESHAREDKEYSREQUEST']._serialized_start=822
-  _globals['_ROTATEPRESHAREDKEYSREQUEST']._serialized_end=888
-  _globals['_ROTATEPRESHAREDKEYSRESPONSE']._serialized_start=890
-  _globals['_ROTATEPRESHAREDKEYSRESPONSE']._serialized_end=936
-  _globals['_ISSUECLIENTKEYPAIRREQUEST']._serialized_start=938
-  _globals['_ISSUECLIENTKEYPAIRREQUEST']._serialized_end=1013
-  _globals['_CLIENTKEYPAIR']._serialized_start=1015
-  _globals['_CLIENTKEYPAIR']._serialized_end=1131
-  _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=1133
-  _globals['_SIGNCERTIFICATEREQUEST']._serialized_end=1200
-  _globals['_CERTIFICATE']._serialized_start=1202
-  _globals['_CERTIFICATE']._serialized_end=1291
-  _globals['_ROTATEKEYENCRYPTIONKEYREQUEST']._serialized_start=1293
-  _globals['_ROTATEKEYENCRYPTIONKEYREQUEST']._serialized_end=1350
-  _globals['_ROTATEKEYENCRYPTIONKEYRESPONSE']._serialized_start=1352
-  _globals['_ROTATEKEYENCRYPTIONKEYRESPONSE']._serialized_end=1403
-  _globals['_KEYSERVICE']._serialized_start=1406
-  _globals['_KEYSERVICE']._serialized_end=2432
+  _globals['_REGISTERNODEKEYREQUEST']._serialized_end=363
+  _globals['_GETKEYAUTHORITYREQUEST']._serialized_start=365
+  _globals['_GETKEYAUTHORITYREQUEST']._serialized_end=389
+  _globals['_KEYAUTHORITY']._serialized_start=391
+  _globals['_KEYAUTHORITY']._serialized_end=443
+  _globals['_PRESHAREDKEY']._serialized_start=446
+  _globals['_PRESHAREDKEY']._serialized_end=577
+  _globals['_ISSUEPRESHAREDKEYSREQUEST']._serialized_start=579
+  _globals['_ISSUEPRESHAREDKEYSREQUEST']._serialized_end=644
+  _globals['_ISSUEPRESHAREDKEYSRESPONSE']._serialized_start=646
+  _globals['_ISSUEPRESHAREDKEYSRESPONSE']._serialized_end=719
+  _globals['_ROTATENODEKEYREQUEST']._serialized_start=721
+  _globals['_ROTATENODEKEYREQUEST']._serialized_end=763
+  _globals['_ROTATENODEKEYRESPONSE']._serialized_start=765
+  _globals['_ROTATENODEKEYRESPONSE']._serialized_end=838
+  _globals['_ROTATEPRESHAREDKEYSREQUEST']._serialized_start=840
+  _globals['_ROTATEPRESHAREDKEYSREQUEST']._serialized_end=906
+  _globals['_ROTATEPRESHAREDKEYSRESPONSE']._serialized_start=908
+  _globals['_ROTATEPRESHAREDKEYSRESPONSE']._serialized_end=954
+  _globals['_ISSUECLIENTKEYPAIRREQUEST']._serialized_start=956
+  _globals['_ISSUECLIENTKEYPAIRREQUEST']._serialized_end=1031
+  _globals['_CLIENTKEYPAIR']._serialized_start=1033
+  _globals['_CLIENTKEYPAIR']._serialized_end=1149
+  _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=1151
+  _globals['_SIGNCERTIFICATEREQUEST']._serialized_end=1218
+  _globals['_CERTIFICATE']._serialized_start=1220
+  _globals['_CERTIFICATE']._serialized_end=1309
+  _globals['_ROTATEKEYENCRYPTIONKEYREQUEST']._serialized_start=1311
+  _globals['_ROTATEKEYENCRYPTIONKEYREQUEST']._serialized_end=1368
+  _globals['_ROTATEKEYENCRYPTIONKEYRESPONSE']._serialized_start=1370
+  _globals['_ROTATEKEYENCRYPTIONKEYRESPONSE']._serialized_end=1421
+  _globals['_KEYSERVICE']._serialized_start=1424
+  _globals['_KEYSERVICE']._serialized_end=2450
 # @@protoc_insertion_point(module_scope)

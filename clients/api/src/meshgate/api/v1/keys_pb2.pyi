@@ -69,17 +69,25 @@ class RegisterNodeKeyRequest(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     public_key: _builtins.str
+    detached: _builtins.bool
+    """Return the signature without recording it: the caller (the control
+    plane) records it (`keys/nodes/{net}/{node}`) in the transaction that
+    commits the node with that key, so a refused or lost write leaves no
+    signature behind and a committed node's signature is for its committed key.
+    """
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         public_key: _builtins.str = ...,
+        detached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detached", b"detached", "node", b"node", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
