@@ -342,3 +342,49 @@ async def test_each_committed_change_carries_its_audit_record_in_the_same_transa
     assert kv.mod_revision == int(n.etag)
     assert rec.status_code == "OK" and rec.principal == "tokens/test-admin"
     assert "node" not in rec.field_paths and all(not p.startswith("node.name") for p in rec.field_paths)
+
+
+async def test_audit_records_stream_to_watchers_as_they_are_written(world):
+    stub = auth_pb2_grpc.AuditRecordServiceStub(world.channel)
+    watch = stub.WatchAuditRecords(auth_pb2.WatchAuditRecordsRequest(resource="networks/a"))
+    await asyncio.sleep(0.3)  # the watch is open (no initial metadata to wait on)
+    await make_node(world, "b", "unseen")  # filtered out: another resource
+    await make_node(world, "a", "seen")
+    rec = await asyncio.wait_for(watch.read(), 5)
+    assert (rec.resource, rec.method, rec.status_code, rec.principal) == (
+        "networks/a/nodes/seen", "/meshgate.api.v1.NodeService/CreateNode", "OK", "tokens/test-admin")
+    watch.cancel()
+    # Listing filters by resource, principal and time, oldest first, in pages.
+    listed = []
+    token = ""
+    while True:
+        page = await stub.ListAuditRecords(auth_pb2.ListAuditRecordsRequest(resource="networks/a", page_size=2,
+                                                                            page_token=token))
+        listed += page.audit_records
+        token = page.next_page_token
+        if not token:
+            break
+    assert [r.resource for r in listed][-1] == "networks/a/nodes/seen"
+    assert all(r.resource.startswith("networks/a") for r in listed) and len(listed) >= 3
+    assert [r.name for r in listed] == sorted(r.name for r in listed)
+    assert not (await stub.ListAuditRecords(auth_pb2.ListAuditRecordsRequest(principal="tokens/nobody"))).audit_records
+
+
+async def test_audit_retention_deletes_what_is_too_old_or_too_many(world):
+    from meshgate.controlplane.auth.audit import AuditLog
+
+    for i in range(5):
+        await make_node(world, "a", f"r{i}")
+    recs = await audit_records(world.etcd)
+    total = len(recs)
+    assert total >= 5
+    # At most 3 records: the oldest go first.
+    keep3 = AuditLog(world.etcd, retention_s=86400, max_records=3)
+    assert await keep3.sweep() == total - 3
+    assert [r.name for r in await audit_records(world.etcd)] == [r.name for r in recs[-3:]]
+    # Older than the retention period (seen from two days later): all of them.
+    aged = AuditLog(world.etcd, retention_s=86400)
+    assert await aged.sweep(now_ns=time.time_ns() + 2 * 86400 * 10**9) == 3
+    assert await audit_records(world.etcd) == []
+    # Nothing else was touched.
+    assert await world.etcd.get(world.etcd.key("nodes", "a", "r4")) is not None
