@@ -85,7 +85,8 @@ async def test_key_service_calls_join_the_api_calls_trace(etcd_server, etcd_pref
     pki = keyservice_pki(str(tmp_path / "pki"), etcd_server.endpoint, etcd_prefix, str(kek))
     ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
                         env=otlp.env("meshgate-keyservice"), credentials=pki.credentials()).start()
-    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args],
+    cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args,
+                                                           "--agent-bearer-tokens"],
                         env=otlp.env("meshgate-controlplane")).start()
     ch = cptest.authed_channel(cp.target, cp.admin_token)
     try:
@@ -287,7 +288,8 @@ async def test_the_key_service_link_can_use_mtls(etcd_server, etcd_prefix, tmp_p
                             ("operator-cert", ["--keyservice-cert", pki.path("operator.pem"),
                                                "--keyservice-key", pki.path("operator.key")])):
             cp = ServiceProcess("meshgate-controlplane",
-                                common + ["--keyservice", ks.target, "--keyservice-ca", pki.path("ca.pem"), *extra]
+                                common + ["--keyservice", ks.target, "--keyservice-ca", pki.path("ca.pem"), *extra,
+                                          "--agent-bearer-tokens"]
                                 ).start()
             procs.append(cp)
             token = cp.admin_token or token  # the first process on the prefix made it

@@ -689,7 +689,7 @@ def main() -> int:
         try:
             ks.start()
             info(f"key service on {ks.target} (pid {ks.proc.pid})")
-            cp.args += ["--keyservice", ks.target]
+            cp.args += ["--keyservice", ks.target, "--agent-bearer-tokens"]  # simulated agents use tokens
             cp.start()
         finally:
             os.environ.clear()

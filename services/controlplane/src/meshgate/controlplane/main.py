@@ -73,7 +73,8 @@ class ControlPlaneConfig(config.ServerConfig):
         "", "PEM CA that signs agents' certificates: the key service's internal CA (ca.pem of meshgate-keyservice-certs)",
     )
     agent_bearer_tokens: bool = config.option(
-        False, "with --agent-listen, still accept agents' bearer tokens on Sync (development, migrating old agents)",
+        False, "give and accept agents' bearer tokens (no expiry) instead of, or with --agent-listen besides, "
+        "certificates: development, migrating old agents. Without --keyservice tokens are all there is",
     )
     bootstrap_token_file: str = config.option(
         "",
@@ -113,6 +114,12 @@ def agent_listener(cfg: ControlPlaneConfig) -> tuple[list[tuple[str, grpc.Server
         for name in ("agent_endpoint", "agent_tls_cert", "agent_tls_key", "agent_client_ca"):
             if getattr(cfg, name):
                 raise SystemExit(f"--{name.replace('_', '-')} needs --agent-listen")
+        if cfg.keyservice and not cfg.agent_bearer_tokens:
+            # With a key service agents can have certificates: bearer tokens
+            # (no expiry) only when the operator says so.
+            raise SystemExit("--keyservice without --agent-listen would give agents bearer tokens without expiry: "
+                             "serve an mTLS agent endpoint (--agent-listen, --agent-client-ca), or pass "
+                             "--agent-bearer-tokens to allow tokens (development)")
         return [], "", b""
     if not cfg.keyservice:
         raise SystemExit("--agent-listen needs --keyservice: the key service's CA issues agents' certificates")
@@ -158,6 +165,7 @@ def auth_settings(cfg: ControlPlaneConfig) -> AuthSettings:
 
 
 async def run(cfg: ControlPlaneConfig) -> None:
+    agent_ports, agent_endpoint, agent_ca = agent_listener(cfg)  # refused before anything starts
     etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix, etcd_credentials(cfg))
     await etcd.connect()
     if cfg.gateway_failover_after < 0:
@@ -172,7 +180,6 @@ async def run(cfg: ControlPlaneConfig) -> None:
         log.warning("no API token exists and no --bootstrap-token-file or --oidc-config is given: "
                     "every call to the admin API will be refused")
     gctune.freeze_startup_heap()  # the cache is loaded: keep its objects out of GC passes
-    agent_ports, agent_endpoint, agent_ca = agent_listener(cfg)
     if agent_ports:
         app.serve_agent_certificates(agent_endpoint, agent_ca, bearer_tokens=cfg.agent_bearer_tokens)
         log.info("agents get certificates and stream with them on %s%s", agent_endpoint,
