@@ -66,6 +66,8 @@ import time
 
 from benchkit import bench, info, percentile
 
+from meshgate.common.etcdproc import terminate
+
 NETWORK_ID = "bench"
 CIDR = "100.64.0.0/16"
 MODES = ("auth", "noauth")
@@ -206,14 +208,7 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 15) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, timeout)
 
 
 def measure(servers: dict[str, Server], warmup: int, ops: int, round_size: int) -> dict[str, list[float]]:

@@ -47,6 +47,18 @@ def port_in_use(port: int) -> bool:
 
 
 @dataclass
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """Stop a child by its PID: SIGTERM, then SIGKILL after `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 class EtcdProcess:
     data_dir: str
     client_port: int = 0
@@ -167,14 +179,7 @@ class EtcdProcess:
         return r.stdout
 
     def stop(self, timeout: float = 10) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, timeout)
 
 
 def start_cluster(base_dir: str, members: int = 3, timeout: float = 30) -> list[EtcdProcess]:

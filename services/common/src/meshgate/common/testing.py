@@ -15,7 +15,6 @@ import base64
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshgate.common.etcdproc import terminate
 
 
 def in_ci() -> bool:
@@ -128,13 +129,7 @@ class ServiceProcess:
         the log unless the caller chose where the log goes)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if self._workdir:
             if self.log_path.startswith(self._workdir):
                 self._final_log = self.log(tail=0)  # still readable after the directory is gone

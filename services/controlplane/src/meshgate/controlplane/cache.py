@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common import etcdwatch
+from meshgate.common.aiotasks import cancel_and_wait
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import compiler, ipam, store
 
@@ -112,12 +113,7 @@ class StateCache:
         self._task = asyncio.create_task(self._run(), name="state-cache")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def wait_for_revision(self, revision: int, timeout: float | None = None) -> bool:
         """Wait until the cache has seen `revision` (read-your-writes); False on timeout."""

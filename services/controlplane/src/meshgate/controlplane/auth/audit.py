@@ -38,6 +38,7 @@ from google.api import resource_pb2
 
 from meshgate.api.v1 import auth_pb2
 from meshgate.common import etcdwatch
+from meshgate.common.aiotasks import cancel_and_wait
 from meshgate.common.errors import FieldViolation, invalid_argument
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import validation
@@ -121,7 +122,6 @@ class AuditLog:
         self._bucket = (0, 0)  # (second, refusals stored in it)
         self._dropped = 0
         self._sweeper: asyncio.Task | None = None
-        self._pending: set[asyncio.Task] = set()
 
     def new_scope(self, record: auth_pb2.AuditRecord) -> AuditScope:
         ns = time.time_ns()
@@ -221,12 +221,7 @@ class AuditLog:
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="audit-retention")
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            try:
-                await self._sweeper
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._sweeper)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -39,6 +39,7 @@ from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import auth_pb2
 from meshgate.common import etcdwatch
+from meshgate.common.aiotasks import cancel_and_wait
 from meshgate.common.errors import ApiError, FieldViolation, already_exists, etag_mismatch, invalid_argument, not_found
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import names, store, validation
@@ -104,12 +105,7 @@ class TokenCache:
         self._task = asyncio.create_task(self._run(), name="token-cache")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def wait_for_revision(self, revision: int, timeout: float = 5) -> None:
         """Until the cache has seen `revision` (a writer's own change)."""
@@ -235,12 +231,7 @@ class Tokens:
         self._flusher = asyncio.create_task(self._flush_loop(), name="token-last-use")
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._flusher)
         try:
             await self.flush()
         except EtcdUnavailable as e:
