@@ -46,8 +46,6 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-@dataclass
-
 def terminate(proc: subprocess.Popen | None, timeout: float = 10) -> None:
     """Stop a child by its PID: SIGTERM, then SIGKILL after `timeout` seconds."""
     if proc is None or proc.poll() is not None:
@@ -59,6 +57,8 @@ def terminate(proc: subprocess.Popen | None, timeout: float = 10) -> None:
         proc.kill()
         proc.wait()
 
+
+@dataclass
 class EtcdProcess:
     data_dir: str
     client_port: int = 0
