@@ -166,3 +166,9 @@ async def test_a_deleted_node_is_cut_off_at_once_despite_its_certificate(certifi
                                                      metadata=cp.auth_metadata)
     code, details = await sync_code(agents, creds_of(tmp / "n1"), "networks/lab/nodes/n1")
     assert code == "UNAUTHENTICATED" and "no longer exists" in details
+    # A node of the same name joins again (another machine, another key): the
+    # old certificate, still unexpired, does not speak for it.
+    await joined(cp, secret, "n1", tmp / "n1-again")
+    code, details = await sync_code(agents, creds_of(tmp / "n1"), "networks/lab/nodes/n1")
+    assert code == "UNAUTHENTICATED" and "not one of" in details, details
+    assert (await sync_code(agents, creds_of(tmp / "n1-again"), "networks/lab/nodes/n1"))[0] == "OK"

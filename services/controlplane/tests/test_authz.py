@@ -388,3 +388,66 @@ async def test_audit_retention_deletes_what_is_too_old_or_too_many(world):
     assert await audit_records(world.etcd) == []
     # Nothing else was touched.
     assert await world.etcd.get(world.etcd.key("nodes", "a", "r4")) is not None
+
+
+async def test_a_stream_ends_when_its_token_is_revoked(world):
+    token = await mint_token(world.app, "watcher", role="viewer")
+    tokens = auth_pb2_grpc.TokenServiceStub(world.channel)
+    async with authed_channel(world.target, token) as ch:
+        watch = events_pb2_grpc.EventServiceStub(ch).Watch(events_pb2.WatchRequest())
+        await watch.initial_metadata()
+        await make_node(world, "a", "before")
+        assert (await asyncio.wait_for(watch.read(), 5)).resource_name == "networks/a/nodes/before"
+        await tokens.RevokeToken(auth_pb2.RevokeTokenRequest(name="tokens/watcher"))
+        await make_node(world, "a", "after")  # not delivered: the stream ends instead
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            while True:
+                ev = await asyncio.wait_for(watch.read(), 5)
+                assert ev.resource_name != "networks/a/nodes/after", "delivered after the revocation"
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert details(e.value)[1] == "CREDENTIALS_ENDED"
+
+
+async def test_a_token_never_grants_more_than_its_creator_holds(world):
+    minter = await mint_token(world.app, "minter", role="", permissions=["tokens.create", "secrets.read"])
+    async with authed_channel(world.target, minter) as ch:
+        stub = auth_pb2_grpc.TokenServiceStub(ch)
+        t = auth_pb2.Token(bindings=[auth_pb2.RoleBinding(role="admin")])
+        t.expire_time.FromNanoseconds(int((time.time() + 60) * 1e9))
+        before = await state_dump(world.etcd)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateToken(auth_pb2.CreateTokenRequest(token_id="evil", token=t))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and details(e.value)[1] == "GRANT_EXCEEDS_CALLER"
+        assert await state_dump(world.etcd) == before
+        # What it holds itself it may pass on.
+        t2 = auth_pb2.Token(bindings=[auth_pb2.RoleBinding(permissions=["secrets.read"])])
+        t2.expire_time.FromNanoseconds(int((time.time() + 60) * 1e9))
+        assert (await stub.CreateToken(auth_pb2.CreateTokenRequest(token_id="ok", token=t2))).secret
+
+
+async def test_bad_times_and_huge_names_are_refused_precisely_and_kept_small(world):
+    stub = auth_pb2_grpc.TokenServiceStub(world.channel)
+    for seconds, nanos in ((10**15, 0), (int(time.time()) + 60, -5), (int(time.time()) + 60, 2 * 10**9)):
+        t = auth_pb2.Token(bindings=[auth_pb2.RoleBinding(role="viewer")])
+        t.expire_time.seconds, t.expire_time.nanos = seconds, nanos
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateToken(auth_pb2.CreateTokenRequest(token_id="t", token=t))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token.expire_time" in details(e.value)[0]
+    audit = auth_pb2_grpc.AuditRecordServiceStub(world.channel)
+    req = auth_pb2.ListAuditRecordsRequest()
+    req.start_time.seconds = 10**15
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await audit.ListAuditRecords(req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "start_time" in details(e.value)[0]
+    # A refused call with a megabyte of name leaves a small record.
+    async with grpc.aio.insecure_channel(world.target) as anon:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await node_pb2_grpc_stub(anon).GetNode(node_pb2.GetNodeRequest(name="networks/a/nodes/" + "x" * 1_000_000))
+    rec = (await audit_records(world.etcd))[-1]
+    assert rec.status_code == "UNAUTHENTICATED" and len(rec.SerializeToString()) < 4096
+
+
+def node_pb2_grpc_stub(channel):
+    from meshgate.api.v1 import node_pb2_grpc
+
+    return node_pb2_grpc.NodeServiceStub(channel)

@@ -15,6 +15,26 @@ SCHEME = "meshgate://"
 SERVICE_PREFIX = SCHEME + "services/"
 
 
+def spki_sha256(public_key) -> str:
+    """Hex SHA-256 of a public key's SubjectPublicKeyInfo: what binds an agent's
+    certificate to the node record (a recreated node has another)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def peer_spki_sha256(context) -> str:
+    """`spki_sha256` of the caller's verified certificate, or ''."""
+    try:
+        pems = context.auth_context().get("x509_pem_cert") or []
+        return spki_sha256(x509.load_pem_x509_certificate(pems[0]).public_key()) if pems else ""
+    except Exception:  # noqa: BLE001 - no TLS, or not a certificate
+        return ""
+
+
 def peer_identity(context) -> str:
     """The meshgate URI SAN of the caller's verified certificate, or '' (no
     TLS, no certificate, or not exactly one meshgate identity in it)."""

@@ -65,10 +65,13 @@ class NetworkService(network_pb2_grpc.NetworkServiceServicer):
         return await self.networks.get(request.name)
 
     async def ListNetworks(self, request, context):
-        items, token = await self.networks.list(request.page_size, request.page_token)
         visible = visible_networks("networks.list")
-        if visible is not None:
-            items = [n for n in items if n.name.split("/", 1)[1] in visible]
+        if visible is None:
+            items, token = await self.networks.list(request.page_size, request.page_token)
+        else:
+            # A scoped caller pages over its own networks only: neither the
+            # items nor the page tokens name one it may not see.
+            items, token = await self.networks.list_among(sorted(visible), request.page_size, request.page_token)
         return network_pb2.ListNetworksResponse(networks=items, next_page_token=token)
 
     async def UpdateNetwork(self, request, context):
@@ -201,7 +204,8 @@ class TokenService(auth_pb2_grpc.TokenServiceServicer):
         self.tokens = tokens
 
     async def CreateToken(self, request, context):
-        return await self.tokens.create(request, creator=current_principal().name)
+        caller = current_principal()
+        return await self.tokens.create(request, creator=caller.name, principal=caller)
 
     async def GetToken(self, request, context):
         return await self.tokens.get(request.name)

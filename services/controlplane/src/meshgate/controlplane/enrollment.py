@@ -19,9 +19,13 @@ the record's count plus those keys).
 
 The credential returned by `Enroll` is, on a control plane with an mTLS agent
 listener (`--agent-listen`), a short-lived certificate for the key the agent
-generated (its CSR), naming the node, signed by the key service's CA after
-the node is committed (a race's loser never holds one; a failed signing
-removes the node again); the agent streams with it on the agent endpoint.
+generated (its CSR), naming the node, signed by the key service's CA; the
+agent streams with it on the agent endpoint. The node's `agents/{net}/{node}`
+record holds the SHA-256 of that key (`spki:{hex}`), written with the node:
+a stream's certificate must name the node and carry a key that record lists,
+so a race's loser, or the holder of a deleted node's certificate once a node
+of that name exists again, is refused. (Signing comes before the commit, so a
+failed signing consumes no use of the enrollment key.)
 Otherwise (development, or `--agent-bearer-tokens`) it is a bearer token
 `mgat_{network}.{node}.{random}`, also stored only as a hash; agents present
 it as `authorization: Bearer ...` on every later call.
@@ -43,6 +47,7 @@ import time
 import grpc
 
 from meshgate.api.v1 import agent_pb2, enrollment_pb2, node_pb2
+from meshgate.common.identity import spki_sha256
 from meshgate.common.errors import ApiError, FieldViolation, already_exists, invalid_argument
 from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.base import Kind, Resources
@@ -242,10 +247,11 @@ class EnrollmentKeys(Resources):
         if self.agent_endpoint and not req.csr and not self.agent_tokens:
             errs.append(FieldViolation("csr", "is required: this control plane issues agent certificates"))
         if req.csr:
-            errs += _check_csr(req.csr)
+            errs += check_csr(req.csr)
         if errs:
             raise invalid_argument(errs)
         ekey = self.key_of(net_id, key_id)
+        signed: dict[str, agent_pb2.AgentCredential] = {}  # one certificate across retried attempts
 
         async def attempt(n: int) -> agent_pb2.EnrollResponse:
             kv = await self.etcd.get(ekey)
@@ -260,6 +266,9 @@ class EnrollmentKeys(Resources):
             if ek.max_uses and ek.uses >= ek.max_uses:
                 raise _refused("exhausted", f"enrollment key {ek.name} is exhausted: used {ek.uses} of {ek.max_uses} times")
             token = _mint(TOKEN_PREFIX, net_id, node_id)
+            if certified and "credential" not in signed:
+                signed["credential"] = await self.nodes.key_material.sign_certificate(
+                    req.csr, names.child_name(net_id, "nodes", node_id))
             if ek.max_uses:
                 ek.uses += 1
                 ek.update_time.CopyFrom(store.now())
@@ -274,17 +283,10 @@ class EnrollmentKeys(Resources):
             node = await self.nodes.create_in_txn(
                 net_id, node_id, template, n,
                 compare_extra=[self.t.mod(ekey) == kv.mod_revision],
-                ops_extra=[use] + ([] if certified else [self.t.put(self.agent_key(net_id, node_id), _digest(token))]),
+                ops_extra=[use, self.t.put(self.agent_key(net_id, node_id),
+                                           csr_binding(req.csr) if certified else _digest(token))],
             )
-            if not certified:
-                credential = agent_pb2.AgentCredential(token=token)
-            else:
-                try:
-                    credential = await self.nodes.key_material.sign_certificate(req.csr, node.name)
-                except ApiError:
-                    # No node without a credential: its agent could never stream, nor join again.
-                    await self.nodes.delete(node_pb2.DeleteNodeRequest(name=node.name))
-                    raise
+            credential = signed["credential"] if certified else agent_pb2.AgentCredential(token=token)
             return agent_pb2.EnrollResponse(
                 node=node,
                 credential=credential,
@@ -314,7 +316,7 @@ class EnrollmentKeys(Resources):
         return names.child_name(net_id, "nodes", node_id)
 
 
-def _check_csr(csr: bytes) -> list[FieldViolation]:
+def check_csr(csr: bytes) -> list[FieldViolation]:
     """A CSR the CA will accept: PEM, self-signed by its key (the key service
     checks again; this refuses before the node is created)."""
     from cryptography import x509
@@ -328,3 +330,17 @@ def _check_csr(csr: bytes) -> list[FieldViolation]:
     if not req.is_signature_valid:
         return [FieldViolation("csr", "is not signed by its own key")]
     return []
+
+
+def csr_binding(csr: bytes) -> bytes:
+    """The `agents/{net}/{node}` value that binds a node to the key of `csr`."""
+    from cryptography import x509
+
+    return b"spki:" + spki_sha256(x509.load_pem_x509_csr(csr).public_key()).encode()
+
+
+def bound_keys(value: bytes) -> set[str]:
+    """The key hashes an `agents/{net}/{node}` value binds (none for a token's)."""
+    if not value.startswith(b"spki:"):
+        return set()
+    return {h for h in value[len(b"spki:"):].decode().split(",") if h}

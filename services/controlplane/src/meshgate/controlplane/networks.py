@@ -110,6 +110,24 @@ class Networks(Resources):
         token = encode_page_token("", kvs[-1].key[len(prefix):].decode()) if more and kvs else ""
         return items, token
 
+    async def list_among(self, ids: list[str], page_size: int, page_token: str):
+        """Like `list`, over the networks `ids` (sorted) only: a caller scoped to
+        them pages without page tokens naming any other network."""
+        size, errs = validation.page_size("page_size", page_size)
+        if errs:
+            raise invalid_argument(errs)
+        after = decode_page_token(page_token, "scoped")
+        items = []
+        rest = [i for i in ids if i > after]
+        for i, net_id in enumerate(rest):
+            kv = await self.etcd.get(self.keys.network(net_id))
+            if kv is not None:
+                items.append(store.decode(network_pb2.Network, kv))
+            if len(items) == size:
+                more = i + 1 < len(rest)
+                return items, encode_page_token("scoped", net_id) if more else ""
+        return items, ""
+
     async def update(self, req: network_pb2.UpdateNetworkRequest) -> network_pb2.Network:
         name = req.network.name
         self.parse_name(name, "network.name")

@@ -44,10 +44,10 @@ from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import network_pb2
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
 from meshgate.common.etcd import Etcd
-from meshgate.common.identity import node_of, peer_identity
+from meshgate.common.identity import node_of, peer_identity, peer_spki_sha256
 from meshgate.controlplane import compiler, names
 from meshgate.controlplane.cache import Change, StateCache
-from meshgate.controlplane.enrollment import EnrollmentKeys
+from meshgate.controlplane.enrollment import EnrollmentKeys, check_csr, bound_keys, csr_binding
 from meshgate.controlplane.keymaterial import KeyMaterial
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class Session:
     # a replica deletes the key only while it is still this session's (the
     # agent may have reconnected to another replica meanwhile).
     token: str = field(default_factory=lambda: secrets.token_hex(8))
+    spki: str = ""  # the key hash of the stream's certificate ('' for a token)
 
     def record(self) -> bytes:
         return f"{self.agent_version or '-'} {self.token}".encode()
@@ -753,9 +754,16 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         node = node_of(identity)
         if node:
             net_id, node_id = node.split("/")[1], node.split("/")[3]
-            # Refused at once when deleted, however long the certificate has left.
-            if await self.fanout.etcd.get(self.fanout.etcd.key("nodes", net_id, node_id)) is None:
+            # The node's record lists the keys of its certificates: refused at
+            # once when the node is deleted (however long the certificate has
+            # left), and also when a node of that name was made anew since.
+            kv = await self.fanout.etcd.get(self.enrollment.agent_key(net_id, node_id))
+            if kv is None:
                 raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"{node} no longer exists", "NODE_DELETED")
+            if peer_spki_sha256(context) not in bound_keys(kv.value):
+                raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                               f"this certificate is not one of {node}'s (the node was made anew since?)",
+                               "CERTIFICATE_NOT_BOUND")
             return node
         if identity:
             raise ApiError(grpc.StatusCode.PERMISSION_DENIED, f"{identity} is not an agent's identity",
@@ -767,9 +775,23 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         return await self.enrollment.authenticate(context.invocation_metadata())
 
     async def _renew(self, session: Session, csr: bytes) -> None:
-        """A new certificate for the session's node, sent down its stream."""
+        """A new certificate for the session's node, sent down its stream. The
+        node's record then binds the new key besides the one in use (until
+        the agent reconnects with the new pair)."""
+        net_id, node_id = session.node.split("/")[1], session.node.split("/")[3]
+        etcd, key = self.fanout.etcd, self.enrollment.agent_key(net_id, node_id)
         try:
+            kv = await etcd.get(key)
+            if kv is None or not bound_keys(kv.value) or check_csr(csr):
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "not an agent with a certificate, or a bad CSR",
+                               "RENEWAL_REFUSED")
             issued = await self.enrollment.nodes.key_material.sign_certificate(csr, session.node)
+            current = session.spki or sorted(bound_keys(kv.value))[0]
+            t = etcd.txn_ops
+            ok, _, _ = await etcd.txn([t.mod(key) == kv.mod_revision],
+                                      [t.put(key, csr_binding(csr) + b"," + current.encode())])
+            if not ok:
+                raise ApiError(grpc.StatusCode.ABORTED, "the node changed during the renewal", "CONCURRENT_MODIFICATION")
         except ApiError as e:
             log.warning("certificate renewal for %s failed: %s", session.node, e)
             self.fanout._record(session.node, error=f"certificate renewal failed: {e.message}")
@@ -809,6 +831,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def Sync(self, request_iterator, context):
         node = await self._who(context)
+        spki = peer_spki_sha256(context)
         it = request_iterator.__aiter__()
         try:
             first = await asyncio.wait_for(it.__anext__(), 30)
@@ -822,6 +845,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         rev = await self.fanout.etcd.revision()
         await asyncio.wait_for(self.cache.wait_for_revision(rev), 10)
         session = await self.fanout.open(node, first.hello)
+        session.spki = spki
         reader = asyncio.create_task(self._read(it, session))
         try:
             while True:

@@ -312,3 +312,9 @@ def page_size(field: str, value: int) -> tuple[int, list[V]]:
     if value < 0:
         return 0, [V(field, "may not be negative")]
     return min(value or 50, 1000), []
+
+
+def valid_timestamp(ts) -> bool:
+    """Whether a google.protobuf.Timestamp is within its own range (0001 to
+    9999, nanos in [0, 1e9)); outside it its conversions raise."""
+    return -62135596800 <= ts.seconds <= 253402300799 and 0 <= ts.nanos < 1_000_000_000

@@ -14,9 +14,11 @@ is also logged as one JSON line on the `meshgate.audit` logger.
 
 Hazards:
 - Records hold field paths, never values: a secret cannot reach one.
-- Unauthenticated refusals cost an etcd write each; past `REFUSAL_BURST` per
-  second per replica they are logged but not stored, and the next stored
-  record says how many were dropped (a flood must not fill etcd).
+- Refusals (UNAUTHENTICATED, PERMISSION_DENIED) cost an etcd write each; past
+  `REFUSAL_BURST` per second per replica they are logged but not stored, and
+  the next stored record says how many were dropped; texts the caller chooses
+  (resource name, peer, message) are clipped to `MAX_TEXT` characters (a flood
+  must not fill etcd).
 - Retention: each replica deletes records older than the retention period and
   beyond the record limit, once a minute; deletes are idempotent, so replicas
   need no election for it.
@@ -47,7 +49,9 @@ from meshgate.controlplane.txn import decode_page_token, encode_page_token
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("meshgate.audit")
 
-REFUSAL_BURST = 50  # unauthenticated refusals stored per second per replica
+REFUSAL_BURST = 50  # refusals (UNAUTHENTICATED, PERMISSION_DENIED) stored per second per replica
+MAX_TEXT = 512  # characters kept of a caller-supplied text (resource name, peer, message)
+REFUSALS = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 SWEEP_S = 60.0
 DEFAULT_RETENTION_S = 90 * 86400
 DEFAULT_MAX_RECORDS = 1_000_000
@@ -124,6 +128,11 @@ class AuditLog:
         self._sweeper: asyncio.Task | None = None
 
     def new_scope(self, record: auth_pb2.AuditRecord) -> AuditScope:
+        # Callers choose these texts: a record's size must not be theirs to choose.
+        record.resource = clip(record.resource)
+        record.peer = clip(record.peer)
+        record.network = clip(record.network)
+        del record.field_paths[64:]
         ns = time.time_ns()
         key, rid = record_key(self.etcd, ns)
         record.name = f"auditRecords/{rid}"
@@ -135,11 +144,12 @@ class AuditLog:
         unless the change's own transaction already did (with this status)."""
         scope.active = False
         rec = scope.record
+        rec.status_message = clip(rec.status_message)
         if audit_log.isEnabledFor(logging.INFO):
             audit_log.info("%s", record_json(rec))
         if scope.committed and rec.status_code == "OK":
             return
-        if rec.status_code == "UNAUTHENTICATED":
+        if rec.status_code in REFUSALS:
             sec = int(time.time())
             second, n = self._bucket
             n = n + 1 if second == sec else 1
@@ -148,7 +158,7 @@ class AuditLog:
                 self._dropped += 1
                 return
         if self._dropped:
-            rec.status_message = (rec.status_message + f" [{self._dropped} unauthenticated refusals before this "
+            rec.status_message = (rec.status_message + f" [{self._dropped} refusals before this "
                                   "one were logged but not stored]").strip()
             self._dropped = 0
         try:
@@ -167,6 +177,12 @@ class AuditLog:
     async def list(self, req: auth_pb2.ListAuditRecordsRequest, networks: frozenset[str] | None
                    ) -> tuple[list[auth_pb2.AuditRecord], str]:
         size, errs = validation.page_size("page_size", req.page_size)
+        for name in ("start_time", "end_time"):
+            if req.HasField(name) and (not validation.valid_timestamp(getattr(req, name))
+                                       or getattr(req, name).seconds < 0):
+                errs.append(FieldViolation(name, "is not a valid time"))
+        if errs:
+            raise invalid_argument(errs)
         if req.HasField("start_time") and req.HasField("end_time") and \
                 req.end_time.ToNanoseconds() <= req.start_time.ToNanoseconds():
             errs.append(FieldViolation("end_time", "must be after start_time"))
@@ -248,6 +264,10 @@ class AuditLog:
                 for r in responses:
                     deleted += getattr(getattr(r, "response_delete_range", None), "deleted", 0)
         return deleted
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + f"...[{len(text) - MAX_TEXT} more]"
 
 
 def record_json(rec: auth_pb2.AuditRecord) -> str:

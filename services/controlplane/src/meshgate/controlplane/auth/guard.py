@@ -40,6 +40,8 @@ from meshgate.controlplane.auth.tokens import TokenCache, Tokens, parse_bearer, 
 
 log = logging.getLogger(__name__)
 
+REVALIDATE_S = 0.5
+
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("meshgate_principal", default=None)
 
 
@@ -94,6 +96,16 @@ class Authenticator:
                 raise unauthenticated(e.reason, f"OIDC token refused: {e.message}") from None
         raise unauthenticated("TOKEN_INVALID", "not a meshgate API token"
                               + (" or a token of a configured OIDC issuer" if self.oidc is not None else ""))
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether a principal authenticated earlier may go on (a stream's
+        caller): its token not revoked or deleted, its credential not expired."""
+        if principal.expire_time is not None and time.time() >= principal.expire_time:
+            return False
+        if principal.token_id:
+            entry = self.cache.entries.get(principal.token_id)
+            return entry is not None and not entry.token.HasField("revoke_time")
+        return True
 
 
 def authorize(rule: Rule, principal: Principal, request) -> str | None:
@@ -224,7 +236,29 @@ class Guard:
                 scope.active = False
                 if exc is not None:
                     await self._end(rule, scope, exc, context)
-            async for item in fn(request, context):
-                yield item
+            principal = _principal.get()
+            assert principal is not None
+            items = fn(request, context).__aiter__()
+            try:
+                while True:
+                    nxt = asyncio.ensure_future(items.__anext__())
+                    # A stream outlives no revocation or expiry of its caller's
+                    # credential: checked every REVALIDATE_S while it waits.
+                    while not (await asyncio.wait({nxt}, timeout=REVALIDATE_S))[0]:
+                        if not self.authn.still_valid(principal):
+                            nxt.cancel()
+                            await asyncio.gather(nxt, return_exceptions=True)
+                            raise unauthenticated("CREDENTIALS_ENDED", f"the credential of {principal.name} was "
+                                                  "revoked or expired; this stream ends")
+                    try:
+                        item = nxt.result()
+                    except StopAsyncIteration:
+                        return
+                    if not self.authn.still_valid(principal):
+                        raise unauthenticated("CREDENTIALS_ENDED", f"the credential of {principal.name} was "
+                                              "revoked or expired; this stream ends")
+                    yield item
+            finally:
+                await items.aclose() if hasattr(items, "aclose") else None
 
         return guarded

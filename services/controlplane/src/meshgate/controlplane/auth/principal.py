@@ -127,3 +127,16 @@ def make_binding(role: str, permissions: list[str] | tuple[str, ...], networks: 
     if ids and any(p.startswith(_OUTSIDE) for p in (role_permissions(role) if role else permissions)):
         raise ValueError("permissions outside networks (tokens, creating or deleting networks) cannot be scoped")
     return Binding(role, frozenset(permissions), frozenset(ids))
+
+
+def grantable(creator: Principal, binding: Binding) -> bool:
+    """Whether `creator` holds every permission `binding` would give, for
+    every network it would give it in: a token never grants more than its
+    creator holds."""
+    for perm in binding.granted:
+        if binding.networks:
+            if not all(creator.allows(perm, n) for n in binding.networks):
+                return False
+        elif not creator.allows(perm, None):
+            return False
+    return True

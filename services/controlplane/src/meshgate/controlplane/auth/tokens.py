@@ -43,7 +43,7 @@ from meshgate.common.aiotasks import cancel_and_wait
 from meshgate.common.errors import ApiError, FieldViolation, already_exists, etag_mismatch, invalid_argument, not_found
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import names, store, validation
-from meshgate.controlplane.auth.principal import Binding, Principal, make_binding
+from meshgate.controlplane.auth.principal import Binding, Principal, grantable, make_binding
 from meshgate.controlplane.txn import decode_page_token, encode_page_token
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,11 @@ class TokenCache:
         if expire is not None and now >= expire:
             raise unauthenticated("TOKEN_EXPIRED", f"API token {t.name} expired")
         if entry.principal is None:
-            entry.principal = Principal(t.name, "token", bindings_of(t), expire, token_id=token_id)
+            try:
+                entry.principal = Principal(t.name, "token", bindings_of(t), expire, token_id=token_id)
+            except ValueError as e:  # a binding this version no longer knows (a permission gone)
+                raise unauthenticated("TOKEN_UNUSABLE", f"API token {t.name} has a binding this control plane "
+                                      f"does not know ({e}); make a new one") from None
         return entry.principal
 
 
@@ -277,18 +281,20 @@ class Tokens:
                              "remove the stale file (meshgate never overwrites it)") from None
         except OSError as e:
             raise SystemExit(f"--bootstrap-token-file {path}: cannot create it: {e.strerror}") from None
-        ok = False
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(bearer + "\n")
-            ok, _, _ = await self.etcd.txn(
-                [self.t.create(marker) == 0],
-                [self.t.put(marker, b"1"), self.t.put(self.key(tid), store.encode(token)),
-                 self.t.put(self.hash_key(tid), token_hash(bearer).encode())],
-            )
-        finally:
-            if not ok:  # another replica bootstrapped first, or etcd failed: no file of ours
-                os.unlink(path)
+        with os.fdopen(fd, "w") as f:
+            f.write(bearer + "\n")
+        # If the transaction fails without an answer it may still have
+        # committed: the file stays (a stale one is refused, with its reason,
+        # at the next start), so the token is never lost.
+        ok, _, _ = await self.etcd.txn(
+            [self.t.create(marker) == 0],
+            [self.t.put(marker, b"1"), self.t.put(self.key(tid), store.encode(token)),
+             self.t.put(self.hash_key(tid), token_hash(bearer).encode())],
+        )
+        if not ok:
+            os.unlink(path)  # another replica bootstrapped first: its file, not ours
+            log.info("another replica made the bootstrap admin token")
+            return False
         log.warning("created the bootstrap admin token tokens/%s; it is in %s (mode 0600)", tid, path)
         return True
 
@@ -316,6 +322,8 @@ class Tokens:
         now = time.time()
         if not t.HasField("expire_time"):
             out.append(FieldViolation("token.expire_time", "is required: API tokens expire"))
+        elif not validation.valid_timestamp(t.expire_time):
+            out.append(FieldViolation("token.expire_time", "is not a valid time"))
         else:
             exp = t.expire_time.ToNanoseconds() / 1e9
             if exp <= now:
@@ -324,10 +332,18 @@ class Tokens:
                 out.append(FieldViolation("token.expire_time", f"is more than {self.max_ttl_s / 86400:.0f} days away"))
         return out
 
-    async def create(self, req: auth_pb2.CreateTokenRequest, creator: str) -> auth_pb2.Token:
+    async def create(self, req: auth_pb2.CreateTokenRequest, creator: str,
+                     principal: Principal | None = None) -> auth_pb2.Token:
+        """A new token; `principal` (the caller) must hold all it grants."""
         errs = self._validate(req)
         if errs:
             raise invalid_argument(errs)
+        if principal is not None:
+            for i, b in enumerate(req.token.bindings):
+                if not grantable(principal, make_binding(b.role, list(b.permissions), list(b.networks))):
+                    raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                                   f"{principal.name} may not grant token.bindings[{i}]: it would give permissions "
+                                   "the caller does not hold itself", "GRANT_EXCEEDS_CALLER")
         tid = req.token_id
         bearer = new_bearer(tid)
         token = auth_pb2.Token(
