@@ -4,7 +4,6 @@ one etcd: 200 distinct addresses, all inside the range, none reserved."""
 import asyncio
 import ipaddress
 
-import grpc
 import pytest
 
 from meshgate.api.v1 import network_pb2, network_pb2_grpc, node_pb2, node_pb2_grpc

@@ -10,7 +10,6 @@ import signal
 import grpc
 import pytest
 
-from meshgate.api.v1 import network_pb2
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
 from meshgate.sdk import AsyncClient, Client, errors

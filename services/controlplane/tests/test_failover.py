@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-import grpc
 import pytest
 
 from meshgate.api.v1 import (

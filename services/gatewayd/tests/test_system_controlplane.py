@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from meshgate.api.v1 import egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
-from meshgate.api.v1 import network_pb2, network_pb2_grpc
+from meshgate.api.v1 import egress_pb2, enrollment_pb2
+from meshgate.api.v1 import network_pb2
 from meshgate.common.testing import ServiceProcess
 from meshgate.gatewayd.lab import ControlPlaneView, Egress
 

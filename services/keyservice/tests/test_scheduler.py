@@ -8,7 +8,6 @@ import signal
 import time
 
 import grpc
-import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, keys_pb2_grpc, node_pb2
