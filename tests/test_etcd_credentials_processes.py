@@ -31,7 +31,7 @@ from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import (
     ServiceProcess,
     enable_etcd_auth,
-    in_ci,
+    require_binaries,
     write_etcd_pki,
     write_kek_file,
     write_password_file,
@@ -44,12 +44,7 @@ PREFIX = "/mg-secure"
 
 @pytest.fixture(scope="module")
 def secure_etcd(tmp_path_factory):
-    missing = [b for b in ("etcd", "etcdctl") if shutil.which(b) is None]
-    if missing:
-        msg = f"{' and '.join(missing)} not installed: run `make install` (Debian packages etcd-server, etcd-client)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_binaries("etcd", "etcdctl", packages="etcd-server, etcd-client")
     base = tmp_path_factory.mktemp("etcd-credentials")
     pki = write_etcd_pki(base, client_cn="meshgate-client")
     proc = EtcdProcess(str(base / "data"), cert_file=pki["etcd.pem"], key_file=pki["etcd.key"],
@@ -157,7 +152,6 @@ def test_each_missing_credential_is_a_clear_exit(secure_etcd, case):
     overrides, expected = CASES[case]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")}
     runs = {}
-    t0 = time.monotonic()
     # Both services at once (they do not share anything but etcd).
     for service in ("controlplane", "keyservice"):
         argv = [os.path.join(BIN, f"meshgate-{service}"), "--listen", "127.0.0.1:0",
@@ -170,8 +164,8 @@ def test_each_missing_credential_is_a_clear_exit(secure_etcd, case):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert time.monotonic() - t0 < 20, "a refusal must not be waited out"
     for service, (stdout, stderr) in out.items():
+        assert "waiting for etcd" not in stderr, (service, "a refusal must not be waited out like an outage")
         assert runs[service].returncode not in (0, None), (service, stderr)
         assert "Traceback" not in stderr, (service, stderr)
         # gRPC's core may log TLS alerts first; the last line is ours.

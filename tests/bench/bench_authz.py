@@ -28,6 +28,11 @@ compaction and fsync, CPU frequency, the other process) falls on both alike:
   address in a /16) against the `auth` server, token checked, call audited.
 - `cp_create_node_noauth_1client_p50_ms`: the same against `noauth`.
 - `cp_authz_overhead_ratio`: the first divided by the second (goal <= 1.15).
+- `cp_token_revocation_other_replica_p50_ms` and `..._max_ms`: from a
+  revocation starting on one replica (its etcd transaction included) until
+  another replica on the same prefix refuses the token (its token cache, fed
+  by its own etcd connection and watch), over 20 revocations (the issue's
+  goal: within a second). Two in-process replicas.
 
 The server processes do not share the client's event loop or thread, but on
 a 2-core machine the client, both control planes and etcd share the cores:
@@ -55,6 +60,7 @@ non-zero if any call fails.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -273,6 +279,50 @@ def measure(servers: dict[str, Server], warmup: int, ops: int, round_size: int) 
             c.close()
 
 
+async def measure_revocation(endpoint: str, samples: int = 20) -> list[float]:
+    """Milliseconds from a revocation committed through replica A until
+    replica B refuses the token."""
+    import grpc
+
+    from meshgate.api.v1 import auth_pb2
+    from meshgate.common.errors import ApiError
+    from meshgate.common.etcd import Etcd
+    from meshgate.controlplane.api import ControlPlane
+
+    etcd_a, etcd_b = Etcd(endpoint, "/revocation"), Etcd(endpoint, "/revocation")
+    await etcd_a.connect()
+    await etcd_b.connect()
+    a, b = ControlPlane(etcd_a), ControlPlane(etcd_b)
+    await a.start()
+    await b.start()
+    out = []
+    try:
+        for i in range(samples):
+            t = auth_pb2.Token(bindings=[auth_pb2.RoleBinding(role="viewer")])
+            t.expire_time.FromNanoseconds(int((time.time() + 600) * 1e9))
+            made = await a.tokens.create(auth_pb2.CreateTokenRequest(token_id=f"t{i}", token=t), creator="bench")
+            tid = f"t{i}"
+            await b.token_cache.wait_for_revision(int(made.etag))
+            b.token_cache.check(made.secret, tid, time.time())  # valid on B
+            t0 = time.perf_counter()
+            await a.tokens.revoke(auth_pb2.RevokeTokenRequest(name=made.name))
+            while True:
+                try:
+                    b.token_cache.check(made.secret, tid, time.time())
+                except ApiError as e:
+                    if e.code == grpc.StatusCode.UNAUTHENTICATED:
+                        break
+                    raise
+                await asyncio.sleep(0.0005)
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await a.stop()
+        await b.stop()
+        await etcd_a.close()
+        await etcd_b.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ops", type=int, default=1000, help="measured CreateNode calls per server")
@@ -328,6 +378,9 @@ def main() -> int:
         bench("cp_create_node_authz_1client_p50_ms", auth_p50, "ms")
         bench("cp_create_node_noauth_1client_p50_ms", noauth_p50, "ms")
         bench("cp_authz_overhead_ratio", auth_p50 / noauth_p50, "ratio")
+        rev = asyncio.run(measure_revocation(etcd_proc.endpoint))
+        bench("cp_token_revocation_other_replica_p50_ms", statistics.median(rev), "ms")
+        bench("cp_token_revocation_other_replica_max_ms", max(rev), "ms")
         ok = True
     except Exception as e:  # report, then clean up below
         info(f"benchmark failed: {e}")

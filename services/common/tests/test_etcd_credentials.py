@@ -38,7 +38,7 @@ from meshgate.common.etcd import (
 from meshgate.common.etcdproc import EtcdProcess, free_port
 from meshgate.common.testing import (
     enable_etcd_auth,
-    in_ci,
+    require_binaries,
     write_etcd_pki,
     write_password_file,
 )
@@ -48,12 +48,7 @@ PREFIX = "/secure"
 
 
 def need_etcd_tools() -> None:
-    missing = [b for b in ("etcd", "etcdctl") if shutil.which(b) is None]
-    if missing:
-        msg = f"{' and '.join(missing)} not installed: run `make install` (Debian packages etcd-server, etcd-client)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_binaries("etcd", "etcdctl", packages="etcd-server, etcd-client")
 
 
 def read(path: str) -> bytes:
@@ -307,17 +302,17 @@ def refusal_cases(pki, other):
 
 @pytest.mark.parametrize("case", ["no-client-cert", "no-ca", "wrong-ca", "cert-of-another-ca", "wrong-password",
                                   "no-user"])
-async def test_first_contact_names_what_is_missing(secure_etcd, other_pki, case):
+async def test_first_contact_names_what_is_missing(secure_etcd, other_pki, case, caplog):
     proc, pki = secure_etcd
     creds, expected = refusal_cases(pki, other_pki)[case]
     etcd = Etcd(proc.endpoint, PREFIX, credentials=creds)
-    t0 = time.monotonic()
     try:
         with pytest.raises(EtcdRefused) as e:
             await etcd.wait_usable(20)
     finally:
         await etcd.close()
-    assert time.monotonic() - t0 < 5, "a refusal is not waited out like an outage"
+    # A refusal is not waited out like an outage: no "waiting for etcd" at all.
+    assert not [r for r in caplog.records if r.getMessage().startswith("waiting for etcd")]
     text = str(e.value)
     assert text.startswith(f"etcd at {proc.endpoint} ")
     for part in expected:
@@ -373,17 +368,17 @@ async def test_tls_to_a_plaintext_etcd(etcd_server, other_pki):
         await etcd.close()
 
 
-async def test_unreachable_etcd_is_an_outage_waited_for_then_reported(other_pki):
+async def test_unreachable_etcd_is_an_outage_waited_for_then_reported(other_pki, caplog):
     port = free_port()
     etcd = Etcd(f"127.0.0.1:{port}", PREFIX, credentials=EtcdCredentials(ca=read(other_pki["ca.pem"])))
-    t0 = time.monotonic()
     try:
         with pytest.raises(EtcdUnavailable) as e:
             await etcd.wait_usable(1.0)
     finally:
         await etcd.close()
     assert not isinstance(e.value, EtcdRefused)
-    assert 1.0 <= time.monotonic() - t0 < 5
+    # An outage is waited for (said once), then reported.
+    assert len([r for r in caplog.records if r.getMessage().startswith("waiting for etcd")]) == 1
     assert f"etcd at 127.0.0.1:{port} could not be reached for 1s" in str(e.value)
 
 

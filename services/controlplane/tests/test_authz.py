@@ -33,6 +33,7 @@ from cptest import (
     make_node,
     mint_token,
     state_dump,
+    wait_until,
 )
 
 
@@ -239,10 +240,10 @@ async def test_an_agent_credential_is_no_api_token_and_an_api_token_opens_no_age
     await impostor.close()
 
 
-async def test_revoked_deleted_and_expired_tokens_are_refused_on_every_replica_within_a_second(etcd):
+async def test_revoked_deleted_and_expired_tokens_are_refused_on_every_replica(etcd):
     """Two replicas on one etcd prefix: a token made through one works on the
     other at once; revoking, deleting or expiry takes effect on both without
-    a restart."""
+    a restart. (How fast: `BENCH cp_token_revocation_other_replica_ms`.)"""
     from meshgate.common.config import ServerConfig
     from meshgate.common.server import GrpcServer
     from meshgate.controlplane.api import ControlPlane
@@ -274,20 +275,19 @@ async def test_revoked_deleted_and_expired_tokens_are_refused_on_every_replica_w
                 except grpc.aio.AioRpcError as e:
                     return details(e)[1]
 
-        async def within_a_second(replica: int, token: str, reason: str):
-            deadline = time.monotonic() + 1.0
-            while (got := await code_on(replica, token)) != reason:
-                assert time.monotonic() < deadline, f"replica {replica} still says {got}, not {reason}"
-                await asyncio.sleep(0.02)
+        async def refused_on(replica: int, token: str, reason: str):
+            async def says():
+                return await code_on(replica, token) == reason
+            await wait_until(says, f"replica {replica} refusing with {reason}")
 
         ann = await make("ann", 3600)
         assert await code_on(1, ann) == "OK"  # made on replica 0, usable on 1 at once
         await tokens.RevokeToken(auth_pb2.RevokeTokenRequest(name="tokens/ann"))
-        await within_a_second(1, ann, "TOKEN_REVOKED")
+        await refused_on(1, ann, "TOKEN_REVOKED")
         assert await code_on(0, ann) == "TOKEN_REVOKED"
         bob = await make("bob", 3600)
         await tokens.DeleteToken(auth_pb2.DeleteTokenRequest(name="tokens/bob"))
-        await within_a_second(1, bob, "TOKEN_INVALID")
+        await refused_on(1, bob, "TOKEN_INVALID")
         eve = await make("eve", 1.5)
         assert await code_on(1, eve) == "OK"
         await asyncio.sleep(1.6)

@@ -32,6 +32,19 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def require_binaries(*names: str, packages: str) -> None:
+    """Fail the test under CI=true, skip it elsewhere (saying why and what to
+    install), when a program it runs is not on PATH."""
+    import pytest
+
+    missing = [b for b in names if shutil.which(b) is None]
+    if missing:
+        msg = f"{' and '.join(missing)} not installed: run `make install` (Debian packages {packages})"
+        if in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 @dataclass
 class ServiceProcess:
     entry_point: str  # e.g. "meshgate-controlplane"
