@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 
-from meshgate.api.v1 import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc, network_pb2, node_pb2
+from meshgate.api.v1 import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc, network_pb2, node_pb2, node_pb2_grpc
 from meshgate.controlplane.auth import rules
 from meshgate.controlplane.auth.guard import Authenticator, Guard
 from meshgate.controlplane.auth.principal import ROLES, role_permissions
@@ -214,8 +214,6 @@ async def test_a_network_admin_of_a_is_denied_everything_about_b_and_sees_only_a
         assert recs and {r.network for r in recs} == {"a"}
         # It can work inside a.
         await world.nodes.GetNode(node_pb2.GetNodeRequest(name="networks/a/nodes/x"))
-        from meshgate.api.v1 import node_pb2_grpc
-
         made = await node_pb2_grpc.NodeServiceStub(ch).CreateNode(
             node_pb2.CreateNodeRequest(parent="networks/a", node_id="z", node=node_pb2.Node()))
         assert made.name == "networks/a/nodes/z"
@@ -442,12 +440,6 @@ async def test_bad_times_and_huge_names_are_refused_precisely_and_kept_small(wor
     # A refused call with a megabyte of name leaves a small record.
     async with grpc.aio.insecure_channel(world.target) as anon:
         with pytest.raises(grpc.aio.AioRpcError):
-            await node_pb2_grpc_stub(anon).GetNode(node_pb2.GetNodeRequest(name="networks/a/nodes/" + "x" * 1_000_000))
+            await node_pb2_grpc.NodeServiceStub(anon).GetNode(node_pb2.GetNodeRequest(name="networks/a/nodes/" + "x" * 1_000_000))
     rec = (await audit_records(world.etcd))[-1]
     assert rec.status_code == "UNAUTHENTICATED" and len(rec.SerializeToString()) < 4096
-
-
-def node_pb2_grpc_stub(channel):
-    from meshgate.api.v1 import node_pb2_grpc
-
-    return node_pb2_grpc.NodeServiceStub(channel)

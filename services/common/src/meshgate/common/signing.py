@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature
@@ -93,3 +94,28 @@ def verify_any(
 ) -> bool:
     """True if any of the authority keys (current and previous) signed the binding."""
     return any(verify(k, node, public_key, signature) for k in authority_public_keys)
+
+
+# Pins of the key authority on enrollment secrets: trailing `.ka_{fingerprint}`
+# segments, which the control plane appends (and ignores when hashing) and
+# gatewayd requires the presented authority keys to match.
+PIN_PREFIX = "ka_"
+_PIN_RE = re.compile(r"ka_([A-Za-z0-9_-]{22})")
+
+
+def authority_fingerprint(public_key: bytes) -> str:
+    """The pin of one raw 32-byte Ed25519 authority key: 22 characters of
+    unpadded base64url (the first 128 bits of its SHA-256)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(bytes(public_key)).digest()[:16]).decode().rstrip("=")
+
+
+def split_pins(secret: str) -> tuple[str, tuple[str, ...]]:
+    """(the secret without its pins, the fingerprints it carries, in order)."""
+    base, pins = secret, []
+    while True:
+        head, sep, tail = base.rpartition(".")
+        m = _PIN_RE.fullmatch(tail) if sep else None
+        if m is None:
+            return base, tuple(reversed(pins))
+        pins.append(m.group(1))
+        base = head

@@ -47,8 +47,9 @@ import time
 import grpc
 
 from meshgate.api.v1 import agent_pb2, enrollment_pb2, node_pb2
-from meshgate.common.identity import spki_sha256
 from meshgate.common.errors import ApiError, FieldViolation, already_exists, invalid_argument
+from meshgate.common.identity import spki_sha256
+from meshgate.common.signing import PIN_PREFIX, authority_fingerprint, split_pins
 from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
@@ -69,23 +70,9 @@ def _mint(prefix: str, net: str, rid: str) -> str:
     return f"{prefix}{net}.{rid}.{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip('=')}"
 
 
-PIN_PREFIX = "ka_"
-_PIN_RE = re.compile(r"ka_[A-Za-z0-9_-]{22}")
-
-
-def authority_fingerprint(public_key: bytes) -> str:
-    """The pin of a raw Ed25519 authority key; gatewayd computes the same
-    (`meshgate.gatewayd.trust.fingerprint`)."""
-    return base64.urlsafe_b64encode(hashlib.sha256(bytes(public_key)).digest()[:16]).decode().rstrip("=")
-
-
 def without_pins(secret: str) -> str:
     """The secret without its trailing `.ka_{fingerprint}` segments (what is hashed)."""
-    while True:
-        head, sep, tail = secret.rpartition(".")
-        if not sep or not _PIN_RE.fullmatch(tail):
-            return secret
-        secret = head
+    return split_pins(secret)[0]
 
 
 def parse_secret(secret: str, prefix: str) -> tuple[str, str] | None:

@@ -1032,7 +1032,8 @@ class ScriptedControlPlane:
         authority, none when it has none or ``pinned`` is None) the way a control
         plane with a key service does."""
         from meshgate.common import signing
-        from meshgate.gatewayd.trust import PIN_PREFIX, fingerprint
+        from meshgate.common.signing import PIN_PREFIX
+        from meshgate.gatewayd.trust import fingerprint
 
         base = f"mgek_{self.network.split('/')[1]}.scripted.{secrets.token_urlsafe(32)[:43]}"
         key = self.authority if pinned == "authority" else pinned

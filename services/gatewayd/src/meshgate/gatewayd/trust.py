@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -48,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common import signing
+from meshgate.common.signing import authority_fingerprint, split_pins
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +68,10 @@ class Refusal:
         return f"{self.resource or self.public_key}: {self.reason}"
 
 
-PIN_PREFIX = "ka_"
-_PIN_RE = re.compile(r"ka_([A-Za-z0-9_-]{22})")
 
 
-def fingerprint(authority_key: bytes) -> str:
-    """The pin of one raw 32-byte Ed25519 authority key: 22 characters of
-    unpadded base64url (the first 128 bits of its SHA-256).  The control plane
-    computes the same (``controlplane/enrollment.py``)."""
-    return base64.urlsafe_b64encode(hashlib.sha256(bytes(authority_key)).digest()[:16]).decode().rstrip("=")
-
-
-def pins_of_secret(secret: str) -> tuple[str, tuple[str, ...]]:
-    """(the secret without its pins, the authority key fingerprints it carries):
-    trailing ``.ka_<fingerprint>`` segments, in order; none for a secret minted
-    by a control plane without a key service."""
-    base, pins = secret, []
-    while True:
-        head, sep, tail = base.rpartition(".")
-        m = _PIN_RE.fullmatch(tail) if sep else None
-        if m is None:
-            return base, tuple(reversed(pins))
-        pins.append(m.group(1))
-        base = head
+fingerprint = authority_fingerprint  # the pin of one authority key (meshgate.common.signing)
+pins_of_secret = split_pins  # (the secret without its pins, the fingerprints it carries)
 
 
 def parse_authority_key(text: str) -> bytes:

@@ -18,7 +18,7 @@ and deleting networks) is excluded by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache, cached_property
 
 SECRETS = "secrets.read"
@@ -82,7 +82,6 @@ class Principal:
     bindings: tuple[Binding, ...] = ()
     expire_time: float | None = None  # seconds since the epoch
     token_id: str = ""  # for API tokens: whose last use to record
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def allows(self, permission: str, network: str | None) -> bool:
         """Whether the principal holds `permission` for `network` (None: for

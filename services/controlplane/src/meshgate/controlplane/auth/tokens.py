@@ -371,12 +371,15 @@ class Tokens:
         return tid, kv, store.decode(auth_pb2.Token, kv)
 
     async def _with_use(self, tokens: list[auth_pb2.Token]) -> list[auth_pb2.Token]:
-        for t in tokens:
-            tid = t.name.split("/", 1)[1]
-            ns = self._used.get(tid)
-            kv = await self.etcd.get(self.use_key(tid))
-            stored = int(kv.value) if kv is not None else 0
-            ns = max(ns or 0, stored)
+        """The tokens with their last use (this replica's, or the stored one):
+        one range read over the page's ids, not one read per token."""
+        if not tokens:
+            return tokens
+        ids = [t.name.split("/", 1)[1] for t in tokens]  # sorted: a page of an etcd range
+        kvs, _, _ = await self.etcd.range(self.use_key(min(ids)), self.use_key(max(ids)) + b"\0")
+        stored = {kv.key.rsplit(b"/", 1)[1].decode(): int(kv.value) for kv in kvs}
+        for t, tid in zip(tokens, ids):
+            ns = max(self._used.get(tid) or 0, stored.get(tid, 0))
             if ns:
                 ts = timestamp_pb2.Timestamp()
                 ts.FromNanoseconds(ns - ns % 60_000_000_000)
