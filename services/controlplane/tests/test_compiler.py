@@ -93,7 +93,7 @@ def test_compiled_states_hold_the_invariants(state):
         peer_names = {p.resource for p in out.peers}
         for r, gw in by_range.items():
             holders = [p for p in out.peers if r in p.allowed_ips]
-            reachable = gw.node != name and gw.node in peer_names
+            reachable = gw.node != name and gw.node in peer_names and compiler.uses(state, gw, name)
             assert len(holders) == (1 if reachable else 0), (r, gw.node, name)
             if reachable:
                 assert holders[0].resource == gw.node

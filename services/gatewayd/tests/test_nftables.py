@@ -38,10 +38,26 @@ def test_internet_gateway_matches_everything_but_the_tunnel():
     assert "e0_dst4" not in t.text
 
 
-def test_filters_render_input_chain():
-    t = render("mg0", [], [Filter((N("100.64.0.0/24"),), (), "tcp", ("22", "8000-8080"), True)])
-    assert 'iifname "mg0" ip saddr { 100.64.0.0/24 } meta l4proto tcp th dport { 22, 8000-8080 } accept' in t.text
-    assert t.text.rstrip().endswith('iifname "mg0" drop\n\t}\n}'.rstrip())
+def test_filters_render_a_policy_chain_entered_from_input_and_forward():
+    t = render("mg0", [egress()], [
+        Filter((N("100.64.0.0/24"),), (), "tcp", ("22", "8000-8080"), True, "ssh"),
+        Filter((N("100.64.0.7/32"), N("100.64.0.9/32")), (N("fd00::/64"), N("10.1.0.0/24")), "udp", (), False, "p2"),
+        Filter((), (), "", (), False),
+    ])
+    lines = [x.strip() for x in t.text.splitlines()]
+    chain = lines[lines.index("chain overlay_policy {") + 1:]
+    chain = chain[:chain.index("}")]
+    assert chain == [
+        'ip saddr 100.64.0.0/24 meta l4proto tcp th dport { 22, 8000-8080 } return comment "ssh"',
+        # sources only of IPv4, destinations of both: only the IPv4 rule can match
+        'ip saddr @p1_s4 ip daddr 10.1.0.0/24 meta l4proto udp drop comment "p2"',
+        "drop",
+    ]
+    assert "set p1_s4 {" in lines
+    # replies first, then the policy, for what the node delivers: itself, out of another interface
+    assert lines.index('iifname "mg0" ct state established,related accept') < lines.index('iifname "mg0" oifname != "mg0" jump overlay_policy')
+    inp = lines[lines.index("chain input {"):]
+    assert inp[2:4] == ['iifname "mg0" ct state established,related accept', 'iifname "mg0" jump overlay_policy']
 
 
 def test_relayed_ranges_accept_tunnel_to_tunnel_before_the_drops():

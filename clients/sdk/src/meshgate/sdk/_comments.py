@@ -2,16 +2,29 @@
 
 # ruff: noqa
 COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops traffic from some nodes to others. Selectors are\n'
-                                 '`tag:{tag}`, `node:{node id}`, `egress:{egress gateway id}` (its ranges),\n'
-                                 '`client:{external client id}`, or `*` for everything in the network.',
+                                 '`tag:{tag}`, `node:{node id}` (its overlay addresses), `egress:{egress\n'
+                                 'gateway id}` (its ranges: the hosts behind the gateway), `client:{external\n'
+                                 'client id}` (its addresses), or `*` for every address. `node:`, `egress:` and\n'
+                                 '`client:` must name objects that exist; a tag may be one no node has yet.\n'
+                                 '\n'
+                                 'Enforced by the node where the traffic leaves the overlay (the destination\n'
+                                 'node itself, or the gateway node that forwards to an egress range or relays\n'
+                                 'to an external client), statefully: replies of an allowed connection always\n'
+                                 'pass. Policies are evaluated by `priority` (then by name); the first that\n'
+                                 "matches decides. Traffic no policy matches follows the network's default\n"
+                                 'policy.',
  'meshgate.api.v1.AccessPolicy.action': 'ACCEPT (the default) or DROP.',
- 'meshgate.api.v1.AccessPolicy.bidirectional': 'Also allow the reverse direction (replies always pass).',
+ 'meshgate.api.v1.AccessPolicy.bidirectional': 'Also match traffic from the destinations to the sources (new '
+                                               'connections\n'
+                                               'in the reverse direction, same protocol and ports). Replies of an '
+                                               'allowed\n'
+                                               'connection pass either way.',
  'meshgate.api.v1.AccessPolicy.description': 'Free text, at most 1024 characters.',
  'meshgate.api.v1.AccessPolicy.destinations': 'Who receives: selectors, at least one.',
  'meshgate.api.v1.AccessPolicy.disabled': 'A disabled policy is kept but has no effect.',
  'meshgate.api.v1.AccessPolicy.name': 'Resource name, `networks/{network}/accessPolicies/{access_policy}`.',
  'meshgate.api.v1.AccessPolicy.ports': 'Destination ports (TCP or UDP only); empty means every port.',
- 'meshgate.api.v1.AccessPolicy.priority': 'Lower numbers are evaluated first (0-1000).',
+ 'meshgate.api.v1.AccessPolicy.priority': 'Lower numbers are evaluated first (0-1000); equal priorities in name order.',
  'meshgate.api.v1.AccessPolicy.protocol': 'The protocol the policy applies to; unspecified means every protocol.',
  'meshgate.api.v1.AccessPolicy.sources': 'Who sends: selectors, at least one.',
  'meshgate.api.v1.AccessPolicyService': 'Manages access policies.',
@@ -177,6 +190,12 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.EgressGateway.ranges': 'Destination ranges (CIDR) reached through the gateway; at most 256. They\n'
                                          "may not overlap the network's own ranges, nor another gateway's ranges\n"
                                          'unless equal (HA).',
+ 'meshgate.api.v1.EgressGateway.used_by': "The nodes that route the gateway's ranges (and, for an internet gateway,\n"
+                                          'their default route) through it: selectors `*`, `tag:{tag}` or\n'
+                                          '`node:{node id}`. Empty means every node, except for an internet gateway:\n'
+                                          'then every node that runs no egress gateway itself (gateways keep their\n'
+                                          'own default route). A node that is not selected neither routes the\n'
+                                          'ranges nor accepts traffic from them.',
  'meshgate.api.v1.EgressGatewayService': 'Manages egress gateways.',
  'meshgate.api.v1.EgressGatewayService.CreateEgressGateway': 'Declares a node as an egress gateway for some ranges.',
  'meshgate.api.v1.EgressGatewayService.DeleteEgressGateway': 'Removes an egress gateway; traffic for its ranges stops '
@@ -283,7 +302,19 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                                   'the change.',
  'meshgate.api.v1.ExternalClientService.UpdateExternalClient': "Updates a client's disabled flag, display name or "
                                                                'labels.',
- 'meshgate.api.v1.FilterRule': 'Filtering of overlay traffic at this node. Empty means allow everything.',
+ 'meshgate.api.v1.FilterRule': 'One packet filter rule for overlay traffic arriving at this node (from the\n'
+                               'WireGuard interface, to the node itself or forwarded by it). Rules are\n'
+                               'evaluated in order; the first that matches decides (`accept` or drop).\n'
+                               'Traffic that matches no rule is accepted; a network whose default is DENY\n'
+                               'ends its list with a rule that matches everything and drops. Replies of\n'
+                               'accepted connections always pass. An empty list filters nothing.',
+ 'meshgate.api.v1.FilterRule.destinations': 'Destination CIDRs; empty means any destination.',
+ 'meshgate.api.v1.FilterRule.policy': 'The access policy this rule comes from (`networks/{n}/accessPolicies/{p}`),\n'
+                                      "or empty for the network's default; shown in the node's nftables table.",
+ 'meshgate.api.v1.FilterRule.ports': 'Destination ports or ranges ("80", "8000-8080"), tcp and udp only; empty\n'
+                                     'means every port.',
+ 'meshgate.api.v1.FilterRule.protocol': '"tcp", "udp", "icmp", "icmpv6", or empty for every protocol.',
+ 'meshgate.api.v1.FilterRule.sources': 'Source CIDRs; empty means any source.',
  'meshgate.api.v1.GetNetworkRequest.name': '`networks/{network}`.',
  'meshgate.api.v1.GetNetworkStatusRequest.name': '`networks/{network}`.',
  'meshgate.api.v1.InterfaceConfig': "The node's own WireGuard interface.",
@@ -430,6 +461,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                       "ids sorted and joined by `.`; an external client's id is written\n"
                                       '`~{client}` (a pair is two nodes, or a node and an external client).',
  'meshgate.api.v1.PresharedKey.peers': "The two peers' resource names.",
+ 'meshgate.api.v1.Protocol.ICMP': 'ICMP for IPv4.',
+ 'meshgate.api.v1.Protocol.ICMPV6': 'ICMPv6.',
  'meshgate.api.v1.Protocol.PROTOCOL_UNSPECIFIED': 'Every protocol.',
  'meshgate.api.v1.RegisterNodeKeyRequest.detached': 'Return the signature without recording it: the caller (the '
                                                     'control\n'

@@ -31,6 +31,16 @@ Rules:
   network answers. Under a DENY default, the client is subject to the policies
   that let its gateway node reach a node: it borrows the gateway's peerings.
 
+- Access policies become each node's `filter_rules` (filters.py): the node
+  enforces them for what it delivers out of the overlay. A `client:` selector
+  makes its gateway node peer with the other side.
+- Who routes through a gateway: the nodes its `used_by` selectors match; by
+  default every node, except for an internet gateway, which nodes running an
+  egress gateway do not use (they keep their own default route).
+- Site-to-site: a gateway forwards to its ranges from the overlay and from the
+  ranges other gateways carry for it (its `source_ranges`), so hosts behind two
+  gateways reach each other, NAT permitting.
+
 Hazard: `peers_of` is also what decides which agents a change reaches (see
 `affected_by_node`); if peering rules change, both must agree.
 """
@@ -45,6 +55,7 @@ from typing import Callable, Sequence
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common.desired import apply_delta  # noqa: F401 - re-exported: diff's inverse
+from meshgate.controlplane import filters
 
 
 @dataclass
@@ -101,7 +112,22 @@ def _matches(selector: str, node: node_pb2.Node, state: NetworkState) -> bool:
     if kind == "egress":
         gw = state.gateways.get(f"{state.network.name}/egressGateways/{value}")
         return gw is not None and gw.node == node.name
+    if kind == "client":
+        c = state.external_clients.get(f"{state.network.name}/externalClients/{value}")
+        return c is not None and not c.disabled and bool(c.public_key) and c.gateway_node == node.name
     return False
+
+
+def uses(state: NetworkState, gw: egress_pb2.EgressGateway, name: str) -> bool:
+    """Whether node `name` routes through gateway `gw` (its `used_by`)."""
+    node = state.nodes.get(name)
+    if node is None:
+        return False
+    if gw.used_by:
+        return any(_matches(s, node, state) for s in gw.used_by)
+    if gw.internet_gateway:
+        return not any(g.node == name for g in state.gateways.values())
+    return True
 
 
 def _policy_allows(state: NetworkState, a: node_pb2.Node, b: node_pb2.Node) -> bool:
@@ -137,6 +163,7 @@ class PeerIndex:
         self._state = state
         self._active: tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None, list[str]] | None = None
         self._clients: dict[str, list[external_client_pb2.ExternalClient]] | None = None
+        self.resolver = filters.Resolver(state)
         self.keyed = sorted(n for n, node in state.nodes.items() if node.public_key)
         self._keyed_set = set(self.keyed)
         self.allow_all = state.network.default_policy != network_pb2.DENY
@@ -176,6 +203,11 @@ class PeerIndex:
             if gw is None:
                 return frozenset()
             return frozenset(n for n in self.keyed if state.nodes[n].name == gw.node)
+        if kind == "client":  # a client is reached through its gateway node
+            c = state.external_clients.get(f"{state.network.name}/externalClients/{value}")
+            if c is None or c.disabled or not c.public_key or c.gateway_node not in self._keyed_set:
+                return frozenset()
+            return frozenset({c.gateway_node})
         return frozenset()
 
     def peers_of(self, name: str) -> list[str]:
@@ -271,7 +303,8 @@ def client_allowed_ranges(state: NetworkState, client: external_client_pb2.Exter
     if gw_node in state.nodes:
         reachable = set(peers_of(state, gw_node)) | {gw_node}
         by_range, _ = active_gateways(state)
-        out += [r for r, gw in by_range.items() if gw.node in reachable]
+        out += [r for r, gw in by_range.items()
+                if gw.node == gw_node or (gw.node in reachable and uses(state, gw, gw_node))]
     return _sort_cidrs(out)
 
 
@@ -318,11 +351,11 @@ def compile_node(
     routes = []
     for r in range_order:
         gw = by_range[r]
-        if gw.node == name or gw.node not in allowed:
+        if gw.node == name or gw.node not in allowed or not uses(state, gw, name):
             continue
         allowed[gw.node].append(r)
         routes.append(ds.Route(destination=r, via_peer=state.nodes[gw.node].public_key))
-    if internet is not None and internet.node != name and internet.node in allowed:
+    if internet is not None and internet.node != name and internet.node in allowed and uses(state, internet, name):
         allowed[internet.node].append("0.0.0.0/0")
         if net.ipv6_cidr:
             allowed[internet.node].append("::/0")
@@ -369,11 +402,14 @@ def compile_node(
         out.relayed_ranges.extend(relayed)
     out.routes.extend(routes)
 
-    sources = [c for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
+    # From the overlay, and (site-to-site) from the ranges other gateways carry for this node.
+    sources = _sort_cidrs([c for c in (net.ipv4_cidr, net.ipv6_cidr) if c] + [r.destination for r in routes])
+    delivers = _host_routes(me) + list(out.relayed_ranges)
     for gw_name in sorted(state.gateways):
         gw = state.gateways[gw_name]
         if gw.node != name:
             continue
+        delivers += list(gw.ranges) + (["0.0.0.0/0", "::/0"] if gw.internet_gateway else [])
         out.egress.append(
             ds.EgressConfig(
                 ranges=_sort_cidrs(gw.ranges),
@@ -383,6 +419,10 @@ def compile_node(
                 internet_gateway=gw.internet_gateway,
             )
         )
+    if state.policies or net.default_policy == network_pb2.DENY:
+        admits = [c for p in out.peers for c in p.allowed_ips]
+        out.filter_rules.extend(filters.compile_rules(
+            state, delivers, admits, index.resolver if index is not None else None))
     return out
 
 

@@ -1,15 +1,16 @@
 """Access policies: which nodes may reach which when the network's default is DENY.
 
 Selectors are `*`, `tag:{tag}`, `node:{node id}`, `egress:{gateway id}` and
-`client:{external client id}`; they are validated for syntax only, so a policy
-may name a tag no node carries yet.
+`client:{external client id}` (see selectors.py): a `node:`, `egress:` or `client:`
+selector must name an object of the network, while a policy may name a tag no
+node carries yet. How policies become packet filters: compiler.py.
 """
 
 from __future__ import annotations
 
 from meshgate.api.v1 import policy_pb2
 from meshgate.common.errors import FieldViolation, already_exists, invalid_argument
-from meshgate.controlplane import masks, names, store, validation
+from meshgate.controlplane import masks, names, selectors, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import retrying
@@ -20,22 +21,10 @@ MUTABLE = frozenset(
 )
 ALL_FIELDS = frozenset(f.name for f in policy_pb2.AccessPolicy.DESCRIPTOR.fields)
 SELECTOR_KINDS = ("tag", "node", "egress", "client")
-MAX_SELECTORS = 64
 
 
 def _selectors(field: str, values) -> list[FieldViolation]:
-    out = []
-    if not values:
-        out.append(FieldViolation(field, "needs at least one selector"))
-    if len(values) > MAX_SELECTORS:
-        out.append(FieldViolation(field, f"has more than {MAX_SELECTORS} selectors"))
-    for i, s in enumerate(values):
-        if s == "*":
-            continue
-        kind, sep, value = s.partition(":")
-        if not sep or kind not in SELECTOR_KINDS or not names.valid_id(value):
-            out.append(FieldViolation(f"{field}[{i}]", f"{s!r} is not '*' or one of {', '.join(k + ':{id}' for k in SELECTOR_KINDS)}"))
-    return out
+    return selectors.syntax(field, list(values), SELECTOR_KINDS)
 
 
 def validate(p, prefix: str = "access_policy") -> list[FieldViolation]:
@@ -51,6 +40,11 @@ def validate(p, prefix: str = "access_policy") -> list[FieldViolation]:
         out.append(FieldViolation(f"{prefix}.priority", f"{p.priority} is above {validation.MAX_PRIORITY}"))
     out += validation.check_text(f"{prefix}.description", p.description, validation.MAX_DESCRIPTION)
     return out
+
+
+async def _require_named(etcd, net_id: str, p, prefix: str):
+    return await selectors.require_existing(
+        etcd, net_id, [(f"{prefix}.sources", p.sources), (f"{prefix}.destinations", p.destinations)])
 
 
 class AccessPolicies(Resources):
@@ -72,6 +66,7 @@ class AccessPolicies(Resources):
             _net, net_kv = await self.networks.require(net_id, "parent")
             if await self.etcd.get(key) is not None:
                 raise already_exists(KIND.type_name, name)
+            named = await _require_named(self.etcd, net_id, req.access_policy, "access_policy")
             p = policy_pb2.AccessPolicy()
             p.CopyFrom(req.access_policy)
             p.name = name
@@ -84,7 +79,7 @@ class AccessPolicies(Resources):
             if req.validate_only:
                 return p
             rev = await self.commit(
-                [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0],
+                [self.t.mod(net_kv.key) == net_kv.mod_revision, self.t.create(key) == 0, *named],
                 [self.t.put(key, store.encode(p))],
             )
             p.etag = str(rev)
@@ -108,11 +103,14 @@ class AccessPolicies(Resources):
             errs = validate(updated)
             if errs:
                 raise invalid_argument(errs)
+            named = []
+            if {"sources", "destinations"} & set(paths):
+                named = await _require_named(self.etcd, names.parse_child(name, KIND.collection)[0], updated, "access_policy")
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated
             rev = await self.commit(
-                [self.t.mod(kv.key) == kv.mod_revision], [self.t.put(kv.key, store.encode(updated))],
+                [self.t.mod(kv.key) == kv.mod_revision, *named], [self.t.put(kv.key, store.encode(updated))],
                 etag=req.access_policy.etag, kv=kv, name=name,
             )
             updated.etag = str(rev)

@@ -421,6 +421,7 @@ def compile_desired(
             protocol="" if proto == "any" else proto,
             ports=tuple(ports),
             accept=f.accept,
+            policy=_policy_label(f.policy),
         ))
 
     relayed = _relayed(msg.relayed_ranges, v)
@@ -464,6 +465,11 @@ def compile_desired(
         egress_interfaces=frozenset(egress_ifaces),
         relayed_ranges=tuple(n.text for n in relayed),
     )
+
+
+def _policy_label(name: str) -> str:
+    """The policy's id, as a comment on its nftables rule (only id characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "", name.rsplit("/", 1)[-1])[:63]
 
 
 def _relayed(texts: Iterable[str], v: list[FieldViolation]) -> list[Cidr]:

@@ -46,11 +46,15 @@ class Egress:
 
 @dataclass(frozen=True)
 class Filter:
+    """One rule of the ``overlay_policy`` chain (``DesiredState.filter_rules``): empty
+    sources or destinations match any address; the first rule that matches decides."""
+
     sources: tuple[Net, ...]
     destinations: tuple[Net, ...]
     protocol: str
     ports: tuple[str, ...]
     accept: bool
+    policy: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,27 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
     accepted (sets ``relay4``/``relay6``), ahead of the drops of overlay traffic.
     The caller passes them sorted and deduplicated: the text, hence the digest,
     depends on their order.
+
+    ``filters`` (access policies, compiled by the control plane) fill the chain
+    ``overlay_policy``, entered from ``input`` for traffic from the overlay to this node
+    and from ``forward`` for traffic from the overlay that this node delivers:
+    out of another interface (egress ranges, the LAN, the internet) or to a
+    relayed client. Replies of allowed connections pass before it
+    (``ct state established,related``). A rule that allows ``return``s, so
+    the packet goes on to the egress and relay rules; one that refuses drops;
+    a packet no rule matches returns (allowed: the control plane ends a DENY
+    network's list with a rule that drops everything). Sides with more than one
+    address are named interval sets (``p{i}_s4``, ``p{i}_d6``, ...), so a rule
+    costs one lookup whatever its size.
     """
     sets: list[str] = []
     forward: list[str] = []
     nat: list[str] = []
     wg = _q(iface)
+    site: list[Net] = []
     for i, e in enumerate(egress):
+        if not e.internet_gateway:
+            site += list(e.ranges)
         for fam, kw in ((4, "ip"), (6, "ip6")):
             src = [n for n in e.sources if n.version == fam]
             dst = [n for n in e.ranges if n.version == fam]
@@ -112,20 +131,42 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
             forward.append(f"\t\t{match} accept")
             if e.nat:
                 nat.append(f"\t\t{match} masquerade")
+    policy: list[str] = []
+    for i, f in enumerate(filters):
+        verdict = "return" if f.accept else "drop"
+        comment = f" comment {_q(f.policy)}" if f.policy else ""
+        for match in _filter_matches(f, f"p{i}", sets):
+            policy.append(f"\t\t{match}{verdict}{comment}")
+    enter: list[str] = []
+    if filters:
+        enter = [f"\t\tiifname {wg} ct state established,related accept",
+                 f"\t\tiifname {wg} oifname != {wg} jump overlay_policy"]
     for fam, kw in ((4, "ip"), (6, "ip6")):
         nets = [n for n in relayed if n.version == fam]
         if not nets:
             continue
         sets += _set(f"relay{fam}", nets)
+        if filters:
+            enter.append(f"\t\tiifname {wg} oifname {wg} {kw} daddr @relay{fam} jump overlay_policy")
         forward += [f"\t\tiifname {wg} oifname {wg} {kw} {d}addr @relay{fam} accept"
                     for d in ("s", "d")]
+    lan: list[str] = []
+    for fam, kw in ((4, "ip"), (6, "ip6")):
+        nets = [n for n in site if n.version == fam]
+        if nets:
+            sets += _set(f"site{fam}", nets)
+            lan.append(f"\t\toifname {wg} {kw} saddr @site{fam} accept")
     lines = [f"table {FAMILY} {TABLE} {{", "\tcomment \"meshgate:@DIGEST@\""]
     lines += sets
+    if filters:
+        lines += ["\tchain overlay_policy {", *policy, "\t}"]
     lines += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
+        *enter,
         *forward,
         f"\t\tiifname {wg} drop",
+        *lan,
         f"\t\toifname {wg} ct state established,related accept",
         f"\t\toifname {wg} drop",
         "\t}",
@@ -142,44 +183,50 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
             "\tchain input {",
             "\t\ttype filter hook input priority filter; policy accept;",
             f"\t\tiifname {wg} ct state established,related accept",
+            f"\t\tiifname {wg} jump overlay_policy",
+            "\t}",
         ]
-        for f in filters:
-            lines += [f"\t\tiifname {wg} {m} {'accept' if f.accept else 'drop'}" for m in _filter_matches(f)]
-        lines += [f"\t\tiifname {wg} drop", "\t}"]
     lines.append("}")
     body = "\n".join(lines) + "\n"
     digest = hashlib.sha256(body.encode()).hexdigest()[:16]
     return Table(text=body.replace("@DIGEST@", digest), digest=digest)
 
 
-def _anon(nets: list[Net]) -> str:
-    return "{ " + ", ".join(str(n) for n in nets) + " }"
+_L4 = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "ipv6-icmp"}
 
 
-def _filter_matches(f: Filter) -> list[str]:
+def _side(kw: str, d: str, nets: list[Net], name: str, sets: list[str]) -> str:
+    """``ip saddr 100.64.0.2`` for one address, else a named interval set."""
+    if len(nets) == 1:
+        return f"{kw} {d}addr {nets[0]} "
+    sets += _set(name, nets)
+    return f"{kw} {d}addr @{name} "
+
+
+def _filter_matches(f: Filter, prefix: str, sets: list[str]) -> list[str]:
+    """The match parts of rule `f`, one per address family it can match (each
+    ending in a space, ready for its verdict); named sets go to `sets`."""
     l4 = ""
-    if f.protocol in ("tcp", "udp"):
-        l4 = f"meta l4proto {f.protocol}"
-        if f.ports:
-            l4 += f" th dport {{ {', '.join(f.ports)} }}"
-    elif f.protocol:
-        l4 = f"meta l4proto {f.protocol}"
+    if f.protocol:
+        l4 = f"meta l4proto {_L4.get(f.protocol, f.protocol)} "
+        if f.ports and f.protocol in ("tcp", "udp"):
+            l4 += f"th dport {{ {', '.join(f.ports)} }} "
+    if not f.sources and not f.destinations:
+        return [l4]
     out = []
-    fams = {n.version for n in (*f.sources, *f.destinations)} or {0}
-    for fam in sorted(fams):
-        kw = "ip" if fam == 4 else "ip6"
-        parts = []
+    for fam, kw in ((4, "ip"), (6, "ip6")):
         src = [n for n in f.sources if n.version == fam]
         dst = [n for n in f.destinations if n.version == fam]
-        if fam and f.sources and not src or fam and f.destinations and not dst:
+        if (f.sources and not src) or (f.destinations and not dst):
             continue  # this family cannot match both sides
+        if (fam == 4 and f.protocol == "icmpv6") or (fam == 6 and f.protocol == "icmp"):
+            continue
+        match = ""
         if src:
-            parts.append(f"{kw} saddr {_anon(src)}")
+            match += _side(kw, "s", src, f"{prefix}_s{fam}", sets)
         if dst:
-            parts.append(f"{kw} daddr {_anon(dst)}")
-        if l4:
-            parts.append(l4)
-        out.append(" ".join(parts) if parts else "meta nfproto { ipv4, ipv6 }")
+            match += _side(kw, "d", dst, f"{prefix}_d{fam}", sets)
+        out.append(match + l4)
     return out
 
 

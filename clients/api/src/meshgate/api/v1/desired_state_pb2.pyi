@@ -195,7 +195,13 @@ Global___EgressConfig: _TypeAlias = EgressConfig  # noqa: Y015
 
 @_typing.final
 class FilterRule(_message.Message):
-    """Filtering of overlay traffic at this node. Empty means allow everything."""
+    """One packet filter rule for overlay traffic arriving at this node (from the
+    WireGuard interface, to the node itself or forwarded by it). Rules are
+    evaluated in order; the first that matches decides (`accept` or drop).
+    Traffic that matches no rule is accepted; a network whose default is DENY
+    ends its list with a rule that matches everything and drops. Replies of
+    accepted connections always pass. An empty list filters nothing.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -204,14 +210,28 @@ class FilterRule(_message.Message):
     PROTOCOL_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
     ACCEPT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
+    """"tcp", "udp", "icmp", "icmpv6", or empty for every protocol."""
     accept: _builtins.bool
+    policy: _builtins.str
+    """The access policy this rule comes from (`networks/{n}/accessPolicies/{p}`),
+    or empty for the network's default; shown in the node's nftables table.
+    """
     @_builtins.property
-    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Source CIDRs; empty means any source."""
+
     @_builtins.property
-    def destinations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def destinations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Destination CIDRs; empty means any destination."""
+
     @_builtins.property
-    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Destination ports or ranges ("80", "8000-8080"), tcp and udp only; empty
+        means every port.
+        """
+
     def __init__(
         self,
         *,
@@ -220,10 +240,11 @@ class FilterRule(_message.Message):
         protocol: _builtins.str = ...,
         ports: _abc.Iterable[_builtins.str] | None = ...,
         accept: _builtins.bool = ...,
+        policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "destinations", b"destinations", "ports", b"ports", "protocol", b"protocol", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "destinations", b"destinations", "policy", b"policy", "ports", b"ports", "protocol", b"protocol", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,7 @@ class EgressGateway(_message.Message):
     INTERNET_GATEWAY_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    USED_BY_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -103,6 +104,16 @@ class EgressGateway(_message.Message):
         """User labels."""
 
     @_builtins.property
+    def used_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The nodes that route the gateway's ranges (and, for an internet gateway,
+        their default route) through it: selectors `*`, `tag:{tag}` or
+        `node:{node id}`. Empty means every node, except for an internet gateway:
+        then every node that runs no egress gateway itself (gateways keep their
+        own default route). A node that is not selected neither routes the
+        ranges nor accepts traffic from them.
+        """
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -118,6 +129,7 @@ class EgressGateway(_message.Message):
         internet_gateway: _builtins.bool = ...,
         display_name: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        used_by: _abc.Iterable[_builtins.str] | None = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
@@ -125,7 +137,7 @@ class EgressGateway(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "nat", b"nat", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "display_name", b"display_name", "egress_interface", b"egress_interface", "etag", b"etag", "internet_gateway", b"internet_gateway", "labels", b"labels", "name", b"name", "nat", b"nat", "node", b"node", "priority", b"priority", "ranges", b"ranges", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "display_name", b"display_name", "egress_interface", b"egress_interface", "etag", b"etag", "internet_gateway", b"internet_gateway", "labels", b"labels", "name", b"name", "nat", b"nat", "node", b"node", "priority", b"priority", "ranges", b"ranges", "uid", b"uid", "update_time", b"update_time", "used_by", b"used_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__nat: _TypeAlias = _typing.Literal["nat"]  # noqa: Y015
     _WhichOneofArgType__nat: _TypeAlias = _typing.Literal["_nat", b"_nat"]  # noqa: Y015

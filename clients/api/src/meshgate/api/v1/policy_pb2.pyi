@@ -32,6 +32,9 @@ class _ProtocolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Protocol.Val
     TCP: _Protocol.ValueType  # 1
     UDP: _Protocol.ValueType  # 2
     ICMP: _Protocol.ValueType  # 3
+    """ICMP for IPv4."""
+    ICMPV6: _Protocol.ValueType  # 4
+    """ICMPv6."""
 
 class Protocol(_Protocol, metaclass=_ProtocolEnumTypeWrapper): ...
 
@@ -40,6 +43,9 @@ PROTOCOL_UNSPECIFIED: Protocol.ValueType  # 0
 TCP: Protocol.ValueType  # 1
 UDP: Protocol.ValueType  # 2
 ICMP: Protocol.ValueType  # 3
+"""ICMP for IPv4."""
+ICMPV6: Protocol.ValueType  # 4
+"""ICMPv6."""
 Global___Protocol: _TypeAlias = Protocol  # noqa: Y015
 
 class _PolicyAction:
@@ -91,8 +97,17 @@ Global___PortRange: _TypeAlias = PortRange  # noqa: Y015
 @_typing.final
 class AccessPolicy(_message.Message):
     """Allows or drops traffic from some nodes to others. Selectors are
-    `tag:{tag}`, `node:{node id}`, `egress:{egress gateway id}` (its ranges),
-    `client:{external client id}`, or `*` for everything in the network.
+    `tag:{tag}`, `node:{node id}` (its overlay addresses), `egress:{egress
+    gateway id}` (its ranges: the hosts behind the gateway), `client:{external
+    client id}` (its addresses), or `*` for every address. `node:`, `egress:` and
+    `client:` must name objects that exist; a tag may be one no node has yet.
+
+    Enforced by the node where the traffic leaves the overlay (the destination
+    node itself, or the gateway node that forwards to an egress range or relays
+    to an external client), statefully: replies of an allowed connection always
+    pass. Policies are evaluated by `priority` (then by name); the first that
+    matches decides. Traffic no policy matches follows the network's default
+    policy.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -118,9 +133,12 @@ class AccessPolicy(_message.Message):
     action: Global___PolicyAction.ValueType
     """ACCEPT (the default) or DROP."""
     priority: _builtins.int
-    """Lower numbers are evaluated first (0-1000)."""
+    """Lower numbers are evaluated first (0-1000); equal priorities in name order."""
     bidirectional: _builtins.bool
-    """Also allow the reverse direction (replies always pass)."""
+    """Also match traffic from the destinations to the sources (new connections
+    in the reverse direction, same protocol and ports). Replies of an allowed
+    connection pass either way.
+    """
     disabled: _builtins.bool
     """A disabled policy is kept but has no effect."""
     description: _builtins.str
