@@ -17,14 +17,15 @@ from meshgate.common.errors import (
     invalid_argument,
     reference_not_found,
 )
-from meshgate.controlplane import masks, names, store, validation
+from meshgate.controlplane import masks, names, selectors, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import retrying
 
 KIND = Kind("meshgate.io/EgressGateway", "egressGateways", egress_pb2.EgressGateway)
 MUTABLE = frozenset(
-    {"node", "ranges", "nat", "egress_interface", "priority", "internet_gateway", "display_name", "labels"}
+    {"node", "ranges", "nat", "egress_interface", "priority", "internet_gateway", "display_name", "labels",
+     "used_by"}
 )
 ALL_FIELDS = frozenset(f.name for f in egress_pb2.EgressGateway.DESCRIPTOR.fields)
 
@@ -47,8 +48,10 @@ class EgressGateways(Resources):
         Returns the compares that keep those facts true until the write.
         """
         ranges, errs = validation.egress(gw, prefix)
+        errs += selectors.syntax(f"{prefix}.used_by", list(gw.used_by), ("tag", "node"), required=False)
         if errs:
             raise invalid_argument(errs)
+        used_by = await selectors.require_existing(self.etcd, net_id, [(f"{prefix}.used_by", gw.used_by)])
         node_net, node_id = names.parse_child(gw.node, "nodes")  # validated above
         if node_net != net_id:
             raise invalid_argument(
@@ -68,6 +71,7 @@ class EgressGateways(Resources):
             err.reason = "CIDR_OVERLAP"
             raise err
         return [
+            *used_by,
             self.t.mod(net_kv.key) == net_kv.mod_revision,
             self.t.mod(node_kv.key) == node_kv.mod_revision,
             self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0),
