@@ -106,7 +106,7 @@ async def test_agent_declines_reports_once_and_applies_the_rest(tmp_path, caplog
     src.put(Snapshot(plain))
     await until(lambda: len(src.reports) == 3)
     assert src.reports[-1] == Report(3, None) and agent.status["declined_routes"] == []
-    assert "no default routes declined any more" in caplog.text
+    assert "no routes declined any more" in caplog.text
     stop.set()
     await task
 

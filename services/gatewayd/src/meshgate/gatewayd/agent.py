@@ -21,10 +21,11 @@ as the control plane sent it (deltas merge onto it, and it is what ``desired.pb`
 keeps); the filter runs on every compile, so a peer refused earlier and correctly
 signed later is applied.
 
-Default routes (``consent.py``): unless the operator accepted them, the default
-routes of a new state are left out the same way (and always on a node that is
-the internet gateway itself); the change is logged once, kept in the status
-(``declined_routes``) and said in the (OK) ack of that revision.
+Routes (``consent.py``): unless the operator accepted them, the default routes
+of a new state are left out the same way (and always on a node that is the
+internet gateway itself), and so are routes outside the operator's allow-list
+(``--accept-routes``), with their allowed IPs; the change is logged once, kept
+in the status (``declined_routes``) and said in the (OK) ack of that revision.
 
 Node key rotation: a ``RotateKey`` update makes a pending key pair (``keys.NodeKeys``)
 and announces its public half to the source; the switch happens in the pass that
@@ -61,15 +62,20 @@ class Agent:
     def __init__(self, reconciler: Reconciler, settings: Settings,
                  source: DesiredStateSource | None = None, rng: random.Random | None = None,
                  authority_keys: Sequence[bytes] = (), network: str = "",
-                 accept_default_route: bool = False):
+                 accept_default_route: bool = False, accept_routes: Sequence[str] | None = None,
+                 no_default_route: bool = False):
         self.rec = reconciler
         self.verifier = PeerVerifier(authority_keys, network) if authority_keys else None
         """None: the development mode, nothing is verified."""
         self.refused: dict[str, Refusal] = {}
         """Peers of the current target left out (by public key)."""
-        self.accept_default_route = accept_default_route
+        self.accept_default_route = accept_default_route and not no_default_route
+        self.no_default_route = no_default_route
+        """The operator said ``--no-default-route`` (not just no consent)."""
+        self.accept_routes = None if accept_routes is None else tuple(accept_routes)
+        """The operator's allow-list of routes; None: every non-default route."""
         self.declined: tuple[consent.Declined, ...] = ()
-        """Default routes of the current target left out."""
+        """Routes of the current target left out."""
         self.settings = settings
         self.source = source
         self.rng = rng or random.Random()
@@ -87,7 +93,9 @@ class Agent:
             "state": "waiting", "applied_revision": None, "last_error": None, "attempt": 0,
             "full_syncs": 0, "delta_syncs": 0, "rejected": 0, "backend": reconciler.backend.name,
             "verify_peers": self.verifier is not None, "refused_peers": [],
-            "accept_default_route": accept_default_route, "declined_routes": [],
+            "accept_default_route": self.accept_default_route,
+            "accept_routes": None if self.accept_routes is None else list(self.accept_routes),
+            "declined_routes": [],
         }
         self._key_status()
 
@@ -193,7 +201,7 @@ class Agent:
             if declined:
                 log.warning("%s", consent.summary(declined))
             else:
-                log.info("no default routes declined any more")
+                log.info("no routes declined any more")
             self.declined = declined
             self.status["declined_routes"] = [str(d) for d in declined]
         refused = refused or {}
@@ -214,8 +222,9 @@ class Agent:
         return self.verifier.refusals(peers) if self.verifier is not None else {}
 
     def _consented(self, msg: pb.DesiredState) -> tuple[pb.DesiredState, tuple[consent.Declined, ...]]:
-        """``msg`` without the default routes this node declines, and those."""
-        declined = tuple(consent.declined_routes(msg, self.accept_default_route))
+        """``msg`` without the routes this node declines, and those."""
+        declined = tuple(consent.declined_routes(msg, self.accept_default_route, self.accept_routes,
+                                                 explicit=self.no_default_route))
         return consent.without_declined(msg, declined), declined
 
     def _key_status(self) -> None:
@@ -282,8 +291,10 @@ class Agent:
                 else:
                     refused = self._refusals(msg.peers)
                 if peers_only(update.delta) and not refused and not self.refused:
-                    # routes and the default route are unchanged: so are the declines
-                    desired = compile_peer_delta(self.target, update.delta, update.revision)
+                    # routes and the default route are unchanged: so are the declines,
+                    # and the upserted peers lose the same allowed IPs
+                    delta = consent.narrow_delta(update.delta, msg, self.declined)
+                    desired = compile_peer_delta(self.target, delta, update.revision)
                 else:
                     kept, declined = self._consented(without(msg, refused))
                     desired = self.rec.compile(kept)

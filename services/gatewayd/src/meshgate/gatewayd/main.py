@@ -91,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--insecure", action="store_true",
                    help="development only: allow plaintext to a control plane that is not loopback or a "
                         "Unix socket (saved; `run` warns on every start)")
-    j.add_argument("--accept-default-route", action="store_true",
-                   help="install default routes (an internet gateway) the control plane sends; without it "
-                        "they are declined and reported (saved; `run --[no-]accept-default-route` overrides)")
+    _route_consent_arguments(j, join=True)
     r = sub.add_parser("run", parents=[common], help="run the agent: restore the last applied "
                        "state from disk, then stream from the control plane (once joined) or "
                        "follow a file; resync periodically")
@@ -105,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--insecure", action="store_true",
                    help="development only: allow plaintext to a control plane that is not loopback or a "
                         "Unix socket (also when `join --insecure` saved it; warned about on every start)")
-    r.add_argument("--accept-default-route", action=argparse.BooleanOptionalAction, default=None,
-                   help="install (or decline) default routes the control plane sends, for this run "
-                        "(default: what `join` saved; declined unless `join --accept-default-route`). "
-                        "States from --file are the operator's own and always apply as written")
+    _route_consent_arguments(r, join=False)
     sub.add_parser("show", parents=[common], help="print the observed state as JSON (no secrets); "
                    "--interface defaults to the last applied one")
     sub.add_parser("down", parents=[common], help="remove everything gatewayd owns on this host; "
@@ -122,6 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fail when the agent has not written its status for this long (it does "
                         "at least every resync interval, 60 s by default): a hung agent")
     return p
+
+
+def _accept_routes(text: str) -> tuple[str, ...] | None:
+    from meshgate.gatewayd import consent
+
+    try:
+        return consent.parse_accept_routes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--accept-routes: ")) from None
+
+
+def _route_consent_arguments(p: argparse.ArgumentParser, join: bool) -> None:
+    """--accept-routes and the default-route consent (consent.py), for join (saved) and run (for this run)."""
+    saved = ("saved; `run` flags override it" if join else
+             "for this run; default: what `join` saved")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--accept-default-route", dest="accept_default_route", action="store_const", const=True,
+                   default=None,
+                   help="install default routes (an internet gateway) the control plane sends; without it they "
+                        f"are declined and reported in the network status ({saved})")
+    g.add_argument("--no-default-route", "--no-accept-default-route", dest="accept_default_route",
+                   action="store_const", const=False,
+                   help="decline the default routes the control plane sends, keeping this host's own default "
+                        f"route; reported in the network status ({saved})")
+    p.add_argument("--accept-routes", type=_accept_routes, default=False, metavar="CIDRS",
+                   help="install only the routes (egress ranges) that lie within one of these comma-separated "
+                        "ranges, e.g. 10.0.0.0/8,198.51.100.0/24; 'none' accepts none, 'all' every one (the "
+                        "default); refused routes are left out with their allowed IPs and reported in the "
+                        f"network status; default routes follow --accept-default-route ({saved})"
+                        + ("" if join else ". States from --file are the operator's own: they apply as written "
+                                           "unless these flags are given"))
 
 
 def _check(args: argparse.Namespace, settings: Settings) -> int:
@@ -208,7 +234,9 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
             hostname=socket.gethostname(), endpoint=args.endpoint, listen_port=args.listen_port,
             ca_file=args.ca_file, authority_keys=authority_keys,
             insecure_no_authority=args.insecure_no_authority, insecure=args.insecure,
-            accept_default_route=args.accept_default_route,
+            accept_default_route=bool(args.accept_default_route),
+            no_default_route=args.accept_default_route is False,
+            accept_routes=None if args.accept_routes is False else args.accept_routes,
         ))
     except (JoinRefused, PlaintextRefused) as e:
         print(f"gatewayd: join refused: {e}", file=sys.stderr)
@@ -230,24 +258,26 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_source(args: argparse.Namespace, settings: Settings, rec):
-    """(source, authority keys, network, accept default routes) for `run`, with
+    """(source, authority keys, network, consent.Consent) for `run`, with
     the WARNINGs of every insecure choice; raises EnvironmentProblem (an unusable
     identity) or PlaintextRefused."""
+    from meshgate.gatewayd.consent import Consent
     from meshgate.gatewayd.sources import FileSource
     from meshgate.gatewayd.stream import ControlPlaneSource, Identity, IdentityError, check_transport
     from meshgate.gatewayd.trust import fingerprint
 
     if args.file:
         log.warning("development mode: following %s; peer keys are not verified and its default routes "
-                    "apply as written (the file is the operator's own)", args.file)
-        return FileSource(args.file), (), "", True
+                    "apply as written (the file is the operator's own) unless --no-default-route/--accept-routes "
+                    "say otherwise", args.file)
+        return FileSource(args.file), (), "", _consent(args, Consent(True))
     try:
         identity = Identity.load(settings.state_dir)
     except IdentityError as e:
         raise EnvironmentProblem(str(e)) from None
     if identity is None:
         log.info("not joined and no --file: keeping the state on disk")
-        return None, (), "", False
+        return None, (), "", _consent(args, Consent())
     if args.control_plane:
         identity.control_plane = args.control_plane
     identity.insecure = identity.insecure or args.insecure
@@ -259,13 +289,33 @@ def _run_source(args: argparse.Namespace, settings: Settings, rec):
     else:
         log.warning("INSECURE: development mode (joined with --insecure-no-authority): peer keys are NOT "
                     "verified; any key the control plane sends is applied")
-    accept = identity.accept_default_route if args.accept_default_route is None else args.accept_default_route
-    log.info("default routes from the control plane: %s (%s)", "accepted" if accept else "declined",
-             "run --[no-]accept-default-route" if args.accept_default_route is not None else "saved by join")
+    accept = _consent(args, Consent(identity.accept_default_route, identity.no_default_route,
+                                    identity.accept_routes))
     last = rec.store.load_desired()
     source = ControlPlaneSource(identity, last.revision if last else 0)
     log.info("node %s, control plane %s", identity.node, identity.control_plane)
     return source, identity.authority_keys, identity.network, accept
+
+
+def _consent(args: argparse.Namespace, saved):
+    """The routes this run accepts: the saved consent, overridden by run's flags; logged."""
+    from dataclasses import replace
+
+    from meshgate.gatewayd.consent import describe_accept_routes
+
+    out = saved
+    if args.accept_default_route is not None:
+        out = replace(out, accept_default_route=args.accept_default_route,
+                      explicit=args.accept_default_route is False)
+    if args.accept_routes is not False:
+        out = replace(out, accept_routes=args.accept_routes)
+    log.info("default routes from the control plane: %s (%s); other routes accepted: %s (%s)",
+             "accepted" if out.accept_default_route else "declined",
+             "run --accept-default-route/--no-default-route" if args.accept_default_route is not None
+             else "saved by join",
+             describe_accept_routes(out.accept_routes),
+             "run --accept-routes" if args.accept_routes is not False else "saved by join")
+    return out
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -295,7 +345,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         try:
             try:
                 agent = Agent(rec, settings, source, authority_keys=authority_keys, network=network,
-                              accept_default_route=accept)
+                              accept_default_route=accept.accept_default_route,
+                              accept_routes=accept.accept_routes, no_default_route=accept.explicit)
             except ValueError as e:
                 raise EnvironmentProblem(f"identity.json: bad key authority key or node: {e}") from None
             return asyncio.run(agent.run_forever())

@@ -32,9 +32,10 @@ revision received is not applied: the source asks for a snapshot instead.
 refused peers carries `PERMISSION_DENIED`, the summary as its message and a
 `google.rpc.ErrorInfo` (reason `PEER_KEY_REFUSED`) listing them.
 
-An ack of a revision applied without some default routes (consent.py) is OK
-and carries the summary as its message and a `google.rpc.ErrorInfo` (reason
-`DEFAULT_ROUTE_DECLINED`) listing them.
+An ack of a revision applied without some routes (consent.py) is OK and
+carries the summary as its message and a `google.rpc.ErrorInfo` per kind
+(reason `DEFAULT_ROUTE_DECLINED` or `ROUTE_NOT_ACCEPTED`, metadata `routes` and
+`reason`) listing them.
 
 Hazards: the token is a secret (`keys.Secret`, never logged); messages carry
 pre-shared keys, so they are never logged either.
@@ -111,6 +112,11 @@ class Identity:
     """Joined with ``--insecure``: plaintext to a non-local control plane is allowed."""
     accept_default_route: bool = False
     """Joined with ``--accept-default-route`` (``run`` may override it)."""
+    no_default_route: bool = False
+    """Joined with ``--no-default-route``: declined by the operator's word (the
+    status says so), not for want of consent."""
+    accept_routes: tuple[str, ...] | None = None
+    """Joined with ``--accept-routes``: the allow-list of routes (None: all)."""
     agent_endpoint: str = ""
     """With a certificate credential (agentcert.py): where to stream, with mTLS."""
     state_dir: Path | None = None
@@ -133,7 +139,9 @@ class Identity:
                             else {"token": self.token.reveal()}),
              "key_authority_public_keys": [base64.b64encode(k).decode() for k in self.authority_keys],
              "authority_pinned_by": self.pinned_by, "insecure_no_authority": self.insecure_no_authority,
-             "insecure": self.insecure, "accept_default_route": self.accept_default_route},
+             "insecure": self.insecure, "accept_default_route": self.accept_default_route,
+             "no_default_route": self.no_default_route,
+             "accept_routes": None if self.accept_routes is None else list(self.accept_routes)},
             indent=1,
         ).encode()
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -167,7 +175,10 @@ class Identity:
                         data.get("ca_file", ""), keys, data.get("authority_pinned_by", ""),
                         bool(data.get("insecure_no_authority")), bool(data.get("insecure")),
                         bool(data.get("accept_default_route")), agent_endpoint=cred.get("agent_endpoint", ""),
-                        state_dir=state_dir)
+                        state_dir=state_dir, no_default_route=bool(data.get("no_default_route")))
+            routes = data.get("accept_routes")
+            if routes is not None:
+                ident.accept_routes = consent.parse_accept_routes(",".join(routes)) if routes else ()
             if not ident.certified and not ident.token.reveal():
                 raise KeyError("credential")
         except (KeyError, TypeError, ValueError) as e:
@@ -271,6 +282,8 @@ async def join(
     insecure: bool = False,
     accept_default_route: bool = False,
     timeout: float = 30,
+    no_default_route: bool = False,
+    accept_routes: tuple[str, ...] | None = None,
 ) -> tuple[Identity, agent_pb2.EnrollResponse]:
     """Redeem `secret` for this node and save its identity (see the module
     docstring for the pin); raises JoinRefused, PlaintextRefused or the RPC's error."""
@@ -306,7 +319,8 @@ async def join(
         agentcert.save(state_dir, resp.credential.certificate_chain, resp.ca_certificates)
     identity = Identity(resp.node.name, target, Secret(resp.credential.token), ca_file, kept, pinned_by,
                         insecure_no_authority=not kept, insecure=insecure,
-                        accept_default_route=accept_default_route,
+                        accept_default_route=accept_default_route and not no_default_route,
+                        no_default_route=no_default_route, accept_routes=accept_routes,
                         agent_endpoint=(resp.agent_endpoint or target) if certified else "", state_dir=state_dir)
     identity.save(state_dir)
     return identity, resp
@@ -507,9 +521,12 @@ class ControlPlaneSource:
         elif declined:
             # applied: all the node will install; the message says what it left out
             ack.status.CopyFrom(status_pb2.Status(code=0, message=consent.summary(declined)[:1024]))
-        if declined:
-            info = error_details_pb2.ErrorInfo(reason=consent.ERROR_REASON, domain=ERROR_DOMAIN)
-            info.metadata["routes"] = ",".join(d.route for d in declined)[:4096]
+        for code, these in consent.by_code(declined).items():
+            # one per kind: DEFAULT_ROUTE_DECLINED, ROUTE_NOT_ACCEPTED (the control
+            # plane shows them in the network status)
+            info = error_details_pb2.ErrorInfo(reason=code, domain=ERROR_DOMAIN)
+            info.metadata["routes"] = ",".join(d.route for d in these)[:4096]
+            info.metadata["reason"] = "; ".join(dict.fromkeys(d.reason for d in these))[:1024]
             ack.status.details.add().Pack(info)
         self._out.put_nowait(agent_pb2.SyncRequest(ack=ack))
         if report.error and report.applied_revision is None and "snapshot is needed" in report.error:
