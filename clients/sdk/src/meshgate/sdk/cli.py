@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -455,11 +456,40 @@ def _update_mask(m: api.Method, request: dict, given: list[tuple[str, ...]]) -> 
     res = next((fd for fd in m.input.fields if fd.message_type is not None and fd.name != "update_mask"), None)
     if res is None or res.name not in request:
         return
+    by_name = res.message_type.fields_by_name
+    by_json = {fd.json_name: fd for fd in res.message_type.fields}
     paths = {p[1] for p in given if len(p) > 1 and p[0] == res.name}
-    paths |= set(request[res.name])
-    paths = {p for p in paths if p in res.message_type.fields_by_name and masks.mutable(res.message_type.fields_by_name[p])}
+    # Keys of a --from-file resource, in proto (display_name) or JSON (displayName) spelling.
+    paths |= {(by_name.get(k) or by_json[k]).name for k in request[res.name] if k in by_name or k in by_json}
+    paths = {p for p in paths if masks.mutable(by_name[p])}
     if paths:
-        request["update_mask"] = ",".join(sorted(paths))
+        request["update_mask"] = sorted(paths)
+
+
+def _mask_json(value: Any) -> str:
+    """A field mask in protobuf JSON form (`displayName,labels`) from the paths
+    as a person or `_update_mask` writes them: a list or a comma-separated
+    string, each path in proto (`display_name`), CLI (`display-name`) or JSON
+    (`displayName`) spelling. json_format refuses anything but the JSON form."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    out = []
+    for path in items:
+        path = str(path).strip()
+        if not path:
+            continue
+        out.append(".".join(re.sub(r"[_-]+([a-z0-9])", lambda mo: mo.group(1).upper(), seg)
+                            for seg in path.split(".")))
+    return ",".join(out)
+
+
+def _masks_to_json(desc: Descriptor, request: dict) -> None:
+    """Every field mask at the top of a request, in the form `_parse` needs."""
+    for fd in desc.fields:
+        if fd.message_type is None or fd.message_type.full_name != "google.protobuf.FieldMask":
+            continue
+        for key in (fd.name, fd.json_name):
+            if request.get(key) not in (None, ""):
+                request[key] = _mask_json(request[key])
 
 
 def make_command(m: api.Method) -> click.Command:
@@ -510,6 +540,7 @@ def make_command(m: api.Method) -> click.Command:
                 raise _usage(f"NAME {positional_name!r} and --{'.'.join(pos)} disagree")
             d[pos[-1]] = positional_name
         _update_mask(m, request, given)
+        _masks_to_json(m.input, request)
         msg = _parse(req_cls, request)
         client = state.client()
         if m.server_streaming:
