@@ -116,6 +116,14 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.CreateNodeRequest.validate_only': 'Check the request without creating the node or allocating '
                                                     'addresses.',
  'meshgate.api.v1.CreateTokenRequest.token_id': "The token's id: lowercase letters, digits and hyphens, at most 63.",
+ 'meshgate.api.v1.DeclinedRoute': "A route a node's agent left out of what it applied, and why.",
+ 'meshgate.api.v1.DeclinedRoute.destination': "The route's destination CIDR, or `default route` for the default route\n"
+                                              'through the internet gateway.',
+ 'meshgate.api.v1.DeclinedRoute.message': "The agent's explanation, e.g. `not within the ranges this node accepts\n"
+                                          '(gatewayd --accept-routes 10.0.0.0/8)`.',
+ 'meshgate.api.v1.DeclinedRoute.reason': "`DEFAULT_ROUTE_DECLINED` (a default route without the operator's consent,\n"
+                                         'or on the internet gateway itself) or `ROUTE_NOT_ACCEPTED` (outside the\n'
+                                         "operator's `--accept-routes`).",
  'meshgate.api.v1.DefaultPolicy': 'What happens to traffic between nodes that no access policy mentions.',
  'meshgate.api.v1.DefaultPolicy.ALLOW': 'Every node may reach every other node (a full mesh).',
  'meshgate.api.v1.DefaultPolicy.DEFAULT_POLICY_UNSPECIFIED': 'Treated as ALLOW.',
@@ -423,6 +431,13 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.NodeConvergence.applied_revision': 'The newest revision the node acknowledged as applied.',
  'meshgate.api.v1.NodeConvergence.connected': "Whether the node's agent holds a sync stream now.",
  'meshgate.api.v1.NodeConvergence.converged': 'True when applied_revision >= desired_revision.',
+ 'meshgate.api.v1.NodeConvergence.declined_routes': "Routes of the node's desired state that its agent did not "
+                                                    'install, as of\n'
+                                                    'its last acknowledgement: its operator narrowed them (`gatewayd\n'
+                                                    '--accept-routes`, `--no-default-route`, no '
+                                                    '`--accept-default-route`) or the\n'
+                                                    'node is the internet gateway itself. Empty when it installed '
+                                                    'every route.',
  'meshgate.api.v1.NodeConvergence.desired_revision': 'The etcd revision of the newest desired state computed for the '
                                                      'node.',
  'meshgate.api.v1.NodeConvergence.failed_over': 'The node runs an egress gateway and its agent has been away longer '

@@ -368,6 +368,7 @@ class NodeConvergence(_message.Message):
     LAST_CONTACT_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     FAILED_OVER_FIELD_NUMBER: _builtins.int
+    DECLINED_ROUTES_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """`networks/{network}/nodes/{node}`."""
     desired_revision: _builtins.int
@@ -388,6 +389,14 @@ class NodeConvergence(_message.Message):
     def last_contact_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent was last heard from."""
 
+    @_builtins.property
+    def declined_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeclinedRoute]:
+        """Routes of the node's desired state that its agent did not install, as of
+        its last acknowledgement: its operator narrowed them (`gatewayd
+        --accept-routes`, `--no-default-route`, no `--accept-default-route`) or the
+        node is the internet gateway itself. Empty when it installed every route.
+        """
+
     def __init__(
         self,
         *,
@@ -399,14 +408,52 @@ class NodeConvergence(_message.Message):
         last_contact_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
         failed_over: _builtins.bool = ...,
+        declined_routes: _abc.Iterable[Global___DeclinedRoute] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_contact_time", b"last_contact_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "desired_revision", b"desired_revision", "failed_over", b"failed_over", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "declined_routes", b"declined_routes", "desired_revision", b"desired_revision", "failed_over", b"failed_over", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeConvergence: _TypeAlias = NodeConvergence  # noqa: Y015
+
+@_typing.final
+class DeclinedRoute(_message.Message):
+    """A route a node's agent left out of what it applied, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """The route's destination CIDR, or `default route` for the default route
+    through the internet gateway.
+    """
+    reason: _builtins.str
+    """`DEFAULT_ROUTE_DECLINED` (a default route without the operator's consent,
+    or on the internet gateway itself) or `ROUTE_NOT_ACCEPTED` (outside the
+    operator's `--accept-routes`).
+    """
+    message: _builtins.str
+    """The agent's explanation, e.g. `not within the ranges this node accepts
+    (gatewayd --accept-routes 10.0.0.0/8)`.
+    """
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclinedRoute: _TypeAlias = DeclinedRoute  # noqa: Y015
 
 @_typing.final
 class NetworkStatus(_message.Message):
