@@ -272,3 +272,53 @@ def test_hub_and_spoke_spoke_join_affects_only_spoke_and_hubs():
     assert affected == {"networks/n/nodes/s99", "networks/n/nodes/hub0", "networks/n/nodes/hub1"}
     spoke = compiler.compile_node(after, "networks/n/nodes/s99")
     assert [p.resource for p in spoke.peers] == ["networks/n/nodes/hub0", "networks/n/nodes/hub1"]
+
+
+def _gateway_network():
+    net = network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/24")
+    state = compiler.NetworkState(net)
+    for i, tags in ((1, []), (2, ["laptop"]), (3, []), (4, ["laptop"])):
+        state.nodes[f"networks/n/nodes/n{i}"] = node_pb2.Node(
+            name=f"networks/n/nodes/n{i}", ipv4_address=f"100.64.0.{i}", public_key=_key(i), tags=tags)
+    # n1: internet gateway; n3: a gateway for a range
+    state.gateways["networks/n/egressGateways/inet"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/inet", node="networks/n/nodes/n1", internet_gateway=True)
+    state.gateways["networks/n/egressGateways/lan"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/lan", node="networks/n/nodes/n3", ranges=["198.51.100.0/24"])
+    return state
+
+
+def test_an_internet_gateway_is_not_used_by_other_gateways_unless_selected():
+    state = _gateway_network()
+    inet = state.nodes["networks/n/nodes/n1"].public_key
+    via = {n: compiler.compile_node(state, n).default_route_via_peer for n in state.nodes}
+    assert via == {"networks/n/nodes/n1": "", "networks/n/nodes/n2": inet,
+                   "networks/n/nodes/n3": "", "networks/n/nodes/n4": inet}
+    # n3 keeps its own default route, and still routes nothing else differently
+    n3 = compiler.compile_node(state, "networks/n/nodes/n3")
+    assert all("0.0.0.0/0" not in p.allowed_ips for p in n3.peers)
+    # selected explicitly: only the laptops use it
+    state.gateways["networks/n/egressGateways/inet"].used_by.append("tag:laptop")
+    via = {n: bool(compiler.compile_node(state, n).default_route_via_peer) for n in state.nodes}
+    assert via == {"networks/n/nodes/n1": False, "networks/n/nodes/n2": True,
+                   "networks/n/nodes/n3": False, "networks/n/nodes/n4": True}
+
+
+def test_used_by_limits_who_routes_a_range_and_gateways_accept_each_others_ranges():
+    state = _gateway_network()
+    routes = {n: [r.destination for r in compiler.compile_node(state, n).routes] for n in state.nodes}
+    assert routes["networks/n/nodes/n2"] == ["198.51.100.0/24"] and routes["networks/n/nodes/n1"] == ["198.51.100.0/24"]
+    state.gateways["networks/n/egressGateways/lan"].used_by.extend(["node:n2"])
+    for n in state.nodes:
+        out = compiler.compile_node(state, n)
+        got = [r.destination for r in out.routes]
+        assert got == (["198.51.100.0/24"] if n == "networks/n/nodes/n2" else []), n
+        # not selected: the range is not in any peer's allowed IPs either
+        if n != "networks/n/nodes/n2":
+            assert all("198.51.100.0/24" not in p.allowed_ips for p in out.peers)
+    # site-to-site: a gateway accepts from the ranges another gateway carries for it
+    state.gateways["networks/n/egressGateways/lan"].ClearField("used_by")
+    state.gateways["networks/n/egressGateways/lan2"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/lan2", node="networks/n/nodes/n1", ranges=["203.0.113.0/24"])
+    n3 = compiler.compile_node(state, "networks/n/nodes/n3")
+    assert list(n3.egress[0].source_ranges) == ["100.64.0.0/24", "203.0.113.0/24"]

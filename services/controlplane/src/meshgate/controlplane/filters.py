@@ -187,9 +187,11 @@ def compile_rules(state, delivers: Sequence[str], admits: Sequence[str],
             directions.append((dst_all, src_all))
         for src, dst in directions:
             dst_here = intersect(dst, delivers)
+            if dst_here == []:
+                continue  # names nothing this node delivers
             src_here = intersect(src, admits)
-            if dst_here == [] or src_here == []:
-                continue  # cannot match a packet this node receives
+            if src_here == []:
+                continue  # names no address this node's peers may send from
             rules.append(ds.FilterRule(
                 sources=src_here or [], destinations=dst_here or [], protocol=PROTOCOLS.get(p.protocol, ""),
                 ports=_ports(p), accept=accept, policy=p.name,
