@@ -3,11 +3,12 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: install protos docs test run bench clean-state help
+.PHONY: install protos docs lint test run bench clean-state help
 
 help:
 	@echo "make run      start etcd, control plane and key service locally, then the egress demo"
-	@echo "make test     run the whole test suite (what CI runs)"
+	@echo "make test     make lint, then the whole test suite (what CI runs)"
+	@echo "make lint     static checks: ruff, mypy, import-linter's layer contracts"
 	@echo "make bench    print BENCH lines for every benchmark"
 	@echo "make protos   regenerate the API code and the SDK from protos/"
 	@echo "make docs     regenerate docs/cli.md from the CLI"
@@ -23,7 +24,16 @@ protos: install
 docs: install
 	$(PY) clients/sdk/scripts/gen_cli_docs.py
 
-test: install
+# Static checks, a few seconds: ruff (ruff.toml), mypy (mypy.ini) and the layer
+# contracts (.importlinter). All three run even when one fails.
+lint: install
+	@rc=0; \
+	echo "lint: ruff"; .venv/bin/ruff check --quiet . || rc=1; \
+	echo "lint: mypy"; .venv/bin/mypy || rc=1; \
+	echo "lint: import-linter"; .venv/bin/lint-imports --no-cache --no-logo || rc=1; \
+	exit $$rc
+
+test: lint
 	$(PYTEST) -q
 
 run: install
