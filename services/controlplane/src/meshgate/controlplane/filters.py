@@ -186,10 +186,11 @@ def compile_rules(state, delivers: Sequence[str], admits: Sequence[str],
         if p.bidirectional:
             directions.append((dst_all, src_all))
         for src, dst in directions:
-            dst_here = intersect(dst, delivers)
+            # `*` stays "any": the chain only sees what the node delivers, from its peers
+            dst_here = ANY if dst is ANY else intersect(dst, delivers)
             if dst_here == []:
                 continue  # names nothing this node delivers
-            src_here = intersect(src, admits)
+            src_here = ANY if src is ANY else intersect(src, admits)
             if src_here == []:
                 continue  # names no address this node's peers may send from
             rules.append(ds.FilterRule(
