@@ -22,7 +22,7 @@ import base64
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import click
@@ -64,9 +64,12 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "meshgate.api.v1.WatchEvent": [("REVISION", "revision"), ("TYPE", "type"), ("RESOURCE", "resource_name")],
     "meshgate.api.v1.NodeConvergence": [("NODE", "node"), ("DESIRED", "desired_revision"),
                                         ("APPLIED", "applied_revision"), ("CONVERGED", "converged"),
-                                        ("CONNECTED", "connected"), ("FAILED OVER", "failed_over")],
+                                        ("CONNECTED", "connected"), ("FAILED OVER", "failed_over"),
+                                        ("DECLINED ROUTES", "declined_routes")],
 }
 
+# Messages of a repeated field shown in one table cell by this field of each.
+CELL_FIELD = {"meshgate.api.v1.DeclinedRoute": "destination"}
 
 # Fields holding secrets the server returns once (on create), which table
 # output prints in full under the table.
@@ -292,6 +295,9 @@ def _cell(msg: Message, field: str) -> str:
     fd = msg.DESCRIPTOR.fields_by_name[field]
     v = getattr(msg, field)
     if fd.is_repeated and not _is_map(fd):
+        if fd.message_type is not None and fd.message_type.full_name in CELL_FIELD:
+            # a list of messages in one cell: each by one field (-o yaml shows all)
+            return ",".join(str(getattr(x, CELL_FIELD[fd.message_type.full_name])) for x in v)
         return ",".join(str(x) for x in v)
     if fd.enum_type is not None:
         return fd.enum_type.values_by_number[v].name if v in fd.enum_type.values_by_number else str(v)
@@ -405,6 +411,7 @@ class State:
     overrides: dict[str, Any]
     context: str | None
     _client: Any = None
+    _reachable: set = field(default_factory=set)
 
     def config(self) -> config_mod.ClientConfig:
         try:
@@ -412,11 +419,20 @@ class State:
         except config_mod.ConfigError as e:
             raise _usage(str(e)) from None
 
-    def client(self):
+    def client(self, service: str = ""):
+        """The client, once the server for `service` answers (else a one-line
+        refusal naming the address, after `connect_timeout`, not the deadline)."""
         from meshgate.sdk.client import Client
 
         if self._client is None:
-            self._client = Client(config=self.config())
+            try:
+                self._client = Client(config=self.config())
+            except config_mod.ConfigError as e:
+                raise _usage(str(e)) from None
+        target = self._client._target_for(service)
+        if target not in self._reachable:
+            _call(lambda: self._client.check_reachable(service))
+            self._reachable.add(target)
         return self._client
 
     def close(self) -> None:
@@ -520,7 +536,7 @@ def make_command(m: api.Method) -> click.Command:
                 raise _usage("--from-file is required: this call streams requests")
             docs = read_request_file(from_file)
             requests = [_parse(req_cls, d) for d in docs]
-            client = state.client()
+            client = state.client(m.service.full_name)
             for resp in _call(lambda: list(getattr(client, svc_method)(requests))):
                 printer.stream(resp)
             return
@@ -542,7 +558,7 @@ def make_command(m: api.Method) -> click.Command:
         _update_mask(m, request, given)
         _masks_to_json(m.input, request)
         msg = _parse(req_cls, request)
-        client = state.client()
+        client = state.client(m.service.full_name)
         if m.server_streaming:
             def run():
                 for item in getattr(client, svc_method)(msg):
@@ -613,6 +629,7 @@ def context_group() -> None:
 @click.option("--key-file", help="PEM key of --cert-file.")
 @click.option("--token-file", help="File holding a bearer token (the token itself is never stored here).")
 @click.option("--timeout", type=float, help="Default deadline in seconds.")
+@click.option("--connect-timeout", type=float, help="Seconds to wait for a first connection (default 5).")
 @click.option("--use", is_flag=True, help="Also make it the current context.")
 def context_add(name, use, **settings) -> None:
     cf = _context_file()
@@ -674,6 +691,7 @@ def watch_command(parent, start_revision, types, count, output) -> None:
 
     printer = Printer(output)
     cfg = _state().config()
+    _state().client()  # says at once when nothing answers, instead of a bare error after the deadline
 
     async def run() -> None:
         async with AsyncClient(config=cfg) as c:
@@ -711,6 +729,8 @@ def build() -> click.Group:
     @click.option("--ca-file", help="PEM CA certificates to trust.")
     @click.option("--token-file", help="File holding a bearer token.")
     @click.option("--timeout", type=float, help="Deadline of each call in seconds.")
+    @click.option("--connect-timeout", type=float,
+                  help="Seconds to wait for a first connection before saying that nothing answers (default 5).")
     @click.pass_context
     def root(ctx, context_name, **overrides):
         """meshgate: manage private WireGuard networks and egress gateways.

@@ -14,7 +14,8 @@ fills, the queued deltas are dropped and replaced by one fresh snapshot, so a
 slow agent costs memory bounded by the queue and never delays others.
 
 Convergence: an acknowledgement records, in `status/{net}/{node}`, the applied
-revision and the digest of the state applied. A node has converged when that
+revision and the digest of the state applied (and the routes the agent
+declined, from the `google.rpc.ErrorInfo`s of its ack: `declined_routes`). A node has converged when that
 digest equals the digest of its current desired state, which every replica can
 compute from its own cache; `sessions/{net}/{node}`, attached to the holding
 replica's lease, says whether the agent is connected. Status writes are
@@ -36,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from google.rpc import error_details_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
@@ -645,20 +647,25 @@ class Fanout:
         dg = session.inflight.get(ack.revision)
         for r in [r for r in session.inflight if r <= ack.revision]:
             del session.inflight[r]
+        declined = declined_routes(ack.status)
         if ack.status.code == 0 and dg is not None:
-            self._record(session.node, applied=(ack.revision, dg), error="")
+            self._record(session.node, applied=(ack.revision, dg), error="", declined=declined)
         elif ack.status.code != 0:
-            self._record(session.node, error=ack.status.message[:1024] or f"code {ack.status.code}")
+            self._record(session.node, error=ack.status.message[:1024] or f"code {ack.status.code}",
+                         declined=declined)
         else:
-            self._record(session.node)
+            self._record(session.node, declined=declined)
 
-    def _record(self, node: str, applied: tuple[int, str] | None = None, error: str | None = None, contact: bool = True) -> None:
+    def _record(self, node: str, applied: tuple[int, str] | None = None, error: str | None = None, contact: bool = True,
+                declined: list[dict] | None = None) -> None:
         key = self._status_key(node)
         rec = self._records.setdefault(key, {"applied_revision": 0, "applied_digest": "", "last_error": "", "contact_ns": 0})
         if applied is not None:
             rec["applied_revision"], rec["applied_digest"] = applied
         if error is not None:
             rec["last_error"] = error
+        if declined is not None:
+            rec["declined_routes"] = declined
         if contact:
             rec["contact_ns"] = time.time_ns()
         self.status.put(key, rec)  # serialized when flushed: one encoding per node per flush
@@ -728,11 +735,40 @@ class Fanout:
                 last_error=rec.get("last_error", ""),
                 failed_over=name in st.down,
             )
+            for d in rec.get("declined_routes", ()):
+                nc.declined_routes.add(destination=d.get("destination", ""), reason=d.get("reason", ""),
+                                       message=d.get("message", ""))
             if rec.get("contact_ns"):
                 nc.last_contact_time.FromNanoseconds(rec["contact_ns"])
         out.total_nodes = len(out.nodes)
         out.converged_nodes = sum(1 for n in out.nodes if n.converged)
         return out
+
+
+ROUTE_REASONS = ("DEFAULT_ROUTE_DECLINED", "ROUTE_NOT_ACCEPTED")
+"""ErrorInfo reasons of an ack that name routes the agent declined (gatewayd's consent.py)."""
+MAX_DECLINED = 256
+"""The most declined routes kept per node (an agent's list is its own to size)."""
+
+
+def declined_routes(status) -> list[dict] | None:
+    """The routes an ack says its agent declined, `{destination, reason, message}`:
+    from its ErrorInfos of `ROUTE_REASONS`. None when the ack says nothing about
+    routes (a rejected state or a failed apply: the node keeps what it applied
+    before, declines included); an empty list for an applied state (OK, or
+    applied with refused peers) without any."""
+    out: list[dict] = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if not detail.Is(info.DESCRIPTOR) or not detail.Unpack(info) or info.reason not in ROUTE_REASONS:
+            continue
+        message = info.metadata.get("reason", "")[:1024]
+        for route in info.metadata.get("routes", "").split(","):
+            if route.strip() and len(out) < MAX_DECLINED:
+                out.append({"destination": route.strip()[:64], "reason": info.reason, "message": message})
+    if out or status.code in (grpc.StatusCode.OK.value[0], grpc.StatusCode.PERMISSION_DENIED.value[0]):
+        return out
+    return None
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):

@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -82,7 +83,7 @@ def can_run() -> str | None:
 
 @dataclass
 class Host:
-    lab: "Lab"
+    lab: Lab
     name: str
 
     def run(self, *argv: str, check: bool = True, input: str | None = None,
@@ -194,20 +195,21 @@ class Node:
 
     def join(self, control_plane: str, secret: str, node_id: str, endpoint: str = "", *,
              authority_keys: tuple[bytes, ...] = (), insecure_no_authority: bool = False,
-             insecure: bool = False, accept_default_route: bool = False) -> str:
+             insecure: bool = False, accept_default_route: bool = False, extra: tuple[str, ...] = ()) -> str:
         """``gatewayd join``; returns its output (the node name and addresses).
         ``insecure_no_authority`` is needed against a control plane without a key
-        service (its enrollment secrets pin no authority)."""
+        service (its enrollment secrets pin no authority); ``extra`` flags appended."""
         r = self.join_result(control_plane, secret, node_id, endpoint, authority_keys=authority_keys,
                              insecure_no_authority=insecure_no_authority, insecure=insecure,
-                             accept_default_route=accept_default_route)
+                             accept_default_route=accept_default_route, extra=extra)
         if r.returncode != 0:
             raise LabError(f"gatewayd join in {self.host.name} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r.stdout
 
     def join_result(self, control_plane: str, secret: str, node_id: str, endpoint: str = "", *,
                     authority_keys: tuple[bytes, ...] = (), insecure_no_authority: bool = False,
-                    insecure: bool = False, accept_default_route: bool = False) -> subprocess.CompletedProcess:
+                    insecure: bool = False, accept_default_route: bool = False,
+                    extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         """``gatewayd join`` as it ran (for tests of a refused join)."""
         import base64
 
@@ -219,7 +221,7 @@ class Node:
         args += ["--insecure-no-authority"] if insecure_no_authority else []
         args += ["--insecure"] if insecure else []
         args += ["--accept-default-route"] if accept_default_route else []
-        return self.host.run(*args, check=False)
+        return self.host.run(*args, *extra, check=False)
 
     def _secret_file(self, secret: str) -> Path:
         path = self.state_dir.parent / f"{self.state_dir.name}-enroll.key"
@@ -472,7 +474,7 @@ class Lab:
                     p.name.startswith(f"mg{t}") for p in socket_path("x").parent.glob("*.sock")):
                 return t
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -555,7 +557,7 @@ class Lab:
         for n in self.nodes:
             try:
                 n.stop(signal.SIGTERM)
-            except Exception:
+            except Exception:  # noqa: BLE001 - teardown: one node's failure must not leak the rest
                 pass
         for p in self.procs:
             _stop(p)
@@ -859,7 +861,11 @@ class ControlPlaneView:
     def __init__(self, target: str, agent_target: str, network: str = "networks/lab", token: str = ""):
         import grpc
 
-        from meshgate.api.v1 import egress_pb2_grpc, enrollment_pb2_grpc, network_pb2_grpc
+        from meshgate.api.v1 import (
+            egress_pb2_grpc,
+            enrollment_pb2_grpc,
+            network_pb2_grpc,
+        )
 
         self.target, self.agent_target, self.network = target, agent_target, network
         self.channel = grpc.insecure_channel(target)
