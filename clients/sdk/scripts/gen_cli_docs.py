@@ -41,7 +41,7 @@ def render(cli: click.Group) -> str:
         "Generated from the CLI itself by `clients/sdk/scripts/gen_cli_docs.py` (`make docs`); do not edit.",
         "Every RPC of the API is `meshgate <resource> <verb>`; request fields are options (nested fields",
         "with dotted names), `--from-file` takes the request as JSON or YAML, `-o table|json|yaml` picks",
-        "the output. Exit codes: 0 success, 1 the server refused, 2 usage error.",
+        "the output. Exit codes: 0 success, 1 the server refused or nothing answers at the target, 2 usage error.",
         "",
     ]
 

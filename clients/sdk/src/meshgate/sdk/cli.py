@@ -11,8 +11,13 @@ override it). Help text is the proto comments (from `_comments.py`).
 Hand-written on top: `context` (kubectl-like contexts in the file the SDK
 reads), `watch` (resumable event stream) and `completion` (bash, zsh).
 
-Exit codes: 0 success, 1 the server refused (one line naming the code and the
-offending fields), 2 usage errors (one line naming the option).
+Before its first call to an address the CLI checks that something answers
+there (`connect_timeout`, 5 s): a wrong or dead target gets one line naming
+it, not a bare DEADLINE_EXCEEDED after the call's whole deadline.
+
+Exit codes: 0 success, 1 the server refused or could not be reached (one line
+naming the code and the offending fields or the address), 2 usage errors (one
+line naming the option).
 """
 
 from __future__ import annotations

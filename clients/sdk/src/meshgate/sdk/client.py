@@ -176,6 +176,39 @@ class Client(SyncMethods, _Base):
         self._raw_channels.append(ch)
         return intercept_channel(ch, client_interceptor())
 
+    def check_reachable(self, service: str = "", timeout: float | None = None) -> None:
+        """Raise `errors.Unavailable` naming the address unless the server that
+        serves `service` (default: the control plane) accepts a connection
+        within `timeout` seconds (default: `connect_timeout`).
+
+        Calls wait for the server until their deadline (30 s), which is right
+        while it restarts but leaves a person with a bare DEADLINE_EXCEEDED
+        when the address is wrong; the CLI checks first.
+        """
+        target = self._target_for(service)
+        wait = self.config.connect_timeout if timeout is None else timeout
+        creds = _credentials(self.config)
+        opts = channel_options(self.config)
+        ch = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
+        try:
+            grpc.channel_ready_future(ch).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            # One call that does not wait, for gRPC's reason (refused, TLS handshake failed, ...).
+            reason = ""
+            try:
+                ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=1, wait_for_ready=False)
+            except grpc.RpcError as e:
+                reason = (e.details() or "").rsplit("last error: ", 1)[-1]
+            raise errors.Unavailable(
+                grpc.StatusCode.UNAVAILABLE,
+                f"nothing answers at {target}: no connection within {wait:g}s"
+                + (f" ({reason})" if reason else "")
+                + "; is the service running there, and is that the right address (--target, the context)?",
+                retryable=True,
+            ) from None
+        finally:
+            ch.close()
+
     def close(self) -> None:
         for ch in self._raw_channels:
             ch.close()

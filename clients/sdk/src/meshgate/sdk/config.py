@@ -61,6 +61,8 @@ class ClientConfig:
     token_file: str = _opt("", "file holding the bearer token")
     timeout: float = _opt(30.0, "default deadline of a call, in seconds (streams have none)")
     wait_for_ready: bool = _opt(True, "wait for the server to come up (until the deadline) instead of failing at once")
+    connect_timeout: float = _opt(5.0, "how long the CLI waits for a first connection before saying that nothing "
+                                       "answers at the target, in seconds")
     context: str = _opt("", "the context of the context file these settings came from")
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -80,7 +82,10 @@ class ClientConfig:
         if self.token:
             return self.token
         if self.token_file:
-            return pathlib.Path(self.token_file).expanduser().read_text().strip()
+            try:
+                return pathlib.Path(self.token_file).expanduser().read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"token-file {self.token_file}: {e.strerror}") from None
         return ""
 
     @property
@@ -96,6 +101,8 @@ class ClientConfig:
             raise ConfigError("cert-file and key-file go together")
         if self.timeout <= 0:
             raise ConfigError("timeout must be positive")
+        if self.connect_timeout <= 0:
+            raise ConfigError("connect-timeout must be positive")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ClientConfig) if f.name not in ("sources", "context")}
