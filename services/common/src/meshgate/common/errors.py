@@ -11,8 +11,8 @@ token, enrollment secret) into one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import grpc
 from google.protobuf import any_pb2

@@ -59,8 +59,9 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import aetcd
 import aetcd.exceptions
@@ -318,7 +319,7 @@ def _renewing(method):
     and call it once more."""
 
     @functools.wraps(method)
-    async def call(self: "Client", *args, **kwargs):
+    async def call(self: Client, *args, **kwargs):
         await self.connect()
         token = self.metadata
         try:
@@ -477,7 +478,7 @@ del _name
 # ---------------------------------------------------------------- the adapter
 
 
-def for_service(endpoints: str, prefix: str, credentials: EtcdCredentials | None = None) -> "Etcd":
+def for_service(endpoints: str, prefix: str, credentials: EtcdCredentials | None = None) -> Etcd:
     """The adapter a service entry point uses: a bad `--etcd-endpoints` is a
     clear exit, not a traceback; so is, at `connect()`, an etcd that refuses
     this client's TLS or credentials (after waiting up to STARTUP_WAIT_S for

@@ -87,7 +87,7 @@ class EtcdProcess:
     def client_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
-    def start(self, timeout: float = 30, wait: bool = True) -> "EtcdProcess":
+    def start(self, timeout: float = 30, wait: bool = True) -> EtcdProcess:
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not os.path.exists(binary):
             raise RuntimeError("etcd not found: install the Debian package etcd-server (make install)")
@@ -134,7 +134,7 @@ class EtcdProcess:
             self.wait_healthy(timeout)
         return self
 
-    def wait_healthy(self, timeout: float = 30) -> "EtcdProcess":
+    def wait_healthy(self, timeout: float = 30) -> EtcdProcess:
         """Until `/health` says true (for a cluster member: once it has a quorum)."""
         assert self.proc is not None
         context = None

@@ -16,11 +16,15 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from opentelemetry import trace
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("meshgate_log_context", default={})
+# Read-only default: with_context() copies before it adds, so nothing mutates it.
+_NO_FIELDS: Mapping[str, str] = MappingProxyType({})
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("meshgate_log_context", default=_NO_FIELDS)
 
 
 def bind(**fields: str) -> contextvars.Token:

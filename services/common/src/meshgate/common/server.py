@@ -21,8 +21,9 @@ import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,7 +47,7 @@ class ServiceBinding:
     full_name: str
 
     @classmethod
-    def of(cls, pb2_module, grpc_module, name: str, servicer) -> "ServiceBinding":
+    def of(cls, pb2_module, grpc_module, name: str, servicer) -> ServiceBinding:
         full = pb2_module.DESCRIPTOR.services_by_name[name].full_name
         return cls(getattr(grpc_module, f"add_{name}Servicer_to_server"), servicer, full)
 
@@ -284,7 +285,7 @@ async def serve(
         port = await server.start()
         if server.cfg.port_file:
             tmp = server.cfg.port_file + ".tmp"
-            with open(tmp, "w") as f:
+            with open(tmp, "w") as f:  # noqa: ASYNC230 - a few bytes, once, before serving
                 f.write(f"{port}\n")
             os.replace(tmp, server.cfg.port_file)
         await stopping.wait()

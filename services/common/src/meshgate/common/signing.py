@@ -21,7 +21,7 @@ import base64
 import binascii
 import hashlib
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 from opentelemetry import trace
 
@@ -49,7 +49,9 @@ def configure(service_name: str, environ: Mapping[str, str] | None = None):
     if choice == "console":
         exporter = ConsoleSpanExporter()
     elif choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter,
+        )
 
         exporter = OTLPSpanExporter()
     else:

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,7 +78,7 @@ class ServiceProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> "ServiceProcess":
+    def start(self, timeout: float = 30) -> ServiceProcess:
         bindir = os.path.dirname(sys.executable)
         exe = os.path.join(bindir, self.entry_point)
         workdir = self._workdir = tempfile.mkdtemp(prefix=f"{self.entry_point}-")
@@ -106,7 +106,7 @@ class ServiceProcess:
             if os.path.exists(port_file):
                 self.port = int(open(port_file).read())
                 if self.healthy():
-                    self.admin_token  # read it before stop() removes the work directory
+                    _ = self.admin_token  # read it before stop() removes the work directory
                     return self
             time.sleep(0.05)
         self.stop()
@@ -173,10 +173,13 @@ class OtlpReceiver:
                 for span in ss.spans:
                     self.spans.append((service, span))
 
-    async def start(self, unix_path: str = "") -> "OtlpReceiver":
+    async def start(self, unix_path: str = "") -> OtlpReceiver:
         """Listen on a free loopback port, and on `unix_path` too when given
         (processes in other network namespaces reach it there)."""
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1 import (
+            trace_service_pb2,
+            trace_service_pb2_grpc,
+        )
 
         receiver = self
 
@@ -194,13 +197,16 @@ class OtlpReceiver:
         await self.server.start()
         return self
 
-    def start_threaded(self, unix_path: str = "") -> "OtlpReceiver":
+    def start_threaded(self, unix_path: str = "") -> OtlpReceiver:
         """`start()` for callers without an event loop (or with one that comes
         and goes, like a test's): a synchronous gRPC server on its own threads.
         Stop it with `close()`."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1 import (
+            trace_service_pb2,
+            trace_service_pb2_grpc,
+        )
 
         receiver = self
 
@@ -375,7 +381,9 @@ class SpanCapture:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
 
         self.exporter = InMemorySpanExporter()
         self.sdk = TracerProvider(resource=Resource.create({"service.name": "pytest-in-process"}))
@@ -467,7 +475,7 @@ def write_test_pki(directory) -> dict[str, str]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def cert(subject, key, issuer_key, *, ca=False, san=None, usage=None):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         b = (
             x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("meshgate test CA"))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -578,7 +586,7 @@ def write_etcd_pki(directory, client_cn: str = "meshgate-client") -> dict[str, s
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshgate test etcd CA")])
 
     def issue(cn: str, key, *, ca=False, san=None, usages=()):
