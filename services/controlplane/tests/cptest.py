@@ -6,8 +6,8 @@ import base64
 import os
 
 import grpc
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2
 

@@ -18,11 +18,6 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 
-from meshgate.api.v1 import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc, network_pb2, node_pb2, node_pb2_grpc
-from meshgate.controlplane.auth import rules
-from meshgate.controlplane.auth.guard import Authenticator, Guard
-from meshgate.controlplane.auth.principal import ROLES, role_permissions
-
 from cptest import (
     SimAgent,
     audit_records,
@@ -35,6 +30,10 @@ from cptest import (
     state_dump,
     wait_until,
 )
+from meshgate.api.v1 import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc, network_pb2, node_pb2, node_pb2_grpc
+from meshgate.controlplane.auth import rules
+from meshgate.controlplane.auth.guard import Authenticator, Guard
+from meshgate.controlplane.auth.principal import ROLES, role_permissions
 
 
 def served_methods(app):
@@ -51,9 +50,7 @@ def request_about(rule: rules.Rule, md, network: str):
     req = GetMessageClass(md.input_type)()
     collection = rule.permission.split(".")[0]
     if rule.scope_field:
-        if rule.scope_field == ("parent",) or rule.scope_field == ("resource",):
-            value = f"networks/{network}"
-        elif collection == "networks" or collection == "events":
+        if rule.scope_field == ("parent",) or rule.scope_field == ("resource",) or collection == "networks" or collection == "events":
             value = f"networks/{network}"
         else:
             value = f"networks/{network}/{collection}/x"
@@ -65,7 +62,7 @@ def request_about(rule: rules.Rule, md, network: str):
         req.network_id = network
     if rule.id_field:
         setattr(req, rule.id_field, "x" if collection != "networks" else network)
-    if "name" in md.input_type.fields_by_name and not getattr(req, "name") and collection == "tokens":
+    if "name" in md.input_type.fields_by_name and not req.name and collection == "tokens":
         req.name = "tokens/x"
     return req
 
@@ -86,7 +83,7 @@ async def call(channel, sd, md, request, metadata=None):
             # A stream that is allowed stays open: one read with a short wait.
             try:
                 await asyncio.wait_for(c.read(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 c.cancel()
                 return grpc.StatusCode.OK, None
         else:
@@ -197,9 +194,9 @@ async def test_a_network_admin_of_a_is_denied_everything_about_b_and_sees_only_a
                              events_pb2.WatchRequest(parent="networks/b"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         # Lists and watches show only a.
-        nets = network_pb2.ListNetworksResponse.FromString((await ch.unary_unary(
+        nets = network_pb2.ListNetworksResponse.FromString(await ch.unary_unary(
             "/meshgate.api.v1.NetworkService/ListNetworks", request_serializer=network_pb2.ListNetworksRequest.SerializeToString,
-            response_deserializer=lambda b: b)(network_pb2.ListNetworksRequest())))
+            response_deserializer=lambda b: b)(network_pb2.ListNetworksRequest()))
         assert [n.name for n in nets.networks] == ["networks/a"]
         watch = events_pb2_grpc.EventServiceStub(ch).Watch(events_pb2.WatchRequest())
         await watch.initial_metadata()

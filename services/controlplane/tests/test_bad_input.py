@@ -5,9 +5,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from cptest import audit_records, details, key, make_gateway, make_network, make_node, state_dump
 from meshgate.api.v1 import egress_pb2, network_pb2, node_pb2
-
-from cptest import audit_records, state_dump, details, key, make_gateway, make_network, make_node
 
 N = network_pb2
 NO = node_pb2

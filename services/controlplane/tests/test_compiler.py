@@ -5,7 +5,8 @@ import ipaddress
 import random
 
 from google.protobuf import duration_pb2
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshgate.api.v1 import egress_pb2, external_client_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.controlplane import compiler

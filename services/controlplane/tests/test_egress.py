@@ -4,9 +4,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from cptest import details, make_gateway, make_network, make_node, state_dump
 from meshgate.api.v1 import egress_pb2, node_pb2
-
-from cptest import state_dump, details, make_gateway, make_network, make_node
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from cptest import SimAgent, details, key, make_key, make_network, state_dump
 from meshgate.api.v1 import agent_pb2, enrollment_pb2, node_pb2
-
-from cptest import state_dump, SimAgent, details, key, make_key, make_network
 
 
 def _enroll(cp, secret, node_id, pk=None):

@@ -7,10 +7,9 @@ services/gatewayd/tests/test_system_keys_e2e.py joins real agents with it.)"""
 import grpc
 import pytest
 
+from cptest import key, make_key, make_network
 from meshgate.api.v1 import agent_pb2
 from meshgate.controlplane.enrollment import authority_fingerprint, without_pins
-
-from cptest import key, make_key, make_network
 
 
 def _enroll(cp, secret, node_id):

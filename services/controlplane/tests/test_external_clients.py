@@ -17,15 +17,17 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from google.protobuf import field_mask_pb2
+
+from cptest import SimAgent, details, make_key, make_network, make_node, state_dump, wait_until
 from meshgate.api.v1 import (
     external_client_pb2 as ec,
+)
+from meshgate.api.v1 import (
     external_client_pb2_grpc,
     keys_pb2,
     node_pb2,
 )
 from meshgate.common import signing
-
-from cptest import state_dump, SimAgent, details, make_key, make_network, make_node, wait_until
 from test_keys_integration import KS, enrolled, keyed  # noqa: F401,F811 - keyed is the fixture
 
 PHONE = "networks/prod/externalClients/phone"

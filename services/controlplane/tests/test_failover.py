@@ -10,19 +10,18 @@ from types import SimpleNamespace
 
 import pytest
 
+from cptest import SimAgent, authed_channel, make_gateway, make_key, make_network, mint_token, wait_until
 from meshgate.api.v1 import (
     agent_pb2_grpc,
-    network_pb2,
     egress_pb2_grpc,
     enrollment_pb2_grpc,
+    network_pb2,
     network_pb2_grpc,
     node_pb2_grpc,
 )
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
 from meshgate.controlplane.api import ControlPlane
-
-from cptest import authed_channel, mint_token, SimAgent, make_gateway, make_key, make_network, wait_until
 
 RANGE = "198.51.100.0/24"
 

@@ -3,7 +3,8 @@
 import ipaddress
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshgate.controlplane import ipam
 

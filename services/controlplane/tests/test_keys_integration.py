@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+
+from cptest import SimAgent, authed_channel, key, make_key, make_network, mint_token, wait_until
 from meshgate.api.v1 import keys_pb2, keys_pb2_grpc, network_pb2, node_pb2
 from meshgate.common import signing
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
 from meshgate.common.testing import ServiceProcess, kek_line, keyservice_pki, write_kek_file
 from meshgate.controlplane.api import ControlPlane
-
-from cptest import authed_channel, mint_token, SimAgent, key, make_key, make_network, wait_until
 
 
 def new_keks(guard, *ids: str) -> dict[str, bytes]:
@@ -318,9 +318,9 @@ async def test_a_refused_key_change_leaves_every_signature_as_it_was(keyed):
         cp.guard.add_token(ek.secret)
         racers = [SimAgent(cp.agents, ek.secret, "dup") for _ in range(6)]
         results = await asyncio.gather(*(r.enroll() for r in racers), return_exceptions=True)
-        winners = [r for r, res in zip(racers, results) if not isinstance(res, BaseException)]
+        winners = [r for r, res in zip(racers, results, strict=True) if not isinstance(res, BaseException)]
         assert len(winners) == 1, results
-        for r, res in zip(racers, results):
+        for r, res in zip(racers, results, strict=True):
             if isinstance(res, BaseException):
                 assert res.code() == grpc.StatusCode.ALREADY_EXISTS
             else:

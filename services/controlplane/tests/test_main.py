@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshgate.controlplane.main import ControlPlaneConfig, keyservice_credentials
 from meshgate.common.testing import write_test_pki
+from meshgate.controlplane.main import ControlPlaneConfig, keyservice_credentials
 
 
 def test_plaintext_key_service_link_by_default():

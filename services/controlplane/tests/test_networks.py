@@ -4,9 +4,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
+from cptest import details, make_network, make_node, state_dump
 from meshgate.api.v1 import network_pb2
-
-from cptest import state_dump, details, make_network, make_node
 
 
 async def test_create_applies_defaults_and_get_returns_it(cp):

@@ -6,9 +6,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from cptest import details, key, make_network, make_node, state_dump
 from meshgate.api.v1 import node_pb2
-
-from cptest import state_dump, details, key, make_network, make_node
 
 
 async def test_create_allocates_lowest_free_addresses_in_both_families(cp):

@@ -6,14 +6,14 @@ import asyncio
 import grpc
 import pytest
 
-from meshgate.api.v1 import agent_pb2, agent_pb2_grpc, desired_state_pb2 as ds, network_pb2, node_pb2, policy_pb2
+from cptest import SimAgent, authed_channel, make_gateway, make_key, make_network, mint_token, wait_until
+from meshgate.api.v1 import agent_pb2, agent_pb2_grpc, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.common.config import ServerConfig
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import GrpcServer
 from meshgate.controlplane import sync
 from meshgate.controlplane.api import ControlPlane
-
-from cptest import authed_channel, mint_token, SimAgent, make_gateway, make_key, make_network, wait_until
 
 
 async def status(cp, name="networks/prod"):
@@ -135,7 +135,7 @@ async def test_hub_and_spoke_messages_match_affected_nodes(cp):
         await wait_until(lambda: all(len(h.state.peers) == 99 for h in hubs) and new.state is not None, "hubs and spoke updated")
         await wait_until(lambda: all_converged(cp, 101), "converged")
         assert cp.app.fanout.messages_sent - sent == 3
-        assert [len(ag.received) - c for ag, c in zip(agents, counts)] == [1, 1] + [0] * 98
+        assert [len(ag.received) - c for ag, c in zip(agents, counts, strict=True)] == [1, 1] + [0] * 98
         assert [p.resource for p in new.state.peers] == ["networks/prod/nodes/hub0", "networks/prod/nodes/hub1"]
     finally:
         await asyncio.gather(*(ag.close() for ag in agents))

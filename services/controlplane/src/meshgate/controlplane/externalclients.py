@@ -48,7 +48,7 @@ import ipaddress
 import json
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 

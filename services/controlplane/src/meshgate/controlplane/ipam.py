@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-from typing import Collection, Iterator
+from collections.abc import Collection, Iterator
 
 import grpc
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 import grpc
-from dataclasses import dataclass
 
 from meshgate.common import config
 from meshgate.common.entrypoint import run_service

@@ -8,7 +8,6 @@ that was not.
 
 from __future__ import annotations
 
-
 from meshgate.common.errors import FieldViolation
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 
 from meshgate.api.v1 import egress_pb2, external_client_pb2, node_pb2
-from meshgate.common.etcd import prefix_end
 from meshgate.common.errors import (
     ApiError,
     FieldViolation,
@@ -24,6 +23,7 @@ from meshgate.common.errors import (
     invalid_argument,
     reference_not_found,
 )
+from meshgate.common.etcd import prefix_end
 from meshgate.controlplane import externalclients, ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.cache import StateCache
@@ -332,7 +332,7 @@ class Nodes(Resources):
                 # Forced: each client goes in its own transaction (a node may
                 # serve many; etcd caps a transaction at 128 operations), then
                 # the delete runs again and finds none.
-                for c, ckv in zip(clients, client_kvs):
+                for c, ckv in zip(clients, client_kvs, strict=True):
                     await self.etcd.txn([self.t.mod(ckv.key) == ckv.mod_revision],
                                         externalclients.delete_ops(self, net_id, c))
                 raise Conflict

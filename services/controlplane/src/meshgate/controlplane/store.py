@@ -47,7 +47,6 @@ from google.protobuf import timestamp_pb2
 
 from meshgate.common.etcd import KV, Etcd, prefix_end
 
-
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
     "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",

@@ -13,7 +13,8 @@ import base64
 import binascii
 import json
 import random
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 

@@ -33,8 +33,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from google.api import resource_pb2
 

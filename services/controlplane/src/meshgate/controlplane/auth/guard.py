@@ -25,7 +25,8 @@ import contextvars
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from opentelemetry import trace

@@ -115,7 +115,7 @@ class TokenCache:
         self._revision_waiters.append((revision, fut))
         try:
             await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _advance(self, revision: int) -> None:
@@ -263,7 +263,7 @@ class Tokens:
         marker = self.etcd.key("auth", "bootstrapped")
         if await self.etcd.get(marker) is not None:
             return False
-        if os.path.isdir(path):
+        if os.path.isdir(path):  # noqa: ASYNC240 - once, at start, before serving
             raise SystemExit(f"--bootstrap-token-file {path} is a directory; name a file in it")
         tid = "bootstrap-admin"
         bearer = new_bearer(tid)
@@ -378,7 +378,7 @@ class Tokens:
         ids = [t.name.split("/", 1)[1] for t in tokens]  # sorted: a page of an etcd range
         kvs, _, _ = await self.etcd.range(self.use_key(min(ids)), self.use_key(max(ids)) + b"\0")
         stored = {kv.key.rsplit(b"/", 1)[1].decode(): int(kv.value) for kv in kvs}
-        for t, tid in zip(tokens, ids):
+        for t, tid in zip(tokens, ids, strict=True):
             ns = max(self._used.get(tid) or 0, stored.get(tid, 0))
             if ns:
                 ts = timestamp_pb2.Timestamp()
