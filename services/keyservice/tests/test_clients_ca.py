@@ -101,7 +101,7 @@ async def test_sign_certificate(ks, keytype):
     assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == identity
     assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(hours=24, minutes=1)
-    assert cert.expire_time.ToDatetime(tzinfo=dt.timezone.utc) == leaf.not_valid_after_utc
+    assert cert.expire_time.ToDatetime(tzinfo=dt.UTC) == leaf.not_valid_after_utc
     assert leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
         == key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     # The CA is the same for every certificate, and is the trust bundle.
@@ -145,8 +145,8 @@ async def test_bad_csrs_and_identities(ks):
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await ks.stub.SignCertificate(keys_pb2.SignCertificateRequest(csr=csr, identity=identity))
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (identity, ei.value.details())
-        from grpc_status import rpc_status
         from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
 
         br = error_details_pb2.BadRequest()
         assert any(d.Unpack(br) for d in rpc_status.from_call(ei.value).details)

@@ -99,7 +99,7 @@ async def test_rotate_named_pairs_and_all(ks, put_network, secrets):
     assert r.rotated == 2
     now = await issue(ks, hub(5))
     assert [k.generation for k in now] == [2, 2, 1, 1, 1]
-    assert [k.key != f.key for k, f in zip(now, first)] == [True, True, False, False, False]
+    assert [k.key != f.key for k, f in zip(now, first, strict=True)] == [True, True, False, False, False]
     r = await ks.stub.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
     assert r.rotated == 5
     last = await issue(ks, hub(5))

@@ -6,11 +6,10 @@ its rule names (by their certificate's identity) get through.
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import keys_pb2, keys_pb2_grpc
-import grpc
-
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument
 from meshgate.common.server import ServiceBinding
 from meshgate.keyservice import access, names
@@ -46,7 +45,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             raise invalid_argument([FieldViolation("node", names.node_rule())])
         resp = await request_node_rotation(self.core.vault, *parsed)
         if resp is None:  # a concurrent request won: it is the answer
-            kv = await self.core.vault.etcd.get(self.core.vault.key("keys/nodeRotation/%s/%s" % parsed))
+            kv = await self.core.vault.etcd.get(self.core.vault.key("keys/nodeRotation/" + "/".join(parsed)))
             resp = keys_pb2.RotateNodeKeyResponse.FromString(kv.value) if kv else keys_pb2.RotateNodeKeyResponse()
         return resp
 

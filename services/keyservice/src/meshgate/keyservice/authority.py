@@ -23,8 +23,8 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshgate.api.v1 import keys_pb2
-from meshgate.common.errors import ApiError, FieldViolation, failed_precondition, invalid_argument
 from meshgate.common import signing
+from meshgate.common.errors import ApiError, FieldViolation, failed_precondition, invalid_argument
 from meshgate.keyservice import names
 from meshgate.keyservice.sealing import header
 from meshgate.keyservice.vault import Retry, Vault, optimistic

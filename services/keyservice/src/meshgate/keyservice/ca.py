@@ -138,7 +138,7 @@ class CertificateAuthority:
             kv = await v.etcd.get(v.key(CURRENT))
             if kv is not None:
                 return kv.value.decode()
-            key, cert = new_root(dt.datetime.now(dt.timezone.utc))
+            key, cert = new_root(dt.datetime.now(dt.UTC))
             der = cert.public_bytes(serialization.Encoding.DER)
             ca_id = "p256:" + hashlib.sha256(der).hexdigest()[:16]
             path = KEYS + ca_id
@@ -187,7 +187,7 @@ class CertificateAuthority:
         csr = parse_csr(csr_pem)
         assert uri is not None
         _, key, ca_cert = await optimistic(self._load, "loading the internal CA")
-        leaf = build_leaf(key, ca_cert, csr, identity, uri, dt.datetime.now(dt.timezone.utc), self.validity)
+        leaf = build_leaf(key, ca_cert, csr, identity, uri, dt.datetime.now(dt.UTC), self.validity)
         log.info("signed a certificate for %s (serial %x)", identity, leaf.serial_number)
         chain = leaf.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
         return Issued(chain, leaf.not_valid_after_utc)

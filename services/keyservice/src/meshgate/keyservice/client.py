@@ -14,7 +14,7 @@ Hazard: the results hold secrets (PresharedKey.key); never log them.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from collections.abc import Iterable
 
 import grpc
 

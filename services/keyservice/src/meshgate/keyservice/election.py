@@ -23,7 +23,8 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from meshgate.common import etcdwatch
 from meshgate.common.etcd import Etcd, EtcdUnavailable
@@ -101,7 +102,7 @@ class Election:
         try:
             # The timeout is only a safety net against a silently stuck watch.
             await asyncio.wait_for(watch(), timeout=self.ttl * 3)
-        except (asyncio.TimeoutError, etcdwatch.Compacted):
+        except (TimeoutError, etcdwatch.Compacted):
             pass
 
     async def _keepalive(self) -> None:

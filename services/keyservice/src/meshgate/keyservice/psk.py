@@ -43,8 +43,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -107,7 +108,7 @@ class RotationState:
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, kv: KV | None) -> "RotationState":
+    def decode(cls, kv: KV | None) -> RotationState:
         if kv is None:
             return cls()
         d = json.loads(kv.value)
@@ -181,7 +182,7 @@ class PresharedKeys:
         v = self.vault
         if len(pairs) <= POINT_READS:
             kvs = await asyncio.gather(*(v.etcd.get(v.key(self.path(net, p))) for p in pairs))
-            return {p: kv for p, kv in zip(pairs, kvs) if kv is not None}
+            return {p: kv for p, kv in zip(pairs, kvs, strict=True) if kv is not None}
         base = v.key(f"keys/psk/{net}/")
         all_kvs, _ = await v.etcd.list_prefix(base)
         wanted = set(pairs)
@@ -288,7 +289,7 @@ class PresharedKeys:
                 batches.append((cmp, ops))
                 order.append(chunk)
             results = await asyncio.gather(*(v.commit(c, o) for c, o in batches), return_exceptions=True)
-            for chunk, r in zip(order, results):
+            for chunk, r in zip(order, results, strict=True):
                 if isinstance(r, Retry):
                     continue
                 if isinstance(r, BaseException):

@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
 from meshgate.common.errors import ApiError

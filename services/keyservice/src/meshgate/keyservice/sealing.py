@@ -39,7 +39,8 @@ import os
 import re
 import stat
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -166,7 +167,7 @@ class Keyring:
         self._loader = loader
 
     @classmethod
-    def from_config(cls, kek_file: str, kek_inline: str, *, private_file: bool = False) -> "Keyring":
+    def from_config(cls, kek_file: str, kek_inline: str, *, private_file: bool = False) -> Keyring:
         """The KEKs of the file and the inline entries.  ``private_file`` (the key
         service does this at start and on every re-read): refuse a KEK file that
         others may read (``check_private_file``)."""
