@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from meshgate.common.testing import in_ci
-
 from meshgate.gatewayd.lab import Lab, build_egress, can_run
 
 

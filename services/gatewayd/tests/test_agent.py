@@ -16,9 +16,9 @@ from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd.agent import Agent
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError
+from meshgate.gatewayd.keys import NodeKeys
 from meshgate.gatewayd.model import Desired, compile_desired
 from meshgate.gatewayd.planner import Plan
-from meshgate.gatewayd.keys import NodeKeys
 from meshgate.gatewayd.reconciler import Reconciler, Result
 from meshgate.gatewayd.sources import Delta, QueueSource, Snapshot
 from meshgate.gatewayd.store import StateStore

@@ -21,7 +21,6 @@ from meshgate.gatewayd.keys import Secret
 from meshgate.gatewayd.sources import QueueSource, Report, Snapshot
 from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.stream import ControlPlaneSource, Identity
-
 from test_agent import StandIn
 
 

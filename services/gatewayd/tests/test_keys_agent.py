@@ -9,6 +9,7 @@ import base64
 import json
 import random
 import stat
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -20,24 +21,25 @@ from meshgate.common import signing
 from meshgate.gatewayd import keys, trust
 from meshgate.gatewayd.agent import Agent
 from meshgate.gatewayd.config import Settings
-from meshgate.gatewayd.errors import InvalidDesiredState
+from meshgate.gatewayd.errors import ApplyError, InvalidDesiredState
 from meshgate.gatewayd.keys import NodeKeys, Secret
-from meshgate.gatewayd.model import compile_desired, compile_peer_delta, expected_observed, merge_delta
-from meshgate.gatewayd.planner import plan
+from meshgate.gatewayd.model import Desired, compile_desired, compile_peer_delta, expected_observed, merge_delta
+from meshgate.gatewayd.planner import Plan, plan
+from meshgate.gatewayd.reconciler import Reconciler, Result
 from meshgate.gatewayd.sources import Delta, QueueSource, Report, RotateKey, Snapshot
 from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.stream import (
-    ControlPlaneSource, Identity, IdentityError, JoinRefused, PlaintextRefused, channel, check_transport,
-    is_local_target, pins_for,
+    ControlPlaneSource,
+    Identity,
+    IdentityError,
+    JoinRefused,
+    PlaintextRefused,
+    channel,
+    check_transport,
+    is_local_target,
+    pins_for,
 )
 from meshgate.gatewayd.wireguard.userspace import kick_lines, uapi_lines
-
-from dataclasses import dataclass, field
-
-from meshgate.gatewayd.errors import ApplyError
-from meshgate.gatewayd.model import Desired
-from meshgate.gatewayd.planner import Plan
-from meshgate.gatewayd.reconciler import Reconciler, Result
 
 
 @dataclass

@@ -10,7 +10,11 @@ from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import InvalidDesiredState
 from meshgate.gatewayd.model import (
-    RouteSpec, compile_desired, compile_peer_delta, merge_delta, peers_only,
+    RouteSpec,
+    compile_desired,
+    compile_peer_delta,
+    merge_delta,
+    peers_only,
 )
 
 S = Settings()

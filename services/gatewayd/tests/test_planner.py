@@ -8,13 +8,21 @@ from __future__ import annotations
 import base64
 from dataclasses import replace
 
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.keys import Secret
 from meshgate.gatewayd.model import (
-    Desired, Observed, ObservedDevice, ObservedLink, PeerSpec, compile_desired, expected_observed,
+    Desired,
+    Observed,
+    ObservedDevice,
+    ObservedLink,
+    PeerSpec,
+    compile_desired,
+    expected_observed,
 )
 from meshgate.gatewayd.planner import Plan, plan
 

@@ -25,7 +25,6 @@ from meshgate.gatewayd.main import build_parser
 from meshgate.gatewayd.sources import Delta, QueueSource, Report, Snapshot
 from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.stream import ControlPlaneSource, Identity
-
 from test_agent import StandIn
 
 

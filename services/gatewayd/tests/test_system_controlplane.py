@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from meshgate.api.v1 import egress_pb2, enrollment_pb2
-from meshgate.api.v1 import network_pb2
+from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
 from meshgate.common.testing import ServiceProcess
 from meshgate.gatewayd.lab import ControlPlaneView, Egress
 

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from meshgate.api.v1 import egress_pb2, external_client_pb2 as ec, external_client_pb2_grpc
+from meshgate.api.v1 import egress_pb2, external_client_pb2_grpc
+from meshgate.api.v1 import external_client_pb2 as ec
 from meshgate.gatewayd.lab import Egress
-
 from test_system_keys_e2e import KeyedLoop, keyed, up  # noqa: F401 - keyed is a fixture
 
 pytestmark = pytest.mark.root

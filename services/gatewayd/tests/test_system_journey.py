@@ -43,11 +43,15 @@ def until(pred, what, tries=150, log=None):
 def test_tls_control_plane_in_its_own_namespace_two_certified_nodes_and_a_refused_viewer(lab):
     d = lab.dir
     cp, n1, n2 = lab.host("cp"), lab.host("n1"), lab.host("n2")
-    cp.ip("link", "add", "br0", "type", "bridge"); cp.ip("address", "add", "203.0.113.1/24", "dev", "br0"); cp.ip("link", "set", "br0", "up")
+    cp.ip("link", "add", "br0", "type", "bridge")
+    cp.ip("address", "add", "203.0.113.1/24", "dev", "br0")
+    cp.ip("link", "set", "br0", "up")
     for h, addr, ifn in ((n1, "203.0.113.2/24", "v1"), (n2, "203.0.113.3/24", "v2")):
         cp.ip("link", "add", f"{ifn}c", "type", "veth", "peer", "name", "eth0", "netns", h.name)
-        cp.ip("link", "set", f"{ifn}c", "master", "br0"); cp.ip("link", "set", f"{ifn}c", "up")
-        h.ip("address", "add", addr, "dev", "eth0"); h.ip("link", "set", "eth0", "up")
+        cp.ip("link", "set", f"{ifn}c", "master", "br0")
+        cp.ip("link", "set", f"{ifn}c", "up")
+        h.ip("address", "add", addr, "dev", "eth0")
+        h.ip("link", "set", "eth0", "up")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHGATE_", "OTEL_"))}
     # etcd, key service, control plane: all inside the cp namespace
     etcd = cp.spawn("etcd", "--data-dir", str(d / "etcd"), "--listen-client-urls", "http://127.0.0.1:2379",
@@ -65,7 +69,10 @@ def test_tls_control_plane_in_its_own_namespace_two_certified_nodes_and_a_refuse
                   "--tls-client-ca", str(pki / "ca.pem"), stdout=open(d / "ks.log", "w"), stderr=subprocess.STDOUT, env=env)
     until(lambda: "127.0.0.1]:7401 " in sh(cp, "ss", "-ltn", check=False).stdout, "the key service's port",
           log=d / "ks.log")
-    c = lambda n: str(pki / n)
+
+    def c(n: str) -> str:
+        return str(pki / n)
+
     cpp = cp.spawn(f"{BIN}/meshgate-controlplane", "--listen", "203.0.113.1:7400", "--etcd-endpoints", "127.0.0.1:2379",
                    "--tls-cert", c("controlplane.pem"), "--tls-key", c("controlplane.key"),
                    "--keyservice", "127.0.0.1:7401", "--keyservice-ca", c("ca.pem"), "--keyservice-cert", c("controlplane.pem"),
@@ -87,7 +94,9 @@ def test_tls_control_plane_in_its_own_namespace_two_certified_nodes_and_a_refuse
     nodes = []
     for h, addr, role in ((n1, "203.0.113.2", "a"), (n2, "203.0.113.3", "b")):
         node = lab.node(h, role)
-        kf = d / f"{role}.key"; kf.write_text(secret); os.chmod(kf, 0o600)
+        kf = d / f"{role}.key"
+        kf.write_text(secret)
+        os.chmod(kf, 0o600)
         r = sh(h, PY, "-m", "meshgate.gatewayd", "join", "--key-file", str(kf), "--control-plane", "203.0.113.1:7400",
                "--ca-file", c("ca.pem"), "--node-id", role, "--endpoint", f"{addr}:51820", "--state-dir", str(node.state_dir),
                "--backend", "userspace")

@@ -17,9 +17,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2, node_pb2, node_pb2_grpc, policy_pb2, policy_pb2_grpc
+from meshgate.api.v1 import (
+    egress_pb2,
+    enrollment_pb2,
+    network_pb2,
+    node_pb2,
+    node_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
 from meshgate.common.testing import ServiceProcess
-from meshgate.gatewayd.lab import ControlPlaneView, Lab, build_egress
+from meshgate.gatewayd.lab import ControlPlaneView, Lab
 
 RANGE = "198.51.100.0/24"
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
@@ -81,7 +89,7 @@ def test_policies_allow_their_ports_and_protocols_only_and_follow_changes(api: A
         c.join(api.socket, secret, f"c{i}", endpoint=f"{eg.client_underlay(i)}:51820", insecure_no_authority=True)
     for n in (eg.gw, *eg.clients):
         n.start()
-    gw = api.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+    api.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
         parent="networks/lab", egress_gateway_id="db",
         egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/gateway", ranges=[RANGE])))
     # The policy a user writes first, through the CLI: c0 may reach the range on TCP 7070 only.

@@ -38,7 +38,8 @@ import asyncio
 import logging
 import random
 import signal
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry import propagate, trace
 
@@ -51,7 +52,13 @@ from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredS
 from meshgate.gatewayd.model import Desired, compile_peer_delta, merge_delta, peers_only
 from meshgate.gatewayd.reconciler import Reconciler
 from meshgate.gatewayd.sources import (
-    Delta, DesiredStateSource, Report, RotateKey, Snapshot, Unreadable, Update,
+    Delta,
+    DesiredStateSource,
+    Report,
+    RotateKey,
+    Snapshot,
+    Unreadable,
+    Update,
 )
 from meshgate.gatewayd.trust import PeerVerifier, Refusal, summary, without
 
@@ -244,7 +251,7 @@ class Agent:
         if announce is not None:
             try:
                 await announce(public)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - announcing is retried; the key is already in use
                 log.warning("announcing the new key failed: %s", e)
         return public
 
@@ -372,7 +379,7 @@ class Agent:
         if self.source is not None:
             try:
                 await self.source.report(report)
-            except Exception as e:  # a reporting failure must not stop reconciling
+            except Exception as e:  # noqa: BLE001 - a reporting failure must not stop reconciling
                 log.warning("report to source failed: %s", e)
 
 

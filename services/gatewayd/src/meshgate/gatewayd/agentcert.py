@@ -98,6 +98,6 @@ def renew_due(state_dir: Path, now: dt.datetime | None = None) -> bool:
     from when it was received (the CA backdates `not_valid_before` a little
     for clock skew, which must not count as time used)."""
     _, end = lifetime(state_dir)
-    received = dt.datetime.fromtimestamp((state_dir / CERT).stat().st_mtime, dt.timezone.utc)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    received = dt.datetime.fromtimestamp((state_dir / CERT).stat().st_mtime, dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     return now >= received + (end - received) * RENEW_AT

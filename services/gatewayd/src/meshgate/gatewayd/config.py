@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "MESHGATE_GATEWAYD_"
 
@@ -77,7 +78,7 @@ class Settings:
     @classmethod
     def load(
         cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
-    ) -> "Settings":
+    ) -> Settings:
         env = os.environ if env is None else env
         flags = flags or {}
         values: dict[str, Any] = {}

@@ -49,8 +49,8 @@ narrowed the same way (``narrow_delta``) or it would bring them back.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 

@@ -11,13 +11,17 @@ egress gateway through the API and shows:
 2. once the gateway is declared, the client reaches it and the service sees the
    gateway's address (NAT), each step confirmed by the network's convergence
    status;
-3. a laptop that runs no agent (an external client) gets a WireGuard
+3. with the network's default policy DENY and one access policy allowing the
+   client to reach the service on TCP 5432, that port connects and another
+   port of the same host (8080) is refused, by the gateway's nftables table;
+   the network then goes back to ALLOW;
+4. a laptop that runs no agent (an external client) gets a WireGuard
    configuration from the API, once, and with it reaches the service through
    the gateway too;
-4. traffic to the client's own LAN never enters the tunnel;
-5. with NAT turned off (an update with a field mask) the service sees the
+5. traffic to the client's own LAN never enters the tunnel;
+6. with NAT turned off (an update with a field mask) the service sees the
    client's overlay address;
-6. deleting the egress gateway through the API stops the traffic.
+7. deleting the egress gateway through the API stops the traffic.
 
 With ``--control-plane`` and ``--agent-socket`` it uses a running control
 plane (``make run`` passes its own); without them it starts etcd and a control
@@ -34,11 +38,12 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from meshgate.gatewayd.lab import ControlPlaneView, Lab, build_egress, can_run
 
 PORT = 5432  # the "database"
+OTHER_PORT = 8080  # another service on the same host, which the policy does not allow
 NETWORK_ID = "egress-demo"
 CIDR = "100.64.10.0/24"
 RANGE = "198.51.100.0/24"
@@ -116,7 +121,7 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     cp.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
         network_id=NETWORK_ID, network=network_pb2.Network(ipv4_cidr=CIDR, display_name="egress demo")))
     expire = timestamp_pb2.Timestamp()
-    expire.FromDatetime(datetime.now(timezone.utc) + timedelta(minutes=10))
+    expire.FromDatetime(datetime.now(UTC) + timedelta(minutes=10))
     key = cp.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
         parent=cp.network, enrollment_key_id="demo",
         enrollment_key=enrollment_pb2.EnrollmentKey(max_uses=2, expire_time=expire, description="egress demo")))
@@ -155,10 +160,13 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     peer = client.peers()[gw.public_key]
     say(f"    client tunnel to the gateway: {peer['tx']} bytes sent, {peer['rx']} received")
 
-    step(4, "a laptop with no agent: the API creates an external client and returns its WireGuard configuration once")
+    step(4, f"an access policy: the network's default becomes DENY, and only the client may reach {RANGE} on TCP {PORT}")
+    policy_ok = _policy(cp, eg)
+
+    step(5, "a laptop with no agent: the API creates an external client and returns its WireGuard configuration once")
     laptop_ok = _laptop(lab, cp, eg)
 
-    step(5, "traffic to the client's own LAN stays out of the tunnel")
+    step(6, "traffic to the client's own LAN stays out of the tunnel")
     eg.lans[0].whoami_server("192.0.2.10", PORT)
     before = client.peers()[gw.public_key]
     lan_seen = client.host.ask("192.0.2.10", PORT)
@@ -166,7 +174,7 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     lan_ok = lan_seen == "192.0.2.1" and (before["tx"], before["rx"]) == (after["tx"], after["rx"])
     say(f"    the LAN host sees {lan_seen}; tunnel counters unchanged: {lan_ok}")
 
-    step(6, "the API turns NAT off (update with field mask `nat`); the service's network routes the overlay back")
+    step(7, "the API turns NAT off (update with field mask `nat`); the service's network routes the overlay back")
     eg.ext.ip("route", "add", CIDR, "via", eg.gw_ext_addr)
     updated = cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
         egress_gateway=egress_pb2.EgressGateway(name=gateway.name, nat=False, etag=gateway.etag),
@@ -177,29 +185,67 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     nat_off_ok = seen2 == client_overlay
     say(f"    the service now sees {seen2}: {'OK, the client overlay address' if nat_off_ok else 'UNEXPECTED'}")
 
-    step(7, "the API deletes the egress gateway; the traffic stops")
+    step(8, "the API deletes the egress gateway; the traffic stops")
     cp.egress.DeleteEgressGateway(egress_pb2.DeleteEgressGatewayRequest(name=gateway.name))
     _converged(cp, 2, cp.status().revision)
     seen3 = client.host.ask(eg.ext_addr, PORT, timeout=2)
     stop_ok = seen3 is None
     say(f"    the client tries again: {'unreachable, as it should be' if stop_ok else f'reached as {seen3} (UNEXPECTED)'}")
 
-    step(8, "the network's convergence status")
+    step(9, "the network's convergence status")
     for n in cp.status().nodes:
         say(f"    {n.node}: connected={n.connected} converged={n.converged} "
             f"applied revision {n.applied_revision} (desired {n.desired_revision})")
     if keep_seconds:
         say(f"keeping everything for {keep_seconds:.0f}s")
         time.sleep(keep_seconds)
-    good = nat_ok and laptop_ok and lan_ok and nat_off_ok and stop_ok
+    good = nat_ok and policy_ok and laptop_ok and lan_ok and nat_off_ok and stop_ok
     say("\nresult: " + ("the egress gateway works" if good else "something did not work"))
     return 0 if good else 1
+
+
+def _policy(cp: ControlPlaneView, eg) -> bool:
+    """Step 4: DENY plus one policy; the allowed port connects, another is refused."""
+    from google.protobuf import field_mask_pb2
+
+    from meshgate.api.v1 import network_pb2, policy_pb2, policy_pb2_grpc
+
+    policies = policy_pb2_grpc.AccessPolicyServiceStub(cp.channel)
+    eg.ext.whoami_server(eg.ext_addr, OTHER_PORT)
+    client = eg.clients[0].host
+    before = client.ask(eg.ext_addr, OTHER_PORT, timeout=2)
+    say(f"    before: port {OTHER_PORT} {'connects' if before else 'is refused'} (the network's default is ALLOW)")
+    policy = policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
+        parent=cp.network, access_policy_id="client-db", access_policy=policy_pb2.AccessPolicy(
+            sources=["node:client"], destinations=["egress:database"], protocol=policy_pb2.TCP,
+            ports=[policy_pb2.PortRange(first=PORT)], description="the client may use the database")))
+    say(f"    access policy {policy.name}: node:client -> egress:database, TCP {PORT}")
+    net = cp.networks.UpdateNetwork(network_pb2.UpdateNetworkRequest(
+        network=network_pb2.Network(name=cp.network, default_policy=network_pb2.DENY),
+        update_mask=field_mask_pb2.FieldMask(paths=["default_policy"])))
+    _converged(cp, 2, int(net.etag))
+    allowed = client.ask(eg.ext_addr, PORT)
+    refused = client.ask(eg.ext_addr, OTHER_PORT, timeout=2)
+    ok = bool(before) and allowed == eg.gw_ext_addr and refused is None
+    say(f"    TCP {PORT}: {'connects, as allowed' if allowed else 'REFUSED (unexpected)'}; "
+        f"TCP {OTHER_PORT}: {'refused by the gateway, as it should be' if refused is None else 'connects (UNEXPECTED)'}")
+    rule = next((line.strip() for line in eg.gw.host.run("nft", "list", "chain", "inet", "meshgate",
+                                                          "overlay_policy").stdout.splitlines()
+                 if "client-db" in line), "")
+    say(f"    the gateway's rule: {rule}")
+    net = cp.networks.UpdateNetwork(network_pb2.UpdateNetworkRequest(
+        network=network_pb2.Network(name=cp.network, default_policy=network_pb2.ALLOW),
+        update_mask=field_mask_pb2.FieldMask(paths=["default_policy"])))
+    _converged(cp, 2, int(net.etag))
+    say("    the network goes back to ALLOW for the next steps")
+    return ok
 
 
 def _laptop(lab: Lab, cp: ControlPlaneView, eg) -> bool:
     """An external client through the gateway node: created through the API,
     brought up from the returned configuration the way wg-quick would."""
-    from meshgate.api.v1 import external_client_pb2 as ec, external_client_pb2_grpc
+    from meshgate.api.v1 import external_client_pb2 as ec
+    from meshgate.api.v1 import external_client_pb2_grpc
 
     laptop = lab.host("laptop")
     lab.wire(eg.gw.host, "eth-lap", "203.0.113.49/28", laptop, "eth0", "203.0.113.50/28")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path

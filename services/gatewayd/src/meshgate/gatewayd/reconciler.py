@@ -81,7 +81,7 @@ class Reconciler:
             store._save_interfaces({last.interface.name or settings.default_interface} if last else set())
 
     @classmethod
-    def for_host(cls, settings: Settings) -> "Reconciler":
+    def for_host(cls, settings: Settings) -> Reconciler:
         store = StateStore(settings.state_dir)
         backend = choose_backend(settings.backend, settings.state_dir, settings.wireguard_go,
                                  settings.wireguard_go_log_level)

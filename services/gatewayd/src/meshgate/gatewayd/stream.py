@@ -50,18 +50,17 @@ import json
 import logging
 import os
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from meshgate.api.v1 import agent_pb2, agent_pb2_grpc
-from meshgate.gatewayd import agentcert
+from meshgate.gatewayd import agentcert, consent
 from meshgate.gatewayd.backoff import Backoff
 from meshgate.gatewayd.keys import Secret
-from meshgate.gatewayd import consent
 from meshgate.gatewayd.sources import Delta, Report, RotateKey, Snapshot, Update
 from meshgate.gatewayd.trust import ERROR_DOMAIN, ERROR_REASON, PinMismatch, fingerprint, pinned_keys, pins_of_secret
 
@@ -154,7 +153,7 @@ class Identity:
         os.replace(tmp, state_dir / IDENTITY_FILE)
 
     @classmethod
-    def load(cls, state_dir: Path) -> "Identity | None":
+    def load(cls, state_dir: Path) -> Identity | None:
         """The saved identity, None when there is none; raises IdentityError."""
         path = state_dir / IDENTITY_FILE
         try:

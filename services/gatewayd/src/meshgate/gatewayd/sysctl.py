@@ -7,8 +7,8 @@ it off again, because it cannot know whether something else on the host relies o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from meshgate.gatewayd.errors import ApplyError
 

@@ -10,9 +10,10 @@ list is never replaced wholesale, so other peers' sessions are untouched.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from meshgate.gatewayd.keys import Secret
 from meshgate.gatewayd.model import ObservedDevice
@@ -43,7 +44,7 @@ class Backend(Protocol):
     ) -> None:
         """Apply device settings and peer operations, in that order."""
 
-    def kick(self, ifname: str, peers: "Mapping[str, int]") -> None:
+    def kick(self, ifname: str, peers: Mapping[str, int]) -> None:
         """Send every peer (public key -> its persistent keepalive) a keepalive now, so a
         handshake starts at once after a private-key change."""
 

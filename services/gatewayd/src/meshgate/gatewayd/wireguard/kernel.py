@@ -12,7 +12,8 @@ hosts without it (such as the CI machines, which use wireguard-go).
 from __future__ import annotations
 
 import errno
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from meshgate.gatewayd.errors import ApplyError
 from meshgate.gatewayd.keys import Secret, public_key_of
@@ -64,7 +65,10 @@ class KernelBackend:
     name = "kernel"
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute, WireGuard  # imported here: only this backend needs it
+        from pyroute2 import (  # imported here: only this backend needs it
+            IPRoute,
+            WireGuard,
+        )
 
         self._IPRoute = IPRoute
         self._WireGuard = WireGuard
@@ -73,7 +77,7 @@ class KernelBackend:
         wg = self._WireGuard()
         try:
             msgs = list(wg.info(ifname))
-        except Exception as e:  # pyroute2 raises NetlinkError
+        except Exception as e:  # noqa: BLE001 - pyroute2 raises NetlinkError, OSError, ValueError...: every failure is an ApplyError
             if getattr(e, "code", None) in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                 return None
             raise ApplyError("wireguard", f"netlink get {ifname}: {e}") from None
@@ -119,7 +123,7 @@ class KernelBackend:
                 return
             try:
                 ipr.link("add", ifname=ifname, kind="wireguard")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any netlink failure is an ApplyError (retried)
                 raise ApplyError("wireguard", f"cannot create {ifname}: {e}") from None
 
     def configure(self, ifname: str, private_key: Secret | None, device: DeviceChange | None,
@@ -137,7 +141,7 @@ class KernelBackend:
                 wg.set(ifname, peer=_peer_dict(op))
         except ApplyError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any netlink failure is an ApplyError (retried)
             # pyroute2's message may include attributes; keep only the error code
             raise ApplyError("wireguard", f"netlink set {ifname} failed: "
                              f"{getattr(e, 'code', type(e).__name__)}") from None
@@ -153,7 +157,7 @@ class KernelBackend:
                 for value in (0, 1, keepalive):
                     wg.set(ifname, peer={"public_key": key, "update_only": True,
                                          "persistent_keepalive": value})
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any netlink failure is an ApplyError (retried)
             raise ApplyError("wireguard", f"netlink set {ifname} failed: "
                              f"{getattr(e, 'code', type(e).__name__)}") from None
         finally:

@@ -93,7 +93,7 @@ class UapiClient:
                 tail = (tail + chunk)[-2:]
                 if tail == b"\n\n":
                     break
-        except socket.timeout:
+        except TimeoutError:
             raise UapiError(f"timeout talking to {self.path}") from None
         finally:
             s.close()

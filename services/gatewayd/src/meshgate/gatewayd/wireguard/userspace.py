@@ -16,8 +16,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from meshgate.gatewayd.errors import ApplyError
 from meshgate.gatewayd.keys import Secret, public_key_of_raw
