@@ -17,12 +17,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from meshgate.api.v1 import agent_pb2, agent_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc, network_pb2
-from meshgate.api.v1 import network_pb2_grpc, node_pb2, node_pb2_grpc
+from cptest import wait_until
+from meshgate.api.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
 from meshgate.common.testing import ServiceProcess, keyservice_pki, write_kek_file, write_test_pki
 from meshgate.gatewayd import agentcert, stream
-
-from cptest import wait_until
 
 
 def wg_key() -> str:
@@ -116,7 +123,7 @@ async def test_agents_stream_with_their_certificate_and_renew_it_without_losing_
         _, new_end = agentcert.lifetime(tmp / "n1")
         assert new_end > first_end
         # Before the old certificate expired, and on the same stream.
-        assert dt.datetime.now(dt.timezone.utc) < first_end
+        assert dt.datetime.now(dt.UTC) < first_end
         assert src.streams_opened == 1 and updates and type(updates[0]).__name__ == "Snapshot"
         # The renewed pair works for a new connection.
         assert (await sync_code(agents, creds_of(tmp / "n1"), "networks/lab/nodes/n1"))[0] == "OK"
@@ -150,7 +157,7 @@ async def test_an_expired_certificate_is_refused(certified):
     cp, secret, agents, tmp, _ = certified
     await joined(cp, secret, "n1", tmp / "n1")
     _, end = agentcert.lifetime(tmp / "n1")
-    await asyncio.sleep(max(0.0, (end - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
+    await asyncio.sleep(max(0.0, (end - dt.datetime.now(dt.UTC)).total_seconds()) + 1)
     assert (await sync_code(agents, creds_of(tmp / "n1"), "networks/lab/nodes/n1"))[0] == "UNAVAILABLE"
 
 

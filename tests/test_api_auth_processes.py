@@ -368,7 +368,6 @@ def rsa_key():
 def test_oidc_bearers_mapped_and_refused_with_reasons(etcd_server, etcd_prefix, tmp_path, monkeypatch):
     import jwt
     import yaml
-
     from cryptography.hazmat.primitives import serialization
 
     from meshgate.sdk import Client, errors
@@ -453,9 +452,8 @@ def test_oidc_bearers_mapped_and_refused_with_reasons(etcd_server, etcd_prefix, 
         jwts += [t for t, _ in bad.values()]
         got = {}
         for what, (token, _) in bad.items():
-            with Client(proc.target, token=token) as c:
-                with pytest.raises(errors.Unauthenticated) as ei:
-                    c.list_networks()
+            with Client(proc.target, token=token) as c, pytest.raises(errors.Unauthenticated) as ei:
+                c.list_networks()
             got[what] = ei.value.reason
             assert not leaked(token, ei.value.message), what
         assert got == {what: reason for what, (_, reason) in bad.items()}

@@ -6,10 +6,9 @@ import ipaddress
 
 import pytest
 
+from cptest import authed_channel
 from meshgate.api.v1 import network_pb2, network_pb2_grpc, node_pb2, node_pb2_grpc
 from meshgate.common.testing import ServiceProcess
-
-from cptest import authed_channel
 
 CIDR = "100.64.0.0/24"
 V6 = "fd00:64::/120"

@@ -11,12 +11,21 @@ import os
 import grpc
 import pytest
 
-from meshgate.api.v1 import agent_pb2_grpc, egress_pb2, egress_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
-from meshgate.api.v1 import external_client_pb2, external_client_pb2_grpc, network_pb2, network_pb2_grpc
-from meshgate.api.v1 import node_pb2, node_pb2_grpc
-from meshgate.common.testing import OtlpReceiver, ServiceProcess, keyservice_pki, write_kek_file
-
 import cptest
+from meshgate.api.v1 import (
+    agent_pb2_grpc,
+    egress_pb2,
+    egress_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    external_client_pb2,
+    external_client_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
+from meshgate.common.testing import OtlpReceiver, ServiceProcess, keyservice_pki, write_kek_file
 
 API = "/meshgate.api.v1.EgressGatewayService/CreateEgressGateway"
 
@@ -56,7 +65,7 @@ async def test_api_change_and_its_deltas_share_one_trace(etcd_server, etcd_prefi
                 egress_gateway=egress_pb2.EgressGateway(node="networks/prod/nodes/n0", ranges=["198.51.100.0/24"]),
             )
         )
-        await cptest.wait_until(lambda: all(len(a.received) > b for a, b in zip(agents, before)), "deltas")
+        await cptest.wait_until(lambda: all(len(a.received) > b for a, b in zip(agents, before, strict=True)), "deltas")
         parents = {a.received[-1].trace_context.traceparent for a in agents}
         assert len(parents) == 1 and parents != {""}
         trace_id = bytes.fromhex(parents.pop().split("-")[1])
@@ -184,7 +193,8 @@ async def test_agents_on_two_control_plane_processes_converge_on_a_change_made_t
                 )
             )
             other = agents[1 - int(gw_node[1])]  # the agent that routes through the new gateway
-            await cptest.wait_until(lambda: any(r.destination == gw.ranges[0] for r in other.state.routes), "route")
+            await cptest.wait_until(lambda gw=gw, other=other: any(r.destination == gw.ranges[0] for r in other.state.routes),
+                                    "route")
             for ch in chans:  # both processes report both nodes converged
                 async def converged(ch=ch):
                     st = await network_pb2_grpc.NetworkServiceStub(ch).GetNetworkStatus(

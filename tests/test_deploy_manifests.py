@@ -294,10 +294,10 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest():
 
 @pytest.fixture
 def health_server():
+    from concurrent import futures
+
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    from concurrent import futures
 
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     h = health.HealthServicer()
@@ -350,7 +350,7 @@ def test_healthcheck_speaks_tls_with_the_name_from_the_environment(tmp_path):
     from cryptography.x509.oid import NameOID
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
@@ -472,7 +472,7 @@ def test_compose_secrets_come_from_files_never_inline(compose):
     for sec in compose["secrets"].values():
         assert sec["file"].removeprefix("./") in ignored
     for name, svc in compose["services"].items():
-        for k, v in (svc.get("environment") or {}).items():
+        for k in svc.get("environment") or {}:
             assert "KEK" not in k or k.endswith("_FILE"), f"{name}: {k} puts a KEK in the environment"
             assert "ENROLLMENT_KEY" not in k, f"{name}: {k} puts an enrollment key in the environment"
     tracked = subprocess.run(["git", "ls-files", "deploy/compose"], cwd=ROOT, capture_output=True,
@@ -601,9 +601,9 @@ def mounted(pod: dict, c: dict, path: str) -> dict:
     vols = {v["name"]: v for v in pod["volumes"]}
     best = None
     for m in c.get("volumeMounts", []):
-        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
-            if best is None or len(m["mountPath"]) > len(best["mountPath"]):
-                best = m
+        on = path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        if on and (best is None or len(m["mountPath"]) > len(best["mountPath"])):
+            best = m
     assert best, f"{c['name']}: {path} is on no volume"
     return vols[best["name"]]
 
@@ -629,7 +629,7 @@ def pod_specs(rendered):
 
 
 def test_no_container_replaces_the_entrypoint(rendered):
-    for kind, name, pod in pod_specs(rendered):
+    for _kind, name, pod in pod_specs(rendered):
         for c in pod.get("initContainers", []) + pod["containers"]:
             assert "command" not in c, f"{name}/{c['name']}: use args so tini stays PID 1"
             assert c["image"].startswith("registry.example.com/meshgate:"), c["image"]

@@ -11,6 +11,7 @@ import tempfile
 import grpc
 import pytest
 
+import cptest
 from meshgate.api.v1 import (
     agent_pb2_grpc,
     egress_pb2,
@@ -23,8 +24,6 @@ from meshgate.api.v1 import (
 from meshgate.common.etcd import channel_target
 from meshgate.common.etcdproc import start_cluster
 from meshgate.common.testing import ServiceProcess
-
-import cptest
 
 
 @pytest.mark.parametrize("endpoints, target", [

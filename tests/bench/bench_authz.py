@@ -243,7 +243,7 @@ def measure(servers: dict[str, Server], warmup: int, ops: int, round_size: int) 
                 try:
                     node = stub.CreateNode(req, metadata=md, timeout=10)
                 except grpc.RpcError as e:
-                    raise RuntimeError(f"CreateNode on the {mode} server failed: {e.code().name}: {e.details()}")
+                    raise RuntimeError(f"CreateNode on the {mode} server failed: {e.code().name}: {e.details()}") from e
                 elapsed = (time.perf_counter() - t0) * 1000
                 if node.ipv4_address in addresses[mode]:
                     raise RuntimeError(f"{mode} server handed out {node.ipv4_address} twice")

@@ -45,13 +45,12 @@ import tempfile
 import time
 
 import grpc
+from benchkit import bench, info, percentile
 
 from meshgate.api.v1 import network_pb2, network_pb2_grpc, node_pb2, node_pb2_grpc
 from meshgate.common.etcd import Etcd
 from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess
-
-from benchkit import bench, info, percentile
 
 NETWORK_ID = "bench"
 CIDR = "100.64.0.0/16"

@@ -78,16 +78,18 @@ import tempfile
 import time
 
 import grpc
+from benchkit import bench, info, percentile
+from google.protobuf import field_mask_pb2
 
 from meshgate.api.v1 import (
     agent_pb2,
     agent_pb2_grpc,
-    keys_pb2,
-    keys_pb2_grpc,
     egress_pb2,
     egress_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     network_pb2,
     network_pb2_grpc,
     node_pb2,
@@ -95,13 +97,10 @@ from meshgate.api.v1 import (
     policy_pb2,
     policy_pb2_grpc,
 )
-from google.protobuf import field_mask_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.etcd import Etcd, prefix_end
 from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess, write_kek_file
-
-from benchkit import bench, info, percentile
 
 NET = "bench"
 CIDR = "100.64.0.0/21"
@@ -185,7 +184,7 @@ class Tracker:
         self.waiting: set[int] = set()
         self.done = asyncio.Event()
 
-    def arm(self, target: int, agents: list["Agent"]) -> None:
+    def arm(self, target: int, agents: list[Agent]) -> None:
         self.target = target
         self.waiting = {a.idx for a in agents if a.acked < target}
         if not self.waiting:
@@ -196,7 +195,7 @@ class Tracker:
         self.waiting = set()
         self.done = asyncio.Event()
 
-    def on_ack(self, agent: "Agent") -> None:
+    def on_ack(self, agent: Agent) -> None:
         if self.target and agent.acked >= self.target and agent.idx in self.waiting:
             self.waiting.discard(agent.idx)
             if not self.waiting:
@@ -209,7 +208,7 @@ class PskTracker:
     every one of its peers has a non-empty key different from the one it had
     when the tracker was armed."""
 
-    def __init__(self, agents: list["Agent"]) -> None:
+    def __init__(self, agents: list[Agent]) -> None:
         self.old = {a.idx: dict(a.psks) for a in agents}
         self.waiting = {a.idx for a in agents}
         self.done_at: dict[int, float] = {}
@@ -221,7 +220,7 @@ class PskTracker:
     def renewed(old: dict[str, str], new: dict[str, str]) -> bool:
         return all(v and v != old.get(pk) for pk, v in new.items())
 
-    def on_ack(self, agent: "Agent") -> None:
+    def on_ack(self, agent: Agent) -> None:
         if agent.idx in self.waiting and self.renewed(self.old[agent.idx], agent.psks):
             self.waiting.discard(agent.idx)
             self.done_at[agent.idx] = agent.ack_time
@@ -253,7 +252,7 @@ class Agent:
         self.snapshot_seen = asyncio.Event()
         self.error: str | None = None
         self.psks: dict[str, str] = {}  # peer public key -> its pre-shared key, as last received
-        self.psk_watch: "PskTracker | None" = None
+        self.psk_watch: PskTracker | None = None
         self.public_key = ""  # the node's own, from its snapshots
 
     def _follow_psks(self, msg, kind: str) -> None:
@@ -476,7 +475,7 @@ class Run:
             acks = [a.ack_time for a in self.agents]
             ms = (max(acks) - t0) * 1000
             lat.append(ms)
-            got = sum(c - b for c, b in zip(self.counts(), before))
+            got = sum(c - b for c, b in zip(self.counts(), before, strict=True))
             info(f"  converge_all #{r}: {ms:.0f} ms (API call returned at {call_ms:.0f} ms, first ack at "
                  f"{(min(acks) - t0) * 1000:.0f} ms), {got} messages")
             await self.settle(self.args.pause)
@@ -512,8 +511,8 @@ class Run:
             await asyncio.wait_for(self.tracker.done.wait(), 30)
             lat.append((max(x.ack_time for x in expected) - t0) * 1000)
             await self.settle(self.args.pause_one)
-            touched.append(sum(1 for c, b in zip(self.counts(), before) if c != b))
-        slow = sorted(zip(lat, calls), reverse=True)[:3]
+            touched.append(sum(1 for c, b in zip(self.counts(), before, strict=True) if c != b))
+        slow = sorted(zip(lat, calls, strict=True), reverse=True)[:3]
         info(f"  UpdateNode {field}: call p50 {statistics.median(calls):.1f} ms; slowest (converged, call returned): "
              + ", ".join(f"({a:.0f}, {b:.0f}) ms" for a, b in slow))
         return lat, touched
@@ -552,7 +551,7 @@ class Run:
             call_ms = (time.perf_counter() - t0) * 1000
             try:
                 await asyncio.wait_for(tracker.done.wait(), 120)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 left = sorted(self.agents[i].node_id for i in tracker.waiting)
                 raise RuntimeError(f"PSK rotation #{r}: {len(left)} agents still lack a new key after 120 s, "
                                    f"e.g. {left[:5]}") from None
@@ -563,7 +562,7 @@ class Run:
             ms = (max(done) - t0) * 1000
             lat.append(ms)
             cpu_cp, cpu_ks, cpu_own = cpu_s(self.cp_pid) - cpu0, cpu_s(self.ks_pid) - ks0, time.process_time() - own0
-            got = sum(c - b for c, b in zip(self.counts(), before))
+            got = sum(c - b for c, b in zip(self.counts(), before, strict=True))
             kvs, _ = await etcd.list_prefix(base)
             txns = {kv.mod_revision for kv in kvs if kv.mod_revision > rev0}
             rotated_here = sum(1 for kv in kvs if kv.mod_revision > rev0)

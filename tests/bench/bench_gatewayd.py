@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from meshgate.api.v1 import desired_state_pb2 as pb
-
 from benchkit import bench
+
+from meshgate.api.v1 import desired_state_pb2 as pb
 
 
 def rand_key() -> str:

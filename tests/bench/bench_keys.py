@@ -33,14 +33,13 @@ import tempfile
 import time
 
 import grpc
+from benchkit import bench, info
 
 from meshgate.api.v1 import keys_pb2, keys_pb2_grpc, network_pb2
 from meshgate.common.etcd import Etcd
 from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess
 from meshgate.keyservice.sealing import kek_line
-
-from benchkit import bench, info
 
 PREFIX = "/bench-keys"
 PAIRS = 1000
