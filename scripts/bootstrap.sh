@@ -42,7 +42,7 @@ if [ $needs = 1 ]; then
   # stubs of the untyped libraries, import-linter).
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
     grpcio-tools mypy-protobuf pytest pytest-asyncio pytest-timeout hypothesis pyyaml \
-    ruff mypy import-linter types-protobuf types-grpcio types-grpcio-health-checking \
+    ruff mypy import-linter types-protobuf types-grpcio \
     types-grpcio-reflection types-grpcio-status types-PyYAML
   args=()
   for d in "${DISTS[@]}"; do args+=(-e "$d"); done

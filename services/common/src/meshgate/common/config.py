@@ -15,7 +15,9 @@ Hazard: fields marked `metadata["secret"] = True` are never printed by
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import os
 import tomllib
 import typing
@@ -32,7 +34,7 @@ def option(default: Any, help: str, *, secret: bool = False, choices: Sequence[s
     """A config field with its help text."""
     md = {"help": help, "secret": secret, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
+        return field(default_factory=functools.partial(copy.copy, default), metadata=md)
     return field(default=default, metadata=md)
 
 

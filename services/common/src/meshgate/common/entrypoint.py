@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from meshgate.common import config, logsetup, telemetry
 
@@ -20,7 +20,7 @@ def run_service(
     *,
     service: str,
     description: str,
-    run: Callable[[T], Awaitable[None]],
+    run: Callable[[T], Coroutine[Any, Any, None]],
 ) -> None:
     """Run `meshgate-{service}`: options come from `MESHGATE_{SERVICE}_*`."""
     loaded = config.load(

@@ -341,7 +341,8 @@ class Client(aetcd.Client):
     def __init__(self, *, host: str, port: int, tls: grpc.ChannelCredentials | None = None, user: str = "",
                  password: str = "", timeout: float | None = None, options: dict[str, Any] | None = None) -> None:
         super().__init__(host=host, port=port, username=user or None, password=password or None,
-                         timeout=timeout, options=options)
+                         # aetcd annotates int; it passes the value to gRPC, whose timeouts are float seconds
+                         timeout=timeout, options=options)  # type: ignore[arg-type]
         self._tls = tls
         self._connect_lock = asyncio.Lock()
         self._renew_lock = asyncio.Lock()
@@ -430,6 +431,7 @@ class Client(aetcd.Client):
 
         for attempt in (1, 2):
             token, watcher = self.metadata, self._watcher
+            assert watcher is not None, "connect() makes the watch stream"
             try:
                 callback = await watcher.add_callback(
                     key, deliver, range_end=range_end, start_revision=start_revision,
@@ -441,13 +443,15 @@ class Client(aetcd.Client):
                     await self.reauthenticate(token)
                     continue
                 aetcd.exceptions._handle_exception(e)
+        assert watcher is not None
+        stream = watcher  # the stream this watch is on, for cancel()
         canceled = asyncio.Event()
 
         async def cancel():
             canceled.set()
             await events.put(None)
-            await watcher.cancel(callback.watch_id)
-            if watcher in self._retired:
+            await stream.cancel(callback.watch_id)
+            if stream in self._retired:
                 await self._reap()
 
         @aetcd.client._handle_errors

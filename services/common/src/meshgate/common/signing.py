@@ -111,7 +111,8 @@ def authority_fingerprint(public_key: bytes) -> str:
 
 def split_pins(secret: str) -> tuple[str, tuple[str, ...]]:
     """(the secret without its pins, the fingerprints it carries, in order)."""
-    base, pins = secret, []
+    base = secret
+    pins: list[str] = []
     while True:
         head, sep, tail = base.rpartition(".")
         m = _PIN_RE.fullmatch(tail) if sep else None

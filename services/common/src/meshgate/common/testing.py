@@ -161,7 +161,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list = []  # (service name, opentelemetry.proto.trace.v1.Span)
         self.resource_spans: list = []  # every ResourceSpans received, whole (resource and scopes too)
-        self.server = None
+        self.server: grpc.Server | grpc.aio.Server | None = None
         self.port = 0
         self.unix_path = ""
 
@@ -176,10 +176,7 @@ class OtlpReceiver:
     async def start(self, unix_path: str = "") -> OtlpReceiver:
         """Listen on a free loopback port, and on `unix_path` too when given
         (processes in other network namespaces reach it there)."""
-        from opentelemetry.proto.collector.trace.v1 import (
-            trace_service_pb2,
-            trace_service_pb2_grpc,
-        )
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
         receiver = self
 
@@ -188,13 +185,13 @@ class OtlpReceiver:
                 receiver._record(request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
-        self.server = grpc.aio.server()
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        server = self.server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), server)
+        self.port = server.add_insecure_port("127.0.0.1:0")
         self.unix_path = unix_path
         if unix_path:
-            self.server.add_insecure_port(f"unix:{unix_path}")
-        await self.server.start()
+            server.add_insecure_port(f"unix:{unix_path}")
+        await server.start()
         return self
 
     def start_threaded(self, unix_path: str = "") -> OtlpReceiver:
@@ -203,10 +200,7 @@ class OtlpReceiver:
         Stop it with `close()`."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from opentelemetry.proto.collector.trace.v1 import (
-            trace_service_pb2,
-            trace_service_pb2_grpc,
-        )
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
         receiver = self
 
@@ -215,18 +209,18 @@ class OtlpReceiver:
                 receiver._record(request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-receiver"))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        server = self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-receiver"))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), server)
+        self.port = server.add_insecure_port("127.0.0.1:0")
         self.unix_path = unix_path
         if unix_path:
-            self.server.add_insecure_port(f"unix:{unix_path}")
-        self.server.start()
+            server.add_insecure_port(f"unix:{unix_path}")
+        server.start()
         return self
 
     def close(self) -> None:
         """Stop a receiver started with `start_threaded()`."""
-        if self.server is not None:
+        if isinstance(self.server, grpc.Server):
             self.server.stop(0).wait(10)
             self.server = None
 
@@ -247,7 +241,8 @@ class OtlpReceiver:
         return [(svc, s) for svc, s in self.spans if s.trace_id == trace_id]
 
     async def stop(self) -> None:
-        if self.server is not None:
+        """Stop a receiver started with `start()`."""
+        if isinstance(self.server, grpc.aio.Server):
             await self.server.stop(0)
 
 
@@ -381,9 +376,7 @@ class SpanCapture:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
-            InMemorySpanExporter,
-        )
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         self.exporter = InMemorySpanExporter()
         self.sdk = TracerProvider(resource=Resource.create({"service.name": "pytest-in-process"}))
@@ -427,6 +420,8 @@ def _switching_provider(capture: SpanCapture):
             return self._real_tracer
 
     class Provider(trace.TracerProvider):
+        capture: SpanCapture
+
         def get_tracer(self, instrumenting_module_name, instrumenting_library_version=None,
                        schema_url=None, attributes=None):
             return Tracer(instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
