@@ -107,7 +107,7 @@ def build_leaf(
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, identity))
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject).public_key(public)  # type: ignore[arg-type]
+        .subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject).public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -118,7 +118,7 @@ def build_leaf(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]),
                        critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

@@ -246,8 +246,8 @@ class PresharedKeys:
                     # Keep what landed; lost batches are re-read on the retry.
                     landed = await self._read(net, missing)
                     for p, psk, sealed in made:
-                        kv = landed.get(p)
-                        if kv is not None and kv.value == sealed:
+                        got = landed.get(p)
+                        if got is not None and got.value == sealed:
                             have[p] = psk
                     raise
                 for p, psk, _ in made:

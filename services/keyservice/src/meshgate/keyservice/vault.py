@@ -257,7 +257,7 @@ class Vault:
                     lost = True
             if not lost:
                 return done
-            kv = await self.etcd.get(self.key(ACTIVE))
-            if kv is None or kv.value.decode() != new:
+            active = await self.etcd.get(self.key(ACTIVE))
+            if active is None or active.value.decode() != new:
                 raise ApiError(grpc.StatusCode.ABORTED, "another KEK rotation ran concurrently; retry", "CONTENTION")
         raise ApiError(grpc.StatusCode.ABORTED, "re-wrapping: too much contention; retry", "CONTENTION")
