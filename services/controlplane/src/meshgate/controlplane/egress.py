@@ -6,11 +6,22 @@ is how HA is declared). The check reads every gateway of the network and the
 write compares `guards/{net}/egress`, so concurrent writers cannot sneak an
 overlap in; it also compares the gateway's node, so a gateway never points at
 a node deleted meanwhile.
+
+Nor may a range cover an underlay address (`underlay_violations`): a node's
+endpoint host in the network, or the control plane's own address (its listen
+and agent addresses that are IP literals): the nodes that route the range
+through the gateway would send traffic for it into the tunnel, and an agent
+could lose the control plane that would fix it. The write compares
+`guards/{net}/nodes`, which node writes that set or change an endpoint bump.
+Endpoints given as host names are not resolved, so not checked.
 """
 
 from __future__ import annotations
 
-from meshgate.api.v1 import egress_pb2
+import ipaddress
+from collections.abc import Iterable
+
+from meshgate.api.v1 import egress_pb2, node_pb2
 from meshgate.common.errors import (
     FieldViolation,
     already_exists,
@@ -30,12 +41,92 @@ MUTABLE = frozenset(
 ALL_FIELDS = frozenset(f.name for f in egress_pb2.EgressGateway.DESCRIPTOR.fields)
 
 
+def endpoint_ip(endpoint: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The host of `host:port` / `[v6]:port` when it is an IP literal, else None."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]") if ":" in endpoint else endpoint
+    if endpoint.startswith("unix:"):
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def control_plane_ips(addresses: Iterable[str]) -> tuple[str, ...]:
+    """The IP literals among the control plane's listen/agent addresses
+    (`host:port`, comma-separated lists allowed), without the unspecified ones
+    (0.0.0.0, ::) and Unix sockets."""
+    out: list[str] = []
+    for text in addresses:
+        for a in (text or "").split(","):
+            ip = endpoint_ip(a.strip())
+            if ip is not None and not ip.is_unspecified and str(ip) not in out:
+                out.append(str(ip))
+    return tuple(out)
+
+
+def underlay_violations(ranges: list, nodes: Iterable[node_pb2.Node], control_plane: Iterable[str],
+                        prefix: str = "egress_gateway") -> list[FieldViolation]:
+    """Ranges (parsed, in field order) that cover a node's endpoint host or the
+    control plane's address."""
+    hosts = [(ip, f"the endpoint (underlay address) of node {n.name!r}")
+             for n in nodes for ip in [endpoint_ip(n.endpoint)] if ip is not None]
+    hosts += [(ipaddress.ip_address(a), "the control plane's address") for a in control_plane]
+    out = []
+    for i, net in enumerate(ranges):
+        for ip, what in hosts:
+            if ip.version == net.version and ip in net:
+                out.append(FieldViolation(
+                    f"{prefix}.ranges[{i}]",
+                    f"{net} covers {ip}, {what}: traffic to it must not be routed through the gateway"))
+                break
+    return out
+
+
+async def endpoint_check(res: Resources, net_id: str, endpoint: str, field: str):
+    """For a node write that sets `endpoint`: refuse an endpoint host inside an
+    egress range of network `net_id` (the same rule as `underlay_violations`,
+    from the node's side); returns the compare that keeps it so until the write
+    (which must also bump `guards/{net}/nodes`), or None for no IP literal."""
+    ip = endpoint_ip(endpoint)
+    if ip is None:
+        return None
+    guard = await res.etcd.get(res.keys.guard(net_id, "egress"))
+    kvs, _ = await res.etcd.list_prefix(res.keys.egresses(net_id))
+    for kv in kvs:
+        gw = store.decode(egress_pb2.EgressGateway, kv)
+        for r in gw.ranges:
+            net = ipaddress.ip_network(r, strict=False)
+            if net.version == ip.version and ip in net:
+                err = invalid_argument([FieldViolation(
+                    field, f"{ip} is inside {r}, an egress range of {gw.name}: the nodes that route it through "
+                           "the gateway would send this node's underlay traffic into the tunnel; change the "
+                           "gateway's ranges first")])
+                err.reason = "RANGE_COVERS_UNDERLAY"
+                raise err
+    return res.t.mod(res.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0)
+
+
 class EgressGateways(Resources):
     kind = KIND
 
     def __init__(self, etcd, networks: Networks) -> None:
         super().__init__(etcd)
         self.networks = networks
+        self.control_plane_addresses: tuple[str, ...] = ()
+        """IP literals the control plane serves on (agents reach it there); set by main."""
+
+    async def _underlay(self, net_id: str, ranges: list, prefix: str):
+        """Refuse ranges that cover an underlay address; the compare that keeps it so."""
+        guard = await self.etcd.get(self.keys.guard(net_id, "nodes"))
+        kvs, _ = await self.etcd.list_prefix(self.keys.nodes(net_id))
+        bad = underlay_violations(ranges, (store.decode(node_pb2.Node, kv) for kv in kvs),
+                                  self.control_plane_addresses, prefix)
+        if bad:
+            err = invalid_argument(bad)
+            err.reason = "RANGE_COVERS_UNDERLAY"
+            raise err
+        return self.t.mod(self.keys.guard(net_id, "nodes")) == (guard.mod_revision if guard else 0)
 
     def present(self, msg):
         if not msg.HasField("nat"):
@@ -72,6 +163,7 @@ class EgressGateways(Resources):
             raise err
         return [
             *used_by,
+            await self._underlay(net_id, ranges, prefix),
             self.t.mod(net_kv.key) == net_kv.mod_revision,
             self.t.mod(node_kv.key) == node_kv.mod_revision,
             self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0),

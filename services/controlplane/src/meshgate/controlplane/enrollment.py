@@ -269,7 +269,7 @@ class EnrollmentKeys(Resources):
             )
             node = await self.nodes.create_in_txn(
                 net_id, node_id, template, n,
-                compare_extra=[self.t.mod(ekey) == kv.mod_revision],
+                compare_extra=[self.t.mod(ekey) == kv.mod_revision], endpoint_field="endpoint",
                 ops_extra=[use, self.t.put(self.agent_key(net_id, node_id),
                                            csr_binding(req.csr) if certified else _digest(token))],
             )

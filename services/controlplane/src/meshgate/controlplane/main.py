@@ -15,6 +15,7 @@ from meshgate.common.etcd import etcd_credentials, for_service
 from meshgate.common.server import GrpcServer, listen_addresses, read_file, serve
 from meshgate.controlplane import gctune
 from meshgate.controlplane.api import AuthSettings, ControlPlane
+from meshgate.controlplane.egress import control_plane_ips
 
 log = logging.getLogger("meshgate.controlplane")
 
@@ -172,6 +173,8 @@ async def run(cfg: ControlPlaneConfig) -> None:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")
     app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after,
                        keyservice_credentials=keyservice_credentials(cfg), auth=auth_settings(cfg))
+    # egress ranges may not cover where agents reach the control plane (egress.py)
+    app.gateways.control_plane_addresses = control_plane_ips([cfg.listen, cfg.agent_listen, agent_endpoint])
     if not cfg.keyservice:
         log.warning("no --keyservice: node keys are not signed and no pre-shared keys are used (development only)")
     settings = app.auth_settings

@@ -24,7 +24,7 @@ from meshgate.common.errors import (
     reference_not_found,
 )
 from meshgate.common.etcd import prefix_end
-from meshgate.controlplane import externalclients, ipam, masks, names, store, validation
+from meshgate.controlplane import egress, externalclients, ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.keymaterial import KeyMaterial
@@ -104,6 +104,7 @@ class Nodes(Resources):
         validate_only: bool = False,
         compare_extra: Sequence = (),
         ops_extra: Sequence = (),
+        endpoint_field: str = "node.endpoint",
     ) -> node_pb2.Node:
         """One attempt at creating node `node_id` from the validated `template`.
 
@@ -140,6 +141,8 @@ class Nodes(Resources):
         node.name = name
         node.state = node_pb2.Node.PENDING
         compare = [self.t.mod(self.keys.network(net_id)) == net_rev, self.t.create(key) == 0, *compare_extra]
+        inside = await egress.endpoint_check(self, net_id, template.endpoint, endpoint_field)
+        compare += [inside] if inside is not None else []
         claims = []
         picked: list[tuple[set[str], str]] = []
         try:
@@ -258,6 +261,11 @@ class Nodes(Resources):
                 raise invalid_argument(errs)
             compare = [self.t.mod(kv.key) == kv.mod_revision]
             ops = []
+            if updated.endpoint != current.endpoint:
+                # egress ranges may not cover it; their writes compare the nodes' guard
+                inside = await egress.endpoint_check(self, net_id, updated.endpoint, "node.endpoint")
+                compare += [inside] if inside is not None else []
+                ops.append(self.t.put(self.keys.guard(net_id, "nodes"), b""))
             if updated.public_key != current.public_key:
                 if current.public_key:
                     ops.append(self.t.delete(self.keys.pubkey(net_id, current.public_key)))
