@@ -142,7 +142,7 @@ class Agent:
                 now = loop.time()
                 if now >= next_resync:
                     self._need_full = True
-                if now >= next_health:
+                if send_health is not None and now >= next_health:
                     next_health = now + health_every
                     try:
                         await send_health(await asyncio.to_thread(self.rec.peer_stats))

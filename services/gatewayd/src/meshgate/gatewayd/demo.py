@@ -39,8 +39,13 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from meshgate.gatewayd.lab import ControlPlaneView, Lab, build_egress, can_run
+
+if TYPE_CHECKING:  # imported only when used: meshgate.common.testing imports pytest
+    from meshgate.common.etcdproc import EtcdProcess
+    from meshgate.common.testing import ServiceProcess
 
 PORT = 5432  # the "database"
 OTHER_PORT = 8080  # another service on the same host, which the policy does not allow
@@ -74,6 +79,7 @@ def run(control_plane: str = "", agent_socket: str = "", keep_seconds: float = 0
             if not control_plane:
                 own = _OwnControlPlane(str(lab.dir))
                 control_plane, agent_socket = own.start()
+                assert own.cp is not None
                 token = own.cp.admin_token
             cp = ControlPlaneView(control_plane, agent_socket, f"networks/{NETWORK_ID}", token=token)
             try:
@@ -285,18 +291,18 @@ class _OwnControlPlane:
 
     def __init__(self, workdir: str):
         self.dir = tempfile.mkdtemp(prefix="etcd-", dir=workdir)
-        self.etcd = None
-        self.cp = None
+        self.etcd: EtcdProcess | None = None
+        self.cp: ServiceProcess | None = None
 
     def start(self) -> tuple[str, str]:
         from meshgate.common.etcdproc import EtcdProcess
         from meshgate.common.testing import ServiceProcess
 
-        self.etcd = EtcdProcess(self.dir).start()
+        etcd = self.etcd = EtcdProcess(self.dir).start()
         sock = f"{self.dir}/controlplane.sock"
-        self.cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", self.etcd.endpoint],
-                                 listen=f"127.0.0.1:0,unix:{sock}").start()
-        return self.cp.target, f"unix:{sock}"
+        cp = self.cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd.endpoint],
+                                      listen=f"127.0.0.1:0,unix:{sock}").start()
+        return cp.target, f"unix:{sock}"
 
     def stop(self) -> None:
         if self.cp is not None:

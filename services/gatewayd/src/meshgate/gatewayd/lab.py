@@ -861,11 +861,7 @@ class ControlPlaneView:
     def __init__(self, target: str, agent_target: str, network: str = "networks/lab", token: str = ""):
         import grpc
 
-        from meshgate.api.v1 import (
-            egress_pb2_grpc,
-            enrollment_pb2_grpc,
-            network_pb2_grpc,
-        )
+        from meshgate.api.v1 import egress_pb2_grpc, enrollment_pb2_grpc, network_pb2_grpc
 
         self.target, self.agent_target, self.network = target, agent_target, network
         self.channel = grpc.insecure_channel(target)
@@ -1000,6 +996,7 @@ class ScriptedControlPlane:
         node = self.tokens.get(md.get("authorization", "").removeprefix("Bearer "))
         if node is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+            return
         it = request_iterator.__aiter__()
         first = await it.__anext__()
         with self._cond:

@@ -394,7 +394,7 @@ class ControlPlaneSource:
         if self.identity.certified:
             assert self.identity.state_dir is not None
             metadata = None
-            options = list(CHANNEL_OPTIONS)
+            options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
             if self.identity.agent_endpoint.startswith("unix:"):
                 # A Unix socket has no host name to check: its certificate names localhost.
                 options.append(("grpc.ssl_target_name_override", "localhost"))

@@ -95,6 +95,8 @@ class KernelBackend:
             fwmark = msg.get_attr("WGDEVICE_A_FWMARK") or fwmark
             for p in msg.get_attr("WGDEVICE_A_PEERS") or []:
                 key = _text(p.get_attr("WGPEER_A_PUBLIC_KEY"))
+                if key is None:  # every peer the kernel reports has one
+                    continue
                 psk = _text(p.get_attr("WGPEER_A_PRESHARED_KEY"))
                 ep = p.get_attr("WGPEER_A_ENDPOINT")
                 endpoint = None
