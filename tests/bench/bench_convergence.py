@@ -498,7 +498,8 @@ class Run:
             if field == "listen_port":
                 node = node_pb2.Node(name=a.node, listen_port=51821 + r)
             else:
-                node = node_pb2.Node(name=a.node, endpoint=f"198.51.100.{r % 250 + 1}:51820")
+                # outside the egress ranges (an endpoint inside one is refused)
+                node = node_pb2.Node(name=a.node, endpoint=f"192.0.2.{r % 200 + 50}:51820")
             before = self.counts()
             self.tracker.reset()
             t0 = time.perf_counter()
