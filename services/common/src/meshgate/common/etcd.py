@@ -297,7 +297,8 @@ def token_rejected(exc: BaseException | str) -> bool:
 class _Watcher(aetcd.watcher.Watcher):
     """aetcd's watcher, except that a watch etcd creates and cancels at once
     (an expired token, no permission for the range) fails its creation
-    instead of hanging without events."""
+    instead of hanging without events, and a creation that fails before it
+    is sent fails alone instead of blocking every later one."""
 
     async def _handle_response(self, response):
         if response.created and response.canceled and not response.compact_revision:
@@ -308,6 +309,19 @@ class _Watcher(aetcd.watcher.Watcher):
                     self._new_callback_ready.notify_all()
             return
         await super()._handle_response(response)
+
+    async def _enqueue_watch_create(self, *args, **kwargs):
+        # aetcd's add_callback marks the creation pending, then builds and
+        # queues the request outside its try/finally: a request that cannot be
+        # built (a start revision beyond int64) or a caller cancelled while the
+        # queue is full left it pending forever, and every later watch on the
+        # stream waited for it. Clear it before the error leaves (the lock is held).
+        try:
+            await super()._enqueue_watch_create(*args, **kwargs)
+        except BaseException:
+            self._new_callback = None
+            self._new_callback_ready.notify_all()
+            raise
 
     @property
     def idle(self) -> bool:

@@ -13,7 +13,11 @@ Hazards:
   stream dies (etcd restarts), every Watch call ends with UNAVAILABLE and the
   caller resumes from its last revision; nothing is silently skipped.
 - A revision older than etcd's last compaction cannot be replayed: the call
-  fails with FAILED_PRECONDITION and the caller must list again.
+  fails with FAILED_PRECONDITION and the caller must list again. A revision
+  beyond etcd's current one is OUT_OF_RANGE (etcd would wait for it, and one
+  near 2^63 overflows the watch request).
+- A watch whose creation fails (refused, unencodable) fails alone: the shared
+  stream stays usable for the next Watch (see `meshgate.common.etcd._Watcher`).
 - A forced network delete removes many resources in one revision; resuming
   from that revision skips all of them together, which is the point.
 - The etcd watch is cancelled in `finally`, also when the caller goes away,
@@ -145,7 +149,10 @@ class EventService(events_pb2_grpc.EventServiceServicer):
     async def Watch(self, request, context) -> AsyncIterator[events_pb2.WatchEvent]:
         flt = dataclasses.replace(parse_request(request), visible=visible_networks("events.watch"))
         prefix = self.etcd.prefix
-        start = request.start_revision + 1 if request.start_revision else await self.etcd.revision() + 1
+        current = await self.etcd.revision()
+        if request.start_revision > current:
+            raise _beyond(request.start_revision, current)
+        start = (request.start_revision or current) + 1
         watch = await self._open(prefix + b"/", prefix_end(prefix + b"/"), start)
         log.debug("watch from revision %d (network %r, types %s)", start, flt.network, sorted(flt.types))
         try:
@@ -190,6 +197,20 @@ class EventService(events_pb2_grpc.EventServiceServicer):
             violations=[FieldViolation("start_revision", f"older than the compacted revision {compacted}")],
             metadata={"compact_revision": str(compacted)},
         )
+
+
+def _beyond(start_revision: int, current: int) -> ApiError:
+    """A start revision etcd has not reached: no caller can have seen it (every
+    revision a caller saw came from this etcd), and etcd would wait for it
+    silently, or fail to encode it near 2^63."""
+    return ApiError(
+        grpc.StatusCode.OUT_OF_RANGE,
+        f"start_revision {start_revision} is beyond the current revision {current}; "
+        "pass the last revision you received, or 0 to start now",
+        "INVALID_FIELD",
+        [FieldViolation("start_revision", f"is beyond the store's current revision {current}")],
+        metadata={"current_revision": str(current)},
+    )
 
 
 def binding(etcd: Etcd, protect) -> ServiceBinding:
