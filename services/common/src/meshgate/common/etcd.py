@@ -65,6 +65,7 @@ from typing import Any
 
 import aetcd
 import aetcd.exceptions
+import aetcd.transactions
 import aetcd.watcher
 import grpc
 from aetcd import rpc, rtypes
@@ -85,6 +86,10 @@ class EtcdRefused(EtcdUnavailable):
     """etcd refused this client: TLS, its certificate, the user, the password or
     the user's role must change (the message says which). Retrying helps only
     once an operator fixed it, so a service exits on it at start."""
+
+
+# One operation of a transaction's success or failure list (made by `Etcd.txn_ops`).
+TxnOp = aetcd.transactions.Put | aetcd.transactions.Get | aetcd.transactions.Delete | aetcd.transactions.Txn
 
 
 @dataclass(frozen=True)

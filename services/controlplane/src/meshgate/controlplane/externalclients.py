@@ -49,6 +49,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import grpc
 
@@ -76,7 +77,8 @@ KIND = Kind("meshgate.io/ExternalClient", "externalClients", external_client_pb2
 # once; changing them in the record would change nothing on the device.
 MUTABLE = frozenset({"disabled", "display_name", "labels"})
 ALL_FIELDS = frozenset(f.name for f in external_client_pb2.ExternalClient.DESCRIPTOR.fields)
-OUTPUT_ONLY = ("ipv4_address", "ipv6_address", "public_key", "config", "uid", "create_time", "update_time", "etag")
+OUTPUT_ONLY: tuple[Literal["ipv4_address", "ipv6_address", "public_key", "config", "uid", "create_time",
+                           "update_time", "etag"], ...] = ("ipv4_address", "ipv6_address", "public_key", "config", "uid", "create_time", "update_time", "etag")
 DEFAULT_KEEPALIVE_S = 25  # clients usually sit behind NAT
 STALE_ISSUE_S = 60  # key material of a client with no record, older than this, was abandoned
 IN_FLIGHT_RETRIES = 5  # attempts that wait for a concurrent create of the same name
@@ -234,7 +236,9 @@ class ExternalClients(Resources):
         errs += validation.external_client(req.external_client)
         if errs:
             raise invalid_argument(errs)
-        gw_net, gw_id = names.parse_child(req.external_client.gateway_node, "nodes")
+        parsed = names.parse_child(req.external_client.gateway_node, "nodes")
+        assert parsed is not None  # validation.external_client checked the name
+        gw_net, gw_id = parsed
         if gw_net != net_id:
             raise invalid_argument([FieldViolation(
                 "external_client.gateway_node",
@@ -375,7 +379,7 @@ class ExternalClients(Resources):
                 ops.append(self.t.delete(self.keys.pubkey(net_id, old_key)))
             cmp = [self.t.mod(ckv.key) == ckv.mod_revision,
                    self.t.create(self.keys.pubkey(net_id, pair.public_key)) == 0]
-            if self.key_material.enabled:
+            if sig_kv is not None:  # with a key service; checked above
                 cmp.append(self.t.mod(sig_key) == sig_kv.mod_revision)
             rev = await self.commit(cmp, ops)
             client.etag = str(rev)

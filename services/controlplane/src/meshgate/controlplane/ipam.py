@@ -55,7 +55,8 @@ def pick(
     """
     net = ipaddress.ip_network(cidr)
     af = socket.AF_INET if net.version == 4 else socket.AF_INET6
-    return pick_int(cidr, {_as_int(a, af) for a in used}, attempt, rng)
+    taken = {i for a in used if (i := _as_int(a, af)) is not None}  # what is not an address takes none
+    return pick_int(cidr, taken, attempt, rng)
 
 
 def as_int(address: str) -> int:

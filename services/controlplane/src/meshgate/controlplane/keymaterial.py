@@ -92,6 +92,12 @@ class KeyMaterial:
     def enabled(self) -> bool:
         return self.stub is not None
 
+    def _ks(self) -> keys_pb2_grpc.KeyServiceAsyncStub:
+        """The key service's stub: callers check `enabled` first."""
+        if self.stub is None:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "no key service is configured", "NO_KEY_SERVICE")
+        return self.stub
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
@@ -106,7 +112,7 @@ class KeyMaterial:
         if cached is not None:
             return cached  # a retried transaction: the same signature
         try:
-            signed = await self.stub.RegisterNodeKey(
+            signed = await self._ks().RegisterNodeKey(
                 keys_pb2.RegisterNodeKeyRequest(node=node, public_key=public_key, detached=True), timeout=self.timeout
             )
         except grpc.aio.AioRpcError as e:
@@ -137,7 +143,7 @@ class KeyMaterial:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "no key service: agent certificates cannot be issued",
                            "NO_KEY_SERVICE")
         try:
-            cert = await self.stub.SignCertificate(keys_pb2.SignCertificateRequest(csr=csr, identity=node),
+            cert = await self._ks().SignCertificate(keys_pb2.SignCertificateRequest(csr=csr, identity=node),
                                                    timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -157,7 +163,7 @@ class KeyMaterial:
             return ClientKeyPair(base64.b64encode(private.public_key().public_bytes_raw()).decode(),
                                  base64.b64encode(private.private_bytes_raw()).decode())
         try:
-            pair = await self.stub.IssueClientKeyPair(
+            pair = await self._ks().IssueClientKeyPair(
                 keys_pb2.IssueClientKeyPairRequest(external_client=external_client, replace=replace),
                 timeout=self.timeout
             )
@@ -171,7 +177,7 @@ class KeyMaterial:
     async def rotate_pair(self, net_id: str, a: str, b: str) -> str:
         """A new generation of the pre-shared key of peers `a` and `b`; returns it."""
         try:
-            await self.stub.RotatePresharedKeys(
+            await self._ks().RotatePresharedKeys(
                 keys_pb2.RotatePresharedKeysRequest(network=f"networks/{net_id}", pairs=[f"{a}|{b}"]),
                 timeout=self.timeout,
             )
@@ -193,7 +199,7 @@ class KeyMaterial:
             return []
         if not self._authority:
             try:
-                ka = await self.stub.GetKeyAuthority(keys_pb2.GetKeyAuthorityRequest(), timeout=self.timeout)
+                ka = await self._ks().GetKeyAuthority(keys_pb2.GetKeyAuthorityRequest(), timeout=self.timeout)
             except grpc.aio.AioRpcError:
                 raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; retry",
                                "KEY_SERVICE_UNAVAILABLE") from None
@@ -226,7 +232,7 @@ class KeyMaterial:
         items = list(missing.values())
         try:
             for i in range(0, len(items), CHUNK):
-                resp = await self.stub.IssuePresharedKeys(
+                resp = await self._ks().IssuePresharedKeys(
                     keys_pb2.IssuePresharedKeysRequest(
                         network=f"networks/{net_id}", pairs=[f"{a}|{b}" for a, b in items[i : i + CHUNK]]
                     ),

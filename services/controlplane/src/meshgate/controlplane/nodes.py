@@ -23,7 +23,7 @@ from meshgate.common.errors import (
     invalid_argument,
     reference_not_found,
 )
-from meshgate.common.etcd import prefix_end
+from meshgate.common.etcd import TxnOp, prefix_end
 from meshgate.controlplane import egress, externalclients, ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.cache import StateCache
@@ -122,7 +122,10 @@ class Nodes(Resources):
             and self.cache.ready.is_set()
             and await self.cache.wait_for_revision(self._last_write, CACHE_WAIT_S)
         )
-        st = self.cache.networks.get(net_id) if cached else None
+        cache = self.cache if cached else None
+        st = cache.networks.get(net_id) if cache is not None else None
+        if st is None:
+            cache = None  # not cached (yet): etcd is read below
         if st is not None:
             network, net_rev = st.network, int(st.network.etag)
             if name in st.nodes:
@@ -150,6 +153,7 @@ class Nodes(Resources):
                 if not cidr:
                     continue
                 wanted = getattr(template, field)
+                addr: str | None
                 if wanted:
                     # One spelling per address: FD00:0::1 and fd00::1 are one claim.
                     wanted = str(ipaddress.ip_address(wanted))
@@ -160,8 +164,8 @@ class Nodes(Resources):
                     addr = wanted
                 else:
                     pending = self._claiming.setdefault((net_id, family), set())
-                    if st is not None:
-                        used_ints = self.cache.addresses.get((net_id, family), set())
+                    if cache is not None:
+                        used_ints = cache.addresses.get((net_id, family), set())
                         # The cache is fresh after a lost race (see below), so the
                         # lowest free address is right again; spread out only
                         # when other processes keep winning the same address.
@@ -183,8 +187,8 @@ class Nodes(Resources):
                 claims.append(self.t.put(ikey, name.encode()))
             if node.public_key:
                 pkey = self.keys.pubkey(net_id, node.public_key)
-                if st is not None:
-                    holder_name = self.cache.pubkeys.get((net_id, node.public_key))
+                if cache is not None:
+                    holder_name = cache.pubkeys.get((net_id, node.public_key))
                 else:
                     holder = await self.etcd.get(pkey)
                     holder_name = holder.value.decode() if holder is not None else None
@@ -214,8 +218,8 @@ class Nodes(Resources):
             )
             if not ok:
                 await self._diagnose(net_id, key, name, node, bool(template.ipv4_address), bool(template.ipv6_address))
-                if st is not None:
-                    await self.cache.wait_for_revision(rev, CACHE_WAIT_S)
+                if cache is not None:
+                    await cache.wait_for_revision(rev, CACHE_WAIT_S)
                 raise Conflict
             self._last_write = max(self._last_write, rev)
             node.etag = str(rev)
@@ -260,7 +264,7 @@ class Nodes(Resources):
             if errs:
                 raise invalid_argument(errs)
             compare = [self.t.mod(kv.key) == kv.mod_revision]
-            ops = []
+            ops: list[TxnOp] = []
             if updated.endpoint != current.endpoint:
                 # egress ranges may not cover it; their writes compare the nodes' guard
                 inside = await egress.endpoint_check(self, net_id, updated.endpoint, "node.endpoint")
