@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshgate.common.errors import FieldViolation, etag_mismatch, invalid_argument, not_found
+from meshgate.common.errors import FieldViolation, etag_mismatch, invalid_argument, not_found, shown
 from meshgate.common.etcd import KV, Etcd, prefix_end
 from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.txn import Conflict, decode_page_token, encode_page_token
@@ -33,14 +33,14 @@ class Resources:
         parsed = names.parse_child(name, self.kind.collection)
         if parsed is None:
             raise invalid_argument(
-                [FieldViolation(field, f"{name!r} is not a name of the form networks/{{network}}/{self.kind.collection}/{{id}}")]
+                [FieldViolation(field, f"{shown(name)} is not a name of the form networks/{{network}}/{self.kind.collection}/{{id}}")]
             )
         return parsed
 
     def parse_parent(self, parent: str, field: str = "parent") -> str:
         net = names.parse_network(parent)
         if net is None:
-            raise invalid_argument([FieldViolation(field, f"{parent!r} is not a network name (networks/{{network}})")])
+            raise invalid_argument([FieldViolation(field, f"{shown(parent)} is not a network name (networks/{{network}})")])
         return net
 
     def key_of(self, net: str, rid: str) -> bytes:

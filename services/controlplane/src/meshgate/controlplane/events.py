@@ -44,7 +44,7 @@ from meshgate.api.v1 import (
     node_pb2,
     policy_pb2,
 )
-from meshgate.common.errors import ApiError, FieldViolation, invalid_argument
+from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, shown
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.common.server import ServiceBinding
 from meshgate.controlplane import names
@@ -92,12 +92,12 @@ def parse_request(request: events_pb2.WatchRequest) -> Filter:
     if request.parent:
         network = names.parse_network(request.parent) or ""
         if not network:
-            violations.append(FieldViolation("parent", f"{request.parent!r} is not a network name (networks/{{network}})"))
+            violations.append(FieldViolation("parent", f"{shown(request.parent)} is not a network name (networks/{{network}})"))
     if request.start_revision < 0:
         violations.append(FieldViolation("start_revision", "must not be negative"))
     for i, t in enumerate(request.resource_types):
         if t not in TYPE_NAMES:
-            violations.append(FieldViolation(f"resource_types[{i}]", f"unknown type {t!r}; known: {', '.join(sorted(TYPE_NAMES))}"))
+            violations.append(FieldViolation(f"resource_types[{i}]", f"unknown type {shown(t)}; known: {', '.join(sorted(TYPE_NAMES))}"))
     if violations:
         raise invalid_argument(violations)
     return Filter(network, frozenset(request.resource_types))

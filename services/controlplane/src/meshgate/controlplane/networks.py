@@ -17,6 +17,7 @@ from meshgate.common.errors import (
     failed_precondition,
     invalid_argument,
     reference_not_found,
+    shown,
 )
 from meshgate.controlplane import masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
@@ -53,7 +54,7 @@ class Networks(Resources):
     def parse_name(self, name: str, field: str = "name") -> tuple[str, str]:
         net = names.parse_network(name)
         if net is None:
-            raise invalid_argument([FieldViolation(field, f"{name!r} is not a network name (networks/{{network}})")])
+            raise invalid_argument([FieldViolation(field, f"{shown(name)} is not a network name (networks/{{network}})")])
         return net, net
 
     def key_of(self, net: str, rid: str) -> bytes:
@@ -169,7 +170,7 @@ class Networks(Resources):
             guard = await self.etcd.get(self.keys.guard(net_id, "nodes"))
             if nodes and not req.force:
                 raise failed_precondition(
-                    f"network {req.name!r} still has nodes; delete them first or pass force",
+                    f"network {shown(req.name)} still has nodes; delete them first or pass force",
                     "RESOURCE_IN_USE", req.name, KIND.type_name,
                 )
             if req.validate_only:

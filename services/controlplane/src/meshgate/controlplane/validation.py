@@ -15,6 +15,7 @@ import re
 from typing import Iterable, Sequence
 
 from meshgate.common.errors import FieldViolation as V
+from meshgate.common.errors import shown
 from meshgate.controlplane import names
 
 MAX_DISPLAY_NAME = 128
@@ -36,7 +37,7 @@ def check_id(field: str, value: str) -> list[V]:
     if not value:
         return [V(field, "is required")]
     if not names.valid_id(value):
-        return [V(field, f"{value!r} {names.ID_RULE}")]
+        return [V(field, f"{shown(value)} {names.ID_RULE}")]
     return []
 
 
@@ -54,9 +55,9 @@ def check_labels(field: str, labels: dict[str, str]) -> list[V]:
         out.append(V(field, f"has {len(labels)} entries; at most {MAX_LABELS} are allowed"))
     for k, v in sorted(labels.items()):
         if not LABEL_KEY_RE.match(k):
-            out.append(V(f"{field}[{k!r}]", "key must be 1-63 lowercase letters, digits, '_', '.' or '-', starting with a letter"))
+            out.append(V(f"{field}[{shown(k)}]", "key must be 1-63 lowercase letters, digits, '_', '.' or '-', starting with a letter"))
         if len(v) > MAX_LABEL_LEN:
-            out.append(V(f"{field}[{k!r}]", f"value is longer than {MAX_LABEL_LEN} characters"))
+            out.append(V(f"{field}[{shown(k)}]", f"value is longer than {MAX_LABEL_LEN} characters"))
     return out
 
 
@@ -67,9 +68,9 @@ def check_tags(field: str, tags: Sequence[str]) -> list[V]:
     seen = set()
     for i, t in enumerate(tags):
         if not names.valid_id(t):
-            out.append(V(f"{field}[{i}]", f"{t!r} {names.ID_RULE}"))
+            out.append(V(f"{field}[{i}]", f"{shown(t)} {names.ID_RULE}"))
         elif t in seen:
-            out.append(V(f"{field}[{i}]", f"tag {t!r} is repeated"))
+            out.append(V(f"{field}[{i}]", f"tag {shown(t)} is repeated"))
         seen.add(t)
     return out
 
@@ -79,16 +80,16 @@ def parse_cidr(field: str, value: str, version: int | None = None) -> tuple[Net 
     if not value:
         return None, [V(field, "is required")]
     if "/" not in value:
-        return None, [V(field, f"{value!r} is not in CIDR notation (address/prefix)")]
+        return None, [V(field, f"{shown(value)} is not in CIDR notation (address/prefix)")]
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as e:
         msg = str(e)
         if "has host bits set" in msg:
-            return None, [V(field, f"{value!r} has host bits set; did you mean {ipaddress.ip_network(value, strict=False)}?")]
-        return None, [V(field, f"{value!r} is not a valid CIDR")]
+            return None, [V(field, f"{shown(value)} has host bits set; did you mean {ipaddress.ip_network(value, strict=False)}?")]
+        return None, [V(field, f"{shown(value)} is not a valid CIDR")]
     if version and net.version != version:
-        return None, [V(field, f"{value!r} is not an IPv{version} range")]
+        return None, [V(field, f"{shown(value)} is not an IPv{version} range")]
     return net, []
 
 
@@ -108,7 +109,7 @@ def check_endpoint(field: str, value: str) -> list[V]:
         return [V(field, "is too long")]
     m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", value) or re.match(r"^([^:\[\]]+):(\d{1,5})$", value)
     if not m:
-        return [V(field, f"{value!r} is not host:port or [ipv6]:port")]
+        return [V(field, f"{shown(value)} is not host:port or [ipv6]:port")]
     host, port = m.group(1), int(m.group(2))
     bad = check_port(field, port, allow_zero=False)
     if bad:
@@ -117,7 +118,7 @@ def check_endpoint(field: str, value: str) -> list[V]:
         ipaddress.ip_address(host)
     except ValueError:
         if value.startswith("[") or not HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
-            return [V(field, f"{host!r} is not an IP address or host name")]
+            return [V(field, f"{shown(host)} is not an IP address or host name")]
     return []
 
 
@@ -135,7 +136,7 @@ def check_public_key(field: str, value: str) -> list[V]:
 
 def check_interface(field: str, value: str) -> list[V]:
     if value and (not IFNAME_RE.match(value) or value in (".", "..")):
-        return [V(field, f"{value!r} is not a valid interface name (1-15 characters, no '/' or spaces)")]
+        return [V(field, f"{shown(value)} is not a valid interface name (1-15 characters, no '/' or spaces)")]
     return []
 
 
@@ -205,7 +206,7 @@ def requested_address(field: str, value: str, cidr: str) -> list[V]:
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
-        return [V(field, f"{value!r} is not an IP address")]
+        return [V(field, f"{shown(value)} is not an IP address")]
     net = ipaddress.ip_network(cidr)
     if addr.version != net.version or addr not in net:
         return [V(field, f"{value} is outside the network's range {cidr}")]
@@ -224,7 +225,7 @@ def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
     if not gw.node:
         out.append(V(f"{prefix}.node", "is required"))
     elif names.parse_child(gw.node, "nodes") is None:
-        out.append(V(f"{prefix}.node", f"{gw.node!r} is not a node name (networks/{{network}}/nodes/{{node}})"))
+        out.append(V(f"{prefix}.node", f"{shown(gw.node)} is not a node name (networks/{{network}}/nodes/{{node}})"))
     if len(gw.ranges) > MAX_RANGES:
         out.append(V(f"{prefix}.ranges", f"has {len(gw.ranges)} ranges; at most {MAX_RANGES} are allowed"))
     if not gw.ranges and not gw.internet_gateway:
@@ -280,7 +281,7 @@ def external_client(c, prefix: str = "external_client") -> list[V]:
         out.append(V(f"{prefix}.gateway_node", "is required"))
     elif names.parse_child(c.gateway_node, "nodes") is None:
         out.append(V(f"{prefix}.gateway_node",
-                     f"{c.gateway_node!r} is not a node name (networks/{{network}}/nodes/{{node}})"))
+                     f"{shown(c.gateway_node)} is not a node name (networks/{{network}}/nodes/{{node}})"))
     if len(c.allowed_ranges) > MAX_RANGES:
         out.append(V(f"{prefix}.allowed_ranges", f"has {len(c.allowed_ranges)} ranges; at most {MAX_RANGES} are allowed"))
     seen: list[Net] = []
@@ -302,7 +303,7 @@ def external_client(c, prefix: str = "external_client") -> list[V]:
         except ValueError:
             ok = False
         if not ok:
-            out.append(V(f"{prefix}.dns_servers[{i}]", f"{d!r} is not an IP address (without a scope id)"))
+            out.append(V(f"{prefix}.dns_servers[{i}]", f"{shown(d)} is not an IP address (without a scope id)"))
     out += check_text(f"{prefix}.display_name", c.display_name, MAX_DISPLAY_NAME)
     out += check_labels(f"{prefix}.labels", dict(c.labels))
     return out
