@@ -23,7 +23,6 @@ import yaml
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
 from meshgate.gatewayd.lab import Egress, Node
-
 from test_system_controlplane import Loop, start_control_plane
 
 pytestmark = pytest.mark.root
