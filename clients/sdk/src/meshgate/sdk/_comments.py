@@ -437,7 +437,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                     '--accept-routes`, `--no-default-route`, no '
                                                     '`--accept-default-route`) or the\n'
                                                     'node is the internet gateway itself. Empty when it installed '
-                                                    'every route.',
+                                                    'every route;\n'
+                                                    "at most 64 (the agent's `gatewayd` status lists them all).",
  'meshgate.api.v1.NodeConvergence.desired_revision': 'The etcd revision of the newest desired state computed for the '
                                                      'node.',
  'meshgate.api.v1.NodeConvergence.failed_over': 'The node runs an egress gateway and its agent has been away longer '

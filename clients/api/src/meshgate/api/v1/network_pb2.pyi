@@ -394,7 +394,8 @@ class NodeConvergence(_message.Message):
         """Routes of the node's desired state that its agent did not install, as of
         its last acknowledgement: its operator narrowed them (`gatewayd
         --accept-routes`, `--no-default-route`, no `--accept-default-route`) or the
-        node is the internet gateway itself. Empty when it installed every route.
+        node is the internet gateway itself. Empty when it installed every route;
+        at most 64 (the agent's `gatewayd` status lists them all).
         """
 
     def __init__(
