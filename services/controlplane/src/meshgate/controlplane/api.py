@@ -87,21 +87,36 @@ class NetworkService(network_pb2_grpc.NetworkServiceServicer):
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, nodes: Nodes) -> None:
+    def __init__(self, nodes: Nodes, fanout: Fanout | None = None) -> None:
         self.nodes = nodes
+        self.fanout = fanout
+
+    async def _live(self, items: list) -> list:
+        """Nodes with their live state (connected, converged) instead of the stored PENDING."""
+        if self.fanout is not None and items:
+            by_net: dict[str, list[str]] = {}
+            for n in items:
+                by_net.setdefault(n.name.split("/")[1], []).append(n.name)
+            states: dict[str, int] = {}
+            for net_id, names_ in by_net.items():
+                states.update(await self.fanout.node_states(net_id, names_))
+            for n in items:
+                n.state = states.get(n.name, n.state)
+        return items
 
     async def CreateNode(self, request, context):
         return await self.nodes.create(request)
 
     async def GetNode(self, request, context):
-        return await self.nodes.get(request.name)
+        return (await self._live([await self.nodes.get(request.name)]))[0]
 
     async def ListNodes(self, request, context):
         items, token = await self.nodes.list_children(request.parent, request.page_size, request.page_token)
-        return node_pb2.ListNodesResponse(nodes=items, next_page_token=token)
+        return node_pb2.ListNodesResponse(nodes=await self._live(items), next_page_token=token)
 
     async def UpdateNode(self, request, context):
-        return await self.nodes.update(request)
+        updated = await self.nodes.update(request)
+        return updated if request.validate_only else (await self._live([updated]))[0]
 
     async def DeleteNode(self, request, context):
         await self.nodes.delete(request)
@@ -296,7 +311,7 @@ class ControlPlane:
         bind = self._bind
         self.bindings = [
             bind(network_pb2, network_pb2_grpc, "NetworkService", NetworkService(self.networks, self.fanout)),
-            bind(node_pb2, node_pb2_grpc, "NodeService", NodeService(self.nodes)),
+            bind(node_pb2, node_pb2_grpc, "NodeService", NodeService(self.nodes, self.fanout)),
             bind(egress_pb2, egress_pb2_grpc, "EgressGatewayService", EgressGatewayService(self.gateways)),
             bind(enrollment_pb2, enrollment_pb2_grpc, "EnrollmentKeyService", EnrollmentKeyService(self.enrollment)),
             bind(policy_pb2, policy_pb2_grpc, "AccessPolicyService", AccessPolicyService(self.policies)),

@@ -43,7 +43,7 @@ from opentelemetry import propagate, trace
 
 from meshgate.api.v1 import agent_pb2, agent_pb2_grpc
 from meshgate.api.v1 import desired_state_pb2 as ds
-from meshgate.api.v1 import network_pb2
+from meshgate.api.v1 import network_pb2, node_pb2
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
 from meshgate.common.etcd import Etcd
 from meshgate.common.identity import node_of, peer_identity, peer_spki_sha256
@@ -744,11 +744,43 @@ class Fanout:
         out.converged_nodes = sum(1 for n in out.nodes if n.converged)
         return out
 
+    async def node_states(self, net_id: str, nodes: list[str]) -> dict[str, int]:
+        """`Node.State` of each of `nodes` (of network `net_id`), as the network
+        status sees it: READY when its agent is connected (to any replica) and
+        has applied its current desired state, CONVERGING when connected but
+        not there yet, OFFLINE when its agent has connected before but is not
+        now, PENDING when it never has. Node records store PENDING; Get, List
+        and Update show this instead."""
+        st = self.cache.networks.get(net_id)
+        known = [n for n in nodes if st is not None and n in st.nodes]
+        if not known:
+            return {}
+        await self.status.flush()
+        records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
+        sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
+        recs = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value) for kv in records}
+        connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
+        live = [n for n in known if n.rsplit("/", 1)[1] in connected]
+        compiled = await self.compile(st, live, 0) if live else {}
+        out = {}
+        for name in known:
+            nid = name.rsplit("/", 1)[1]
+            rec = recs.get(nid)
+            if nid not in connected:
+                out[name] = node_pb2.Node.OFFLINE if rec and rec.get("contact_ns") else node_pb2.Node.PENDING
+                continue
+            # Without its compiled state (the key service away) the digest last sent stands in.
+            dg = digest(compiled[name]) if name in compiled else getattr(self.desired.get(name), "digest", None)
+            applied = (rec or {}).get("applied_digest")
+            out[name] = node_pb2.Node.READY if applied and applied == dg else node_pb2.Node.CONVERGING
+        return out
+
 
 ROUTE_REASONS = ("DEFAULT_ROUTE_DECLINED", "ROUTE_NOT_ACCEPTED")
 """ErrorInfo reasons of an ack that name routes the agent declined (gatewayd's consent.py)."""
-MAX_DECLINED = 256
-"""The most declined routes kept per node (an agent's list is its own to size)."""
+MAX_DECLINED = 64
+"""The most declined routes kept per node: the record is rewritten on every ack
+(the agent's own status.json lists them all)."""
 
 
 def declined_routes(status) -> list[dict] | None:
