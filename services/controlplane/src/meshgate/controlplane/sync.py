@@ -645,7 +645,10 @@ class Fanout:
             if self.holds or self.peer_holds:  # set for as long as rotate() may wait on acks
                 asyncio.get_running_loop().create_task(self._notify_acked())
         dg = session.inflight.get(ack.revision)
-        for r in [r for r in session.inflight if r <= ack.revision]:
+        # A failed apply of R is retried by the agent and acked again: keep R's
+        # digest until then, or the retry's OK could not count as applied.
+        done = ack.revision if ack.status.code == 0 else ack.revision - 1
+        for r in [r for r in session.inflight if r <= done]:
             del session.inflight[r]
         declined = declined_routes(ack.status)
         if ack.status.code == 0 and dg is not None:
@@ -654,7 +657,9 @@ class Fanout:
             self._record(session.node, error=ack.status.message[:1024] or f"code {ack.status.code}",
                          declined=declined)
         else:
-            self._record(session.node, declined=declined)
+            # OK for a revision whose digest is gone (already recorded, e.g. a
+            # resync that failed and then passed): its last apply succeeded
+            self._record(session.node, error="", declined=declined)
 
     def _record(self, node: str, applied: tuple[int, str] | None = None, error: str | None = None, contact: bool = True,
                 declined: list[dict] | None = None) -> None:
@@ -794,7 +799,7 @@ def declined_routes(status) -> list[dict] | None:
         info = error_details_pb2.ErrorInfo()
         if not detail.Is(info.DESCRIPTOR) or not detail.Unpack(info) or info.reason not in ROUTE_REASONS:
             continue
-        message = info.metadata.get("reason", "")[:1024]
+        message = info.metadata.get("reason", "")[:256]
         for route in info.metadata.get("routes", "").split(","):
             if route.strip() and len(out) < MAX_DECLINED:
                 out.append({"destination": route.strip()[:64], "reason": info.reason, "message": message})
