@@ -14,9 +14,9 @@ and the filter rules the control plane sends.
                              empty wireguard-go interface, as in bench_gatewayd):
                              the agent's snapshot path (validate, plan) and the
                              reconciler (UAPI set of 1,000 peers, addresses, sysctls,
-                             ``nft -f`` of the table), saved to disk (median of 3)
+                             ``nft -f`` of the table), saved to disk (median of 5)
 - raw_policy_apply_1000_ms   the hand-written baseline of the same content (see the
-                             notes on stderr for what it includes; median of 3)
+                             notes on stderr for what it includes; median of 5)
 - policy_apply_vs_raw_ratio  the two above, same run (goal <= 1.5)
 - policy_delta_ms            one policy's ports changed on that node: from the agent
                              receiving the control plane's delta (``compiler.diff``)
@@ -278,6 +278,35 @@ def nft_ms(script: str, reps: int = 5) -> float:
     return statistics.median(out)
 
 
+def libnft_ms(script: str, reps: int = 5) -> float | None:
+    """``nft_ms`` through libnftables in this process (no ``nft`` process, its cache
+    kept between runs), for comparison; None without the library."""
+    import ctypes
+    import ctypes.util
+
+    path = ctypes.util.find_library("nftables")
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_buffer_output.argtypes = lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ctx = lib.nft_ctx_new(0)
+    lib.nft_ctx_buffer_output(ctx)
+    lib.nft_ctx_buffer_error(ctx)
+    out = []
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            if lib.nft_run_cmd_from_buffer(ctx, script.encode()) != 0:
+                return None
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        lib.nft_ctx_free(ctx)
+    return statistics.median(out)
+
+
 # ---------------------------------------------------------------- inside a namespace
 
 
@@ -376,6 +405,10 @@ def inner(workdir: Path, token: str, reps: int, delta_reps: int) -> None:
         os.chmod(conf, 0o600)
         nftf = workdir / f"raw{rep}.nft"
         nftf.write_text(raw_nft("meshraw", rifname, msg))
+        if rep == 0:
+            body = nftf.read_text().split("\tchain overlay_policy {\n", 1)[1].split("\n\t}", 1)[0]
+            info(f"bench_policy: the hand-written table: {nftf.stat().st_size / 1024:.0f} KiB, "
+                 f"{body.count(chr(10)) + 1} rules in one overlay_policy chain, no named sets")
         parts = raw_apply(rifname, conf, nftf, msg)
         raw_ms.append(sum(parts.values()))
         raw_parts.append(parts)
@@ -475,8 +508,12 @@ def probe(text: str, table: str) -> None:
         for m in re.finditer(r"\n\tchain (\S+) \{\n((?:\t\t[^\n]*\n)*?)\t\}", text):
             if ' comment "p' in m.group(2):
                 body = m.group(2).rstrip("\n")
-                out[f"flush+refill chain {m.group(1)} ({body.count(chr(10)) + 1} rules)"] = nft_ms(
-                    f"flush chain {t} {m.group(1)}\ntable {t} {{\n\tchain {m.group(1)} {{\n{body}\n\t}}\n}}\n")
+                script = f"flush chain {t} {m.group(1)}\ntable {t} {{\n\tchain {m.group(1)} {{\n{body}\n\t}}\n}}\n"
+                label = f"flush+refill chain {m.group(1)} ({body.count(chr(10)) + 1} rules)"
+                out[label] = nft_ms(script)
+                lib = libnft_ms(script)
+                if lib is not None:
+                    out[label + " in-process (libnftables)"] = lib
                 break
         t0 = time.perf_counter()
         run("nft", "list", "table", *t.split())
@@ -507,7 +544,7 @@ def main() -> int:
         return 3
     with Lab() as lab:
         host = lab.host("policy")
-        reps, delta_reps = (1, 5) if args.quick else (3, 11)
+        reps, delta_reps = (1, 5) if args.quick else (5, 11)
         proc = host.spawn(sys.executable, os.path.abspath(__file__), "--inner", str(lab.dir), lab.token,
                           str(reps), str(delta_reps), stdout=None, stderr=None)
         rc = proc.wait(900)
