@@ -106,7 +106,7 @@ def test_join_pins_the_key_authority_outside_the_control_plane(cp: ScriptedContr
     # The secret pins the real authority; the control plane presents its own.
     cp.presented = [rogue_pub]
     r = node.join_result(cp.target, cp.enrollment_secret(), "a")
-    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.returncode == 4, r.stdout + r.stderr  # refused, not a bad flag (2)
     assert "join refused: the control plane presented key authority key(s)" in r.stderr
     assert "match none of the pinned fingerprint(s)" in r.stderr
     assert not (node.state_dir / "identity.json").exists()

@@ -3,8 +3,14 @@ streams from the control plane once joined, or follows a file), ``apply`` (one
 reconcile of a desired state from a file, then exit), ``plan``, ``show``, ``down``,
 ``public-key``.
 
-Exit codes: 0 success, 1 apply failed, 2 bad input (the desired state or a flag),
-3 the host lacks something gatewayd needs.
+Exit codes (also in ``--help`` and docs/gatewayd.md): 0 success; 1 apply failed (or,
+for ``check``, not ready); 2 bad input: the desired state or a flag; 3 the host lacks
+something gatewayd needs (or its state directory is unusable); 4 ``join`` was refused:
+the control plane refused the enrollment key or the node, or presented a key authority
+that is not the pinned one; 5 ``join`` could not reach the control plane.
+
+``run`` remembers the interface name it was given (``run.json`` in the state
+directory), so ``show`` and ``down`` find that interface without ``--interface``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ from meshgate.gatewayd.sources import parse_json
 
 log = logging.getLogger("meshgate.gatewayd")
 
-EXIT_APPLY_FAILED, EXIT_INVALID, EXIT_ENVIRONMENT = 1, 2, 3
+EXIT_APPLY_FAILED, EXIT_INVALID, EXIT_ENVIRONMENT, EXIT_REFUSED, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+EXIT_CODES = ("exit codes: 0 success; 1 apply failed (check: not ready); 2 invalid desired state or flags; "
+              "3 the host lacks something gatewayd needs; 4 join refused (enrollment key, node or key "
+              "authority); 5 join could not reach the control plane")
+RUN_RECORD = "run.json"  # what `run` was told that `show` and `down` need: the interface name
 
 
 def load_desired_file(path: Path) -> pb.DesiredState:
@@ -59,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gatewayd",
         description="meshgate node agent: reconciles WireGuard, routes, nftables NAT and "
                     "forwarding sysctls to a desired state.",
+        epilog=EXIT_CODES.capitalize() + ".",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     a = sub.add_parser("apply", parents=[common], help="reconcile once to a desired state "
@@ -69,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--file", "-f", type=Path, required=True)
     pl.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     j = sub.add_parser("join", parents=[common], help="join a network with an enrollment key: "
-                       "generate the key pair here, enroll, save the identity for `run`")
+                       "generate the key pair here, enroll, save the identity for `run`",
+                       epilog="Exit codes: 0 joined; 2 bad flags (no key authority to pin without "
+                              "--insecure-no-authority, pins that disagree, plaintext to a remote control plane "
+                              "without --insecure) or a request the control plane found invalid; "
+                              "3 unusable state directory; 4 refused: the control plane refused the enrollment "
+                              "key (unknown, used up, expired, revoked) or the node (its id taken), or presented a "
+                              "key authority other than the pinned one; nothing was saved; 5 the control plane "
+                              "could not be reached (retry).")
     j.add_argument("enrollment_key", nargs="?", default=os.environ.get("MESHGATE_ENROLLMENT_KEY"),
                    help="the enrollment key's secret (or env MESHGATE_ENROLLMENT_KEY, or --key-file)")
     j.add_argument("--key-file", type=Path, help="read the enrollment key's secret from this file")
@@ -105,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Unix socket (also when `join --insecure` saved it; warned about on every start)")
     _route_consent_arguments(r, join=False)
     sub.add_parser("show", parents=[common], help="print the observed state as JSON (no secrets); "
-                   "--interface defaults to the last applied one")
+                   "--interface defaults to the last applied one, else the one `run` was given")
     sub.add_parser("down", parents=[common], help="remove everything gatewayd owns on this host; "
-                   "--interface defaults to the last applied one")
+                   "--interface defaults to the last applied one, else the one `run` was given")
     sub.add_parser("public-key", parents=[common],
                    help="print the node's public key, generating the key pair on first use")
     c = sub.add_parser("check", parents=[common],
@@ -208,7 +226,7 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
     import grpc
 
     from meshgate.gatewayd.store import StateStore
-    from meshgate.gatewayd.stream import JoinRefused, PlaintextRefused, check_transport, join
+    from meshgate.gatewayd.stream import JoinRefused, PlaintextRefused, check_transport, join, pins_for
     from meshgate.gatewayd.trust import fingerprint, parse_authority_key
 
     secret = args.enrollment_key
@@ -221,8 +239,13 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
     try:
         authority_keys = tuple(parse_authority_key(k) for k in args.authority_key)
         check_transport(args.control_plane, args.ca_file, args.insecure)
+        # Nothing to pin, or pins that disagree: the flags' problem, found before anything is sent.
+        pins_for(secret, authority_keys, args.insecure_no_authority)
     except ValueError as e:
         print(f"gatewayd: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except JoinRefused as e:
+        print(f"gatewayd: join refused: {e}", file=sys.stderr)
         return EXIT_INVALID
     if args.insecure_no_authority and not authority_keys:
         log.warning("INSECURE: joining with --insecure-no-authority: unless the enrollment key pins a key "
@@ -238,14 +261,20 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
             no_default_route=args.accept_default_route is False,
             accept_routes=None if args.accept_routes is False else args.accept_routes,
         ))
-    except (JoinRefused, PlaintextRefused) as e:
+    except PlaintextRefused as e:  # a flag problem, found before a byte was sent
         print(f"gatewayd: join refused: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except JoinRefused as e:  # what the control plane presented is not the pinned key authority
+        print(f"gatewayd: join refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except grpc.aio.AioRpcError as e:
         code = e.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            print(f"gatewayd: join failed: the control plane at {args.control_plane} did not answer "
+                  f"({code.name}: {e.details()}); nothing was saved, try again", file=sys.stderr)
+            return EXIT_UNREACHABLE
         print(f"gatewayd: join refused: {code.name}: {e.details()}", file=sys.stderr)
-        return EXIT_INVALID if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
-                                        grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS) else 1
+        return EXIT_INVALID if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_REFUSED
     node = resp.node
     print(f"joined as {node.name}: {node.ipv4_address}" + (f", {node.ipv6_address}" if node.ipv6_address else ""))
     if identity.authority_keys:
@@ -318,6 +347,28 @@ def _consent(args: argparse.Namespace, saved):
     return out
 
 
+def _remember_interface(settings: Settings) -> None:
+    """Record the interface `run` uses when a desired state names none, for `show` and `down`."""
+    path = settings.state_dir / RUN_RECORD
+    data = json.dumps({"default_interface": settings.default_interface}).encode()
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _remembered_interface(settings: Settings) -> str:
+    try:
+        return str(json.loads((settings.state_dir / RUN_RECORD).read_text()).get("default_interface") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from meshgate.gatewayd.reconciler import Reconciler
     from meshgate.gatewayd.store import StateStore
@@ -336,6 +387,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from meshgate.gatewayd.stream import PlaintextRefused
 
         rec = Reconciler.for_host(settings)
+        _remember_interface(settings)
         try:
             source, authority_keys, network, accept = _run_source(args, settings, rec)
         except PlaintextRefused as e:
@@ -358,7 +410,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ifname = args.default_interface
         if not ifname:
             last = rec.store.load_desired()
-            ifname = (last.interface.name if last else "") or settings.default_interface
+            ifname = (last.interface.name if last else "") or _remembered_interface(settings) \
+                or settings.default_interface
         if args.command == "show":
             print(json.dumps(rec.show(ifname), indent=1, sort_keys=True))
         else:
