@@ -37,7 +37,7 @@ from meshgate.api.v1 import (
 )
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import ServiceBinding
-from meshgate.controlplane import events
+from meshgate.controlplane import admission, events
 from meshgate.controlplane.auth import audit as audit_mod
 from meshgate.controlplane.auth.guard import Authenticator, Guard, current_principal, visible_networks
 from meshgate.controlplane.auth.tokens import DEFAULT_MAX_TTL_S, TokenCache, Tokens
@@ -333,9 +333,11 @@ class ControlPlane:
         self.agent_service.agent_tokens = bearer_tokens
 
     def _bind(self, pb2_module, grpc_module, name: str, servicer) -> ServiceBinding:
-        """A binding whose RPCs the access guard protects (refused without a rule)."""
+        """A binding whose RPCs the access guard protects (refused without a
+        rule), each request checked by admission.py before its handler."""
+        service = pb2_module.DESCRIPTOR.services_by_name[name]
         return ServiceBinding.of(pb2_module, grpc_module, name,
-                                 self.guard.protect(servicer, pb2_module.DESCRIPTOR.services_by_name[name]))
+                                 self.guard.protect(admission.wrap(servicer, service), service))
 
     async def start(self) -> None:
         self.token_cache.start()

@@ -47,7 +47,7 @@ from meshgate.api.v1 import (
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, shown
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.common.server import ServiceBinding
-from meshgate.controlplane import names
+from meshgate.controlplane import admission, names
 from meshgate.controlplane.auth.guard import visible_networks
 
 log = logging.getLogger(__name__)
@@ -215,5 +215,6 @@ def _beyond(start_revision: int, current: int) -> ApiError:
 
 def binding(etcd: Etcd, protect) -> ServiceBinding:
     """The EventService binding, its RPCs passed through `protect` (the access guard)."""
-    servicer = protect(EventService(etcd), events_pb2.DESCRIPTOR.services_by_name["EventService"])
+    service = events_pb2.DESCRIPTOR.services_by_name["EventService"]
+    servicer = protect(admission.wrap(EventService(etcd), service), service)
     return ServiceBinding.of(events_pb2, events_pb2_grpc, "EventService", servicer)

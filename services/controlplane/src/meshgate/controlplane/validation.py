@@ -9,6 +9,7 @@ references) take them as arguments.
 from __future__ import annotations
 
 import base64
+import bisect
 import binascii
 import ipaddress
 import re
@@ -50,9 +51,9 @@ def check_text(field: str, value: str, limit: int) -> list[V]:
 
 
 def check_labels(field: str, labels: dict[str, str]) -> list[V]:
-    out = []
     if len(labels) > MAX_LABELS:
-        out.append(V(field, f"has {len(labels)} entries; at most {MAX_LABELS} are allowed"))
+        return [V(field, f"has {len(labels)} entries; at most {MAX_LABELS} are allowed")]
+    out = []
     for k, v in sorted(labels.items()):
         if not LABEL_KEY_RE.match(k):
             out.append(V(f"{field}[{shown(k)}]", "key must be 1-63 lowercase letters, digits, '_', '.' or '-', starting with a letter"))
@@ -62,9 +63,9 @@ def check_labels(field: str, labels: dict[str, str]) -> list[V]:
 
 
 def check_tags(field: str, tags: Sequence[str]) -> list[V]:
-    out = []
     if len(tags) > MAX_TAGS:
-        out.append(V(field, f"has {len(tags)} tags; at most {MAX_TAGS} are allowed"))
+        return [V(field, f"has {len(tags)} tags; at most {MAX_TAGS} are allowed")]
+    out = []
     seen = set()
     for i, t in enumerate(tags):
         if not names.valid_id(t):
@@ -219,17 +220,21 @@ def requested_address(field: str, value: str, cidr: str) -> list[V]:
 
 
 def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
-    """Fields of an EgressGateway on their own; returns its parsed ranges."""
+    """Fields of an EgressGateway on their own; returns its parsed ranges.
+
+    The number of ranges is checked before any range is parsed: a request
+    with too many is refused for that alone.
+    """
+    if len(gw.ranges) > MAX_RANGES:
+        return [], [V(f"{prefix}.ranges", f"has {len(gw.ranges)} ranges; at most {MAX_RANGES} are allowed")]
     out: list[V] = []
-    nets: list[Net] = []
     if not gw.node:
         out.append(V(f"{prefix}.node", "is required"))
     elif names.parse_child(gw.node, "nodes") is None:
         out.append(V(f"{prefix}.node", f"{shown(gw.node)} is not a node name (networks/{{network}}/nodes/{{node}})"))
-    if len(gw.ranges) > MAX_RANGES:
-        out.append(V(f"{prefix}.ranges", f"has {len(gw.ranges)} ranges; at most {MAX_RANGES} are allowed"))
     if not gw.ranges and not gw.internet_gateway:
         out.append(V(f"{prefix}.ranges", "is empty; give at least one range or set internet_gateway"))
+    parsed: list[tuple[int, Net]] = []
     for i, r in enumerate(gw.ranges):
         net, errs = parse_cidr(f"{prefix}.ranges[{i}]", r)
         out += errs
@@ -238,16 +243,85 @@ def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
         if net.prefixlen == 0:
             out.append(V(f"{prefix}.ranges[{i}]", f"{r} is the whole address space; set internet_gateway instead"))
             continue
-        for j, prev in enumerate(nets):
-            if prev is not None and net.version == prev.version and net.overlaps(prev):
-                out.append(V(f"{prefix}.ranges[{i}]", f"{r} overlaps {gw.ranges[j]} (ranges[{j}])"))
-        nets.append(net)
+        parsed.append((i, net))
+    for i, j in overlapping_pairs(parsed):
+        out.append(V(f"{prefix}.ranges[{i}]", f"{gw.ranges[i]} overlaps {gw.ranges[j]} (ranges[{j}])"))
     if gw.priority > MAX_PRIORITY:
         out.append(V(f"{prefix}.priority", f"{gw.priority} is above {MAX_PRIORITY}"))
     out += check_interface(f"{prefix}.egress_interface", gw.egress_interface)
     out += check_text(f"{prefix}.display_name", gw.display_name, MAX_DISPLAY_NAME)
     out += check_labels(f"{prefix}.labels", dict(gw.labels))
-    return nets, out
+    return [net for _, net in parsed], out
+
+
+def _span(net: Net) -> tuple[int, int, int]:
+    return net.version, int(net.network_address), int(net.broadcast_address)
+
+
+def overlapping_pairs(nets: list[tuple[int, Net]]) -> list[tuple[int, int]]:
+    """(i, j) for each range whose field index i is after that of a range j it
+    overlaps (j the earliest), sorted by i; `nets` are (field index, range).
+
+    O(n log n + overlaps) instead of comparing every pair: two CIDRs overlap
+    only when one contains the other, so after sorting by (start, prefix
+    length) the ranges overlapping one are exactly those on the stack of
+    ranges containing its start.
+    """
+    flagged: dict[int, int] = {}
+    stack: list[tuple[int, int, int]] = []  # (version, end, field index) of the ranges containing the position
+    for i, net in sorted(nets, key=lambda e: (e[1].version, int(e[1].network_address), e[1].prefixlen)):
+        version, start, end = net.version, int(net.network_address), int(net.broadcast_address)
+        while stack and (stack[-1][0] != version or stack[-1][1] < start):
+            stack.pop()
+        for _, _, j in stack:
+            later, earlier = max(i, j), min(i, j)
+            flagged[later] = min(flagged.get(later, earlier), earlier)
+        stack.append((version, end, i))
+    return sorted(flagged.items())
+
+
+class RangeIndex:
+    """Ranges held by named owners, to find those a range overlaps without
+    comparing it to each: O(distinct prefix lengths + log n + matches).
+
+    Two CIDRs overlap only when one contains the other: the ranges containing
+    `net` are its supernets (one lookup per prefix length the index holds),
+    the ranges inside it are those starting within it (a bisection of the
+    sorted starts)."""
+
+    def __init__(self, entries: Iterable[tuple[str, Net]]) -> None:
+        self._exact: dict[tuple[int, int, int], list[tuple[str, Net]]] = {}
+        self._lengths: dict[int, set[int]] = {4: set(), 6: set()}
+        starts: dict[int, list[tuple[int, int, str, Net]]] = {4: [], 6: []}
+        for owner, net in entries:
+            self._exact.setdefault((net.version, int(net.network_address), net.prefixlen), []).append((owner, net))
+            self._lengths[net.version].add(net.prefixlen)
+            starts[net.version].append((int(net.network_address), net.prefixlen, owner, net))
+        for v in starts:
+            starts[v].sort(key=lambda e: (e[0], e[1]))
+        self._starts = starts
+        self._keys = {v: [e[0] for e in starts[v]] for v in starts}
+
+    def overlapping(self, net: Net, limit: int = 8) -> list[tuple[str, Net]]:
+        """Up to `limit` (owner, range) overlapping `net`, equal ranges included."""
+        out: list[tuple[str, Net]] = []
+        bits = net.max_prefixlen
+        start = int(net.network_address)
+        for p in sorted(self._lengths[net.version]):
+            if p >= net.prefixlen:
+                break
+            masked = start & (((1 << p) - 1) << (bits - p)) if p else 0
+            out += self._exact.get((net.version, masked, p), [])
+            if len(out) >= limit:
+                return out[:limit]
+        keys, entries = self._keys[net.version], self._starts[net.version]
+        k = bisect.bisect_left(keys, start)
+        end = int(net.broadcast_address)
+        while k < len(entries) and entries[k][0] <= end and len(out) < limit:
+            if entries[k][1] >= net.prefixlen:
+                out.append((entries[k][2], entries[k][3]))
+            k += 1
+        return out
 
 
 def egress_overlaps(gw, ranges: list[Net], network, others: Iterable, prefix: str = "egress_gateway") -> list[V]:
@@ -257,14 +331,15 @@ def egress_overlaps(gw, ranges: list[Net], network, others: Iterable, prefix: st
     """
     out = []
     own = [ipaddress.ip_network(c) for c in (network.ipv4_cidr, network.ipv6_cidr) if c]
-    other_ranges = [(o.name, ipaddress.ip_network(r)) for o in others for r in o.ranges]
+    index = RangeIndex((o.name, ipaddress.ip_network(r, strict=False)) for o in others for r in o.ranges)
     for i, net in enumerate(ranges):
         for o in own:
             if net.version == o.version and net.overlaps(o):
                 out.append(V(f"{prefix}.ranges[{i}]", f"{net} overlaps the network's own range {o}"))
-        for oname, onet in other_ranges:
-            if net.version == onet.version and net.overlaps(onet) and net != onet:
+        for oname, onet in index.overlapping(net, limit=16):
+            if onet != net:
                 out.append(V(f"{prefix}.ranges[{i}]", f"{net} overlaps {onet} of {oname} (only identical ranges may be shared, for HA)"))
+                break
     return out
 
 
