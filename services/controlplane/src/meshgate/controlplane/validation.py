@@ -27,6 +27,7 @@ MAX_TAGS = 32
 MAX_RANGES = 256
 MAX_PRIORITY = 1000
 MAX_KEEPALIVE_S = 3600
+MIN_ROTATION_S = 3600
 LABEL_KEY_RE = re.compile(r"^[a-z](?:[a-z0-9_.-]{0,61}[a-z0-9])?$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -161,14 +162,33 @@ def network(net, prefix: str = "network") -> list[V]:
     out += check_port(f"{prefix}.listen_port", net.listen_port)
     if net.mtu and not 1280 <= net.mtu <= 9000:
         out.append(V(f"{prefix}.mtu", f"{net.mtu} is outside 1280-9000"))
-    for fname in ("persistent_keepalive", "max_node_key_age", "preshared_key_rotation_period"):
-        if net.HasField(fname):
-            d = getattr(net, fname)
-            if d.seconds < 0 or d.nanos < 0:
-                out.append(V(f"{prefix}.{fname}", "may not be negative"))
-    if net.HasField("persistent_keepalive") and net.persistent_keepalive.seconds > MAX_KEEPALIVE_S:
-        out.append(V(f"{prefix}.persistent_keepalive", f"is longer than {MAX_KEEPALIVE_S}s"))
+    out += network_durations(net, prefix)
     out += check_labels(f"{prefix}.labels", dict(net.labels))
+    return out
+
+
+def network_durations(net, prefix: str = "network") -> list[V]:
+    """The network's durations: 0 (or unset) turns each off; otherwise the
+    keepalive is whole seconds up to an hour (WireGuard counts it in seconds: a
+    fraction would be cut, 0.5 s to off), and rotation periods are at least an
+    hour (a rotation re-keys every node or pair of the network: a 1 ns period
+    would rotate on every scheduler pass)."""
+    out: list[V] = []
+    for fname in ("persistent_keepalive", "max_node_key_age", "preshared_key_rotation_period"):
+        if not net.HasField(fname):
+            continue
+        d = getattr(net, fname)
+        field = f"{prefix}.{fname}"
+        if d.seconds < 0 or d.nanos < 0:
+            out.append(V(field, "may not be negative"))
+        elif fname == "persistent_keepalive":
+            if d.nanos:
+                out.append(V(field, f"{d.seconds}.{d.nanos:09d}s is not a whole number of seconds"))
+            elif d.seconds > MAX_KEEPALIVE_S:
+                out.append(V(field, f"{d.seconds}s is longer than {MAX_KEEPALIVE_S}s"))
+        elif (d.seconds or d.nanos) and d.seconds < MIN_ROTATION_S:
+            out.append(V(field, f"{d.seconds}.{d.nanos:09d}s is shorter than {MIN_ROTATION_S}s (one hour); "
+                                "0 rotates only on demand"))
     return out
 
 
