@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from meshgate.gatewayd.nftables import Egress, Filter, render
+from meshgate.gatewayd.nftables import Egress, Filter, patch_script, render
 
 N = ipaddress.ip_network
 
@@ -38,36 +38,94 @@ def test_internet_gateway_matches_everything_but_the_tunnel():
     assert "e0_dst4" not in t.text
 
 
-def test_filters_render_a_policy_chain_entered_from_input_and_forward():
-    t = render("mg0", [egress()], [
-        Filter((N("100.64.0.0/24"),), (), "tcp", ("22", "8000-8080"), True, "ssh"),
-        Filter((N("100.64.0.7/32"), N("100.64.0.9/32")), (N("fd00::/64"), N("10.1.0.0/24")), "udp", (), False, "p2"),
-        Filter((), (), "", (), False),
-    ])
-    lines = [x.strip() for x in t.text.splitlines()]
-    chain = lines[lines.index("chain overlay_policy {") + 1:]
-    chain = chain[:chain.index("}")]
-    assert chain == [
-        'ip saddr 100.64.0.0/24 meta l4proto tcp th dport { 22, 8000-8080 } return comment "ssh"',
-        # sources only of IPv4, destinations of both: only the IPv4 rule can match
-        'ip saddr @p1_s4 ip daddr 10.1.0.0/24 meta l4proto udp drop comment "p2"',
-        "drop",
-    ]
-    assert "set p1_s4 {" in lines
-    # replies first, then the policy, for what the node delivers: itself, out of another interface
-    assert lines.index('iifname "mg0" ct state established,related accept') < lines.index('iifname "mg0" oifname != "mg0" jump overlay_policy')
-    inp = lines[lines.index("chain input {"):]
-    assert inp[2:4] == ['iifname "mg0" ct state established,related accept', 'iifname "mg0" jump overlay_policy']
+POLICIES = [
+    Filter((N("100.64.0.0/24"),), (), "tcp", ("22", "8000-8080"), True, "ssh"),
+    Filter((N("100.64.0.7/32"), N("100.64.0.9/32")), (N("fd00::/64"), N("10.1.0.0/24")), "udp", (), False, "p2"),
+    Filter((), (), "", (), False),
+]
+
+
+def _chain(text: str, name: str) -> list[str]:
+    lines = [x.strip() for x in text.splitlines()]
+    body = lines[lines.index(f"chain {name} {{") + 1:]
+    return body[:body.index("}")]
+
+
+def test_filters_render_a_chain_per_policy_entered_for_what_the_node_delivers():
+    t = render("mg0", [egress()], POLICIES)
+    assert _chain(t.text, "overlay_policy") == ["jump pol_0", "jump pol_1", "jump pol_2", "accept"]
+    assert _chain(t.text, "pol_0") == [
+        'ip saddr 100.64.0.0/24 meta l4proto tcp th dport { 22, 8000-8080 } accept comment "ssh"']
+    # sources only of IPv4, destinations of both: only the IPv4 rule can match
+    assert _chain(t.text, "pol_1") == ['ip saddr @pol_1_0_s4 ip daddr 10.1.0.0/24 meta l4proto udp drop comment "p2"']
+    assert _chain(t.text, "pol_2") == ["drop"]
+    fwd = _chain(t.text, "forward")
+    # replies first; what the egress rule admits goes to the policies instead of being accepted
+    assert fwd[1] == 'iifname "mg0" ct state established,related accept'
+    assert 'iifname "mg0" ip saddr @e0_src4 ip daddr @e0_dst4 jump overlay_policy' in fwd
+    assert _chain(t.text, "input")[1:] == ['iifname "mg0" ct state established,related accept',
+                                           'iifname "mg0" jump overlay_policy']
+    # without filters, nothing of this
+    plain = render("mg0", [egress()], [])
+    assert "overlay_policy" not in plain.text and "chain input" not in plain.text
+
+
+def test_a_change_inside_policies_is_a_patch_of_their_chains_only():
+    base = render("mg0", [egress()], POLICIES)
+    changed = render("mg0", [egress()], [POLICIES[0], Filter((N("100.64.0.8/32"), N("100.64.0.9/32")), (), "udp",
+                                                               ("53",), False, "p2"), POLICIES[2]])
+    script = patch_script(base, changed)
+    assert script is not None
+    assert "pol_0" not in script and "flush chain inet meshgate pol_1" in script
+    assert "delete set inet meshgate pol_1_0_s4" in script and "add set inet meshgate pol_1_0_s4" in script
+    assert script.rstrip().endswith(f'comment "meshgate:{changed.digest}"')
+    # a new policy, or a change outside the policies: the whole table
+    assert patch_script(base, render("mg0", [egress()], POLICIES + [Filter((), (), "icmp", (), True, "x")])) is None
+    assert patch_script(base, render("mg0", [egress(nat=False)], POLICIES)) is None
+
+
+def test_nft_patches_policy_chains_in_place_and_the_result_verifies(lab, tmp_path):
+    h = lab.host("nftp")
+    base = render("mg0", [egress()], POLICIES)
+    changed = render("mg0", [egress()], [POLICIES[0], Filter((N("100.64.0.8/32"), N("100.64.0.9/32")), (), "udp",
+                                                               ("53",), False, "p2"), POLICIES[2]])
+    script = (
+        "import sys, pathlib, pickle\n"
+        "from meshgate.gatewayd.nftables import NftTables\n"
+        "base, changed = pickle.load(open(sys.argv[2], 'rb'))\n"
+        "n = NftTables(pathlib.Path(sys.argv[1]))\n"
+        "n.load(base)\n"
+        "n.settle()\n"
+        "print(n.observe() == base.digest)\n"
+        "n.load(changed, base)\n"
+        "n.settle()\n"
+        "print(n.observe() == changed.digest)\n"
+    )
+    import pickle
+    import sys
+
+    tables = tmp_path / "tables.pkl"
+    tables.write_bytes(pickle.dumps((base, changed)))
+    out = h.run(sys.executable, "-c", script, str(tmp_path / "nft.json"), str(tables)).stdout.split()
+    assert out == ["True", "True"]  # each verified against its own digest
+    patched = {c: h.run("nft", "list", "chain", "inet", "meshgate", c).stdout for c in ("pol_0", "pol_1", "pol_2")}
+    assert "udp dport 53 drop" in patched["pol_1"] and "100.64.0.8" in h.run(
+        "nft", "list", "set", "inet", "meshgate", "pol_1_0_s4").stdout
+    # the same chains as a fresh load of the changed table
+    h.run("nft", "delete", "table", "inet", "meshgate")
+    h.run("nft", "-f", "-", input=changed.text)
+    fresh = {c: h.run("nft", "list", "chain", "inet", "meshgate", c).stdout for c in ("pol_0", "pol_1", "pol_2")}
+    assert patched == fresh
 
 
 def test_relayed_ranges_accept_tunnel_to_tunnel_before_the_drops():
     t = render("mg0", [egress()], [], [N("100.64.0.5/32"), N("100.64.0.8/30"), N("fd00:64::5/128")])
     lines = [x.strip() for x in t.text.splitlines()]
     relay = [
-        'iifname "mg0" oifname "mg0" ip saddr @relay4 accept',
         'iifname "mg0" oifname "mg0" ip daddr @relay4 accept',
-        'iifname "mg0" oifname "mg0" ip6 saddr @relay6 accept',
+        'iifname "mg0" oifname "mg0" ip saddr @relay4 accept',
         'iifname "mg0" oifname "mg0" ip6 daddr @relay6 accept',
+        'iifname "mg0" oifname "mg0" ip6 saddr @relay6 accept',
     ]
     idx = [lines.index(r) for r in relay]
     assert idx == sorted(idx)
@@ -88,7 +146,7 @@ def test_nft_accepts_the_relay_sets(lab):
     h.run("nft", "-f", "-", input=t.text)
     listing = h.run("nft", "list", "table", "inet", "meshgate").stdout
     assert 'iifname "mg0" oifname "mg0" ip saddr @relay4 accept' in listing
-    assert 'iifname "mg0" oifname "mg0" ip6 daddr @relay6 accept' in listing
+    assert 'iifname "mg0" oifname "mg0" ip6 daddr @relay6 jump overlay_policy' in listing
     assert "100.64.0.4/30" in listing  # the /32 inside it is merged away (auto-merge)
 
 

@@ -351,7 +351,10 @@ def _alive(pid: int) -> bool:
 def test_filter_rules_guard_the_node_from_the_overlay(egress: Egress):
     eg = egress
     msg = eg.gateway_state()
-    msg.filter_rules.add(sources=["100.64.0.0/24"], protocol="tcp", ports=["8080"], accept=True)
+    msg.filter_rules.add(sources=["100.64.0.0/24"], destinations=["100.64.0.1/32"], protocol="tcp", ports=["8080"],
+                         accept=True)
+    msg.filter_rules.add(destinations=["198.51.100.0/24"], protocol="tcp", ports=[str(EXT_PORT)], accept=True)
+    msg.filter_rules.add(accept=False)  # what a DENY network's list ends with
     eg.gw.apply(msg)
     eg.clients[0].apply(eg.client_state(0))
     eg.gw.host.whoami_server("100.64.0.1", 8080)
@@ -360,7 +363,8 @@ def test_filter_rules_guard_the_node_from_the_overlay(egress: Egress):
     client = eg.clients[0].host
     assert client.ask("100.64.0.1", 8080) == eg.overlay(0)
     assert client.ask("100.64.0.1", 8081, timeout=1) is None
-    assert client.ask(eg.ext_addr, EXT_PORT) == eg.gw_ext_addr  # forwarding is not input
+    assert client.ask(eg.ext_addr, EXT_PORT) == eg.gw_ext_addr  # forwarded, by its own rule
+    assert client.run("ping", "-c", "1", "-W", "1", eg.ext_addr, check=False).returncode != 0  # not ICMP
     # traffic that does not arrive from the overlay is not affected
     assert eg.gw.host.ask("100.64.0.1", 8081) == "100.64.0.1"
 

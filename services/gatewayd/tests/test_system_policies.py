@@ -125,7 +125,21 @@ def test_policies_allow_their_ports_and_protocols_only_and_follow_changes(api: A
     assert not _ping(c0, c1_v4)
     assert not _tcp(c1, c0_v4, 80)  # the policy has a direction
     listing = eg.clients[1].host.run("nft", "list", "table", "inet", "meshgate").stdout
-    assert 'tcp dport 80 return comment "c0-c1-web"' in listing, listing
+    assert 'tcp dport 80 accept comment "c0-c1-web"' in listing, listing
+
+    # A change inside a policy reaches c1 as a replacement of that policy's chain only:
+    # the table is not replaced (a new table would have a new handle).
+    def handles():
+        return c1.run("nft", "-a", "list", "table", "inet", "meshgate").stdout.splitlines()[0]
+    before = handles()
+    assert "# handle" in before
+    wider = api.policies.UpdateAccessPolicy(policy_pb2.UpdateAccessPolicyRequest(
+        access_policy=policy_pb2.AccessPolicy(name=web.name, ports=[policy_pb2.PortRange(first=80),
+                                                                    policy_pb2.PortRange(first=8080)]),
+        update_mask={"paths": ["ports"]}))
+    api.wait_converged(3, at_least=int(wider.etag))
+    assert _tcp(c0, c1_v4, 8080) and _tcp(c0, c1_v4, 80), c1.run("nft", "list", "table", "inet", "meshgate").stdout
+    assert handles() == before
 
     # Disabled: the outcome changes once the change has converged.
     assert _tcp(c0, c1_v4, 80)
@@ -138,6 +152,9 @@ def test_policies_allow_their_ports_and_protocols_only_and_follow_changes(api: A
     # ALLOW: everything passes once converged; a DROP policy then still drops.
     rev = api.set_default(network_pb2.ALLOW)
     api.wait_converged(3, at_least=rev)
+    # c0 and c1 peer again (under DENY, with c0-c1-web disabled, no policy linked them):
+    # the first handshake can race one side's apply, so wait for it
+    c0.wait_reachable(c1_v4)
     assert _tcp(c0, c1_v4, 8080) and _ping(c0, c1_v4) and _tcp(c1, c0_v4, 80)
     assert _tcp(c1, eg.ext_addr, 8080)
     drop = api.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from meshgate.gatewayd.errors import ApplyError
+
+log = logging.getLogger(__name__)
 
 FAMILY = "inet"
 TABLE = "meshgate"
@@ -46,8 +49,8 @@ class Egress:
 
 @dataclass(frozen=True)
 class Filter:
-    """One rule of the ``overlay_policy`` chain (``DesiredState.filter_rules``): empty
-    sources or destinations match any address; the first rule that matches decides."""
+    """One rule of the policy chains (``DesiredState.filter_rules``): empty sources or
+    destinations match any address; the first rule that matches decides."""
 
     sources: tuple[Net, ...]
     destinations: tuple[Net, ...]
@@ -58,9 +61,24 @@ class Filter:
 
 
 @dataclass(frozen=True)
+class PolicyChain:
+    """One ``pol_<i>`` chain: the rules of one policy (or of the default) in order,
+    with its named sets as (name, type, elements)."""
+
+    name: str
+    sets: tuple[tuple[str, str, str], ...]
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Table:
     text: str
     digest: str
+    # The text with every policy chain's body and every policy set left out: two
+    # tables with the same skeleton differ only inside their policy chains, which
+    # `patch_script` changes in place.
+    skeleton: str = ""
+    chains: tuple[PolicyChain, ...] = ()
 
     def __repr__(self) -> str:
         return f"Table(digest={self.digest!r}, {len(self.text)} chars)"
@@ -70,12 +88,15 @@ def _q(name: str) -> str:
     return '"' + name + '"'
 
 
-def _set(name: str, nets: list[Net]) -> list[str]:
-    typ = "ipv4_addr" if name.endswith("4") else "ipv6_addr"
-    elems = ", ".join(str(n) for n in nets)
+def _typ(name: str) -> str:
+    return "ipv4_addr" if name.endswith("4") else "ipv6_addr"
+
+
+def _set(name: str, nets: Sequence[Net] | str) -> list[str]:
+    elems = nets if isinstance(nets, str) else ", ".join(str(n) for n in nets)
     return [
         f"\tset {name} {{",
-        f"\t\ttype {typ}",
+        f"\t\ttype {_typ(name)}",
         "\t\tflags interval",
         "\t\tauto-merge",
         f"\t\telements = {{ {elems} }}",
@@ -93,23 +114,26 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
     The caller passes them sorted and deduplicated: the text, hence the digest,
     depends on their order.
 
-    ``filters`` (access policies, compiled by the control plane) fill the chain
-    ``overlay_policy``, entered from ``input`` for traffic from the overlay to this node
-    and from ``forward`` for traffic from the overlay that this node delivers:
-    out of another interface (egress ranges, the LAN, the internet) or to a
-    relayed client. Replies of allowed connections pass before it
-    (``ct state established,related``). A rule that allows ``return``s, so
-    the packet goes on to the egress and relay rules; one that refuses drops;
-    a packet no rule matches returns (allowed: the control plane ends a DENY
-    network's list with a rule that drops everything). Sides with more than one
-    address are named interval sets (``p{i}_s4``, ``p{i}_d6``, ...), so a rule
-    costs one lookup whatever its size.
+    ``filters`` (access policies, compiled by the control plane) decide what this
+    node delivers from the overlay: the traffic the egress rules admit (to its
+    ranges, the LAN, the internet), the traffic to its relayed clients, and
+    (``input``) the traffic to the node itself goes to the chain ``overlay_policy``
+    instead of being accepted, once replies of allowed connections have passed
+    (``ct state established,related``). ``overlay_policy`` jumps, in order, to one
+    chain per policy (``pol_<i>``, consecutive rules of one policy; the first rule
+    that matches accepts or drops) and accepts what none of them decides (the
+    control plane ends a DENY network's list with a rule that drops everything).
+    Sides with more than one address are named interval sets (``pol_<i>_<j>_s4``,
+    ...), so a rule costs one lookup whatever its size. One chain per policy lets a
+    change to some policies be loaded by replacing just their chains
+    (``patch_script``).
     """
     sets: list[str] = []
     forward: list[str] = []
     nat: list[str] = []
     wg = _q(iface)
     site: list[Net] = []
+    admit = "jump overlay_policy" if filters else "accept"
     for i, e in enumerate(egress):
         if not e.internet_gateway:
             site += list(e.ranges)
@@ -128,38 +152,32 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
                 match += f" {kw} daddr @{dname}"
             if e.egress_interface:
                 match += f" oifname {_q(e.egress_interface)}"
-            forward.append(f"\t\t{match} accept")
+            forward.append(f"\t\t{match} {admit}")
             if e.nat:
                 nat.append(f"\t\t{match} masquerade")
-    policy: list[str] = []
-    for i, f in enumerate(filters):
-        verdict = "return" if f.accept else "drop"
-        comment = f" comment {_q(f.policy)}" if f.policy else ""
-        for match in _filter_matches(f, f"p{i}", sets):
-            policy.append(f"\t\t{match}{verdict}{comment}")
+    chains = _policy_chains(filters)
     enter: list[str] = []
     if filters:
-        enter = [f"\t\tiifname {wg} ct state established,related accept",
-                 f"\t\tiifname {wg} oifname != {wg} jump overlay_policy"]
+        enter = [f"\t\tiifname {wg} ct state established,related accept"]
     for fam, kw in ((4, "ip"), (6, "ip6")):
         nets = [n for n in relayed if n.version == fam]
         if not nets:
             continue
         sets += _set(f"relay{fam}", nets)
-        if filters:
-            enter.append(f"\t\tiifname {wg} oifname {wg} {kw} daddr @relay{fam} jump overlay_policy")
-        forward += [f"\t\tiifname {wg} oifname {wg} {kw} {d}addr @relay{fam} accept"
-                    for d in ("s", "d")]
+        forward += [f"\t\tiifname {wg} oifname {wg} {kw} daddr @relay{fam} {admit}",
+                    f"\t\tiifname {wg} oifname {wg} {kw} saddr @relay{fam} accept"]
     lan: list[str] = []
     for fam, kw in ((4, "ip"), (6, "ip6")):
         nets = [n for n in site if n.version == fam]
         if nets:
             sets += _set(f"site{fam}", nets)
             lan.append(f"\t\toifname {wg} {kw} saddr @site{fam} accept")
-    lines = [f"table {FAMILY} {TABLE} {{", "\tcomment \"meshgate:@DIGEST@\""]
+    lines = [f"table {FAMILY} {TABLE} {{", "\tcomment \"meshgate\""]
     lines += sets
+    lines += ["\tchain digest {", "\t\tcounter comment \"meshgate:@DIGEST@\"", "\t}"]
     if filters:
-        lines += ["\tchain overlay_policy {", *policy, "\t}"]
+        lines += ["@POLICY@", "\tchain overlay_policy {",
+                  *[f"\t\tjump {c.name}" for c in chains], "\t\taccept", "\t}"]
     lines += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
@@ -187,9 +205,72 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
             "\t}",
         ]
     lines.append("}")
-    body = "\n".join(lines) + "\n"
+    skeleton = "\n".join(lines) + "\n" + "\n".join(c.name for c in chains)
+    policy_text: list[str] = []
+    for c in chains:
+        for name, _typ_, elems in c.sets:
+            policy_text += _set(name, elems)
+        policy_text += [f"\tchain {c.name} {{", *[f"\t\t{r}" for r in c.rules], "\t}"]
+    body = "\n".join(lines).replace("@POLICY@", "\n".join(policy_text)) + "\n"
+    if not policy_text:
+        body = body.replace("@POLICY@\n", "")
     digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-    return Table(text=body.replace("@DIGEST@", digest), digest=digest)
+    return Table(text=body.replace("@DIGEST@", digest), digest=digest,
+                 skeleton=skeleton, chains=tuple(chains))
+
+
+def _policy_chains(filters: list[Filter]) -> list[PolicyChain]:
+    """The filters grouped into chains: consecutive rules of one policy share one."""
+    groups: list[list[Filter]] = []
+    for f in filters:
+        if groups and groups[-1][0].policy == f.policy and f.policy:
+            groups[-1].append(f)
+        else:
+            groups.append([f])
+    out = []
+    for i, group in enumerate(groups):
+        name = f"pol_{i}"
+        sets: list[str] = []
+        rules: list[str] = []
+        for j, f in enumerate(group):
+            verdict = "accept" if f.accept else "drop"
+            comment = f" comment {_q(f.policy)}" if f.policy else ""
+            rules += [f"{m}{verdict}{comment}" for m in _filter_matches(f, f"{name}_{j}", sets)]
+        out.append(PolicyChain(name, tuple(_parse_sets(sets)), tuple(rules)))
+    return out
+
+
+def _parse_sets(lines: list[str]) -> list[tuple[str, str, str]]:
+    """(name, type, elements) of the sets ``_set`` rendered into `lines`."""
+    out = []
+    for k in range(0, len(lines), 6):
+        name = lines[k].split()[1]
+        elems = lines[k + 4].split("{", 1)[1].rsplit("}", 1)[0].strip()
+        out.append((name, _typ(name), elems))
+    return out
+
+
+def patch_script(base: Table, new: Table, limit: int = 64) -> str | None:
+    """An ``nft -f`` script turning the live `base` table into `new` by replacing
+    only the policy chains that differ, in one transaction (each changed chain is
+    flushed, its old sets deleted, its new sets and rules added; the digest rule is
+    replaced last). None when the tables differ elsewhere, or in more than `limit`
+    chains: then the whole table is replaced."""
+    if not base.chains or base.skeleton != new.skeleton:
+        return None
+    changed = [(a, b) for a, b in zip(base.chains, new.chains) if a != b]
+    if len(changed) > limit:
+        return None
+    t = f"{FAMILY} {TABLE}"
+    out = []
+    for old, cur in changed:
+        out.append(f"flush chain {t} {cur.name}")
+        out += [f"delete set {t} {name}" for name, _, _ in old.sets]
+        out += [f"add set {t} {name} {{ type {typ}; flags interval; auto-merge; elements = {{ {elems} }}; }}"
+                for name, typ, elems in cur.sets]
+        out += [f"add rule {t} {cur.name} {r}" for r in cur.rules]
+    out += [f"flush chain {t} digest", f'add rule {t} digest counter comment "meshgate:{new.digest}"']
+    return "\n".join(out) + "\n"
 
 
 _L4 = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "ipv6-icmp"}
@@ -282,12 +363,24 @@ class NftTables:
         digest = m.group(1)
         return digest if self._canonical.get(digest) == text else None
 
-    def load(self, table: Table) -> None:
+    def load(self, table: Table, base: Table | None = None) -> None:
+        """Make the live table `table`. `base`: the table known to be live (the
+        last one loaded, verified or not touched since); when the two differ only in
+        some policy chains, just those are replaced (``patch_script``), else the
+        whole table is, both in one transaction."""
         self.settle()
-        script = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n{table.text}"
-        r = self._run(["-f", "-"], stdin=script)
-        if r.returncode != 0:
-            raise ApplyError("nftables", f"nft -f failed: {r.stderr.strip()[:2000]}")
+        patch = patch_script(base, table) if base is not None else None
+        if patch is not None:
+            r = self._run(["-f", "-"], stdin=patch)
+            if r.returncode != 0:
+                log.warning("nftables: replacing policy chains failed (%s); replacing the table",
+                            r.stderr.strip()[:500])
+                patch = None
+        if patch is None:
+            script = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n{table.text}"
+            r = self._run(["-f", "-"], stdin=script)
+            if r.returncode != 0:
+                raise ApplyError("nftables", f"nft -f failed: {r.stderr.strip()[:2000]}")
         # Reading the table back (nft's canonical listing, for later verification) is
         # not part of applying it: it runs beside the rest of the pass and is awaited
         # before the next nft operation (``settle``).

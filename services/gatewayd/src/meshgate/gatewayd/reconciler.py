@@ -43,7 +43,7 @@ from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, ForeignInterface, InvalidDesiredState
 from meshgate.gatewayd.keys import NodeKeys
 from meshgate.gatewayd.model import Desired, Observed, compile_desired, expected_observed
-from meshgate.gatewayd.nftables import NftTables
+from meshgate.gatewayd.nftables import NftTables, Table
 from meshgate.gatewayd.planner import Plan, plan
 from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.wireguard import Backend, choose_backend
@@ -159,10 +159,12 @@ class Reconciler:
         else:
             observed = expected_observed(previous)
         p = plan(desired, observed)
+        # the table known to be live: what the last apply loaded, if nothing changed it since
+        live_nft = previous.nft if previous is not None and observed.nft_digest == previous.nft.digest else None
         if not p.empty:
             self.applied = None
             try:
-                self._apply(p, desired)
+                self._apply(p, desired, live_nft)
             except ApplyError:
                 raise
             except OSError as e:
@@ -172,7 +174,7 @@ class Reconciler:
             p = replace(p, retired_interface=retired)
         return Result(p, full, time.perf_counter() - t0)
 
-    def _apply(self, p: Plan, desired: Desired) -> None:
+    def _apply(self, p: Plan, desired: Desired, live_nft: Table | None = None) -> None:
         s = self.settings
         if p.sysctls:
             sysctl.write(p.sysctls)
@@ -192,7 +194,7 @@ class Reconciler:
         if p.touches_links():
             routing.apply(p, s.route_table, s.route_protocol)
         if p.nft is not None:
-            self.nft.load(p.nft)
+            self.nft.load(p.nft, live_nft)
 
     def interface_exists(self, ifname: str) -> bool:
         """A link of that name in this namespace, or a WireGuard device answering
