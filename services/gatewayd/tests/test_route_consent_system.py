@@ -7,7 +7,8 @@ says which routes each node declined and why.
 Topology (``lab.build_egress`` with two clients): the gateway node carries the
 egress range 198.51.100.0/24 (a real host behind it), a second range
 100.100.0.0/16 and the internet gateway. client0 joined accepting only
-198.51.100.0/24 and no default route; client1 accepts everything.
+198.51.100.0/24 and no default route; client1 accepts everything. A node
+that joins with an endpoint inside an egress range is refused.
 """
 
 from __future__ import annotations
@@ -145,6 +146,17 @@ def test_accept_routes_and_no_default_route_keep_refused_routes_off_and_the_stat
         got = declined(json.loads(status_of(loop).stdout), "client0")
         return [(d["destination"], d["reason"]) for d in got] == [("default route", "DEFAULT_ROUTE_DECLINED")]
     _until(only_default, "the status shows only the default route declined")
+
+    # A node joining with an endpoint inside an egress range is refused, saying why.
+    key = loop.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
+        parent="networks/lab", enrollment_key_id="late", enrollment_key=enrollment_pb2.EnrollmentKey(max_uses=1)))
+    late = eg.lab.node(eg.ext, "late")
+    r = late.join_result(loop.socket, key.secret, "late", endpoint="198.51.100.10:51820", insecure_no_authority=True)
+    assert r.returncode != 0 and "INVALID_ARGUMENT" in r.stderr, r.stderr
+    assert ("198.51.100.10 is inside 198.51.100.0/24, an egress range of networks/lab/egressGateways/db"
+            in r.stderr), r.stderr
+    assert not (late.state_dir / "identity.json").exists()
+    assert json.loads(status_of(loop).stdout)["total_nodes"] == 3
 
 
 def _until(pred, what: str, timeout: float = 30) -> None:
