@@ -73,6 +73,7 @@ def inner_apply(workdir: Path, token: str, reps: int) -> None:
         ifname = f"mgb{token}g{rep}"
         settings = Settings(state_dir=workdir / f"gw{rep}", backend="userspace")
         rec = Reconciler.for_host(settings)
+        rec.store.record_created(ifname)  # gatewayd's own interface (else: ForeignInterface)
         rec.backend.create(ifname)  # an existing, empty interface, like raw gets
         msg = big_state(ifname)
         t0 = time.perf_counter()
