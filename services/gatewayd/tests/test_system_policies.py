@@ -226,3 +226,40 @@ def test_site_to_site_lans_talk_both_ways_with_real_addresses_subject_to_policy(
     assert la.ask("198.51.100.130", 7070) == "198.51.100.10"
     assert lb.ask("198.51.100.10", 7070) == "198.51.100.130"
     assert not _ping(la, "198.51.100.130")  # TCP only
+
+
+def test_an_internet_gateway_serves_the_nodes_it_selects_and_gateways_keep_their_own_route(api: Api, egress2):
+    eg = egress2
+    secret = _network(api)
+    rev = api.set_default(network_pb2.ALLOW)
+    eg.gw.join(api.socket, secret, "gateway", endpoint=f"{eg.gw_underlay(0)}:51820", insecure_no_authority=True)
+    for i, c in enumerate(eg.clients):
+        c.join(api.socket, secret, f"c{i}", endpoint=f"{eg.client_underlay(i)}:51820",
+               insecure_no_authority=True, accept_default_route=True)
+    for n in (eg.gw, *eg.clients):
+        n.start()
+    api.wait_converged(3, at_least=rev)
+    # c1 runs an egress gateway of its own; by default it keeps its own default route
+    spare = api.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+        parent="networks/lab", egress_gateway_id="spare",
+        egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/c1", ranges=["203.0.113.128/25"])))
+    inet = api.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+        parent="networks/lab", egress_gateway_id="internet",
+        egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/gateway", internet_gateway=True)))
+    api.wait_converged(3, at_least=max(int(spare.etag), int(inet.etag)))
+    c0, c1 = eg.clients[0], eg.clients[1]
+    eg.ext.whoami_server(eg.ext_addr, 7070)
+    assert c0.host.route_dev(eg.ext_addr) == c0.ifname
+    assert c0.host.ask(eg.ext_addr, 7070) == eg.gw_ext_addr  # out through the internet gateway, NATed
+    assert c1.host.route_dev(eg.ext_addr) == "eth0"  # a gateway node keeps its own default route
+    assert eg.gw.host.route_dev(eg.ext_addr) == "eth-ext"
+
+    # selected by name: only c1 uses it now (its own gateway does not matter once selected)
+    r = api.cli("egress-gateway", "update", "networks/lab/egressGateways/internet",
+                "--egress-gateway.used-by", "node:c1")
+    assert r.returncode == 0, r.stderr
+    api.wait_converged(3, at_least=api.status().revision)
+    assert c1.host.route_dev(eg.ext_addr) == c1.ifname
+    assert c1.host.ask(eg.ext_addr, 7070) == eg.gw_ext_addr
+    assert c0.host.route_dev(eg.ext_addr) == "eth0"
+    assert c0.host.ask(eg.ext_addr, 7070, timeout=1.5) is None  # the service is reached only through a gateway
