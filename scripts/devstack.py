@@ -4,7 +4,10 @@ service on loopback, an example network, then the egress demonstration.
 Everything it starts runs as a child process with its state under `state/` in
 the checkout, and is stopped by PID on Ctrl-C (or at the end with `--once`).
 Running it again reuses the same etcd data, so the example network is found,
-not created twice.
+not created twice. Once the demonstration has shown every step, its network,
+agents and namespaces stay until Ctrl-C (with `--once` they are removed), and
+the last thing printed is how to call the `meshgate` CLI (the context it
+saved, how to put the CLI on the PATH) with commands to explore them.
 """
 
 from __future__ import annotations
@@ -52,21 +55,85 @@ def ensure_network(target: str, token: str) -> network_pb2.Network:
             return stub.GetNetwork(network_pb2.GetNetworkRequest(name="networks/demo"), timeout=10, metadata=md)
 
 
-def run_demo(control_plane: str, agent_socket: str, token_file: pathlib.Path) -> int:
-    if os.geteuid() != 0:
-        say("(skipping the egress demonstration: it needs root to create network namespaces)")
-        return 0
-    say("== egress demonstration through this control plane (network namespaces, wireguard-go, nftables) ==")
-    return subprocess.call([sys.executable, "-m", "meshgate.gatewayd.demo",
-                            "--control-plane", control_plane, "--agent-socket", agent_socket,
-                            "--token-file", str(token_file)])
+DEMO_NETWORK = "networks/egress-demo"  # meshgate.gatewayd.demo's
+KEEP_FOREVER = 10 * 365 * 86400.0  # the demo's --keep: until we stop it
+MESHGATE = pathlib.Path(sys.executable).parent / "meshgate"
 
 
-def cli_context(target: str, token_file: pathlib.Path) -> None:
-    """A CLI context `local` that uses the bootstrap admin token (by its file)."""
-    meshgate = str(pathlib.Path(sys.executable).parent / "meshgate")
-    subprocess.run([meshgate, "context", "add", "local", "--target", target, "--token-file", str(token_file),
+class Demo:
+    """The egress demonstration as a child process: `start` returns once it has
+    shown every step (True when they all worked), leaving its network, agents and
+    namespaces in place unless `once`; `stop` has it clean up (SIGTERM)."""
+
+    def __init__(self, control_plane: str, agent_socket: str, token_file: pathlib.Path, once: bool) -> None:
+        self.argv = [sys.executable, "-m", "meshgate.gatewayd.demo", "--control-plane", control_plane,
+                     "--agent-socket", agent_socket, "--token-file", str(token_file),
+                     *([] if once else ["--keep", str(KEEP_FOREVER)])]
+        self.proc: subprocess.Popen | None = None
+        self.kept = False
+
+    def start(self) -> bool:
+        # its own session: a Ctrl-C reaches only us, and we stop it once, with SIGTERM
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        assert self.proc.stdout is not None
+        good = False
+        for line in self.proc.stdout:
+            say(line.rstrip("\n"))
+            if line.startswith("result: "):
+                good = line.strip() == "result: the egress gateway works"
+            if line.startswith("keeping everything"):
+                self.kept = True
+                return good
+        return self.proc.wait() == 0 and good
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        for line in (out or "").splitlines():
+            say(line)
+        self.proc = None
+
+
+def cli_context(target: str, token_file: pathlib.Path) -> str:
+    """A CLI context `local` that uses the bootstrap admin token (by its file); returns the context file."""
+    from meshgate.sdk.config import config_path
+
+    subprocess.run([str(MESHGATE), "context", "add", "local", "--target", target, "--token-file", str(token_file),
                     "--use"], check=True, stdout=subprocess.DEVNULL)
+    return str(config_path())
+
+
+def how_to_call(target: str, token_file: pathlib.Path, context_file: str, net: network_pb2.Network,
+                demo: bool) -> None:
+    """The CLI, as a newcomer needs it: how to get it, which context it uses, what to try."""
+    venv = MESHGATE.parent
+    say()
+    say("the CLI is `meshgate`, in this checkout's virtual environment: put it on your PATH with")
+    say(f"  . {venv / 'activate'}")
+    say(f"or call it by its full path, {MESHGATE}. It uses the context `local` (current, saved in {context_file}):")
+    say(f"the control plane at {target} with the bootstrap admin token in {token_file} (mode 0600).")
+    say(f"  meshgate network list                                      # {net.name} and the demo's network")
+    if demo:
+        say(f"  meshgate node list --parent {DEMO_NETWORK}               # the demo's agents: STATE READY")
+        say(f"  meshgate network get-status {DEMO_NETWORK}               # converged? connected?")
+        say(f"  meshgate egress-gateway create --parent {DEMO_NETWORK} --egress-gateway-id db \\")
+        say(f"      --egress-gateway.node {DEMO_NETWORK}/nodes/gateway --egress-gateway.ranges 198.51.100.0/24")
+        say(f"  meshgate watch --parent {DEMO_NETWORK}                   # changes as they happen (Ctrl-C)")
+    say("  meshgate token create --token-id ann --token.bindings '{role: viewer}' "
+        "--token.expire-time +1d -o secret > ann.token")
+    say(f"  MESHGATE_TOKEN=$(cat ann.token) meshgate network delete {net.name}   # PERMISSION_DENIED")
+    say("  meshgate audit list")
+    say("  meshgate --help                                            # every command; docs/cli.md")
 
 
 def ensure_kek(path: pathlib.Path) -> None:
@@ -104,6 +171,7 @@ def main() -> int:
         log_path=str(state / "logs" / "etcd.log"),
     )
     procs: list[ServiceProcess] = []
+    demo: Demo | None = None
     stopping = False
 
     def on_signal(signum, frame):
@@ -145,24 +213,28 @@ def main() -> int:
             return 1
         token = token_file.read_text().strip()
         net = ensure_network(cp.target, token)
-        cli_context(cp.target, token_file)
+        context_file = cli_context(cp.target, token_file)
         say()
         say(f"example network {net.name}: {net.ipv4_cidr} and {net.ipv6_cidr}, listen port {net.listen_port}")
-        say(f"the admin token is in {token_file} (mode 0600); the CLI context `local` uses it:")
-        say("  .venv/bin/meshgate network list")
-        say("  .venv/bin/meshgate token create --token-id ann --token.bindings '{role: viewer}' "
-            "--token.expire-time +1d -o secret > ann.token")
-        say("  MESHGATE_TOKEN=$(cat ann.token) .venv/bin/meshgate network delete networks/demo   # PERMISSION_DENIED")
-        say("  .venv/bin/meshgate audit list")
-        say()
-        rc = 0 if args.no_demo else run_demo(cp.target, agent_socket, token_file)
-        if rc != 0:
-            say(f"the egress demonstration failed (exit {rc})")
-            return rc
+        demo_ran = False
+        if args.no_demo:
+            pass
+        elif os.geteuid() != 0:
+            say("(skipping the egress demonstration: it needs root to create network namespaces)")
+        else:
+            say("== egress demonstration through this control plane (network namespaces, wireguard-go, nftables) ==")
+            demo = Demo(cp.target, agent_socket, token_file, once=args.once)
+            if not demo.start():
+                say("the egress demonstration failed")
+                return 1
+            demo_ran = demo.kept
+        how_to_call(cp.target, token_file, context_file, net, demo_ran)
         if args.once:
             return 0
-        say("running; press Ctrl-C to stop everything")
-        while all(sp.proc.poll() is None for sp in procs):
+        say()
+        say("running" + (f" (the demo's network {DEMO_NETWORK}, its agents and namespaces too)" if demo_ran else "")
+            + "; press Ctrl-C to stop everything")
+        while all(sp.proc.poll() is None for sp in procs) and (demo is None or not demo_ran or demo.alive()):
             time.sleep(0.5)
         say("a service exited unexpectedly; see the logs in " + str(state / "logs"))
         return 1
@@ -172,6 +244,8 @@ def main() -> int:
     finally:
         if stopping:
             say("\nstopping")
+        if demo is not None:
+            demo.stop()  # it removes its network through the API: before the control plane stops
         for sp in reversed(procs):
             sp.stop()
         etcd.stop()

@@ -25,8 +25,11 @@ egress gateway through the API and shows:
 
 With ``--control-plane`` and ``--agent-socket`` it uses a running control
 plane (``make run`` passes its own); without them it starts etcd and a control
-plane of its own. The demo's network is deleted through the API at the end, and
-everything it made is removed on exit, also on Ctrl-C or SIGTERM. Needs root.
+plane of its own. With ``--keep SECONDS`` the network, its agents and the
+namespaces stay that long after the result, with a few commands to explore them
+(``make run`` keeps them until Ctrl-C). The demo's network is deleted through the
+API at the end, and everything it made is removed on exit, also on Ctrl-C or
+SIGTERM. Needs root.
 """
 
 from __future__ import annotations
@@ -202,11 +205,17 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     for n in cp.status().nodes:
         say(f"    {n.node}: connected={n.connected} converged={n.converged} "
             f"applied revision {n.applied_revision} (desired {n.desired_revision})")
-    if keep_seconds:
-        say(f"keeping everything for {keep_seconds:.0f}s")
-        time.sleep(keep_seconds)
     good = nat_ok and policy_ok and laptop_ok and lan_ok and nat_off_ok and stop_ok
     say("\nresult: " + ("the egress gateway works" if good else "something did not work"))
+    if keep_seconds:
+        # Something to explore: the network, its two agents and the namespaces stay (until the time is up or
+        # SIGTERM/Ctrl-C); the last step deleted the egress gateway, which the API can declare again.
+        say(f"left in place: {cp.network} with its agents gateway ({gw.host.name}) and client "
+            f"({client.host.name}), and the service {eg.ext_addr}:{PORT} ({eg.ext.name})")
+        say(f"  ip netns exec {client.host.name} ping -c 3 {_address(cp, 'gateway')}    # the overlay")
+        say(f"  ip netns exec {gw.host.name} wg show")
+        say(f"keeping everything for {keep_seconds:.0f}s" if keep_seconds < 86400 else "keeping everything until stopped")
+        time.sleep(keep_seconds)
     return 0 if good else 1
 
 
@@ -321,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file", default="", help="file holding an API token for --control-plane (default: "
                    "the MESHGATE_TOKEN variable); it needs to create and delete a network")
     p.add_argument("--keep", type=float, default=0.0, metavar="SECONDS",
-                   help="keep everything this long before cleaning up")
+                   help="after the result, keep the network, its agents and namespaces this long (or until "
+                        "SIGTERM/Ctrl-C) before cleaning up")
     args = p.parse_args(argv)
     if bool(args.control_plane) != bool(args.agent_socket):
         p.error("--control-plane and --agent-socket go together")
