@@ -96,6 +96,20 @@ def test_internet_gateway_keeps_the_underlay_path_to_the_gateway(egress: Egress)
     assert client.host.ask(egress.gw_underlay(0), EXT_PORT) == egress.client_underlay(0)
     rules = client.host.run("ip", "rule", "show").stdout
     assert "suppress_prefixlength 0" in rules and "not from all fwmark" in rules
+    # the control plane's address never goes through the tunnel (`run` resolves it
+    # into this setting): here 203.0.113.200 stands for it, reached by the underlay's
+    # default route
+    path = client.write(egress.client_state(0, internet_gateway=True), "bypass.json")
+    from meshgate.gatewayd.lab import PY
+    client.host.run("env", "MESHGATE_GATEWAYD_BYPASS=203.0.113.200", PY, "-m", "meshgate.gatewayd", "apply",
+                    "--file", str(path), "--state-dir", str(client.state_dir), "--backend", client.backend)
+    assert client.host.route_dev("203.0.113.200") == "eth0"
+    assert client.host.route_dev(egress.ext_addr) == client.ifname
+    assert "to 203.0.113.200 lookup main" in client.host.run("ip", "rule", "show").stdout
+    # and the full pass reads that rule back as its own: nothing to change
+    again = client.host.run("env", "MESHGATE_GATEWAYD_BYPASS=203.0.113.200", PY, "-m", "meshgate.gatewayd", "apply",
+                            "--file", str(path), "--state-dir", str(client.state_dir), "--backend", client.backend)
+    assert " 0 change(s)" in again.stdout, again.stdout
 
 
 def _snapshot(node) -> dict:

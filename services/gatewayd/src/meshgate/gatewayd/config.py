@@ -68,6 +68,11 @@ class Settings:
     wireguard_go_log_level: str = "error"
     """``LOG_LEVEL`` passed to wireguard-go (it logs per-peer lines at higher levels)."""
 
+    bypass: tuple[str, ...] = ()
+    """Addresses never routed through the tunnel when a default route goes through a
+    peer (a ``to <address> lookup main`` rule ahead of gatewayd's): ``run`` puts the
+    control plane's addresses here; comma-separated in the environment."""
+
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Where each value came from: ``default``, ``env`` or ``flag``."""
 
@@ -111,6 +116,8 @@ class Settings:
 
 
 def _converter(default: Any):
+    if isinstance(default, tuple):
+        return lambda v: tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)
     if isinstance(default, Path):
         return Path
     if isinstance(default, bool):

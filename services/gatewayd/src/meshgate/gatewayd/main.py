@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -320,10 +321,36 @@ def _run_source(args: argparse.Namespace, settings: Settings, rec):
                     "verified; any key the control plane sends is applied")
     accept = _consent(args, Consent(identity.accept_default_route, identity.no_default_route,
                                     identity.accept_routes))
+    bypass = control_plane_addresses(identity.control_plane)
+    if bypass:
+        rec.settings = dataclasses.replace(rec.settings, bypass=tuple(sorted({*rec.settings.bypass, *bypass})))
     last = rec.store.load_desired()
     source = ControlPlaneSource(identity, last.revision if last else 0)
     log.info("node %s, control plane %s", identity.node, identity.control_plane)
     return source, identity.authority_keys, identity.network, accept
+
+
+def control_plane_addresses(target: str) -> list[str]:
+    """The IP addresses of a gRPC target (``host:port``, ``[v6]:port``; none for a
+    ``unix:`` socket), resolved once at start; none when the name does not resolve."""
+    import ipaddress
+    import socket
+
+    if target.startswith("unix:"):
+        return []
+    host = target.rsplit(":", 1)[0] if not target.startswith("[") else target[1:].split("]", 1)[0]
+    host = host.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        log.warning("control plane %s does not resolve (%s): a default route through a peer may carry "
+                    "the agent's own stream", host, e)
+        return []
+    return sorted({str(ipaddress.ip_address(i[4][0])) for i in infos})
 
 
 def _consent(args: argparse.Namespace, saved):

@@ -68,6 +68,8 @@ class RuleSpec:
     fwmark: int = 0
     invert: bool = False
     suppress_prefixlength: int | None = None
+    dst: str = ""
+    """``to <dst>`` (a CIDR): only packets to it."""
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,13 @@ def compile_desired(
     for r in routes:
         if r.dst.endswith("/0"):
             rules.add(RuleSpec(r.family, settings.rule_priority, MAIN_TABLE, suppress_prefixlength=0))
+            # the control plane is never reached through the tunnel: a default route
+            # through a peer would otherwise carry the agent's own stream
+            for addr in settings.bypass:
+                fam = 6 if ":" in addr else 4
+                if fam == r.family:
+                    rules.add(RuleSpec(fam, settings.rule_priority - 10, MAIN_TABLE,
+                                       dst=f"{addr}/{32 if fam == 4 else 128}"))
     sysctls: dict[str, str] = {}
     for e in egress:
         for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):

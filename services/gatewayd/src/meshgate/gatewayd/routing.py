@@ -89,12 +89,14 @@ def observe_rules(protocol: int) -> frozenset[RuleSpec]:
                 fwmark=int(rule["fwmark"], 0) if "fwmark" in rule else 0,
                 invert="not" in rule,
                 suppress_prefixlength=rule.get("suppress_prefixlen"),
+                dst=f"{rule['dst']}/{rule.get('dstlen', 32 if fam == 4 else 128)}"
+                if rule.get("dst") not in (None, "all") else "",
             ))
     return frozenset(out)
 
 
 def _rule_args(r: RuleSpec) -> str:
-    s = ""
+    s = f"to {r.dst} " if r.dst else ""
     if r.fwmark:
         s += f"{'not ' if r.invert else ''}fwmark {r.fwmark:#x} "
     s += f"table {'main' if r.table == MAIN_TABLE else r.table} "
