@@ -135,7 +135,7 @@ async def test_hub_and_spoke_messages_match_affected_nodes(cp):
         await wait_until(lambda: all(len(h.state.peers) == 99 for h in hubs) and new.state is not None, "hubs and spoke updated")
         await wait_until(lambda: all_converged(cp, 101), "converged")
         assert cp.app.fanout.messages_sent - sent == 3
-        assert [len(ag.received) - c for ag, c in zip(agents, counts, strict=True)] == [1, 1] + [0] * 98
+        assert [len(ag.received) - c for ag, c in zip(agents[:-1], counts, strict=True)] == [1, 1] + [0] * 98
         assert [p.resource for p in new.state.peers] == ["networks/prod/nodes/hub0", "networks/prod/nodes/hub1"]
     finally:
         await asyncio.gather(*(ag.close() for ag in agents))
