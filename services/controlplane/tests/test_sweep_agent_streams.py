@@ -64,6 +64,8 @@ async def test_a_stalled_then_cancelled_watch_logs_no_detach_error(cp, caplog):
 async def test_a_stalled_agent_that_goes_away_is_disconnected_and_logs_no_detach_error(cp, caplog):
     caplog.set_level(logging.DEBUG)
     await make_network(cp, cidr="100.64.0.0/22")
+    for i in range(700):  # peers of a: its snapshot alone is larger than the stalled reader's window
+        await make_node(cp, node_id=f"p{i}", endpoint=f"192.0.2.{i % 250 + 2}:{51821 + i}", public_key=key())
     ek = await make_key(cp)
     agent = await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()
     hello = agent_pb2.SyncRequest(hello=agent_pb2.SyncRequest.Hello(node=agent.node.name, agent_version="stalled"))
@@ -78,13 +80,11 @@ async def test_a_stalled_agent_that_goes_away_is_disconnected_and_logs_no_detach
     await call.initial_metadata()
     fanout = cp.app.fanout
     await wait_until(lambda: agent.node.name in fanout.sessions, "session open")
-    for i in range(300):  # each a peer of a: deltas the agent never reads
-        await make_node(cp, node_id=f"p{i}", endpoint=f"192.0.2.{i % 250 + 2}:{51821 + i}", public_key=key())
-    await asyncio.sleep(0.5)
-    call.cancel()
+    await asyncio.sleep(0.5)  # the snapshot's write is blocked: the agent never reads
+    call.cancel()  # the agent goes away (to reconnect)
     done.set()
     await settle()
-    await wait_until(lambda: agent.node.name not in fanout.sessions, "session closed")
+    await wait_until(lambda: agent.node.name not in fanout.sessions, "session closed", timeout=10)
     st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
     assert not next(n for n in st.nodes if n.node == agent.node.name).connected
     await channel.close()
