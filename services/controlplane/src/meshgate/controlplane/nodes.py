@@ -75,8 +75,8 @@ class Nodes(Resources):
         self._claiming: dict[tuple[str, str], set[str]] = {}
 
     def present(self, msg):
-        # Agents are not connected yet (streaming is a later slice): every
-        # node is PENDING until an agent acknowledges a desired state.
+        # The record says PENDING; the API's Get, List and Update replace it
+        # with the live state (sync.Fanout.node_states: READY, CONVERGING, OFFLINE).
         if msg.state == node_pb2.Node.STATE_UNSPECIFIED:
             msg.state = node_pb2.Node.PENDING
         return msg

@@ -5,6 +5,7 @@ Layout (directory mode 0700)::
     private.key              the node's WireGuard private key (0600, see keys.py)
     identity.json            the node's identity and join options (0600, see stream.py)
     interfaces.json          the WireGuard interfaces gatewayd created (and so may manage)
+    run.json                 the interface name `run` was given, for `show` and `down` (main.py)
     desired.pb               the last desired state applied successfully (binary protobuf)
     status.json              what the agent last did: applied revision, errors, counters
     nft.json                 the canonical listing of the loaded nftables table
