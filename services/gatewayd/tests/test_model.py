@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.gatewayd import nftables
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import InvalidDesiredState
 from meshgate.gatewayd.model import (
@@ -215,3 +216,26 @@ def test_relayed_ranges_delta_takes_the_full_compile():
     peer_delta = pb.DesiredStateDelta(base_revision=1, removed_peers=[key(2)])
     assert peers_only(peer_delta)
     assert compile_peer_delta(d1, peer_delta, 2).relayed_ranges == ("100.64.0.7/32",)
+
+
+def test_a_filter_rules_delta_takes_the_fast_path_and_renders_what_a_full_compile_would():
+    base = state(3)
+    base.egress.add(ranges=["198.51.100.0/24"], nat=True)
+    base.relayed_ranges.append("100.64.0.9/32")
+    base.filter_rules.add(sources=["100.64.0.2/32"], protocol="tcp", ports=["80"], accept=True, policy="p/web")
+    base.filter_rules.add(accept=False)
+    d0 = compiled(base)
+    delta = pb.DesiredStateDelta(base_revision=1, filter_rules_changed=True)
+    delta.filter_rules.add(sources=["100.64.0.2/32", "100.64.0.3/32"], protocol="tcp", ports=["80", "8000-8080"],
+                           accept=True, policy="p/web")
+    delta.filter_rules.add(accept=False)
+    assert peers_only(delta)
+    fast = compile_peer_delta(d0, delta, 2)
+    full = compiled(merge_delta(base, delta))
+    assert fast.nft == full.nft and fast.revision == 2
+    assert nftables.patch_script(d0.nft, fast.nft) is not None  # loaded as a patch of one chain
+    bad = pb.DesiredStateDelta(base_revision=1, filter_rules_changed=True)
+    bad.filter_rules.add(protocol="sctp", ports=["99999"])
+    with pytest.raises(InvalidDesiredState) as e:
+        compile_peer_delta(d0, bad, 2)
+    assert {v.field for v in e.value.violations} == {"filter_rules[0].protocol", "filter_rules[0].ports[0]"}

@@ -13,6 +13,7 @@ check must stay O(n log n) (it runs on every snapshot of up to thousands of peer
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -92,6 +93,10 @@ class Desired:
     relayed_ranges: tuple[str, ...] = ()
     """Canonical, sorted: the overlay ranges this node relays for (in ``nft``'s
     ``relay4``/``relay6`` sets and the forwarding ``sysctls``)."""
+    nft_inputs: tuple[tuple[nftables.Egress, ...], tuple[Cidr, ...]] = field(
+        default=((), ()), compare=False, repr=False)
+    """What ``nft`` was rendered from besides the filters (egress, relayed ranges),
+    so a delta of filter rules alone renders the table again without the rest."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,12 @@ _V4_ALL = (1 << 32) - 1
 _V6_ALL = (1 << 128) - 1
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_cidr(text: str) -> Cidr:
-    """Strictly parse ``addr/len`` (host bits must be zero); raises ValueError."""
+    """Strictly parse ``addr/len`` (host bits must be zero); raises ValueError.
+
+    Cached: a state with 1,000 policies repeats the same host addresses in thousands
+    of places, and every compile of a new state (a delta included) parses them all."""
     text = text.strip()
     addr, sep, plen_s = text.partition("/")
     if not sep:
@@ -180,8 +189,19 @@ def parse_cidr(text: str) -> Cidr:
         if lo & host:
             raise ValueError(f"{text} has host bits set")
         return Cidr(4, lo, lo | host, f"{socket.inet_ntop(socket.AF_INET, packed)}/{plen}")
-    n = ipaddress.ip_network(text, strict=True)  # IPv6: rarer, keep the reference parser
-    return Cidr(6, int(n.network_address), int(n.broadcast_address), str(n))
+    if "%" in addr:
+        raise ValueError(f"{addr!r} has a zone index")
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, addr)
+    except OSError:
+        raise ValueError(f"{addr!r} is not an IPv6 address") from None
+    if plen > 128:
+        raise ValueError("prefix length above 128")
+    lo = int.from_bytes(packed, "big")
+    host = _V6_ALL >> plen
+    if lo & host:
+        raise ValueError(f"{text} has host bits set")
+    return Cidr(6, lo, lo | host, f"{ipaddress.IPv6Address(lo)}/{plen}")
 
 
 ANY4 = parse_cidr("0.0.0.0/0")
@@ -402,29 +422,7 @@ def compile_desired(
             internet_gateway=e.internet_gateway,
         ))
 
-    filters: list[nftables.Filter] = []
-    for i, f in enumerate(msg.filter_rules):
-        where = f"filter_rules[{i}]"
-        proto = f.protocol.lower().strip()
-        if proto not in ("", "any", "tcp", "udp", "icmp", "icmpv6"):
-            v.append(FieldViolation(f"{where}.protocol", f"unsupported protocol {f.protocol!r}"))
-        ports: list[str] = []
-        for j, port in enumerate(f.ports):
-            m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", port.strip())
-            if not m or int(m.group(1)) > 65535 or (m.group(2) and not int(m.group(1)) <= int(m.group(2)) <= 65535):
-                v.append(FieldViolation(f"{where}.ports[{j}]", f"{port!r} is not a port or port range"))
-            else:
-                ports.append(port.strip())
-        if ports and proto not in ("tcp", "udp"):
-            v.append(FieldViolation(f"{where}.ports", "ports need protocol tcp or udp"))
-        filters.append(nftables.Filter(
-            sources=tuple(_nets(f.sources, f"{where}.sources", v)),
-            destinations=tuple(_nets(f.destinations, f"{where}.destinations", v)),
-            protocol="" if proto == "any" else proto,
-            ports=tuple(ports),
-            accept=f.accept,
-            policy=_policy_label(f.policy),
-        ))
+    filters = _filters(msg.filter_rules, v)
 
     relayed = _relayed(msg.relayed_ranges, v)
 
@@ -473,7 +471,36 @@ def compile_desired(
         sysctls=sysctls,
         egress_interfaces=frozenset(egress_ifaces),
         relayed_ranges=tuple(n.text for n in relayed),
+        nft_inputs=(tuple(egress), tuple(relayed)),
     )
+
+
+def _filters(rules: Iterable[pb.FilterRule], v: list[FieldViolation]) -> list[nftables.Filter]:
+    """``filter_rules``, validated (violations go to `v`)."""
+    filters: list[nftables.Filter] = []
+    for i, f in enumerate(rules):
+        where = f"filter_rules[{i}]"
+        proto = f.protocol.lower().strip()
+        if proto not in ("", "any", "tcp", "udp", "icmp", "icmpv6"):
+            v.append(FieldViolation(f"{where}.protocol", f"unsupported protocol {f.protocol!r}"))
+        ports: list[str] = []
+        for j, port in enumerate(f.ports):
+            m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", port.strip())
+            if not m or int(m.group(1)) > 65535 or (m.group(2) and not int(m.group(1)) <= int(m.group(2)) <= 65535):
+                v.append(FieldViolation(f"{where}.ports[{j}]", f"{port!r} is not a port or port range"))
+            else:
+                ports.append(port.strip())
+        if ports and proto not in ("tcp", "udp"):
+            v.append(FieldViolation(f"{where}.ports", "ports need protocol tcp or udp"))
+        filters.append(nftables.Filter(
+            sources=tuple(_nets(f.sources, f"{where}.sources", v)),
+            destinations=tuple(_nets(f.destinations, f"{where}.destinations", v)),
+            protocol="" if proto == "any" else proto,
+            ports=tuple(ports),
+            accept=f.accept,
+            policy=_policy_label(f.policy),
+        ))
+    return filters
 
 
 def _policy_label(name: str) -> str:
@@ -512,15 +539,18 @@ def merge_delta(state: pb.DesiredState, delta: pb.DesiredStateDelta) -> pb.Desir
     return apply_delta(state, delta)
 
 def peers_only(delta: pb.DesiredStateDelta) -> bool:
+    """A delta of peers and filter rules only (what `compile_peer_delta` takes)."""
     return not (
         delta.HasField("interface") or delta.routes_changed or delta.egress_changed
-        or delta.filter_rules_changed or delta.default_route_changed
-        or delta.relayed_ranges_changed
+        or delta.default_route_changed or delta.relayed_ranges_changed
     )
 
 
 def compile_peer_delta(prev: Desired, delta: pb.DesiredStateDelta, revision: int) -> Desired:
-    """The fast path for a delta that only touches peers: validates only what changed.
+    """The fast path for a delta that only touches peers and filter rules: validates
+    only what changed (new filter rules render the nftables table again from them and
+    the previous egress and relayed ranges; a change inside policies then loads as a
+    patch of their chains, see nftables.patch_script).
 
     The overlap check compares each upserted peer with every other (integer compares,
     no parsing), and routes that name a removed or changed peer are re-checked.
@@ -564,6 +594,11 @@ def compile_peer_delta(prev: Desired, delta: pb.DesiredStateDelta, revision: int
             n = parse_cidr(r.dst)
             if not any(_covered(n, p) for p in peers.values()):
                 v.append(FieldViolation("removed_peers", f"route {r.dst} would lose its peer"))
+    nft = prev.nft
+    if delta.filter_rules_changed:
+        filters = _filters(delta.filter_rules, v)
+        egress, relayed = prev.nft_inputs
+        nft = nftables.render(prev.interface, list(egress), filters, relayed)
     if v:
         raise InvalidDesiredState(v)
-    return replace(prev, peers=peers, revision=revision)
+    return replace(prev, peers=peers, revision=revision, nft=nft)
