@@ -101,11 +101,12 @@ def _walk(msg: Message, prefix: str, out: list[FieldViolation]) -> None:
             if len(value) > MAX_ENTRIES:
                 out.append(FieldViolation(path, f"has {len(value)} entries; at most {MAX_ENTRIES} are allowed"))
                 continue
-            if fd.type == _MESSAGE and fd.message_type.GetOptions().map_entry:
-                value_fd = fd.message_type.fields_by_name["value"]
+            entry = fd.message_type
+            if fd.type == _MESSAGE and entry is not None and entry.GetOptions().map_entry:
+                value_fd = entry.fields_by_name["value"]
                 for k, v in value.items():
                     item = f"{path}[{shown(k)}]"
-                    _scalar(fd.message_type.fields_by_name["key"], k, item, out)
+                    _scalar(entry.fields_by_name["key"], k, item, out)
                     if value_fd.type == _MESSAGE:
                         _walk(v, item + ".", out)
                     else:
@@ -127,7 +128,7 @@ def _scalar(fd: FieldDescriptor, value: Any, path: str, out: list[FieldViolation
         out.append(FieldViolation(path, f"is {len(value)} characters long; at most {MAX_STRING} are allowed"))
     elif fd.type == _BYTES and len(value) > MAX_BYTES:
         out.append(FieldViolation(path, f"is {len(value)} bytes long; at most {MAX_BYTES} are allowed"))
-    elif fd.type == _ENUM and fd.enum_type.values_by_number.get(value) is None:
+    elif fd.type == _ENUM and fd.enum_type is not None and fd.enum_type.values_by_number.get(value) is None:
         known = ", ".join(v.name for v in fd.enum_type.values)
         out.append(FieldViolation(path, f"{value} is not a {fd.enum_type.name} value ({known})"))
 
