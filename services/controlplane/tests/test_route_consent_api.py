@@ -123,7 +123,9 @@ def test_the_cli_says_why_and_changes_nothing(etcd_server, tmp_path):
                   "--node.endpoint", "203.0.113.5:51820").returncode == 0
         for ranges, says in (("203.0.113.0/24", "203.0.113.0/24 covers 203.0.113.5, the endpoint (underlay "
                                                 "address) of node 'networks/x/nodes/a'"),
-                             ("127.0.0.0/8", "127.0.0.0/8 covers 127.0.0.1, the control plane's address")):
+                             # Loopback space is refused before the underlay rule (issue 15, item 6);
+                             # the control plane's address is covered in-process above (192.0.2.7).
+                             ("127.0.0.0/8", "127.0.0.0/8 is loopback space")):
             r = mg("egress-gateway", "create", "--parent", "networks/x", "--egress-gateway-id", "gw",
                    "--egress-gateway.node", "networks/x/nodes/a", "--egress-gateway.ranges", ranges)
             assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and says in r.stderr, r.stderr

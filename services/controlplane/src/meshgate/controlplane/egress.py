@@ -142,6 +142,8 @@ class EgressGateways(Resources):
         errs += selectors.syntax(f"{prefix}.used_by", list(gw.used_by), ("tag", "node"), required=False)
         if errs:
             raise invalid_argument(errs)
+        # Stored in canonical form (`203.0.113.0/024` as `203.0.113.0/24`).
+        gw.ranges[:] = [str(n) for n in ranges]
         used_by = await selectors.require_existing(self.etcd, net_id, [(f"{prefix}.used_by", gw.used_by)])
         node_net, node_id = names.parse_child(gw.node, "nodes")  # validated above
         if node_net != net_id:

@@ -79,6 +79,8 @@ class Networks(Resources):
             net = network_pb2.Network()
             net.CopyFrom(req.network)
             net.name = name
+            net.ipv4_cidr = validation.canonical_cidr(net.ipv4_cidr)
+            net.ipv6_cidr = validation.canonical_cidr(net.ipv6_cidr)
             overlaps = validation.network_overlaps(net, others)
             if overlaps:
                 raise _overlap(overlaps)

@@ -9,11 +9,11 @@ references) take them as arguments.
 from __future__ import annotations
 
 import base64
-import bisect
 import binascii
+import bisect
 import ipaddress
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from meshgate.common.errors import FieldViolation as V
 from meshgate.common.errors import shown
@@ -78,21 +78,68 @@ def check_tags(field: str, tags: Sequence[str]) -> list[V]:
 
 
 def parse_cidr(field: str, value: str, version: int | None = None) -> tuple[Net | None, list[V]]:
-    """A strict CIDR (no host bits set)."""
+    """A strict CIDR (no host bits set, no scope id). Accepted forms that are
+    not canonical (a zero-padded prefix length `/024`, IPv6 in upper case or
+    uncompressed) parse to the same network; callers store `str(net)`."""
     if not value:
         return None, [V(field, "is required")]
     if "/" not in value:
         return None, [V(field, f"{shown(value)} is not in CIDR notation (address/prefix)")]
+    if "%" in value:
+        return None, [V(field, f"{shown(value)} has a scope id (%...); a range has none: give it without")]
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as e:
         msg = str(e)
         if "has host bits set" in msg:
             return None, [V(field, f"{shown(value)} has host bits set; did you mean {ipaddress.ip_network(value, strict=False)}?")]
+        if re.fullmatch(r"[0-9.]+/[0-9]+", value) and re.search(r"(^|\.)0[0-9]", value.split("/")[0]):
+            return None, [V(field, f"{shown(value)} has a leading zero in an address part (decimal or octal?); "
+                                   "write it without")]
         return None, [V(field, f"{shown(value)} is not a valid CIDR")]
     if version and net.version != version:
         return None, [V(field, f"{shown(value)} is not an IPv{version} range")]
     return net, []
+
+
+# Address space nothing can be routed to through a tunnel: (range, what it is).
+# A loopback range before the unspecified address, so that ::/120 is named for it.
+SPECIAL: list[tuple[Net, str]] = [
+    (ipaddress.ip_network(c), what) for c, what in (
+        ("0.0.0.0/8", "'this network' (0.0.0.0/8), not an address a packet can be sent to"),
+        ("127.0.0.0/8", "loopback space: traffic to it never leaves the host"),
+        ("169.254.0.0/16", "link-local space: never routed beyond one link"),
+        ("224.0.0.0/4", "multicast space: a WireGuard tunnel carries unicast only"),
+        ("240.0.0.0/4", "reserved space (240.0.0.0/4, with the broadcast address): hosts do not route it"),
+        ("::1/128", "the loopback address: traffic to it never leaves the host"),
+        ("::/128", "the unspecified address"),
+        ("::ffff:0:0/96", "IPv4-mapped space (::ffff:0:0/96): it stands for IPv4 addresses, not IPv6 ones"),
+        ("fe80::/10", "link-local space: never routed beyond one link"),
+        ("ff00::/8", "multicast space: a WireGuard tunnel carries unicast only"),
+    )
+]
+
+
+def overlay_space(field: str, net: Net) -> list[V]:
+    """An overlay range may not touch special address space at all."""
+    for special, what in SPECIAL:
+        if special.version == net.version and net.overlaps(special):
+            if net == special:
+                where = what
+            else:
+                where = f"{'inside' if net.subnet_of(special) else 'overlapping'} {special}, {what}"  # type: ignore[arg-type]
+            return [V(field, f"{net} is {where}; choose a private range such as 100.64.0.0/10 or fd00::/8")]
+    return []
+
+
+def egress_space(field: str, net: Net) -> list[V]:
+    """An egress range may not lie inside special address space (one that
+    merely contains some, like 0.0.0.0/1, routes the rest and is allowed)."""
+    for special, what in SPECIAL:
+        if special.version == net.version and net.subnet_of(special):  # type: ignore[arg-type]
+            where = what if net == special else f"inside {special}, {what}"
+            return [V(field, f"{net} is {where}; it cannot be routed through a gateway")]
+    return []
 
 
 def check_port(field: str, port: int, allow_zero: bool = True) -> list[V]:
@@ -109,7 +156,8 @@ def check_endpoint(field: str, value: str) -> list[V]:
         return []
     if len(value) > 261:
         return [V(field, "is too long")]
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", value) or re.match(r"^([^:\[\]]+):(\d{1,5})$", value)
+    # fullmatch: `$` would also match before a trailing newline.
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", value) or re.fullmatch(r"([^:\[\]]+):(\d{1,5})", value)
     if not m:
         return [V(field, f"{shown(value)} is not host:port or [ipv6]:port")]
     host, port = m.group(1), int(m.group(2))
@@ -117,10 +165,22 @@ def check_endpoint(field: str, value: str) -> list[V]:
     if bad:
         return bad
     try:
-        ipaddress.ip_address(host)
+        addr = ipaddress.ip_address(host)
     except ValueError:
-        if value.startswith("[") or not HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+        if value.startswith("[") or not HOSTNAME_RE.fullmatch(host) or host.replace(".", "").isdigit():
             return [V(field, f"{shown(host)} is not an IP address or host name")]
+        if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+            return [V(field, f"{host} is a loopback name: other nodes would reach themselves; give an address "
+                             "they can reach")]
+        return []
+    if addr.is_unspecified:
+        return [V(field, f"{addr} is the unspecified address: no peer can send to it; give the address other "
+                         "nodes reach this one at")]
+    if addr.is_loopback:
+        return [V(field, f"{addr} is a loopback address: other nodes would reach themselves; give an address "
+                         "they can reach")]
+    if addr.is_multicast:
+        return [V(field, f"{addr} is a multicast address: a WireGuard endpoint is one unicast address")]
     return []
 
 
@@ -154,17 +214,27 @@ def network(net, prefix: str = "network") -> list[V]:
     out += errs
     if v4 is not None and not 8 <= v4.prefixlen <= 30:
         out.append(V(f"{prefix}.ipv4_cidr", f"prefix length /{v4.prefixlen} is outside /8 to /30"))
+    elif v4 is not None:
+        out += overlay_space(f"{prefix}.ipv4_cidr", v4)
     if net.ipv6_cidr:
         v6, errs = parse_cidr(f"{prefix}.ipv6_cidr", net.ipv6_cidr, 6)
         out += errs
         if v6 is not None and not 48 <= v6.prefixlen <= 120:
             out.append(V(f"{prefix}.ipv6_cidr", f"prefix length /{v6.prefixlen} is outside /48 to /120"))
+        elif v6 is not None:
+            out += overlay_space(f"{prefix}.ipv6_cidr", v6)
     out += check_port(f"{prefix}.listen_port", net.listen_port)
     if net.mtu and not 1280 <= net.mtu <= 9000:
         out.append(V(f"{prefix}.mtu", f"{net.mtu} is outside 1280-9000"))
     out += network_durations(net, prefix)
     out += check_labels(f"{prefix}.labels", dict(net.labels))
     return out
+
+
+def canonical_cidr(value: str) -> str:
+    """The canonical text of a range `parse_cidr` accepted (`100.70.0.0/024`
+    is stored as `100.70.0.0/24`, `FD00:0064::/64` as `fd00:64::/64`)."""
+    return str(ipaddress.ip_network(value, strict=True)) if value else value
 
 
 def network_durations(net, prefix: str = "network") -> list[V]:
@@ -263,6 +333,10 @@ def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
         if net.prefixlen == 0:
             out.append(V(f"{prefix}.ranges[{i}]", f"{r} is the whole address space; set internet_gateway instead"))
             continue
+        special = egress_space(f"{prefix}.ranges[{i}]", net)
+        if special:
+            out += special
+            continue
         parsed.append((i, net))
     for i, j in overlapping_pairs(parsed):
         out.append(V(f"{prefix}.ranges[{i}]", f"{gw.ranges[i]} overlaps {gw.ranges[j]} (ranges[{j}])"))
@@ -351,6 +425,13 @@ def egress_overlaps(gw, ranges: list[Net], network, others: Iterable, prefix: st
     """
     out = []
     own = [ipaddress.ip_network(c) for c in (network.ipv4_cidr, network.ipv6_cidr) if c]
+    for i, net in enumerate(ranges):
+        if net.version == 6 and not network.ipv6_cidr:
+            out.append(V(f"{prefix}.ranges[{i}]", f"{net} is an IPv6 range, and the network has no IPv6 range: its "
+                                                  "nodes have no IPv6 overlay address to send to it from (a "
+                                                  "network's ipv6_cidr is set when it is created); leave the range out"))
+    if out:
+        return out
     index = RangeIndex((o.name, ipaddress.ip_network(r, strict=False)) for o in others for r in o.ranges)
     for i, net in enumerate(ranges):
         for o in own:
