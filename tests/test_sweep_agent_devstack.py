@@ -21,8 +21,8 @@ pytestmark = pytest.mark.root
 
 
 def test_make_run_leaves_the_demo_to_explore_and_says_how(tmp_path):
-    from meshgate.gatewayd.lab import can_run
     from meshgate.common.testing import in_ci
+    from meshgate.gatewayd.lab import can_run
 
     if can_run():
         (pytest.fail if in_ci() else pytest.skip)(f"the demo cannot run here: {can_run()}")
