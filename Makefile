@@ -28,7 +28,7 @@ docs: install
 # contracts (.importlinter). All three run even when one fails.
 lint: install
 	@rc=0; \
-	echo "lint: ruff"; .venv/bin/ruff check --quiet . || rc=1; \
+	echo "lint: ruff"; .venv/bin/ruff check --quiet --output-format concise . || rc=1; \
 	echo "lint: mypy"; .venv/bin/mypy || rc=1; \
 	echo "lint: import-linter"; .venv/bin/lint-imports --no-cache --no-logo || rc=1; \
 	exit $$rc
