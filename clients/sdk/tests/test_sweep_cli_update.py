@@ -58,6 +58,8 @@ FORMATTED = {
 }
 # Integers with a range, by field name.
 NUMBERS = {"listen_port": 51999, "mtu": 1380, "priority": 42}
+# Durations: two hours (rotation periods take at least one), or what a bounded one takes.
+DURATIONS = {"persistent_keepalive": "42s"}
 # Repeated messages, as the CLI takes them (one JSON or YAML object per option).
 MESSAGES = {"meshgate.api.v1.PortRange": [{"first": 8443}]}
 
@@ -119,7 +121,7 @@ def new_value(w: World, fd: FieldDescriptor, current: dict) -> list[str]:
         return [choices[0]]
     if fd.message_type is not None:
         if fd.message_type.full_name == "google.protobuf.Duration":
-            return ["1234s"]
+            return [DURATIONS.get(fd.name, "7200s")]
         if fd.message_type.full_name in MESSAGES:
             return [json.dumps(v) for v in MESSAGES[fd.message_type.full_name]]
         raise AssertionError(f"no test value for {fd.full_name} ({fd.message_type.full_name}): add one to MESSAGES")
