@@ -210,6 +210,11 @@ def test_sizes_are_checked_before_anything_else():
     gw = egress_pb2.EgressGateway(node="bogus", ranges=["not a cidr"] * (validation.MAX_RANGES + 1))
     _, violations = validation.egress(gw)
     assert [v.field for v in violations] == ["egress_gateway.ranges"]
+    client = external_client_pb2.ExternalClient(gateway_node="bogus",
+                                                allowed_ranges=["not a cidr"] * (validation.MAX_RANGES + 1))
+    assert [v.field for v in validation.external_client(client)] == ["external_client.allowed_ranges"]
+    assert [v.field for v in validation.check_labels("l", {f"K{i}": "v" for i in range(65)})] == ["l"]
+    assert [v.field for v in validation.check_tags("t", ["Bad Tag"] * 33)] == ["t"]
 
 
 def test_overlaps_within_a_gateway_are_found_by_sorting():
@@ -251,4 +256,41 @@ def test_overlaps_against_other_gateways_are_found_by_index():
         want = {f"egress_gateway.ranges[{i}]" for i, n in enumerate(mine)
                 if any(n.overlaps(ipaddress.ip_network(r)) and n != ipaddress.ip_network(r)
                        for o in others for r in o.ranges)}
+        assert got == want
+
+
+def test_underlay_check_by_index_finds_what_the_pairwise_one_did():
+    """Ranges covering a node's endpoint or the control plane's address, found
+    through the range index: for each range the first such host, as a direct
+    comparison of every range with every host finds it."""
+    import ipaddress
+    import random
+
+    from meshgate.controlplane.egress import endpoint_ip, underlay_violations
+
+    rnd = random.Random(17)
+    for _ in range(200):
+        nodes = [node_pb2.Node(name=f"networks/p/nodes/n{k}",
+                               endpoint=rnd.choice([f"10.0.{rnd.randint(0, 7)}.{rnd.randint(0, 255)}:51820",
+                                                    f"[fd00::{rnd.randint(0, 300):x}]:51820", "gw.example:1", ""]))
+                 for k in range(rnd.randint(0, 12))]
+        cp = [f"10.0.{rnd.randint(0, 7)}.{rnd.randint(0, 255)}"] if rnd.random() < 0.5 else []
+        pool = [f"10.0.{rnd.randint(0, 7)}.{rnd.randint(0, 255)}/{rnd.randint(22, 32)}" for _ in range(6)]
+        pool += ["fd00::/120", "fd00::100/120"]
+        ranges, taken = [], []
+        for r in pool:
+            net = ipaddress.ip_network(r, strict=False)
+            if not any(net.overlaps(t) for t in taken if t.version == net.version):
+                taken.append(net)
+                ranges.append(net)
+        hosts = [(ip, n.name) for n in nodes for ip in [endpoint_ip(n.endpoint)] if ip is not None]
+        hosts += [(ipaddress.ip_address(a), "cp") for a in cp]
+        want = {}
+        for i, net in enumerate(ranges):
+            for ip, _ in hosts:
+                if ip.version == net.version and ip in net:
+                    want[f"egress_gateway.ranges[{i}]"] = str(ip)
+                    break
+        got = {v.field: v.description.split(" covers ")[1].split(",")[0]
+               for v in underlay_violations(ranges, nodes, cp)}
         assert got == want

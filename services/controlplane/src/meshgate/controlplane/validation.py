@@ -459,8 +459,10 @@ def external_client(c, prefix: str = "external_client") -> list[V]:
         out.append(V(f"{prefix}.gateway_node",
                      f"{shown(c.gateway_node)} is not a node name (networks/{{network}}/nodes/{{node}})"))
     if len(c.allowed_ranges) > MAX_RANGES:
-        out.append(V(f"{prefix}.allowed_ranges", f"has {len(c.allowed_ranges)} ranges; at most {MAX_RANGES} are allowed"))
-    seen: list[Net] = []
+        return [V(f"{prefix}.allowed_ranges", f"has {len(c.allowed_ranges)} ranges; at most {MAX_RANGES} are allowed")]
+    if len(c.dns_servers) > MAX_DNS_SERVERS:
+        return [V(f"{prefix}.dns_servers", f"has {len(c.dns_servers)} servers; at most {MAX_DNS_SERVERS} are allowed")]
+    seen: set[Net] = set()
     for i, r in enumerate(c.allowed_ranges):
         net, errs = parse_cidr(f"{prefix}.allowed_ranges[{i}]", r)
         out += errs
@@ -468,9 +470,7 @@ def external_client(c, prefix: str = "external_client") -> list[V]:
             continue
         if net in seen:
             out.append(V(f"{prefix}.allowed_ranges[{i}]", f"{r} is listed twice"))
-        seen.append(net)
-    if len(c.dns_servers) > MAX_DNS_SERVERS:
-        out.append(V(f"{prefix}.dns_servers", f"has {len(c.dns_servers)} servers; at most {MAX_DNS_SERVERS} are allowed"))
+        seen.add(net)
     for i, d in enumerate(c.dns_servers):
         try:
             ipaddress.ip_address(d)
