@@ -196,7 +196,9 @@ class Client(SyncMethods, _Base):
             # One call that does not wait, for gRPC's reason (refused, TLS handshake failed, ...).
             reason = ""
             try:
-                ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=1, wait_for_ready=False)
+                check = ch.unary_unary("/grpc.health.v1.Health/Check", request_serializer=bytes,
+                                       response_deserializer=bytes)
+                check(b"", timeout=1, wait_for_ready=False)
             except grpc.RpcError as e:
                 reason = (e.details() or "").rsplit("last error: ", 1)[-1]
             raise errors.Unavailable(

@@ -757,8 +757,8 @@ class Fanout:
         now, PENDING when it never has. Node records store PENDING; Get, List
         and Update show this instead."""
         st = self.cache.networks.get(net_id)
-        known = [n for n in nodes if st is not None and n in st.nodes]
-        if not known:
+        known = [n for n in nodes if n in st.nodes] if st is not None else []
+        if st is None or not known:
             return {}
         await self.status.flush()
         records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
@@ -767,7 +767,7 @@ class Fanout:
         connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
         live = [n for n in known if n.rsplit("/", 1)[1] in connected]
         compiled = await self.compile(st, live, 0) if live else {}
-        out = {}
+        out: dict[str, int] = {}
         for name in known:
             nid = name.rsplit("/", 1)[1]
             rec = recs.get(nid)
