@@ -78,7 +78,7 @@ def comments(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, str]:
         by_path = {tuple(loc.path): loc.leading_comments for loc in f.source_code_info.location if loc.leading_comments}
         pkg = f.package
 
-        def put(path, name):
+        def put(path, name, by_path=by_path):
             c = by_path.get(tuple(path))
             if c:
                 out[name] = _clean(c)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 MESHGATE = os.path.join(os.path.dirname(sys.executable), "meshgate")

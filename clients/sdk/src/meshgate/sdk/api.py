@@ -54,7 +54,7 @@ def camel_words(name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Method:
-    service: "Service"
+    service: Service
     descriptor: MethodDescriptor
 
     @property
@@ -214,6 +214,6 @@ def resource_of_name(name: str) -> Resource:
     parts = name.split("/")
     for r in resources():
         pat = r.pattern.split("/")
-        if len(pat) == len(parts) and all(p == q for p, q in zip(pat[::2], parts[::2])):
+        if len(pat) == len(parts) and all(p == q for p, q in zip(pat[::2], parts[::2], strict=True)):
             return r
     raise ValueError(f"{name!r} is not the name of a known resource")

@@ -27,8 +27,9 @@ import base64
 import json
 import re
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import click
 import yaml
@@ -38,7 +39,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from meshgate.sdk import api, config as config_mod, errors, masks
+from meshgate.sdk import api, errors, masks
+from meshgate.sdk import config as config_mod
 from meshgate.sdk._comments import COMMENTS
 
 OUTPUTS = ("table", "json", "yaml", "secret", "qr")
@@ -233,7 +235,7 @@ def _timestamp(value: str, flag: str) -> str:
         raise _usage(f"{flag}: {value!r} is neither RFC 3339 nor +N[s|m|h|d]") from None
     import datetime
 
-    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+    at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
     return at.isoformat().replace("+00:00", "Z")
 
 
@@ -323,7 +325,7 @@ def _cell(msg: Message, field: str) -> str:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def table_of(msgs: list[Message], desc: Descriptor) -> str:

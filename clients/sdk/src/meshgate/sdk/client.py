@@ -28,13 +28,15 @@ import asyncio
 import json
 import random
 import time
-from typing import Any, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from meshgate.api.v1 import events_pb2
-from meshgate.sdk import api, config as config_mod, errors, masks
+from meshgate.sdk import api, errors, masks
+from meshgate.sdk import config as config_mod
 from meshgate.sdk._generated import AsyncMethods, SyncMethods
 
 RETRY_POLICY = {
@@ -61,7 +63,7 @@ def service_config(cfg: config_mod.ClientConfig) -> dict[str, Any]:
             streaming = m.client_streaming or m.server_streaming
             groups.setdefault((m.idempotent, streaming), []).append({"service": s.full_name, "method": m.name})
     out = []
-    for (idempotent, streaming), names in sorted(groups.items()):
+    for (idempotent, _streaming), names in sorted(groups.items()):
         mc: dict[str, Any] = {"name": names, "waitForReady": cfg.wait_for_ready}
         if idempotent:
             mc["retryPolicy"] = RETRY_POLICY
@@ -218,7 +220,7 @@ class Client(SyncMethods, _Base):
         self._channels.clear()
         self._stubs.clear()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -311,7 +313,7 @@ class AsyncClient(AsyncMethods, _Base):
         self._channels.clear()
         self._stubs.clear()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -32,8 +32,9 @@ import dataclasses
 import ipaddress
 import os
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -8,7 +8,7 @@ scalars, messages): setting `nat` to its default is a change.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from google.api import field_behavior_pb2
 from google.protobuf import field_mask_pb2
@@ -40,8 +40,6 @@ def diff(before: Message, after: Message) -> field_mask_pb2.FieldMask:
     for fd in after.DESCRIPTOR.fields:
         if not mutable(fd):
             continue
-        if fd.has_presence and before.HasField(fd.name) != after.HasField(fd.name):
-            paths.append(fd.name)
-        elif getattr(before, fd.name) != getattr(after, fd.name):
+        if fd.has_presence and before.HasField(fd.name) != after.HasField(fd.name) or getattr(before, fd.name) != getattr(after, fd.name):
             paths.append(fd.name)
     return of(paths)

@@ -410,7 +410,6 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from meshgate.common import telemetry
         from meshgate.gatewayd.agent import Agent
-
         from meshgate.gatewayd.stream import PlaintextRefused
 
         rec = Reconciler.for_host(settings)

@@ -90,14 +90,14 @@ def converge(client: Client, manifest: dict[str, Any], *, prune: bool = False, d
         parent = f"networks/{net_id}"
         actions.append(_ensure(
             client, name=parent, cls=network_pb2.Network, spec=net, drop=(), get=client.get_network,
-            create=lambda m: client.create_network(network_id=net_id, network=m), dry_run=dry_run,
+            create=lambda m, i=net_id: client.create_network(network_id=i, network=m), dry_run=dry_run,
         ))
         for node in nodes:
             node = dict(node)
             node_id = node.pop("id")
             actions.append(_ensure(
                 client, name=f"{parent}/nodes/{node_id}", cls=node_pb2.Node, spec=node, drop=(), get=client.get_node,
-                create=lambda m, i=node_id: client.create_node(parent=parent, node_id=i, node=m), dry_run=dry_run,
+                create=lambda m, i=node_id, p=parent: client.create_node(parent=p, node_id=i, node=m), dry_run=dry_run,
             ))
         wanted = set()
         for gw in gateways:
@@ -109,7 +109,8 @@ def converge(client: Client, manifest: dict[str, Any], *, prune: bool = False, d
             actions.append(_ensure(
                 client, name=f"{parent}/egressGateways/{gw_id}", cls=egress_pb2.EgressGateway, spec=gw, drop=(),
                 get=client.get_egress_gateway,
-                create=lambda m, i=gw_id: client.create_egress_gateway(parent=parent, egress_gateway_id=i, egress_gateway=m),
+                create=lambda m, i=gw_id, p=parent: client.create_egress_gateway(parent=p, egress_gateway_id=i,
+                                                                           egress_gateway=m),
                 dry_run=dry_run,
             ))
         if prune:

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from meshgate.api.v1 import events_pb2, node_pb2
 from meshgate.sdk import AsyncClient
