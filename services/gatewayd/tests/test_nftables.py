@@ -174,3 +174,26 @@ def test_nft_loads_replaces_atomically_and_leaves_others(lab, tmp_path):
     listing = h.run("nft", "list", "ruleset").stdout
     assert "masquerade" not in listing and "table ip foreign" in listing
     assert listing.count("table inet meshgate") == 1
+
+
+def test_libnftables_in_process_and_the_nft_command_see_the_same_table(lab):
+    """gatewayd talks to nftables in-process (libnft) when the library is there; what
+    it loads and lists is what the nft command loads and lists."""
+    import sys
+
+    h = lab.host("nftl")
+    t = render("mg0", [egress()], POLICIES)
+    script = (
+        "import sys\n"
+        "from meshgate.gatewayd import libnft\n"
+        "from meshgate.gatewayd.nftables import NftTables\n"
+        "assert libnft.shared() is not None, 'libnftables is missing'\n"
+        "n = NftTables()\n"
+        "n._run(['-f', '-'], sys.stdin.read())\n"
+        "print(n.listing(), end='')\n"
+        "r = n._run(['list', 'table', 'inet', 'nothing'])\n"
+        "assert r.returncode != 0 and 'No such file or directory' in r.stderr, r\n"
+    )
+    inproc = h.run(sys.executable, "-c", script, input=t.text).stdout
+    assert inproc == h.run("nft", "list", "table", "inet", "meshgate").stdout
+    assert "jump overlay_policy" in inproc

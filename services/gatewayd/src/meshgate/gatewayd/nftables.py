@@ -14,6 +14,7 @@ rule) makes the planner replace the table.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from meshgate.gatewayd import libnft
 from meshgate.gatewayd.errors import ApplyError
 
 log = logging.getLogger(__name__)
@@ -227,17 +229,21 @@ def _policy_chains(filters: list[Filter]) -> list[PolicyChain]:
             groups[-1].append(f)
         else:
             groups.append([f])
-    out = []
-    for i, group in enumerate(groups):
-        name = f"pol_{i}"
-        sets: list[str] = []
-        rules: list[str] = []
-        for j, f in enumerate(group):
-            verdict = "accept" if f.accept else "drop"
-            comment = f" comment {_q(f.policy)}" if f.policy else ""
-            rules += [f"{m}{verdict}{comment}" for m in _filter_matches(f, f"{name}_{j}", sets)]
-        out.append(PolicyChain(name, tuple(_parse_sets(sets)), tuple(rules)))
-    return out
+    return [_chain(i, tuple(group)) for i, group in enumerate(groups)]
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _chain(i: int, group: tuple[Filter, ...]) -> PolicyChain:
+    """Chain ``pol_<i>`` of one group of rules (cached: a delta re-renders only the
+    chains that changed)."""
+    name = f"pol_{i}"
+    sets: list[str] = []
+    rules: list[str] = []
+    for j, f in enumerate(group):
+        verdict = "accept" if f.accept else "drop"
+        comment = f" comment {_q(f.policy)}" if f.policy else ""
+        rules += [f"{m}{verdict}{comment}" for m in _filter_matches(f, f"{name}_{j}", sets)]
+    return PolicyChain(name, tuple(_parse_sets(sets)), tuple(rules))
 
 
 def _parse_sets(lines: list[str]) -> list[tuple[str, str, str]]:
@@ -339,6 +345,13 @@ class NftTables:
                 self._canonical = {}
 
     def _run(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        """``nft <args>`` (``-f -`` reads `stdin`): in-process through libnftables when
+        the library is there and the default ``nft`` is asked for, else the command."""
+        lib = libnft.shared() if self._nft == "nft" else None
+        if lib is not None:
+            commands = stdin if args == ["-f", "-"] else " ".join(args)
+            rc, out, err = lib.run(commands or "")
+            return subprocess.CompletedProcess([self._nft, *args], rc, out, err)
         return subprocess.run(
             [self._nft, *args], input=stdin, capture_output=True, text=True, check=False
         )
