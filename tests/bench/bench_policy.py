@@ -344,7 +344,8 @@ def report_stages(title: str, runs: list[dict[str, float]], total: list[float]) 
 def inner(workdir: Path, token: str, reps: int, delta_reps: int) -> None:
     from meshgate.controlplane import compiler
     from meshgate.gatewayd import agent as agent_mod
-    from meshgate.gatewayd import model, nftables, reconciler, routing
+    from meshgate.gatewayd import model, reconciler, routing
+    from meshgate.gatewayd import nftrules as nftables
     from meshgate.gatewayd.agent import Agent
     from meshgate.gatewayd.config import Settings
     from meshgate.gatewayd.reconciler import Reconciler

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from meshgate.api.v1 import desired_state_pb2 as pb
-from meshgate.gatewayd import nftables
+from meshgate.gatewayd import nftrules as nftables
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import InvalidDesiredState
 from meshgate.gatewayd.model import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from meshgate.gatewayd.nftables import Egress, Filter, patch_script, render
+from meshgate.gatewayd.nftrules import Egress, Filter, patch_script, render
 
 N = ipaddress.ip_network
 

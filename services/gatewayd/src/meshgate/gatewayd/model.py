@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-import socket
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Collection, Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common.desired import apply_delta
-from meshgate.gatewayd import nftables
+from meshgate.gatewayd import nftrules as nftables
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import FieldViolation, InvalidDesiredState
 from meshgate.gatewayd.keys import Secret, is_valid_key
@@ -177,31 +177,20 @@ def parse_cidr(text: str) -> Cidr:
     if not plen_s.isdigit():
         raise ValueError(f"bad prefix length {plen_s!r}")
     plen = int(plen_s)
-    if ":" not in addr:
-        try:
-            packed = socket.inet_pton(socket.AF_INET, addr)
-        except OSError:
-            raise ValueError(f"{addr!r} is not an IPv4 address") from None
-        if plen > 32:
-            raise ValueError("prefix length above 32")
-        lo = int.from_bytes(packed, "big")
-        host = _V4_ALL >> plen
-        if lo & host:
-            raise ValueError(f"{text} has host bits set")
-        return Cidr(4, lo, lo | host, f"{socket.inet_ntop(socket.AF_INET, packed)}/{plen}")
     if "%" in addr:
         raise ValueError(f"{addr!r} has a zone index")
     try:
-        packed = socket.inet_pton(socket.AF_INET6, addr)
-    except OSError:
-        raise ValueError(f"{addr!r} is not an IPv6 address") from None
-    if plen > 128:
-        raise ValueError("prefix length above 128")
-    lo = int.from_bytes(packed, "big")
-    host = _V6_ALL >> plen
+        ip = ipaddress.ip_address(addr)  # strict: no leading zeros, no shorthand
+    except ValueError:
+        raise ValueError(f"{addr!r} is not an {'IPv6' if ':' in addr else 'IPv4'} address") from None
+    bits, full = (32, _V4_ALL) if ip.version == 4 else (128, _V6_ALL)
+    if plen > bits:
+        raise ValueError(f"prefix length above {bits}")
+    lo = int(ip)
+    host = full >> plen
     if lo & host:
         raise ValueError(f"{text} has host bits set")
-    return Cidr(6, lo, lo | host, f"{ipaddress.IPv6Address(lo)}/{plen}")
+    return Cidr(ip.version, lo, lo | host, f"{ip}/{plen}")
 
 
 ANY4 = parse_cidr("0.0.0.0/0")

@@ -20,7 +20,7 @@ from typing import Literal
 
 from meshgate.gatewayd.keys import Secret
 from meshgate.gatewayd.model import Desired, Observed, PeerSpec, RouteSpec, RuleSpec
-from meshgate.gatewayd.nftables import Table
+from meshgate.gatewayd.nftrules import Table
 
 
 @dataclass(frozen=True)

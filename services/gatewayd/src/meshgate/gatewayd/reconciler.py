@@ -43,7 +43,8 @@ from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, ForeignInterface, InvalidDesiredState
 from meshgate.gatewayd.keys import NodeKeys
 from meshgate.gatewayd.model import Desired, Observed, compile_desired, expected_observed
-from meshgate.gatewayd.nftables import NftTables, Table
+from meshgate.gatewayd.nftables import NftTables
+from meshgate.gatewayd.nftrules import Table
 from meshgate.gatewayd.planner import Plan, plan
 from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.wireguard import Backend, choose_backend

@@ -31,7 +31,7 @@ def _ip(args: list[str], stdin: str | None = None, check: bool = True) -> subpro
 
 def link_names() -> set[str]:
     r = _ip(["-json", "link", "show"])
-    return {l["ifname"] for l in json.loads(r.stdout or "[]")}
+    return {link["ifname"] for link in json.loads(r.stdout or "[]")}
 
 
 def observe_link(ifname: str) -> ObservedLink | None:
