@@ -101,3 +101,52 @@ def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLo
         assert not pings(laptop, eg.overlay(0), count=2)
     finally:
         wg.down()
+
+
+def test_a_laptop_in_a_deny_network_reaches_only_what_a_client_policy_allows(keyed: KeyedLoop, egress: Egress,  # noqa: F811
+                                                                            ):
+    """Relayed traffic is subject to policies like direct traffic: the laptop (an
+    external client, relayed by the gateway node) reaches client0 on the allowed port
+    only, and nothing else; client0 cannot open a connection to it."""
+    from meshgate.api.v1 import network_pb2, policy_pb2, policy_pb2_grpc
+
+    eg, lab = egress, egress.lab
+    laptop = lab.host("laptop")
+    lab.wire(eg.gw.host, "eth-l", f"{GW_TO_LAPTOP}/28", laptop, "eth0", f"{LAPTOP_UNDERLAY}/28")
+    laptop.ip("route", "add", "default", "via", GW_TO_LAPTOP)
+    up(keyed, eg)
+    clients = external_client_pb2_grpc.ExternalClientServiceStub(keyed.channel)
+    c = clients.CreateExternalClient(ec.CreateExternalClientRequest(
+        parent="networks/lab", external_client_id="laptop",
+        external_client=ec.ExternalClient(gateway_node="networks/lab/nodes/gateway")), timeout=30)
+    conf = configparser.ConfigParser()
+    conf.optionxform = str
+    conf.read_string(c.config)
+    keyed.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
+                    c.config)
+    policies = policy_pb2_grpc.AccessPolicyServiceStub(keyed.channel)
+    p = policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
+        parent="networks/lab", access_policy_id="laptop-web", access_policy=policy_pb2.AccessPolicy(
+            sources=["client:laptop"], destinations=["node:client0"], protocol=policy_pb2.TCP,
+            ports=[policy_pb2.PortRange(first=WHOAMI_PORT)])))
+    net = keyed.networks.UpdateNetwork(network_pb2.UpdateNetworkRequest(
+        network=network_pb2.Network(name="networks/lab", default_policy=network_pb2.DENY),
+        update_mask={"paths": ["default_policy"]}))
+    keyed.wait_converged(2, at_least=max(int(p.etag), int(net.etag)))
+    wg = lab.plain_wireguard(laptop, lab.ifname("lap"), c.config)
+    node = eg.clients[0].host
+    try:
+        node.whoami_server(eg.overlay(0), WHOAMI_PORT)
+        node.whoami_server(eg.overlay(0), WHOAMI_PORT + 1)
+        deadline = time.monotonic() + 30
+        seen = None
+        while seen is None and time.monotonic() < deadline:  # the laptop's first handshake
+            seen = laptop.ask(eg.overlay(0), WHOAMI_PORT, timeout=2)
+        assert seen == c.ipv4_address, "allowed: the laptop reaches client0 on the port, relayed"
+        assert laptop.ask(eg.overlay(0), WHOAMI_PORT + 1, timeout=1.5) is None, "another port"
+        assert not pings(laptop, eg.overlay(0), count=2), "another protocol"
+        assert not pings(laptop, "100.64.0.1", count=2), "the gateway node itself: no policy"
+        laptop.whoami_server(c.ipv4_address, WHOAMI_PORT)
+        assert node.ask(c.ipv4_address, WHOAMI_PORT, timeout=1.5) is None, "the policy has a direction"
+    finally:
+        wg.down()
