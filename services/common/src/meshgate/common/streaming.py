@@ -16,7 +16,9 @@ closed much later by the garbage collector, from another task and another
 `CloseStreams`, the outermost server interceptor, serves every
 response-streaming handler through the reader/writer API instead: it iterates
 the generator itself, writes each message with `context.write`, and closes the
-generator with `aclose()` in the call's own task however the call ends.
+generator with `aclose()` in the call's own task however the call ends. A write that fails because the
+client has gone ends the call quietly (grpc would log it as an ERROR with a
+traceback).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ def _closing(behavior):
             async for message in stream:
                 try:
                     await context.write(message)
-                except Exception:
-                    if context.done():
-                        return  # the client went away mid-write: the call is over, nothing to report
+                except Exception as e:
+                    # The client went away mid-write (grpc's core refused the send:
+                    # ExecuteBatchError): the call is over, there is nothing to
+                    # report, and raising would only log a traceback at ERROR.
+                    if context.done() or type(e).__name__ == "ExecuteBatchError":
+                        return
                     raise
         finally:
             await stream.aclose()
