@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
@@ -77,7 +77,7 @@ class NetworkState:
     # yield their ranges to gateways on nodes that are up.
     down: set[str] = field(default_factory=set)
 
-    def copy(self) -> "NetworkState":
+    def copy(self) -> NetworkState:
         """A copy whose collections can change without touching this one's."""
         return NetworkState(
             self.network, dict(self.nodes), dict(self.gateways), dict(self.policies),
@@ -308,13 +308,7 @@ def client_allowed_ranges(state: NetworkState, client: external_client_pb2.Exter
     return _sort_cidrs(out)
 
 
-def _host_routes(node: node_pb2.Node | external_client_pb2.ExternalClient) -> list[str]:
-    out = []
-    if node.ipv4_address:
-        out.append(f"{node.ipv4_address}/32")
-    if node.ipv6_address:
-        out.append(f"{node.ipv6_address}/128")
-    return out
+_host_routes = filters.host_routes
 
 
 def compile_node(

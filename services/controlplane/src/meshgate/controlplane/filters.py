@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from meshgate.api.v1 import desired_state_pb2 as ds
-from meshgate.api.v1 import network_pb2, policy_pb2
+from meshgate.api.v1 import external_client_pb2, network_pb2, node_pb2, policy_pb2
 
 PROTOCOLS = {
     policy_pb2.PROTOCOL_UNSPECIFIED: "",
@@ -126,10 +126,10 @@ class Resolver:
     def addresses(self, selectors: Sequence[str]) -> list[str] | None:
         out: list[str] = []
         for s in selectors:
-            got = self._cache.get(s, False)
-            if got is False:
-                got = self._cache[s] = self._resolve(s)
-            if got is ANY:
+            if s not in self._cache:
+                self._cache[s] = self._resolve(s)
+            got = self._cache[s]
+            if got is None:
                 return ANY
             out += got
         return out
@@ -140,13 +140,13 @@ class Resolver:
             return ANY
         kind, _, value = selector.partition(":")
         if kind == "tag":
-            return [h for n in st.nodes.values() if value in n.tags for h in _hosts(n)]
+            return [h for n in st.nodes.values() if value in n.tags for h in host_routes(n)]
         if kind == "node":
             n = st.nodes.get(f"{st.network.name}/nodes/{value}")
-            return _hosts(n) if n is not None else []
+            return host_routes(n) if n is not None else []
         if kind == "client":
             c = st.external_clients.get(f"{st.network.name}/externalClients/{value}")
-            return _hosts(c) if c is not None else []
+            return host_routes(c) if c is not None else []
         if kind == "egress":
             gw = st.gateways.get(f"{st.network.name}/egressGateways/{value}")
             if gw is None:
@@ -155,7 +155,8 @@ class Resolver:
         return []
 
 
-def _hosts(n) -> list[str]:
+def host_routes(n: node_pb2.Node | external_client_pb2.ExternalClient) -> list[str]:
+    """A node's or external client's overlay host routes (/32, /128)."""
     out = []
     if n.ipv4_address:
         out.append(f"{n.ipv4_address}/32")

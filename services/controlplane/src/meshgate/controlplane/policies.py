@@ -89,7 +89,7 @@ class AccessPolicies(Resources):
 
     async def update(self, req: policy_pb2.UpdateAccessPolicyRequest) -> policy_pb2.AccessPolicy:
         name = req.access_policy.name
-        self.parse_name(name, "access_policy.name")
+        net_id, _ = self.parse_name(name, "access_policy.name")
         paths, violations = masks.resolve(list(req.update_mask.paths), MUTABLE, ALL_FIELDS)
         if violations:
             raise invalid_argument(violations)
@@ -105,7 +105,7 @@ class AccessPolicies(Resources):
                 raise invalid_argument(errs)
             named = []
             if {"sources", "destinations"} & set(paths):
-                named = await _require_named(self.etcd, names.parse_child(name, KIND.collection)[0], updated, "access_policy")
+                named = await _require_named(self.etcd, net_id, updated, "access_policy")
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated

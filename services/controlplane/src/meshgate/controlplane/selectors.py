@@ -10,7 +10,8 @@ the write commits (a concurrent delete makes the write retry and fail).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from meshgate.common.errors import FieldViolation, invalid_argument
 from meshgate.controlplane import names
@@ -45,7 +46,7 @@ async def require_existing(etcd, net_id: str, fields: Iterable[tuple[str, Sequen
     network `net_id`. Raises INVALID_ARGUMENT (reason SELECTOR_NOT_FOUND) with one
     violation per missing object; returns the compares that keep them existing."""
     compares, missing = [], []
-    seen: dict[bytes, object] = {}
+    seen: dict[bytes, Any] = {}  # key -> its KV, or None
     for field, values in fields:
         for i, s in enumerate(values):
             kind, _, value = s.partition(":")
