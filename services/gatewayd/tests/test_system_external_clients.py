@@ -35,27 +35,38 @@ def pings(host, addr: str, count: int = 3) -> bool:
     return host.run("ping", "-n", "-c", str(count), "-W", "1", addr, check=False).returncode == 0
 
 
-def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLoop, egress: Egress,  # noqa: F811
-                                                                  monkeypatch):
-    eg, lab = egress, egress.lab
-    monkeypatch.setenv("MESHGATE_GATEWAYD_HEALTH_INTERVAL", "1")  # gatewayd reports its peers every second
-    laptop = lab.host("laptop")
-    lab.wire(eg.gw.host, "eth-l", f"{GW_TO_LAPTOP}/28", laptop, "eth0", f"{LAPTOP_UNDERLAY}/28")
+def laptop_client(keyed: KeyedLoop, eg: Egress, egress_ranges: tuple[str, ...] = ()):  # noqa: F811
+    """The laptop's host wired to the gateway node, the network up, the gateway node's
+    egress gateway `out` for `egress_ranges` if any, and the laptop's external client
+    created through the API: (host, client, parsed configuration). Its secrets go to
+    the guard."""
+    laptop = eg.lab.host("laptop")
+    eg.lab.wire(eg.gw.host, "eth-l", f"{GW_TO_LAPTOP}/28", laptop, "eth0", f"{LAPTOP_UNDERLAY}/28")
     laptop.ip("route", "add", "default", "via", GW_TO_LAPTOP)
     up(keyed, eg)
-    keyed.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
-        parent="networks/lab", egress_gateway_id="out",
-        egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/gateway", ranges=["198.51.100.0/24"])))
+    if egress_ranges:
+        keyed.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+            parent="networks/lab", egress_gateway_id="out",
+            egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/gateway", ranges=list(egress_ranges))))
     clients = external_client_pb2_grpc.ExternalClientServiceStub(keyed.channel)
     c = clients.CreateExternalClient(ec.CreateExternalClientRequest(
         parent="networks/lab", external_client_id="laptop",
         external_client=ec.ExternalClient(gateway_node="networks/lab/nodes/gateway")), timeout=30)
     conf = configparser.ConfigParser()
-    conf.optionxform = str
+    conf.optionxform = str  # type: ignore[assignment,method-assign]  # keep the keys' case
     conf.read_string(c.config)
     # The laptop's private key and pre-shared key: in no log, span or etcd value.
     keyed.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
                     c.config)
+    return laptop, c, conf
+
+
+def test_laptop_with_the_returned_config_reaches_nodes_and_egress(keyed: KeyedLoop, egress: Egress,  # noqa: F811
+                                                                  monkeypatch):
+    eg, lab = egress, egress.lab
+    monkeypatch.setenv("MESHGATE_GATEWAYD_HEALTH_INTERVAL", "1")  # gatewayd reports its peers every second
+    laptop, c, conf = laptop_client(keyed, eg, ("198.51.100.0/24",))
+    clients = external_client_pb2_grpc.ExternalClientServiceStub(keyed.channel)
     keyed.guard.expect_span("/meshgate.api.v1.KeyService/IssueClientKeyPair", "meshgate-keyservice")
     assert conf["Peer"]["AllowedIPs"] == "100.64.0.0/24, 198.51.100.0/24"
     # The client config names the gateway node's underlay address its agent registered.
@@ -111,19 +122,7 @@ def test_a_laptop_in_a_deny_network_reaches_only_what_a_client_policy_allows(key
     from meshgate.api.v1 import network_pb2, policy_pb2, policy_pb2_grpc
 
     eg, lab = egress, egress.lab
-    laptop = lab.host("laptop")
-    lab.wire(eg.gw.host, "eth-l", f"{GW_TO_LAPTOP}/28", laptop, "eth0", f"{LAPTOP_UNDERLAY}/28")
-    laptop.ip("route", "add", "default", "via", GW_TO_LAPTOP)
-    up(keyed, eg)
-    clients = external_client_pb2_grpc.ExternalClientServiceStub(keyed.channel)
-    c = clients.CreateExternalClient(ec.CreateExternalClientRequest(
-        parent="networks/lab", external_client_id="laptop",
-        external_client=ec.ExternalClient(gateway_node="networks/lab/nodes/gateway")), timeout=30)
-    conf = configparser.ConfigParser()
-    conf.optionxform = str
-    conf.read_string(c.config)
-    keyed.guard.add(base64.b64decode(conf["Interface"]["PrivateKey"]), base64.b64decode(conf["Peer"]["PresharedKey"]),
-                    c.config)
+    laptop, c, _ = laptop_client(keyed, eg)
     policies = policy_pb2_grpc.AccessPolicyServiceStub(keyed.channel)
     p = policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
         parent="networks/lab", access_policy_id="laptop-web", access_policy=policy_pb2.AccessPolicy(
