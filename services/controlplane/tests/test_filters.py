@@ -97,16 +97,31 @@ def _addresses_of(state, sel):
             if g.name.endswith(f"/egressGateways/{value}"):
                 out += [ipaddress.ip_network(r) for r in g.ranges]
                 if g.internet_gateway:
-                    out += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+                    out.append(INTERNET)
     for n in nodes:
         out += [ipaddress.ip_network(a) for a in (n.ipv4_address, n.ipv6_address) if a]
     return out
 
 
+class _Internet:
+    """The internet, as an internet gateway's selector means it: outside the overlay
+    and outside every gateway's ranges."""
+
+
+INTERNET = _Internet()
+
+
+def _inside(addr, n, state) -> bool:
+    if n is INTERNET:
+        inside = [state.network.ipv4_cidr, state.network.ipv6_cidr] + [r for g in state.gateways.values() for r in g.ranges]
+        return not any(_inside(addr, ipaddress.ip_network(c), state) for c in inside if c)
+    return addr.version == n.version and addr in n
+
+
 def _in(addr, sels, state):
     for s in sels:
         nets = _addresses_of(state, s)
-        if nets is None or any(addr.version == n.version and addr in n for n in nets):
+        if nets is None or any(_inside(addr, n, state) for n in nets):
             return True
     return False
 
@@ -163,19 +178,21 @@ def test_rules_allow_exactly_what_the_policies_allow(state, proto, port):
     addrs = _candidates(state)
     for name in state.nodes:
         out = compiler.compile_node(state, name, index=index)
-        admitted = [ipaddress.ip_network(c) for p in out.peers for c in p.allowed_ips]
+        # what WireGuard lets in; through a default route come the internet's addresses
+        admitted = [ipaddress.ip_network(c) if not c.endswith("/0") else INTERNET
+                    for p in out.peers for c in p.allowed_ips]
         me = state.nodes[name]
         delivers = [ipaddress.ip_network(f"{a}/{32 if ':' not in a else 128}") for a in (me.ipv4_address, me.ipv6_address)]
         delivers += [ipaddress.ip_network(r) for r in out.relayed_ranges]
         for e in out.egress:
             delivers += [ipaddress.ip_network(r) for r in e.ranges]
             if e.internet_gateway:
-                delivers += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+                delivers += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]  # what it forwards
         for src in addrs:
-            if not any(src.version == n.version and src in n for n in admitted):
+            if not any(_inside(src, n, state) for n in admitted):
                 continue  # WireGuard drops it before any filter
             for dst in addrs:
-                if src.version != dst.version or not any(dst.version == n.version and dst in n for n in delivers):
+                if src.version != dst.version or not any(_inside(dst, n, state) for n in delivers):
                     continue
                 want = allowed_by_policies(state, src, dst, proto, port)
                 got = allowed_by_rules(out.filter_rules, src, dst, proto, port)
@@ -208,3 +225,79 @@ def test_a_deny_network_ends_every_node_rule_list_with_a_drop_and_an_allow_netwo
     assert [r.accept for r in compiler.compile_node(state, "networks/n/nodes/n1").filter_rules] == [False]
     state.network.default_policy = network_pb2.ALLOW
     assert list(compiler.compile_node(state, "networks/n/nodes/n2").filter_rules) == []
+
+
+def _deny_net():
+    state = compiler.NetworkState(network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/24",
+                                                      default_policy=network_pb2.DENY))
+    return state
+
+
+def _node(state, i, tags=()):
+    name = f"networks/n/nodes/n{i}"
+    state.nodes[name] = node_pb2.Node(name=name, ipv4_address=f"100.64.0.{i}", public_key=_key(i), tags=list(tags))
+    return name
+
+
+def _policy(state, pid, src, dst, **kw):
+    name = f"networks/n/accessPolicies/{pid}"
+    state.policies[name] = policy_pb2.AccessPolicy(name=name, sources=[src], destinations=[dst], **kw)
+
+
+def test_a_policy_to_the_internet_names_no_node_and_no_other_range():
+    state = _deny_net()
+    gw, ops, db = _node(state, 1), _node(state, 2, ["ops"]), _node(state, 3)
+    state.gateways["networks/n/egressGateways/internet"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/internet", node=gw, internet_gateway=True)
+    state.gateways["networks/n/egressGateways/lab"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/lab", node=gw, ranges=["203.0.113.0/24"])
+    _policy(state, "browse", "tag:ops", "egress:internet", protocol=policy_pb2.TCP,
+            ports=[policy_pb2.PortRange(first=443)], action=policy_pb2.ACCEPT)
+    _policy(state, "ssh", "tag:ops", "node:n3", protocol=policy_pb2.TCP,
+            ports=[policy_pb2.PortRange(first=22)], action=policy_pb2.ACCEPT)
+    db_rules = compiler.compile_node(state, db).filter_rules
+    assert [r.policy.rsplit("/", 1)[1] for r in db_rules if r.policy] == ["ssh"]
+    gw_rules = [r for r in compiler.compile_node(state, gw).filter_rules if r.policy.endswith("browse")]
+    assert gw_rules
+    dst = [ipaddress.ip_network(c) for r in gw_rules for c in r.destinations]
+    for inside in ("100.64.0.1", "203.0.113.5"):  # the gateway itself, its other range
+        assert not any(ipaddress.ip_address(inside) in n for n in dst if n.version == 4), inside
+    assert any(ipaddress.ip_address("192.0.2.80") in n for n in dst if n.version == 4)
+
+
+def test_a_policy_naming_a_gateway_covers_its_standby_after_failover():
+    state = _deny_net()
+    g1, g2, laptop = _node(state, 1), _node(state, 2), _node(state, 3, ["ops"])
+    for gid, node, prio in (("db-a", g1, 10), ("db-b", g2, 1)):
+        state.gateways[f"networks/n/egressGateways/{gid}"] = egress_pb2.EgressGateway(
+            name=f"networks/n/egressGateways/{gid}", node=node, ranges=["203.0.113.0/24"], priority=prio)
+    _policy(state, "db", "tag:ops", "egress:db-a", action=policy_pb2.ACCEPT)
+    state.down.add(g1)
+    out = compiler.compile_node(state, laptop)
+    assert [(r.destination, r.via_peer) for r in out.routes] == [("203.0.113.0/24", state.nodes[g2].public_key)]
+    assert any(r.accept and r.policy for r in compiler.compile_node(state, g2).filter_rules)
+
+
+def test_an_unspecified_action_is_accept_for_peering_and_rules_alike():
+    state = _deny_net()
+    a, b = _node(state, 1), _node(state, 2)
+    _policy(state, "p", "node:n1", "node:n2")  # action left unspecified
+    assert compiler.peers_of(state, a) == [b]
+    assert compiler.compile_node(state, b).filter_rules[0].accept
+
+
+def test_a_node_behind_an_internet_gateway_has_no_rule_about_nodes_it_does_not_peer_with():
+    """The fan-out recompiles a node's peers when another node's tags change; a node's
+    rules must therefore depend on no other node (here: d, whose default route goes
+    through the internet gateway, must not see n's new tag)."""
+    state = _deny_net()
+    gw, d, n = _node(state, 1), _node(state, 2), _node(state, 3)
+    state.gateways["networks/n/egressGateways/internet"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/internet", node=gw, internet_gateway=True)
+    _policy(state, "out", "node:n2", "egress:internet", action=policy_pb2.ACCEPT)
+    _policy(state, "bad", "tag:bad", "*", action=policy_pb2.DROP, priority=0)
+    before = compiler.compile_node(state, d)
+    assert n not in compiler.peers_of(state, d)
+    state.nodes[n].tags.append("bad")
+    assert compiler.compile_node(state, d) == before
+    assert compiler.affected_by_node(None, state, n) >= {n}

@@ -111,11 +111,19 @@ def _matches(selector: str, node: node_pb2.Node, state: NetworkState) -> bool:
         return _id(node.name) == value
     if kind == "egress":
         gw = state.gateways.get(f"{state.network.name}/egressGateways/{value}")
-        return gw is not None and gw.node == node.name
+        return gw is not None and node.name in ha_nodes(state, gw)
     if kind == "client":
         c = state.external_clients.get(f"{state.network.name}/externalClients/{value}")
         return c is not None and not c.disabled and bool(c.public_key) and c.gateway_node == node.name
     return False
+
+
+def ha_nodes(state: NetworkState, gw: egress_pb2.EgressGateway) -> set[str]:
+    """The nodes of `gw` and of the gateways that stand in for it (HA: they declare
+    one of its ranges; the API allows only equal ranges to overlap). An `egress:`
+    selector names them all, so a policy about a gateway survives its failover."""
+    ranges = set(gw.ranges)
+    return {gw.node} | {g.node for g in state.gateways.values() if ranges & set(g.ranges)}
 
 
 def uses(state: NetworkState, gw: egress_pb2.EgressGateway, name: str) -> bool:
@@ -135,7 +143,7 @@ def _policy_allows(state: NetworkState, a: node_pb2.Node, b: node_pb2.Node) -> b
     if state.network.default_policy != network_pb2.DENY:
         return True
     for p in state.policies.values():
-        if p.disabled or p.action != policy_pb2.ACCEPT:
+        if p.disabled or p.action == policy_pb2.DROP:  # unspecified is ACCEPT
             continue
         src_a = any(_matches(s, a, state) for s in p.sources)
         dst_b = any(_matches(d, b, state) for d in p.destinations)
@@ -182,7 +190,7 @@ class PeerIndex:
             return out
 
         for p in state.policies.values():
-            if p.disabled or p.action != policy_pb2.ACCEPT:
+            if p.disabled or p.action == policy_pb2.DROP:  # unspecified is ACCEPT
                 continue
             src = matching(p.sources)
             dst = matching(p.destinations)
@@ -202,7 +210,7 @@ class PeerIndex:
             gw = state.gateways.get(f"{state.network.name}/egressGateways/{value}")
             if gw is None:
                 return frozenset()
-            return frozenset(n for n in self.keyed if state.nodes[n].name == gw.node)
+            return frozenset(ha_nodes(state, gw) & self._keyed_set)
         if kind == "client":  # a client is reached through its gateway node
             c = state.external_clients.get(f"{state.network.name}/externalClients/{value}")
             if c is None or c.disabled or not c.public_key or c.gateway_node not in self._keyed_set:

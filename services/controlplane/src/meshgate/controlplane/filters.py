@@ -8,7 +8,8 @@ Pure, like the rest of the compiler. The meaning being compiled:
   in one of the ranges. A bidirectional policy also matches with sources and
   destinations swapped. Selector addresses: `*` any; `node:`/`tag:` the nodes'
   overlay host addresses; `client:` the external client's; `egress:` the
-  gateway's ranges (0.0.0.0/0 and ::/0 for an internet gateway).
+  gateway's ranges, and for an internet gateway every address outside the
+  overlay and the other gateways' ranges (`Resolver.internet`).
 - Enabled policies are taken by (priority, name); the first that matches decides
   (ACCEPT or DROP); no match means the network's default.
 - A node enforces this for the packets it delivers out of the overlay: to itself,
@@ -108,6 +109,25 @@ def intersect(a: Sequence[str] | None, b: Sequence[str] | None) -> list[str] | N
     return collapse(_within_any(na, _index(nb)) + _within_any(nb, _index(na)))
 
 
+def complement(cidrs: Iterable[str]) -> list[str]:
+    """Every address (IPv4 and IPv6) outside `cidrs`, as the fewest CIDRs."""
+    out: list[str] = []
+    for version, everything in ((4, ipaddress.IPv4Network("0.0.0.0/0")), (6, ipaddress.IPv6Network("::/0"))):
+        holes = ipaddress.collapse_addresses(
+            n for n in (ipaddress.ip_network(c, strict=False) for c in cidrs) if n.version == version)
+        rest = [everything]
+        for hole in holes:
+            nxt = []
+            for r in rest:
+                if hole.subnet_of(r):  # type: ignore[arg-type]  # same version, checked above
+                    nxt += list(r.address_exclude(hole))  # type: ignore[arg-type]
+                elif not r.subnet_of(hole):  # type: ignore[arg-type]
+                    nxt.append(r)
+            rest = nxt
+        out += [str(n) for n in ipaddress.collapse_addresses(rest)]
+    return out
+
+
 def _ports(p: policy_pb2.AccessPolicy) -> list[str]:
     out = []
     for r in p.ports:
@@ -122,6 +142,7 @@ class Resolver:
     def __init__(self, state) -> None:
         self._state = state
         self._cache: dict[str, list[str] | None] = {}
+        self._internet: list[str] | None = None
 
     def addresses(self, selectors: Sequence[str]) -> list[str] | None:
         out: list[str] = []
@@ -151,8 +172,20 @@ class Resolver:
             gw = st.gateways.get(f"{st.network.name}/egressGateways/{value}")
             if gw is None:
                 return []
-            return [*gw.ranges, *(["0.0.0.0/0", "::/0"] if gw.internet_gateway else [])]
+            return [*gw.ranges, *(self.internet() if gw.internet_gateway else [])]
         return []
+
+    def internet(self) -> list[str]:
+        """What an internet gateway's `egress:` selector stands for besides its
+        ranges: every address outside the network's overlay ranges and outside the
+        ranges of the network's other gateways (those are reached through them, not
+        through the internet), so a policy about the internet never names a node."""
+        if self._internet is None:
+            st = self._state
+            inside = [c for c in (st.network.ipv4_cidr, st.network.ipv6_cidr) if c]
+            inside += [r for g in st.gateways.values() for r in g.ranges]
+            self._internet = complement(inside)
+        return self._internet
 
 
 def host_routes(n: node_pb2.Node | external_client_pb2.ExternalClient) -> list[str]:
@@ -177,6 +210,10 @@ def compile_rules(state, delivers: Sequence[str], admits: Sequence[str],
     `admits` (the union of its peers' allowed IPs)."""
     deny = state.network.default_policy == network_pb2.DENY
     resolver = resolver or Resolver(state)
+    if any(c in ("0.0.0.0/0", "::/0") for c in admits):
+        # through an internet gateway come the internet's addresses, not the overlay's
+        # (and so no rule depends on a node this one does not peer with)
+        admits = [c for c in admits if c not in ("0.0.0.0/0", "::/0")] + resolver.internet()
     rules: list[ds.FilterRule] = []
     last_decisive = -1  # index of the last rule whose verdict differs from the default
     for p in ordered(state):

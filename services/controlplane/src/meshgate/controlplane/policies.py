@@ -100,12 +100,15 @@ class AccessPolicies(Resources):
             updated = policy_pb2.AccessPolicy()
             updated.CopyFrom(current)
             masks.apply(req.access_policy, updated, paths)
+            if updated.action == policy_pb2.POLICY_ACTION_UNSPECIFIED:
+                updated.action = policy_pb2.ACCEPT  # as on create: what unspecified means
             errs = validate(updated)
             if errs:
                 raise invalid_argument(errs)
-            named = []
-            if {"sources", "destinations"} & set(paths):
-                named = await _require_named(self.etcd, net_id, updated, "access_policy")
+            # only the selectors being written must exist: one the policy already held
+            # may name a node deleted since, and an update of another field keeps it
+            named = await selectors.require_existing(self.etcd, net_id, [
+                (f"access_policy.{f}", getattr(updated, f)) for f in ("sources", "destinations") if f in paths])
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated
