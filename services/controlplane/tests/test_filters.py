@@ -246,7 +246,8 @@ def _policy(state, pid, src, dst, **kw):
 
 def test_a_policy_to_the_internet_names_no_node_and_no_other_range():
     state = _deny_net()
-    gw, ops, db = _node(state, 1), _node(state, 2, ["ops"]), _node(state, 3)
+    gw, db = _node(state, 1), _node(state, 3)
+    _node(state, 2, ["ops"])
     state.gateways["networks/n/egressGateways/internet"] = egress_pb2.EgressGateway(
         name="networks/n/egressGateways/internet", node=gw, internet_gateway=True)
     state.gateways["networks/n/egressGateways/lab"] = egress_pb2.EgressGateway(
