@@ -386,29 +386,31 @@ def compile_desired(
     egress: list[nftables.Egress] = []
     egress_ifaces: set[str] = set()
     own_nets = sorted({str(ipaddress.ip_interface(a).network) for a in addresses})
-    for i, e in enumerate(msg.egress):
+    for i, eg in enumerate(msg.egress):
         where = f"egress[{i}]"
-        ranges = _nets(e.ranges, f"{where}.ranges", v)
-        sources = _nets(e.source_ranges, f"{where}.source_ranges", v)
+        ranges = _nets(eg.ranges, f"{where}.ranges", v)
+        sources = _nets(eg.source_ranges, f"{where}.source_ranges", v)
         if not sources:
             sources = [parse_cidr(n) for n in own_nets]
-        if e.egress_interface:
-            if not IFNAME_RE.match(e.egress_interface):
+        if eg.egress_interface:
+            if not IFNAME_RE.match(eg.egress_interface):
                 v.append(FieldViolation(f"{where}.egress_interface", "is not a valid interface name"))
-            elif e.egress_interface == iface:
+            elif eg.egress_interface == iface:
                 v.append(FieldViolation(f"{where}.egress_interface", "is the WireGuard interface itself"))
-            elif host_links is not None and e.egress_interface not in host_links:
+            elif host_links is not None and eg.egress_interface not in host_links:
                 v.append(FieldViolation(
-                    f"{where}.egress_interface", f"unknown interface {e.egress_interface!r} on this host"))
-            egress_ifaces.add(e.egress_interface)
-        if not ranges and not e.internet_gateway:
+                    f"{where}.egress_interface", f"unknown interface {eg.egress_interface!r} on this host"))
+            egress_ifaces.add(eg.egress_interface)
+        if not ranges and not eg.internet_gateway:
             v.append(FieldViolation(f"{where}.ranges", "empty (and internet_gateway is off)"))
+        in_order: list[Cidr] = sorted(ranges, key=_range)
+        sources_in_order: list[Cidr] = sorted(sources, key=_range)
         egress.append(nftables.Egress(
-            ranges=tuple(sorted(ranges, key=_range)),
-            sources=tuple(sorted(sources, key=_range)),
-            nat=e.nat,
-            egress_interface=e.egress_interface or None,
-            internet_gateway=e.internet_gateway,
+            ranges=tuple(in_order),
+            sources=tuple(sources_in_order),
+            nat=eg.nat,
+            egress_interface=eg.egress_interface or None,
+            internet_gateway=eg.internet_gateway,
         ))
 
     filters = _filters(msg.filter_rules, v)
@@ -422,21 +424,21 @@ def compile_desired(
     rules: set[RuleSpec] = set()
     for fam in {r.family for r in routes}:
         rules.add(RuleSpec(fam, settings.rule_table_priority, settings.route_table, fwmark, invert=True))
-    for r in routes:
-        if r.dst.endswith("/0"):
-            rules.add(RuleSpec(r.family, settings.rule_priority, MAIN_TABLE, suppress_prefixlength=0))
+    for route in routes:
+        if route.dst.endswith("/0"):
+            rules.add(RuleSpec(route.family, settings.rule_priority, MAIN_TABLE, suppress_prefixlength=0))
             # the control plane is never reached through the tunnel: a default route
             # through a peer would otherwise carry the agent's own stream
             for addr in settings.bypass:
                 fam = 6 if ":" in addr else 4
-                if fam == r.family:
+                if fam == route.family:
                     rules.add(RuleSpec(fam, settings.rule_priority - 10, MAIN_TABLE,
                                        dst=f"{addr}/{32 if fam == 4 else 128}"))
     sysctls: dict[str, str] = {}
-    for e in egress:
+    for egress_spec in egress:
         for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
-            if any(n.version == fam for n in e.sources) and (
-                    e.internet_gateway or any(n.version == fam for n in e.ranges)):
+            if any(n.version == fam for n in egress_spec.sources) and (
+                    egress_spec.internet_gateway or any(n.version == fam for n in egress_spec.ranges)):
                 sysctls[key] = "1"
     for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
         if any(n.version == fam for n in relayed):

@@ -15,6 +15,7 @@ Rules it keeps, because the data plane depends on them:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -123,10 +124,10 @@ def _rule(r: RuleSpec) -> str:
     return s + f" table {r.table}"
 
 
-def _peer_ops(desired: dict[str, PeerSpec] | object, observed: object) -> list[PeerOp]:
+def _peer_ops(desired: Mapping[str, PeerSpec], observed: Mapping[str, PeerSpec]) -> list[PeerOp]:
     ops: list[PeerOp] = []
-    for key, want in desired.items():  # type: ignore[attr-defined]
-        have = observed.get(key)  # type: ignore[attr-defined]
+    for key, want in desired.items():
+        have = observed.get(key)
         if have is None:
             ops.append(PeerOp(
                 "add", key,
@@ -151,8 +152,8 @@ def _peer_ops(desired: dict[str, PeerSpec] | object, observed: object) -> list[P
             continue  # differs only in an unmanaged endpoint
         ops.append(PeerOp("update", key, endpoint=endpoint, preshared_key=psk,
                           clear_preshared_key=clear, keepalive=keepalive, allowed_ips=allowed))
-    for key in observed:  # type: ignore[attr-defined]
-        if key not in desired:  # type: ignore[operator]
+    for key in observed:
+        if key not in desired:
             ops.append(PeerOp("remove", key))
     return ops
 
@@ -161,6 +162,7 @@ def plan(desired: Desired, observed: Observed) -> Plan:
     """The changes that turn ``observed`` into ``desired``; empty when they agree."""
     dev = observed.device
     create = dev is None
+    device: DeviceChange | None
     if dev is None:
         device = DeviceChange(set_private_key=True, listen_port=desired.listen_port, fwmark=desired.fwmark or None)
         peer_ops = _peer_ops(desired.peers, {})
@@ -178,6 +180,8 @@ def plan(desired: Desired, observed: Observed) -> Plan:
         device = None
 
     link = None if create else observed.link
+    mtu: int | None
+    have_addrs: frozenset[str]
     if link is None:
         mtu, up, have_addrs = desired.mtu, True, frozenset()
     else:

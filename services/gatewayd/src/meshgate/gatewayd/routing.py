@@ -123,10 +123,10 @@ def batch_for(plan: Plan, table: int, protocol: int) -> dict[int, list[str]]:
     for r in plan.route_add:
         cmds[r.family].append(
             f"route replace {r.dst} dev {dev} table {table} proto {protocol} metric {r.metric}")
-    for r in plan.rule_del:
-        cmds[r.family].append(f"rule del {_rule_args(r)} protocol {protocol}")
-    for r in plan.rule_add:
-        cmds[r.family].append(f"rule add {_rule_args(r)} protocol {protocol}")
+    for rule in plan.rule_del:
+        cmds[rule.family].append(f"rule del {_rule_args(rule)} protocol {protocol}")
+    for rule in plan.rule_add:
+        cmds[rule.family].append(f"rule add {_rule_args(rule)} protocol {protocol}")
     return cmds
 
 
