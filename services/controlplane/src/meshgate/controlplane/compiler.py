@@ -375,7 +375,7 @@ def compile_node(
             # Only a signature of exactly this key counts; a key that reached
             # etcd without the key service has none, and agents refuse it.
             public_key_signature=sig.signature if sig is not None else b"",
-            preshared_key=psk(name, p) if use_psk else "",
+            preshared_key=psk(name, p) if psk is not None and use_psk else "",
             endpoint=peer.endpoint,
             allowed_ips=_sort_cidrs(allowed[p]),
             persistent_keepalive_seconds=keepalive,
@@ -388,7 +388,7 @@ def compile_node(
             ds.Peer(
                 public_key=c.public_key,
                 public_key_signature=sig.signature if sig is not None else b"",
-                preshared_key=psk(name, c.name) if use_psk else "",
+                preshared_key=psk(name, c.name) if psk is not None and use_psk else "",
                 allowed_ips=_sort_cidrs(_host_routes(c)),
                 resource=c.name,
             )
@@ -449,7 +449,9 @@ def affected_by_client(before: NetworkState | None, after: NetworkState | None, 
     it (they route the client's addresses to it)."""
     out: set[str] = set()
     for st in (before, after):
-        c = st.external_clients.get(name) if st is not None else None
+        if st is None:
+            continue
+        c = st.external_clients.get(name)
         if c is not None and c.gateway_node in st.nodes:
             out.add(c.gateway_node)
             out.update(peers_of(st, c.gateway_node))

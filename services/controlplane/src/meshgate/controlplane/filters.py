@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import external_client_pb2, network_pb2, node_pb2, policy_pb2
@@ -43,6 +44,7 @@ PROTOCOLS = {
     policy_pb2.ICMPV6: "icmpv6",
 }
 ANY = None  # a selector side that matches every address
+_N = TypeVar("_N", ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -111,21 +113,24 @@ def intersect(a: Sequence[str] | None, b: Sequence[str] | None) -> list[str] | N
 
 def complement(cidrs: Iterable[str]) -> list[str]:
     """Every address (IPv4 and IPv6) outside `cidrs`, as the fewest CIDRs."""
-    out: list[str] = []
-    for version, everything in ((4, ipaddress.IPv4Network("0.0.0.0/0")), (6, ipaddress.IPv6Network("::/0"))):
-        holes = ipaddress.collapse_addresses(
-            n for n in (ipaddress.ip_network(c, strict=False) for c in cidrs) if n.version == version)
-        rest = [everything]
-        for hole in holes:
-            nxt = []
-            for r in rest:
-                if hole.subnet_of(r):  # type: ignore[arg-type]  # same version, checked above
-                    nxt += list(r.address_exclude(hole))  # type: ignore[arg-type]
-                elif not r.subnet_of(hole):  # type: ignore[arg-type]
-                    nxt.append(r)
-            rest = nxt
-        out += [str(n) for n in ipaddress.collapse_addresses(rest)]
-    return out
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return ([str(n) for n in _outside(ipaddress.IPv4Network("0.0.0.0/0"), v4)]
+            + [str(n) for n in _outside(ipaddress.IPv6Network("::/0"), v6)])
+
+
+def _outside(everything: _N, holes: list[_N]) -> list[_N]:
+    rest = [everything]
+    for hole in ipaddress.collapse_addresses(holes):
+        nxt: list[_N] = []
+        for r in rest:
+            if hole.subnet_of(r):
+                nxt += list(r.address_exclude(hole))
+            elif not r.subnet_of(hole):
+                nxt.append(r)
+        rest = nxt
+    return list(ipaddress.collapse_addresses(rest))
 
 
 def _ports(p: policy_pb2.AccessPolicy) -> list[str]:

@@ -97,6 +97,7 @@ class AccessPolicies(Resources):
         async def attempt(_: int):
             current, kv = await self.read(name)
             self.check_etag(req.access_policy.etag, kv, name)
+            assert isinstance(current, policy_pb2.AccessPolicy)
             updated = policy_pb2.AccessPolicy()
             updated.CopyFrom(current)
             masks.apply(req.access_policy, updated, paths)
