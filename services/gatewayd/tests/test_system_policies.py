@@ -155,6 +155,7 @@ def test_policies_allow_their_ports_and_protocols_only_and_follow_changes(api: A
     # c0 and c1 peer again (under DENY, with c0-c1-web disabled, no policy linked them):
     # the first handshake can race one side's apply, so wait for it
     c0.wait_reachable(c1_v4)
+    c1.wait_reachable(eg.overlay(None))  # c1 and the gateway peer again too
     assert _tcp(c0, c1_v4, 8080) and _ping(c0, c1_v4) and _tcp(c1, c0_v4, 80)
     assert _tcp(c1, eg.ext_addr, 8080)
     drop = api.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
