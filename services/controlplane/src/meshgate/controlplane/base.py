@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from google.protobuf.message import Message
 
 from meshgate.common.errors import FieldViolation, etag_mismatch, invalid_argument, not_found, shown
 from meshgate.common.etcd import KV, Etcd, prefix_end
 from meshgate.controlplane import names, store, validation
 from meshgate.controlplane.txn import Conflict, decode_page_token, encode_page_token
 
+M = TypeVar("M", bound=Message)
+
 
 @dataclass(frozen=True)
-class Kind:
+class Kind(Generic[M]):
     type_name: str  # meshgate.io/Node
     collection: str  # nodes (in resource names and etcd keys)
-    message: type
+    message: type[M]
 
 
-class Resources:
-    """Base for the per-kind operations; holds the etcd adapter."""
+class Resources(Generic[M]):
+    """Base for the per-kind operations on resources of message type M; holds the etcd adapter."""
 
-    kind: Kind
+    kind: Kind[M]
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
@@ -51,18 +56,18 @@ class Resources:
 
     # reads ---------------------------------------------------------------
 
-    async def read(self, name: str) -> tuple[object, KV]:
+    async def read(self, name: str) -> tuple[M, KV]:
         net, rid = self.parse_name(name)
         kv = await self.etcd.get(self.key_of(net, rid))
         if kv is None:
             raise not_found(self.kind.type_name, name)
         return store.decode(self.kind.message, kv), kv
 
-    async def get(self, name: str):
+    async def get(self, name: str) -> M:
         msg, _ = await self.read(name)
         return self.present(msg)
 
-    def present(self, msg):
+    def present(self, msg: M) -> M:
         """The resource as callers see it (computed output fields filled)."""
         return msg
 

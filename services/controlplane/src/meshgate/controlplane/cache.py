@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from google.protobuf.message import DecodeError
 
@@ -31,7 +31,8 @@ from meshgate.controlplane import compiler, ipam, store
 
 log = logging.getLogger(__name__)
 
-_COLLECTIONS = {
+_Resource = node_pb2.Node | egress_pb2.EgressGateway | policy_pb2.AccessPolicy | external_client_pb2.ExternalClient
+_COLLECTIONS: dict[str, tuple[str, type[_Resource]]] = {
     "nodes": ("nodes", node_pb2.Node),
     "egressGateways": ("gateways", egress_pb2.EgressGateway),
     "accessPolicies": ("policies", policy_pb2.AccessPolicy),
@@ -124,7 +125,7 @@ class StateCache:
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def _advance(self, revision: int) -> None:
@@ -207,8 +208,10 @@ class StateCache:
         self.sessions = sessions
         self.addresses, self.pubkeys = {}, {}
         for net_id, st in nets.items():
-            for node in (*st.nodes.values(), *st.external_clients.values()):
+            for node in st.nodes.values():
                 self._index(net_id, node, True)
+            for client in st.external_clients.values():
+                self._index(net_id, client, True)
         self.revision = 0
         self._advance(rev)
         self.ready.set()
@@ -318,10 +321,10 @@ class StateCache:
                     else:
                         self.networks[net_id] = compiler.NetworkState(net)
                 else:
-                    gone = self.networks.pop(net_id, None)
+                    dropped = self.networks.pop(net_id, None)
                     self._drop_network(net_id)
-                    if gone is not None:
-                        change.deleted_nodes.update(gone.nodes)
+                    if dropped is not None:
+                        change.deleted_nodes.update(dropped.nodes)
                 continue
             st = self.networks.get(net_id)
             if st is None:
@@ -342,6 +345,7 @@ class StateCache:
                 msg = None
                 getattr(st, attr).pop(name, None)
             if parts[0] in ("nodes", "externalClients"):
+                assert msg is None or isinstance(msg, (node_pb2.Node, external_client_pb2.ExternalClient))
                 self._index(net_id, previous, False)
                 self._index(net_id, msg, True)
             if parts[0] == "nodes":

@@ -113,7 +113,7 @@ async def endpoint_check(res: Resources, net_id: str, endpoint: str, field: str)
     return res.t.mod(res.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0)
 
 
-class EgressGateways(Resources):
+class EgressGateways(Resources[egress_pb2.EgressGateway]):
     kind = KIND
 
     def __init__(self, etcd, networks: Networks) -> None:
@@ -151,7 +151,9 @@ class EgressGateways(Resources):
         # Stored in canonical form (`203.0.113.0/024` as `203.0.113.0/24`).
         gw.ranges[:] = [str(n) for n in ranges]
         used_by = await selectors.require_existing(self.etcd, net_id, [(f"{prefix}.used_by", gw.used_by)])
-        node_net, node_id = names.parse_child(gw.node, "nodes")  # validated above
+        parsed = names.parse_child(gw.node, "nodes")
+        assert parsed is not None  # validated above
+        node_net, node_id = parsed
         if node_net != net_id:
             raise invalid_argument(
                 [FieldViolation(f"{prefix}.node", f"{gw.node!r} is not in network {names.network_name(net_id)!r}")]

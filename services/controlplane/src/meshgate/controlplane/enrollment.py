@@ -99,7 +99,7 @@ def node_id_from_hostname(hostname: str) -> str:
     return s[:63].rstrip("-")
 
 
-class EnrollmentKeys(Resources):
+class EnrollmentKeys(Resources[enrollment_pb2.EnrollmentKey]):
     kind = KIND
 
     def __init__(self, etcd, networks: Networks, nodes: Nodes) -> None:

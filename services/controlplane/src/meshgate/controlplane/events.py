@@ -30,9 +30,11 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd.exceptions
 import grpc
+from google.protobuf.message import Message
 
 from meshgate.api.v1 import (
     egress_pb2,
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 class EventKind:
     collection: str  # first key segment and resource-name collection
     type_name: str  # meshgate.io/Node
-    message: type
+    message: type[Message]
     field: str  # the WatchEvent oneof field
 
 
@@ -136,7 +138,7 @@ def to_event(prefix: bytes, kind_name: str, key: bytes, value: bytes, create_rev
     else:
         ev.type = events_pb2.WatchEvent.CREATED if create_revision == mod_revision else events_pb2.WatchEvent.UPDATED
         etag = mod_revision
-    resource = kind.message.FromString(value)
+    resource: Any = kind.message.FromString(value)  # every resource message has an etag
     resource.etag = str(etag)
     getattr(ev, kind.field).CopyFrom(resource)
     return ev

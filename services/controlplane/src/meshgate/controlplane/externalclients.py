@@ -143,7 +143,7 @@ def delete_ops(res: Resources, net_id: str, client: external_client_pb2.External
     return ops + material_ops(res, net_id, client.name, client.gateway_node)
 
 
-class ExternalClients(Resources):
+class ExternalClients(Resources[external_client_pb2.ExternalClient]):
     kind = KIND
 
     def __init__(self, etcd, networks: Networks, cache: StateCache | None = None,

@@ -8,6 +8,8 @@ per-network prefixes in one transaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf import duration_pb2
 
 from meshgate.api.v1 import network_pb2
@@ -19,6 +21,7 @@ from meshgate.common.errors import (
     reference_not_found,
     shown,
 )
+from meshgate.common.etcd import TxnOp
 from meshgate.controlplane import masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.txn import decode_page_token, encode_page_token, retrying
@@ -48,7 +51,7 @@ def apply_defaults(net: network_pb2.Network) -> None:
         net.default_policy = network_pb2.ALLOW
 
 
-class Networks(Resources):
+class Networks(Resources[network_pb2.Network]):
     kind = KIND
 
     def parse_name(self, name: str, field: str = "name") -> tuple[str, str]:
@@ -113,7 +116,7 @@ class Networks(Resources):
         token = encode_page_token("", kvs[-1].key[len(prefix):].decode()) if more and kvs else ""
         return items, token
 
-    async def list_among(self, ids: list[str], page_size: int, page_token: str):
+    async def list_among(self, ids: Sequence[str], page_size: int, page_token: str):
         """Like `list`, over the networks `ids` (sorted) only: a caller scoped to
         them pages without page tokens naming any other network."""
         size, errs = validation.page_size("page_size", page_size)
@@ -177,7 +180,7 @@ class Networks(Resources):
                 )
             if req.validate_only:
                 return None
-            ops = [self.t.delete(kv.key)]
+            ops: list[TxnOp] = [self.t.delete(kv.key)]
             for p in self.keys.network_prefixes(net_id):
                 ops.append(self.t.delete(p, store.range_after(p, "")[1]))
             ops.extend(self.t.delete(k) for k in self.keys.network_singles(net_id))

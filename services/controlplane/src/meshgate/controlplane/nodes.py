@@ -49,7 +49,7 @@ def _in_use(field: str, what: str, holder: str) -> ApiError:
     )
 
 
-class Nodes(Resources):
+class Nodes(Resources[node_pb2.Node]):
     kind = KIND
 
     def __init__(

@@ -47,7 +47,7 @@ async def _require_named(etcd, net_id: str, p, prefix: str):
         etcd, net_id, [(f"{prefix}.sources", p.sources), (f"{prefix}.destinations", p.destinations)])
 
 
-class AccessPolicies(Resources):
+class AccessPolicies(Resources[policy_pb2.AccessPolicy]):
     kind = KIND
 
     def __init__(self, etcd, networks: Networks) -> None:

@@ -42,10 +42,14 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from meshgate.common.etcd import KV, Etcd, prefix_end
+
+M = TypeVar("M", bound=Message)
 
 # Every collection whose keys are `{collection}/{net}/...`.
 PER_NETWORK = (
@@ -109,8 +113,9 @@ def etag_of(kv: KV) -> str:
     return str(kv.mod_revision)
 
 
-def decode(cls, kv: KV):
-    msg = cls.FromString(kv.value)
+def decode(cls: type[M], kv: KV) -> M:
+    """The resource stored in `kv`, its etag set from the key's revision."""
+    msg: Any = cls.FromString(kv.value)  # every resource message has an etag
     msg.etag = etag_of(kv)
     return msg
 

@@ -34,22 +34,23 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from meshgate.api.v1 import agent_pb2, agent_pb2_grpc
+from meshgate.api.v1 import agent_pb2, agent_pb2_grpc, network_pb2, node_pb2
 from meshgate.api.v1 import desired_state_pb2 as ds
-from meshgate.api.v1 import network_pb2, node_pb2
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
 from meshgate.common.etcd import Etcd
 from meshgate.common.identity import node_of, peer_identity, peer_spki_sha256
 from meshgate.controlplane import compiler, names
 from meshgate.controlplane.cache import Change, StateCache
-from meshgate.controlplane.enrollment import EnrollmentKeys, check_csr, bound_keys, csr_binding
+from meshgate.controlplane.enrollment import EnrollmentKeys, bound_keys, check_csr, csr_binding
 from meshgate.controlplane.keymaterial import KeyMaterial
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class Fanout:
         self.messages_sent = 0
         self._records: dict[bytes, dict] = {}
         self._client_health: dict[bytes, dict] = {}  # what this replica last wrote per client
-        self.lease = None
+        self.lease: Any = None  # aetcd's Lease (untyped), made by start()
         self._lease_task: asyncio.Task | None = None
         cache.listeners.append(self.on_change)
 
@@ -311,6 +312,7 @@ class Fanout:
         """Desired states of `names_`, with their pre-shared keys; a node whose
         keys cannot be fetched now is left out and retried later."""
         net_id = names.parse_network(st.network.name)
+        assert net_id is not None  # a stored network's name
         index = index or compiler.PeerIndex(st)
         psk = None
         if self.keys.enabled and not st.network.disable_preshared_keys:
@@ -490,7 +492,7 @@ class Fanout:
                     try:
                         # an ack here wakes us at once; peers elsewhere are polled
                         await asyncio.wait_for(self._acked.wait(), 0.05)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
         finally:
             self.holds.pop(node, None)
@@ -709,6 +711,7 @@ class Fanout:
 
     async def network_status(self, network: network_pb2.Network) -> network_pb2.NetworkStatus:
         net_id = names.parse_network(network.name)
+        assert net_id is not None  # a stored network's name
         rev = await self.etcd.revision()
         await asyncio.wait_for(self.cache.wait_for_revision(rev), 10)
         await self.status.flush()
@@ -722,6 +725,7 @@ class Fanout:
         if st and len(compiled) < len(st.nodes):
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "the key service is unavailable; retry",
                            "KEY_SERVICE_UNAVAILABLE")
+        down = st.down if st else set()
         for name in sorted(st.nodes if st else ()):
             nid = name.rsplit("/", 1)[1]
             dg = digest(compiled[name])
@@ -738,7 +742,7 @@ class Fanout:
                 converged=rec.get("applied_digest") == d.digest,
                 connected=nid in connected,
                 last_error=rec.get("last_error", ""),
-                failed_over=name in st.down,
+                failed_over=name in down,
             )
             for d in rec.get("declined_routes", ()):
                 nc.declined_routes.add(destination=d.get("destination", ""), reason=d.get("reason", ""),
@@ -820,6 +824,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.fanout = fanout
         self.cache = cache
         self.agent_tokens = agent_tokens
+        self._background: set[asyncio.Task] = set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, holding its task until it ends (the
+        event loop keeps only a weak reference: a dropped task can vanish)."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _who(self, context) -> str:
         """The node a Sync stream speaks for."""
@@ -908,7 +920,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         it = request_iterator.__aiter__()
         try:
             first = await asyncio.wait_for(it.__anext__(), 30)
-        except (StopAsyncIteration, asyncio.TimeoutError):
+        except (TimeoutError, StopAsyncIteration):
             raise invalid_argument([FieldViolation("hello", "the first message of a stream must be hello")]) from None
         if first.WhichOneof("message") != "hello":
             raise invalid_argument([FieldViolation("hello", "the first message of a stream must be hello")])
@@ -953,7 +965,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     await self.fanout.resync(session)
                 elif kind == "new_key":
                     if self.fanout.rotation_pending(session.node):
-                        asyncio.create_task(self._rotate(session, req.new_key.public_key))
+                        self._spawn(self._rotate(session, req.new_key.public_key))
                     else:
                         # Only a key the control plane asked for: whoever holds an
                         # agent's credential must not be able to swap its key.
@@ -961,7 +973,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                                     session.node)
                         self.fanout._record(session.node, error="refused a new key: no key rotation was requested")
                 elif kind == "renew_certificate":
-                    asyncio.create_task(self._renew(session, req.renew_certificate.csr))
+                    self._spawn(self._renew(session, req.renew_certificate.csr))
                 elif kind == "health":
                     self.fanout._record(session.node)
                     self.fanout.client_health(session, req.health)
