@@ -255,7 +255,7 @@ class Gen:
             "# ruff: noqa",
             "from __future__ import annotations",
             "",
-            "from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence",
+            "from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence",
             "",
             "from google.protobuf import duration_pb2, empty_pb2, field_mask_pb2, timestamp_pb2",
             "from google.rpc import status_pb2",
@@ -267,6 +267,7 @@ class Gen:
         names: set[str] = set()
         for cls, is_async in (("SyncMethods", False), ("AsyncMethods", True)):
             out += ["", f"class {cls}:", f'    """Every RPC of the API as a {"coroutine" if is_async else "method"}; see `Client`."""', ""]
+            out += _TRANSPORT_ASYNC if is_async else _TRANSPORT_SYNC
             for f in self.files:
                 for svc in f.service:
                     out.append(f"    # {svc.name} " + "-" * (70 - len(svc.name)))
@@ -277,6 +278,36 @@ class Gen:
                             names.add(snake(m.name))
                         out += self.method(svc, m, is_async)
         return "\n".join(out).rstrip() + "\n"
+
+
+# What the methods call, implemented by Client and AsyncClient; declared here
+# for type checkers only.
+_TRANSPORT_SYNC = [
+    "    if TYPE_CHECKING:  # the transport: Client's",
+    "        def _unary(self, service: str, method: str, request: Any, timeout: float | None,",
+    "                   metadata: Metadata | None) -> Any: ...",
+    "        def _unary_stream(self, service: str, method: str, request: Any, timeout: float | None,",
+    "                          metadata: Metadata | None) -> Iterator[Any]: ...",
+    "        def _stream_stream(self, service: str, method: str, requests: Iterable[Any], timeout: float | None,",
+    "                           metadata: Metadata | None) -> Iterator[Any]: ...",
+    "        @staticmethod",
+    "        def _pages(list_method: Any, request: Any, items_field: str, timeout: float | None,",
+    "                   metadata: Metadata | None) -> Iterator[Any]: ...",
+    "",
+]
+_TRANSPORT_ASYNC = [
+    "    if TYPE_CHECKING:  # the transport: AsyncClient's",
+    "        async def _unary(self, service: str, method: str, request: Any, timeout: float | None,",
+    "                         metadata: Metadata | None) -> Any: ...",
+    "        def _unary_stream(self, service: str, method: str, request: Any, timeout: float | None,",
+    "                          metadata: Metadata | None) -> AsyncIterator[Any]: ...",
+    "        def _stream_stream(self, service: str, method: str, requests: AsyncIterable[Any] | Iterable[Any],",
+    "                           timeout: float | None, metadata: Metadata | None) -> AsyncIterator[Any]: ...",
+    "        @staticmethod",
+    "        def _pages(list_method: Any, request: Any, items_field: str, timeout: float | None,",
+    "                   metadata: Metadata | None) -> AsyncIterator[Any]: ...",
+    "",
+]
 
 
 def _docstring(text: str) -> str:

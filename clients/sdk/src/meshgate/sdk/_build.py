@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+
+from meshgate.sdk import _descriptors as descriptors
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -32,7 +34,7 @@ def build(cls: type[Message], request: Message | Mapping[str, Any] | None, **fie
         msg = json_format.ParseDict(dict(request), cls())
     for name, value in fields.items():
         if value is not None:
-            set_field(msg, msg.DESCRIPTOR.fields_by_name[name], value)
+            set_field(msg, descriptors.of(msg).fields_by_name[name], value)
     return msg
 
 
@@ -80,11 +82,11 @@ def _message(cls: type[Message], value: Any) -> Message:
     if name == "google.protobuf.FieldMask" and not isinstance(value, Mapping):
         return cls(paths=list(value))
     if name == "google.protobuf.Duration" and isinstance(value, (int, float)):
-        d = cls()
+        d = duration_pb2.Duration()
         d.FromNanoseconds(int(value * 1e9))
         return d
     if name in ("google.protobuf.Duration", "google.protobuf.Timestamp") and isinstance(value, str):
-        m = cls()
-        m.FromJsonString(value)
-        return m
+        wkt = duration_pb2.Duration() if name == "google.protobuf.Duration" else timestamp_pb2.Timestamp()
+        wkt.FromJsonString(value)
+        return wkt
     return json_format.ParseDict(dict(value), cls())

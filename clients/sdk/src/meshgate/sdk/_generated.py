@@ -3,7 +3,7 @@
 # ruff: noqa
 from __future__ import annotations
 
-from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 from google.protobuf import duration_pb2, empty_pb2, field_mask_pb2, timestamp_pb2
 from google.rpc import status_pb2
@@ -14,6 +14,17 @@ from meshgate.sdk._build import Metadata, build as _build
 
 class SyncMethods:
     """Every RPC of the API as a method; see `Client`."""
+
+    if TYPE_CHECKING:  # the transport: Client's
+        def _unary(self, service: str, method: str, request: Any, timeout: float | None,
+                   metadata: Metadata | None) -> Any: ...
+        def _unary_stream(self, service: str, method: str, request: Any, timeout: float | None,
+                          metadata: Metadata | None) -> Iterator[Any]: ...
+        def _stream_stream(self, service: str, method: str, requests: Iterable[Any], timeout: float | None,
+                           metadata: Metadata | None) -> Iterator[Any]: ...
+        @staticmethod
+        def _pages(list_method: Any, request: Any, items_field: str, timeout: float | None,
+                   metadata: Metadata | None) -> Iterator[Any]: ...
 
     # TokenService ----------------------------------------------------------
 
@@ -957,6 +968,17 @@ class SyncMethods:
 
 class AsyncMethods:
     """Every RPC of the API as a coroutine; see `Client`."""
+
+    if TYPE_CHECKING:  # the transport: AsyncClient's
+        async def _unary(self, service: str, method: str, request: Any, timeout: float | None,
+                         metadata: Metadata | None) -> Any: ...
+        def _unary_stream(self, service: str, method: str, request: Any, timeout: float | None,
+                          metadata: Metadata | None) -> AsyncIterator[Any]: ...
+        def _stream_stream(self, service: str, method: str, requests: AsyncIterable[Any] | Iterable[Any],
+                           timeout: float | None, metadata: Metadata | None) -> AsyncIterator[Any]: ...
+        @staticmethod
+        def _pages(list_method: Any, request: Any, items_field: str, timeout: float | None,
+                   metadata: Metadata | None) -> AsyncIterator[Any]: ...
 
     # TokenService ----------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import types
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -122,7 +123,7 @@ def _plural(words: list[str]) -> list[str]:
 @dataclass(frozen=True)
 class Service:
     descriptor: ServiceDescriptor
-    module: object
+    module: types.ModuleType
     methods: list[Method] = field(default_factory=list, compare=False)
 
     @property

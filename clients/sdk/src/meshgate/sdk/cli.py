@@ -39,6 +39,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from meshgate.sdk import _descriptors as descriptors
 from meshgate.sdk import api, errors, masks
 from meshgate.sdk import config as config_mod
 from meshgate.sdk._comments import COMMENTS
@@ -114,7 +115,8 @@ class FieldOption:
 
 
 def _behaviors(fd: FieldDescriptor) -> set[int]:
-    return set(fd.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+    # googleapis-common-protos' stub types the extension as a plain FieldDescriptor
+    return set(fd.GetOptions().Extensions[field_behavior_pb2.field_behavior])  # type: ignore[index]
 
 
 def _is_map(fd: FieldDescriptor) -> bool:
@@ -150,7 +152,7 @@ def field_options(desc: Descriptor, prefix: tuple[str, ...] = (), depth: int = 0
             and depth < MAX_DEPTH
             and fd.message_type.fields
         )
-        if nested:
+        if nested and fd.message_type is not None:
             out += field_options(fd.message_type, path, depth + 1, update)
         else:
             out.append(FieldOption("f__" + "__".join(path), path, fd))
@@ -299,7 +301,7 @@ def to_dict(msg: Message) -> dict:
 
 
 def _cell(msg: Message, field: str) -> str:
-    fd = msg.DESCRIPTOR.fields_by_name[field]
+    fd = descriptors.of(msg).fields_by_name[field]
     v = getattr(msg, field)
     if fd.is_repeated and not _is_map(fd):
         if fd.message_type is not None and fd.message_type.full_name in CELL_FIELD:
@@ -343,8 +345,10 @@ def table_of(msgs: list[Message], desc: Descriptor) -> str:
 
 def list_items(msg: Message) -> tuple[str, FieldDescriptor] | None:
     """The repeated resource field of a List response (or of a status with rows)."""
-    reps = [fd for fd in msg.DESCRIPTOR.fields if fd.is_repeated and fd.message_type is not None and not _is_map(fd)]
-    if len(reps) == 1 and ("next_page_token" in msg.DESCRIPTOR.fields_by_name or reps[0].message_type.full_name in COLUMNS):
+    desc = descriptors.of(msg)
+    reps = [fd for fd in desc.fields if fd.is_repeated and fd.message_type is not None and not _is_map(fd)]
+    item = reps[0].message_type if len(reps) == 1 else None
+    if item is not None and ("next_page_token" in desc.fields_by_name or item.full_name in COLUMNS):
         return reps[0].name, reps[0]
     return None
 
@@ -385,9 +389,10 @@ class Printer:
                 if not rows:
                     click.echo(f"no {name.replace('_', ' ')}")
                     return
+                assert fd.message_type is not None  # list_items finds message fields
                 click.echo(table_of(rows, fd.message_type))
                 return
-            click.echo(table_of([msg], msg.DESCRIPTOR))
+            click.echo(table_of([msg], descriptors.of(msg)))
             once = ONCE.get(msg.DESCRIPTOR.full_name)
             if once and getattr(msg, once):
                 # Secret material the server returns once: a table must not swallow it.
@@ -448,7 +453,9 @@ class State:
 
 
 def _state() -> State:
-    return click.get_current_context().find_object(State)
+    st = click.get_current_context().find_object(State)
+    assert st is not None, "the meshgate group makes the State"
+    return st
 
 
 def _call(fn: Callable[[], Any]) -> Any:
@@ -477,7 +484,7 @@ def _update_mask(m: api.Method, request: dict, given: list[tuple[str, ...]]) -> 
     if "update_mask" not in fields or request.get("update_mask"):
         return
     res = next((fd for fd in m.input.fields if fd.message_type is not None and fd.name != "update_mask"), None)
-    if res is None or res.name not in request:
+    if res is None or res.message_type is None or res.name not in request:
         return
     by_name = res.message_type.fields_by_name
     by_json = {fd.json_name: fd for fd in res.message_type.fields}
@@ -555,7 +562,7 @@ def make_command(m: api.Method) -> click.Command:
             request = docs[0]
         from_opts, given = options_to_dict(opts, values)
         _merge(request, from_opts)
-        if positional_name is not None:
+        if positional_name is not None and pos is not None:  # NAME exists only with a path
             d = request
             for p in pos[:-1]:
                 d = d.setdefault(p, {})
@@ -598,7 +605,8 @@ def list_items_of_desc(m: api.Method) -> bool:
     return "page_token" in m.input.fields_by_name and "next_page_token" in m.output.fields_by_name
 
 
-def _all_pages(client, method: str, request: Message) -> Message:
+def _all_pages(client, method: str, request: Any) -> Message:
+    # `request`: a List request, any of them (each has a page_token)
     resp = getattr(client, method)(request)
     items = list_items(resp)
     while resp.next_page_token and items is not None:

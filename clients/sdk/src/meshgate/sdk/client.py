@@ -273,7 +273,7 @@ class Client(SyncMethods, _Base):
         res, get, update = self._resource_methods(name)
         for attempt in range(attempts):
             current = getattr(self, get)(name=name, timeout=timeout)
-            desired = type(current)()
+            desired: Any = type(current)()  # the resource's message (every one has an etag)
             desired.CopyFrom(current)
             desired = mutate(desired) or desired
             mask = masks.diff(current, desired)
@@ -404,7 +404,7 @@ class AsyncClient(AsyncMethods, _Base):
         res, get, update = self._resource_methods(name)
         for attempt in range(attempts):
             current = await getattr(self, get)(name=name, timeout=timeout)
-            desired = type(current)()
+            desired: Any = type(current)()  # the resource's message (every one has an etag)
             desired.CopyFrom(current)
             desired = mutate(desired) or desired
             mask = masks.diff(current, desired)

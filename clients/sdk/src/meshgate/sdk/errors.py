@@ -13,6 +13,7 @@ in them, and neither does this module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -144,15 +145,16 @@ def from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status |
     kw: dict = {}
     violations: list[FieldViolation] = []
     for d in status.details if status is not None else ():
-        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        kind = d.TypeName()
+        if kind == error_details_pb2.BadRequest.DESCRIPTOR.full_name:
             br = error_details_pb2.BadRequest()
             d.Unpack(br)
             violations += [FieldViolation(v.field, v.description) for v in br.field_violations]
-        elif d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+        elif kind == error_details_pb2.ErrorInfo.DESCRIPTOR.full_name:
             info = error_details_pb2.ErrorInfo()
             d.Unpack(info)
             kw.update(reason=info.reason, domain=info.domain, metadata=dict(info.metadata))
-        elif d.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+        elif kind == error_details_pb2.ResourceInfo.DESCRIPTOR.full_name:
             ri = error_details_pb2.ResourceInfo()
             d.Unpack(ri)
             kw.update(resource_type=ri.resource_type, resource_name=ri.resource_name)
@@ -165,7 +167,9 @@ def from_rpc_error(err: grpc.RpcError) -> MeshgateError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else "") or code.name.lower()
     try:
-        status = rpc_status.from_call(err)
+        # A failed call's RpcError is the call (sync) or carries its trailing
+        # metadata (asyncio's AioRpcError): all that from_call reads.
+        status = rpc_status.from_call(cast(grpc.Call, err))
     except ValueError:  # code/message in the status detail disagree with the call's
         status = None
     e = from_status(code, message, status)

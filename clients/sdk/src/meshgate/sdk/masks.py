@@ -15,11 +15,14 @@ from google.protobuf import field_mask_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from meshgate.sdk import _descriptors as descriptors
+
 _SKIP = {"etag", "name"}
 
 
 def behaviors(fd: FieldDescriptor) -> set[int]:
-    return set(fd.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+    # googleapis-common-protos' stub types the extension as a plain FieldDescriptor
+    return set(fd.GetOptions().Extensions[field_behavior_pb2.field_behavior])  # type: ignore[index]
 
 
 def mutable(fd: FieldDescriptor) -> bool:
@@ -37,7 +40,7 @@ def diff(before: Message, after: Message) -> field_mask_pb2.FieldMask:
     if before.DESCRIPTOR is not after.DESCRIPTOR:
         raise TypeError("diff needs two messages of the same type")
     paths = []
-    for fd in after.DESCRIPTOR.fields:
+    for fd in descriptors.of(after).fields:
         if not mutable(fd):
             continue
         if fd.has_presence and before.HasField(fd.name) != after.HasField(fd.name) or getattr(before, fd.name) != getattr(after, fd.name):
