@@ -316,9 +316,6 @@ def client_allowed_ranges(state: NetworkState, client: external_client_pb2.Exter
     return _sort_cidrs(out)
 
 
-_host_routes = filters.host_routes
-
-
 def compile_node(
     state: NetworkState, name: str, revision: int = 0, index: PeerIndex | None = None, psk: PskLookup | None = None
 ) -> ds.DesiredState:
@@ -338,13 +335,13 @@ def compile_node(
     iface.public_key = me.public_key  # the agent switches keys when this names its new one
 
     peer_names = peers_of(state, name, index)
-    allowed: dict[str, list[str]] = {p: _host_routes(state.nodes[p]) for p in peer_names}
+    allowed: dict[str, list[str]] = {p: filters.host_routes(state.nodes[p]) for p in peer_names}
     by_gateway = ((index.clients_by_gateway() if index is not None else clients_by_gateway(state))
                   if state.external_clients else {})
     for gw_node, served in by_gateway.items():
         if gw_node in allowed:  # clients are reached through their gateway node
             for c in served:
-                allowed[gw_node] += _host_routes(c)
+                allowed[gw_node] += filters.host_routes(c)
     if index is not None:
         by_range, internet, range_order = index.active_gateways()
     else:
@@ -389,11 +386,11 @@ def compile_node(
                 public_key=c.public_key,
                 public_key_signature=sig.signature if sig is not None else b"",
                 preshared_key=psk(name, c.name) if psk is not None and use_psk else "",
-                allowed_ips=_sort_cidrs(_host_routes(c)),
+                allowed_ips=_sort_cidrs(filters.host_routes(c)),
                 resource=c.name,
             )
         )
-        out.relayed_ranges.extend(_host_routes(c))
+        out.relayed_ranges.extend(filters.host_routes(c))
     if clients:
         # Canonical peer order (meshgate.common.desired): by resource, then key.
         ordered = sorted(out.peers, key=lambda p: (p.resource, p.public_key))
@@ -406,7 +403,7 @@ def compile_node(
 
     # From the overlay, and (site-to-site) from the ranges other gateways carry for this node.
     sources = _sort_cidrs([c for c in (net.ipv4_cidr, net.ipv6_cidr) if c] + [r.destination for r in routes])
-    delivers = _host_routes(me) + list(out.relayed_ranges)
+    delivers = filters.host_routes(me) + list(out.relayed_ranges)
     for gw_name in sorted(state.gateways):
         gw = state.gateways[gw_name]
         if gw.node != name:

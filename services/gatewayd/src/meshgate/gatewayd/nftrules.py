@@ -222,23 +222,13 @@ def _chain(i: int, group: tuple[Filter, ...]) -> PolicyChain:
     """Chain ``pol_<i>`` of one group of rules (cached: a delta re-renders only the
     chains that changed)."""
     name = f"pol_{i}"
-    sets: list[str] = []
+    sets: list[tuple[str, str, str]] = []
     rules: list[str] = []
     for j, f in enumerate(group):
         verdict = "accept" if f.accept else "drop"
         comment = f" comment {_q(f.policy)}" if f.policy else ""
         rules += [f"{m}{verdict}{comment}" for m in _filter_matches(f, f"{name}_{j}", sets)]
-    return PolicyChain(name, tuple(_parse_sets(sets)), tuple(rules))
-
-
-def _parse_sets(lines: list[str]) -> list[tuple[str, str, str]]:
-    """(name, type, elements) of the sets ``_set`` rendered into `lines`."""
-    out = []
-    for k in range(0, len(lines), 6):
-        name = lines[k].split()[1]
-        elems = lines[k + 4].split("{", 1)[1].rsplit("}", 1)[0].strip()
-        out.append((name, _typ(name), elems))
-    return out
+    return PolicyChain(name, tuple(sets), tuple(rules))
 
 
 def patch_script(base: Table, new: Table, limit: int = 64) -> str | None:
@@ -267,15 +257,16 @@ def patch_script(base: Table, new: Table, limit: int = 64) -> str | None:
 _L4 = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "ipv6-icmp"}
 
 
-def _side(kw: str, d: str, nets: list[Net], name: str, sets: list[str]) -> str:
-    """``ip saddr 100.64.0.2`` for one address, else a named interval set."""
+def _side(kw: str, d: str, nets: list[Net], name: str, sets: list[tuple[str, str, str]]) -> str:
+    """``ip saddr 100.64.0.2`` for one address, else a named interval set (added to
+    `sets` as (name, type, elements))."""
     if len(nets) == 1:
         return f"{kw} {d}addr {nets[0]} "
-    sets += _set(name, nets)
+    sets.append((name, _typ(name), ", ".join(str(n) for n in nets)))
     return f"{kw} {d}addr @{name} "
 
 
-def _filter_matches(f: Filter, prefix: str, sets: list[str]) -> list[str]:
+def _filter_matches(f: Filter, prefix: str, sets: list[tuple[str, str, str]]) -> list[str]:
     """The match parts of rule `f`, one per address family it can match (each
     ending in a space, ready for its verdict); named sets go to `sets`."""
     l4 = ""
