@@ -28,6 +28,7 @@ from meshgate.api.v1 import (
 )
 from meshgate.common.testing import ServiceProcess
 from meshgate.gatewayd.lab import ControlPlaneView, Lab
+from test_system_controlplane import start_control_plane
 
 RANGE = "198.51.100.0/24"
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
@@ -54,9 +55,7 @@ class Api(ControlPlaneView):
 @pytest.fixture
 def api(lab: Lab, etcd_server, etcd_prefix):
     socket = str(lab.dir / "cp.sock")
-    cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint,
-                                                  "--etcd-prefix", etcd_prefix],
-                        listen=f"127.0.0.1:0,unix:{socket}").start()
+    cp = start_control_plane(etcd_server, etcd_prefix, socket)
     a = Api(cp, f"unix:{socket}")
     try:
         yield a
