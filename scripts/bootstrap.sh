@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(etcd-server etcd-client wireguard-go wireguard-tools nftables iproute2 iperf3 iputils-ping procps python3-venv)
+DEB_PACKAGES=(etcd-server etcd-client wireguard-go wireguard-tools nftables iproute2 iperf3 iputils-ping procps python3-venv prometheus dnsmasq-base)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,9 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Without --no-install-recommends wireguard-tools pulls in a kernel image.
   apt-get install -y -q --no-install-recommends "${missing[@]}"
   # Debian starts etcd as a system service on install; meshgate runs its own.
-  if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
-    systemctl disable --now etcd || true
-  fi
+  # The same for Prometheus (the metrics tests run their own).
+  for svc in etcd prometheus; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      systemctl disable --now "$svc" || true
+    fi
+  done
 fi
 
 PY=${PYTHON:-python3}
