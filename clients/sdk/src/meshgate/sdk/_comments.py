@@ -142,6 +142,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.DesiredState.default_route_via_peer': 'Route all other traffic through this peer (the internet '
                                                         'gateway), keeping\n'
                                                         "the tunnel's own packets on the underlay.",
+ 'meshgate.api.v1.DesiredState.dns': 'The overlay DNS zone this node answers.',
  'meshgate.api.v1.DesiredState.egress': 'Set on egress gateway nodes.',
  'meshgate.api.v1.DesiredState.node': '`networks/{network}/nodes/{node}`.',
  'meshgate.api.v1.DesiredState.relayed_ranges': 'Overlay addresses this node relays for (its external clients): '
@@ -155,6 +156,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                     'differs asks for a snapshot instead.',
  'meshgate.api.v1.DesiredStateDelta.default_route_changed': 'When true, `default_route_via_peer` replaces the current '
                                                             'value.',
+ 'meshgate.api.v1.DesiredStateDelta.dns': 'When set, replaces the overlay DNS zone.',
  'meshgate.api.v1.DesiredStateDelta.egress_changed': 'When true, `egress` replaces all egress configuration.',
  'meshgate.api.v1.DesiredStateDelta.interface': 'When set, replaces the interface.',
  'meshgate.api.v1.DesiredStateDelta.relayed_ranges_changed': 'When true, `relayed_ranges` replaces the relayed ranges.',
@@ -164,7 +166,24 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                "carrying SyncResponse's revision), so a delta is complete on its own.",
  'meshgate.api.v1.DesiredStateDelta.routes_changed': 'When true, `routes` replaces all routes.',
  'meshgate.api.v1.DesiredStateDelta.upserted_peers': 'Peers added or changed, replaced whole, matched by public key.',
+ 'meshgate.api.v1.DnsConfig': "The overlay's DNS zone, as this node's agent answers it on its overlay\n"
+                              'addresses: `{name}.{zone}` for itself, its peers and the external clients\n'
+                              'they serve.',
+ 'meshgate.api.v1.DnsConfig.zone': '`{network}.{suffix}`, without a trailing dot.',
+ 'meshgate.api.v1.DnsRecord': 'One name of the overlay DNS zone.',
+ 'meshgate.api.v1.DnsRecord.name': 'The first label, `{node}` or `{external client}`.',
+ 'meshgate.api.v1.DomainStatus': 'What an agent learned of one egress domain.',
+ 'meshgate.api.v1.DomainStatus.addresses': 'The addresses routed for it now, including those in their grace period.',
+ 'meshgate.api.v1.DomainStatus.domain': 'The domain as declared (a name or a `*.` wildcard).',
+ 'meshgate.api.v1.DomainStatus.error': 'Why the last resolution failed (the last known addresses stay), or\n'
+                                       'empty. Also names addresses dropped because they fall in the overlay.',
+ 'meshgate.api.v1.DomainStatus.node': 'The node that reported it (`networks/{network}/nodes/{node}`).',
+ 'meshgate.api.v1.DomainStatus.resolve_time': 'When the name last resolved.',
  'meshgate.api.v1.EgressConfig': 'What an egress gateway node forwards and NATs.',
+ 'meshgate.api.v1.EgressConfig.domains': "The gateway's domains (exact names and `*.` wildcards): the agent\n"
+                                         "resolves the names and learns the wildcards' addresses from its DNS\n"
+                                         'server, and reports them (SyncRequest.domains); the addresses come back\n'
+                                         'as host routes in `ranges`.',
  'meshgate.api.v1.EgressConfig.egress_interface': "Outbound interface; empty means the route's interface for each "
                                                   'range.',
  'meshgate.api.v1.EgressConfig.internet_gateway': 'Forward everything (0.0.0.0/0, ::/0) from source_ranges.',
@@ -178,6 +197,16 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                   'with the highest `priority` whose node is not marked down carries it (see\n'
                                   '`priority`).',
  'meshgate.api.v1.EgressGateway.display_name': 'A human-readable name, at most 128 characters.',
+ 'meshgate.api.v1.EgressGateway.domain_status': "What the gateway's agent last learned of each domain.",
+ 'meshgate.api.v1.EgressGateway.domains': 'Destination names reached through the gateway, besides `ranges`: exact\n'
+                                          'names (`db.example.com`) or wildcards (`*.example.com`, any name below\n'
+                                          "it); at most 64. The gateway's agent resolves exact names itself,\n"
+                                          'following their TTLs, and learns the addresses of wildcard names from the\n'
+                                          'answers its DNS server forwards; the addresses learned are routed like\n'
+                                          'ranges (as host routes) and stay for a grace period after they leave the\n'
+                                          "answer. Names in the overlay's own zone are refused, and addresses that\n"
+                                          "fall in the network's ranges are dropped (and reported in\n"
+                                          '`domain_status`). Gateways declaring the same name are HA standbys.',
  'meshgate.api.v1.EgressGateway.egress_interface': "The gateway's outbound interface. Empty means the interface of "
                                                    'the\n'
                                                    "gateway's route to each range.",
@@ -522,6 +551,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.SyncRequest': 'Agent to control plane.',
  'meshgate.api.v1.SyncRequest.Ack': 'The outcome of applying one revision.',
  'meshgate.api.v1.SyncRequest.Ack.status': 'OK, or why the apply failed (the previous state stays in place).',
+ 'meshgate.api.v1.SyncRequest.Domains': "What the agent has learned of its egress gateways' domains (resolved\n"
+                                        'names and addresses seen in answers its DNS server forwarded), sent\n'
+                                        'whenever it changes and on connect: the whole set each time. The control\n'
+                                        'plane routes these addresses through the gateway.',
  'meshgate.api.v1.SyncRequest.Health': "Periodic health of the node's data plane: gatewayd sends every peer's\n"
                                        'counters every 30 s while connected (the control plane keeps those of\n'
                                        'external clients, shown on ExternalClient).',

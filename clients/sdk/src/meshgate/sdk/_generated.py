@@ -180,6 +180,95 @@ class SyncMethods:
         """
         return self._unary_stream('meshgate.api.v1.AuditRecordService', 'WatchAuditRecords', _build(auth_pb2.WatchAuditRecordsRequest, request, resource=resource, principal=principal), timeout, metadata)
 
+    # EgressGatewayService --------------------------------------------------
+
+    def create_egress_gateway(
+        self,
+        request: egress_pb2.CreateEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        parent: str | None = None,
+        egress_gateway_id: str | None = None,
+        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.EgressGateway:
+        """Declares a node as an egress gateway for some ranges.
+
+        Arguments (or fields of `request`):
+        - parent: `networks/{network}`.
+        """
+        return self._unary('meshgate.api.v1.EgressGatewayService', 'CreateEgressGateway', _build(egress_pb2.CreateEgressGatewayRequest, request, parent=parent, egress_gateway_id=egress_gateway_id, egress_gateway=egress_gateway, validate_only=validate_only), timeout, metadata)
+
+    def get_egress_gateway(
+        self,
+        request: egress_pb2.GetEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.EgressGateway:
+        """Gets an egress gateway."""
+        return self._unary('meshgate.api.v1.EgressGatewayService', 'GetEgressGateway', _build(egress_pb2.GetEgressGatewayRequest, request, name=name), timeout, metadata)
+
+    def list_egress_gateways(
+        self,
+        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        parent: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.ListEgressGatewaysResponse:
+        """Lists the egress gateways of a network in name order."""
+        return self._unary('meshgate.api.v1.EgressGatewayService', 'ListEgressGateways', _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
+
+    def iter_egress_gateways(
+        self,
+        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        parent: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[egress_pb2.EgressGateway]:
+        """Every item of `list_egress_gateways`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_egress_gateways, _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), 'egress_gateways', timeout, metadata)
+
+    def update_egress_gateway(
+        self,
+        request: egress_pb2.UpdateEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
+        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.EgressGateway:
+        """Updates an egress gateway's ranges, NAT, interface or priority."""
+        return self._unary('meshgate.api.v1.EgressGatewayService', 'UpdateEgressGateway', _build(egress_pb2.UpdateEgressGatewayRequest, request, egress_gateway=egress_gateway, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
+
+    def delete_egress_gateway(
+        self,
+        request: egress_pb2.DeleteEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> empty_pb2.Empty:
+        """Removes an egress gateway; traffic for its ranges stops leaving through it."""
+        return self._unary('meshgate.api.v1.EgressGatewayService', 'DeleteEgressGateway', _build(egress_pb2.DeleteEgressGatewayRequest, request, name=name, etag=etag, validate_only=validate_only), timeout, metadata)
+
     # NodeService -----------------------------------------------------------
 
     def create_node(
@@ -319,95 +408,6 @@ class SyncMethods:
     def sync(self, requests: Iterable[agent_pb2.SyncRequest], *, timeout: float | None = None, metadata: Metadata | None = None) -> Iterator[agent_pb2.SyncResponse]:
         """One stream per agent: a snapshot on connect, then deltas; the agent acks."""
         return self._stream_stream('meshgate.api.v1.AgentService', 'Sync', requests, timeout, metadata)
-
-    # EgressGatewayService --------------------------------------------------
-
-    def create_egress_gateway(
-        self,
-        request: egress_pb2.CreateEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        parent: str | None = None,
-        egress_gateway_id: str | None = None,
-        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.EgressGateway:
-        """Declares a node as an egress gateway for some ranges.
-
-        Arguments (or fields of `request`):
-        - parent: `networks/{network}`.
-        """
-        return self._unary('meshgate.api.v1.EgressGatewayService', 'CreateEgressGateway', _build(egress_pb2.CreateEgressGatewayRequest, request, parent=parent, egress_gateway_id=egress_gateway_id, egress_gateway=egress_gateway, validate_only=validate_only), timeout, metadata)
-
-    def get_egress_gateway(
-        self,
-        request: egress_pb2.GetEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.EgressGateway:
-        """Gets an egress gateway."""
-        return self._unary('meshgate.api.v1.EgressGatewayService', 'GetEgressGateway', _build(egress_pb2.GetEgressGatewayRequest, request, name=name), timeout, metadata)
-
-    def list_egress_gateways(
-        self,
-        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        parent: str | None = None,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.ListEgressGatewaysResponse:
-        """Lists the egress gateways of a network in name order."""
-        return self._unary('meshgate.api.v1.EgressGatewayService', 'ListEgressGateways', _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
-
-    def iter_egress_gateways(
-        self,
-        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        parent: str | None = None,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> Iterator[egress_pb2.EgressGateway]:
-        """Every item of `list_egress_gateways`, following page tokens (each page is one call with `timeout`)."""
-        return self._pages(self.list_egress_gateways, _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), 'egress_gateways', timeout, metadata)
-
-    def update_egress_gateway(
-        self,
-        request: egress_pb2.UpdateEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
-        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.EgressGateway:
-        """Updates an egress gateway's ranges, NAT, interface or priority."""
-        return self._unary('meshgate.api.v1.EgressGatewayService', 'UpdateEgressGateway', _build(egress_pb2.UpdateEgressGatewayRequest, request, egress_gateway=egress_gateway, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
-
-    def delete_egress_gateway(
-        self,
-        request: egress_pb2.DeleteEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        etag: str | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> empty_pb2.Empty:
-        """Removes an egress gateway; traffic for its ranges stops leaving through it."""
-        return self._unary('meshgate.api.v1.EgressGatewayService', 'DeleteEgressGateway', _build(egress_pb2.DeleteEgressGatewayRequest, request, name=name, etag=etag, validate_only=validate_only), timeout, metadata)
 
     # EnrollmentKeyService --------------------------------------------------
 
@@ -1134,6 +1134,95 @@ class AsyncMethods:
         """
         return self._unary_stream('meshgate.api.v1.AuditRecordService', 'WatchAuditRecords', _build(auth_pb2.WatchAuditRecordsRequest, request, resource=resource, principal=principal), timeout, metadata)
 
+    # EgressGatewayService --------------------------------------------------
+
+    async def create_egress_gateway(
+        self,
+        request: egress_pb2.CreateEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        parent: str | None = None,
+        egress_gateway_id: str | None = None,
+        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.EgressGateway:
+        """Declares a node as an egress gateway for some ranges.
+
+        Arguments (or fields of `request`):
+        - parent: `networks/{network}`.
+        """
+        return await self._unary('meshgate.api.v1.EgressGatewayService', 'CreateEgressGateway', _build(egress_pb2.CreateEgressGatewayRequest, request, parent=parent, egress_gateway_id=egress_gateway_id, egress_gateway=egress_gateway, validate_only=validate_only), timeout, metadata)
+
+    async def get_egress_gateway(
+        self,
+        request: egress_pb2.GetEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.EgressGateway:
+        """Gets an egress gateway."""
+        return await self._unary('meshgate.api.v1.EgressGatewayService', 'GetEgressGateway', _build(egress_pb2.GetEgressGatewayRequest, request, name=name), timeout, metadata)
+
+    async def list_egress_gateways(
+        self,
+        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        parent: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.ListEgressGatewaysResponse:
+        """Lists the egress gateways of a network in name order."""
+        return await self._unary('meshgate.api.v1.EgressGatewayService', 'ListEgressGateways', _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
+
+    def iter_egress_gateways(
+        self,
+        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        parent: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[egress_pb2.EgressGateway]:
+        """Every item of `list_egress_gateways`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_egress_gateways, _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), 'egress_gateways', timeout, metadata)
+
+    async def update_egress_gateway(
+        self,
+        request: egress_pb2.UpdateEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
+        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> egress_pb2.EgressGateway:
+        """Updates an egress gateway's ranges, NAT, interface or priority."""
+        return await self._unary('meshgate.api.v1.EgressGatewayService', 'UpdateEgressGateway', _build(egress_pb2.UpdateEgressGatewayRequest, request, egress_gateway=egress_gateway, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
+
+    async def delete_egress_gateway(
+        self,
+        request: egress_pb2.DeleteEgressGatewayRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> empty_pb2.Empty:
+        """Removes an egress gateway; traffic for its ranges stops leaving through it."""
+        return await self._unary('meshgate.api.v1.EgressGatewayService', 'DeleteEgressGateway', _build(egress_pb2.DeleteEgressGatewayRequest, request, name=name, etag=etag, validate_only=validate_only), timeout, metadata)
+
     # NodeService -----------------------------------------------------------
 
     async def create_node(
@@ -1273,95 +1362,6 @@ class AsyncMethods:
     def sync(self, requests: AsyncIterable[agent_pb2.SyncRequest] | Iterable[agent_pb2.SyncRequest], *, timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[agent_pb2.SyncResponse]:
         """One stream per agent: a snapshot on connect, then deltas; the agent acks."""
         return self._stream_stream('meshgate.api.v1.AgentService', 'Sync', requests, timeout, metadata)
-
-    # EgressGatewayService --------------------------------------------------
-
-    async def create_egress_gateway(
-        self,
-        request: egress_pb2.CreateEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        parent: str | None = None,
-        egress_gateway_id: str | None = None,
-        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.EgressGateway:
-        """Declares a node as an egress gateway for some ranges.
-
-        Arguments (or fields of `request`):
-        - parent: `networks/{network}`.
-        """
-        return await self._unary('meshgate.api.v1.EgressGatewayService', 'CreateEgressGateway', _build(egress_pb2.CreateEgressGatewayRequest, request, parent=parent, egress_gateway_id=egress_gateway_id, egress_gateway=egress_gateway, validate_only=validate_only), timeout, metadata)
-
-    async def get_egress_gateway(
-        self,
-        request: egress_pb2.GetEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.EgressGateway:
-        """Gets an egress gateway."""
-        return await self._unary('meshgate.api.v1.EgressGatewayService', 'GetEgressGateway', _build(egress_pb2.GetEgressGatewayRequest, request, name=name), timeout, metadata)
-
-    async def list_egress_gateways(
-        self,
-        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        parent: str | None = None,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.ListEgressGatewaysResponse:
-        """Lists the egress gateways of a network in name order."""
-        return await self._unary('meshgate.api.v1.EgressGatewayService', 'ListEgressGateways', _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), timeout, metadata)
-
-    def iter_egress_gateways(
-        self,
-        request: egress_pb2.ListEgressGatewaysRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        parent: str | None = None,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> AsyncIterator[egress_pb2.EgressGateway]:
-        """Every item of `list_egress_gateways`, following page tokens (each page is one call with `timeout`)."""
-        return self._pages(self.list_egress_gateways, _build(egress_pb2.ListEgressGatewaysRequest, request, parent=parent, page_size=page_size, page_token=page_token), 'egress_gateways', timeout, metadata)
-
-    async def update_egress_gateway(
-        self,
-        request: egress_pb2.UpdateEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        egress_gateway: egress_pb2.EgressGateway | Mapping[str, Any] | None = None,
-        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> egress_pb2.EgressGateway:
-        """Updates an egress gateway's ranges, NAT, interface or priority."""
-        return await self._unary('meshgate.api.v1.EgressGatewayService', 'UpdateEgressGateway', _build(egress_pb2.UpdateEgressGatewayRequest, request, egress_gateway=egress_gateway, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
-
-    async def delete_egress_gateway(
-        self,
-        request: egress_pb2.DeleteEgressGatewayRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        etag: str | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> empty_pb2.Empty:
-        """Removes an egress gateway; traffic for its ranges stops leaving through it."""
-        return await self._unary('meshgate.api.v1.EgressGatewayService', 'DeleteEgressGateway', _build(egress_pb2.DeleteEgressGatewayRequest, request, name=name, etag=etag, validate_only=validate_only), timeout, metadata)
 
     # EnrollmentKeyService --------------------------------------------------
 

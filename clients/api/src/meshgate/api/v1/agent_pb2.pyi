@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.rpc import status_pb2 as _status_pb2
 from meshgate.api.v1 import desired_state_pb2 as _desired_state_pb2
+from meshgate.api.v1 import egress_pb2 as _egress_pb2
 from meshgate.api.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
@@ -354,12 +355,37 @@ class SyncRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Domains(_message.Message):
+        """What the agent has learned of its egress gateways' domains (resolved
+        names and addresses seen in answers its DNS server forwarded), sent
+        whenever it changes and on connect: the whole set each time. The control
+        plane routes these addresses through the gateway.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        DOMAINS_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def domains(self) -> _containers.RepeatedCompositeFieldContainer[_egress_pb2.DomainStatus]: ...
+        def __init__(
+            self,
+            *,
+            domains: _abc.Iterable[_egress_pb2.DomainStatus] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
     NEW_KEY_FIELD_NUMBER: _builtins.int
     RENEW_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    DOMAINS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___SyncRequest.Hello: ...
     @_builtins.property
@@ -372,6 +398,8 @@ class SyncRequest(_message.Message):
     def new_key(self) -> Global___SyncRequest.NewKey: ...
     @_builtins.property
     def renew_certificate(self) -> Global___SyncRequest.RenewCertificate: ...
+    @_builtins.property
+    def domains(self) -> Global___SyncRequest.Domains: ...
     def __init__(
         self,
         *,
@@ -381,12 +409,13 @@ class SyncRequest(_message.Message):
         resync: Global___SyncRequest.ResyncRequest | None = ...,
         new_key: Global___SyncRequest.NewKey | None = ...,
         renew_certificate: Global___SyncRequest.RenewCertificate | None = ...,
+        domains: Global___SyncRequest.Domains | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "domains", b"domains", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "domains", b"domains", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key", "renew_certificate"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key", "renew_certificate", "domains"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

@@ -162,6 +162,7 @@ class EgressConfig(_message.Message):
     NAT_FIELD_NUMBER: _builtins.int
     EGRESS_INTERFACE_FIELD_NUMBER: _builtins.int
     INTERNET_GATEWAY_FIELD_NUMBER: _builtins.int
+    DOMAINS_FIELD_NUMBER: _builtins.int
     nat: _builtins.bool
     """Masquerade forwarded traffic."""
     egress_interface: _builtins.str
@@ -176,6 +177,14 @@ class EgressConfig(_message.Message):
     def source_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Overlay source ranges allowed to use the gateway."""
 
+    @_builtins.property
+    def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The gateway's domains (exact names and `*.` wildcards): the agent
+        resolves the names and learns the wildcards' addresses from its DNS
+        server, and reports them (SyncRequest.domains); the addresses come back
+        as host routes in `ranges`.
+        """
+
     def __init__(
         self,
         *,
@@ -184,14 +193,70 @@ class EgressConfig(_message.Message):
         nat: _builtins.bool = ...,
         egress_interface: _builtins.str = ...,
         internet_gateway: _builtins.bool = ...,
+        domains: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["egress_interface", b"egress_interface", "internet_gateway", b"internet_gateway", "nat", b"nat", "ranges", b"ranges", "source_ranges", b"source_ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "egress_interface", b"egress_interface", "internet_gateway", b"internet_gateway", "nat", b"nat", "ranges", b"ranges", "source_ranges", b"source_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EgressConfig: _TypeAlias = EgressConfig  # noqa: Y015
+
+@_typing.final
+class DnsRecord(_message.Message):
+    """One name of the overlay DNS zone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The first label, `{node}` or `{external client}`."""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsRecord: _TypeAlias = DnsRecord  # noqa: Y015
+
+@_typing.final
+class DnsConfig(_message.Message):
+    """The overlay's DNS zone, as this node's agent answers it on its overlay
+    addresses: `{name}.{zone}` for itself, its peers and the external clients
+    they serve.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ZONE_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    zone: _builtins.str
+    """`{network}.{suffix}`, without a trailing dot."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___DnsRecord]: ...
+    def __init__(
+        self,
+        *,
+        zone: _builtins.str = ...,
+        records: _abc.Iterable[Global___DnsRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsConfig: _TypeAlias = DnsConfig  # noqa: Y015
 
 @_typing.final
 class FilterRule(_message.Message):
@@ -263,6 +328,7 @@ class DesiredState(_message.Message):
     FILTER_RULES_FIELD_NUMBER: _builtins.int
     DEFAULT_ROUTE_VIA_PEER_FIELD_NUMBER: _builtins.int
     RELAYED_RANGES_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """`networks/{network}/nodes/{node}`."""
     revision: _builtins.int
@@ -290,6 +356,10 @@ class DesiredState(_message.Message):
         forwarded, and IP forwarding is turned on.
         """
 
+    @_builtins.property
+    def dns(self) -> Global___DnsConfig:
+        """The overlay DNS zone this node answers."""
+
     def __init__(
         self,
         *,
@@ -302,10 +372,11 @@ class DesiredState(_message.Message):
         filter_rules: _abc.Iterable[Global___FilterRule] | None = ...,
         default_route_via_peer: _builtins.str = ...,
         relayed_ranges: _abc.Iterable[_builtins.str] | None = ...,
+        dns: Global___DnsConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "interface", b"interface"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "filter_rules", b"filter_rules", "interface", b"interface", "node", b"node", "peers", b"peers", "relayed_ranges", b"relayed_ranges", "revision", b"revision", "routes", b"routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_route_via_peer", b"default_route_via_peer", "dns", b"dns", "egress", b"egress", "filter_rules", b"filter_rules", "interface", b"interface", "node", b"node", "peers", b"peers", "relayed_ranges", b"relayed_ranges", "revision", b"revision", "routes", b"routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,6 +403,7 @@ class DesiredStateDelta(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     RELAYED_RANGES_CHANGED_FIELD_NUMBER: _builtins.int
     RELAYED_RANGES_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
     base_revision: _builtins.int
     """The revision the delta applies on top of; an agent whose applied revision
     differs asks for a snapshot instead.
@@ -370,6 +442,10 @@ class DesiredStateDelta(_message.Message):
     def filter_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterRule]: ...
     @_builtins.property
     def relayed_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def dns(self) -> Global___DnsConfig:
+        """When set, replaces the overlay DNS zone."""
+
     def __init__(
         self,
         *,
@@ -388,10 +464,11 @@ class DesiredStateDelta(_message.Message):
         revision: _builtins.int = ...,
         relayed_ranges_changed: _builtins.bool = ...,
         relayed_ranges: _abc.Iterable[_builtins.str] | None = ...,
+        dns: Global___DnsConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "interface", b"interface"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "default_route_changed", b"default_route_changed", "default_route_via_peer", b"default_route_via_peer", "egress", b"egress", "egress_changed", b"egress_changed", "filter_rules", b"filter_rules", "filter_rules_changed", b"filter_rules_changed", "interface", b"interface", "relayed_ranges", b"relayed_ranges", "relayed_ranges_changed", b"relayed_ranges_changed", "removed_peers", b"removed_peers", "revision", b"revision", "routes", b"routes", "routes_changed", b"routes_changed", "upserted_peers", b"upserted_peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "default_route_changed", b"default_route_changed", "default_route_via_peer", b"default_route_via_peer", "dns", b"dns", "egress", b"egress", "egress_changed", b"egress_changed", "filter_rules", b"filter_rules", "filter_rules_changed", b"filter_rules_changed", "interface", b"interface", "relayed_ranges", b"relayed_ranges", "relayed_ranges_changed", b"relayed_ranges_changed", "removed_peers", b"removed_peers", "revision", b"revision", "routes", b"routes", "routes_changed", b"routes_changed", "upserted_peers", b"upserted_peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

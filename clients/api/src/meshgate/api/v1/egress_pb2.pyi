@@ -62,6 +62,8 @@ class EgressGateway(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     USED_BY_FIELD_NUMBER: _builtins.int
+    DOMAINS_FIELD_NUMBER: _builtins.int
+    DOMAIN_STATUS_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -114,6 +116,23 @@ class EgressGateway(_message.Message):
         """
 
     @_builtins.property
+    def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Destination names reached through the gateway, besides `ranges`: exact
+        names (`db.example.com`) or wildcards (`*.example.com`, any name below
+        it); at most 64. The gateway's agent resolves exact names itself,
+        following their TTLs, and learns the addresses of wildcard names from the
+        answers its DNS server forwards; the addresses learned are routed like
+        ranges (as host routes) and stay for a grace period after they leave the
+        answer. Names in the overlay's own zone are refused, and addresses that
+        fall in the network's ranges are dropped (and reported in
+        `domain_status`). Gateways declaring the same name are HA standbys.
+        """
+
+    @_builtins.property
+    def domain_status(self) -> _containers.RepeatedCompositeFieldContainer[Global___DomainStatus]:
+        """What the gateway's agent last learned of each domain."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -130,6 +149,8 @@ class EgressGateway(_message.Message):
         display_name: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         used_by: _abc.Iterable[_builtins.str] | None = ...,
+        domains: _abc.Iterable[_builtins.str] | None = ...,
+        domain_status: _abc.Iterable[Global___DomainStatus] | None = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
@@ -137,13 +158,57 @@ class EgressGateway(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "nat", b"nat", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "display_name", b"display_name", "egress_interface", b"egress_interface", "etag", b"etag", "internet_gateway", b"internet_gateway", "labels", b"labels", "name", b"name", "nat", b"nat", "node", b"node", "priority", b"priority", "ranges", b"ranges", "uid", b"uid", "update_time", b"update_time", "used_by", b"used_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "display_name", b"display_name", "domain_status", b"domain_status", "domains", b"domains", "egress_interface", b"egress_interface", "etag", b"etag", "internet_gateway", b"internet_gateway", "labels", b"labels", "name", b"name", "nat", b"nat", "node", b"node", "priority", b"priority", "ranges", b"ranges", "uid", b"uid", "update_time", b"update_time", "used_by", b"used_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__nat: _TypeAlias = _typing.Literal["nat"]  # noqa: Y015
     _WhichOneofArgType__nat: _TypeAlias = _typing.Literal["_nat", b"_nat"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__nat) -> _WhichOneofReturnType__nat | None: ...
 
 Global___EgressGateway: _TypeAlias = EgressGateway  # noqa: Y015
+
+@_typing.final
+class DomainStatus(_message.Message):
+    """What an agent learned of one egress domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain as declared (a name or a `*.` wildcard)."""
+    error: _builtins.str
+    """Why the last resolution failed (the last known addresses stay), or
+    empty. Also names addresses dropped because they fall in the overlay.
+    """
+    node: _builtins.str
+    """The node that reported it (`networks/{network}/nodes/{node}`)."""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The addresses routed for it now, including those in their grace period."""
+
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """When the name last resolved."""
+
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        error: _builtins.str = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "domain", b"domain", "error", b"error", "node", b"node", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainStatus: _TypeAlias = DomainStatus  # noqa: Y015
 
 @_typing.final
 class CreateEgressGatewayRequest(_message.Message):
