@@ -432,6 +432,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                     'not.',
  'meshgate.api.v1.NetworkService.ListNetworks': 'Lists networks in name order.',
  'meshgate.api.v1.NetworkService.UpdateNetwork': "Updates a network's mutable fields.",
+ 'meshgate.api.v1.NetworkStatus.healthy_nodes': 'Nodes whose every peer is reachable (`NodeConvergence.healthy`).',
  'meshgate.api.v1.NetworkStatus.name': '`networks/{network}`.',
  'meshgate.api.v1.NetworkStatus.revision': 'The etcd revision this status was read at.',
  'meshgate.api.v1.Node': 'A machine in a network, with its overlay addresses and WireGuard identity.',
@@ -454,6 +455,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.Node.public_key': "The node's WireGuard public key (base64 of 32 bytes). The private key is\n"
                                     'generated on the node and never leaves it.',
  'meshgate.api.v1.Node.public_key_create_time': 'When the current public key was registered.',
+ 'meshgate.api.v1.Node.relay': 'This node relays between pairs of nodes that cannot reach each other\n'
+                               'directly (docs/protocol.md, relays). It needs an `endpoint`.',
  'meshgate.api.v1.Node.state': 'Lifecycle state.',
  'meshgate.api.v1.Node.tags': 'Tags that access policies select on; at most 32, each a valid id.',
  'meshgate.api.v1.NodeConvergence': 'Whether one node has applied the state the control plane wants it to have.',
@@ -474,9 +477,16 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                 'than\n'
                                                 "the control plane's failover delay: its ranges went to standby "
                                                 'gateways.',
+ 'meshgate.api.v1.NodeConvergence.healthy': 'False when the node has a peer it reaches neither directly nor through a\n'
+                                            'relay, whatever the applied revision says.',
  'meshgate.api.v1.NodeConvergence.last_contact_time': 'When the agent was last heard from.',
  'meshgate.api.v1.NodeConvergence.last_error': 'The last error the agent reported, empty if its last apply succeeded.',
  'meshgate.api.v1.NodeConvergence.node': '`networks/{network}/nodes/{node}`.',
+ 'meshgate.api.v1.NodeConvergence.unreachable_peers': 'The peers this node cannot reach directly, from what the agents '
+                                                      'of both\n'
+                                                      'sides report (path health, docs/protocol.md); a pair whose '
+                                                      'traffic a relay\n'
+                                                      'carries is listed with its `relay`. At most 64.',
  'meshgate.api.v1.NodeService': 'Manages nodes. Agents normally create their node by enrolling (AgentService);\n'
                                 'this service lets an administrator do it directly.',
  'meshgate.api.v1.NodeService.CreateNode': 'Creates a node and allocates its overlay addresses.',
@@ -484,6 +494,12 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.NodeService.GetNode': 'Gets a node.',
  'meshgate.api.v1.NodeService.ListNodes': 'Lists the nodes of a network in name order.',
  'meshgate.api.v1.NodeService.UpdateNode': "Updates a node's mutable fields.",
+ 'meshgate.api.v1.PathState': 'The state of the direct WireGuard path between two nodes.',
+ 'meshgate.api.v1.PathState.PATH_NEVER_CONNECTED': 'Configured for longer than the path delay without any handshake.',
+ 'meshgate.api.v1.PathState.PATH_STALE': 'Connected once, but its traffic has gone unanswered for longer than the\n'
+                                         'path delay, or its last handshake is older than WireGuard keeps a session\n'
+                                         '(180 s).',
+ 'meshgate.api.v1.PathState.PATH_UP': 'A recent handshake, and traffic is answered.',
  'meshgate.api.v1.Peer': 'One WireGuard peer of the node.',
  'meshgate.api.v1.Peer.allowed_ips': "CIDRs routed to this peer. Never overlaps another peer's.",
  'meshgate.api.v1.Peer.endpoint': '`host:port` or `[v6]:port`; empty when the peer connects to us.',
@@ -495,6 +511,13 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                               'authority keys refuse a peer without a valid one and report it.',
  'meshgate.api.v1.Peer.resource': "The peer's resource name, for diagnostics (`networks/n/nodes/x` or an\n"
                                   'external client).',
+ 'meshgate.api.v1.PeerPath': "One peer of a node's, as seen by the path health.",
+ 'meshgate.api.v1.PeerPath.peer': 'The peer, `networks/{network}/nodes/{node}`.',
+ 'meshgate.api.v1.PeerPath.reason': 'Why, for people: e.g. `no handshake in the 12 s since it was configured`.',
+ 'meshgate.api.v1.PeerPath.relay': "The relay node carrying the pair's traffic instead; empty: none.",
+ 'meshgate.api.v1.PeerPath.since_time': 'Since when the direct path has been in this state.',
+ 'meshgate.api.v1.PeerPath.state': 'The state of the direct path.',
+ 'meshgate.api.v1.PeerPath.summary': '`peer (state since ..., via relay)`, one line for a table cell.',
  'meshgate.api.v1.PolicyAction.ACCEPT': 'Allow the traffic.',
  'meshgate.api.v1.PolicyAction.DROP': 'Drop the traffic.',
  'meshgate.api.v1.PortRange': 'A port range for a policy; an empty list of ranges means every port.',
@@ -558,6 +581,21 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.SyncRequest.Health': "Periodic health of the node's data plane: gatewayd sends every peer's\n"
                                        'counters every 30 s while connected (the control plane keeps those of\n'
                                        'external clients, shown on ExternalClient).',
+ 'meshgate.api.v1.SyncRequest.Health.PeerHealth.configure_time': 'When this agent first saw the peer on its interface '
+                                                                 '(configured).',
+ 'meshgate.api.v1.SyncRequest.Health.PeerHealth.endpoint': 'Where WireGuard last heard the peer from (`host:port`, '
+                                                           'UAPI\n'
+                                                           "`endpoint=`): behind a NAT, the NAT's mapping as this node "
+                                                           'sees it.',
+ 'meshgate.api.v1.SyncRequest.Health.PeerHealth.unanswered_since_time': 'Since when traffic this node sent to the peer '
+                                                                        'has gone unanswered\n'
+                                                                        '(bytes out, none back); unset while the peer '
+                                                                        'answers.',
+ 'meshgate.api.v1.SyncRequest.Health.complete': 'The report lists every peer of the interface (the first of a '
+                                                'stream);\n'
+                                                'otherwise only the peers whose handshake, endpoint or reachability\n'
+                                                'changed since the last report, and those whose counters moved since\n'
+                                                'the last complete one (path health, docs/protocol.md).',
  'meshgate.api.v1.SyncRequest.Hello': 'First message on a stream.',
  'meshgate.api.v1.SyncRequest.Hello.applied_revision': 'The revision the agent has applied (from its state on disk), 0 '
                                                        'if none.',

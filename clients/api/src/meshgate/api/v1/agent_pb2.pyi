@@ -258,11 +258,28 @@ class SyncRequest(_message.Message):
             LATEST_HANDSHAKE_TIME_FIELD_NUMBER: _builtins.int
             RX_BYTES_FIELD_NUMBER: _builtins.int
             TX_BYTES_FIELD_NUMBER: _builtins.int
+            ENDPOINT_FIELD_NUMBER: _builtins.int
+            UNANSWERED_SINCE_TIME_FIELD_NUMBER: _builtins.int
+            CONFIGURE_TIME_FIELD_NUMBER: _builtins.int
             public_key: _builtins.str
             rx_bytes: _builtins.int
             tx_bytes: _builtins.int
+            endpoint: _builtins.str
+            """Where WireGuard last heard the peer from (`host:port`, UAPI
+            `endpoint=`): behind a NAT, the NAT's mapping as this node sees it.
+            """
             @_builtins.property
             def latest_handshake_time(self) -> _timestamp_pb2.Timestamp: ...
+            @_builtins.property
+            def unanswered_since_time(self) -> _timestamp_pb2.Timestamp:
+                """Since when traffic this node sent to the peer has gone unanswered
+                (bytes out, none back); unset while the peer answers.
+                """
+
+            @_builtins.property
+            def configure_time(self) -> _timestamp_pb2.Timestamp:
+                """When this agent first saw the peer on its interface (configured)."""
+
             def __init__(
                 self,
                 *,
@@ -270,24 +287,35 @@ class SyncRequest(_message.Message):
                 latest_handshake_time: _timestamp_pb2.Timestamp | None = ...,
                 rx_bytes: _builtins.int = ...,
                 tx_bytes: _builtins.int = ...,
+                endpoint: _builtins.str = ...,
+                unanswered_since_time: _timestamp_pb2.Timestamp | None = ...,
+                configure_time: _timestamp_pb2.Timestamp | None = ...,
             ) -> None: ...
-            _HasFieldArgType: _TypeAlias = _typing.Literal["latest_handshake_time", b"latest_handshake_time"]  # noqa: Y015
+            _HasFieldArgType: _TypeAlias = _typing.Literal["configure_time", b"configure_time", "latest_handshake_time", b"latest_handshake_time", "unanswered_since_time", b"unanswered_since_time"]  # noqa: Y015
             def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-            _ClearFieldArgType: _TypeAlias = _typing.Literal["latest_handshake_time", b"latest_handshake_time", "public_key", b"public_key", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes"]  # noqa: Y015
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["configure_time", b"configure_time", "endpoint", b"endpoint", "latest_handshake_time", b"latest_handshake_time", "public_key", b"public_key", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "unanswered_since_time", b"unanswered_since_time"]  # noqa: Y015
             def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
             def WhichOneof(self, oneof_group: _Never) -> None: ...
 
         PEERS_FIELD_NUMBER: _builtins.int
+        COMPLETE_FIELD_NUMBER: _builtins.int
+        complete: _builtins.bool
+        """The report lists every peer of the interface (the first of a stream);
+        otherwise only the peers whose handshake, endpoint or reachability
+        changed since the last report, and those whose counters moved since
+        the last complete one (path health, docs/protocol.md).
+        """
         @_builtins.property
         def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncRequest.Health.PeerHealth]: ...
         def __init__(
             self,
             *,
             peers: _abc.Iterable[Global___SyncRequest.Health.PeerHealth] | None = ...,
+            complete: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "peers", b"peers"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,38 @@ DENY: DefaultPolicy.ValueType  # 2
 """Nodes reach each other only where an access policy allows it."""
 Global___DefaultPolicy: _TypeAlias = DefaultPolicy  # noqa: Y015
 
+class _PathState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PathStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PathState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PATH_STATE_UNSPECIFIED: _PathState.ValueType  # 0
+    PATH_UP: _PathState.ValueType  # 1
+    """A recent handshake, and traffic is answered."""
+    PATH_NEVER_CONNECTED: _PathState.ValueType  # 2
+    """Configured for longer than the path delay without any handshake."""
+    PATH_STALE: _PathState.ValueType  # 3
+    """Connected once, but its traffic has gone unanswered for longer than the
+    path delay, or its last handshake is older than WireGuard keeps a session
+    (180 s).
+    """
+
+class PathState(_PathState, metaclass=_PathStateEnumTypeWrapper):
+    """The state of the direct WireGuard path between two nodes."""
+
+PATH_STATE_UNSPECIFIED: PathState.ValueType  # 0
+PATH_UP: PathState.ValueType  # 1
+"""A recent handshake, and traffic is answered."""
+PATH_NEVER_CONNECTED: PathState.ValueType  # 2
+"""Configured for longer than the path delay without any handshake."""
+PATH_STALE: PathState.ValueType  # 3
+"""Connected once, but its traffic has gone unanswered for longer than the
+path delay, or its last handshake is older than WireGuard keeps a session
+(180 s).
+"""
+Global___PathState: _TypeAlias = PathState  # noqa: Y015
+
 @_typing.final
 class Network(_message.Message):
     """A private overlay network. Nodes, egress gateways, enrollment keys, external
@@ -369,6 +401,8 @@ class NodeConvergence(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     FAILED_OVER_FIELD_NUMBER: _builtins.int
     DECLINED_ROUTES_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_PEERS_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """`networks/{network}/nodes/{node}`."""
     desired_revision: _builtins.int
@@ -385,6 +419,10 @@ class NodeConvergence(_message.Message):
     """The node runs an egress gateway and its agent has been away longer than
     the control plane's failover delay: its ranges went to standby gateways.
     """
+    healthy: _builtins.bool
+    """False when the node has a peer it reaches neither directly nor through a
+    relay, whatever the applied revision says.
+    """
     @_builtins.property
     def last_contact_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent was last heard from."""
@@ -396,6 +434,13 @@ class NodeConvergence(_message.Message):
         --accept-routes`, `--no-default-route`, no `--accept-default-route`) or the
         node is the internet gateway itself. Empty when it installed every route;
         at most 64 (the agent's `gatewayd` status lists them all).
+        """
+
+    @_builtins.property
+    def unreachable_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerPath]:
+        """The peers this node cannot reach directly, from what the agents of both
+        sides report (path health, docs/protocol.md); a pair whose traffic a relay
+        carries is listed with its `relay`. At most 64.
         """
 
     def __init__(
@@ -410,14 +455,60 @@ class NodeConvergence(_message.Message):
         last_error: _builtins.str = ...,
         failed_over: _builtins.bool = ...,
         declined_routes: _abc.Iterable[Global___DeclinedRoute] | None = ...,
+        unreachable_peers: _abc.Iterable[Global___PeerPath] | None = ...,
+        healthy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_contact_time", b"last_contact_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "declined_routes", b"declined_routes", "desired_revision", b"desired_revision", "failed_over", b"failed_over", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "declined_routes", b"declined_routes", "desired_revision", b"desired_revision", "failed_over", b"failed_over", "healthy", b"healthy", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node", "unreachable_peers", b"unreachable_peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeConvergence: _TypeAlias = NodeConvergence  # noqa: Y015
+
+@_typing.final
+class PeerPath(_message.Message):
+    """One peer of a node's, as seen by the path health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SINCE_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    """The peer, `networks/{network}/nodes/{node}`."""
+    state: Global___PathState.ValueType
+    """The state of the direct path."""
+    reason: _builtins.str
+    """Why, for people: e.g. `no handshake in the 12 s since it was configured`."""
+    relay: _builtins.str
+    """The relay node carrying the pair's traffic instead; empty: none."""
+    summary: _builtins.str
+    """`peer (state since ..., via relay)`, one line for a table cell."""
+    @_builtins.property
+    def since_time(self) -> _timestamp_pb2.Timestamp:
+        """Since when the direct path has been in this state."""
+
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        state: Global___PathState.ValueType = ...,
+        since_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        relay: _builtins.str = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since_time", b"since_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "reason", b"reason", "relay", b"relay", "since_time", b"since_time", "state", b"state", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerPath: _TypeAlias = PeerPath  # noqa: Y015
 
 @_typing.final
 class DeclinedRoute(_message.Message):
@@ -465,12 +556,15 @@ class NetworkStatus(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     CONVERGED_NODES_FIELD_NUMBER: _builtins.int
     TOTAL_NODES_FIELD_NUMBER: _builtins.int
+    HEALTHY_NODES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`networks/{network}`."""
     revision: _builtins.int
     """The etcd revision this status was read at."""
     converged_nodes: _builtins.int
     total_nodes: _builtins.int
+    healthy_nodes: _builtins.int
+    """Nodes whose every peer is reachable (`NodeConvergence.healthy`)."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeConvergence]: ...
     def __init__(
@@ -481,10 +575,11 @@ class NetworkStatus(_message.Message):
         nodes: _abc.Iterable[Global___NodeConvergence] | None = ...,
         converged_nodes: _builtins.int = ...,
         total_nodes: _builtins.int = ...,
+        healthy_nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged_nodes", b"converged_nodes", "name", b"name", "nodes", b"nodes", "revision", b"revision", "total_nodes", b"total_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged_nodes", b"converged_nodes", "healthy_nodes", b"healthy_nodes", "name", b"name", "nodes", b"nodes", "revision", b"revision", "total_nodes", b"total_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

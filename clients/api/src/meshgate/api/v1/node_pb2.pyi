@@ -87,6 +87,7 @@ class Node(_message.Message):
     PUBLIC_KEY_CREATE_TIME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -115,6 +116,10 @@ class Node(_message.Message):
     """
     state: Global___Node.State.ValueType
     """Lifecycle state."""
+    relay: _builtins.bool
+    """This node relays between pairs of nodes that cannot reach each other
+    directly (docs/protocol.md, relays). It needs an `endpoint`.
+    """
     uid: _builtins.str
     etag: _builtins.str
     """Opaque version tag; send it back on update and delete to refuse stale writes."""
@@ -148,6 +153,7 @@ class Node(_message.Message):
         public_key_create_time: _timestamp_pb2.Timestamp | None = ...,
         state: Global___Node.State.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        relay: _builtins.bool = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
@@ -155,7 +161,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "public_key_create_time", b"public_key_create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "listen_port", b"listen_port", "name", b"name", "public_key", b"public_key", "public_key_create_time", b"public_key_create_time", "state", b"state", "tags", b"tags", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "listen_port", b"listen_port", "name", b"name", "public_key", b"public_key", "public_key_create_time", b"public_key_create_time", "relay", b"relay", "state", b"state", "tags", b"tags", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
