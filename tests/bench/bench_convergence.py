@@ -1,4 +1,4 @@
-"""Convergence benchmark: 1,000 simulated agents on one control plane.
+"""Convergence benchmark: N simulated agents (`--agents`, default 1,000) on one control plane.
 
 Run as `.venv/bin/python tests/bench/bench_convergence.py`. It starts its own
 etcd (temporary data directory, free loopback ports) and a real
@@ -10,17 +10,19 @@ has received the change and handed its ack to gRPC. stdout carries only
 `BENCH <name> <value> <unit>` lines (names as in issue 4); the rest goes to
 stderr.
 
-The network is hub-and-spoke with default policy DENY: two hubs (tag `hub`,
-with endpoints) meshed with each other, 998 spokes (tag `spoke`) that peer only
+The network (sized to N: at least a /21) is hub-and-spoke with default policy
+DENY: two hubs (tag `hub`, with endpoints) meshed with each other, N - 2 spokes (tag `spoke`) that peer only
 with the hubs, and an egress gateway on hub0 that every other node routes
 through. All nodes join through `Enroll` with two unlimited enrollment keys.
 
-Figures:
-- `converge_all_1000_p50_ms`, `converge_all_1000_p99_ms`: UpdateEgressGateway
+Figures (N is `--agents`; the numbers below are for the default 1,000):
+- `enroll_N_joins_s`: joins per second, `--enroll-concurrency` joiners at once.
+- `streams_failed_N`: Sync streams that failed while connecting (goal 0).
+- `converge_all_N_p50_ms`, `converge_all_N_p99_ms`: UpdateEgressGateway
   toggling a second range on hub0's gateway. That changes every node's desired
   state (hub0's egress configuration, everybody else's routes and the allowed
   IPs of their hub0 peer): 1,000 messages, 1,000 acks.
-- `converge_one_p99_ms`: UpdateNode of one spoke's `listen_port`. The listen
+- `converge_one_N_p99_ms`: UpdateNode of one spoke's `listen_port`. The listen
   port is in the node's own interface but in no peer's view (peers see the
   `endpoint`), so exactly one desired state changes and the control plane
   recomputes only that node (`compiler.PEER_VISIBLE_FIELDS`). A spoke's
@@ -28,11 +30,11 @@ Figures:
   stderr reports it too, as "spoke endpoint change".
 - `msgs_per_spoke_join`: messages the agents receive when one more spoke
   enrolls and connects (its snapshot plus one delta per hub: 3 expected).
-- `cp_rss_1000_streams_mb`: VmRSS of the control-plane process with the 1,000
+- `cp_rss_N_streams_mb`: VmRSS of the control-plane process with the 1,000
   streams open and converged.
 - `etcd_put_to_watch_p50_ms`: raw etcd latency from a put to its watch event
   (meshgate.common.etcd + etcdwatch), measured in this run before the load.
-- `psk_rotate_all_1000_ms` (median of `--psk-reps`, p99 and max on stderr):
+- `psk_rotate_all_N_ms` (median of `--psk-reps`, p99 and max on stderr):
   the control plane runs with a real `meshgate-keyservice` (its own KEK file
   in the temporary directory, scheduler off), so every peer carries a
   pre-shared key. Measured last: from the start of
@@ -69,6 +71,7 @@ import argparse
 import asyncio
 import base64
 import gc
+import math
 import os
 import shutil
 import signal
@@ -103,7 +106,15 @@ from meshgate.common.etcdproc import EtcdProcess
 from meshgate.common.testing import ServiceProcess, write_kek_file
 
 NET = "bench"
-CIDR = "100.64.0.0/21"
+
+
+def cidr_for(agents: int) -> str:
+    """The network's range, sized to the agents with room for the spoke that
+    joins later and the addresses IPAM reserves (at least the /21 the
+    1,000-agent figures were measured with)."""
+    bits = max(11, math.ceil(math.log2(agents + 64)))
+    return f"100.64.0.0/{32 - bits}"
+
 HUBS = 2
 RANGE_A = "198.51.100.0/24"
 RANGE_B = "203.0.113.0/24"
@@ -318,19 +329,36 @@ class Agent:
 # the run -----------------------------------------------------------------------
 
 
+class AdminToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends the control plane's bootstrap admin token on every admin call
+    (the admin API refuses anonymous callers)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = client_call_details._replace(metadata=[*(client_call_details.metadata or ()), *self.metadata])
+        return await continuation(details, request)
+
+
 class Run:
-    def __init__(self, target: str, cp_pid: int, args, ks_target: str = "", ks_pid: int = 0) -> None:
+    def __init__(self, target: str, cp_pid: int, args, ks_target: str = "", ks_pid: int = 0,
+                 admin_token: str = "") -> None:
         self.target, self.cp_pid, self.args = target, cp_pid, args
         self.ks_pid = ks_pid
         self.ks_channel = grpc.aio.insecure_channel(ks_target) if ks_target else None
         self.ks = keys_pb2_grpc.KeyServiceStub(self.ks_channel) if self.ks_channel else None
-        self.api = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.api", 1)])
+        self.api = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.api", 1)],
+                                             interceptors=[AdminToken(admin_token)] if admin_token else None)
+        # Enroll authenticates with the enrollment secret, not as an admin.
+        self.agent_api = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                                    ("bench.enroll", 1)])
         self.networks = network_pb2_grpc.NetworkServiceStub(self.api)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.api)
         self.gateways = egress_pb2_grpc.EgressGatewayServiceStub(self.api)
         self.keys = enrollment_pb2_grpc.EnrollmentKeyServiceStub(self.api)
         self.policies = policy_pb2_grpc.AccessPolicyServiceStub(self.api)
-        self.enroller = agent_pb2_grpc.AgentServiceStub(self.api)
+        self.enroller = agent_pb2_grpc.AgentServiceStub(self.agent_api)
         self.channels: list[grpc.aio.Channel] = []
         self.tracker = Tracker()
         self.agents: list[Agent] = []
@@ -350,6 +378,7 @@ class Run:
         for c in self.channels:
             await c.close()
         await self.api.close()
+        await self.agent_api.close()
         if self.ks_channel is not None:
             await self.ks_channel.close()
 
@@ -357,7 +386,7 @@ class Run:
 
     async def setup_network(self) -> tuple[str, str]:
         await self.networks.CreateNetwork(network_pb2.CreateNetworkRequest(
-            network_id=NET, network=network_pb2.Network(ipv4_cidr=CIDR, default_policy=network_pb2.DENY)), timeout=10)
+            network_id=NET, network=network_pb2.Network(ipv4_cidr=cidr_for(self.args.agents), default_policy=network_pb2.DENY)), timeout=10)
         for pid, src, dst in (("hub-spoke", "tag:spoke", "tag:hub"), ("hub-hub", "tag:hub", "tag:hub")):
             await self.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
                 parent=self.parent, access_policy_id=pid,
@@ -588,21 +617,27 @@ class Run:
         return lat
 
 
-async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str, ks_pid: int) -> dict[str, float]:
-    out: dict[str, float] = {}
+async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str, ks_pid: int,
+              out: dict[str, float], admin_token: str) -> None:
+    """Fills `out` as figures come in, so that a failed run still reports those it has."""
+    n = args.agents
     ptw = await measure_put_to_watch(etcd_endpoint, warmup=50, ops=args.watch_ops)
     out["etcd_put_to_watch_p50_ms"] = statistics.median(ptw)
     info(f"etcd put-to-watch: {len(ptw)} sequential puts, p50 {statistics.median(ptw):.3f} ms, p99 {percentile(ptw, 99):.3f} ms")
 
-    r = Run(target, cp_pid, args, ks_target, ks_pid)
+    r = Run(target, cp_pid, args, ks_target, ks_pid, admin_token)
     try:
         hub_secret, spoke_secret = await r.setup_network()
         await r.enroll_all(hub_secret, spoke_secret, args.agents)
+        out[f"enroll_{n}_joins_s"] = n / r.results["enroll_s"]
         await r.gateways.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
             parent=r.parent, egress_gateway_id="hub0",
             egress_gateway=egress_pb2.EgressGateway(node=f"{r.parent}/nodes/hub0", ranges=[RANGE_A])), timeout=30)
         info(f"control plane after enrolment: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
-        await r.connect_all()
+        try:
+            await r.connect_all()
+        finally:
+            out[f"streams_failed_{n}"] = sum(1 for a in r.agents if a.error)
         await r.check_converged(args.agents)
         # The agents' objects belong to 1,000 machines: keep them out of this
         # process's GC passes (see the docstring).
@@ -611,26 +646,26 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str
         gc.set_threshold(20_000, 10, 10)
         info(f"load process: {gc.get_freeze_count()} objects frozen, GC thresholds {gc.get_threshold()}")
         await asyncio.sleep(1.0)
-        out["cp_rss_1000_streams_mb"] = rss_mb(cp_pid)
-        info(f"control plane with {args.agents} streams: RSS {out['cp_rss_1000_streams_mb']:.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
+        out[f"cp_rss_{n}_streams_mb"] = rss_mb(cp_pid)
+        info(f"control plane with {args.agents} streams: RSS {out[f'cp_rss_{n}_streams_mb']:.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
 
         lat = await r.converge_all(args.reps)
-        out["converge_all_1000_p50_ms"] = statistics.median(lat)
-        out["converge_all_1000_p99_ms"] = percentile(lat, 99)
+        out[f"converge_all_{n}_p50_ms"] = statistics.median(lat)
+        out[f"converge_all_{n}_p99_ms"] = percentile(lat, 99)
         info(f"converge_all: {len(lat)} changes, p50 {statistics.median(lat):.0f} ms, p99 {percentile(lat, 99):.0f} ms, "
              f"min {min(lat):.0f} ms, max {max(lat):.0f} ms")
 
         lat1, touched = await r.converge_one(args.reps_one, "listen_port")
-        out["converge_one_p99_ms"] = percentile(lat1, 99)
+        out[f"converge_one_{n}_p99_ms"] = percentile(lat1, 99)
         info(f"converge_one (spoke listen_port): {len(lat1)} changes, p50 {statistics.median(lat1):.1f} ms, "
              f"p99 {percentile(lat1, 99):.1f} ms; agents receiving a message per change: {sorted(set(touched))}")
         lat2, touched2 = await r.converge_one(max(5, args.reps_one // 4), "endpoint")
         info(f"spoke endpoint change (reaches the {HUBS} hubs): p50 {statistics.median(lat2):.1f} ms, "
              f"p99 {percentile(lat2, 99):.1f} ms; agents receiving a message per change: {sorted(set(touched2))}")
 
-        n, per = await r.spoke_join(spoke_secret)
-        out["msgs_per_spoke_join"] = n
-        info(f"spoke join: {n} messages received: {per}")
+        msgs, per = await r.spoke_join(spoke_secret)
+        out["msgs_per_spoke_join"] = msgs
+        info(f"spoke join: {msgs} messages received: {per}")
         await r.check_converged(args.agents + 1)
 
         etcd = Etcd(etcd_endpoint, "/bench")
@@ -639,13 +674,12 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str
             lat3 = await r.psk_rotate_all(args.psk_reps, etcd)
         finally:
             await etcd.close()
-        out["psk_rotate_all_1000_ms"] = statistics.median(lat3)
+        out[f"psk_rotate_all_{n}_ms"] = statistics.median(lat3)
         info(f"psk_rotate_all ({len(r.agents)} agents): {len(lat3)} rotations, p50 {statistics.median(lat3):.0f} ms, "
              f"p99 {percentile(lat3, 99):.0f} ms, min {min(lat3):.0f} ms, max {max(lat3):.0f} ms")
         await r.check_converged(args.agents + 1)
         info(f"control plane at the end: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s total; "
              f"key service CPU {cpu_s(ks_pid):.1f} s total")
-        return out
     finally:
         await r.close()
 
@@ -673,6 +707,7 @@ def main() -> int:
     cp: ServiceProcess | None = None
     ks: ServiceProcess | None = None
     ok = False
+    res: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
         etcd_proc = EtcdProcess(os.path.join(tmp, "etcd")).start()
@@ -696,17 +731,23 @@ def main() -> int:
             os.environ.update(saved_env)
         info(f"control plane on {cp.target} (pid {cp.proc.pid})")
 
-        res = asyncio.run(run(cp.target, cp.proc.pid, etcd_proc.endpoint, args, ks.target, ks.proc.pid))
-        for name, unit in (
-            ("converge_all_1000_p50_ms", "ms"),
-            ("converge_all_1000_p99_ms", "ms"),
-            ("converge_one_p99_ms", "ms"),
-            ("msgs_per_spoke_join", "msgs"),
-            ("cp_rss_1000_streams_mb", "MB"),
-            ("etcd_put_to_watch_p50_ms", "ms"),
-            ("psk_rotate_all_1000_ms", "ms"),
-        ):
-            bench(name, res[name], unit)
+        n = args.agents
+        try:
+            asyncio.run(run(cp.target, cp.proc.pid, etcd_proc.endpoint, args, ks.target, ks.proc.pid, res, cp.admin_token))
+        finally:
+            for name, unit in (
+                (f"enroll_{n}_joins_s", "joins/s"),
+                (f"streams_failed_{n}", "streams"),
+                (f"converge_all_{n}_p50_ms", "ms"),
+                (f"converge_all_{n}_p99_ms", "ms"),
+                (f"converge_one_{n}_p99_ms", "ms"),
+                ("msgs_per_spoke_join", "msgs"),
+                (f"cp_rss_{n}_streams_mb", "MB"),
+                ("etcd_put_to_watch_p50_ms", "ms"),
+                (f"psk_rotate_all_{n}_ms", "ms"),
+            ):
+                if name in res:
+                    bench(name, res[name], unit)
         ok = True
     except Exception as e:  # report, then clean up below
         info(f"benchmark failed: {type(e).__name__}: {e}")
