@@ -186,8 +186,11 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                          'as host routes in `ranges`.',
  'meshgate.api.v1.EgressConfig.egress_interface': "Outbound interface; empty means the route's interface for each "
                                                   'range.',
+ 'meshgate.api.v1.EgressConfig.gateway': "The gateway's resource name, `networks/{network}/egressGateways/{id}`:\n"
+                                         'the agent reports its health by it (SyncRequest.EgressHealth).',
  'meshgate.api.v1.EgressConfig.internet_gateway': 'Forward everything (0.0.0.0/0, ::/0) from source_ranges.',
  'meshgate.api.v1.EgressConfig.nat': 'Masquerade forwarded traffic.',
+ 'meshgate.api.v1.EgressConfig.probes': "The operator's probes of the egress path (EgressGateway.probes).",
  'meshgate.api.v1.EgressConfig.ranges': 'Destination ranges forwarded out of the host.',
  'meshgate.api.v1.EgressConfig.source_ranges': 'Overlay source ranges allowed to use the gateway.',
  'meshgate.api.v1.EgressGateway': 'A node that forwards overlay traffic for `ranges` out of one of its\n'
@@ -207,6 +210,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                           "answer. Names in the overlay's own zone are refused, and addresses that\n"
                                           "fall in the network's ranges are dropped (and reported in\n"
                                           '`domain_status`). Gateways declaring the same name are HA standbys.',
+ 'meshgate.api.v1.EgressGateway.drain': 'Move the ranges to the standby gateways while this one still carries\n'
+                                        'traffic (make-before-break); false returns them. A drained gateway keeps\n'
+                                        'a range only when no standby is healthy. NetworkStatus.gateways says when\n'
+                                        'nothing uses it any more.',
  'meshgate.api.v1.EgressGateway.egress_interface': "The gateway's outbound interface. Empty means the interface of "
                                                    'the\n'
                                                    "gateway's route to each range.",
@@ -224,6 +231,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                            'preferring gateways whose node is up: one whose agent has been\n'
                                            "disconnected longer than the control plane's failover delay yields the\n"
                                            'ranges to the next, and takes them back when it returns.',
+ 'meshgate.api.v1.EgressGateway.probes': "Checks of the egress path the gateway's agent runs, besides the egress\n"
+                                         "interface's link, carrier and route to the ranges (always checked); at\n"
+                                         'most 4. A gateway whose agent reports it unhealthy yields its ranges to a\n'
+                                         'healthy standby, and takes them back once healthy for the failback hold.',
  'meshgate.api.v1.EgressGateway.ranges': 'Destination ranges (CIDR) reached through the gateway; at most 256. They\n'
                                          "may not overlap the network's own ranges, nor another gateway's ranges\n"
                                          'unless equal (HA).',
@@ -241,6 +252,30 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.EgressGatewayService.ListEgressGateways': 'Lists the egress gateways of a network in name order.',
  'meshgate.api.v1.EgressGatewayService.UpdateEgressGateway': "Updates an egress gateway's ranges, NAT, interface or "
                                                              'priority.',
+ 'meshgate.api.v1.EgressGatewayStatus': 'Whether an egress gateway is healthy, what it carries, and whether anything\n'
+                                        'still uses it (a drain is complete when `in_use` is false).',
+ 'meshgate.api.v1.EgressGatewayStatus.active_ranges': 'The ranges it carries now (the others went to a standby).',
+ 'meshgate.api.v1.EgressGatewayStatus.drained': 'The gateway or its node is drained.',
+ 'meshgate.api.v1.EgressGatewayStatus.gateway': '`networks/{network}/egressGateways/{id}`.',
+ 'meshgate.api.v1.EgressGatewayStatus.healthy': 'False when its agent reported its egress path broken, or its node is\n'
+                                                'marked down (its agent disconnected for the failover delay).',
+ 'meshgate.api.v1.EgressGatewayStatus.in_use': 'True while it carries a range or some node has not yet applied the\n'
+                                               'state that routes its ranges elsewhere.',
+ 'meshgate.api.v1.EgressGatewayStatus.reason': 'Why it is not healthy.',
+ 'meshgate.api.v1.EgressProbe': "A probe of a gateway's egress path, run by its agent out of the egress\n"
+                                'interface (so never through the overlay).',
+ 'meshgate.api.v1.EgressProbe.Protocol.ICMP': 'An ICMP echo request; answered is success.',
+ 'meshgate.api.v1.EgressProbe.Protocol.TCP': 'A TCP connection to `port`; established is success.',
+ 'meshgate.api.v1.EgressProbe.failure_threshold': 'Consecutive failures that make the gateway unhealthy (1-100, '
+                                                  'default 3).',
+ 'meshgate.api.v1.EgressProbe.interval': 'Time between two probes: 100 ms to 1 h.',
+ 'meshgate.api.v1.EgressProbe.port': 'TCP only (1-65535); must be 0 for ICMP.',
+ 'meshgate.api.v1.EgressProbe.success_threshold': 'Consecutive successes that make it healthy again (1-100, default '
+                                                  '2).',
+ 'meshgate.api.v1.EgressProbe.target': "An IP address inside one of the gateway's ranges (any address outside\n"
+                                       "the network's own ranges for an internet gateway).",
+ 'meshgate.api.v1.EgressProbe.timeout': 'How long one probe waits for its answer; at most `interval`. Default:\n'
+                                        '`interval`, at most 1 s.',
  'meshgate.api.v1.EnrollRequest.csr': "A PEM certificate signing request for the agent's mTLS identity (a key\n"
                                       'the agent generated and keeps). When the control plane has a key service,\n'
                                       'the credential returned is a certificate for it, naming the node.',
@@ -432,6 +467,7 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                     'not.',
  'meshgate.api.v1.NetworkService.ListNetworks': 'Lists networks in name order.',
  'meshgate.api.v1.NetworkService.UpdateNetwork': "Updates a network's mutable fields.",
+ 'meshgate.api.v1.NetworkStatus.gateways': "Each egress gateway's health and use, in name order.",
  'meshgate.api.v1.NetworkStatus.healthy_nodes': 'Nodes whose every peer is reachable (`NodeConvergence.healthy`).',
  'meshgate.api.v1.NetworkStatus.name': '`networks/{network}`.',
  'meshgate.api.v1.NetworkStatus.revision': 'The etcd revision this status was read at.',
@@ -442,6 +478,8 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.Node.State.PENDING': 'Created, but its agent has not connected yet.',
  'meshgate.api.v1.Node.State.READY': 'Its agent is connected and has applied its desired state.',
  'meshgate.api.v1.Node.display_name': 'A human-readable name, at most 128 characters.',
+ 'meshgate.api.v1.Node.drain': 'Drain every egress gateway of this node (EgressGateway.drain): their\n'
+                               'ranges move to standbys, make-before-break; false returns them.',
  'meshgate.api.v1.Node.endpoint': 'Underlay endpoint other nodes send to, `host:port` or `[v6]:port`. Empty\n'
                                   'for nodes that cannot be reached (behind NAT); they connect out.',
  'meshgate.api.v1.Node.etag': 'Opaque version tag; send it back on update and delete to refuse stale writes.',
@@ -578,6 +616,11 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                         'names and addresses seen in answers its DNS server forwarded), sent\n'
                                         'whenever it changes and on connect: the whole set each time. The control\n'
                                         'plane routes these addresses through the gateway.',
+ 'meshgate.api.v1.SyncRequest.EgressHealth': "The health of the node's egress gateways (gatewayd's health.py): sent\n"
+                                             'after Hello, at once whenever one changes, and every few seconds.',
+ 'meshgate.api.v1.SyncRequest.EgressHealth.Gateway.gateway': '`networks/{network}/egressGateways/{id}`.',
+ 'meshgate.api.v1.SyncRequest.EgressHealth.Gateway.reason': 'Why it is unhealthy (`eth1: no carrier`, `probe icmp '
+                                                            '198.51.100.10: 3 failures`).',
  'meshgate.api.v1.SyncRequest.Health': "Periodic health of the node's data plane: gatewayd sends every peer's\n"
                                        'counters every 30 s while connected (the control plane keeps those of\n'
                                        'external clients, shown on ExternalClient).',

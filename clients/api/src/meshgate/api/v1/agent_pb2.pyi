@@ -407,6 +407,53 @@ class SyncRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EgressHealth(_message.Message):
+        """The health of the node's egress gateways (gatewayd's health.py): sent
+        after Hello, at once whenever one changes, and every few seconds.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        @_typing.final
+        class Gateway(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            GATEWAY_FIELD_NUMBER: _builtins.int
+            HEALTHY_FIELD_NUMBER: _builtins.int
+            REASON_FIELD_NUMBER: _builtins.int
+            gateway: _builtins.str
+            """`networks/{network}/egressGateways/{id}`."""
+            healthy: _builtins.bool
+            reason: _builtins.str
+            """Why it is unhealthy (`eth1: no carrier`, `probe icmp 198.51.100.10: 3 failures`)."""
+            def __init__(
+                self,
+                *,
+                gateway: _builtins.str = ...,
+                healthy: _builtins.bool = ...,
+                reason: _builtins.str = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway", b"gateway", "healthy", b"healthy", "reason", b"reason"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+        GATEWAYS_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def gateways(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncRequest.EgressHealth.Gateway]: ...
+        def __init__(
+            self,
+            *,
+            gateways: _abc.Iterable[Global___SyncRequest.EgressHealth.Gateway] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["gateways", b"gateways"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
@@ -414,6 +461,7 @@ class SyncRequest(_message.Message):
     NEW_KEY_FIELD_NUMBER: _builtins.int
     RENEW_CERTIFICATE_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
+    EGRESS_HEALTH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___SyncRequest.Hello: ...
     @_builtins.property
@@ -428,6 +476,8 @@ class SyncRequest(_message.Message):
     def renew_certificate(self) -> Global___SyncRequest.RenewCertificate: ...
     @_builtins.property
     def domains(self) -> Global___SyncRequest.Domains: ...
+    @_builtins.property
+    def egress_health(self) -> Global___SyncRequest.EgressHealth: ...
     def __init__(
         self,
         *,
@@ -438,12 +488,13 @@ class SyncRequest(_message.Message):
         new_key: Global___SyncRequest.NewKey | None = ...,
         renew_certificate: Global___SyncRequest.RenewCertificate | None = ...,
         domains: Global___SyncRequest.Domains | None = ...,
+        egress_health: Global___SyncRequest.EgressHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "domains", b"domains", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "domains", b"domains", "egress_health", b"egress_health", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "domains", b"domains", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "domains", b"domains", "egress_health", b"egress_health", "health", b"health", "hello", b"hello", "message", b"message", "new_key", b"new_key", "renew_certificate", b"renew_certificate", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key", "renew_certificate", "domains"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "health", "resync", "new_key", "renew_certificate", "domains", "egress_health"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

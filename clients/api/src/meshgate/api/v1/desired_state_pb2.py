@@ -22,31 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from meshgate.api.v1 import egress_pb2 as meshgate_dot_api_dot_v1_dot_egress__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#meshgate/api/v1/desired_state.proto\x12\x0fmeshgate.api.v1\"x\n\x0fInterfaceConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x13\n\x0blisten_port\x18\x03 \x01(\r\x12\x0b\n\x03mtu\x18\x04 \x01(\r\x12\x0e\n\x06\x66wmark\x18\x05 \x01(\r\x12\x12\n\npublic_key\x18\x06 \x01(\t\"\xae\x01\n\x04Peer\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x1c\n\x14public_key_signature\x18\x02 \x01(\x0c\x12\x15\n\rpreshared_key\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x13\n\x0b\x61llowed_ips\x18\x05 \x03(\t\x12$\n\x1cpersistent_keepalive_seconds\x18\x06 \x01(\r\x12\x10\n\x08resource\x18\x07 \x01(\t\">\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x10\n\x08via_peer\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\r\"\x87\x01\n\x0c\x45gressConfig\x12\x0e\n\x06ranges\x18\x01 \x03(\t\x12\x15\n\rsource_ranges\x18\x02 \x03(\t\x12\x0b\n\x03nat\x18\x03 \x01(\x08\x12\x18\n\x10\x65gress_interface\x18\x04 \x01(\t\x12\x18\n\x10internet_gateway\x18\x05 \x01(\x08\x12\x0f\n\x07\x64omains\x18\x06 \x03(\t\",\n\tDnsRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"F\n\tDnsConfig\x12\x0c\n\x04zone\x18\x01 \x01(\t\x12+\n\x07records\x18\x02 \x03(\x0b\x32\x1a.meshgate.api.v1.DnsRecord\"t\n\nFilterRule\x12\x0f\n\x07sources\x18\x01 \x03(\t\x12\x14\n\x0c\x64\x65stinations\x18\x02 \x03(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\r\n\x05ports\x18\x04 \x03(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x05 \x01(\x08\x12\x0e\n\x06policy\x18\x06 \x01(\t\"\xf4\x02\n\x0c\x44\x65siredState\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x33\n\tinterface\x18\x03 \x01(\x0b\x32 .meshgate.api.v1.InterfaceConfig\x12$\n\x05peers\x18\x04 \x03(\x0b\x32\x15.meshgate.api.v1.Peer\x12&\n\x06routes\x18\x05 \x03(\x0b\x32\x16.meshgate.api.v1.Route\x12-\n\x06\x65gress\x18\x06 \x03(\x0b\x32\x1d.meshgate.api.v1.EgressConfig\x12\x31\n\x0c\x66ilter_rules\x18\x07 \x03(\x0b\x32\x1b.meshgate.api.v1.FilterRule\x12\x1e\n\x16\x64\x65\x66\x61ult_route_via_peer\x18\x08 \x01(\t\x12\x16\n\x0erelayed_ranges\x18\t \x03(\t\x12\'\n\x03\x64ns\x18\n \x01(\x0b\x32\x1a.meshgate.api.v1.DnsConfig\"\xaf\x04\n\x11\x44\x65siredStateDelta\x12\x15\n\rbase_revision\x18\x01 \x01(\x03\x12-\n\x0eupserted_peers\x18\x02 \x03(\x0b\x32\x15.meshgate.api.v1.Peer\x12\x15\n\rremoved_peers\x18\x03 \x03(\t\x12\x33\n\tinterface\x18\x04 \x01(\x0b\x32 .meshgate.api.v1.InterfaceConfig\x12\x16\n\x0eroutes_changed\x18\x05 \x01(\x08\x12&\n\x06routes\x18\x06 \x03(\x0b\x32\x16.meshgate.api.v1.Route\x12\x16\n\x0e\x65gress_changed\x18\x07 \x01(\x08\x12-\n\x06\x65gress\x18\x08 \x03(\x0b\x32\x1d.meshgate.api.v1.EgressConfig\x12\x1c\n\x14\x66ilter_rules_changed\x18\t \x01(\x08\x12\x31\n\x0c\x66ilter_rules\x18\n \x03(\x0b\x32\x1b.meshgate.api.v1.FilterRule\x12\x1d\n\x15\x64\x65\x66\x61ult_route_changed\x18\x0b \x01(\x08\x12\x1e\n\x16\x64\x65\x66\x61ult_route_via_peer\x18\x0c \x01(\t\x12\x10\n\x08revision\x18\r \x01(\x03\x12\x1e\n\x16relayed_ranges_changed\x18\x0e \x01(\x08\x12\x16\n\x0erelayed_ranges\x18\x0f \x03(\t\x12\'\n\x03\x64ns\x18\x10 \x01(\x0b\x32\x1a.meshgate.api.v1.DnsConfigb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#meshgate/api/v1/desired_state.proto\x12\x0fmeshgate.api.v1\x1a\x1cmeshgate/api/v1/egress.proto\"x\n\x0fInterfaceConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x13\n\x0blisten_port\x18\x03 \x01(\r\x12\x0b\n\x03mtu\x18\x04 \x01(\r\x12\x0e\n\x06\x66wmark\x18\x05 \x01(\r\x12\x12\n\npublic_key\x18\x06 \x01(\t\"\xae\x01\n\x04Peer\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x1c\n\x14public_key_signature\x18\x02 \x01(\x0c\x12\x15\n\rpreshared_key\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x13\n\x0b\x61llowed_ips\x18\x05 \x03(\t\x12$\n\x1cpersistent_keepalive_seconds\x18\x06 \x01(\r\x12\x10\n\x08resource\x18\x07 \x01(\t\">\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x10\n\x08via_peer\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\r\"\xc6\x01\n\x0c\x45gressConfig\x12\x0e\n\x06ranges\x18\x01 \x03(\t\x12\x15\n\rsource_ranges\x18\x02 \x03(\t\x12\x0b\n\x03nat\x18\x03 \x01(\x08\x12\x18\n\x10\x65gress_interface\x18\x04 \x01(\t\x12\x18\n\x10internet_gateway\x18\x05 \x01(\x08\x12\x0f\n\x07\x64omains\x18\x06 \x03(\t\x12\x0f\n\x07gateway\x18\x07 \x01(\t\x12,\n\x06probes\x18\x08 \x03(\x0b\x32\x1c.meshgate.api.v1.EgressProbe\",\n\tDnsRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"F\n\tDnsConfig\x12\x0c\n\x04zone\x18\x01 \x01(\t\x12+\n\x07records\x18\x02 \x03(\x0b\x32\x1a.meshgate.api.v1.DnsRecord\"t\n\nFilterRule\x12\x0f\n\x07sources\x18\x01 \x03(\t\x12\x14\n\x0c\x64\x65stinations\x18\x02 \x03(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\r\n\x05ports\x18\x04 \x03(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x05 \x01(\x08\x12\x0e\n\x06policy\x18\x06 \x01(\t\"\xf4\x02\n\x0c\x44\x65siredState\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x33\n\tinterface\x18\x03 \x01(\x0b\x32 .meshgate.api.v1.InterfaceConfig\x12$\n\x05peers\x18\x04 \x03(\x0b\x32\x15.meshgate.api.v1.Peer\x12&\n\x06routes\x18\x05 \x03(\x0b\x32\x16.meshgate.api.v1.Route\x12-\n\x06\x65gress\x18\x06 \x03(\x0b\x32\x1d.meshgate.api.v1.EgressConfig\x12\x31\n\x0c\x66ilter_rules\x18\x07 \x03(\x0b\x32\x1b.meshgate.api.v1.FilterRule\x12\x1e\n\x16\x64\x65\x66\x61ult_route_via_peer\x18\x08 \x01(\t\x12\x16\n\x0erelayed_ranges\x18\t \x03(\t\x12\'\n\x03\x64ns\x18\n \x01(\x0b\x32\x1a.meshgate.api.v1.DnsConfig\"\xaf\x04\n\x11\x44\x65siredStateDelta\x12\x15\n\rbase_revision\x18\x01 \x01(\x03\x12-\n\x0eupserted_peers\x18\x02 \x03(\x0b\x32\x15.meshgate.api.v1.Peer\x12\x15\n\rremoved_peers\x18\x03 \x03(\t\x12\x33\n\tinterface\x18\x04 \x01(\x0b\x32 .meshgate.api.v1.InterfaceConfig\x12\x16\n\x0eroutes_changed\x18\x05 \x01(\x08\x12&\n\x06routes\x18\x06 \x03(\x0b\x32\x16.meshgate.api.v1.Route\x12\x16\n\x0e\x65gress_changed\x18\x07 \x01(\x08\x12-\n\x06\x65gress\x18\x08 \x03(\x0b\x32\x1d.meshgate.api.v1.EgressConfig\x12\x1c\n\x14\x66ilter_rules_changed\x18\t \x01(\x08\x12\x31\n\x0c\x66ilter_rules\x18\n \x03(\x0b\x32\x1b.meshgate.api.v1.FilterRule\x12\x1d\n\x15\x64\x65\x66\x61ult_route_changed\x18\x0b \x01(\x08\x12\x1e\n\x16\x64\x65\x66\x61ult_route_via_peer\x18\x0c \x01(\t\x12\x10\n\x08revision\x18\r \x01(\x03\x12\x1e\n\x16relayed_ranges_changed\x18\x0e \x01(\x08\x12\x16\n\x0erelayed_ranges\x18\x0f \x03(\t\x12\'\n\x03\x64ns\x18\x10 \x01(\x0b\x32\x1a.meshgate.api.v1.DnsConfigb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshgate.api.v1.desired_state_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INTERFACECONFIG']._serialized_start=56
-  _globals['_INTERFACECONFIG']._serialized_end=176
-  _globals['_PEER']._serialized_start=179
-  _globals['_PEER']._serialized_end=353
-  _globals['_ROUTE']._serialized_start=355
-  _globals['_ROUTE']._serialized_end=417
-  _globals['_EGRESSCONFIG']._serialized_start=420
-  _globals['_EGRESSCONFIG']._serialized_end=555
-  _globals['_DNSRECORD']._serialized_start=557
-  _globals['_DNSRECORD']._serialized_end=601
-  _globals['_DNSCONFIG']._serialized_start=603
-  _globals['_DNSCONFIG']._serialized_end=673
-  _globals['_FILTERRULE']._serialized_start=675
-  _globals['_FILTERRULE']._serialized_end=791
-  _globals['_DESIREDSTATE']._serialized_start=794
-  _globals['_DESIREDSTATE']._serialized_end=1166
-  _globals['_DESIREDSTATEDELTA']._serialized_start=1169
-  _globals['_DESIREDSTATEDELTA']._serialized_end=1728
+  _globals['_INTERFACECONFIG']._serialized_start=86
+  _globals['_INTERFACECONFIG']._serialized_end=206
+  _globals['_PEER']._serialized_start=209
+  _globals['_PEER']._serialized_end=383
+  _globals['_ROUTE']._serialized_start=385
+  _globals['_ROUTE']._serialized_end=447
+  _globals['_EGRESSCONFIG']._serialized_start=450
+  _globals['_EGRESSCONFIG']._serialized_end=648
+  _globals['_DNSRECORD']._serialized_start=650
+  _globals['_DNSRECORD']._serialized_end=694
+  _globals['_DNSCONFIG']._serialized_start=696
+  _globals['_DNSCONFIG']._serialized_end=766
+  _globals['_FILTERRULE']._serialized_start=768
+  _globals['_FILTERRULE']._serialized_end=884
+  _globals['_DESIREDSTATE']._serialized_start=887
+  _globals['_DESIREDSTATE']._serialized_end=1259
+  _globals['_DESIREDSTATEDELTA']._serialized_start=1262
+  _globals['_DESIREDSTATEDELTA']._serialized_end=1821
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from meshgate.api.v1 import egress_pb2 as _egress_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -163,12 +164,18 @@ class EgressConfig(_message.Message):
     EGRESS_INTERFACE_FIELD_NUMBER: _builtins.int
     INTERNET_GATEWAY_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
     nat: _builtins.bool
     """Masquerade forwarded traffic."""
     egress_interface: _builtins.str
     """Outbound interface; empty means the route's interface for each range."""
     internet_gateway: _builtins.bool
     """Forward everything (0.0.0.0/0, ::/0) from source_ranges."""
+    gateway: _builtins.str
+    """The gateway's resource name, `networks/{network}/egressGateways/{id}`:
+    the agent reports its health by it (SyncRequest.EgressHealth).
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Destination ranges forwarded out of the host."""
@@ -185,6 +192,10 @@ class EgressConfig(_message.Message):
         as host routes in `ranges`.
         """
 
+    @_builtins.property
+    def probes(self) -> _containers.RepeatedCompositeFieldContainer[_egress_pb2.EgressProbe]:
+        """The operator's probes of the egress path (EgressGateway.probes)."""
+
     def __init__(
         self,
         *,
@@ -194,10 +205,12 @@ class EgressConfig(_message.Message):
         egress_interface: _builtins.str = ...,
         internet_gateway: _builtins.bool = ...,
         domains: _abc.Iterable[_builtins.str] | None = ...,
+        gateway: _builtins.str = ...,
+        probes: _abc.Iterable[_egress_pb2.EgressProbe] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "egress_interface", b"egress_interface", "internet_gateway", b"internet_gateway", "nat", b"nat", "ranges", b"ranges", "source_ranges", b"source_ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "egress_interface", b"egress_interface", "gateway", b"gateway", "internet_gateway", b"internet_gateway", "nat", b"nat", "probes", b"probes", "ranges", b"ranges", "source_ranges", b"source_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshgate/api/v1/egress.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\x9d\x05\n\rEgressGateway\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\'\n\x04node\x18\x02 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10meshgate.io/Node\x12\x0e\n\x06ranges\x18\x03 \x03(\t\x12\x10\n\x03nat\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10\x65gress_interface\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x18\n\x10internet_gateway\x18\x07 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x08 \x01(\t\x12:\n\x06labels\x18\t \x03(\x0b\x32*.meshgate.api.v1.EgressGateway.LabelsEntry\x12\x0f\n\x07used_by\x18\n \x03(\t\x12\x0f\n\x07\x64omains\x18\x0b \x03(\t\x12:\n\rdomain_status\x18\x18 \x03(\x0b\x32\x1d.meshgate.api.v1.DomainStatusB\x04\xe2\x41\x01\x03\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:q\xea\x41n\n\x19meshgate.io/EgressGateway\x12\x32networks/{network}/egressGateways/{egress_gateway}*\x0e\x65gressGateways2\regressGatewayB\x06\n\x04_nat\"\x80\x01\n\x0c\x44omainStatus\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x30\n\x0cresolve_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04node\x18\x05 \x01(\t\"\xc6\x01\n\x1a\x43reateEgressGatewayRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EgressGateway\x12\x1f\n\x11\x65gress_gateway_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x0e\x65gress_gateway\x18\x03 \x01(\x0b\x32\x1e.meshgate.api.v1.EgressGatewayB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"K\n\x17GetEgressGatewayRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EgressGateway\"v\n\x19ListEgressGatewaysRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EgressGateway\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x1aListEgressGatewaysResponse\x12\x37\n\x0f\x65gress_gateways\x18\x01 \x03(\x0b\x32\x1e.meshgate.api.v1.EgressGateway\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa2\x01\n\x1aUpdateEgressGatewayRequest\x12<\n\x0e\x65gress_gateway\x18\x01 \x01(\x0b\x32\x1e.meshgate.api.v1.EgressGatewayB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"s\n\x1a\x44\x65leteEgressGatewayRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EgressGateway\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x32\xf0\x05\n\x14\x45gressGatewayService\x12\xac\x01\n\x13\x43reateEgressGateway\x12+.meshgate.api.v1.CreateEgressGatewayRequest\x1a\x1e.meshgate.api.v1.EgressGateway\"H\x92\xa1\x19\x44\n\x15\x65gressGateways.create\x12\x06parent \x01\x32\x0e\x65gressGateways:\x11\x65gress_gateway_id\x12|\n\x10GetEgressGateway\x12(.meshgate.api.v1.GetEgressGatewayRequest\x1a\x1e.meshgate.api.v1.EgressGateway\"\x1e\x92\xa1\x19\x1a\n\x12\x65gressGateways.get\x12\x04name\x12\x90\x01\n\x12ListEgressGateways\x12*.meshgate.api.v1.ListEgressGatewaysRequest\x1a+.meshgate.api.v1.ListEgressGatewaysResponse\"!\x92\xa1\x19\x1d\n\x13\x65gressGateways.list\x12\x06parent\x12\x96\x01\n\x13UpdateEgressGateway\x12+.meshgate.api.v1.UpdateEgressGatewayRequest\x1a\x1e.meshgate.api.v1.EgressGateway\"2\x92\xa1\x19.\n\x15\x65gressGateways.update\x12\x13\x65gress_gateway.name \x01\x12\x7f\n\x13\x44\x65leteEgressGateway\x12+.meshgate.api.v1.DeleteEgressGatewayRequest\x1a\x16.google.protobuf.Empty\"#\x92\xa1\x19\x1f\n\x15\x65gressGateways.delete\x12\x04name \x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshgate/api/v1/egress.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\xda\x05\n\rEgressGateway\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\'\n\x04node\x18\x02 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10meshgate.io/Node\x12\x0e\n\x06ranges\x18\x03 \x03(\t\x12\x10\n\x03nat\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10\x65gress_interface\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x18\n\x10internet_gateway\x18\x07 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x08 \x01(\t\x12:\n\x06labels\x18\t \x03(\x0b\x32*.meshgate.api.v1.EgressGateway.LabelsEntry\x12\x0f\n\x07used_by\x18\n \x03(\t\x12\x0f\n\x07\x64omains\x18\x0b \x03(\t\x12:\n\rdomain_status\x18\x18 \x03(\x0b\x32\x1d.meshgate.api.v1.DomainStatusB\x04\xe2\x41\x01\x03\x12,\n\x06probes\x18\x19 \x03(\x0b\x32\x1c.meshgate.api.v1.EgressProbe\x12\r\n\x05\x64rain\x18\x1a \x01(\x08\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:q\xea\x41n\n\x19meshgate.io/EgressGateway\x12\x32networks/{network}/egressGateways/{egress_gateway}*\x0e\x65gressGateways2\regressGatewayB\x06\n\x04_nat\"\x80\x01\n\x0c\x44omainStatus\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x30\n\x0cresolve_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04node\x18\x05 \x01(\t\"\xbe\x02\n\x0b\x45gressProbe\x12=\n\x08protocol\x18\x01 \x01(\x0e\x32%.meshgate.api.v1.EgressProbe.ProtocolB\x04\xe2\x41\x01\x02\x12\x14\n\x06target\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x31\n\x08interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x02\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x66\x61ilure_threshold\x18\x06 \x01(\r\x12\x19\n\x11success_threshold\x18\x07 \x01(\r\"7\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x08\n\x04ICMP\x10\x01\x12\x07\n\x03TCP\x10\x02\"\xc6\x01\n\x1a\x43reateEgressGatewayRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EgressGateway\x12\x1f\n\x11\x65gress_gateway_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x0e\x65gress_gateway\x18\x03 \x01(\x0b\x32\x1e.meshgate.api.v1.EgressGatewayB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"K\n\x17GetEgressGatewayRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EgressGateway\"v\n\x19ListEgressGatewaysRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19meshgate.io/EgressGateway\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x1aListEgressGatewaysResponse\x12\x37\n\x0f\x65gress_gateways\x18\x01 \x03(\x0b\x32\x1e.meshgate.api.v1.EgressGateway\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa2\x01\n\x1aUpdateEgressGatewayRequest\x12<\n\x0e\x65gress_gateway\x18\x01 \x01(\x0b\x32\x1e.meshgate.api.v1.EgressGatewayB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"s\n\x1a\x44\x65leteEgressGatewayRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19meshgate.io/EgressGateway\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x32\xf0\x05\n\x14\x45gressGatewayService\x12\xac\x01\n\x13\x43reateEgressGateway\x12+.meshgate.api.v1.CreateEgressGatewayRequest\x1a\x1e.meshgate.api.v1.EgressGateway\"H\x92\xa1\x19\x44\n\x15\x65gressGateways.create\x12\x06parent \x01\x32\x0e\x65gressGateways:\x11\x65gress_gateway_id\x12|\n\x10GetEgressGateway\x12(.meshgate.api.v1.GetEgressGatewayRequest\x1a\x1e.meshgate.api.v1.EgressGateway\"\x1e\x92\xa1\x19\x1a\n\x12\x65gressGateways.get\x12\x04name\x12\x90\x01\n\x12ListEgressGateways\x12*.meshgate.api.v1.ListEgressGatewaysRequest\x1a+.meshgate.api.v1.ListEgressGatewaysResponse\"!\x92\xa1\x19\x1d\n\x13\x65gressGateways.list\x12\x06parent\x12\x96\x01\n\x13UpdateEgressGateway\x12+.meshgate.api.v1.UpdateEgressGatewayRequest\x1a\x1e.meshgate.api.v1.EgressGateway\"2\x92\xa1\x19.\n\x15\x65gressGateways.update\x12\x13\x65gress_gateway.name \x01\x12\x7f\n\x13\x44\x65leteEgressGateway\x12+.meshgate.api.v1.DeleteEgressGatewayRequest\x1a\x16.google.protobuf.Empty\"#\x92\xa1\x19\x1f\n\x15\x65gressGateways.delete\x12\x04name \x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,6 +54,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EGRESSGATEWAY'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_EGRESSGATEWAY']._loaded_options = None
   _globals['_EGRESSGATEWAY']._serialized_options = b'\352An\n\031meshgate.io/EgressGateway\0222networks/{network}/egressGateways/{egress_gateway}*\016egressGateways2\regressGateway'
+  _globals['_EGRESSPROBE'].fields_by_name['protocol']._loaded_options = None
+  _globals['_EGRESSPROBE'].fields_by_name['protocol']._serialized_options = b'\342A\001\002'
+  _globals['_EGRESSPROBE'].fields_by_name['target']._loaded_options = None
+  _globals['_EGRESSPROBE'].fields_by_name['target']._serialized_options = b'\342A\001\002'
+  _globals['_EGRESSPROBE'].fields_by_name['interval']._loaded_options = None
+  _globals['_EGRESSPROBE'].fields_by_name['interval']._serialized_options = b'\342A\001\002'
   _globals['_CREATEEGRESSGATEWAYREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_CREATEEGRESSGATEWAYREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\033\022\031meshgate.io/EgressGateway'
   _globals['_CREATEEGRESSGATEWAYREQUEST'].fields_by_name['egress_gateway_id']._loaded_options = None
@@ -77,24 +84,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EGRESSGATEWAYSERVICE'].methods_by_name['UpdateEgressGateway']._serialized_options = b'\222\241\031.\n\025egressGateways.update\022\023egress_gateway.name \001'
   _globals['_EGRESSGATEWAYSERVICE'].methods_by_name['DeleteEgressGateway']._loaded_options = None
   _globals['_EGRESSGATEWAYSERVICE'].methods_by_name['DeleteEgressGateway']._serialized_options = b'\222\241\031\037\n\025egressGateways.delete\022\004name \001'
-  _globals['_EGRESSGATEWAY']._serialized_start=234
-  _globals['_EGRESSGATEWAY']._serialized_end=903
-  _globals['_EGRESSGATEWAY_LABELSENTRY']._serialized_start=735
-  _globals['_EGRESSGATEWAY_LABELSENTRY']._serialized_end=780
-  _globals['_DOMAINSTATUS']._serialized_start=906
-  _globals['_DOMAINSTATUS']._serialized_end=1034
-  _globals['_CREATEEGRESSGATEWAYREQUEST']._serialized_start=1037
-  _globals['_CREATEEGRESSGATEWAYREQUEST']._serialized_end=1235
-  _globals['_GETEGRESSGATEWAYREQUEST']._serialized_start=1237
-  _globals['_GETEGRESSGATEWAYREQUEST']._serialized_end=1312
-  _globals['_LISTEGRESSGATEWAYSREQUEST']._serialized_start=1314
-  _globals['_LISTEGRESSGATEWAYSREQUEST']._serialized_end=1432
-  _globals['_LISTEGRESSGATEWAYSRESPONSE']._serialized_start=1434
-  _globals['_LISTEGRESSGATEWAYSRESPONSE']._serialized_end=1544
-  _globals['_UPDATEEGRESSGATEWAYREQUEST']._serialized_start=1547
-  _globals['_UPDATEEGRESSGATEWAYREQUEST']._serialized_end=1709
-  _globals['_DELETEEGRESSGATEWAYREQUEST']._serialized_start=1711
-  _globals['_DELETEEGRESSGATEWAYREQUEST']._serialized_end=1826
-  _globals['_EGRESSGATEWAYSERVICE']._serialized_start=1829
-  _globals['_EGRESSGATEWAYSERVICE']._serialized_end=2581
+  _globals['_EGRESSGATEWAY']._serialized_start=266
+  _globals['_EGRESSGATEWAY']._serialized_end=996
+  _globals['_EGRESSGATEWAY_LABELSENTRY']._serialized_start=828
+  _globals['_EGRESSGATEWAY_LABELSENTRY']._serialized_end=873
+  _globals['_DOMAINSTATUS']._serialized_start=999
+  _globals['_DOMAINSTATUS']._serialized_end=1127
+  _globals['_EGRESSPROBE']._serialized_start=1130
+  _globals['_EGRESSPROBE']._serialized_end=1448
+  _globals['_EGRESSPROBE_PROTOCOL']._serialized_start=1393
+  _globals['_EGRESSPROBE_PROTOCOL']._serialized_end=1448
+  _globals['_CREATEEGRESSGATEWAYREQUEST']._serialized_start=1451
+  _globals['_CREATEEGRESSGATEWAYREQUEST']._serialized_end=1649
+  _globals['_GETEGRESSGATEWAYREQUEST']._serialized_start=1651
+  _globals['_GETEGRESSGATEWAYREQUEST']._serialized_end=1726
+  _globals['_LISTEGRESSGATEWAYSREQUEST']._serialized_start=1728
+  _globals['_LISTEGRESSGATEWAYSREQUEST']._serialized_end=1846
+  _globals['_LISTEGRESSGATEWAYSRESPONSE']._serialized_start=1848
+  _globals['_LISTEGRESSGATEWAYSRESPONSE']._serialized_end=1958
+  _globals['_UPDATEEGRESSGATEWAYREQUEST']._serialized_start=1961
+  _globals['_UPDATEEGRESSGATEWAYREQUEST']._serialized_end=2123
+  _globals['_DELETEEGRESSGATEWAYREQUEST']._serialized_start=2125
+  _globals['_DELETEEGRESSGATEWAYREQUEST']._serialized_end=2240
+  _globals['_EGRESSGATEWAYSERVICE']._serialized_start=2243
+  _globals['_EGRESSGATEWAYSERVICE']._serialized_end=2995
 # @@protoc_insertion_point(module_scope)

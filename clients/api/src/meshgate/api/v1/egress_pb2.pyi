@@ -5,10 +5,12 @@ Egress gateways: nodes through which chosen outbound traffic leaves the overlay.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -64,6 +66,8 @@ class EgressGateway(_message.Message):
     USED_BY_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
     DOMAIN_STATUS_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -91,6 +95,12 @@ class EgressGateway(_message.Message):
     """Also carry all other traffic (0.0.0.0/0 and ::/0) of the nodes that use it."""
     display_name: _builtins.str
     """A human-readable name, at most 128 characters."""
+    drain: _builtins.bool
+    """Move the ranges to the standby gateways while this one still carries
+    traffic (make-before-break); false returns them. A drained gateway keeps
+    a range only when no standby is healthy. NetworkStatus.gateways says when
+    nothing uses it any more.
+    """
     uid: _builtins.str
     etag: _builtins.str
     """Opaque version tag; send it back on update and delete to refuse stale writes."""
@@ -133,6 +143,14 @@ class EgressGateway(_message.Message):
         """What the gateway's agent last learned of each domain."""
 
     @_builtins.property
+    def probes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressProbe]:
+        """Checks of the egress path the gateway's agent runs, besides the egress
+        interface's link, carrier and route to the ranges (always checked); at
+        most 4. A gateway whose agent reports it unhealthy yields its ranges to a
+        healthy standby, and takes them back once healthy for the failback hold.
+        """
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -151,6 +169,8 @@ class EgressGateway(_message.Message):
         used_by: _abc.Iterable[_builtins.str] | None = ...,
         domains: _abc.Iterable[_builtins.str] | None = ...,
         domain_status: _abc.Iterable[Global___DomainStatus] | None = ...,
+        probes: _abc.Iterable[Global___EgressProbe] | None = ...,
+        drain: _builtins.bool = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
@@ -158,7 +178,7 @@ class EgressGateway(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "nat", b"nat", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "display_name", b"display_name", "domain_status", b"domain_status", "domains", b"domains", "egress_interface", b"egress_interface", "etag", b"etag", "internet_gateway", b"internet_gateway", "labels", b"labels", "name", b"name", "nat", b"nat", "node", b"node", "priority", b"priority", "ranges", b"ranges", "uid", b"uid", "update_time", b"update_time", "used_by", b"used_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nat", b"_nat", "create_time", b"create_time", "display_name", b"display_name", "domain_status", b"domain_status", "domains", b"domains", "drain", b"drain", "egress_interface", b"egress_interface", "etag", b"etag", "internet_gateway", b"internet_gateway", "labels", b"labels", "name", b"name", "nat", b"nat", "node", b"node", "priority", b"priority", "probes", b"probes", "ranges", b"ranges", "uid", b"uid", "update_time", b"update_time", "used_by", b"used_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__nat: _TypeAlias = _typing.Literal["nat"]  # noqa: Y015
     _WhichOneofArgType__nat: _TypeAlias = _typing.Literal["_nat", b"_nat"]  # noqa: Y015
@@ -209,6 +229,80 @@ class DomainStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DomainStatus: _TypeAlias = DomainStatus  # noqa: Y015
+
+@_typing.final
+class EgressProbe(_message.Message):
+    """A probe of a gateway's egress path, run by its agent out of the egress
+    interface (so never through the overlay).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Protocol:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ProtocolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[EgressProbe._Protocol.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PROTOCOL_UNSPECIFIED: EgressProbe._Protocol.ValueType  # 0
+        ICMP: EgressProbe._Protocol.ValueType  # 1
+        """An ICMP echo request; answered is success."""
+        TCP: EgressProbe._Protocol.ValueType  # 2
+        """A TCP connection to `port`; established is success."""
+
+    class Protocol(_Protocol, metaclass=_ProtocolEnumTypeWrapper): ...
+    PROTOCOL_UNSPECIFIED: EgressProbe.Protocol.ValueType  # 0
+    ICMP: EgressProbe.Protocol.ValueType  # 1
+    """An ICMP echo request; answered is success."""
+    TCP: EgressProbe.Protocol.ValueType  # 2
+    """A TCP connection to `port`; established is success."""
+
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    FAILURE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    SUCCESS_THRESHOLD_FIELD_NUMBER: _builtins.int
+    protocol: Global___EgressProbe.Protocol.ValueType
+    target: _builtins.str
+    """An IP address inside one of the gateway's ranges (any address outside
+    the network's own ranges for an internet gateway).
+    """
+    port: _builtins.int
+    """TCP only (1-65535); must be 0 for ICMP."""
+    failure_threshold: _builtins.int
+    """Consecutive failures that make the gateway unhealthy (1-100, default 3)."""
+    success_threshold: _builtins.int
+    """Consecutive successes that make it healthy again (1-100, default 2)."""
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Time between two probes: 100 ms to 1 h."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long one probe waits for its answer; at most `interval`. Default:
+        `interval`, at most 1 s.
+        """
+
+    def __init__(
+        self,
+        *,
+        protocol: Global___EgressProbe.Protocol.ValueType = ...,
+        target: _builtins.str = ...,
+        port: _builtins.int = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        failure_threshold: _builtins.int = ...,
+        success_threshold: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_threshold", b"failure_threshold", "interval", b"interval", "port", b"port", "protocol", b"protocol", "success_threshold", b"success_threshold", "target", b"target", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressProbe: _TypeAlias = EgressProbe  # noqa: Y015
 
 @_typing.final
 class CreateEgressGatewayRequest(_message.Message):

@@ -557,6 +557,7 @@ class NetworkStatus(_message.Message):
     CONVERGED_NODES_FIELD_NUMBER: _builtins.int
     TOTAL_NODES_FIELD_NUMBER: _builtins.int
     HEALTHY_NODES_FIELD_NUMBER: _builtins.int
+    GATEWAYS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`networks/{network}`."""
     revision: _builtins.int
@@ -567,6 +568,10 @@ class NetworkStatus(_message.Message):
     """Nodes whose every peer is reachable (`NodeConvergence.healthy`)."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeConvergence]: ...
+    @_builtins.property
+    def gateways(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressGatewayStatus]:
+        """Each egress gateway's health and use, in name order."""
+
     def __init__(
         self,
         *,
@@ -576,11 +581,62 @@ class NetworkStatus(_message.Message):
         converged_nodes: _builtins.int = ...,
         total_nodes: _builtins.int = ...,
         healthy_nodes: _builtins.int = ...,
+        gateways: _abc.Iterable[Global___EgressGatewayStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged_nodes", b"converged_nodes", "healthy_nodes", b"healthy_nodes", "name", b"name", "nodes", b"nodes", "revision", b"revision", "total_nodes", b"total_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged_nodes", b"converged_nodes", "gateways", b"gateways", "healthy_nodes", b"healthy_nodes", "name", b"name", "nodes", b"nodes", "revision", b"revision", "total_nodes", b"total_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NetworkStatus: _TypeAlias = NetworkStatus  # noqa: Y015
+
+@_typing.final
+class EgressGatewayStatus(_message.Message):
+    """Whether an egress gateway is healthy, what it carries, and whether anything
+    still uses it (a drain is complete when `in_use` is false).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTIVE_RANGES_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    gateway: _builtins.str
+    """`networks/{network}/egressGateways/{id}`."""
+    healthy: _builtins.bool
+    """False when its agent reported its egress path broken, or its node is
+    marked down (its agent disconnected for the failover delay).
+    """
+    reason: _builtins.str
+    """Why it is not healthy."""
+    drained: _builtins.bool
+    """The gateway or its node is drained."""
+    in_use: _builtins.bool
+    """True while it carries a range or some node has not yet applied the
+    state that routes its ranges elsewhere.
+    """
+    @_builtins.property
+    def active_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ranges it carries now (the others went to a standby)."""
+
+    def __init__(
+        self,
+        *,
+        gateway: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        active_ranges: _abc.Iterable[_builtins.str] | None = ...,
+        drained: _builtins.bool = ...,
+        in_use: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_ranges", b"active_ranges", "drained", b"drained", "gateway", b"gateway", "healthy", b"healthy", "in_use", b"in_use", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressGatewayStatus: _TypeAlias = EgressGatewayStatus  # noqa: Y015

@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from meshgate.api.v1 import auth_pb2 as meshgate_dot_api_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshgate/api/v1/node.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\xbf\x05\n\x04Node\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x1a\n\x0cipv4_address\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1a\n\x0cipv6_address\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05\x12\x10\n\x08\x65ndpoint\x18\x06 \x01(\t\x12\x13\n\x0blisten_port\x18\x07 \x01(\r\x12\x12\n\npublic_key\x18\x08 \x01(\t\x12@\n\x16public_key_create_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x30\n\x05state\x18\n \x01(\x0e\x32\x1b.meshgate.api.v1.Node.StateB\x04\xe2\x41\x01\x03\x12\x31\n\x06labels\x18\x0b \x03(\x0b\x32!.meshgate.api.v1.Node.LabelsEntry\x12\r\n\x05relay\x18\x0c \x01(\x08\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0e\n\nCONVERGING\x10\x03\x12\x0b\n\x07OFFLINE\x10\x04:C\xea\x41@\n\x10meshgate.io/Node\x12\x1fnetworks/{network}/nodes/{node}*\x05nodes2\x04node\"\x97\x01\n\x11\x43reateNodeRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\x12\x10meshgate.io/Node\x12\x15\n\x07node_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x04node\x18\x03 \x01(\x0b\x32\x15.meshgate.api.v1.NodeB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"9\n\x0eGetNodeRequest\x12\'\n\x04name\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10meshgate.io/Node\"d\n\x10ListNodesRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\x12\x10meshgate.io/Node\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.meshgate.api.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\x11UpdateNodeRequest\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x15.meshgate.api.v1.NodeB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"p\n\x11\x44\x65leteNodeRequest\x12\'\n\x04name\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10meshgate.io/Node\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x32\x9c\x04\n\x0bNodeService\x12u\n\nCreateNode\x12\".meshgate.api.v1.CreateNodeRequest\x1a\x15.meshgate.api.v1.Node\",\x92\xa1\x19(\n\x0cnodes.create\x12\x06parent \x01\x32\x05nodes:\x07node_id\x12X\n\x07GetNode\x12\x1f.meshgate.api.v1.GetNodeRequest\x1a\x15.meshgate.api.v1.Node\"\x15\x92\xa1\x19\x11\n\tnodes.get\x12\x04name\x12l\n\tListNodes\x12!.meshgate.api.v1.ListNodesRequest\x1a\".meshgate.api.v1.ListNodesResponse\"\x18\x92\xa1\x19\x14\n\nnodes.list\x12\x06parent\x12h\n\nUpdateNode\x12\".meshgate.api.v1.UpdateNodeRequest\x1a\x15.meshgate.api.v1.Node\"\x1f\x92\xa1\x19\x1b\n\x0cnodes.update\x12\tnode.name \x01\x12\x64\n\nDeleteNode\x12\".meshgate.api.v1.DeleteNodeRequest\x1a\x16.google.protobuf.Empty\"\x1a\x92\xa1\x19\x16\n\x0cnodes.delete\x12\x04name \x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshgate/api/v1/node.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ameshgate/api/v1/auth.proto\"\xce\x05\n\x04Node\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x1a\n\x0cipv4_address\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1a\n\x0cipv6_address\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05\x12\x10\n\x08\x65ndpoint\x18\x06 \x01(\t\x12\x13\n\x0blisten_port\x18\x07 \x01(\r\x12\x12\n\npublic_key\x18\x08 \x01(\t\x12@\n\x16public_key_create_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x30\n\x05state\x18\n \x01(\x0e\x32\x1b.meshgate.api.v1.Node.StateB\x04\xe2\x41\x01\x03\x12\x31\n\x06labels\x18\x0b \x03(\x0b\x32!.meshgate.api.v1.Node.LabelsEntry\x12\r\n\x05relay\x18\x0c \x01(\x08\x12\r\n\x05\x64rain\x18\r \x01(\x08\x12\x11\n\x03uid\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0e\n\nCONVERGING\x10\x03\x12\x0b\n\x07OFFLINE\x10\x04:C\xea\x41@\n\x10meshgate.io/Node\x12\x1fnetworks/{network}/nodes/{node}*\x05nodes2\x04node\"\x97\x01\n\x11\x43reateNodeRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\x12\x10meshgate.io/Node\x12\x15\n\x07node_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x04node\x18\x03 \x01(\x0b\x32\x15.meshgate.api.v1.NodeB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"9\n\x0eGetNodeRequest\x12\'\n\x04name\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10meshgate.io/Node\"d\n\x10ListNodesRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\x12\x10meshgate.io/Node\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.meshgate.api.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\x11UpdateNodeRequest\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x15.meshgate.api.v1.NodeB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"p\n\x11\x44\x65leteNodeRequest\x12\'\n\x04name\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10meshgate.io/Node\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x32\x9c\x04\n\x0bNodeService\x12u\n\nCreateNode\x12\".meshgate.api.v1.CreateNodeRequest\x1a\x15.meshgate.api.v1.Node\",\x92\xa1\x19(\n\x0cnodes.create\x12\x06parent \x01\x32\x05nodes:\x07node_id\x12X\n\x07GetNode\x12\x1f.meshgate.api.v1.GetNodeRequest\x1a\x15.meshgate.api.v1.Node\"\x15\x92\xa1\x19\x11\n\tnodes.get\x12\x04name\x12l\n\tListNodes\x12!.meshgate.api.v1.ListNodesRequest\x1a\".meshgate.api.v1.ListNodesResponse\"\x18\x92\xa1\x19\x14\n\nnodes.list\x12\x06parent\x12h\n\nUpdateNode\x12\".meshgate.api.v1.UpdateNodeRequest\x1a\x15.meshgate.api.v1.Node\"\x1f\x92\xa1\x19\x1b\n\x0cnodes.update\x12\tnode.name \x01\x12\x64\n\nDeleteNode\x12\".meshgate.api.v1.DeleteNodeRequest\x1a\x16.google.protobuf.Empty\"\x1a\x92\xa1\x19\x16\n\x0cnodes.delete\x12\x04name \x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -82,23 +82,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESERVICE'].methods_by_name['DeleteNode']._loaded_options = None
   _globals['_NODESERVICE'].methods_by_name['DeleteNode']._serialized_options = b'\222\241\031\026\n\014nodes.delete\022\004name \001'
   _globals['_NODE']._serialized_start=232
-  _globals['_NODE']._serialized_end=935
-  _globals['_NODE_LABELSENTRY']._serialized_start=736
-  _globals['_NODE_LABELSENTRY']._serialized_end=781
-  _globals['_NODE_STATE']._serialized_start=783
-  _globals['_NODE_STATE']._serialized_end=866
-  _globals['_CREATENODEREQUEST']._serialized_start=938
-  _globals['_CREATENODEREQUEST']._serialized_end=1089
-  _globals['_GETNODEREQUEST']._serialized_start=1091
-  _globals['_GETNODEREQUEST']._serialized_end=1148
-  _globals['_LISTNODESREQUEST']._serialized_start=1150
-  _globals['_LISTNODESREQUEST']._serialized_end=1250
-  _globals['_LISTNODESRESPONSE']._serialized_start=1252
-  _globals['_LISTNODESRESPONSE']._serialized_end=1334
-  _globals['_UPDATENODEREQUEST']._serialized_start=1337
-  _globals['_UPDATENODEREQUEST']._serialized_end=1471
-  _globals['_DELETENODEREQUEST']._serialized_start=1473
-  _globals['_DELETENODEREQUEST']._serialized_end=1585
-  _globals['_NODESERVICE']._serialized_start=1588
-  _globals['_NODESERVICE']._serialized_end=2128
+  _globals['_NODE']._serialized_end=950
+  _globals['_NODE_LABELSENTRY']._serialized_start=751
+  _globals['_NODE_LABELSENTRY']._serialized_end=796
+  _globals['_NODE_STATE']._serialized_start=798
+  _globals['_NODE_STATE']._serialized_end=881
+  _globals['_CREATENODEREQUEST']._serialized_start=953
+  _globals['_CREATENODEREQUEST']._serialized_end=1104
+  _globals['_GETNODEREQUEST']._serialized_start=1106
+  _globals['_GETNODEREQUEST']._serialized_end=1163
+  _globals['_LISTNODESREQUEST']._serialized_start=1165
+  _globals['_LISTNODESREQUEST']._serialized_end=1265
+  _globals['_LISTNODESRESPONSE']._serialized_start=1267
+  _globals['_LISTNODESRESPONSE']._serialized_end=1349
+  _globals['_UPDATENODEREQUEST']._serialized_start=1352
+  _globals['_UPDATENODEREQUEST']._serialized_end=1486
+  _globals['_DELETENODEREQUEST']._serialized_start=1488
+  _globals['_DELETENODEREQUEST']._serialized_end=1600
+  _globals['_NODESERVICE']._serialized_start=1603
+  _globals['_NODESERVICE']._serialized_end=2143
 # @@protoc_insertion_point(module_scope)

@@ -88,6 +88,7 @@ class Node(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -119,6 +120,10 @@ class Node(_message.Message):
     relay: _builtins.bool
     """This node relays between pairs of nodes that cannot reach each other
     directly (docs/protocol.md, relays). It needs an `endpoint`.
+    """
+    drain: _builtins.bool
+    """Drain every egress gateway of this node (EgressGateway.drain): their
+    ranges move to standbys, make-before-break; false returns them.
     """
     uid: _builtins.str
     etag: _builtins.str
@@ -154,6 +159,7 @@ class Node(_message.Message):
         state: Global___Node.State.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         relay: _builtins.bool = ...,
+        drain: _builtins.bool = ...,
         uid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
@@ -161,7 +167,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "public_key_create_time", b"public_key_create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "listen_port", b"listen_port", "name", b"name", "public_key", b"public_key", "public_key_create_time", b"public_key_create_time", "relay", b"relay", "state", b"state", "tags", b"tags", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "drain", b"drain", "endpoint", b"endpoint", "etag", b"etag", "ipv4_address", b"ipv4_address", "ipv6_address", b"ipv6_address", "labels", b"labels", "listen_port", b"listen_port", "name", b"name", "public_key", b"public_key", "public_key_create_time", b"public_key_create_time", "relay", b"relay", "state", b"state", "tags", b"tags", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
