@@ -45,7 +45,7 @@ import tempfile
 import time
 
 import grpc
-from benchkit import bench, info, percentile
+from benchkit import AdminToken, bench, info, percentile
 
 from meshgate.api.v1 import network_pb2, network_pb2_grpc, node_pb2, node_pb2_grpc
 from meshgate.common.etcd import Etcd
@@ -81,12 +81,13 @@ async def measure_etcd_cas(endpoint: str, warmup: int, ops: int) -> list[float]:
 
 
 async def measure_create_node(
-    target: str, concurrency: int, channels: int, warmup: int, ops: int, deadline_s: float
+    target: str, concurrency: int, channels: int, warmup: int, ops: int, deadline_s: float, admin_token: str
 ) -> tuple[list[float], float, int, list[str]]:
     """(latencies ms, wall seconds of the measured phase, errors, addresses handed out)."""
     chans = [
         # Distinct channel args keep grpc from sharing one subchannel/connection.
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)])
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)],
+                                  interceptors=[AdminToken(admin_token)])
         for i in range(channels)
     ]
     try:
@@ -190,7 +191,8 @@ def main() -> int:
         info(f"etcd CAS: {len(cas)} sequential txns, p50 {cas_p50:.3f} ms, p99 {percentile(cas, 99):.3f} ms")
 
         lat, wall, errors, addresses = asyncio.run(
-            measure_create_node(cp.target, args.concurrency, args.channels, args.warmup, args.ops, args.deadline)
+            measure_create_node(cp.target, args.concurrency, args.channels, args.warmup, args.ops, args.deadline,
+                                cp.admin_token)
         )
         if not lat:
             raise RuntimeError("no CreateNode call succeeded")

@@ -81,7 +81,7 @@ import tempfile
 import time
 
 import grpc
-from benchkit import bench, info, percentile
+from benchkit import AdminToken, bench, info, percentile
 from google.protobuf import field_mask_pb2
 
 from meshgate.api.v1 import (
@@ -327,18 +327,6 @@ class Agent:
 
 
 # the run -----------------------------------------------------------------------
-
-
-class AdminToken(grpc.aio.UnaryUnaryClientInterceptor):
-    """Sends the control plane's bootstrap admin token on every admin call
-    (the admin API refuses anonymous callers)."""
-
-    def __init__(self, token: str) -> None:
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        details = client_call_details._replace(metadata=[*(client_call_details.metadata or ()), *self.metadata])
-        return await continuation(details, request)
 
 
 class Run:

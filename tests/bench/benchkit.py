@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import sys
 
+import grpc
+
 
 def info(msg: str) -> None:
     """A note for the person running the benchmark (stderr)."""
@@ -26,3 +28,16 @@ def percentile(samples: list[float], p: float) -> float:
     s = sorted(samples)
     k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
     return s[k]
+
+
+class AdminToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends a control plane's admin token (`ServiceProcess.admin_token`, the
+    bootstrap token) on every unary call of a channel: the admin API refuses
+    anonymous callers."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = client_call_details._replace(metadata=[*(client_call_details.metadata or ()), *self.metadata])
+        return await continuation(details, request)
