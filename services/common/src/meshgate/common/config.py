@@ -77,6 +77,10 @@ class ServerConfig:
     log_level: str = option("info", "log level", choices=["debug", "info", "warning", "error"])
     log_json: bool = option(False, "log one JSON object per line")
     port_file: str = option("", "write the bound port to this file once serving (for scripts and tests)")
+    metrics_listen: str = option(
+        "", "serve Prometheus metrics at http://HOST:PORT/metrics (a bare port: on loopback; port 0 picks a free "
+        "one); empty: off. OTEL_METRICS_EXPORTER=otlp also pushes them to OTLP (docs/operations.md)",
+    )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """What every service's `main()` does, written once: read the typed config
-(flags, env, file), set up logging and the OpenTelemetry SDK, run the
-service's coroutine, and shut telemetry down (flushing spans) at the end."""
+(flags, env, file), set up logging and the OpenTelemetry SDK (traces, and
+metrics on `--metrics-listen`), run the service's coroutine, and shut
+telemetry down (flushing spans) at the end."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from meshgate.common import config, logsetup, telemetry
+from meshgate.common import config, logsetup, metrics, telemetry
 
 T = TypeVar("T")
 
@@ -32,7 +33,9 @@ def run_service(
     for k, v in loaded.describe().items():
         log.debug("config %s = %s", k, v)
     provider = telemetry.configure(f"meshgate-{service}")
+    meters = metrics.configure(f"meshgate-{service}", getattr(cfg, "metrics_listen", ""))
     try:
         asyncio.run(run(cfg))
     finally:
+        metrics.shutdown(meters)
         telemetry.shutdown(provider)

@@ -70,6 +70,8 @@ import aetcd.watcher
 import grpc
 from aetcd import rpc, rtypes
 
+from meshgate.common import metrics
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -643,10 +645,14 @@ class Etcd:
         await self.open()
         for attempt in (1, 2):
             token = self.client.metadata
+            t0 = time.perf_counter()
             try:
-                return await getattr(self.client.kvstub, method)(request, timeout=self.client._timeout,
+                resp = await getattr(self.client.kvstub, method)(request, timeout=self.client._timeout,
                                                                  metadata=token)
+                metrics.etcd.timed(method, t0, True)
+                return resp
             except grpc.aio.AioRpcError as e:
+                metrics.etcd.timed(method, t0, False)
                 if attempt == 1 and self.client.authenticating and token_rejected(e):
                     await self.reauthenticate(token)
                     continue

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 from aetcd import rpc
 
+from meshgate.common import metrics
 from meshgate.common.etcd import Etcd, EtcdRefused, EtcdUnavailable, token_rejected
 
 
@@ -72,6 +73,7 @@ async def watch(etcd: Etcd, start: bytes, end: bytes, start_revision: int) -> As
             elif not resp.events:
                 yield Batch(resp.header.revision, [])
             else:
+                metrics.etcd.watch_lag.set(resp.header.revision - resp.events[0].kv.mod_revision)
                 for rev, group in itertools.groupby(resp.events, key=lambda e: e.kv.mod_revision):
                     yield Batch(
                         rev,

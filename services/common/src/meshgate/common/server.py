@@ -34,6 +34,7 @@ from opentelemetry import trace
 from meshgate.common.config import ServerConfig
 from meshgate.common.errors import ApiError
 from meshgate.common.etcd import EtcdUnavailable
+from meshgate.common.metrics import ServerMetrics
 from meshgate.common.streaming import CloseStreams
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             # CloseStreams outermost: a cancelled stream unwinds (spans, finally) in its own task.
-            interceptors=[CloseStreams(), aio_server_interceptor(), ErrorInterceptor(), *extra_interceptors],
+            interceptors=[CloseStreams(), aio_server_interceptor(), ServerMetrics(), ErrorInterceptor(),
+                          *extra_interceptors],
             options=[("grpc.so_reuseport", 0), *options],
         )
         for s in self.services:
