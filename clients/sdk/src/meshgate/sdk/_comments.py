@@ -179,6 +179,17 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                        'empty. Also names addresses dropped because they fall in the overlay.',
  'meshgate.api.v1.DomainStatus.node': 'The node that reported it (`networks/{network}/nodes/{node}`).',
  'meshgate.api.v1.DomainStatus.resolve_time': 'When the name last resolved.',
+ 'meshgate.api.v1.DriftStatus': "Drift that a node's agent repaired (gatewayd's drift watcher, docs/gatewayd.md).",
+ 'meshgate.api.v1.DriftStatus.fighting': "True while something keeps undoing the agent's changes faster than its\n"
+                                         'repair rate limit allows (a fight): the agent repairs only at that rate.\n'
+                                         'It ends after a quiet spell without drift.',
+ 'meshgate.api.v1.DriftStatus.fights': 'Times a fight started since the agent started.',
+ 'meshgate.api.v1.DriftStatus.last_drift': 'What the last drift changed, as the changes that repair it, e.g.\n'
+                                           '`add route 198.51.100.0/24 metric 0`, `replace table inet meshgate '
+                                           '(...)`,\n'
+                                           '`add peer ...` (at most 16 lines).',
+ 'meshgate.api.v1.DriftStatus.last_drift_time': 'When the last drift was found.',
+ 'meshgate.api.v1.DriftStatus.repairs': 'Repairs since the agent started.',
  'meshgate.api.v1.EgressConfig': 'What an egress gateway node forwards and NATs.',
  'meshgate.api.v1.EgressConfig.domains': "The gateway's domains (exact names and `*.` wildcards): the agent\n"
                                          "resolves the names and learns the wildcards' addresses from its DNS\n"
@@ -511,6 +522,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                     "at most 64 (the agent's `gatewayd` status lists them all).",
  'meshgate.api.v1.NodeConvergence.desired_revision': 'The etcd revision of the newest desired state computed for the '
                                                      'node.',
+ 'meshgate.api.v1.NodeConvergence.drift': "What the node's agent found changed behind its back in what it owns\n"
+                                          '(its interface, addresses, routes, rules, nftables table, WireGuard\n'
+                                          'peers) and repaired, as of its last acknowledgement; unset when the agent\n'
+                                          'does not watch for drift. `fighting` says another tool keeps undoing it.',
  'meshgate.api.v1.NodeConvergence.failed_over': 'The node runs an egress gateway and its agent has been away longer '
                                                 'than\n'
                                                 "the control plane's failover delay: its ranges went to standby "
@@ -611,6 +626,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.SignedNodeKey.signature': 'Ed25519 signature.',
  'meshgate.api.v1.SyncRequest': 'Agent to control plane.',
  'meshgate.api.v1.SyncRequest.Ack': 'The outcome of applying one revision.',
+ 'meshgate.api.v1.SyncRequest.Ack.drift': "The agent's drift watcher: what it repaired behind-the-back changes of\n"
+                                          'and whether it is in a fight (shown in NodeConvergence.drift). The agent\n'
+                                          'sends its last ack again when a fight starts or ends.',
  'meshgate.api.v1.SyncRequest.Ack.status': 'OK, or why the apply failed (the previous state stays in place).',
  'meshgate.api.v1.SyncRequest.Domains': "What the agent has learned of its egress gateways' domains (resolved\n"
                                         'names and addresses seen in answers its DNS server forwarded), sent\n'

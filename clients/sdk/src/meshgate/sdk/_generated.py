@@ -269,6 +269,133 @@ class SyncMethods:
         """Removes an egress gateway; traffic for its ranges stops leaving through it."""
         return self._unary('meshgate.api.v1.EgressGatewayService', 'DeleteEgressGateway', _build(egress_pb2.DeleteEgressGatewayRequest, request, name=name, etag=etag, validate_only=validate_only), timeout, metadata)
 
+    # NetworkService --------------------------------------------------------
+
+    def create_network(
+        self,
+        request: network_pb2.CreateNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        network_id: str | None = None,
+        network: network_pb2.Network | Mapping[str, Any] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.Network:
+        """Creates a network.
+
+        Arguments (or fields of `request`):
+        - network_id: The network's id, the last segment of its name.
+        - network: The network to create. Its `name` is ignored.
+        - validate_only: Check the request and return what would be created, without creating it.
+        """
+        return self._unary('meshgate.api.v1.NetworkService', 'CreateNetwork', _build(network_pb2.CreateNetworkRequest, request, network_id=network_id, network=network, validate_only=validate_only), timeout, metadata)
+
+    def get_network(
+        self,
+        request: network_pb2.GetNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.Network:
+        """Gets a network.
+
+        Arguments (or fields of `request`):
+        - name: `networks/{network}`.
+        """
+        return self._unary('meshgate.api.v1.NetworkService', 'GetNetwork', _build(network_pb2.GetNetworkRequest, request, name=name), timeout, metadata)
+
+    def list_networks(
+        self,
+        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.ListNetworksResponse:
+        """Lists networks in name order.
+
+        Arguments (or fields of `request`):
+        - page_size: At most this many networks (default 50, at most 1000).
+        - page_token: The `next_page_token` from a previous call.
+        """
+        return self._unary('meshgate.api.v1.NetworkService', 'ListNetworks', _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), timeout, metadata)
+
+    def iter_networks(
+        self,
+        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[network_pb2.Network]:
+        """Every item of `list_networks`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_networks, _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), 'networks', timeout, metadata)
+
+    def update_network(
+        self,
+        request: network_pb2.UpdateNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        network: network_pb2.Network | Mapping[str, Any] | None = None,
+        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.Network:
+        """Updates a network's mutable fields.
+
+        Arguments (or fields of `request`):
+        - network: The network with its `name` set and the new values.
+        - update_mask: Which fields to change. Empty means every mutable field.
+        - validate_only: Check the request and return the result without storing it.
+        """
+        return self._unary('meshgate.api.v1.NetworkService', 'UpdateNetwork', _build(network_pb2.UpdateNetworkRequest, request, network=network, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
+
+    def delete_network(
+        self,
+        request: network_pb2.DeleteNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        force: bool | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> empty_pb2.Empty:
+        """Deletes a network; with `force`, everything inside it too.
+
+        Arguments (or fields of `request`):
+        - name: `networks/{network}`.
+        - etag: If set, must match the current etag.
+        - force: Also delete every node, gateway, key, client and policy inside the network. Without it, deleting a network that has nodes fails with FAILED_PRECONDITION.
+        - validate_only: Check the request without deleting.
+        """
+        return self._unary('meshgate.api.v1.NetworkService', 'DeleteNetwork', _build(network_pb2.DeleteNetworkRequest, request, name=name, etag=etag, force=force, validate_only=validate_only), timeout, metadata)
+
+    def get_network_status(
+        self,
+        request: network_pb2.GetNetworkStatusRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.NetworkStatus:
+        """Shows which nodes have applied their desired state and which have not.
+
+        Arguments (or fields of `request`):
+        - name: `networks/{network}`.
+        """
+        return self._unary('meshgate.api.v1.NetworkService', 'GetNetworkStatus', _build(network_pb2.GetNetworkStatusRequest, request, name=name), timeout, metadata)
+
     # NodeService -----------------------------------------------------------
 
     def create_node(
@@ -594,133 +721,6 @@ class SyncMethods:
         - etag: When set, the call fails with ABORTED unless it matches the client's etag.
         """
         return self._unary('meshgate.api.v1.ExternalClientService', 'RotateExternalClientKey', _build(external_client_pb2.RotateExternalClientKeyRequest, request, name=name, etag=etag), timeout, metadata)
-
-    # NetworkService --------------------------------------------------------
-
-    def create_network(
-        self,
-        request: network_pb2.CreateNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        network_id: str | None = None,
-        network: network_pb2.Network | Mapping[str, Any] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.Network:
-        """Creates a network.
-
-        Arguments (or fields of `request`):
-        - network_id: The network's id, the last segment of its name.
-        - network: The network to create. Its `name` is ignored.
-        - validate_only: Check the request and return what would be created, without creating it.
-        """
-        return self._unary('meshgate.api.v1.NetworkService', 'CreateNetwork', _build(network_pb2.CreateNetworkRequest, request, network_id=network_id, network=network, validate_only=validate_only), timeout, metadata)
-
-    def get_network(
-        self,
-        request: network_pb2.GetNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.Network:
-        """Gets a network.
-
-        Arguments (or fields of `request`):
-        - name: `networks/{network}`.
-        """
-        return self._unary('meshgate.api.v1.NetworkService', 'GetNetwork', _build(network_pb2.GetNetworkRequest, request, name=name), timeout, metadata)
-
-    def list_networks(
-        self,
-        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.ListNetworksResponse:
-        """Lists networks in name order.
-
-        Arguments (or fields of `request`):
-        - page_size: At most this many networks (default 50, at most 1000).
-        - page_token: The `next_page_token` from a previous call.
-        """
-        return self._unary('meshgate.api.v1.NetworkService', 'ListNetworks', _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), timeout, metadata)
-
-    def iter_networks(
-        self,
-        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> Iterator[network_pb2.Network]:
-        """Every item of `list_networks`, following page tokens (each page is one call with `timeout`)."""
-        return self._pages(self.list_networks, _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), 'networks', timeout, metadata)
-
-    def update_network(
-        self,
-        request: network_pb2.UpdateNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        network: network_pb2.Network | Mapping[str, Any] | None = None,
-        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.Network:
-        """Updates a network's mutable fields.
-
-        Arguments (or fields of `request`):
-        - network: The network with its `name` set and the new values.
-        - update_mask: Which fields to change. Empty means every mutable field.
-        - validate_only: Check the request and return the result without storing it.
-        """
-        return self._unary('meshgate.api.v1.NetworkService', 'UpdateNetwork', _build(network_pb2.UpdateNetworkRequest, request, network=network, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
-
-    def delete_network(
-        self,
-        request: network_pb2.DeleteNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        etag: str | None = None,
-        force: bool | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> empty_pb2.Empty:
-        """Deletes a network; with `force`, everything inside it too.
-
-        Arguments (or fields of `request`):
-        - name: `networks/{network}`.
-        - etag: If set, must match the current etag.
-        - force: Also delete every node, gateway, key, client and policy inside the network. Without it, deleting a network that has nodes fails with FAILED_PRECONDITION.
-        - validate_only: Check the request without deleting.
-        """
-        return self._unary('meshgate.api.v1.NetworkService', 'DeleteNetwork', _build(network_pb2.DeleteNetworkRequest, request, name=name, etag=etag, force=force, validate_only=validate_only), timeout, metadata)
-
-    def get_network_status(
-        self,
-        request: network_pb2.GetNetworkStatusRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.NetworkStatus:
-        """Shows which nodes have applied their desired state and which have not.
-
-        Arguments (or fields of `request`):
-        - name: `networks/{network}`.
-        """
-        return self._unary('meshgate.api.v1.NetworkService', 'GetNetworkStatus', _build(network_pb2.GetNetworkStatusRequest, request, name=name), timeout, metadata)
 
     # AccessPolicyService ---------------------------------------------------
 
@@ -1223,6 +1223,133 @@ class AsyncMethods:
         """Removes an egress gateway; traffic for its ranges stops leaving through it."""
         return await self._unary('meshgate.api.v1.EgressGatewayService', 'DeleteEgressGateway', _build(egress_pb2.DeleteEgressGatewayRequest, request, name=name, etag=etag, validate_only=validate_only), timeout, metadata)
 
+    # NetworkService --------------------------------------------------------
+
+    async def create_network(
+        self,
+        request: network_pb2.CreateNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        network_id: str | None = None,
+        network: network_pb2.Network | Mapping[str, Any] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.Network:
+        """Creates a network.
+
+        Arguments (or fields of `request`):
+        - network_id: The network's id, the last segment of its name.
+        - network: The network to create. Its `name` is ignored.
+        - validate_only: Check the request and return what would be created, without creating it.
+        """
+        return await self._unary('meshgate.api.v1.NetworkService', 'CreateNetwork', _build(network_pb2.CreateNetworkRequest, request, network_id=network_id, network=network, validate_only=validate_only), timeout, metadata)
+
+    async def get_network(
+        self,
+        request: network_pb2.GetNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.Network:
+        """Gets a network.
+
+        Arguments (or fields of `request`):
+        - name: `networks/{network}`.
+        """
+        return await self._unary('meshgate.api.v1.NetworkService', 'GetNetwork', _build(network_pb2.GetNetworkRequest, request, name=name), timeout, metadata)
+
+    async def list_networks(
+        self,
+        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.ListNetworksResponse:
+        """Lists networks in name order.
+
+        Arguments (or fields of `request`):
+        - page_size: At most this many networks (default 50, at most 1000).
+        - page_token: The `next_page_token` from a previous call.
+        """
+        return await self._unary('meshgate.api.v1.NetworkService', 'ListNetworks', _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), timeout, metadata)
+
+    def iter_networks(
+        self,
+        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[network_pb2.Network]:
+        """Every item of `list_networks`, following page tokens (each page is one call with `timeout`)."""
+        return self._pages(self.list_networks, _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), 'networks', timeout, metadata)
+
+    async def update_network(
+        self,
+        request: network_pb2.UpdateNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        network: network_pb2.Network | Mapping[str, Any] | None = None,
+        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.Network:
+        """Updates a network's mutable fields.
+
+        Arguments (or fields of `request`):
+        - network: The network with its `name` set and the new values.
+        - update_mask: Which fields to change. Empty means every mutable field.
+        - validate_only: Check the request and return the result without storing it.
+        """
+        return await self._unary('meshgate.api.v1.NetworkService', 'UpdateNetwork', _build(network_pb2.UpdateNetworkRequest, request, network=network, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
+
+    async def delete_network(
+        self,
+        request: network_pb2.DeleteNetworkRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        etag: str | None = None,
+        force: bool | None = None,
+        validate_only: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> empty_pb2.Empty:
+        """Deletes a network; with `force`, everything inside it too.
+
+        Arguments (or fields of `request`):
+        - name: `networks/{network}`.
+        - etag: If set, must match the current etag.
+        - force: Also delete every node, gateway, key, client and policy inside the network. Without it, deleting a network that has nodes fails with FAILED_PRECONDITION.
+        - validate_only: Check the request without deleting.
+        """
+        return await self._unary('meshgate.api.v1.NetworkService', 'DeleteNetwork', _build(network_pb2.DeleteNetworkRequest, request, name=name, etag=etag, force=force, validate_only=validate_only), timeout, metadata)
+
+    async def get_network_status(
+        self,
+        request: network_pb2.GetNetworkStatusRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> network_pb2.NetworkStatus:
+        """Shows which nodes have applied their desired state and which have not.
+
+        Arguments (or fields of `request`):
+        - name: `networks/{network}`.
+        """
+        return await self._unary('meshgate.api.v1.NetworkService', 'GetNetworkStatus', _build(network_pb2.GetNetworkStatusRequest, request, name=name), timeout, metadata)
+
     # NodeService -----------------------------------------------------------
 
     async def create_node(
@@ -1548,133 +1675,6 @@ class AsyncMethods:
         - etag: When set, the call fails with ABORTED unless it matches the client's etag.
         """
         return await self._unary('meshgate.api.v1.ExternalClientService', 'RotateExternalClientKey', _build(external_client_pb2.RotateExternalClientKeyRequest, request, name=name, etag=etag), timeout, metadata)
-
-    # NetworkService --------------------------------------------------------
-
-    async def create_network(
-        self,
-        request: network_pb2.CreateNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        network_id: str | None = None,
-        network: network_pb2.Network | Mapping[str, Any] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.Network:
-        """Creates a network.
-
-        Arguments (or fields of `request`):
-        - network_id: The network's id, the last segment of its name.
-        - network: The network to create. Its `name` is ignored.
-        - validate_only: Check the request and return what would be created, without creating it.
-        """
-        return await self._unary('meshgate.api.v1.NetworkService', 'CreateNetwork', _build(network_pb2.CreateNetworkRequest, request, network_id=network_id, network=network, validate_only=validate_only), timeout, metadata)
-
-    async def get_network(
-        self,
-        request: network_pb2.GetNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.Network:
-        """Gets a network.
-
-        Arguments (or fields of `request`):
-        - name: `networks/{network}`.
-        """
-        return await self._unary('meshgate.api.v1.NetworkService', 'GetNetwork', _build(network_pb2.GetNetworkRequest, request, name=name), timeout, metadata)
-
-    async def list_networks(
-        self,
-        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.ListNetworksResponse:
-        """Lists networks in name order.
-
-        Arguments (or fields of `request`):
-        - page_size: At most this many networks (default 50, at most 1000).
-        - page_token: The `next_page_token` from a previous call.
-        """
-        return await self._unary('meshgate.api.v1.NetworkService', 'ListNetworks', _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), timeout, metadata)
-
-    def iter_networks(
-        self,
-        request: network_pb2.ListNetworksRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        page_size: int | None = None,
-        page_token: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> AsyncIterator[network_pb2.Network]:
-        """Every item of `list_networks`, following page tokens (each page is one call with `timeout`)."""
-        return self._pages(self.list_networks, _build(network_pb2.ListNetworksRequest, request, page_size=page_size, page_token=page_token), 'networks', timeout, metadata)
-
-    async def update_network(
-        self,
-        request: network_pb2.UpdateNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        network: network_pb2.Network | Mapping[str, Any] | None = None,
-        update_mask: field_mask_pb2.FieldMask | Sequence[str] | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.Network:
-        """Updates a network's mutable fields.
-
-        Arguments (or fields of `request`):
-        - network: The network with its `name` set and the new values.
-        - update_mask: Which fields to change. Empty means every mutable field.
-        - validate_only: Check the request and return the result without storing it.
-        """
-        return await self._unary('meshgate.api.v1.NetworkService', 'UpdateNetwork', _build(network_pb2.UpdateNetworkRequest, request, network=network, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
-
-    async def delete_network(
-        self,
-        request: network_pb2.DeleteNetworkRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        etag: str | None = None,
-        force: bool | None = None,
-        validate_only: bool | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> empty_pb2.Empty:
-        """Deletes a network; with `force`, everything inside it too.
-
-        Arguments (or fields of `request`):
-        - name: `networks/{network}`.
-        - etag: If set, must match the current etag.
-        - force: Also delete every node, gateway, key, client and policy inside the network. Without it, deleting a network that has nodes fails with FAILED_PRECONDITION.
-        - validate_only: Check the request without deleting.
-        """
-        return await self._unary('meshgate.api.v1.NetworkService', 'DeleteNetwork', _build(network_pb2.DeleteNetworkRequest, request, name=name, etag=etag, force=force, validate_only=validate_only), timeout, metadata)
-
-    async def get_network_status(
-        self,
-        request: network_pb2.GetNetworkStatusRequest | Mapping[str, Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-    ) -> network_pb2.NetworkStatus:
-        """Shows which nodes have applied their desired state and which have not.
-
-        Arguments (or fields of `request`):
-        - name: `networks/{network}`.
-        """
-        return await self._unary('meshgate.api.v1.NetworkService', 'GetNetworkStatus', _build(network_pb2.GetNetworkStatusRequest, request, name=name), timeout, metadata)
 
     # AccessPolicyService ---------------------------------------------------
 

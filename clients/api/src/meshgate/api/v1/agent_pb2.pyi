@@ -11,6 +11,7 @@ from google.protobuf.internal import containers as _containers
 from google.rpc import status_pb2 as _status_pb2
 from meshgate.api.v1 import desired_state_pb2 as _desired_state_pb2
 from meshgate.api.v1 import egress_pb2 as _egress_pb2
+from meshgate.api.v1 import network_pb2 as _network_pb2
 from meshgate.api.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
@@ -221,6 +222,7 @@ class SyncRequest(_message.Message):
         REVISION_FIELD_NUMBER: _builtins.int
         STATUS_FIELD_NUMBER: _builtins.int
         APPLY_TIME_FIELD_NUMBER: _builtins.int
+        DRIFT_FIELD_NUMBER: _builtins.int
         revision: _builtins.int
         @_builtins.property
         def status(self) -> _status_pb2.Status:
@@ -228,16 +230,24 @@ class SyncRequest(_message.Message):
 
         @_builtins.property
         def apply_time(self) -> _timestamp_pb2.Timestamp: ...
+        @_builtins.property
+        def drift(self) -> _network_pb2.DriftStatus:
+            """The agent's drift watcher: what it repaired behind-the-back changes of
+            and whether it is in a fight (shown in NodeConvergence.drift). The agent
+            sends its last ack again when a fight starts or ends.
+            """
+
         def __init__(
             self,
             *,
             revision: _builtins.int = ...,
             status: _status_pb2.Status | None = ...,
             apply_time: _timestamp_pb2.Timestamp | None = ...,
+            drift: _network_pb2.DriftStatus | None = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["apply_time", b"apply_time", "status", b"status"]  # noqa: Y015
+        _HasFieldArgType: _TypeAlias = _typing.Literal["apply_time", b"apply_time", "drift", b"drift", "status", b"status"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_time", b"apply_time", "revision", b"revision", "status", b"status"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_time", b"apply_time", "drift", b"drift", "revision", b"revision", "status", b"status"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -403,6 +403,7 @@ class NodeConvergence(_message.Message):
     DECLINED_ROUTES_FIELD_NUMBER: _builtins.int
     UNREACHABLE_PEERS_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """`networks/{network}/nodes/{node}`."""
     desired_revision: _builtins.int
@@ -443,6 +444,14 @@ class NodeConvergence(_message.Message):
         carries is listed with its `relay`. At most 64.
         """
 
+    @_builtins.property
+    def drift(self) -> Global___DriftStatus:
+        """What the node's agent found changed behind its back in what it owns
+        (its interface, addresses, routes, rules, nftables table, WireGuard
+        peers) and repaired, as of its last acknowledgement; unset when the agent
+        does not watch for drift. `fighting` says another tool keeps undoing it.
+        """
+
     def __init__(
         self,
         *,
@@ -457,14 +466,63 @@ class NodeConvergence(_message.Message):
         declined_routes: _abc.Iterable[Global___DeclinedRoute] | None = ...,
         unreachable_peers: _abc.Iterable[Global___PeerPath] | None = ...,
         healthy: _builtins.bool = ...,
+        drift: Global___DriftStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_contact_time", b"last_contact_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "last_contact_time", b"last_contact_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "declined_routes", b"declined_routes", "desired_revision", b"desired_revision", "failed_over", b"failed_over", "healthy", b"healthy", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node", "unreachable_peers", b"unreachable_peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "connected", b"connected", "converged", b"converged", "declined_routes", b"declined_routes", "desired_revision", b"desired_revision", "drift", b"drift", "failed_over", b"failed_over", "healthy", b"healthy", "last_contact_time", b"last_contact_time", "last_error", b"last_error", "node", b"node", "unreachable_peers", b"unreachable_peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeConvergence: _TypeAlias = NodeConvergence  # noqa: Y015
+
+@_typing.final
+class DriftStatus(_message.Message):
+    """Drift that a node's agent repaired (gatewayd's drift watcher, docs/gatewayd.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPAIRS_FIELD_NUMBER: _builtins.int
+    FIGHTING_FIELD_NUMBER: _builtins.int
+    FIGHTS_FIELD_NUMBER: _builtins.int
+    LAST_DRIFT_FIELD_NUMBER: _builtins.int
+    LAST_DRIFT_TIME_FIELD_NUMBER: _builtins.int
+    repairs: _builtins.int
+    """Repairs since the agent started."""
+    fighting: _builtins.bool
+    """True while something keeps undoing the agent's changes faster than its
+    repair rate limit allows (a fight): the agent repairs only at that rate.
+    It ends after a quiet spell without drift.
+    """
+    fights: _builtins.int
+    """Times a fight started since the agent started."""
+    @_builtins.property
+    def last_drift(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the last drift changed, as the changes that repair it, e.g.
+        `add route 198.51.100.0/24 metric 0`, `replace table inet meshgate (...)`,
+        `add peer ...` (at most 16 lines).
+        """
+
+    @_builtins.property
+    def last_drift_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last drift was found."""
+
+    def __init__(
+        self,
+        *,
+        repairs: _builtins.int = ...,
+        fighting: _builtins.bool = ...,
+        fights: _builtins.int = ...,
+        last_drift: _abc.Iterable[_builtins.str] | None = ...,
+        last_drift_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_drift_time", b"last_drift_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fighting", b"fighting", "fights", b"fights", "last_drift", b"last_drift", "last_drift_time", b"last_drift_time", "repairs", b"repairs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftStatus: _TypeAlias = DriftStatus  # noqa: Y015
 
 @_typing.final
 class PeerPath(_message.Message):
