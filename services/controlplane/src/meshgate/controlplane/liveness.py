@@ -3,9 +3,11 @@
 A node is *up* while its agent holds a Sync stream: `sessions/{net}/{node}`
 exists, attached to the lease of the replica holding the stream (so it also
 disappears when that replica dies). A node that runs an egress gateway and has
-had no session for the failover delay (`--gateway-failover-after`, 15 s by
-default) is marked down with `liveness/{net}/{node}`; once its session is back
-the mark is deleted. The compiler gives an egress range to a gateway on a node
+had no session for the failover delay (`--gateway-failover-after`, 1 s by
+default) is marked down with `liveness/{net}/{node}`; once its session has
+been back for the failback hold (`--gateway-failback-after`, 10 s, doubled for
+each further failover within ten minutes: egresshealth.Damper) the mark is
+deleted, so an unstable link moves the ranges once, not at every reconnect. The compiler gives an egress range to a gateway on a node
 that is up before one on a node that is down (compiler.active_gateways), so
 the range moves to the standby and back.
 
@@ -17,10 +19,15 @@ does not exist" (to mark) and "the session key exists" (to clear), so racing
 replicas write each transition once, and a node that came back meanwhile is
 never marked.
 
-The delay absorbs control-plane restarts and short network blips: agents
-reconnect within seconds (their backoff starts at a fraction of a second), so
-only a node that stays away longer is failed over. A delay of 0 turns
-failover off (no marks are written; existing ones are still cleared).
+A stream that vanished without closing (cable pulled, agent SIGSTOPped) is
+noticed by HTTP/2 keepalive within about 2 s (main.AGENT_KEEPALIVE); with the
+failover delay and the push to the other nodes, traffic moves within 5 s. A
+control plane that starts (or restarts) gives every node the startup grace
+(`--gateway-startup-grace`, 15 s: longer than the agents' longest reconnect
+backoff, 10 s) before marking it down, so a control-plane restart or outage
+fails nothing over: agents keep their applied state meanwhile and reconnect.
+A delay of 0 turns failover off (no marks are written; existing ones are
+still cleared).
 
 Hazard: the timers use this replica's monotonic clock from the moment it saw
 the session go (or started without one); replicas can disagree by their watch
@@ -34,12 +41,15 @@ import json
 import logging
 import time
 
+from meshgate.common import metrics
 from meshgate.common.etcd import Etcd
 from meshgate.controlplane.cache import Change, StateCache
+from meshgate.controlplane.egresshealth import DEFAULT_FAILBACK_S, Damper
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DELAY_S = 15.0
+DEFAULT_DELAY_S = 1.0
+STARTUP_GRACE_S = 15.0
 RETRY_S = 2.0  # after a failed mark or clear
 
 
@@ -56,10 +66,15 @@ def session_key(etcd: Etcd, node: str) -> bytes:
 class Liveness:
     """Watches the cache's view of sessions and gateways; writes the marks."""
 
-    def __init__(self, etcd: Etcd, cache: StateCache, delay_s: float = DEFAULT_DELAY_S, replica: str = "") -> None:
+    def __init__(self, etcd: Etcd, cache: StateCache, delay_s: float = DEFAULT_DELAY_S, replica: str = "",
+                 startup_grace_s: float = STARTUP_GRACE_S, damper: Damper | None = None) -> None:
         self.etcd = etcd
         self.cache = cache
         self.delay_s = delay_s
+        self.startup_grace_s = startup_grace_s
+        self.damper = damper or Damper(DEFAULT_FAILBACK_S)
+        self._started = time.monotonic()
+        self._clears: dict[str, asyncio.TimerHandle] = {}  # node back, marked: its failback hold
         self.replica = replica
         self.t = etcd.txn_ops
         self._absent_since: dict[str, float] = {}  # gateway node -> monotonic time its session was last seen gone
@@ -71,15 +86,17 @@ class Liveness:
 
     def start(self) -> None:
         self._stopped = False
+        self._started = time.monotonic()
         self.cache.listeners.append(self.on_change)
 
     async def stop(self) -> None:
         self._stopped = True
         if self.on_change in self.cache.listeners:
             self.cache.listeners.remove(self.on_change)
-        for h in self._timers.values():
+        for h in [*self._timers.values(), *self._clears.values()]:
             h.cancel()
         self._timers.clear()
+        self._clears.clear()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -105,18 +122,42 @@ class Liveness:
                 if present:
                     self._cancel(node)
                     if node in st.down:
-                        self._spawn(self._clear(node))
-                elif node not in st.down and self.delay_s > 0:
-                    since = self._absent_since.setdefault(node, now)
-                    self._arm(node, since + self.delay_s - now)
+                        self._arm_clear(node)
+                    else:
+                        self._cancel_clear(node)
+                else:
+                    self._cancel_clear(node)
+                    if node not in st.down and self.delay_s > 0:
+                        since = self._absent_since.setdefault(node, now)
+                        due = max(since + self.delay_s, self._started + self.startup_grace_s)
+                        self._arm(node, due - now)
         for node in [n for n in self._absent_since if n not in tracked]:
             self._cancel(node)
+        for node in [n for n in self._clears if n not in tracked]:
+            self._cancel_clear(node)
 
     def _arm(self, node: str, delay: float) -> None:
         if node in self._timers:
             return
         loop = asyncio.get_running_loop()
         self._timers[node] = loop.call_later(max(delay, 0.0), lambda: self._spawn(self._mark(node)))
+
+    def _arm_clear(self, node: str) -> None:
+        if node in self._clears:
+            return
+        hold = self.damper.hold(node)
+        log.info("%s's agent is back; its gateways take their ranges back after %.0fs connected", node, hold)
+
+        def fire() -> None:
+            self._clears.pop(node, None)
+            self._retry_clear(node)
+
+        self._clears[node] = asyncio.get_running_loop().call_later(hold, fire)
+
+    def _cancel_clear(self, node: str) -> None:
+        h = self._clears.pop(node, None)
+        if h is not None:
+            h.cancel()
 
     def _cancel(self, node: str) -> None:
         self._absent_since.pop(node, None)
@@ -149,6 +190,8 @@ class Liveness:
             return
         if ok:
             self.marks_written += 1
+            self.damper.failed(node)
+            metrics.controlplane.failover("down")
             log.warning("marked %s down: no agent connected for %.0fs; its egress ranges move to a standby gateway "
                         "if there is one", node, self.delay_s)
 
@@ -164,6 +207,7 @@ class Liveness:
             return
         if ok:
             self.marks_cleared += 1
+            metrics.controlplane.failover("back")
             log.info("%s is back: its agent reconnected", node)
 
     def _retry_clear(self, node: str) -> None:

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="development only: allow plaintext to a control plane that is not loopback or a "
                         "Unix socket (also when `join --insecure` saved it; warned about on every start)")
     _route_consent_arguments(r, join=False)
+    _dns_arguments(r)
+    _metrics_arguments(r)
     sub.add_parser("show", parents=[common], help="print the observed state as JSON (no secrets); "
                    "--interface defaults to the last applied one, else the one `run` was given")
     sub.add_parser("down", parents=[common], help="remove everything gatewayd owns on this host; "
@@ -138,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _metrics_arguments(p: argparse.ArgumentParser) -> None:
+    """--metrics-listen and the per-peer series (docs/operations.md lists the metrics)."""
+    p.add_argument("--metrics-listen", default=os.environ.get("MESHGATE_GATEWAYD_METRICS_LISTEN", ""),
+                   metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare port: on loopback); "
+                        "default off (env MESHGATE_GATEWAYD_METRICS_LISTEN). OTEL_METRICS_EXPORTER=otlp also "
+                        "pushes them to OTLP")
+    p.add_argument("--metrics-per-peer", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("MESHGATE_GATEWAYD_METRICS_PER_PEER", "true").lower() not in ("0", "false", "no"),
+                   help="export each peer's handshake age and traffic (up to --metrics-peer-cap peers); "
+                        "--no-metrics-per-peer keeps only the totals (default on)")
+    p.add_argument("--metrics-peer-cap", type=int, default=int(os.environ.get("MESHGATE_GATEWAYD_METRICS_PEER_CAP",
+                                                                              "100")),
+                   metavar="N", help="the most peers with series of their own (default 100)")
+
+
 def _accept_routes(text: str) -> tuple[str, ...] | None:
     from meshgate.gatewayd import consent
 
@@ -145,6 +163,40 @@ def _accept_routes(text: str) -> tuple[str, ...] | None:
         return consent.parse_accept_routes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--accept-routes: ")) from None
+
+
+def _dns_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the DNS side of `run` (dnsagent.DnsSettings; env MESHGATE_GATEWAYD_DNS_*)."""
+    p.add_argument("--no-dns", dest="dns", action="store_const", const=False, default=None,
+                   help="do not answer the overlay's names (by default gatewayd answers {node}.{network}."
+                        "meshgate.internal on its overlay addresses and forwards other questions)")
+    p.add_argument("--dns-port", type=int, help="port of the overlay DNS server (default 53)")
+    p.add_argument("--dns-upstream", action="append", metavar="HOST[:PORT]",
+                   help="resolver for forwarded questions and egress domains (repeatable; default: the "
+                        "host's, from /etc/resolv.conf)")
+    p.add_argument("--dns-min-ttl", type=float, metavar="SECONDS",
+                   help="lower bound of the TTL followed for egress domains (default 5)")
+    p.add_argument("--dns-max-ttl", type=float, metavar="SECONDS",
+                   help="upper bound of the TTL followed for egress domains (default 300)")
+    p.add_argument("--dns-grace", type=float, metavar="SECONDS",
+                   help="how long an egress-domain address stays routed after it left the answer (default 300)")
+    p.add_argument("--dns-configure-resolver", action="store_const", const=True, default=None,
+                   help="point this host's resolver at the overlay server for the overlay's zone "
+                        "(resolvectl, where systemd-resolved runs; otherwise the log says what to configure)")
+
+
+def _dns_source(args: argparse.Namespace, settings: Settings, source, rec):
+    """`source` wrapped by dnsagent.DnsSource (egress domains, the overlay DNS server)."""
+    from meshgate.gatewayd.dnsagent import DnsSettings, DnsSource
+
+    try:
+        dns = DnsSettings.load({k: getattr(args, k, None) for k in (
+            "dns", "dns_port", "dns_upstream", "dns_min_ttl", "dns_max_ttl", "dns_grace", "dns_configure_resolver")})
+    except ValueError as e:
+        raise EnvironmentProblem(f"DNS settings: {e}") from None
+    identity_node = getattr(getattr(source, "identity", None), "node", "")
+    return DnsSource(source, dns, node=identity_node, interface=settings.default_interface,
+                     initial=rec.store.load_desired())
 
 
 def _route_consent_arguments(p: argparse.ArgumentParser, join: bool) -> None:
@@ -408,7 +460,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "join":
         return _join(args, settings)
     if args.command == "run":
-        from meshgate.common import telemetry
+        from meshgate.common import metrics, telemetry
         from meshgate.gatewayd.agent import Agent
         from meshgate.gatewayd.stream import PlaintextRefused
 
@@ -419,7 +471,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         except PlaintextRefused as e:
             print(f"gatewayd: {e}", file=sys.stderr)
             return EXIT_INVALID
+        if source is not None:
+            source = _dns_source(args, settings, source, rec)
         provider = telemetry.configure("meshgate-gatewayd")
+        meters = metrics.configure("meshgate-gatewayd", args.metrics_listen)
+        metrics.gatewayd.per_peer, metrics.gatewayd.peer_cap = args.metrics_per_peer, max(0, args.metrics_peer_cap)
         try:
             try:
                 agent = Agent(rec, settings, source, authority_keys=authority_keys, network=network,
@@ -429,6 +485,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 raise EnvironmentProblem(f"identity.json: bad key authority key or node: {e}") from None
             return asyncio.run(agent.run_forever())
         finally:
+            metrics.shutdown(meters)
             telemetry.shutdown(provider)
 
     rec = Reconciler.for_host(settings)

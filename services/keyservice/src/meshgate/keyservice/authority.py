@@ -23,7 +23,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshgate.api.v1 import keys_pb2
-from meshgate.common import signing
+from meshgate.common import metrics, signing
 from meshgate.common.errors import ApiError, FieldViolation, failed_precondition, invalid_argument
 from meshgate.keyservice import names
 from meshgate.keyservice.sealing import header
@@ -100,6 +100,7 @@ class Authority:
             key_id=kid,
         )
         signed.sign_time.GetCurrentTime()
+        metrics.keyservice.signatures.add(1, {"kind": "node_key"})
         return signed
 
     async def register(self, node: str, public_key: str, detached: bool = False) -> keys_pb2.SignedNodeKey:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshgate.common import metrics
 from meshgate.common.errors import FieldViolation, invalid_argument
 from meshgate.keyservice import names
 from meshgate.keyservice.sealing import header
@@ -189,5 +190,6 @@ class CertificateAuthority:
         _, key, ca_cert = await optimistic(self._load, "loading the internal CA")
         leaf = build_leaf(key, ca_cert, csr, identity, uri, dt.datetime.now(dt.UTC), self.validity)
         log.info("signed a certificate for %s (serial %x)", identity, leaf.serial_number)
+        metrics.keyservice.signatures.add(1, {"kind": "certificate"})
         chain = leaf.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
         return Issued(chain, leaf.not_valid_after_utc)

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from meshgate.common import etcdwatch
+from meshgate.common import etcdwatch, metrics
 from meshgate.common.etcd import Etcd, EtcdUnavailable
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Election:
                 await asyncio.sleep(self.ttl / 3)
                 continue
             self.leading = True
+            metrics.keyservice.leading(True)
             log.info("elected scheduler leader as %s", self.identity)
             work = asyncio.ensure_future(lead(self.fence()))
             keep = asyncio.ensure_future(self._keepalive())
@@ -69,6 +70,7 @@ class Election:
                 await asyncio.wait([work, keep], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.leading = False
+                metrics.keyservice.leading(False)
                 for t in (work, keep):
                     t.cancel()
                 await asyncio.gather(work, keep, return_exceptions=True)

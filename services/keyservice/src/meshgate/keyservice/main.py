@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from meshgate.common import config
+from meshgate.common import config, metrics
 from meshgate.common.entrypoint import run_service
 from meshgate.common.etcd import etcd_credentials, for_service
 from meshgate.common.server import GrpcServer, serve, server_credentials
@@ -73,6 +73,7 @@ async def run(cfg: KeyServiceConfig) -> None:
     if cfg.insecure:
         log.warning("--insecure: the key service admits EVERY caller without identifying it (development only)")
     keyring = load_keyring(cfg)
+    metrics.keyservice.kek_file(cfg.kek_file)  # meshgate.keyservice.kek.age
     etcd = for_service(cfg.etcd_endpoints, cfg.etcd_prefix, etcd_credentials(cfg))
     await etcd.connect()
     core = KeyServiceCore(

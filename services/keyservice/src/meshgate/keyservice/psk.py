@@ -50,6 +50,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from meshgate.api.v1 import keys_pb2, network_pb2
+from meshgate.common import metrics
 from meshgate.common.errors import FieldViolation, failed_precondition, invalid_argument, not_found
 from meshgate.common.etcd import KV
 from meshgate.keyservice import names
@@ -253,6 +254,7 @@ class PresharedKeys:
                 for p, psk, _ in made:
                     if p in created:
                         have[p] = psk
+                metrics.keyservice.psk_issued.add(len(created))
                 log.info("issued %d new pre-shared keys in networks/%s", len(missing), net)
             return [have[p] for p in pair_ids]
 
@@ -300,6 +302,7 @@ class PresharedKeys:
             return len(done)
 
         n = await optimistic(attempt, "rotating pre-shared keys")
+        metrics.keyservice.psk_rotated.add(n, {"trigger": "request"})
         log.info("rotated %d pre-shared keys in networks/%s on demand", n, net)
         return n
 
@@ -361,6 +364,7 @@ class PresharedKeys:
                 try:
                     await v.commit([*cmp, *fence], ops)
                     rotated += len(chunk)
+                    metrics.keyservice.psk_rotated.add(len(chunk), {"trigger": "epoch"})
                 except Retry:
                     lost = True
             if lost:

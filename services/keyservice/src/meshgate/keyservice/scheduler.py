@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshgate.api.v1 import external_client_pb2, keys_pb2, network_pb2, node_pb2
+from meshgate.common import metrics
 from meshgate.common.errors import ApiError
 from meshgate.common.etcd import EtcdUnavailable, prefix_end
 from meshgate.keyservice.psk import PresharedKeys
@@ -203,6 +204,7 @@ class Scheduler:
         since = st.started if st.mod_revision else network.create_time.ToNanoseconds()
         if not since or now_ns < since + period:
             return
+        metrics.keyservice.rotation_lag.record((now_ns - since - period) / 1e9, {"kind": "psk"})
         epoch = await self.psk.claim_epoch(net, "schedule", fence)
         report.epochs_started.append(net)
         report.keys_rotated += await self.psk.run_epoch(net, epoch, fence)
@@ -227,6 +229,7 @@ class Scheduler:
                 report.node_rotations_skipped.append(f"networks/{net}/nodes/{node_id}")
                 continue
             if await request_node_rotation(self.vault, net, node_id, fence, only_if_older_than_ns=created):
+                metrics.keyservice.rotation_lag.record((now_ns - created - age) / 1e9, {"kind": "node_key"})
                 log.info("requested a key rotation of networks/%s/nodes/%s (key older than %ds)",
                          net, node_id, age // 1_000_000_000)
                 report.node_rotations_requested.append(f"networks/{net}/nodes/{node_id}")
