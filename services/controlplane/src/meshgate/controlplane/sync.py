@@ -45,6 +45,7 @@ from opentelemetry import propagate, trace
 
 from meshgate.api.v1 import agent_pb2, agent_pb2_grpc, network_pb2, node_pb2
 from meshgate.api.v1 import desired_state_pb2 as ds
+from meshgate.common import metrics
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
 from meshgate.common.etcd import Etcd
 from meshgate.common.identity import node_of, peer_identity, peer_spki_sha256
@@ -128,12 +129,14 @@ class Session:
         self.inflight[state.revision] = dg if dg is not None else digest(state, body)
         try:
             self.queue.put_nowait(msg)
+            metrics.controlplane.pushed(msg, False)
         except asyncio.QueueFull:
             # Too slow: replace everything queued by one snapshot of the newest state.
             self.overflows += 1
             while not self.queue.empty():
                 self.queue.get_nowait()
-            self.queue.put_nowait(self._snapshot(state, traceparent))
+            self.queue.put_nowait(msg := self._snapshot(state, traceparent))
+            metrics.controlplane.pushed(msg, True)
             log.warning("agent %s fell behind; resyncing it with a snapshot", self.node)
         return 1
 
@@ -252,6 +255,7 @@ class Fanout:
         self.lease: Any = None  # aetcd's Lease (untyped), made by start()
         self._lease_task: asyncio.Task | None = None
         cache.listeners.append(self.on_change)
+        metrics.controlplane.observe(self)  # its gauges: connected agents, converged nodes
 
     async def start(self) -> None:
         self.lease = await self.etcd.client.lease(LEASE_TTL_S)
@@ -386,8 +390,10 @@ class Fanout:
             "controlplane.fanout", context=parent,
             attributes={"meshgate.revision": change.revision, "meshgate.reset": change.reset},
         ) as span:
+            metrics.controlplane.change_seen(change.revision)
             if change.psk_only:
                 sent = await self._patch_psks(change)
+                metrics.controlplane.change_done(sent)
                 self.messages_sent += sent
                 span.set_attribute("meshgate.messages_sent", sent)
                 return
@@ -446,6 +452,7 @@ class Fanout:
                 if s is not None and self.rotation_pending(name):
                     s.ask_rotation("requested by the key service")
             self.messages_sent += sent
+            metrics.controlplane.change_done(sent)
             span.set_attribute("meshgate.nodes_recomputed", recomputed)
             span.set_attribute("meshgate.messages_sent", sent)
 
@@ -640,6 +647,7 @@ class Fanout:
             if state is not None:
                 session.push(state, "", force_snapshot=True)
                 self.messages_sent += 1
+                metrics.controlplane.resync_requested()
 
     def ack(self, session: Session, ack: agent_pb2.SyncRequest.Ack) -> None:
         if ack.status.code == 0:
@@ -647,6 +655,7 @@ class Fanout:
             if self.holds or self.peer_holds:  # set for as long as rotate() may wait on acks
                 asyncio.get_running_loop().create_task(self._notify_acked())
         dg = session.inflight.get(ack.revision)
+        metrics.controlplane.acked(ack.revision, ack.status.code == 0, dg is not None)
         # A failed apply of R is retried by the agent and acked again: keep R's
         # digest until then, or the retry's OK could not count as applied.
         done = ack.revision if ack.status.code == 0 else ack.revision - 1

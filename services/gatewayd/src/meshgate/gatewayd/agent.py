@@ -44,7 +44,7 @@ from typing import Any
 from opentelemetry import propagate, trace
 
 from meshgate.api.v1 import desired_state_pb2 as pb
-from meshgate.common import logsetup
+from meshgate.common import logsetup, metrics
 from meshgate.gatewayd import consent
 from meshgate.gatewayd.backoff import Backoff, jittered
 from meshgate.gatewayd.config import Settings
@@ -105,6 +105,7 @@ class Agent:
             "declined_routes": [],
         }
         self._key_status()
+        metrics.gatewayd.observe(self)  # gauges: peers, last success, stream, per-peer handshakes
 
     # -- control
 
@@ -309,6 +310,7 @@ class Agent:
                 raise TypeError(update)
         except InvalidDesiredState as e:
             log.error("rejected desired state: %s", e)
+            metrics.gatewayd.rejected()
             self._record_error(str(e), rejected=True)
             return False
         if getattr(update, "traceparent", ""):
@@ -333,6 +335,7 @@ class Agent:
                 log.exception("unexpected error during a %s pass", "full" if full else "delta")
                 raise ApplyError("internal", f"{type(e).__name__}") from None
         except ApplyError as e:
+            metrics.gatewayd.failed(e, full)
             self._traces = traces + self._traces  # the retry continues the same traces
             self._need_full = True
             self._record_error(str(e))
@@ -341,6 +344,7 @@ class Agent:
             self._write_status()
             await self._report(Report(None, str(e)))
             return False
+        metrics.gatewayd.applied(result, same_target=gen == self._applied_gen)  # drift: a full pass of the same target
         self._applied_gen = gen
         self.rec.store.save_desired(msg)
         self.backoff.reset()

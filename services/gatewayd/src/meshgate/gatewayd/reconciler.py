@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from meshgate.api.v1 import desired_state_pb2 as pb
+from meshgate.common import metrics
 from meshgate.gatewayd import routing, sysctl
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, ForeignInterface, InvalidDesiredState
@@ -177,8 +178,10 @@ class Reconciler:
 
     def _apply(self, p: Plan, desired: Desired, live_nft: Table | None = None) -> None:
         s = self.settings
+        lap = metrics.gatewayd.laps()  # apply duration by subsystem
         if p.sysctls:
             sysctl.write(p.sysctls)
+            lap("sysctl")
         if p.create_interface:
             if p.interface not in (self.store.created_interfaces() or set()):
                 if self.interface_exists(p.interface):  # appeared since the check
@@ -192,10 +195,14 @@ class Reconciler:
                 kick = getattr(self.backend, "kick", None)
                 if kick is not None and desired.peers:
                     kick(p.interface, {k: spec.keepalive for k, spec in desired.peers.items()})
+        if p.create_interface or p.device is not None or p.peers:
+            lap("wireguard")
         if p.touches_links():
             routing.apply(p, s.route_table, s.route_protocol)
+            lap("link")
         if p.nft is not None:
             self.nft.load(p.nft, live_nft)
+            lap("nftables")
 
     def interface_exists(self, ifname: str) -> bool:
         """A link of that name in this namespace, or a WireGuard device answering
