@@ -41,4 +41,6 @@ def apply_delta(state: ds.DesiredState, delta: ds.DesiredStateDelta, revision: i
     if delta.relayed_ranges_changed:
         del out.relayed_ranges[:]
         out.relayed_ranges.extend(delta.relayed_ranges)
+    if delta.HasField("dns"):
+        out.dns.CopyFrom(delta.dns)
     return out

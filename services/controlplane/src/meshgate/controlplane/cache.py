@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.api.v1 import agent_pb2, egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.aiotasks import cancel_and_wait
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
@@ -173,11 +173,17 @@ class StateCache:
                 children.append((parts, kv))
             elif parts == ["changes", "trace"]:
                 traceparent = kv.value.decode(errors="replace")
-            elif _key_record(parts) or (parts[0] in _NODE_FLAGS and len(parts) == 3):
+            elif _key_record(parts) or (parts[0] in (*_NODE_FLAGS, "learned") and len(parts) == 3):
                 children.append((parts, kv))
         rotations: dict[str, int] = {}
         sessions: set[str] = set()
         for parts, kv in children:
+            if parts[0] == "learned":
+                if parts[1] in nets:
+                    rep = _parse(agent_pb2.SyncRequest.Domains, kv.key, kv.value)
+                    if rep is not None:
+                        nets[parts[1]].learned[f"networks/{parts[1]}/nodes/{parts[2]}"] = rep
+                continue
             if parts[0] in _NODE_FLAGS:
                 name = f"networks/{parts[1]}/nodes/{parts[2]}"
                 if parts[0] == "sessions":
@@ -276,7 +282,7 @@ class StateCache:
                 name = f"networks/{parts[1]}/nodes/{parts[2]}"
                 (self.sessions.add if ev.put else self.sessions.discard)(name)
                 sessions.add(name)
-            elif parts[0] == "liveness" and len(parts) == 3:
+            elif parts[0] in ("liveness", "learned") and len(parts) == 3:
                 relevant.append((parts, ev))
             elif parts == ["changes", "trace"] and ev.put:
                 traceparent = ev.value.decode(errors="replace")
@@ -333,6 +339,15 @@ class StateCache:
                 name = f"networks/{net_id}/nodes/{parts[2]}"
                 (st.down.add if ev.put else st.down.discard)(name)
                 change.affected.setdefault(net_id, set()).update(compiler.affected_by_liveness(st, name))
+                continue
+            if parts[0] == "learned":  # a gateway agent's egress-domain addresses (sync.py)
+                name = f"networks/{net_id}/nodes/{parts[2]}"
+                rep = _parse(agent_pb2.SyncRequest.Domains, ev.key, ev.value) if ev.put else None
+                if rep is not None:
+                    st.learned[name] = rep
+                else:
+                    st.learned.pop(name, None)
+                change.affected.setdefault(net_id, set()).update(compiler.affected_by_learned(st, name))
                 continue
             attr, cls = _COLLECTIONS[parts[0]]
             name = names_of(parts)

@@ -52,10 +52,10 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from meshgate.api.v1 import agent_pb2, egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.api.v1 import desired_state_pb2 as ds
-from meshgate.api.v1 import egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common.desired import apply_delta  # noqa: F401 - re-exported: diff's inverse
-from meshgate.controlplane import filters
+from meshgate.controlplane import domains, filters
 
 
 @dataclass
@@ -76,12 +76,16 @@ class NetworkState:
     # Names of nodes marked down (`liveness/{net}/{node}`): their gateways
     # yield their ranges to gateways on nodes that are up.
     down: set[str] = field(default_factory=set)
+    # What gateway nodes' agents learned of their egress domains
+    # (`learned/{net}/{node}`): node name -> its last report.
+    learned: dict[str, agent_pb2.SyncRequest.Domains] = field(default_factory=dict)
 
     def copy(self) -> NetworkState:
         """A copy whose collections can change without touching this one's."""
         return NetworkState(
             self.network, dict(self.nodes), dict(self.gateways), dict(self.policies),
             {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients), set(self.down),
+            dict(self.learned),
         )
 
 
@@ -115,15 +119,26 @@ def _matches(selector: str, node: node_pb2.Node, state: NetworkState) -> bool:
     if kind == "client":
         c = state.external_clients.get(f"{state.network.name}/externalClients/{value}")
         return c is not None and not c.disabled and bool(c.public_key) and c.gateway_node == node.name
+    if kind == "domain":
+        return node.name in domain_nodes(state, value)
     return False
+
+
+def domain_nodes(state: NetworkState, selector: str) -> set[str]:
+    """The nodes of the gateways whose domains a `domain:` selector names (the
+    name itself, a wildcard covering it, or names under the selector's wildcard):
+    traffic to the domain goes to them, so they are its side in peering."""
+    want = domains.canonical(selector)
+    return {g.node for g in state.gateways.values()
+            for d in g.domains if d == want or domains.matches(d, want) or domains.matches(want, d.removeprefix("*."))}
 
 
 def ha_nodes(state: NetworkState, gw: egress_pb2.EgressGateway) -> set[str]:
     """The nodes of `gw` and of the gateways that stand in for it (HA: they declare
     one of its ranges; the API allows only equal ranges to overlap). An `egress:`
     selector names them all, so a policy about a gateway survives its failover."""
-    ranges = set(gw.ranges)
-    return {gw.node} | {g.node for g in state.gateways.values() if ranges & set(g.ranges)}
+    ranges, names = set(gw.ranges), set(gw.domains)
+    return {gw.node} | {g.node for g in state.gateways.values() if ranges & set(g.ranges) or names & set(g.domains)}
 
 
 def uses(state: NetworkState, gw: egress_pb2.EgressGateway, name: str) -> bool:
@@ -216,6 +231,8 @@ class PeerIndex:
             if c is None or c.disabled or not c.public_key or c.gateway_node not in self._keyed_set:
                 return frozenset()
             return frozenset({c.gateway_node})
+        if kind == "domain":
+            return frozenset(domain_nodes(state, value) & self._keyed_set)
         return frozenset()
 
     def peers_of(self, name: str) -> list[str]:
@@ -254,8 +271,16 @@ def peers_of(state: NetworkState, name: str, index: PeerIndex | None = None) -> 
     return (index or PeerIndex(state)).peers_of(name)
 
 
+def overlay_ranges(state: NetworkState) -> list[str]:
+    return [c for c in (state.network.ipv4_cidr, state.network.ipv6_cidr) if c]
+
+
 def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None]:
-    """The gateway carrying each egress range, and the internet gateway, if any."""
+    """The gateway carrying each egress range, and the internet gateway, if any.
+
+    The addresses learned for egress domains are ranges too (host routes), each
+    carried by its domain's active gateway (domains.routed_addresses); a
+    declared range equal to one wins."""
     def usable(gw):
         node = state.nodes.get(gw.node)
         return node is not None and bool(node.public_key)
@@ -269,7 +294,23 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
             by_range.setdefault(r, gw)
         if gw.internet_gateway and internet is None:
             internet = gw
+    if state.learned:
+        for r, gw in domains.routed_addresses(state.gateways.values(), state.down, usable, state.learned,
+                                              overlay_ranges(state)).items():
+            by_range.setdefault(r, gw)
     return by_range, internet
+
+
+def learned_ranges(state: NetworkState, gw: egress_pb2.EgressGateway) -> list[str]:
+    """The host routes learned for `gw`'s domains (by any node serving them),
+    which its node forwards and NATs like its ranges, HA standbys included."""
+    if not gw.domains or not state.learned:
+        return []
+    serving = {g.node for g in state.gateways.values() if set(g.domains) & set(gw.domains)}
+    fake = egress_pb2.EgressGateway(name=gw.name, node=gw.node, domains=gw.domains)
+    got = domains.routed_addresses([fake], set(), lambda _: True,
+                                   {n: r for n, r in state.learned.items() if n in serving}, overlay_ranges(state))
+    return list(got)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -408,16 +449,19 @@ def compile_node(
         gw = state.gateways[gw_name]
         if gw.node != name:
             continue
-        delivers += list(gw.ranges) + (["0.0.0.0/0", "::/0"] if gw.internet_gateway else [])
+        learned = learned_ranges(state, gw)
+        delivers += list(gw.ranges) + learned + (["0.0.0.0/0", "::/0"] if gw.internet_gateway else [])
         out.egress.append(
             ds.EgressConfig(
-                ranges=_sort_cidrs(gw.ranges),
+                ranges=_sort_cidrs([*gw.ranges, *learned]),
                 source_ranges=sources,
                 nat=gw.nat if gw.HasField("nat") else True,
                 egress_interface=gw.egress_interface,
                 internet_gateway=gw.internet_gateway,
+                domains=sorted(gw.domains),
             )
         )
+    _dns(state, out, me, peer_names, by_gateway)
     if state.policies or net.default_policy == network_pb2.DENY:
         admits = [c for p in out.peers for c in p.allowed_ips]
         out.filter_rules.extend(filters.compile_rules(
@@ -425,10 +469,37 @@ def compile_node(
     return out
 
 
+def _dns(state: NetworkState, out: ds.DesiredState, me: node_pb2.Node, peer_names: list[str],
+         by_gateway: dict[str, list[external_client_pb2.ExternalClient]]) -> None:
+    """The overlay zone the node answers: itself, its peers, and the external
+    clients they (or it) serve, the names it can reach (so a change reaches
+    exactly the nodes peering already reaches). A node id wins over an external
+    client's of the same name."""
+    out.dns.zone = domains.zone(_id(state.network.name))
+    records: dict[str, list[str]] = {}
+    for n in (me.name, *peer_names):
+        node = state.nodes[n]
+        records[_id(n)] = [a for a in (node.ipv4_address, node.ipv6_address) if a]
+    for gw_node in (me.name, *peer_names):
+        for c in by_gateway.get(gw_node, ()):
+            records.setdefault(_id(c.name), [a for a in (c.ipv4_address, c.ipv6_address) if a])
+    for label in sorted(records):
+        out.dns.records.add(name=label, addresses=records[label])
+
+
 # The fields of a node that other nodes' desired states are computed from (in
 # compile_node, PeerIndex and active_gateways). Hazard: a field the compiler
 # starts reading from peers must be added here.
 PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags")
+
+
+def affected_by_learned(state: NetworkState | None, name: str) -> set[str]:
+    """Nodes whose desired state may change when node `name` reports new
+    addresses for egress domains: every node, if it runs a gateway with
+    domains (the routes and the gateway's sets move); otherwise none."""
+    if state is None or not any(g.node == name and g.domains for g in state.gateways.values()):
+        return set()
+    return set(state.nodes)
 
 
 def affected_by_liveness(state: NetworkState | None, name: str) -> set[str]:
@@ -504,6 +575,9 @@ def diff(old: ds.DesiredState, new: ds.DesiredState, differ: bool = False) -> ds
     if old.relayed_ranges != new.relayed_ranges:
         d.relayed_ranges_changed = True
         d.relayed_ranges.extend(new.relayed_ranges)
+    if old.dns != new.dns:
+        d.dns.CopyFrom(new.dns)
+        d.dns.SetInParent()
     return d
 
 

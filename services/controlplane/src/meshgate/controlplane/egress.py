@@ -21,14 +21,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from meshgate.api.v1 import egress_pb2, node_pb2
+from meshgate.api.v1 import agent_pb2, egress_pb2, node_pb2
 from meshgate.common.errors import (
     FieldViolation,
     already_exists,
     invalid_argument,
     reference_not_found,
 )
-from meshgate.controlplane import masks, names, selectors, store, validation
+from meshgate.controlplane import domains, masks, names, selectors, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import retrying
@@ -36,7 +36,7 @@ from meshgate.controlplane.txn import retrying
 KIND = Kind("meshgate.io/EgressGateway", "egressGateways", egress_pb2.EgressGateway)
 MUTABLE = frozenset(
     {"node", "ranges", "nat", "egress_interface", "priority", "internet_gateway", "display_name", "labels",
-     "used_by"}
+     "used_by", "domains"}
 )
 ALL_FIELDS = frozenset(f.name for f in egress_pb2.EgressGateway.DESCRIPTOR.fields)
 
@@ -139,6 +139,35 @@ class EgressGateways(Resources[egress_pb2.EgressGateway]):
             msg.nat = True
         return msg
 
+    async def get(self, name: str) -> egress_pb2.EgressGateway:
+        msg = await super().get(name)
+        await self._domain_status([msg])
+        return msg
+
+    async def list_children(self, parent: str, page_size: int, page_token: str):
+        items, token = await super().list_children(parent, page_size, page_token)
+        await self._domain_status(items)
+        return items, token
+
+    async def _domain_status(self, gws: list[egress_pb2.EgressGateway]) -> None:
+        """Fill `domain_status` from what the gateways' agents reported
+        (`learned/{net}/{node}`, written by sync.py): for each declared domain,
+        the entries of the names under it, by node."""
+        reports: dict[str, agent_pb2.SyncRequest.Domains | None] = {}
+        for gw in gws:
+            if not gw.domains:
+                continue
+            if gw.node not in reports:
+                parsed = names.parse_child(gw.node, "nodes")
+                kv = await self.etcd.get(self.etcd.key("learned", *parsed)) if parsed is not None else None
+                reports[gw.node] = agent_pb2.SyncRequest.Domains.FromString(kv.value) if kv is not None else None
+            rep = reports[gw.node]
+            if rep is None:
+                continue
+            for st in rep.domains:
+                if any(st.domain == d or domains.matches(d, st.domain) for d in gw.domains):
+                    gw.domain_status.add().CopyFrom(st)
+
     async def _check(self, gw, net_id: str, own_name: str, prefix: str):
         """Validate `gw` against its network, node and sibling gateways.
 
@@ -148,8 +177,10 @@ class EgressGateways(Resources[egress_pb2.EgressGateway]):
         errs += selectors.syntax(f"{prefix}.used_by", list(gw.used_by), ("tag", "node"), required=False)
         if errs:
             raise invalid_argument(errs)
-        # Stored in canonical form (`203.0.113.0/024` as `203.0.113.0/24`).
+        # Stored in canonical form (`203.0.113.0/024` as `203.0.113.0/24`, `DB.example.com.` as `db.example.com`).
         gw.ranges[:] = [str(n) for n in ranges]
+        gw.domains[:] = [domains.canonical(d) for d in gw.domains]
+        del gw.domain_status[:]  # output only: what the agents learned, never stored
         used_by = await selectors.require_existing(self.etcd, net_id, [(f"{prefix}.used_by", gw.used_by)])
         parsed = names.parse_child(gw.node, "nodes")
         assert parsed is not None  # validated above

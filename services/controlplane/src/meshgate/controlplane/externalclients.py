@@ -97,8 +97,11 @@ def wg_quick_config(
                  for a in (client.ipv4_address, client.ipv6_address) if a]
     lines = [f"# meshgate external client {client.name} (via {gateway.name})", "[Interface]",
              f"PrivateKey = {private_key}", f"Address = {', '.join(addresses)}"]
-    if client.dns_servers:
-        lines.append(f"DNS = {', '.join(client.dns_servers)}")
+    # By default the gateway node's overlay DNS server (gatewayd's dnsserver.py):
+    # it answers the overlay's names and forwards the rest.
+    dns = list(client.dns_servers) or [a for a in (gateway.ipv4_address, gateway.ipv6_address) if a]
+    if dns:
+        lines.append(f"DNS = {', '.join(dns)}")
     if network.mtu:
         lines.append(f"MTU = {network.mtu}")
     lines += ["", "[Peer]", f"PublicKey = {gateway.public_key}"]

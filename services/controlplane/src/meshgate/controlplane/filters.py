@@ -9,7 +9,9 @@ Pure, like the rest of the compiler. The meaning being compiled:
   destinations swapped. Selector addresses: `*` any; `node:`/`tag:` the nodes'
   overlay host addresses; `client:` the external client's; `egress:` the
   gateway's ranges, and for an internet gateway every address outside the
-  overlay and the other gateways' ranges (`Resolver.internet`).
+  overlay and the other gateways' ranges (`Resolver.internet`); `domain:` (a
+  destination) the addresses gateways learned for the name (domains.py), so
+  its rules follow DNS like its routes.
 - Enabled policies are taken by (priority, name); the first that matches decides
   (ACCEPT or DROP); no match means the network's default.
 - A node enforces this for the packets it delivers out of the overlay: to itself,
@@ -35,6 +37,7 @@ from typing import TypeVar
 
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.api.v1 import external_client_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.controlplane import domains
 
 PROTOCOLS = {
     policy_pb2.PROTOCOL_UNSPECIFIED: "",
@@ -178,6 +181,9 @@ class Resolver:
             if gw is None:
                 return []
             return [*gw.ranges, *(self.internet() if gw.internet_gateway else [])]
+        if kind == "domain":  # the addresses the gateways' agents learned for it
+            return domains.addresses_of(value, st.gateways.values(), st.learned,
+                                        [c for c in (st.network.ipv4_cidr, st.network.ipv6_cidr) if c])
         return []
 
     def internet(self) -> list[str]:

@@ -21,14 +21,18 @@ MUTABLE = frozenset(
 )
 ALL_FIELDS = frozenset(f.name for f in policy_pb2.AccessPolicy.DESCRIPTOR.fields)
 SELECTOR_KINDS = ("tag", "node", "egress", "client")
+# A destination may also name an egress domain (`domain:db.example.com`): the
+# addresses the gateways declaring it learned.
+DESTINATION_KINDS = (*SELECTOR_KINDS, "domain")
 
 
-def _selectors(field: str, values) -> list[FieldViolation]:
-    return selectors.syntax(field, list(values), SELECTOR_KINDS)
+def _selectors(field: str, values, kinds=SELECTOR_KINDS) -> list[FieldViolation]:
+    return selectors.syntax(field, list(values), kinds)
 
 
 def validate(p, prefix: str = "access_policy") -> list[FieldViolation]:
-    out = _selectors(f"{prefix}.sources", list(p.sources)) + _selectors(f"{prefix}.destinations", list(p.destinations))
+    out = _selectors(f"{prefix}.sources", list(p.sources)) + _selectors(
+        f"{prefix}.destinations", list(p.destinations), DESTINATION_KINDS)
     for i, r in enumerate(p.ports):
         if not 1 <= r.first <= 65535:
             out.append(FieldViolation(f"{prefix}.ports[{i}].first", f"{r.first} is not a port number"))

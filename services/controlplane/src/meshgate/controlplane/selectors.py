@@ -1,7 +1,8 @@
 """Selectors of access policies and egress gateways: their syntax, and that what they name exists.
 
-A selector is `*`, `tag:{tag}`, `node:{node id}`, `egress:{egress gateway id}` or
-`client:{external client id}`; each use allows a subset of the kinds.  `node:`,
+A selector is `*`, `tag:{tag}`, `node:{node id}`, `egress:{egress gateway id}`,
+`client:{external client id}` or (policy destinations) `domain:{name}`, a name
+or `*.` wildcard an egress gateway declares; each use allows a subset of the kinds.  `node:`,
 `egress:` and `client:` must name an object of the network when the selector is
 written (a typo would otherwise match nothing, silently); a tag may be one no
 node has yet.  The existence check returns etcd compares that keep it true until
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from meshgate.common.errors import FieldViolation, invalid_argument
-from meshgate.controlplane import names
+from meshgate.controlplane import domains, names
 
 # kind -> etcd collection of the objects it names (tags name nothing)
 COLLECTIONS = {"node": "nodes", "egress": "egressGateways", "client": "externalClients"}
@@ -34,6 +35,11 @@ def syntax(field: str, values: Sequence[str], kinds: Sequence[str], required: bo
         if s == "*":
             continue
         kind, sep, value = s.partition(":")
+        if sep and kind == "domain" and kind in kinds:
+            why = domains.problem(domains.canonical(value))
+            if why is not None:
+                out.append(FieldViolation(f"{field}[{i}]", f"domain: {why}"))
+            continue
         if not sep or kind not in kinds or not names.valid_id(value):
             shown = s if len(s) <= 80 else s[:80] + "..."
             out.append(FieldViolation(

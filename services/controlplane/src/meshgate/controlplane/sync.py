@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
 import secrets
@@ -50,6 +51,7 @@ from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, n
 from meshgate.common.etcd import Etcd
 from meshgate.common.identity import node_of, peer_identity, peer_spki_sha256
 from meshgate.controlplane import compiler, names
+from meshgate.controlplane import domains as domains_
 from meshgate.controlplane.cache import Change, StateCache
 from meshgate.controlplane.enrollment import EnrollmentKeys, bound_keys, check_csr, csr_binding
 from meshgate.controlplane.keymaterial import KeyMaterial
@@ -61,6 +63,9 @@ QUEUE_SIZE = 64
 HEARTBEAT_S = 20.0
 LEASE_TTL_S = 15
 STATUS_FLUSH_S = 0.05
+# Limits of an agent's report of its egress domains (SyncRequest.Domains).
+MAX_LEARNED = 1024
+MAX_LEARNED_ADDRESSES = 64
 ROTATION_WAIT_S = 5.0  # longest a rotating node waits for its peers to learn its new key
 YIELD_EVERY = 64  # compiles between yields to the event loop in a fan-out
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
@@ -310,6 +315,52 @@ class Fanout:
         _, net, _, nid = node.split("/")
         return self.etcd.key("status", net, nid)
 
+    def _learned_key(self, node: str) -> bytes:
+        _, net, _, nid = node.split("/")
+        return self.etcd.key("learned", net, nid)
+
+    def learned(self, session: Session, report: agent_pb2.SyncRequest.Domains) -> None:
+        """Keep what a gateway's agent learned of its egress domains in
+        `learned/{net}/{node}` (the cache turns it into routes for the nodes
+        that use the gateway, see domains.py). Only names under the domains the
+        node was sent count, at most MAX_LEARNED of them with MAX_LEARNED_ADDRESSES
+        addresses each; addresses that are not IP literals or fall in the
+        overlay are dropped here too. Written only when it changed."""
+        if session.sent is None:
+            return
+        declared = {d for e in session.sent.egress for d in e.domains}
+        st = self.cache.state_of(session.node)
+        if st is None:
+            return
+        overlay = compiler.overlay_ranges(st)
+        out = agent_pb2.SyncRequest.Domains()
+        for entry in report.domains[:MAX_LEARNED]:
+            name = domains_.canonical(entry.domain)
+            if not any(name == d or domains_.matches(d, name) for d in declared):
+                continue
+            kept = out.domains.add(domain=name, error=entry.error[:512], node=session.node)
+            if entry.HasField("resolve_time"):
+                kept.resolve_time.CopyFrom(entry.resolve_time)
+            refused = []
+            for a in entry.addresses[:MAX_LEARNED_ADDRESSES]:
+                why = domains_.refused_address(a, overlay)
+                if why is None:
+                    kept.addresses.append(str(ipaddress.ip_address(a)))
+                else:
+                    refused.append(f"{a[:64]} ({why})")
+            if refused and not kept.error:
+                kept.error = ("dropped addresses: " + ", ".join(refused))[:512]
+        out.domains.sort(key=lambda e: e.domain)
+        for e in out.domains:
+            e.addresses.sort()
+        value = out.SerializeToString(deterministic=True)
+        old = st.learned.get(session.node)
+        if old is not None and old.SerializeToString(deterministic=True) == value:
+            return
+        if old is None and not out.domains:
+            return
+        self.status.put(self._learned_key(session.node), value)
+
     async def compile(
         self, st: compiler.NetworkState, names_: list[str], revision: int, index: compiler.PeerIndex | None = None
     ) -> dict[str, ds.DesiredState]:
@@ -443,6 +494,7 @@ class Fanout:
                 self.desired.pop(name, None)
                 self.touched.pop(name, None)
                 self.status.delete(self._status_key(name))  # after an ack written meanwhile
+                self.status.delete(self._learned_key(name))
                 s = self.sessions.pop(name, None)
                 if s is not None:
                     s.close(not_found("meshgate.io/Node", name))
@@ -986,6 +1038,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "health":
                     self.fanout._record(session.node)
                     self.fanout.client_health(session, req.health)
+                elif kind == "domains":
+                    self.fanout.learned(session, req.domains)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:

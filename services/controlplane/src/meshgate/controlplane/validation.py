@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 from meshgate.common.errors import FieldViolation as V
 from meshgate.common.errors import shown
-from meshgate.controlplane import names
+from meshgate.controlplane import domains, names
 
 MAX_DISPLAY_NAME = 128
 MAX_DESCRIPTION = 1024
@@ -322,8 +322,9 @@ def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
         out.append(V(f"{prefix}.node", "is required"))
     elif names.parse_child(gw.node, "nodes") is None:
         out.append(V(f"{prefix}.node", f"{shown(gw.node)} is not a node name (networks/{{network}}/nodes/{{node}})"))
-    if not gw.ranges and not gw.internet_gateway:
-        out.append(V(f"{prefix}.ranges", "is empty; give at least one range or set internet_gateway"))
+    if not gw.ranges and not gw.internet_gateway and not gw.domains:
+        out.append(V(f"{prefix}.ranges", "is empty; give at least one range or domain, or set internet_gateway"))
+    out += egress_domains(gw, prefix)
     parsed: list[tuple[int, Net]] = []
     for i, r in enumerate(gw.ranges):
         net, errs = parse_cidr(f"{prefix}.ranges[{i}]", r)
@@ -346,6 +347,23 @@ def egress(gw, prefix: str = "egress_gateway") -> tuple[list[Net], list[V]]:
     out += check_text(f"{prefix}.display_name", gw.display_name, MAX_DISPLAY_NAME)
     out += check_labels(f"{prefix}.labels", dict(gw.labels))
     return [net for _, net in parsed], out
+
+
+def egress_domains(gw, prefix: str = "egress_gateway") -> list[V]:
+    """A gateway's `domains` (domains.problem for each; no duplicates); they
+    must already be canonical (`canonical_domains`)."""
+    if len(gw.domains) > domains.MAX_DOMAINS:
+        return [V(f"{prefix}.domains", f"has {len(gw.domains)} domains; at most {domains.MAX_DOMAINS} are allowed")]
+    out: list[V] = []
+    seen: dict[str, int] = {}
+    for i, d in enumerate(gw.domains):
+        why = domains.problem(domains.canonical(d))
+        if why is not None:
+            out.append(V(f"{prefix}.domains[{i}]", why))
+        elif domains.canonical(d) in seen:
+            out.append(V(f"{prefix}.domains[{i}]", f"{d!r} is listed twice (domains[{seen[domains.canonical(d)]}])"))
+        seen.setdefault(domains.canonical(d), i)
+    return out
 
 
 def _span(net: Net) -> tuple[int, int, int]:

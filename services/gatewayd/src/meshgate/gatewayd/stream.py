@@ -479,6 +479,12 @@ class ControlPlaneSource:
             return
         self._out.put_nowait(agent_pb2.SyncRequest(new_key=agent_pb2.SyncRequest.NewKey(public_key=public_key)))
 
+    def send_domains(self, report: agent_pb2.SyncRequest.Domains) -> None:
+        """Send what the agent learned of its egress domains (dnsagent.py); dropped
+        without a stream: the agent sends it all again after each snapshot."""
+        if self._out is not None:
+            self._out.put_nowait(agent_pb2.SyncRequest(domains=report))
+
     async def send_health(self, stats) -> None:
         """Send `Health` with every peer's handshake time and counters (public key ->
         PeerStats); dropped when there is no stream (the next report follows)."""
