@@ -32,7 +32,9 @@ async def failover_cp(etcd):
     made = []
 
     async def start(delay: float):
-        app = ControlPlane(etcd, gateway_failover_after=delay)
+        # No startup grace and a short failback hold: these tests look at the delay alone
+        # (test_egress_health.py tests the grace and the hold).
+        app = ControlPlane(etcd, gateway_failover_after=delay, gateway_startup_grace=0, gateway_failback_after=0.2)
         await app.start()
         server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
         port = await server.start()

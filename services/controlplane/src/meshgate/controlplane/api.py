@@ -43,10 +43,11 @@ from meshgate.controlplane.auth.guard import Authenticator, Guard, current_princ
 from meshgate.controlplane.auth.tokens import DEFAULT_MAX_TTL_S, TokenCache, Tokens
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.egress import EgressGateways
+from meshgate.controlplane.egresshealth import DEFAULT_FAILBACK_S, Damper, EgressHealth
 from meshgate.controlplane.enrollment import EnrollmentKeys
 from meshgate.controlplane.externalclients import ExternalClients
 from meshgate.controlplane.keymaterial import KeyMaterial
-from meshgate.controlplane.liveness import DEFAULT_DELAY_S, Liveness
+from meshgate.controlplane.liveness import DEFAULT_DELAY_S, STARTUP_GRACE_S, Liveness
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
 from meshgate.controlplane.policies import AccessPolicies
@@ -284,7 +285,9 @@ class ControlPlane:
     agent streams and flushes status."""
 
     def __init__(self, etcd: Etcd, keyservice: str = "", gateway_failover_after: float = DEFAULT_DELAY_S,
-                 keyservice_credentials=None, auth: AuthSettings | None = None) -> None:
+                 keyservice_credentials=None, auth: AuthSettings | None = None,
+                 gateway_failback_after: float = DEFAULT_FAILBACK_S,
+                 gateway_startup_grace: float = STARTUP_GRACE_S) -> None:
         self.auth_settings = auth or AuthSettings()
         self.etcd = audit_mod.with_audit(with_trace(etcd))
         self.token_cache = TokenCache(etcd)
@@ -298,7 +301,12 @@ class ControlPlane:
             oidc = OidcVerifier(list(self.auth_settings.oidc_issuers))
         self.guard = Guard(Authenticator(self.token_cache, self.tokens, oidc), self.audit)
         self.cache = StateCache(etcd)
-        self.liveness = Liveness(etcd, self.cache, gateway_failover_after, replica=f"{socket.gethostname()}/{os.getpid()}")
+        replica = f"{socket.gethostname()}/{os.getpid()}"
+        # One damper: a gateway that failed over for either reason waits longer to come back.
+        damper = Damper(gateway_failback_after)
+        self.liveness = Liveness(etcd, self.cache, gateway_failover_after, replica=replica,
+                                 startup_grace_s=gateway_startup_grace, damper=damper)
+        self.egress_health = EgressHealth(etcd, self.cache, replica=replica, damper=damper)
         self.key_material = KeyMaterial(keyservice, credentials=keyservice_credentials)
         self.networks = Networks(etcd)
         self.nodes = Nodes(etcd, self.networks, self.cache, self.key_material)
@@ -307,6 +315,7 @@ class ControlPlane:
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
         self.external_clients = ExternalClients(etcd, self.networks, self.cache, self.key_material)
         self.fanout = Fanout(self.cache, etcd, self.key_material)
+        self.fanout.health = self.egress_health
         self.agent_service = AgentService(self.enrollment, self.fanout, self.cache)
         bind = self._bind
         self.bindings = [
@@ -348,6 +357,7 @@ class ControlPlane:
         self.tokens.start()
         self.audit.start()
         self.liveness.start()
+        self.egress_health.start()
         await self.fanout.start()
         await self.cache.start()
         await asyncio.wait_for(self.cache.ready.wait(), 30)
@@ -357,6 +367,7 @@ class ControlPlane:
         await self.audit.stop()
         await self.token_cache.stop()
         await self.liveness.stop()
+        await self.egress_health.stop()
         await self.fanout.stop()
         await self.cache.stop()
         await self.key_material.close()

@@ -167,6 +167,9 @@ class StateCache:
             parts = self._split(kv.key)
             if parts is None:
                 continue
+            if parts[0] == "egressHealth" and len(parts) == 3:  # egresshealth.py's marks
+                children.append((parts, kv))
+                continue
             if parts[0] == "networks" and len(parts) == 2:
                 nets[parts[1]] = compiler.NetworkState(store.decode(network_pb2.Network, kv))
             elif parts[0] in _COLLECTIONS and len(parts) == 3:
@@ -178,6 +181,10 @@ class StateCache:
         rotations: dict[str, int] = {}
         sessions: set[str] = set()
         for parts, kv in children:
+            if parts[0] == "egressHealth":  # a gateway reported unhealthy (egresshealth.py)
+                if parts[1] in nets:
+                    nets[parts[1]].unhealthy[f"networks/{parts[1]}/egressGateways/{parts[2]}"] = _reason(kv.value)
+                continue
             if parts[0] == "learned":
                 if parts[1] in nets:
                     rep = _parse(agent_pb2.SyncRequest.Domains, kv.key, kv.value)
@@ -278,6 +285,9 @@ class StateCache:
             parts = self._split(ev.key)
             if parts is None:
                 continue
+            if parts[0] == "egressHealth" and len(parts) == 3:  # egresshealth.py's marks
+                relevant.append((parts, ev))
+                continue
             if parts[0] == "sessions" and len(parts) == 3:
                 name = f"networks/{parts[1]}/nodes/{parts[2]}"
                 (self.sessions.add if ev.put else self.sessions.discard)(name)
@@ -334,6 +344,14 @@ class StateCache:
                 continue
             st = self.networks.get(net_id)
             if st is None:
+                continue
+            if parts[0] == "egressHealth":
+                name = f"networks/{net_id}/egressGateways/{parts[2]}"
+                if ev.put:
+                    st.unhealthy[name] = _reason(ev.value)
+                else:
+                    st.unhealthy.pop(name, None)
+                change.affected.setdefault(net_id, set()).update(compiler.affected_by_health(st, name))
                 continue
             if parts[0] == "liveness":
                 name = f"networks/{net_id}/nodes/{parts[2]}"
@@ -413,6 +431,16 @@ def _parse(cls, key: bytes, value: bytes):
 # Per-node flags the cache follows besides resources: agent sessions and
 # liveness marks (liveness.py).
 _NODE_FLAGS = ("sessions", "liveness")
+
+
+def _reason(value: bytes) -> str:
+    """The reason of an egressHealth mark (JSON `{"reason": ...}`)."""
+    import json
+
+    try:
+        return str(json.loads(value).get("reason", ""))[:256]
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _key_record(parts: list[str]) -> bool:

@@ -79,13 +79,17 @@ class NetworkState:
     # What gateway nodes' agents learned of their egress domains
     # (`learned/{net}/{node}`): node name -> its last report.
     learned: dict[str, agent_pb2.SyncRequest.Domains] = field(default_factory=dict)
+    # Gateways whose agent reported their egress path broken
+    # (`egressHealth/{net}/{gw}`, egresshealth.py): name -> reason. They yield
+    # their ranges like gateways on nodes marked down.
+    unhealthy: dict[str, str] = field(default_factory=dict)
 
     def copy(self) -> NetworkState:
         """A copy whose collections can change without touching this one's."""
         return NetworkState(
             self.network, dict(self.nodes), dict(self.gateways), dict(self.policies),
             {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients), set(self.down),
-            dict(self.learned),
+            dict(self.learned), dict(self.unhealthy),
         )
 
 
@@ -275,6 +279,18 @@ def overlay_ranges(state: NetworkState) -> list[str]:
     return [c for c in (state.network.ipv4_cidr, state.network.ipv6_cidr) if c]
 
 
+def healthy(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
+    """Neither its node marked down nor its egress path reported broken."""
+    return gw.node not in state.down and gw.name not in state.unhealthy
+
+
+def drained(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
+    """The gateway or its node is drained: it yields its ranges to any healthy
+    standby, but a healthy drained gateway still beats an unhealthy one."""
+    node = state.nodes.get(gw.node)
+    return gw.drain or (node is not None and node.drain)
+
+
 def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None]:
     """The gateway carrying each egress range, and the internet gateway, if any.
 
@@ -286,7 +302,7 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
         return node is not None and bool(node.public_key)
 
     ranked = sorted((g for g in state.gateways.values() if usable(g)),
-                    key=lambda g: (g.node in state.down, -g.priority, g.name))
+                    key=lambda g: (not healthy(state, g), drained(state, g), -g.priority, g.name))
     by_range: dict[str, egress_pb2.EgressGateway] = {}
     internet = None
     for gw in ranked:
@@ -459,6 +475,8 @@ def compile_node(
                 egress_interface=gw.egress_interface,
                 internet_gateway=gw.internet_gateway,
                 domains=sorted(gw.domains),
+                gateway=gw.name,
+                probes=gw.probes,
             )
         )
     _dns(state, out, me, peer_names, by_gateway)
@@ -490,7 +508,7 @@ def _dns(state: NetworkState, out: ds.DesiredState, me: node_pb2.Node, peer_name
 # The fields of a node that other nodes' desired states are computed from (in
 # compile_node, PeerIndex and active_gateways). Hazard: a field the compiler
 # starts reading from peers must be added here.
-PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags")
+PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags", "drain")
 
 
 def affected_by_learned(state: NetworkState | None, name: str) -> set[str]:
@@ -498,6 +516,14 @@ def affected_by_learned(state: NetworkState | None, name: str) -> set[str]:
     addresses for egress domains: every node, if it runs a gateway with
     domains (the routes and the gateway's sets move); otherwise none."""
     if state is None or not any(g.node == name and g.domains for g in state.gateways.values()):
+        return set()
+    return set(state.nodes)
+
+
+def affected_by_health(state: NetworkState | None, gateway: str) -> set[str]:
+    """Nodes whose desired state may change when gateway `gateway` turns
+    unhealthy or healthy: every node (its ranges may move)."""
+    if state is None or gateway not in state.gateways:
         return set()
     return set(state.nodes)
 

@@ -28,7 +28,7 @@ from meshgate.common.errors import (
     invalid_argument,
     reference_not_found,
 )
-from meshgate.controlplane import domains, masks, names, selectors, store, validation
+from meshgate.controlplane import domains, masks, names, probes, selectors, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import retrying
@@ -38,6 +38,7 @@ MUTABLE = frozenset(
     {"node", "ranges", "nat", "egress_interface", "priority", "internet_gateway", "display_name", "labels",
      "used_by", "domains"}
 )
+MUTABLE = MUTABLE | {"probes", "drain"}  # issue 17: egress health and drain (probes.py)
 ALL_FIELDS = frozenset(f.name for f in egress_pb2.EgressGateway.DESCRIPTOR.fields)
 
 
@@ -190,6 +191,9 @@ class EgressGateways(Resources[egress_pb2.EgressGateway]):
                 [FieldViolation(f"{prefix}.node", f"{gw.node!r} is not in network {names.network_name(net_id)!r}")]
             )
         network, net_kv = await self.networks.require(net_id, "parent")
+        bad_probes = probes.violations(gw, ranges, network, prefix)
+        if bad_probes:
+            raise invalid_argument(bad_probes)
         node_kv = await self.etcd.get(self.keys.node(net_id, node_id))
         if node_kv is None:
             raise reference_not_found(f"{prefix}.node", "meshgate.io/Node", gw.node)

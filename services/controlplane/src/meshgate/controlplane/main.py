@@ -21,18 +21,21 @@ log = logging.getLogger("meshgate.controlplane")
 
 
 # HTTP/2 keepalive on agents' streams: a node that vanished without closing
-# its connection (power loss, a cut link) is noticed within about 15 s (a
-# ping every 10 s, 5 s to answer), its session ends, and gateway failover
-# (liveness.py) can start counting. Agents ping every 20 s themselves
-# (gatewayd/stream.py), which the server must accept.
+# its connection (power loss, a cut link, a stopped agent) is noticed within
+# about 2.5 s (a ping every second, 1.5 s to answer), its session ends, and
+# gateway failover (liveness.py) can start counting: cable pull to traffic
+# through the standby within 5 s. Pings are answered by gRPC's core, not by
+# the event loop, so a busy control plane does not time its agents out.
+# Agents ping every 2 s themselves (gatewayd/stream.py), which the server
+# must accept (a client pinging more often than allowed is disconnected).
 AGENT_KEEPALIVE = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 1_000),
+    ("grpc.keepalive_timeout_ms", 1_500),
     # Recent gRPC cores time a keepalive ping out by this, not by
     # keepalive_timeout (whose default, a minute, would hide a dead agent).
-    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 1_500),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
 )
 
 
@@ -45,9 +48,19 @@ class ControlPlaneConfig(config.ServerConfig):
         "addresses to serve gRPC on, comma-separated: host:port (port 0 picks a free one) or unix:/path",
     )
     gateway_failover_after: float = config.option(
-        15.0,
+        1.0,
         "seconds an egress gateway node's agent may be disconnected before its ranges move to a standby gateway "
         "(another gateway declaring the same range); 0 turns failover off",
+    )
+    gateway_failback_after: float = config.option(
+        10.0,
+        "seconds a gateway that failed over (unhealthy, or its agent away) must stay well before it takes its "
+        "ranges back; doubled for each further failover within ten minutes, at most 300 s (no flapping)",
+    )
+    gateway_startup_grace: float = config.option(
+        15.0,
+        "seconds after this control plane starts during which no gateway node is marked down for want of its "
+        "agent (agents reconnect within 10 s of a control-plane restart or outage)",
     )
     keyservice_ca: str = config.option(
         "", "PEM CA bundle that signed the key service's certificate: the link to it uses TLS when set",
@@ -171,7 +184,11 @@ async def run(cfg: ControlPlaneConfig) -> None:
     await etcd.connect()
     if cfg.gateway_failover_after < 0:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")
+    if cfg.gateway_failback_after < 0 or cfg.gateway_startup_grace < 0:
+        raise SystemExit("--gateway-failback-after and --gateway-startup-grace must be 0 or a number of seconds")
     app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after,
+                       gateway_failback_after=cfg.gateway_failback_after,
+                       gateway_startup_grace=cfg.gateway_startup_grace,
                        keyservice_credentials=keyservice_credentials(cfg), auth=auth_settings(cfg))
     # egress ranges may not cover where agents reach the control plane (egress.py)
     app.gateways.control_plane_addresses = control_plane_ips([cfg.listen, cfg.agent_listen, agent_endpoint])

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 KIND = Kind("meshgate.io/Node", "nodes", node_pb2.Node)
 PSK_DELETE_BATCH = 120  # etcd allows 128 operations per transaction
 CACHE_WAIT_S = 2.0  # past this the cache is considered stuck and etcd is read directly
-MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels"})
+MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels", "drain"})
 ALL_FIELDS = frozenset(f.name for f in node_pb2.Node.DESCRIPTOR.fields)
 
 

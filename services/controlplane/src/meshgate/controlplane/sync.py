@@ -50,7 +50,7 @@ from meshgate.common import metrics
 from meshgate.common.errors import ApiError, FieldViolation, invalid_argument, not_found
 from meshgate.common.etcd import Etcd
 from meshgate.common.identity import node_of, peer_identity, peer_spki_sha256
-from meshgate.controlplane import compiler, names
+from meshgate.controlplane import compiler, egresshealth, names
 from meshgate.controlplane import domains as domains_
 from meshgate.controlplane.cache import Change, StateCache
 from meshgate.controlplane.enrollment import EnrollmentKeys, bound_keys, check_csr, csr_binding
@@ -257,6 +257,7 @@ class Fanout:
         self.messages_sent = 0
         self._records: dict[bytes, dict] = {}
         self._client_health: dict[bytes, dict] = {}  # what this replica last wrote per client
+        self.health: egresshealth.EgressHealth | None = None  # gateways' health reports (set by the ControlPlane)
         self.lease: Any = None  # aetcd's Lease (untyped), made by start()
         self._lease_task: asyncio.Task | None = None
         cache.listeners.append(self.on_change)
@@ -681,6 +682,8 @@ class Fanout:
     async def close(self, session: Session) -> None:
         if self.sessions.get(session.node) is session:
             del self.sessions[session.node]
+            if self.health is not None:
+                self.health.stream_closed(session.node)
             await self._drop_session_key(session)
 
     async def _drop_session_key(self, session: Session) -> None:
@@ -737,6 +740,11 @@ class Fanout:
         if contact:
             rec["contact_ns"] = time.time_ns()
         self.status.put(key, rec)  # serialized when flushed: one encoding per node per flush
+
+    def egress_health(self, session: Session, msg: agent_pb2.SyncRequest.EgressHealth) -> None:
+        """A gateway node's report of its egress path (egresshealth.py)."""
+        if self.health is not None and not session.closed:
+            self.health.report(session.node, msg)
 
     def client_health(self, session: Session, health: agent_pb2.SyncRequest.Health) -> None:
         """Keep what a gateway node reports of its external clients' tunnels
@@ -810,6 +818,8 @@ class Fanout:
                                        message=d.get("message", ""))
             if rec.get("contact_ns"):
                 nc.last_contact_time.FromNanoseconds(rec["contact_ns"])
+        if st is not None:
+            egresshealth.fill_status(out, st)
         out.total_nodes = len(out.nodes)
         out.converged_nodes = sum(1 for n in out.nodes if n.converged)
         return out
@@ -1035,6 +1045,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                         self.fanout._record(session.node, error="refused a new key: no key rotation was requested")
                 elif kind == "renew_certificate":
                     self._spawn(self._renew(session, req.renew_certificate.csr))
+                elif kind == "egress_health":
+                    self.fanout.egress_health(session, req.egress_health)
                 elif kind == "health":
                     self.fanout._record(session.node)
                     self.fanout.client_health(session, req.health)

@@ -45,7 +45,7 @@ from opentelemetry import propagate, trace
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common import logsetup, metrics
-from meshgate.gatewayd import consent
+from meshgate.gatewayd import consent, health
 from meshgate.gatewayd.backoff import Backoff, jittered
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
@@ -127,6 +127,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self._restore()
         feeder = asyncio.create_task(self._feed()) if self.source else None
+        monitor = health.start(self.source, self._egress_view)  # the egress gateways' health (health.py)
         stopper = asyncio.create_task(stop.wait())
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -180,11 +181,18 @@ class Agent:
                     retry_at = None  # a new target deserves an immediate attempt
         finally:
             stopper.cancel()
+            if monitor is not None:
+                monitor.cancel()
+                await asyncio.gather(monitor, return_exceptions=True)
             if feeder:
                 feeder.cancel()
                 await asyncio.gather(feeder, return_exceptions=True)
 
     # -- internals
+
+    def _egress_view(self) -> tuple[pb.DesiredState | None, str]:
+        """The state whose egress gateways health.py checks, and the overlay interface."""
+        return self.target_msg, self.target.interface if self.target is not None else ""
 
     def _restore(self) -> None:
         msg = self.rec.store.load_desired()

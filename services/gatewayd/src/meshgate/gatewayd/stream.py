@@ -70,10 +70,12 @@ IDENTITY_FILE = "identity.json"
 IDENTITY_FORMAT = 2
 # Fail fast enough to notice a dead control plane, but never on a slow apply.
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # Every 2 s, 3 s to answer: a control plane that vanished is left within
+    # 5 s (the control plane allows pings every second: controlplane/main.py).
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
     # what recent gRPC cores actually time a keepalive ping out by (default: a minute)
-    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
@@ -350,6 +352,7 @@ class ControlPlaneSource:
         self.renew_check_s = RENEW_CHECK_S
         self._renew_sent_at = -RENEW_RETRY_S
         self.certificates_renewed = 0
+        self._egress_health: agent_pb2.SyncRequest | None = None  # the last report, sent again on reconnect
 
     async def updates(self) -> AsyncIterator[Update]:
         while True:
@@ -412,6 +415,8 @@ class ControlPlaneSource:
                     if not self.connected.is_set():
                         self.connected.set()
                         self.backoff.reset()
+                        if self._egress_health is not None:
+                            out.put_nowait(self._egress_health)
                         log.info("streaming desired state from %s",
                                  self.identity.agent_endpoint or self.identity.control_plane)
                         if self.identity.certified:
@@ -484,6 +489,16 @@ class ControlPlaneSource:
         without a stream: the agent sends it all again after each snapshot."""
         if self._out is not None:
             self._out.put_nowait(agent_pb2.SyncRequest(domains=report))
+
+    async def send_egress_health(self, gateways) -> None:
+        """Send `EgressHealth` (health.py's report, a list of GatewayHealth);
+        kept, and sent again as soon as a new stream is up."""
+        report = agent_pb2.SyncRequest.EgressHealth()
+        for g in gateways:
+            report.gateways.add(gateway=g.gateway, healthy=g.healthy, reason=g.reason)
+        self._egress_health = agent_pb2.SyncRequest(egress_health=report)
+        if self._out is not None and self.connected.is_set():
+            self._out.put_nowait(self._egress_health)
 
     async def send_health(self, stats) -> None:
         """Send `Health` with every peer's handshake time and counters (public key ->

@@ -1,0 +1,265 @@
+"""Egress health and drain on a real control plane and etcd, with simulated
+agents: a gateway whose agent reports its egress path broken yields its range
+to the healthy standby at once and takes it back only after the failback
+hold, doubled on every further failover (no flapping); a report about another
+node's gateway is ignored; a drained gateway (or node) hands its range over
+and the status says when nothing uses it any more; a control plane that just
+started gives agents its startup grace; bad probes are refused, precisely,
+and change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from cptest import (
+    SimAgent,
+    authed_channel,
+    details,
+    make_gateway,
+    make_key,
+    make_network,
+    mint_token,
+    state_dump,
+    wait_until,
+)
+from meshgate.api.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    egress_pb2,
+    egress_pb2_grpc,
+    enrollment_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
+from meshgate.common.config import ServerConfig
+from meshgate.common.server import GrpcServer
+from meshgate.controlplane.api import ControlPlane
+from meshgate.controlplane.egresshealth import Damper
+
+RANGE = "198.51.100.0/24"
+PRIMARY = "networks/prod/egressGateways/gw-primary"
+
+
+@pytest.fixture
+async def health_cp(etcd):
+    made = []
+
+    async def start(failback: float = 0.3, grace: float = 0.0, delay: float = 0.5):
+        app = ControlPlane(etcd, gateway_failover_after=delay, gateway_failback_after=failback,
+                           gateway_startup_grace=grace)
+        await app.start()
+        server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
+        port = await server.start()
+        ch = authed_channel(f"127.0.0.1:{port}", await mint_token(app))
+        cp = SimpleNamespace(
+            app=app, etcd=etcd, networks=network_pb2_grpc.NetworkServiceStub(ch),
+            nodes=node_pb2_grpc.NodeServiceStub(ch), egress=egress_pb2_grpc.EgressGatewayServiceStub(ch),
+            keys=enrollment_pb2_grpc.EnrollmentKeyServiceStub(ch), agents=agent_pb2_grpc.AgentServiceStub(ch),
+            sim=[])
+        made.append((cp, ch, server))
+        return cp
+
+    yield start
+    for cp, ch, server in made:
+        for a in cp.sim:
+            await a.close()
+        await ch.close()
+        await server.stop(0)
+        await cp.app.stop()
+
+
+def via(agent) -> str:
+    routes = [r.via_peer for r in agent.state.routes if r.destination == RANGE] if agent.state else []
+    return routes[0] if routes else ""
+
+
+async def ha(cp):
+    await make_network(cp)
+    ek = await make_key(cp)
+    agents = {}
+    for i, name in enumerate(("primary", "standby", "client")):
+        a = await (await SimAgent(cp.agents, ek.secret, name, f"192.0.2.{i + 1}:51820").enroll()).connect()
+        cp.sim.append(a)
+        agents[name] = a
+    await make_gateway(cp, gw_id="gw-primary", node="primary", ranges=(RANGE,), priority=10)
+    await make_gateway(cp, gw_id="gw-standby", node="standby", ranges=(RANGE,), priority=1)
+    await wait_until(lambda: via(agents["client"]) == agents["primary"].public_key, "client routes via the primary")
+    return agents
+
+
+async def report(agent, gateway: str, healthy: bool, reason: str = ""):
+    msg = agent_pb2.SyncRequest.EgressHealth()
+    msg.gateways.add(gateway=gateway, healthy=healthy, reason=reason)
+    await agent._acks.put(agent_pb2.SyncRequest(egress_health=msg))
+
+
+async def gateway_status(cp, name=PRIMARY):
+    st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+    return next(g for g in st.gateways if g.gateway == name)
+
+
+async def test_an_unhealthy_gateway_yields_its_range_and_takes_it_back_after_the_hold(health_cp):
+    cp = await health_cp(failback=0.5)
+    agents = await ha(cp)
+    client, primary, standby = agents["client"], agents["primary"], agents["standby"]
+    # The agent sends its gateway config's name: compiled into its EgressConfig.
+    assert [e.gateway for e in primary.state.egress] == [PRIMARY]
+    await report(primary, PRIMARY, False, "eth1 has no carrier")
+    await wait_until(lambda: via(client) == standby.public_key, "client fails over to the standby")
+    g = await gateway_status(cp)
+    assert not g.healthy and g.reason == "eth1 has no carrier" and list(g.active_ranges) == []
+    assert list((await gateway_status(cp, "networks/prod/egressGateways/gw-standby")).active_ranges) == [RANGE]
+    await report(primary, PRIMARY, True)
+    await wait_until(lambda: via(client) == primary.public_key, "client back on the primary")
+    assert cp.app.egress_health.marks_written == 1 and cp.app.egress_health.marks_cleared == 1
+    assert (await gateway_status(cp)).healthy
+
+
+async def test_a_flapping_path_moves_the_range_a_few_times_not_at_every_change(health_cp):
+    cp = await health_cp(failback=0.4)
+    agents = await ha(cp)
+    client, primary = agents["client"], agents["primary"]
+    moves, last = 0, via(client)
+    for i in range(16):  # down 0.15 s, up 0.25 s, for over six seconds
+        await report(primary, PRIMARY, i % 2 == 1, "" if i % 2 else "eth1 has no carrier")
+        for _ in range(5 if i % 2 else 3):
+            await asyncio.sleep(0.05)
+            if via(client) != last:
+                moves, last = moves + 1, via(client)
+    # One failover; the hold doubles (0.4, 0.8, 1.6 s...) so the up periods never earn a failback.
+    assert moves <= 3, f"{moves} moves"
+    await wait_until(lambda: via(client) == primary.public_key, "back on the primary once stable", timeout=30)
+
+
+async def test_a_report_about_another_nodes_gateway_is_ignored(health_cp):
+    cp = await health_cp()
+    agents = await ha(cp)
+    await report(agents["client"], PRIMARY, False, "lies")
+    await asyncio.sleep(0.5)
+    assert via(agents["client"]) == agents["primary"].public_key
+    assert cp.app.egress_health.marks_written == 0
+
+
+async def test_drain_moves_the_range_and_the_status_says_when_nothing_uses_the_gateway(health_cp):
+    cp = await health_cp()
+    agents = await ha(cp)
+    client, primary, standby = agents["client"], agents["primary"], agents["standby"]
+    assert (await gateway_status(cp)).in_use
+    await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(lambda: via(client) == standby.public_key, "client moves to the standby")
+    # The primary keeps its egress config: it forwards what is still in flight.
+    assert [list(e.ranges) for e in primary.state.egress] == [[RANGE]]
+
+    async def unused():
+        g = await gateway_status(cp)
+        return g.drained and not g.in_use and not g.active_ranges
+    await wait_until(unused, "the status says nothing uses the drained gateway")
+    await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=False),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(lambda: via(client) == primary.public_key, "undrain: back on the primary")
+    # A node drain drains its gateways.
+    await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name="networks/prod/nodes/primary", drain=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(lambda: via(client) == standby.public_key, "node drain: client moves to the standby")
+    assert (await gateway_status(cp)).drained
+
+
+async def test_a_drained_gateway_keeps_its_range_when_the_standby_is_unhealthy(health_cp):
+    cp = await health_cp()
+    agents = await ha(cp)
+    client, primary, standby = agents["client"], agents["primary"], agents["standby"]
+    await report(standby, "networks/prod/egressGateways/gw-standby", False, "no route")
+    await wait_until(lambda: cp.app.egress_health.marks_written == 1, "the standby is marked")
+    await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await asyncio.sleep(0.5)
+    assert via(client) == primary.public_key
+    assert (await gateway_status(cp)).in_use
+
+
+async def test_no_gateway_is_marked_down_during_the_startup_grace(health_cp):
+    cp = await health_cp(grace=60, delay=0.1)
+    agents = await ha(cp)
+    await agents["primary"].close()
+    await asyncio.sleep(1.0)
+    assert await cp.etcd.get(cp.etcd.key("liveness", "prod", "primary")) is None
+    assert via(agents["client"]) == agents["primary"].public_key
+
+
+def probe(**kw):
+    kw.setdefault("protocol", egress_pb2.EgressProbe.ICMP)
+    kw.setdefault("target", "198.51.100.10")
+    kw.setdefault("interval", duration_pb2.Duration(seconds=1))
+    return egress_pb2.EgressProbe(**kw)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (probe(target="203.0.113.5"), "egress_gateway.probes[0].target"),
+    (probe(target="db.example"), "egress_gateway.probes[0].target"),
+    (probe(interval=duration_pb2.Duration()), "egress_gateway.probes[0].interval"),
+    (probe(protocol=egress_pb2.EgressProbe.TCP), "egress_gateway.probes[0].port"),
+    (probe(port=80), "egress_gateway.probes[0].port"),
+    (probe(protocol=0), "egress_gateway.probes[0].protocol"),
+    (probe(timeout=duration_pb2.Duration(seconds=2)), "egress_gateway.probes[0].timeout"),
+    (probe(failure_threshold=1000), "egress_gateway.probes[0].failure_threshold"),
+])
+async def test_bad_probes_are_refused_and_change_nothing(health_cp, bad, field):
+    cp = await health_cp()
+    await make_network(cp)
+    ek = await make_key(cp)
+    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
+    cp.sim.append(a)
+    gw = await make_gateway(cp, gw_id="gw", node="a", ranges=(RANGE,))
+    before = await state_dump(cp.etcd)
+    for call in (
+        lambda: make_gateway(cp, gw_id="gw2", node="a", ranges=("192.0.2.128/25",), probes=[bad]),
+        lambda: cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+            egress_gateway=egress_pb2.EgressGateway(name=gw.name, probes=[bad]),
+            update_mask=field_mask_pb2.FieldMask(paths=["probes"]))),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        violations, _ = details(e.value)
+        assert any(f == field for f in violations), violations
+    assert await state_dump(cp.etcd) == before
+
+
+async def test_good_probes_reach_the_gateways_agent(health_cp):
+    cp = await health_cp()
+    await make_network(cp)
+    ek = await make_key(cp)
+    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
+    cp.sim.append(a)
+    p = probe(protocol=egress_pb2.EgressProbe.TCP, port=5432, failure_threshold=2)
+    await make_gateway(cp, gw_id="gw", node="a", ranges=(RANGE,), probes=[p])
+    await wait_until(lambda: a.state is not None and a.state.egress and list(a.state.egress[0].probes) == [p],
+                     "the agent has the probe")
+
+
+def test_the_damper_doubles_the_hold_for_repeated_failovers_and_forgets_after_a_quiet_window():
+    now = [0.0]
+    d = Damper(10, cap=60, window=100, clock=lambda: now[0])
+    assert d.hold("g") == 10
+    d.failed("g")
+    assert d.hold("g") == 10
+    now[0] = 20
+    d.failed("g")
+    assert d.hold("g") == 20
+    for _ in range(5):
+        d.failed("g")
+    assert d.hold("g") == 60
+    now[0] = 200
+    assert d.hold("g") == 10
