@@ -210,10 +210,14 @@ class DomainResolver:
         if e is None:
             return
         now = time.monotonic()
-        try:
-            (v4, t4), (v6, t6) = await asyncio.gather(self._query(name, dns.rdatatype.A),
-                                                      self._query(name, dns.rdatatype.AAAA))
-        except (dns.exception.DNSException, OSError) as exc:
+        got = await asyncio.gather(self._query(name, dns.rdatatype.A), self._query(name, dns.rdatatype.AAAA),
+                                   return_exceptions=True)
+        failed = [g for g in got if isinstance(g, BaseException)]
+        for g in failed:
+            if not isinstance(g, (dns.exception.DNSException, OSError)):
+                raise g
+        if len(failed) == len(got):  # an answer for one family is an answer (some servers refuse AAAA)
+            exc = failed[0]
             msg = f"resolving {name}: {type(exc).__name__}: {str(exc)[:200]}"
             if e.error != msg:
                 log.warning("%s; keeping its %d known address(es)", msg, len(e.addresses))
@@ -223,9 +227,10 @@ class DomainResolver:
         if e.error:
             log.info("resolving %s works again", name)
         e.error = ""
-        ttls = [t for t in (t4, t6) if t is not None]
+        answers = [g for g in got if not isinstance(g, BaseException)]
+        ttls = [t for _, t in answers if t is not None]
         ttl = self._ttl(min(ttls) if ttls else self.min_ttl)
-        self._absorb(e, v4 + v6, ttl, now)
+        self._absorb(e, [a for addrs, _ in answers for a in addrs], ttl, now)
         e.resolve_time = time.time()
         e.next_at = now + ttl
 

@@ -401,7 +401,8 @@ def compile_desired(
                 v.append(FieldViolation(
                     f"{where}.egress_interface", f"unknown interface {eg.egress_interface!r} on this host"))
             egress_ifaces.add(eg.egress_interface)
-        if not ranges and not eg.internet_gateway:
+        if not ranges and not eg.internet_gateway and not eg.domains:
+            # (a gateway of domains only has no ranges until their addresses are learned)
             v.append(FieldViolation(f"{where}.ranges", "empty (and internet_gateway is off)"))
         in_order: list[Cidr] = sorted(ranges, key=_range)
         sources_in_order: list[Cidr] = sorted(sources, key=_range)
