@@ -73,6 +73,7 @@ import base64
 import gc
 import math
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -247,7 +248,7 @@ class Agent:
 
     __slots__ = ("idx", "node_id", "node", "token", "channel", "tracker", "call", "task", "received",
                  "kinds", "revision", "acked", "ack_time", "base_mismatches", "snapshot_seen", "error",
-                 "psks", "psk_watch", "public_key")
+                 "psks", "psk_watch", "public_key", "retries", "last_retry_reason")
 
     def __init__(self, idx: int, node_id: str, node: str, token: str, channel, tracker: Tracker) -> None:
         self.idx, self.node_id, self.node, self.token = idx, node_id, node, token
@@ -262,6 +263,8 @@ class Agent:
         self.base_mismatches = 0
         self.snapshot_seen = asyncio.Event()
         self.error: str | None = None
+        self.retries = 0
+        self.last_retry_reason = ""
         self.psks: dict[str, str] = {}  # peer public key -> its pre-shared key, as last received
         self.psk_watch: PskTracker | None = None
         self.public_key = ""  # the node's own, from its snapshots
@@ -281,6 +284,21 @@ class Agent:
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        """One stream; UNAVAILABLE (the control plane asking to retry, e.g.
+        CACHE_BEHIND under a connection storm) is retried as gatewayd does,
+        with capped jittered backoff, and counted in `retries`."""
+        delay = 0.2
+        while True:
+            await self._stream()
+            if self.error is None or not self.error.startswith("UNAVAILABLE"):
+                return
+            self.retries += 1
+            self.last_retry_reason = self.error
+            self.error = None
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 10.0)
+
+    async def _stream(self) -> None:
         stub = agent_pb2_grpc.AgentServiceStub(self.channel)
         self.call = stub.Sync(metadata=(("authorization", f"Bearer {self.token}"),))
         try:
@@ -313,7 +331,8 @@ class Agent:
             raise
         except grpc.aio.AioRpcError as e:
             self.error = f"{e.code().name}: {e.details()}"
-            self.snapshot_seen.set()
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                self.snapshot_seen.set()
 
     async def stop(self) -> None:
         if self.call is not None:
@@ -429,6 +448,10 @@ class Run:
             for a in batch:
                 a.start()
             await asyncio.wait_for(asyncio.gather(*(a.snapshot_seen.wait() for a in batch)), 120)
+        retried = [a for a in self.agents if a.retries]
+        if retried:
+            info(f"{len(retried)} streams were retried ({sum(a.retries for a in retried)} retries), "
+                 f"last reason: {retried[-1].last_retry_reason}")
         errors = [a.error for a in self.agents if a.error]
         if errors:
             raise RuntimeError(f"{len(errors)} streams failed, first: {errors[0]}")

@@ -21,11 +21,13 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from meshgate.api.v1 import agent_pb2, egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.common import etcdwatch
 from meshgate.common.aiotasks import cancel_and_wait
+from meshgate.common.errors import ApiError
 from meshgate.common.etcd import Etcd, EtcdUnavailable, prefix_end
 from meshgate.controlplane import compiler, ipam, store
 
@@ -127,6 +129,19 @@ class StateCache:
             return True
         except TimeoutError:
             return False
+
+    async def catch_up(self, revision: int, timeout: float, what: str) -> None:
+        """`wait_for_revision`, or UNAVAILABLE (reason CACHE_BEHIND, with the
+        revisions) when the cache is still behind after `timeout`: under load
+        (thousands of agents connecting at once) it can lag etcd, and that is
+        a reason to retry, not an internal error."""
+        if not await self.wait_for_revision(revision, timeout):
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the control plane is catching up with its storage ({what}); retry shortly",
+                "CACHE_BEHIND",
+                metadata={"wanted_revision": str(revision), "cache_revision": str(self.revision)},
+            )
 
     def _advance(self, revision: int) -> None:
         self.revision = max(self.revision, revision)

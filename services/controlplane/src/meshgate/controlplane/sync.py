@@ -69,6 +69,9 @@ MAX_LEARNED_ADDRESSES = 64
 ROTATION_WAIT_S = 5.0  # longest a rotating node waits for its peers to learn its new key
 YIELD_EVERY = 64  # compiles between yields to the event loop in a fan-out
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
+# Longest a stream's start or a status read waits for the state cache to reach
+# etcd's revision before answering UNAVAILABLE (CACHE_BEHIND) instead.
+CACHE_WAIT_S = 10.0
 
 
 def digest(state: ds.DesiredState, body: bytes | None = None) -> str:
@@ -782,7 +785,7 @@ class Fanout:
         net_id = names.parse_network(network.name)
         assert net_id is not None  # a stored network's name
         rev = await self.etcd.revision()
-        await asyncio.wait_for(self.cache.wait_for_revision(rev), 10)
+        await self.cache.catch_up(rev, CACHE_WAIT_S, "network status")
         await self.status.flush()
         records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
         sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
@@ -999,7 +1002,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "this credential belongs to another node", "WRONG_NODE")
         await self.cache.ready.wait()
         rev = await self.fanout.etcd.revision()
-        await asyncio.wait_for(self.cache.wait_for_revision(rev), 10)
+        await self.cache.catch_up(rev, CACHE_WAIT_S, "agent stream")
         session = await self.fanout.open(node, first.hello)
         session.spki = spki
         reader = asyncio.create_task(self._read(it, session))
