@@ -1,0 +1,143 @@
+"""Egress domains: what the API refuses (and that it then changes nothing), and how
+the compiler turns what gateways learned into routes, NAT sets, HA and filter rules."""
+
+import grpc
+import pytest
+
+from cptest import details, make_gateway, make_network, make_node, state_dump
+from meshgate.api.v1 import agent_pb2, egress_pb2, network_pb2, node_pb2, policy_pb2
+from meshgate.controlplane import compiler, domains
+
+
+@pytest.fixture
+async def net(cp):
+    await make_network(cp)
+    await make_node(cp, node_id="a")
+
+
+async def test_bad_domains_are_refused_with_field_violations_and_change_nothing(cp, net):
+    before = await state_dump(cp.etcd)
+    bad = ["db..example.test", "a.*.example.test", "*", "*.com", "db*.example.test", "gw.prod.meshgate.internal",
+           "*.meshgate.internal", "198.51.100.7", "localhost", "x.localhost", "-a.example.test", "db"]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await make_gateway(cp, ranges=[], domains=[*bad, "ok.example.test", "OK.example.test."])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations, _ = details(e.value)
+    assert set(violations) == {f"egress_gateway.domains[{i}]" for i in range(len(bad))} | {
+        f"egress_gateway.domains[{len(bad) + 1}]"}, violations
+    assert "wrong place" in violations["egress_gateway.domains[1]"]
+    assert "overlay" in violations["egress_gateway.domains[5]"]
+    assert "IP address" in violations["egress_gateway.domains[7]"]
+    assert "twice" in violations[f"egress_gateway.domains[{len(bad) + 1}]"]
+    assert await state_dump(cp.etcd) == before
+    # An update is checked the same way.
+    gw = await make_gateway(cp, ranges=[], domains=["DB.Example.test."])
+    assert list(gw.domains) == ["db.example.test"]
+    before = await state_dump(cp.etcd)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+            egress_gateway=egress_pb2.EgressGateway(name=gw.name, domains=["*.*.example.test"]),
+            update_mask={"paths": ["domains"]}))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(details(e.value)[0]) == ["egress_gateway.domains[0]"]
+    assert await state_dump(cp.etcd) == before
+    # A policy destination may name a domain, with the same rules; a source may not.
+    for sources, destinations, field in ((["*"], ["domain:a.*.example.test"], "access_policy.destinations[0]"),
+                                         (["domain:db.example.test"], ["*"], "access_policy.sources[0]")):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cp.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
+                parent="networks/prod", access_policy_id="p", access_policy=policy_pb2.AccessPolicy(
+                    sources=sources, destinations=destinations)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(details(e.value)[0]) == [field]
+        assert await state_dump(cp.etcd) == before
+    ok = await cp.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
+        parent="networks/prod", access_policy_id="p", access_policy=policy_pb2.AccessPolicy(
+            sources=["*"], destinations=["domain:db.example.test"])))
+    assert list(ok.destinations) == ["domain:db.example.test"]
+
+
+async def test_domain_status_is_output_only(cp, net):
+    gw = await make_gateway(cp, ranges=[], domains=["db.example.test"],
+                            domain_status=[egress_pb2.DomainStatus(domain="db.example.test", addresses=["192.0.2.1"])])
+    assert not gw.domain_status
+    got = await cp.egress.GetEgressGateway(egress_pb2.GetEgressGatewayRequest(name=gw.name))
+    assert not got.domain_status
+
+
+def _state(*, deny=False) -> compiler.NetworkState:
+    st = compiler.NetworkState(network_pb2.Network(
+        name="networks/n", ipv4_cidr="100.64.0.0/24", default_policy=network_pb2.DENY if deny else network_pb2.ALLOW))
+    for i, n in enumerate("abc"):
+        st.nodes[f"networks/n/nodes/{n}"] = node_pb2.Node(
+            name=f"networks/n/nodes/{n}", ipv4_address=f"100.64.0.{i + 1}", public_key=f"{n}" * 43 + "=",
+            tags=["db"] if n == "b" else [])
+    st.gateways["networks/n/egressGateways/db"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/db", node="networks/n/nodes/a", domains=["db.example.test", "*.wild.test"])
+    st.learned["networks/n/nodes/a"] = agent_pb2.SyncRequest.Domains(domains=[
+        egress_pb2.DomainStatus(domain="db.example.test", addresses=["198.51.100.20", "100.64.0.9"]),
+        egress_pb2.DomainStatus(domain="x.wild.test", addresses=["203.0.113.5"]),
+        egress_pb2.DomainStatus(domain="not.declared.test", addresses=["203.0.113.99"]),
+    ])
+    return st
+
+
+def test_learned_addresses_route_through_the_gateway_and_fill_its_sets():
+    st = _state()
+    b = compiler.compile_node(st, "networks/n/nodes/b")
+    routes = {r.destination: r.via_peer for r in b.routes}
+    assert routes == {"198.51.100.20/32": "a" * 43 + "=", "203.0.113.5/32": "a" * 43 + "="}, \
+        "the overlay address and the undeclared name are not routed"
+    (peer_a,) = [p for p in b.peers if p.resource == "networks/n/nodes/a"]
+    assert "198.51.100.20/32" in peer_a.allowed_ips
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    (e,) = a.egress
+    assert list(e.ranges) == ["198.51.100.20/32", "203.0.113.5/32"] and list(e.domains) == ["*.wild.test", "db.example.test"]
+    assert not a.routes
+    # the overlay zone: itself and its peers
+    assert b.dns.zone == "n.meshgate.internal"
+    assert {r.name: list(r.addresses) for r in b.dns.records} == {
+        "a": ["100.64.0.1"], "b": ["100.64.0.2"], "c": ["100.64.0.3"]}
+    # used_by narrows who routes it
+    st.gateways["networks/n/egressGateways/db"].used_by.append("tag:db")
+    assert compiler.compile_node(st, "networks/n/nodes/b").routes
+    assert not compiler.compile_node(st, "networks/n/nodes/c").routes
+    # a changed report: the delta carries the routes
+    old = compiler.compile_node(st, "networks/n/nodes/b", revision=1)
+    st.learned["networks/n/nodes/a"].domains[0].addresses[:] = ["198.51.100.21"]
+    new = compiler.compile_node(st, "networks/n/nodes/b", revision=2)
+    d = compiler.diff(old, new)
+    assert d is not None and d.routes_changed and "198.51.100.21/32" in {r.destination for r in d.routes}
+    assert compiler.apply_delta(old, d, 2) == new
+    assert compiler.affected_by_learned(st, "networks/n/nodes/a") == set(st.nodes)
+    assert compiler.affected_by_learned(st, "networks/n/nodes/b") == set()
+
+
+def test_two_gateways_for_one_domain_follow_priority_and_failover():
+    st = _state()
+    st.gateways["networks/n/egressGateways/db2"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/db2", node="networks/n/nodes/b", domains=["db.example.test"], priority=10)
+    st.learned["networks/n/nodes/b"] = agent_pb2.SyncRequest.Domains(domains=[
+        egress_pb2.DomainStatus(domain="db.example.test", addresses=["198.51.100.20"])])
+    c = compiler.compile_node(st, "networks/n/nodes/c")
+    via = {r.destination: r.via_peer for r in c.routes}
+    assert via["198.51.100.20/32"] == "b" * 43 + "=", "the higher priority carries the domain"
+    assert via["203.0.113.5/32"] == "a" * 43 + "=", "the wildcard only gateway a declares"
+    st.down.add("networks/n/nodes/b")
+    via = {r.destination: r.via_peer for r in compiler.compile_node(st, "networks/n/nodes/c").routes}
+    assert via["198.51.100.20/32"] == "a" * 43 + "=", "failover: its standby takes it"
+    # both gateway nodes forward and NAT the domain's addresses (a failover only moves routes)
+    assert "198.51.100.20/32" in compiler.compile_node(st, "networks/n/nodes/b").egress[0].ranges
+
+
+def test_a_domain_destination_becomes_the_learned_addresses_in_filter_rules():
+    st = _state(deny=True)
+    st.policies["networks/n/accessPolicies/p"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/p", sources=["node:c"], destinations=["domain:db.example.test"],
+        protocol=policy_pb2.TCP, ports=[policy_pb2.PortRange(first=5432)])
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    accept = [r for r in a.filter_rules if r.accept]
+    assert [(list(r.sources), list(r.destinations)) for r in accept] == [(["100.64.0.3/32"], ["198.51.100.20/32"])]
+    assert compiler.peers_of(st, "networks/n/nodes/c") == ["networks/n/nodes/a"], "c peers with the domain's gateway"
+    assert domains.addresses_of("*.wild.test", st.gateways.values(), st.learned, ["100.64.0.0/24"]) == \
+        ["203.0.113.5/32"]
