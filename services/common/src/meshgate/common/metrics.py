@@ -16,7 +16,7 @@ Entry points call `configure(service, listen)`:
   `OTEL_METRIC_EXPORT_INTERVAL` ms); `OTEL_SDK_DISABLED=true` turns all off.
 
 Names follow the OpenTelemetry semantic conventions where one exists
-(`rpc.server.duration`, in ms, with `rpc.system`, `rpc.service`, `rpc.method`,
+(`rpc.server.duration`, in seconds as the current conventions say, with `rpc.system`, `rpc.service`, `rpc.method`,
 `rpc.grpc.status_code`) and sit under `meshgate.` otherwise; Prometheus shows
 them with `_` for `.` and the unit appended (`meshgate_gatewayd_apply_duration_seconds`).
 docs/operations.md lists them all.
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 # Buckets (seconds) for things that take milliseconds to a minute: applies,
 # convergence, etcd calls. The SDK's default buckets are made for milliseconds.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-MS_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BYTES_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 
@@ -164,7 +163,7 @@ def configure(service_name: str, listen: str = "", environ: Mapping[str, str] | 
                     aggregation=ExplicitBucketHistogramAggregation(bounds))
 
     views = [
-        buckets("rpc.server.duration", MS_BUCKETS),
+        buckets("rpc.server.duration", SECONDS_BUCKETS),
         buckets("meshgate.*.messages_per_change", COUNT_BUCKETS),
         buckets("meshgate.*.bytes_per_change", BYTES_BUCKETS),
         buckets("meshgate.*.duration", SECONDS_BUCKETS),
@@ -191,7 +190,7 @@ def shutdown(setup: Setup | None) -> None:
 
 _rpc_meter = otel.get_meter("meshgate.rpc")
 _rpc_duration = _rpc_meter.create_histogram(
-    "rpc.server.duration", unit="ms", description="Duration of inbound RPCs (a stream: its whole life)")
+    "rpc.server.duration", unit="s", description="Duration of inbound RPCs (a stream: its whole life)")
 
 
 def _status_of(context: Any, exc: BaseException | None) -> int:
@@ -222,7 +221,7 @@ class ServerMetrics(grpc.aio.ServerInterceptor):
         base = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
         def record(t0: float, context: Any, exc: BaseException | None) -> None:
-            _rpc_duration.record((time.perf_counter() - t0) * 1000,
+            _rpc_duration.record(time.perf_counter() - t0,
                                  {**base, "rpc.grpc.status_code": _status_of(context, exc)})
 
         def unary(fn):
