@@ -5,8 +5,8 @@ For every egress gateway of the node's desired state (`EgressConfig` with a
 netlink (pyroute2):
 
 - the egress interface, when one is named: it exists, is up and has carrier;
-- each range (the first 16): the main routing table has a route covering it
-  that does not go into the overlay (not via meshgate's own interface) and is
+- each range (the first 16): the main routing table has a route to its first
+  host (as `ip route get` would pick it) that does not go into the overlay (not via meshgate's own interface) and is
   not unreachable/blackhole/prohibit, out of an interface that is up and has
   carrier (a pulled cable leaves the route in place, marked linkdown);
 - the operator's probes (EgressGateway.probes): ICMP echo (`ping -I <dev>`)
@@ -157,7 +157,9 @@ def check_paths(configs: Sequence[pb.EgressConfig], overlay_ifname: str, links: 
                 net = ipaddress.ip_network(r, strict=False)
             except ValueError:
                 continue
-            found = links.route_for(net, exclude)
+            # The route the kernel would pick for the range's first host, as `ip route get` does.
+            first = net.network_address + (1 if net.num_addresses > 2 else 0)
+            found = links.route_for(ipaddress.ip_network(first), exclude)
             if found is None:
                 problem = f"no route to {r} outside the overlay"
                 break
