@@ -168,7 +168,9 @@ def test_drift_is_healed_and_foreign_objects_survive(egress: Egress):
     h.ip("route", "add", "192.0.2.128/25", "via", "192.0.2.10")
     h.ip("route", "add", "192.0.2.64/26", "via", "192.0.2.10", "table", "51821")  # our table, not our proto
     eg.gw.apply(eg.gateway_state())
-    client.start(eg.client_state(0))
+    # the periodic full pass (the safety net) alone: the drift watcher, which heals
+    # these within moments, is off (test_system_drift.py tests it)
+    client.start(eg.client_state(0), env={"MESHGATE_GATEWAYD_DRIFT_WATCH": "0"})
     client.wait_status(lambda s: s.get("state") == "applied")
     eg.ext.whoami_server(eg.ext_addr, EXT_PORT)
     assert h.ask(eg.ext_addr, EXT_PORT) == eg.gw_ext_addr

@@ -729,6 +729,13 @@ class Fanout:
             # OK for a revision whose digest is gone (already recorded, e.g. a
             # resync that failed and then passed): its last apply succeeded
             self._record(session.node, error="", declined=declined)
+        if ack.HasField("drift"):  # the agent's drift watcher, kept beside the ack's record
+            rec = self._records[self._status_key(session.node)]
+            rec["drift"] = {"repairs": ack.drift.repairs, "fighting": ack.drift.fighting, "fights": ack.drift.fights,
+                            "last_drift": [line[:256] for line in ack.drift.last_drift[:16]],
+                            "last_drift_ns": ack.drift.last_drift_time.ToNanoseconds()
+                            if ack.drift.HasField("last_drift_time") else 0}
+            self.status.put(self._status_key(session.node), rec)
 
     def _record(self, node: str, applied: tuple[int, str] | None = None, error: str | None = None, contact: bool = True,
                 declined: list[dict] | None = None) -> None:
@@ -821,6 +828,13 @@ class Fanout:
                                        message=d.get("message", ""))
             if rec.get("contact_ns"):
                 nc.last_contact_time.FromNanoseconds(rec["contact_ns"])
+            if "drift" in rec:
+                dr = rec["drift"]
+                nc.drift.SetInParent()
+                nc.drift.repairs, nc.drift.fighting, nc.drift.fights = dr["repairs"], dr["fighting"], dr["fights"]
+                nc.drift.last_drift.extend(dr["last_drift"])
+                if dr["last_drift_ns"]:
+                    nc.drift.last_drift_time.FromNanoseconds(dr["last_drift_ns"])
         if st is not None:
             egresshealth.fill_status(out, st)
         out.total_nodes = len(out.nodes)

@@ -35,6 +35,7 @@ applies a state naming that key (``reconciler.py``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import signal
@@ -48,6 +49,7 @@ from meshgate.common import logsetup, metrics
 from meshgate.gatewayd import consent, health
 from meshgate.gatewayd.backoff import Backoff, jittered
 from meshgate.gatewayd.config import Settings
+from meshgate.gatewayd.drift import DriftWatcher
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
 from meshgate.gatewayd.model import Desired, compile_peer_delta, merge_delta, peers_only
 from meshgate.gatewayd.reconciler import Reconciler
@@ -96,6 +98,10 @@ class Agent:
         # Trace contexts of the updates not applied yet: the next pass is a child
         # of the newest and links the others (updates coalesce into one pass).
         self._traces: list[str] = []
+        self.drift: DriftWatcher | None = None
+        """Started by ``run`` unless ``settings.drift_watch`` is off."""
+        self._last_report: Report | None = None
+        """The ack of the last pass, sent again when the drift watcher's state changes."""
         self.status: dict[str, Any] = {
             "state": "waiting", "applied_revision": None, "last_error": None, "attempt": 0,
             "full_syncs": 0, "delta_syncs": 0, "rejected": 0, "backend": reconciler.backend.name,
@@ -126,6 +132,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._restore()
+        self.drift = self._watch_drift(asyncio.get_running_loop())
         feeder = asyncio.create_task(self._feed()) if self.source else None
         monitor = health.start(self.source, self._egress_view)  # the egress gateways' health (health.py)
         stopper = asyncio.create_task(stop.wait())
@@ -184,6 +191,8 @@ class Agent:
             if monitor is not None:
                 monitor.cancel()
                 await asyncio.gather(monitor, return_exceptions=True)
+            if self.drift is not None:
+                await asyncio.to_thread(self.drift.stop)
             if feeder:
                 feeder.cancel()
                 await asyncio.gather(feeder, return_exceptions=True)
@@ -381,13 +390,36 @@ class Agent:
             self.status["rejected"] += 1
         self._write_status()
 
+    def _watch_drift(self, loop: asyncio.AbstractEventLoop) -> DriftWatcher | None:
+        """Start the drift watcher (drift.py): a drift it finds is repaired by a full
+        pass now; a fight (repairs held back) is written to the status and sent in
+        the last ack again, with the watcher's counts."""
+        if not self.settings.drift_watch:
+            return None
+        watcher = DriftWatcher(self.rec, self.settings,
+                               on_drift=lambda changes: loop.call_soon_threadsafe(self.resync_now),
+                               on_status=lambda report: loop.call_soon_threadsafe(self._drift_changed, report))
+        watcher.start()
+        return watcher
+
+    def _drift_changed(self, report: bool) -> None:
+        self._write_status()
+        if report and self._last_report is not None:
+            asyncio.get_running_loop().create_task(self._report(self._last_report))
+
     def _write_status(self) -> None:
+        if self.drift is not None:
+            self.status["drift"] = self.drift.status()
         try:
             self.rec.store.write_status(self.status)
         except OSError as e:
             log.warning("cannot write status: %s", e)
 
     async def _report(self, report: Report) -> None:
+        if report.applied_revision is not None:
+            self._last_report = report
+        if self.drift is not None:
+            report = dataclasses.replace(report, drift=self.drift.status())
         if self.source is not None:
             try:
                 await self.source.report(report)

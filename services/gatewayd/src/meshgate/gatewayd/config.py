@@ -58,6 +58,21 @@ class Settings:
     supervise_interval: float = 1.0
     """Seconds between liveness checks of the wireguard-go process."""
 
+    drift_watch: bool = True
+    """Watch what gatewayd owns (netlink events of its link, addresses, routes and rules;
+    nftables events of its table; a poll of the WireGuard peers) and repair a change
+    within moments (``drift.py``); off, only the periodic full pass heals drift."""
+
+    drift_poll_interval: float = 1.0
+    """Seconds between reads of the WireGuard device by the drift watcher."""
+
+    drift_burst: int = 5
+    """Drift repairs allowed back to back before the rate limit holds them back."""
+
+    drift_refill: float = 2.0
+    """Seconds to regain one drift repair: while something keeps undoing gatewayd's
+    changes, it repairs at most once per this many seconds and reports a fight."""
+
     health_interval: float = 30.0
     """Seconds between reports of the peers' handshake times and byte counters to the
     control plane (0: never)."""
@@ -113,6 +128,8 @@ class Settings:
             raise ValueError("route_table must be a free table id")
         if self.resync_interval <= 0 or self.backoff_initial <= 0:
             raise ValueError("intervals must be positive")
+        if self.drift_poll_interval <= 0 or self.drift_refill <= 0 or self.drift_burst < 1:
+            raise ValueError("drift_poll_interval and drift_refill must be positive, drift_burst at least 1")
 
 
 def _converter(default: Any):

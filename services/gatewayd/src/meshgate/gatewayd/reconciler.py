@@ -32,6 +32,7 @@ retry).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -78,6 +79,10 @@ class Reconciler:
         self.keys = NodeKeys(store.dir)
         self.applied: Desired | None = None
         """What the last successful pass left in the kernel; None forces a full pass."""
+        self.lock = threading.Lock()
+        """Held by a pass; the drift watcher holds it to compare the kernel with ``applied``."""
+        self.passes = 0
+        """Passes run (successful or not), so the drift watcher knows a repair ran."""
         if store.created_interfaces() is None:
             last = store.load_desired()
             store._save_interfaces({last.interface.name or settings.default_interface} if last else set())
@@ -138,6 +143,14 @@ class Reconciler:
         )
 
     def reconcile(self, desired: Desired, full: bool = True) -> Result:
+        # one pass at a time, and never beside a check of the drift watcher (drift.py)
+        with self.lock:
+            try:
+                return self._reconcile(desired, full)
+            finally:
+                self.passes += 1
+
+    def _reconcile(self, desired: Desired, full: bool) -> Result:
         t0 = time.perf_counter()
         if desired.public_key != self.keys.current.public and not self.keys.promote(desired.public_key):
             # compiled while that key was held; it is no longer (another switch came first)

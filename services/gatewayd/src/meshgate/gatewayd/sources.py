@@ -72,6 +72,9 @@ class Report:
     declined: tuple = ()
     """``consent.Declined`` default routes left out of the applied state; with no
     ``error`` the ack is OK and says what was declined."""
+    drift: dict | None = None
+    """The drift watcher's counts (``drift.DriftWatcher.status``), sent in the ack's
+    ``drift``; None when it does not run."""
 
 
 class DesiredStateSource(Protocol):

@@ -548,6 +548,12 @@ class ControlPlaneSource:
             info.metadata["routes"] = ",".join(d.route for d in these)[:4096]
             info.metadata["reason"] = "; ".join(dict.fromkeys(d.reason for d in these))[:1024]
             ack.status.details.add().Pack(info)
+        if report.drift is not None:
+            d = report.drift
+            ack.drift.repairs, ack.drift.fighting, ack.drift.fights = d["repairs"], d["fighting"], d["fights"]
+            ack.drift.last_drift.extend(d["last_drift"])
+            if d["last_drift_time"]:
+                ack.drift.last_drift_time.FromNanoseconds(int(d["last_drift_time"] * 1e9))
         self._out.put_nowait(agent_pb2.SyncRequest(ack=ack))
         if report.error and report.applied_revision is None and "snapshot is needed" in report.error:
             self._ask_resync(report.error)
