@@ -37,7 +37,7 @@ from meshgate.api.v1 import (
 )
 from meshgate.common.etcd import Etcd
 from meshgate.common.server import ServiceBinding
-from meshgate.controlplane import admission, events
+from meshgate.controlplane import admission, events, paths
 from meshgate.controlplane.auth import audit as audit_mod
 from meshgate.controlplane.auth.guard import Authenticator, Guard, current_principal, visible_networks
 from meshgate.controlplane.auth.tokens import DEFAULT_MAX_TTL_S, TokenCache, Tokens
@@ -51,6 +51,7 @@ from meshgate.controlplane.liveness import DEFAULT_DELAY_S, STARTUP_GRACE_S, Liv
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.nodes import Nodes
 from meshgate.controlplane.policies import AccessPolicies
+from meshgate.controlplane.relays import Relays
 from meshgate.controlplane.sync import AgentService, Fanout, with_trace
 
 
@@ -287,7 +288,8 @@ class ControlPlane:
     def __init__(self, etcd: Etcd, keyservice: str = "", gateway_failover_after: float = DEFAULT_DELAY_S,
                  keyservice_credentials=None, auth: AuthSettings | None = None,
                  gateway_failback_after: float = DEFAULT_FAILBACK_S,
-                 gateway_startup_grace: float = STARTUP_GRACE_S) -> None:
+                 gateway_startup_grace: float = STARTUP_GRACE_S,
+                 path_delay: float = paths.DEFAULT_DELAY_S, path_recover_after: float = paths.DEFAULT_RECOVER_S) -> None:
         self.auth_settings = auth or AuthSettings()
         self.etcd = audit_mod.with_audit(with_trace(etcd))
         self.token_cache = TokenCache(etcd)
@@ -315,6 +317,8 @@ class ControlPlane:
         self.enrollment = EnrollmentKeys(etcd, self.networks, self.nodes)
         self.external_clients = ExternalClients(etcd, self.networks, self.cache, self.key_material)
         self.fanout = Fanout(self.cache, etcd, self.key_material)
+        self.relays = Relays(etcd, self.cache, self.fanout.status, path_delay, path_recover_after)
+        self.fanout.paths = self.relays
         self.fanout.health = self.egress_health
         self.agent_service = AgentService(self.enrollment, self.fanout, self.cache)
         bind = self._bind
@@ -357,6 +361,7 @@ class ControlPlane:
         self.tokens.start()
         self.audit.start()
         self.liveness.start()
+        self.relays.start()
         self.egress_health.start()
         await self.fanout.start()
         await self.cache.start()
@@ -367,6 +372,7 @@ class ControlPlane:
         await self.audit.stop()
         await self.token_cache.stop()
         await self.liveness.stop()
+        await self.relays.stop()
         await self.egress_health.stop()
         await self.fanout.stop()
         await self.cache.stop()

@@ -61,6 +61,8 @@ class Change:
     psk_only: bool = False
     # nodes whose agent session appeared or went (sessions/...; see liveness.py)
     sessions: set[str] = field(default_factory=set)
+    # nodes whose path health record changed (pathHealth/...; relays.py)
+    paths: set[str] = field(default_factory=set)
 
 
 Listener = Callable[[Change], Awaitable[None]]
@@ -85,6 +87,13 @@ class StateCache:
         self.rotation_requests: dict[str, int] = {}
         # names of nodes whose agent holds a stream on some replica (sessions/...)
         self.sessions: set[str] = set()
+        # Path health (paths.py, relays.py): network -> node -> its agent's
+        # record of its node peers; the relay marks' records and the mod
+        # revisions of marks and learned endpoints (for compare-and-swap).
+        self.path_health: dict[str, dict[str, dict]] = {}
+        self.relay_records: dict[str, dict[str, dict]] = {}
+        self.relay_revisions: dict[str, dict[str, int]] = {}
+        self.learned_revisions: dict[str, dict[str, int]] = {}
 
     def _index(self, net_id: str, node: node_pb2.Node | external_client_pb2.ExternalClient | None, add: bool) -> None:
         if node is None:
@@ -177,6 +186,7 @@ class StateCache:
         kvs, rev = await self.etcd.list_prefix(self._prefix)
         nets: dict[str, compiler.NetworkState] = {}
         children = []
+        path_kvs: list = []
         traceparent = ""
         for kv in kvs:
             parts = self._split(kv.key)
@@ -189,6 +199,8 @@ class StateCache:
                 nets[parts[1]] = compiler.NetworkState(store.decode(network_pb2.Network, kv))
             elif parts[0] in _COLLECTIONS and len(parts) == 3:
                 children.append((parts, kv))
+            elif parts[0] in _PATH_KEYS and len(parts) == 3:
+                path_kvs.append((parts, kv))
             elif parts == ["changes", "trace"]:
                 traceparent = kv.value.decode(errors="replace")
             elif _key_record(parts) or (parts[0] in (*_NODE_FLAGS, "learned") and len(parts) == 3):
@@ -232,6 +244,8 @@ class StateCache:
             msg = store.decode(cls, kv)
             getattr(st, attr)[msg.name] = msg
         self.networks = nets
+        self.path_health, self.relay_records, self.relay_revisions, self.learned_revisions = {}, {}, {}, {}
+        self._apply_paths([(parts, kv.value, True, kv.mod_revision) for parts, kv in path_kvs], Change(rev))
         self.rotation_requests = rotations
         self.sessions = sessions
         self.addresses, self.pubkeys = {}, {}
@@ -296,9 +310,13 @@ class StateCache:
         keyed = []
         traceparent = ""
         sessions: set[str] = set()
+        path_events: list = []
         for ev in batch.events:
             parts = self._split(ev.key)
             if parts is None:
+                continue
+            if parts[0] in _PATH_KEYS and len(parts) == 3:  # relays.py's records
+                path_events.append((parts, ev.value, ev.put, ev.mod_revision))
                 continue
             if parts[0] == "egressHealth" and len(parts) == 3:  # egresshealth.py's marks
                 relevant.append((parts, ev))
@@ -316,16 +334,18 @@ class StateCache:
             elif _key_record(parts):
                 keyed.append((parts, ev))
         change = Change(batch.revision, traceparent, sessions=sessions)
+        if path_events:
+            self._apply_paths(path_events, change)
         if keyed:
             psk_only = self._apply_keys(keyed, change)
             if not relevant:
-                change.psk_only = psk_only
+                change.psk_only = psk_only and not path_events
                 self._advance(batch.revision)
                 await self._notify(change)
                 return
         if not relevant:
             self._advance(batch.revision)
-            if sessions:
+            if sessions or change.paths or change.affected:
                 await self._notify(change)
             return
         befores: dict[str, compiler.NetworkState] = {}
@@ -425,6 +445,60 @@ class StateCache:
         self._advance(batch.revision)
         await self._notify(change)
 
+    def _apply_paths(self, events, change: Change) -> None:
+        """Path health records, relay marks and learned endpoints: `events` are
+        (key parts, value, put, mod revision)."""
+        import json
+
+        for parts, value, put, mod in events:
+            kind, net_id, rid = parts
+            st = self.networks.get(net_id)
+            try:
+                rec = json.loads(value) if put and kind != "learnedEndpoints" else None
+            except ValueError:
+                log.warning("ignoring %s/%s/%s: not JSON", kind, net_id, rid)
+                continue
+            if kind == "pathHealth":
+                name = f"networks/{net_id}/nodes/{rid}"
+                per = self.path_health.setdefault(net_id, {})
+                if isinstance(rec, dict):
+                    per[name] = rec
+                else:
+                    per.pop(name, None)
+                change.paths.add(name)
+            elif kind == "pathRoutes":
+                recs, revs = self.relay_records.setdefault(net_id, {}), self.relay_revisions.setdefault(net_id, {})
+                old = st.relay_marks.get(rid) if st is not None else None
+                if isinstance(rec, dict):
+                    recs[rid], revs[rid] = rec, mod
+                    if st is not None:
+                        st.relay_marks[rid] = str(rec.get("relay", ""))
+                else:
+                    recs.pop(rid, None)
+                    revs.pop(rid, None)
+                    if st is not None:
+                        st.relay_marks.pop(rid, None)
+                if st is not None:
+                    a, _, b = rid.partition("~")
+                    touched = {f"networks/{net_id}/nodes/{x}" for x in (a, b, old or "", st.relay_marks.get(rid) or "")
+                               if x}
+                    change.affected.setdefault(net_id, set()).update(n for n in touched if n in st.nodes)
+                change.paths.add(f"networks/{net_id}/nodes/{rid}")
+            elif kind == "learnedEndpoints":
+                name = f"networks/{net_id}/nodes/{rid}"
+                revs = self.learned_revisions.setdefault(net_id, {})
+                if put:
+                    revs[name] = mod
+                else:
+                    revs.pop(name, None)
+                if st is not None:
+                    if put:
+                        st.learned_endpoints[name] = value.decode(errors="replace")[:128]
+                    else:
+                        st.learned_endpoints.pop(name, None)
+                    if name in st.nodes:
+                        change.affected.setdefault(net_id, set()).update({name, *compiler.peers_of(st, name)})
+
     async def _notify(self, change: Change) -> None:
         for listener in self.listeners:
             try:
@@ -456,6 +530,10 @@ def _reason(value: bytes) -> str:
         return str(json.loads(value).get("reason", ""))[:256]
     except (ValueError, AttributeError):
         return ""
+
+
+# Path health records, relay marks and learned endpoints (relays.py).
+_PATH_KEYS = ("pathHealth", "pathRoutes", "learnedEndpoints")
 
 
 def _key_record(parts: list[str]) -> bool:

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from meshgate.api.v1 import agent_pb2, egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.api.v1 import desired_state_pb2 as ds
 from meshgate.common.desired import apply_delta  # noqa: F401 - re-exported: diff's inverse
-from meshgate.controlplane import domains, filters
+from meshgate.controlplane import domains, filters, paths
 
 
 @dataclass
@@ -83,6 +83,11 @@ class NetworkState:
     # (`egressHealth/{net}/{gw}`, egresshealth.py): name -> reason. They yield
     # their ranges like gateways on nodes marked down.
     unhealthy: dict[str, str] = field(default_factory=dict)
+    # Relay decisions (`pathRoutes/{net}/{a}~{b}`: pair id -> relay node id, ''
+    # for direct) and learned endpoints (`learnedEndpoints/{net}/{node}`:
+    # node name -> host:port); paths.py.
+    relay_marks: dict[str, str] = field(default_factory=dict)
+    learned_endpoints: dict[str, str] = field(default_factory=dict)
 
     def copy(self) -> NetworkState:
         """A copy whose collections can change without touching this one's."""
@@ -90,6 +95,7 @@ class NetworkState:
             self.network, dict(self.nodes), dict(self.gateways), dict(self.policies),
             {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients), set(self.down),
             dict(self.learned), dict(self.unhealthy),
+            relay_marks=dict(self.relay_marks), learned_endpoints=dict(self.learned_endpoints),
         )
 
 
@@ -393,6 +399,13 @@ def compile_node(
 
     peer_names = peers_of(state, name, index)
     allowed: dict[str, list[str]] = {p: filters.host_routes(state.nodes[p]) for p in peer_names}
+    # Relays (paths.py): a relayed peer's host routes go to its relay's entry;
+    # its own entry stays, empty, to probe the direct path.
+    relay_peers = lambda n: peers_of(state, n, index)  # noqa: E731
+    for p, r in paths.relayed_peers(state, name, peer_names, relay_peers, index).items():
+        if r in allowed:
+            allowed[r] += allowed[p]
+            allowed[p] = []
     by_gateway = ((index.clients_by_gateway() if index is not None else clients_by_gateway(state))
                   if state.external_clients else {})
     for gw_node, served in by_gateway.items():
@@ -430,8 +443,8 @@ def compile_node(
             # etcd without the key service has none, and agents refuse it.
             public_key_signature=sig.signature if sig is not None else b"",
             preshared_key=psk(name, p) if psk is not None and use_psk else "",
-            endpoint=peer.endpoint,
-            allowed_ips=_sort_cidrs(allowed[p]),
+            endpoint=peer.endpoint or state.learned_endpoints.get(p, ""),
+            allowed_ips=_sort_cidrs(allowed[p]) if allowed[p] else [],
             persistent_keepalive_seconds=keepalive,
             resource=p,
         )
@@ -456,6 +469,13 @@ def compile_node(
         relayed = _sort_cidrs(out.relayed_ranges)
         del out.relayed_ranges[:]
         out.relayed_ranges.extend(relayed)
+    if me.relay:
+        relayed_for = paths.relayed_through(state, name, relay_peers)
+        if relayed_for:
+            relayed = _sort_cidrs([*out.relayed_ranges,
+                                   *(c for n in relayed_for for c in filters.host_routes(state.nodes[n]))])
+            del out.relayed_ranges[:]
+            out.relayed_ranges.extend(relayed)
     out.routes.extend(routes)
 
     # From the overlay, and (site-to-site) from the ranges other gateways carry for this node.
@@ -566,8 +586,8 @@ def affected_by_node(before: NetworkState | None, after: NetworkState | None, na
         if st is None or name not in st.nodes:
             continue
         out.update(peers_of(st, name))
-        if any(g.node == name for g in st.gateways.values()):
-            out.update(st.nodes)
+        if any(g.node == name for g in st.gateways.values()) or st.nodes[name].relay:
+            out.update(st.nodes)  # a relay may carry any pair (paths.py)
     return out
 
 

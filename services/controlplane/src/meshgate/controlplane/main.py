@@ -62,6 +62,16 @@ class ControlPlaneConfig(config.ServerConfig):
         "seconds after this control plane starts during which no gateway node is marked down for want of its "
         "agent (agents reconnect within 10 s of a control-plane restart or outage)",
     )
+    path_delay: float = config.option(
+        5.0,
+        "seconds a pair of nodes' direct path may stay unhealthy (never connected, or its traffic unanswered) "
+        "before the pair goes through a relay, and before the network status calls it unhealthy",
+    )
+    path_recover_after: float = config.option(
+        30.0,
+        "seconds a relayed pair's direct path must stay up before the pair moves back to it; doubled for every "
+        "move of the pair in the last ten minutes (at most 32 times)",
+    )
     keyservice_ca: str = config.option(
         "", "PEM CA bundle that signed the key service's certificate: the link to it uses TLS when set",
     )
@@ -186,10 +196,13 @@ async def run(cfg: ControlPlaneConfig) -> None:
         raise SystemExit("--gateway-failover-after must be 0 (off) or a number of seconds")
     if cfg.gateway_failback_after < 0 or cfg.gateway_startup_grace < 0:
         raise SystemExit("--gateway-failback-after and --gateway-startup-grace must be 0 or a number of seconds")
+    if cfg.path_delay <= 0 or cfg.path_recover_after <= 0:
+        raise SystemExit("--path-delay and --path-recover-after must be positive numbers of seconds")
     app = ControlPlane(etcd, cfg.keyservice, gateway_failover_after=cfg.gateway_failover_after,
                        gateway_failback_after=cfg.gateway_failback_after,
                        gateway_startup_grace=cfg.gateway_startup_grace,
-                       keyservice_credentials=keyservice_credentials(cfg), auth=auth_settings(cfg))
+                       keyservice_credentials=keyservice_credentials(cfg), auth=auth_settings(cfg),
+                       path_delay=cfg.path_delay, path_recover_after=cfg.path_recover_after)
     # egress ranges may not cover where agents reach the control plane (egress.py)
     app.gateways.control_plane_addresses = control_plane_ips([cfg.listen, cfg.agent_listen, agent_endpoint])
     if not cfg.keyservice:

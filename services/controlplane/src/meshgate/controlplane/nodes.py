@@ -36,8 +36,16 @@ log = logging.getLogger(__name__)
 KIND = Kind("meshgate.io/Node", "nodes", node_pb2.Node)
 PSK_DELETE_BATCH = 120  # etcd allows 128 operations per transaction
 CACHE_WAIT_S = 2.0  # past this the cache is considered stuck and etcd is read directly
-MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels", "drain"})
+MUTABLE = frozenset({"display_name", "tags", "endpoint", "listen_port", "public_key", "labels", "drain", "relay"})
 ALL_FIELDS = frozenset(f.name for f in node_pb2.Node.DESCRIPTOR.fields)
+
+
+def _relay_violations(node: node_pb2.Node, prefix: str) -> list[FieldViolation]:
+    """A relay must be reachable: it needs an endpoint (paths.py)."""
+    if node.relay and not node.endpoint:
+        return [FieldViolation(f"{prefix}.relay", "a relay needs an endpoint the other nodes can reach "
+                               f"(set {prefix}.endpoint)")]
+    return []
 
 
 def _in_use(field: str, what: str, holder: str) -> ApiError:
@@ -85,6 +93,7 @@ class Nodes(Resources[node_pb2.Node]):
         net_id = self.parse_parent(req.parent)
         violations = validation.check_id("node_id", req.node_id)
         violations += validation.node(req.node)
+        violations += _relay_violations(req.node, "node")
         if violations:
             raise invalid_argument(violations)
         name = names.child_name(net_id, "nodes", req.node_id)
@@ -261,6 +270,7 @@ class Nodes(Resources[node_pb2.Node]):
             updated.CopyFrom(current)
             masks.apply(req.node, updated, paths)
             errs = validation.node(updated)
+            errs += _relay_violations(updated, "node")
             if errs:
                 raise invalid_argument(errs)
             compare = [self.t.mod(kv.key) == kv.mod_revision]

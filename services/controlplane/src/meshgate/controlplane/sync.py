@@ -260,6 +260,7 @@ class Fanout:
         self.messages_sent = 0
         self._records: dict[bytes, dict] = {}
         self._client_health: dict[bytes, dict] = {}  # what this replica last wrote per client
+        self.paths: Any = None  # relays.Relays: path health, relays (set by the ControlPlane)
         self.health: egresshealth.EgressHealth | None = None  # gateways' health reports (set by the ControlPlane)
         self.lease: Any = None  # aetcd's Lease (untyped), made by start()
         self._lease_task: asyncio.Task | None = None
@@ -839,6 +840,9 @@ class Fanout:
             egresshealth.fill_status(out, st)
         out.total_nodes = len(out.nodes)
         out.converged_nodes = sum(1 for n in out.nodes if n.converged)
+        if self.paths is not None:  # path health (relays.py)
+            self.paths.annotate(out, st, {n: [p.resource for p in s.peers if "/nodes/" in p.resource]
+                                          for n, s in compiled.items()})
         return out
 
     async def node_states(self, net_id: str, nodes: list[str]) -> dict[str, int]:
@@ -1067,6 +1071,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "health":
                     self.fanout._record(session.node)
                     self.fanout.client_health(session, req.health)
+                    if self.fanout.paths is not None:
+                        self.fanout.paths.report(session, req.health)
                 elif kind == "domains":
                     self.fanout.learned(session, req.domains)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):

@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import random
 import signal
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.drift import DriftWatcher
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, InvalidDesiredState
 from meshgate.gatewayd.model import Desired, compile_peer_delta, merge_delta, peers_only
+from meshgate.gatewayd.pathwatch import PathWatch
 from meshgate.gatewayd.reconciler import Reconciler
 from meshgate.gatewayd.sources import (
     Delta,
@@ -140,11 +142,15 @@ class Agent:
         now = loop.time()
         next_resync = now + jittered(self.settings.resync_interval, self.settings.resync_jitter, self.rng)
         next_supervise = now + self.settings.supervise_interval
-        # The first report soon after start (a freshly joined client wants to see
-        # its tunnel), then one every health_interval.
+        # Path health (pathwatch.py): the peers are sampled every
+        # path_check_interval and what changed is reported at once, in one
+        # message; a complete report every health_interval.
         health_every = self.settings.health_interval
         send_health = getattr(self.source, "send_health", None) if health_every > 0 else None
-        next_health = now + min(5.0, health_every) if send_health else float("inf")
+        check_every = min(self.settings.path_check_interval, health_every) if send_health else 0.0
+        next_health = now + check_every if send_health else float("inf")
+        watch = PathWatch(full_every_s=health_every)
+        streams_seen = -1
         retry_at: float | None = None
         try:
             while not stop.is_set():
@@ -152,9 +158,15 @@ class Agent:
                 if now >= next_resync:
                     self._need_full = True
                 if send_health is not None and now >= next_health:
-                    next_health = now + health_every
+                    next_health = now + check_every
                     try:
-                        await send_health(await asyncio.to_thread(self.rec.peer_stats))
+                        opened = getattr(self.source, "streams_opened", 0)
+                        if opened != streams_seen:  # a new stream hears everything once
+                            streams_seen = opened
+                            watch.reset()
+                        found = watch.observe(await asyncio.to_thread(self.rec.peer_stats), time.time_ns())
+                        if found is not None and not await send_health(*found):
+                            watch.reset()  # not sent: say it all on the next stream
                     except Exception as e:  # noqa: BLE001 - a report is best effort
                         log.warning("could not report peer health: %s", e)
                 if now >= next_supervise:

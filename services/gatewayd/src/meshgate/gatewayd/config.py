@@ -74,8 +74,12 @@ class Settings:
     changes, it repairs at most once per this many seconds and reports a fight."""
 
     health_interval: float = 30.0
-    """Seconds between reports of the peers' handshake times and byte counters to the
-    control plane (0: never)."""
+    """Seconds between complete reports of the peers' handshake times, endpoints and
+    byte counters to the control plane (0: never report)."""
+
+    path_check_interval: float = 1.0
+    """Seconds between samples of the peers for path health: a change (handshake,
+    endpoint, traffic unanswered) is reported at the next sample (pathwatch.py)."""
 
     wireguard_go: str = "wireguard-go"
     """The wireguard-go binary gatewayd starts for the userspace backend."""

@@ -500,19 +500,24 @@ class ControlPlaneSource:
         if self._out is not None and self.connected.is_set():
             self._out.put_nowait(self._egress_health)
 
-    async def send_health(self, stats) -> None:
-        """Send `Health` with every peer's handshake time and counters (public key ->
-        PeerStats); dropped when there is no stream (the next report follows)."""
+    async def send_health(self, peers, complete: bool = True) -> bool:
+        """Send `Health` with the given peers' handshake times, endpoints,
+        reachability and counters (pathwatch.PeerReport); False when there is no
+        stream to send it on (the caller reports everything on the next one)."""
         if self._out is None or not self.connected.is_set():
-            return
-        health = agent_pb2.SyncRequest.Health()
-        for key in sorted(stats):
-            st = stats[key]
-            p = health.peers.add(public_key=key, rx_bytes=st.rx_bytes, tx_bytes=st.tx_bytes)
-            if st.last_handshake_sec:
-                p.latest_handshake_time.seconds = st.last_handshake_sec
-                p.latest_handshake_time.nanos = st.last_handshake_nsec
+            return False
+        health = agent_pb2.SyncRequest.Health(complete=complete)
+        for r in peers:
+            p = health.peers.add(public_key=r.public_key, rx_bytes=r.rx_bytes, tx_bytes=r.tx_bytes,
+                                 endpoint=r.endpoint)
+            if r.handshake_ns:
+                p.latest_handshake_time.FromNanoseconds(r.handshake_ns)
+            if r.unanswered_since_ns:
+                p.unanswered_since_time.FromNanoseconds(r.unanswered_since_ns)
+            if r.configure_ns:
+                p.configure_time.FromNanoseconds(r.configure_ns)
         self._out.put_nowait(agent_pb2.SyncRequest(health=health))
+        return True
 
     def _ask_resync(self, reason: str) -> None:
         if self._out is not None and self._resync_asked_at != self.last_revision:

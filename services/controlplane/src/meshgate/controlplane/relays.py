@@ -1,0 +1,304 @@
+"""Path health records, relay decisions and learned endpoints (the I/O half of
+paths.py, which says what they mean).
+
+- `report()`: a node's agent sent `Health` on the stream this replica holds:
+  the peers it names (node peers only; external clients are sync.py's) are
+  merged into `pathHealth/{net}/{node}` (JSON, peer id -> handshake, endpoint,
+  unanswered since, configured at), written only when that changed (counters
+  are not kept), through the fan-out's batched status writer.
+- `Relays` runs on every replica, like liveness.py: once a second, and on
+  every change of those records, it works out each pair's direct state and
+  writes `pathRoutes/{net}/{a}~{b}` when a pair must move: to the best relay
+  once its direct path has been unhealthy for the path delay
+  (`--path-delay`), back to direct once it has been up for the recovery delay
+  (`--path-recover-after`), doubled for every move of the pair in the last ten
+  minutes (at most 32 times), so an unstable link settles on the relay instead
+  of flapping. A record is `{"relay": id or "", "moves": [ns, ...]}`.
+- It also writes `learnedEndpoints/{net}/{node}` for nodes without an endpoint
+  of their own: the endpoint a node with one (a relay, a gateway) hears them
+  from, while it has a live session with them.
+
+Writes compare the mod revision the cache holds for the key, so replicas that
+decide the same move write it once; the others' compare fails and they see the
+move through the watch. "Up since" is this replica's own observation (a
+replica that starts later waits the recovery delay again, which only delays a
+move back).
+
+Hazard: agents stamp their reports with their own clocks; a node whose clock
+is off by more than the path delay can look unhealthy or healthy for that
+long. The best relay is the one both sides report up, then the one relaying
+the fewest pairs, then by name: no latency is measured, so "closest" is not
+yet known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from meshgate.api.v1 import network_pb2
+from meshgate.common.etcd import Etcd
+from meshgate.controlplane import compiler, paths
+from meshgate.controlplane.cache import Change, StateCache
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+HISTORY_NS = 600 * 10**9  # moves counted for the recovery delay's doubling
+MAX_DOUBLINGS = 5
+MAX_UNREACHABLE = 64
+STATE_WORDS: dict[int, str] = {network_pb2.PATH_UP: "up", network_pb2.PATH_NEVER_CONNECTED: "never connected",
+               network_pb2.PATH_STALE: "stale"}
+
+
+def _ns(ts) -> int:
+    return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
+
+
+def merge_report(old: dict[str, dict], health, peers_by_key: dict[str, str]) -> dict[str, dict]:
+    """The node's record after `health` (agent_pb2.SyncRequest.Health):
+    `peers_by_key` maps the public keys of its node peers to node ids."""
+    out = {} if health.complete else dict(old)
+    for p in health.peers:
+        pid = peers_by_key.get(p.public_key)
+        if pid is None:
+            continue
+        out[pid] = {"handshake_ns": _ns(p.latest_handshake_time), "endpoint": p.endpoint,
+                    "unanswered_ns": _ns(p.unanswered_since_time), "configure_ns": _ns(p.configure_time)}
+    keep = set(peers_by_key.values())
+    return {k: v for k, v in sorted(out.items()) if k in keep}
+
+
+class Relays:
+    """See the module docstring."""
+
+    def __init__(self, etcd: Etcd, cache: StateCache, status_writer: Any = None,
+                 delay_s: float = paths.DEFAULT_DELAY_S, recover_s: float = paths.DEFAULT_RECOVER_S) -> None:
+        self.etcd = etcd
+        self.cache = cache
+        self.writer = status_writer  # sync.StatusWriter: batched, coalesced puts
+        self.delay_s = delay_s
+        self.recover_s = recover_s
+        self.t = etcd.txn_ops
+        self._sent: dict[bytes, dict] = {}  # what this replica last wrote per node record
+        self._up_since: dict[tuple[str, str], float] = {}  # (net, pair) -> monotonic time seen up
+        self._task: asyncio.Task | None = None
+        self._kick = asyncio.Event()
+        self.moves = 0  # marks this replica wrote
+
+    # reports ------------------------------------------------------------
+
+    def report(self, session, health) -> None:
+        """Keep what `session`'s agent says of its node peers (see merge_report)."""
+        if session.sent is None or self.writer is None:
+            return
+        _, net, _, nid = session.node.split("/")
+        by_key = {p.public_key: p.resource.rsplit("/", 1)[1] for p in session.sent.peers if "/nodes/" in p.resource}
+        key = self.etcd.key("pathHealth", net, nid)
+        old = self._sent.get(key)
+        if old is None:
+            old = self.cache.path_health.get(net, {}).get(session.node, {})
+        rec = merge_report(old, health, by_key)
+        if rec == old and key in self._sent:
+            return
+        self._sent[key] = rec
+        self.writer.put(key, rec)
+
+    # lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self.cache.listeners.append(self.on_change)
+        self._task = asyncio.create_task(self._run(), name="relays")
+
+    async def stop(self) -> None:
+        if self.on_change in self.cache.listeners:
+            self.cache.listeners.remove(self.on_change)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:  # noqa: BLE001 - cancelled
+                pass
+
+    async def on_change(self, change: Change) -> None:
+        if change.paths:
+            self._kick.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(TICK_S):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            if not self.cache.ready.is_set():
+                continue
+            try:
+                await self.evaluate()
+            except Exception:  # noqa: BLE001 - retried on the next tick
+                log.exception("evaluating relays failed; retrying")
+
+    # decisions -----------------------------------------------------------
+
+    def seen(self, net_id: str, a: str, b: str) -> tuple[paths.PeerSeen | None, paths.PeerSeen | None]:
+        recs = self.cache.path_health.get(net_id, {})
+        ai, bi = a.rsplit("/", 1)[1], b.rsplit("/", 1)[1]
+        return paths.PeerSeen.of(recs.get(a, {}).get(bi)), paths.PeerSeen.of(recs.get(b, {}).get(ai))
+
+    def direct(self, st: compiler.NetworkState, a: str, b: str, now_ns: int) -> paths.Direct:
+        net_id = st.network.name.split("/")[1]
+        sa, sb = self.seen(net_id, a, b)
+        return paths.direct_state(sa, sb, now_ns, self.delay_s, st.network.persistent_keepalive.seconds > 0
+                                  or not st.network.HasField("persistent_keepalive"))
+
+    async def evaluate(self) -> None:
+        now_ns, mono = time.time_ns(), time.monotonic()
+        for net_id, st in list(self.cache.networks.items()):
+            relays = paths.relays(st)
+            recs = self.cache.path_health.get(net_id, {})
+            await self._learn(net_id, st, recs)
+            if not relays:
+                continue
+            index = compiler.PeerIndex(st)
+            candidates = self._pairs(net_id, st, recs, index)
+            for a, b in candidates:
+                await self._decide(net_id, st, index, relays, a, b, now_ns, mono)
+
+    def _pairs(self, net_id: str, st: compiler.NetworkState, recs: dict, index) -> set[tuple[str, str]]:
+        """Pairs worth a look: marked, without endpoints, or with a report that is not plainly up."""
+        out: set[tuple[str, str]] = set()
+        for pid in st.relay_marks:
+            a, b = paths.pair_nodes(net_id, pid)
+            if a in st.nodes and b in st.nodes:
+                out.add((a, b))
+        for node, peers in recs.items():
+            for pid, rec in peers.items():
+                peer = f"networks/{net_id}/nodes/{pid}"
+                if peer in st.nodes and node in st.nodes and (not rec.get("handshake_ns") or rec.get("unanswered_ns")):
+                    x, y = sorted((node, peer))
+                    out.add((x, y))
+        bare = [n for n in index.keyed if not paths.has_endpoint(st, n)]
+        for i, a in enumerate(bare):
+            for b in bare[i + 1:]:
+                out.add((a, b))
+        return out
+
+    def _best(self, st, index, relays: list[str], a: str, b: str, now_ns: int) -> str:
+        load: dict[str, int] = {}
+        for mark in st.relay_marks.values():
+            if mark:
+                load[mark] = load.get(mark, 0) + 1
+        peers_a, peers_b = set(index.peers_of(a)), set(index.peers_of(b))
+        ranked = []
+        for r in relays:
+            if r in (a, b) or r not in peers_a or r not in peers_b:
+                continue
+            up = sum(1 for x in (a, b) if self.direct(st, x, r, now_ns).up)
+            ranked.append((-up, load.get(r.rsplit("/", 1)[1], 0), r))
+        return min(ranked)[2] if ranked else ""
+
+    async def _decide(self, net_id, st, index, relays, a, b, now_ns, mono) -> None:
+        pid = paths.pair_id(a, b)
+        current = paths.route(st, a, b, relays, index.peers_of)
+        d = self.direct(st, a, b, now_ns)
+        key = (net_id, pid)
+        if current:
+            if not d.up:
+                self._up_since.pop(key, None)
+                return
+            since = self._up_since.setdefault(key, mono)
+            rec = self.cache.relay_records.get(net_id, {}).get(pid, {})
+            recent = [t for t in rec.get("moves", []) if now_ns - t < HISTORY_NS]
+            wait = self.recover_s * (2 ** min(len(recent), MAX_DOUBLINGS))
+            if mono - since >= wait:
+                await self._mark(net_id, pid, "", rec, now_ns)
+            return
+        self._up_since.pop(key, None)
+        if not d.unhealthy:
+            return
+        best = self._best(st, index, relays, a, b, now_ns)
+        if best:
+            rec = self.cache.relay_records.get(net_id, {}).get(pid, {})
+            await self._mark(net_id, pid, best.rsplit("/", 1)[1], rec, now_ns, reason=d.reason)
+
+    async def _mark(self, net_id: str, pid: str, relay: str, rec: dict, now_ns: int, reason: str = "") -> None:
+        key = self.etcd.key("pathRoutes", net_id, pid)
+        moves = [t for t in rec.get("moves", []) if now_ns - t < HISTORY_NS][-16:] + [now_ns]
+        value = json.dumps({"relay": relay, "moves": moves}, sort_keys=True).encode()
+        rev = self.cache.relay_revisions.get(net_id, {}).get(pid, 0)
+        ok, _, _ = await self.etcd.txn([self.t.mod(key) == rev], [self.t.put(key, value)])
+        if ok:
+            self.moves += 1
+            self._up_since.pop((net_id, pid), None)
+            log.info("pair %s of network %s now goes %s%s", pid, net_id,
+                     f"through relay {relay}" if relay else "direct", f" ({reason})" if reason else "")
+
+    async def _learn(self, net_id: str, st: compiler.NetworkState, recs: dict) -> None:
+        """Learned endpoints: for each node without its own, where a node with
+        one last heard it from while their session is live."""
+        now_ns = time.time_ns()
+        want: dict[str, tuple[int, str]] = {}
+        for node, peers in recs.items():
+            me = st.nodes.get(node)
+            if me is None or not me.endpoint:
+                continue
+            for pid, rec in peers.items():
+                peer = f"networks/{net_id}/nodes/{pid}"
+                p = st.nodes.get(peer)
+                hs = rec.get("handshake_ns", 0)
+                if (p is None or p.endpoint or not rec.get("endpoint") or not hs
+                        or now_ns - hs > paths.SESSION_S * 1e9 or rec.get("unanswered_ns")):
+                    continue
+                if hs > want.get(peer, (0, ""))[0]:
+                    want[peer] = (hs, rec["endpoint"])
+        for peer, (_, ep) in want.items():
+            if st.learned_endpoints.get(peer) == ep:
+                continue
+            key = self.etcd.key("learnedEndpoints", net_id, peer.rsplit("/", 1)[1])
+            rev = self.cache.learned_revisions.get(net_id, {}).get(peer, 0)
+            ok, _, _ = await self.etcd.txn([self.t.mod(key) == rev], [self.t.put(key, ep.encode())])
+            if ok:
+                log.info("learned the endpoint of %s from its peers' reports", peer)
+
+    # status --------------------------------------------------------------
+
+    def annotate(self, status: network_pb2.NetworkStatus, st: compiler.NetworkState | None,
+                 peers_of: dict[str, list[str]]) -> None:
+        """Fill each node's `unreachable_peers` and `healthy` (peers_of: node ->
+        the node peers of its desired state)."""
+        if st is None:
+            return
+        now_ns = time.time_ns()
+        relays = paths.relays(st)
+        index = compiler.PeerIndex(st)
+        healthy = 0
+        for nc in status.nodes:
+            ok = True
+            for peer in peers_of.get(nc.node, ()):
+                if peer not in st.nodes:
+                    continue
+                d = self.direct(st, nc.node, peer, now_ns)
+                relay = paths.route(st, nc.node, peer, relays, index.peers_of)
+                if not d.unhealthy and not relay:
+                    continue
+                if relay and self.direct(st, nc.node, relay, now_ns).unhealthy:
+                    relay_ok = False
+                else:
+                    relay_ok = bool(relay)
+                if d.unhealthy and not relay_ok:
+                    ok = False
+                if len(nc.unreachable_peers) >= MAX_UNREACHABLE:
+                    continue
+                pp = nc.unreachable_peers.add(peer=peer, state=d.state, reason=d.reason, relay=relay)
+                if d.since_ns:
+                    pp.since_time.FromNanoseconds(d.since_ns)
+                state = STATE_WORDS.get(d.state, "not known yet")
+                pp.summary = (f"{peer.rsplit('/', 1)[1]} ({state}" + (f" {d.reason}" if d.reason else "")
+                              + (f", via {relay.rsplit('/', 1)[1]}" if relay else "") + ")")
+            nc.healthy = ok
+            healthy += ok
+        status.healthy_nodes = healthy
