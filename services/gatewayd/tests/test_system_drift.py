@@ -226,6 +226,8 @@ def test_a_fight_is_rate_limited_and_reported(loop: Loop, dlab: DriftLab):
         assert time.monotonic() < deadline, client_drift(loop)
         time.sleep(0.2)
     assert any(RANGE in line for line in client_drift(loop)["last_drift"])
+    table = meshgate(loop, "network", "get-status", "networks/lab").stdout
+    assert any(line.startswith("networks/lab/nodes/client0") and "FIGHTING" in line for line in table.splitlines()), table
 
     # held to the refill rate: over a few seconds of fighting, about one repair a
     # second (counted against the time it really took), and no spinning CPU

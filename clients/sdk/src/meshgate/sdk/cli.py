@@ -73,7 +73,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "meshgate.api.v1.NodeConvergence": [("NODE", "node"), ("DESIRED", "desired_revision"),
                                         ("APPLIED", "applied_revision"), ("CONVERGED", "converged"),
                                         ("CONNECTED", "connected"), ("FAILED OVER", "failed_over"),
-                                        ("DECLINED ROUTES", "declined_routes")],
+                                        ("DECLINED ROUTES", "declined_routes"), ("DRIFT", "drift")],
 }
 
 # Messages of a repeated field shown in one table cell by this field of each.
@@ -317,6 +317,9 @@ def _cell(msg: Message, field: str) -> str:
             return v.ToJsonString()
         if fd.message_type.full_name == "google.protobuf.Duration":
             return v.ToJsonString()
+        if fd.message_type.full_name == "meshgate.api.v1.DriftStatus":
+            # the agent's drift repairs; a fight first (-o yaml shows what drifted)
+            return ("FIGHTING, " if v.fighting else "") + f"{v.repairs} repaired"
         return json.dumps(json_format.MessageToDict(v, preserving_proto_field_name=True), separators=(",", ":"))
     if fd.has_presence and not msg.HasField(field):
         return ""
