@@ -12,7 +12,9 @@ client0 reaches `db.example.test` through the gateway, NATed; the record changes
 and the new address routes while the old one stays for its grace period, then
 goes; a stopped upstream keeps the addresses (traffic flows) and the gateway's
 status shows the error; a wildcard domain routes once a name under it was
-asked through the gateway's DNS server; node names resolve from another node.
+asked through the gateway's DNS server; node names resolve from another node,
+and from an external client brought up from the configuration the API returned
+(the way wg-quick does, `Lab.plain_wireguard`), through the `DNS =` it names.
 The gateway is created through the CLI, as a user would.
 """
 
@@ -30,6 +32,7 @@ import pytest
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
 from meshgate.gatewayd.lab import PY, ControlPlaneView, Egress, Host
 from test_system_controlplane import start_control_plane
+from test_system_keys_e2e import keyed  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.root
 
@@ -171,3 +174,24 @@ def test_egress_by_name_follows_dns_keeps_addresses_when_dns_fails_and_names_res
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def test_an_external_client_brought_up_from_its_config_resolves_node_names(keyed, egress: Egress):  # noqa: F811
+    """The configuration CreateExternalClient returns names the gateway node as its
+    DNS server; through it, the laptop resolves the nodes and itself, and the
+    nodes resolve the laptop."""
+    from test_system_external_clients import laptop_client
+
+    eg, lab = egress, egress.lab
+    laptop, c, conf = laptop_client(keyed, eg)
+    assert conf["Interface"]["DNS"] == "100.64.0.1"
+    keyed.wait_converged(2, at_least=keyed.status().revision)
+    wg = lab.plain_wireguard(laptop, lab.ifname("lap"), c.config)
+    try:
+        assert wg.config.dns == ("100.64.0.1",)
+        laptop.wait_reachable("100.64.0.1")
+        assert lookup(laptop, "100.64.0.1", f"client0.{ZONE}") == ["NOERROR", eg.overlay(0)]
+        assert lookup(laptop, "100.64.0.1", f"laptop.{ZONE}") == ["NOERROR", c.ipv4_address]
+        assert lookup(eg.clients[0].host, eg.overlay(0), f"laptop.{ZONE}") == ["NOERROR", c.ipv4_address]
+    finally:
+        wg.down()
