@@ -94,6 +94,12 @@ class StateCache:
         self.relay_records: dict[str, dict[str, dict]] = {}
         self.relay_revisions: dict[str, dict[str, int]] = {}
         self.learned_revisions: dict[str, dict[str, int]] = {}
+        # Bumped before any change to the networks' state is applied (in the
+        # same step, with no await between): whatever was worked out from a
+        # NetworkState (a compiler.PeerIndex) is valid while this is unchanged.
+        # Events that touch no network's state (agent sessions, status) leave
+        # it alone, so thousands of streams connecting at once share one index.
+        self.generation = 0
 
     def _index(self, net_id: str, node: node_pb2.Node | external_client_pb2.ExternalClient | None, add: bool) -> None:
         if node is None:
@@ -244,6 +250,7 @@ class StateCache:
             msg = store.decode(cls, kv)
             getattr(st, attr)[msg.name] = msg
         self.networks = nets
+        self.generation += 1
         self.path_health, self.relay_records, self.relay_revisions, self.learned_revisions = {}, {}, {}, {}
         self._apply_paths([(parts, kv.value, True, kv.mod_revision) for parts, kv in path_kvs], Change(rev))
         self.rotation_requests = rotations
@@ -334,6 +341,8 @@ class StateCache:
             elif _key_record(parts):
                 keyed.append((parts, ev))
         change = Change(batch.revision, traceparent, sessions=sessions)
+        if relevant or keyed or path_events:
+            self.generation += 1
         if path_events:
             self._apply_paths(path_events, change)
         if keyed:

@@ -255,6 +255,9 @@ class Fanout:
         self.desired: dict[str, Desired] = {}
         # node -> revision of the newest change that may have altered its state
         self.touched: dict[str, int] = {}
+        # network name -> (state, its PeerIndex), valid for _indexes_gen (peer_index)
+        self._indexes: dict[str, tuple[compiler.NetworkState, compiler.PeerIndex]] = {}
+        self._indexes_gen = -1
         self.sessions: dict[str, Session] = {}
         self.status = StatusWriter(etcd)
         self.messages_sent = 0
@@ -373,7 +376,7 @@ class Fanout:
         keys cannot be fetched now is left out and retried later."""
         net_id = names.parse_network(st.network.name)
         assert net_id is not None  # a stored network's name
-        index = index or compiler.PeerIndex(st)
+        index = index or self.peer_index(st)
         psk = None
         if self.keys.enabled and not st.network.disable_preshared_keys:
             pairs = [(n, p) for n in names_ for p in index.peers_of(n)]
@@ -419,6 +422,22 @@ class Fanout:
             for name in pending:
                 by_net.setdefault(name.split("/")[1], set()).add(name)
             await self.on_change(Change(self.cache.revision, "", by_net))
+
+    def peer_index(self, st: compiler.NetworkState) -> compiler.PeerIndex:
+        """The PeerIndex of `st`, built once per state: reused by every
+        compile until the cache's generation moves. Building one looks at
+        every node of the network, so a stream's snapshot would otherwise cost
+        the size of the network (10,000 streams connecting at once: 10,000
+        such builds, issue 18)."""
+        if self._indexes_gen != self.cache.generation:
+            self._indexes.clear()
+            self._indexes_gen = self.cache.generation
+        got = self._indexes.get(st.network.name)
+        if got is not None and got[0] is st:
+            return got[1]
+        index = compiler.PeerIndex(st)
+        self._indexes[st.network.name] = (st, index)
+        return index
 
     async def current(self, node: str) -> ds.DesiredState | None:
         st = self.cache.state_of(node)
@@ -471,7 +490,7 @@ class Fanout:
                         live.append(name)
                 if not live:
                     continue
-                index = compiler.PeerIndex(st)  # shared by the change's compiles
+                index = self.peer_index(st)  # shared by the change's compiles
                 if self.keys.enabled and not st.network.disable_preshared_keys:
                     states = await self.compile(st, live, change.revision, index)
                     live = [n for n in live if n in states]
