@@ -73,11 +73,12 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "meshgate.api.v1.NodeConvergence": [("NODE", "node"), ("DESIRED", "desired_revision"),
                                         ("APPLIED", "applied_revision"), ("CONVERGED", "converged"),
                                         ("CONNECTED", "connected"), ("FAILED OVER", "failed_over"),
-                                        ("DECLINED ROUTES", "declined_routes"), ("DRIFT", "drift")],
+                                        ("DECLINED ROUTES", "declined_routes"), ("DRIFT", "drift"),
+                                        ("HEALTHY", "healthy"), ("UNREACHABLE PEERS", "unreachable_peers")],
 }
 
 # Messages of a repeated field shown in one table cell by this field of each.
-CELL_FIELD = {"meshgate.api.v1.DeclinedRoute": "destination"}
+CELL_FIELD = {"meshgate.api.v1.DeclinedRoute": "destination", "meshgate.api.v1.PeerPath": "summary"}
 
 # Fields holding secrets the server returns once (on create), which table
 # output prints in full under the table.
@@ -350,9 +351,13 @@ def list_items(msg: Message) -> tuple[str, FieldDescriptor] | None:
     """The repeated resource field of a List response (or of a status with rows)."""
     desc = descriptors.of(msg)
     reps = [fd for fd in desc.fields if fd.is_repeated and fd.message_type is not None and not _is_map(fd)]
-    item = reps[0].message_type if len(reps) == 1 else None
-    if item is not None and ("next_page_token" in desc.fields_by_name or item.full_name in COLUMNS):
+    if len(reps) == 1 and "next_page_token" in desc.fields_by_name:
         return reps[0].name, reps[0]
+    # a status with rows: its first repeated field with a preset (NetworkStatus.nodes;
+    # -o yaml shows the others, e.g. its gateways)
+    for fd in reps:
+        if fd.message_type is not None and fd.message_type.full_name in COLUMNS:
+            return fd.name, fd
     return None
 
 

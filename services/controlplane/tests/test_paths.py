@@ -1,0 +1,156 @@
+"""Path health and relays in the control plane: the pure derivation of a pair's
+state (paths.py), the compiled desired states of relayed pairs, the relay
+field at the API, and a status that derives unreachable peers from reports."""
+
+from __future__ import annotations
+
+import base64
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from cptest import details, make_network, make_node, state_dump
+from meshgate.api.v1 import agent_pb2, network_pb2, node_pb2
+from meshgate.controlplane import compiler, paths, relays
+
+S = 10**9
+NOW = 1_000_000 * S
+
+
+def _key(i: int) -> str:
+    return base64.b64encode(bytes([i]) * 32).decode()
+
+
+# ---------------------------------------------------------------- pair states
+
+
+def seen(**kw) -> paths.PeerSeen:
+    return paths.PeerSeen(**kw)
+
+
+def test_a_pair_is_not_judged_before_the_delay():
+    fresh = seen(configure_ns=NOW - 1 * S)
+    assert paths.direct_state(fresh, None, NOW, delay_s=5) == paths.UNKNOWN
+    assert paths.direct_state(None, None, NOW) == paths.UNKNOWN
+
+
+def test_configured_long_enough_without_a_handshake_is_never_connected():
+    d = paths.direct_state(seen(configure_ns=NOW - 12 * S), seen(configure_ns=NOW - 8 * S), NOW, delay_s=5)
+    assert d.state == network_pb2.PATH_NEVER_CONNECTED and d.unhealthy
+    assert d.since_ns == NOW - 8 * S  # from when both sides had it
+    assert d.reason == "no handshake in the 8 s since it was configured"
+
+
+def test_unanswered_traffic_past_the_delay_is_stale_and_answered_is_up():
+    hs = NOW - 30 * S
+    up = paths.direct_state(seen(handshake_ns=hs, configure_ns=hs), seen(handshake_ns=hs), NOW, delay_s=5)
+    assert up.state == network_pb2.PATH_UP and up.up
+    short = paths.direct_state(seen(handshake_ns=hs, unanswered_ns=NOW - 3 * S), None, NOW, delay_s=5)
+    assert short.state == network_pb2.PATH_UP
+    stale = paths.direct_state(seen(handshake_ns=hs, unanswered_ns=NOW - 7 * S), seen(handshake_ns=hs), NOW, delay_s=5)
+    assert stale.state == network_pb2.PATH_STALE and stale.reason == "traffic unanswered for 7 s"
+
+
+def test_an_old_handshake_is_stale_only_with_keepalives():
+    old = seen(handshake_ns=NOW - 400 * S)
+    assert paths.direct_state(old, None, NOW).state == network_pb2.PATH_STALE
+    assert paths.direct_state(old, None, NOW, keepalive=False).state == network_pb2.PATH_UP
+
+
+# ---------------------------------------------------------------- compiled routes
+
+
+def _state(relay_endpoint: str = "203.0.113.2:51820") -> compiler.NetworkState:
+    st = compiler.NetworkState(network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/24", listen_port=51820))
+    for i, (nid, ep, relay) in enumerate((("r", relay_endpoint, True), ("a", "", False), ("b", "", False),
+                                          ("p", "203.0.113.14:51820", False)), start=1):
+        st.nodes[f"networks/n/nodes/{nid}"] = node_pb2.Node(
+            name=f"networks/n/nodes/{nid}", ipv4_address=f"100.64.0.{i}", public_key=_key(i), endpoint=ep, relay=relay)
+    return st
+
+
+def _peers(s) -> dict[str, list[str]]:
+    return {p.resource.rsplit("/", 1)[1]: list(p.allowed_ips) for p in s.peers}
+
+
+def test_a_pair_without_endpoints_goes_through_the_relay_on_both_sides():
+    st = _state()
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["r"] == ["100.64.0.1/32", "100.64.0.3/32"]
+    assert _peers(a)["b"] == []  # kept, empty: it probes the direct path
+    assert _peers(a)["p"] == ["100.64.0.4/32"]  # P has an endpoint: direct
+    b = compiler.compile_node(st, "networks/n/nodes/b")
+    assert _peers(b)["r"] == ["100.64.0.1/32", "100.64.0.2/32"]
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert list(r.relayed_ranges) == ["100.64.0.2/32", "100.64.0.3/32"]
+    assert _peers(r)["a"] == ["100.64.0.2/32"] and _peers(r)["b"] == ["100.64.0.3/32"]
+
+
+def test_marks_move_pairs_and_learned_endpoints_reach_the_peers():
+    st = _state()
+    st.relay_marks[paths.pair_id("a", "b")] = ""  # proven direct
+    st.relay_marks[paths.pair_id("a", "p")] = "r"  # cut: relayed
+    st.learned_endpoints["networks/n/nodes/b"] = "203.0.113.10:51820"
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["b"] == ["100.64.0.3/32"] and _peers(a)["p"] == []
+    assert _peers(a)["r"] == ["100.64.0.1/32", "100.64.0.4/32"]
+    assert {p.resource: p.endpoint for p in a.peers}["networks/n/nodes/b"] == "203.0.113.10:51820"
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert list(r.relayed_ranges) == ["100.64.0.2/32", "100.64.0.4/32"]
+
+
+def test_without_a_relay_nothing_moves():
+    st = _state()
+    st.nodes["networks/n/nodes/r"].relay = False
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["b"] == ["100.64.0.3/32"] and _peers(a)["r"] == ["100.64.0.1/32"]
+    assert compiler.affected_by_node(st, _state(), "networks/n/nodes/r") == set(st.nodes)
+
+
+def test_a_relay_under_deny_must_be_a_peer_of_both_sides():
+    st = _state()
+    st.network.default_policy = network_pb2.DENY  # nobody peers: nothing to relay
+    assert paths.route(st, "networks/n/nodes/a", "networks/n/nodes/b", None,
+                       lambda n: compiler.peers_of(st, n)) == ""
+
+
+def test_reports_merge_on_change_and_a_complete_one_replaces():
+    h = agent_pb2.SyncRequest.Health(complete=True)
+    p = h.peers.add(public_key="kb", endpoint="203.0.113.10:51820")
+    p.latest_handshake_time.FromNanoseconds(NOW)
+    h.peers.add(public_key="kc")
+    h.peers.add(public_key="client")  # not a node peer: ignored
+    rec = relays.merge_report({}, h, {"kb": "b", "kc": "c"})
+    assert rec == {"b": {"handshake_ns": NOW, "endpoint": "203.0.113.10:51820", "unanswered_ns": 0, "configure_ns": 0},
+                   "c": {"handshake_ns": 0, "endpoint": "", "unanswered_ns": 0, "configure_ns": 0}}
+    change = agent_pb2.SyncRequest.Health()
+    change.peers.add(public_key="kc").unanswered_since_time.FromNanoseconds(NOW)
+    after = relays.merge_report(rec, change, {"kb": "b", "kc": "c"})
+    assert after["b"] == rec["b"] and after["c"]["unanswered_ns"] == NOW
+    assert relays.merge_report(after, change, {"kc": "c"}).keys() == {"c"}  # b is no longer a peer
+
+
+# ---------------------------------------------------------------- the API
+
+
+async def test_a_relay_needs_an_endpoint_and_bad_input_changes_nothing(cp):
+    await make_network(cp)
+    before = await state_dump(cp.etcd)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await make_node(cp, node_id="r", relay=True)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.relay" in details(e.value)[0]
+    assert await state_dump(cp.etcd) == before
+    n = await make_node(cp, node_id="r", endpoint="203.0.113.2:51820", relay=True)
+    assert n.relay
+    before = await state_dump(cp.etcd)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+            node=node_pb2.Node(name=n.name, endpoint=""), update_mask=field_mask_pb2.FieldMask(paths=["endpoint"])))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.relay" in details(e.value)[0]
+    assert await state_dump(cp.etcd) == before
+    off = await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name=n.name, relay=False), update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
+    assert not off.relay

@@ -1,0 +1,51 @@
+"""The agent's side of path health (pathwatch.py): what a sample reports."""
+
+from __future__ import annotations
+
+from meshgate.gatewayd.pathwatch import PathWatch
+from meshgate.gatewayd.wireguard import PeerStats
+
+S = 10**9
+
+
+def stats(rx: int, tx: int, hs: int = 0, ep: str = "203.0.113.2:51820") -> PeerStats:
+    return PeerStats(endpoint=ep, last_handshake_sec=hs, last_handshake_nsec=0, rx_bytes=rx, tx_bytes=tx)
+
+
+def test_first_sample_reports_everything_then_only_changes():
+    w = PathWatch(answer_within_s=2, full_every_s=30)
+    got = w.observe({"k": stats(0, 0)}, 1 * S)
+    assert got is not None and got[1] and got[0][0].configure_ns == 1 * S
+    assert w.observe({"k": stats(0, 0)}, 2 * S) is None
+    # counters moving alone are not a change ...
+    assert w.observe({"k": stats(500, 500, hs=1)}, 3 * S) is not None  # ... a handshake is
+    assert w.observe({"k": stats(900, 900, hs=1)}, 4 * S) is None
+    # a new endpoint (the peer roamed, or a NAT changed its mapping) is reported
+    moved = w.observe({"k": stats(900, 900, hs=1, ep="203.0.113.6:40000")}, 5 * S)
+    assert moved is not None and moved[0][0].endpoint == "203.0.113.6:40000"
+    # every full_every_s, a complete report
+    full = w.observe({"k": stats(900, 900, hs=1, ep="203.0.113.6:40000")}, 40 * S)
+    assert full is not None and full[1]
+
+
+def test_unanswered_traffic_is_reported_once_it_lasts_and_cleared_when_answered():
+    w = PathWatch(answer_within_s=2, full_every_s=300)
+    w.observe({"k": stats(100, 100, hs=1)}, 0)
+    assert w.observe({"k": stats(100, 132, hs=1)}, 1 * S) is None  # one keepalive: nothing
+    assert w.observe({"k": stats(100, 400, hs=1)}, 2 * S) is None  # data, not yet for long
+    got = w.observe({"k": stats(100, 800, hs=1)}, 4 * S)
+    assert got is not None and got[0][0].unanswered_since_ns == 2 * S
+    assert w.observe({"k": stats(100, 900, hs=1)}, 5 * S) is None  # still so: no news
+    back = w.observe({"k": stats(200, 1000, hs=1)}, 6 * S)
+    assert back is not None and back[0][0].unanswered_since_ns == 0
+
+
+def test_idle_keepalives_never_count_as_unanswered():
+    w = PathWatch(answer_within_s=2, full_every_s=300)
+    rx = tx = 0
+    w.observe({"k": stats(rx, tx, hs=1)}, 0)
+    for t in range(1, 60):
+        tx += 32  # our keepalive every second ...
+        if t % 2 == 0:
+            rx += 32  # ... theirs every other
+        assert w.observe({"k": stats(rx, tx, hs=1)}, t * S) is None
