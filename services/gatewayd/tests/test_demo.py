@@ -19,6 +19,8 @@ def test_the_demo_runs_every_step_and_cleans_up(lab):  # the fixture: skip or fa
     for expected in (
         "the client tries the service directly: unreachable, as it should be",
         "the service sees the connection coming from 198.51.100.1: OK, the gateway, not the client",
+        "for db.example.test: 203.0.113.100",
+        "the client connects to db.example.test:5432 by name; the database sees 198.51.100.1: OK, the gateway",
         "TCP 5432: connects, as allowed; TCP 8080: refused by the gateway, as it should be",
         "PrivateKey = (secret)",
         "the laptop reaches the service, which sees 198.51.100.1: OK, the gateway",

@@ -11,6 +11,10 @@ egress gateway through the API and shows:
 2. once the gateway is declared, the client reaches it and the service sees the
    gateway's address (NAT), each step confirmed by the network's convergence
    status;
+   then the gateway also declares the name ``db.example.test`` (answered by a
+   dnsmasq in the service's host, at an address outside the range): the client
+   resolves it through the gateway node's overlay DNS server and reaches it by
+   name, NATed;
 3. with the network's default policy DENY and one access policy allowing the
    client to reach the service on TCP 5432, that port connects and another
    port of the same host (8080) is refused, by the gateway's nftables table;
@@ -44,7 +48,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from meshgate.gatewayd.lab import ControlPlaneView, Lab, build_egress, can_run
+from meshgate.gatewayd.lab import PY, ControlPlaneView, Lab, build_egress, can_run
 
 if TYPE_CHECKING:  # imported only when used: meshgate.common.testing imports pytest
     from meshgate.common.etcdproc import EtcdProcess
@@ -55,6 +59,8 @@ OTHER_PORT = 8080  # another service on the same host, which the policy does not
 NETWORK_ID = "egress-demo"
 CIDR = "100.64.10.0/24"
 RANGE = "198.51.100.0/24"
+DB_NAME = "db.example.test"
+DB_ADDR = "203.0.113.100"  # the database by name: outside RANGE, routed only once the name resolves
 
 
 def say(msg: str = "") -> None:
@@ -145,11 +151,13 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     else:
         say("    this control plane has no key service: the agents join with --insecure-no-authority "
             "(development; peers' keys are not verified)")
+    dns = _dns_server(lab, eg)
     for node, node_id, endpoint in ((gw, "gateway", f"{eg.gw_underlay(0)}:51820"), (client, "client", "")):
         out = node.join(cp.agent_target, key.secret, node_id, endpoint=endpoint,
                         insecure_no_authority=not pins).strip().splitlines()[0]
         say(f"    {node.host.name}: {out}")
-        node.start()
+        # the gateway resolves through the service side's DNS server (the demo's "corporate DNS")
+        node.start(extra=("--dns-upstream", f"{eg.ext_addr}:53", "--dns-min-ttl", "1") if node is gw else ())
     _converged(cp, 2)
     eg.ext.whoami_server(eg.ext_addr, PORT)
     seen = client.host.ask(eg.ext_addr, PORT, timeout=2)
@@ -168,6 +176,8 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
         f"{'OK, the gateway, not the client' if nat_ok else 'UNEXPECTED'}")
     peer = client.peers()[gw.public_key]
     say(f"    client tunnel to the gateway: {peer['tx']} bytes sent, {peer['rx']} received")
+    name_ok, gateway = _by_name(cp, eg, gateway)  # (the updated gateway: its etag is current)
+    dns.kill()
 
     step(4, f"an access policy: the network's default becomes DENY, and only the client may reach {RANGE} on TCP {PORT}")
     policy_ok = _policy(cp, eg)
@@ -205,7 +215,7 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
     for n in cp.status().nodes:
         say(f"    {n.node}: connected={n.connected} converged={n.converged} "
             f"applied revision {n.applied_revision} (desired {n.desired_revision})")
-    good = nat_ok and policy_ok and laptop_ok and lan_ok and nat_off_ok and stop_ok
+    good = nat_ok and name_ok and policy_ok and laptop_ok and lan_ok and nat_off_ok and stop_ok
     say("\nresult: " + ("the egress gateway works" if good else "something did not work"))
     if keep_seconds:
         # Something to explore: the network, its two agents and the namespaces stay (until the time is up or
@@ -217,6 +227,50 @@ def _demo(lab: Lab, cp: ControlPlaneView, keep_seconds: float) -> int:
         say(f"keeping everything for {keep_seconds:.0f}s" if keep_seconds < 86400 else "keeping everything until stopped")
         time.sleep(keep_seconds)
     return 0 if good else 1
+
+
+def _dns_server(lab: Lab, eg):
+    """dnsmasq in the service's host, answering DB_NAME with DB_ADDR (which the
+    service's host also holds, and the gateway routes to)."""
+    eg.ext.ip("address", "add", f"{DB_ADDR}/32", "dev", "eth0")
+    eg.gw.host.ip("route", "add", f"{DB_ADDR}/32", "via", eg.ext_addr)
+    return eg.ext.spawn(
+        "/usr/sbin/dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts", f"--listen-address={eg.ext_addr}",
+        "--bind-interfaces", "--port=53", f"--host-record={DB_NAME},{DB_ADDR}", "--local-ttl=1", "--user=root",
+        f"--pid-file={lab.dir / 'dnsmasq.pid'}", "--log-facility=-")
+
+
+def _by_name(cp: ControlPlaneView, eg, gateway):
+    """The gateway also declares DB_NAME; the client resolves it through the
+    gateway node's overlay DNS server and connects by name."""
+    from google.protobuf import field_mask_pb2
+
+    from meshgate.api.v1 import egress_pb2
+
+    say(f"    the API adds the domain {DB_NAME} to the gateway; its agent resolves it and reports the addresses")
+    updated = cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=gateway.name, domains=[DB_NAME]),
+        update_mask=field_mask_pb2.FieldMask(paths=["domains"])))
+    _converged(cp, 2, int(updated.etag))
+    gw_overlay = _address(cp, "gateway")
+    code = ("import dns.message, dns.query\n"
+            f"a = dns.query.udp(dns.message.make_query({DB_NAME!r}, 'A'), {gw_overlay!r}, timeout=3)\n"
+            "print(' '.join(x.to_text() for rr in a.answer for x in rr))\n")
+    r = eg.clients[0].host.run(PY, "-c", code, check=False)
+    addr = r.stdout.strip()
+    say(f"    the client asks the gateway node's DNS server ({gw_overlay}) for {DB_NAME}: {addr or 'no answer'}")
+    eg.ext.whoami_server(DB_ADDR, PORT)
+    deadline = time.monotonic() + 30
+    while eg.clients[0].host.route_dev(DB_ADDR) != eg.clients[0].ifname and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen = eg.clients[0].host.ask(addr or DB_ADDR, PORT) if addr == DB_ADDR else None
+    ok = seen == eg.gw_ext_addr
+    say(f"    the client connects to {DB_NAME}:{PORT} by name; the database sees {seen}: "
+        f"{'OK, the gateway' if ok else 'UNEXPECTED'}")
+    got = cp.egress.GetEgressGateway(egress_pb2.GetEgressGatewayRequest(name=gateway.name))
+    for st in got.domain_status:
+        say(f"    domain_status {st.domain}: {', '.join(st.addresses)} (from {st.node})")
+    return ok, updated
 
 
 def _policy(cp: ControlPlaneView, eg) -> bool:
