@@ -353,7 +353,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                        'current one.',
  'meshgate.api.v1.ExternalClient.disabled': "A disabled client is removed from its gateway's peers but kept.",
  'meshgate.api.v1.ExternalClient.dns_servers': "DNS servers written into the client's configuration (immutable, like\n"
-                                               'allowed_ranges).',
+                                               "allowed_ranges). Empty means the gateway node's overlay addresses: "
+                                               'its\n'
+                                               "gatewayd answers the overlay's names and forwards the rest.",
  'meshgate.api.v1.ExternalClient.gateway_node': 'The node the client connects to, `networks/{network}/nodes/{node}`; '
                                                 'it\n'
                                                 'needs an endpoint.',

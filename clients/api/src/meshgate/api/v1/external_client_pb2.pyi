@@ -109,7 +109,8 @@ class ExternalClient(_message.Message):
     @_builtins.property
     def dns_servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """DNS servers written into the client's configuration (immutable, like
-        allowed_ranges).
+        allowed_ranges). Empty means the gateway node's overlay addresses: its
+        gatewayd answers the overlay's names and forwards the rest.
         """
 
     @_builtins.property
