@@ -27,7 +27,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,27 +177,36 @@ class DnsSource:
         listen = [str(ipaddress.ip_interface(a).ip) for a in state.interface.addresses]
         await self.server.listen_on(listen)
         if self.settings.dns_configure_resolver and state.dns.zone:
-            self._configure_host_resolver(state.interface.name or self.default_interface, state.dns.zone, listen)
+            await self._configure_host_resolver(state.interface.name or self.default_interface, state.dns.zone, listen)
 
     def _send(self) -> None:
         send = getattr(self.source, "send_domains", None)
         if send is not None:
             send(self.resolver.report())
 
-    def _configure_host_resolver(self, ifname: str, zone: str, addrs: list[str]) -> None:
+    async def _configure_host_resolver(self, ifname: str, zone: str, addrs: list[str]) -> None:
         want = (ifname, zone, tuple(addrs))
         if want == self._configured_resolver:
             return
         resolvectl = shutil.which("resolvectl")
-        if resolvectl is None or not os.path.isdir("/run/systemd/resolve"):
+        if resolvectl is None or not os.path.isdir("/run/systemd/resolve"):  # noqa: ASYNC240 - a stat, once
             log.warning("--dns-configure-resolver: systemd-resolved is not running here; to resolve the overlay's "
                         "names, send the zone %s to %s (see docs/gatewayd.md)", zone, ", ".join(addrs))
             self._configured_resolver = want
             return
         for argv in ([resolvectl, "dns", ifname, *addrs], [resolvectl, "domain", ifname, f"~{zone}"]):
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-            if r.returncode != 0:
-                log.warning("%s failed: %s", " ".join(argv), r.stderr.strip()[:200])
+            # (the interface may not exist before the first apply: the next update tries again)
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                log.warning("%s did not finish within 10 s", " ".join(argv))
+                return
+            if proc.returncode != 0:
+                log.warning("%s failed: %s", " ".join(argv), err.decode(errors="replace").strip()[:200])
                 return
         log.info("systemd-resolved sends %s to %s on %s", zone, ", ".join(addrs), ifname)
         self._configured_resolver = want
