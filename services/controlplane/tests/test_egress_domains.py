@@ -141,3 +141,47 @@ def test_a_domain_destination_becomes_the_learned_addresses_in_filter_rules():
     assert compiler.peers_of(st, "networks/n/nodes/c") == ["networks/n/nodes/a"], "c peers with the domain's gateway"
     assert domains.addresses_of("*.wild.test", st.gateways.values(), st.learned, ["100.64.0.0/24"]) == \
         ["203.0.113.5/32"]
+
+
+async def test_a_gateway_agents_report_becomes_routes_elsewhere_and_status(cp):
+    """Over real Sync streams: what the gateway's agent reports is kept only for
+    the names it was sent (overlay addresses dropped and said), the other node
+    gets host routes through it, the gateway shows domain_status; another node
+    cannot report for the gateway; deleting the gateway's domain removes the
+    routes."""
+    from cptest import SimAgent, make_key, wait_until
+
+    await make_network(cp)
+    ek = await make_key(cp)
+    gwa = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
+    b = await (await SimAgent(cp.agents, ek.secret, "b", "192.0.2.2:51820").enroll()).connect()
+    try:
+        gw = await make_gateway(cp, node="a", ranges=[], domains=["db.example.test", "*.wild.test"])
+        await wait_until(lambda: gwa.state is not None and gwa.state.egress
+                         and list(gwa.state.egress[0].domains) == ["*.wild.test", "db.example.test"], "domains sent")
+
+        def report(agent, *entries):
+            return agent._acks.put(agent_pb2.SyncRequest(domains=agent_pb2.SyncRequest.Domains(domains=[
+                egress_pb2.DomainStatus(domain=d, addresses=a) for d, a in entries])))
+
+        await report(b, ("db.example.test", ["203.0.113.66"]))  # b runs no gateway: ignored
+        await report(gwa, ("db.example.test", ["198.51.100.20", "100.64.0.2", "bogus"]), ("x.wild.test", ["203.0.113.5"]),
+                     ("evil.example.org", ["203.0.113.9"]))
+
+        def b_routes():
+            return sorted(r.destination for r in b.state.routes) if b.state is not None else []
+
+        await wait_until(lambda: b_routes() == ["198.51.100.20/32", "203.0.113.5/32"], "routes through the gateway")
+        assert "198.51.100.20/32" in gwa.state.egress[0].ranges
+        got = await cp.egress.GetEgressGateway(egress_pb2.GetEgressGatewayRequest(name=gw.name))
+        by = {s.domain: s for s in got.domain_status}
+        assert set(by) == {"db.example.test", "x.wild.test"}
+        assert list(by["db.example.test"].addresses) == ["198.51.100.20"]
+        assert "100.64.0.2" in by["db.example.test"].error and "bogus" in by["db.example.test"].error
+        await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+            egress_gateway=egress_pb2.EgressGateway(name=gw.name, domains=["*.wild.test"]),
+            update_mask={"paths": ["domains"]}))
+        await wait_until(lambda: b_routes() == ["203.0.113.5/32"], "the removed domain's routes go")
+    finally:
+        await b.close()
+        await gwa.close()
