@@ -40,6 +40,11 @@ def test_configured_long_enough_without_a_handshake_is_never_connected():
     assert d.state == network_pb2.PATH_NEVER_CONNECTED and d.unhealthy
     assert d.since_ns == NOW - 8 * S  # from when both sides had it
     assert d.reason == "no handshake in the 8 s since it was configured"
+    # one side alone says nothing (the other may not have the peer yet), and a
+    # first handshake gets a retry's time (6 s) even under a shorter delay
+    assert paths.direct_state(seen(configure_ns=NOW - 12 * S), None, NOW, delay_s=5) == paths.UNKNOWN
+    both = (seen(configure_ns=NOW - 4 * S), seen(configure_ns=NOW - 4 * S))
+    assert paths.direct_state(*both, NOW, delay_s=2) == paths.UNKNOWN
 
 
 def test_unanswered_traffic_past_the_delay_is_stale_and_answered_is_up():

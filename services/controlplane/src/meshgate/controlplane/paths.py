@@ -10,8 +10,10 @@ replica holding the stream keeps them per node in `pathHealth/{net}/{node}`
 follows.
 
 States. A pair's direct path, from what both sides say (`direct_state`):
-- `PATH_NEVER_CONNECTED`: configured on both sides for longer than the path
-  delay and no handshake yet;
+- `PATH_NEVER_CONNECTED`: configured on both sides (both agents reported it)
+  for longer than the path delay (at least 6 s: a side that learns of the
+  other late waits for WireGuard's next handshake retry, 5 s) and no
+  handshake yet;
 - `PATH_STALE`: traffic unanswered for longer than the delay on either side,
   or (keepalives on) the last handshake older than WireGuard keeps a session;
 - `PATH_UP`: otherwise, once there was a handshake.
@@ -51,6 +53,9 @@ from meshgate.api.v1 import network_pb2
 
 SESSION_S = 180.0
 """WireGuard's REJECT_AFTER_TIME: a session older than this is dead."""
+FIRST_HANDSHAKE_S = 6.0
+"""The least time a pair is given for its first handshake: one side may learn of
+the other up to a retry later (WireGuard's REKEY_TIMEOUT, 5 s) than the other."""
 DEFAULT_DELAY_S = 5.0
 DEFAULT_RECOVER_S = 30.0
 
@@ -122,8 +127,10 @@ def direct_state(a: PeerSeen | None, b: PeerSeen | None, now_ns: int, delay_s: f
         if now_ns - since >= delay_ns:
             return Direct(network_pb2.PATH_STALE, since, f"traffic unanswered for {_secs(now_ns - since)}")
     if not handshake:
+        # Both sides must have it configured (an agent that has not reported
+        # yet may not even have the peer): then no handshake for the delay.
         configured = max(v.configure_ns for v in views)
-        if configured and now_ns - configured >= delay_ns:
+        if len(views) == 2 and configured and now_ns - configured >= max(delay_ns, int(FIRST_HANDSHAKE_S * 1e9)):
             return Direct(network_pb2.PATH_NEVER_CONNECTED, configured,
                           f"no handshake in the {_secs(now_ns - configured)} since it was configured")
         return UNKNOWN

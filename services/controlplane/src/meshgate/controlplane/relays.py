@@ -238,10 +238,13 @@ class Relays:
                      f"through relay {relay}" if relay else "direct", f" ({reason})" if reason else "")
 
     async def _learn(self, net_id: str, st: compiler.NetworkState, recs: dict) -> None:
-        """Learned endpoints: for each node without its own, where a node with
-        one last heard it from while their session is live."""
+        """Learned endpoints: for each node without its own, where the nodes
+        with one hear it from while their sessions are live. When two of them
+        hear it from different places its NAT maps per destination: that
+        mapping is no use to anyone else, so nothing is learned (and what was
+        learned before is dropped)."""
         now_ns = time.time_ns()
-        want: dict[str, tuple[int, str]] = {}
+        heard: dict[str, set[str]] = {}
         for node, peers in recs.items():
             me = st.nodes.get(node)
             if me is None or not me.endpoint:
@@ -253,16 +256,23 @@ class Relays:
                 if (p is None or p.endpoint or not rec.get("endpoint") or not hs
                         or now_ns - hs > paths.SESSION_S * 1e9 or rec.get("unanswered_ns")):
                     continue
-                if hs > want.get(peer, (0, ""))[0]:
-                    want[peer] = (hs, rec["endpoint"])
-        for peer, (_, ep) in want.items():
-            if st.learned_endpoints.get(peer) == ep:
+                heard.setdefault(peer, set()).add(rec["endpoint"])
+        for peer in set(heard) | set(st.learned_endpoints):
+            if peer not in st.nodes:
+                continue
+            seen = heard.get(peer)
+            if seen is None:
+                continue  # nobody hears it now: keep what was learned (its NAT may keep the mapping)
+            want = next(iter(seen)) if len(seen) == 1 else ""
+            if st.learned_endpoints.get(peer, "") == want:
                 continue
             key = self.etcd.key("learnedEndpoints", net_id, peer.rsplit("/", 1)[1])
             rev = self.cache.learned_revisions.get(net_id, {}).get(peer, 0)
-            ok, _, _ = await self.etcd.txn([self.t.mod(key) == rev], [self.t.put(key, ep.encode())])
+            op = self.t.put(key, want.encode()) if want else self.t.delete(key)
+            ok, _, _ = await self.etcd.txn([self.t.mod(key) == rev], [op])
             if ok:
-                log.info("learned the endpoint of %s from its peers' reports", peer)
+                log.info("%s the endpoint of %s from its peers' reports", "learned" if want else
+                         "dropped (its NAT maps per destination)", peer)
 
     # status --------------------------------------------------------------
 
