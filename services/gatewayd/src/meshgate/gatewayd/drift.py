@@ -407,6 +407,8 @@ class DriftWatcher:
                 continue
             with self._lock:
                 self._status["checks"] += 1
+            if changes is None:
+                continue  # nothing applied (the agent retries a failed pass): no verdict either way
             if not changes:
                 self._maybe_end_fight(held, awaiting)
                 continue
@@ -419,8 +421,10 @@ class DriftWatcher:
             self._start_fight(changes)
 
     def _record_repair(self, changes: list[str]) -> None:
-        log.warning("drift in what gatewayd owns: %s; repairing",
-                    "; ".join(changes[:10]) + (" …" if len(changes) > 10 else ""))
+        # during a fight, said once when it starts (and counted in the status)
+        log.log(logging.DEBUG if self._status["fighting"] else logging.WARNING,
+                "drift in what gatewayd owns: %s; repairing",
+                "; ".join(changes[:10]) + (" …" if len(changes) > 10 else ""))
         with self._lock:
             self._status["repairs"] += 1
             self._status["last_drift"] = changes[:MAX_CHANGES]
@@ -446,7 +450,8 @@ class DriftWatcher:
             if ended:
                 self._status["fighting"] = False
         if ended:
-            log.info("no more drift: the fight is over")
+            log.info("no drift for %.0fs: the fight is over (%d repairs so far)",
+                     self.settings.drift_burst * self.settings.drift_refill, self._status["repairs"])
             self.on_status(True)
 
     # -- sources
