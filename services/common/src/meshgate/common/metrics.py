@@ -164,8 +164,8 @@ def configure(service_name: str, listen: str = "", environ: Mapping[str, str] | 
 
     views = [
         buckets("rpc.server.duration", SECONDS_BUCKETS),
-        buckets("meshgate.*.messages_per_change", COUNT_BUCKETS),
-        buckets("meshgate.*.bytes_per_change", BYTES_BUCKETS),
+        buckets("meshgate.*.change.messages", COUNT_BUCKETS),
+        buckets("meshgate.*.change.bytes", BYTES_BUCKETS),
         buckets("meshgate.*.duration", SECONDS_BUCKETS),
         buckets("meshgate.*.lag", SECONDS_BUCKETS),
     ]
@@ -303,10 +303,10 @@ class _ControlPlane:
         self.bytes = m.create_counter(
             "meshgate.controlplane.sync.bytes", unit="By", description="Bytes of desired-state messages, by kind")
         self.per_change = m.create_histogram(
-            "meshgate.controlplane.sync.messages_per_change", unit="{message}",
+            "meshgate.controlplane.sync.change.messages", unit="{message}",
             description="Messages one change caused (the nodes it affected, with a stream here)")
         self.bytes_change = m.create_histogram(
-            "meshgate.controlplane.sync.bytes_per_change", unit="By", description="Bytes one change caused")
+            "meshgate.controlplane.sync.change.bytes", unit="By", description="Bytes one change caused")
         self.resyncs = m.create_counter(
             "meshgate.controlplane.sync.resyncs", unit="{resync}",
             description="Snapshots sent instead of deltas: slow_agent (its queue overflowed), agent_request")
