@@ -138,6 +138,18 @@ async def test_a_flapping_path_moves_the_range_a_few_times_not_at_every_change(h
     await wait_until(lambda: via(client) == primary.public_key, "back on the primary once stable", timeout=30)
 
 
+async def test_an_agent_that_stops_reporting_is_disconnected_and_failed_over(health_cp):
+    """A gateway's agent reports every second; one silent for 2.5 s (its
+    transport still open: here the simulated agent just stops sending) has its
+    stream ended, and after the failover delay its range moves."""
+    cp = await health_cp()
+    agents = await ha(cp)
+    await report(agents["primary"], PRIMARY, True)
+    await wait_until(lambda: via(agents["client"]) == agents["standby"].public_key,
+                     "the silent primary's range moves to the standby", timeout=30)
+    assert cp.app.egress_health.streams_ended == 1
+
+
 async def test_a_report_about_another_nodes_gateway_is_ignored(health_cp):
     cp = await health_cp()
     agents = await ha(cp)

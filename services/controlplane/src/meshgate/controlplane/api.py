@@ -320,6 +320,7 @@ class ControlPlane:
         self.relays = Relays(etcd, self.cache, self.fanout.status, path_delay, path_recover_after)
         self.fanout.paths = self.relays
         self.fanout.health = self.egress_health
+        self.egress_health.close_stream = self._end_stream
         self.agent_service = AgentService(self.enrollment, self.fanout, self.cache)
         bind = self._bind
         self.bindings = [
@@ -335,6 +336,16 @@ class ControlPlane:
             bind(agent_pb2, agent_pb2_grpc, "AgentService", self.agent_service),
             events.binding(etcd, self.guard.protect),
         ]
+
+    def _end_stream(self, node: str, why: str) -> None:
+        """End `node`'s stream on this replica (its agent reconnects if it can)."""
+        import grpc
+
+        from meshgate.common.errors import ApiError
+
+        session = self.fanout.sessions.get(node)
+        if session is not None:
+            session.close(ApiError(grpc.StatusCode.UNAVAILABLE, f"{why}; reconnect", "AGENT_SILENT"))
 
     def serve_agent_certificates(self, endpoint: str, ca_pem: bytes, bearer_tokens: bool = False) -> None:
         """Agents enroll with a CSR and get a certificate, and stream with it at

@@ -18,6 +18,15 @@ An agent may only report the gateways of its own node. A stream that goes
 cancels the pending failbacks of its node (the mark stays: the agent's next
 stream reports again, and a vanished agent is liveness.py's business).
 
+The reports are also the agent's heartbeat: a gateway node's agent reports
+every second, and a stream that has carried reports but then none for
+`STALE_S` (2.5 s) is ended by this replica (`close_stream`), which starts
+liveness.py's failover delay. HTTP/2 keepalive should notice a dead peer
+first; this does not depend on it (a relay or proxy on the way may answer
+the transport while the agent is gone). A control plane whose event loop
+stalled (the watchdog's own tick came late) restarts every clock instead of
+ending streams it simply did not read.
+
 The marks are etcd writes, like liveness marks: every replica compiles the
 same states from them, and agents ack revisions as usual. The network status
 shows each gateway's health and use (`fill_status`): a drain is complete when
@@ -47,6 +56,8 @@ DEFAULT_FAILBACK_S = 10.0
 MAX_FAILBACK_S = 300.0
 FLAP_WINDOW_S = 600.0
 RETRY_S = 1.0  # after a failed write
+STALE_S = 2.5  # a reporting agent silent this long is gone
+TICK_S = 0.5
 
 
 class Damper:
@@ -101,11 +112,18 @@ class EgressHealth:
         self._tasks: set[asyncio.Task] = set()
         self.marks_written = 0
         self.marks_cleared = 0
+        self.streams_ended = 0
+        self.close_stream: Callable[[str, str], None] | None = None
+        """Ends `node`'s stream on this replica, with a message (set by the ControlPlane)."""
+        self.stale_s = STALE_S
+        self._last_seen: dict[str, float] = {}  # node -> when its agent last reported (monotonic)
+        self._watchdog: asyncio.Task | None = None
         self._stopped = True
 
     def start(self) -> None:
         self._stopped = False
         self.cache.listeners.append(self.on_change)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="egress-health-watchdog")
 
     async def stop(self) -> None:
         self._stopped = True
@@ -114,6 +132,9 @@ class EgressHealth:
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -126,6 +147,7 @@ class EgressHealth:
         st = self.cache.networks.get(net_id)
         if st is None or self._stopped:
             return
+        self._last_seen[node] = time.monotonic()
         for g in msg.gateways:
             gw = st.gateways.get(g.gateway)
             if gw is None or gw.node != node:
@@ -140,9 +162,27 @@ class EgressHealth:
 
     def stream_closed(self, node: str) -> None:
         """`node`'s stream on this replica ended: forget its reports, keep its marks."""
+        self._last_seen.pop(node, None)
         for gw in [g for g, (n, _, _) in self._reports.items() if n == node]:
             del self._reports[gw]
             self._cancel(gw)
+
+    async def _watch(self) -> None:
+        last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            if now - last_tick > TICK_S + 1.0:
+                # This loop stalled: the agents' reports may be waiting unread.
+                for node in self._last_seen:
+                    self._last_seen[node] = now
+            last_tick = now
+            for node, seen in list(self._last_seen.items()):
+                if now - seen > self.stale_s and self.close_stream is not None:
+                    del self._last_seen[node]
+                    self.streams_ended += 1
+                    log.warning("no egress health report from %s for %.1fs: ending its stream", node, now - seen)
+                    self.close_stream(node, f"no egress health report for {now - seen:.1f}s")
 
     async def on_change(self, change: Change) -> None:
         if not self._stopped:

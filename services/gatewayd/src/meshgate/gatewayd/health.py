@@ -20,8 +20,11 @@ netlink (pyroute2):
 
 A change of any gateway's health is sent at once
 (`SyncRequest.EgressHealth`, through `send`), and the whole report again
-every `REPORT_EVERY_S` and after every reconnection (stream.py), so the
-control plane's view (egresshealth.py there) heals on its own. The monitor
+every `REPORT_EVERY_S` (1 s) and after every reconnection (stream.py), so the
+control plane's view (egresshealth.py there) heals on its own; the periodic
+report is also the agent's heartbeat: the control plane ends a gateway's
+stream that stops carrying them, even when something on the way keeps the
+transport alive. The monitor
 decides nothing: it reports, and the control plane moves ranges, with
 hysteresis.
 
@@ -48,7 +51,7 @@ from meshgate.api.v1 import egress_pb2
 log = logging.getLogger(__name__)
 
 LINK_CHECK_S = 0.5
-REPORT_EVERY_S = 5.0
+REPORT_EVERY_S = 1.0
 MAX_RANGES_CHECKED = 16
 MAIN_TABLE = 254
 RTN_UNICAST = 1
