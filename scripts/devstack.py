@@ -7,7 +7,9 @@ Running it again reuses the same etcd data, so the example network is found,
 not created twice. Once the demonstration has shown every step, its network,
 agents and namespaces stay until Ctrl-C (with `--once` they are removed), and
 the last thing printed is how to call the `meshgate` CLI (the context it
-saved, how to put the CLI on the PATH) with commands to explore them.
+saved, how to put the CLI on the PATH) with commands to explore them. Both
+services serve Prometheus metrics on loopback; it prints where
+(docs/operations.md lists them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +160,12 @@ def main() -> int:
     p.add_argument("--etcd-port", type=int, default=23790, help="etcd client port on 127.0.0.1 (0: a free one)")
     p.add_argument("--controlplane-port", type=int, default=7400, help="control plane port (0: a free one)")
     p.add_argument("--keyservice-port", type=int, default=7401, help="key service port (0: a free one)")
+    p.add_argument("--controlplane-metrics-port", type=int, default=9400,
+                   help="port of the control plane's Prometheus metrics on 127.0.0.1 (0, or a free control plane "
+                        "port: a free one)")
+    p.add_argument("--keyservice-metrics-port", type=int, default=9401,
+                   help="port of the key service's Prometheus metrics on 127.0.0.1 (0, or a free key service "
+                        "port: a free one)")
     p.add_argument("--no-demo", action="store_true", help="do not run the egress demonstration")
     p.add_argument("--once", action="store_true", help="stop everything after the demonstration instead of waiting")
     args = p.parse_args()
@@ -190,7 +199,9 @@ def main() -> int:
         # Its certificates (mTLS: the key service identifies its callers by
         # them), made once by the offline command into state/pki.
         pki = keyservice_pki(str(state / "pki"), etcd.endpoint, "/meshgate", str(kek))
-        ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args],
+        ks_metrics = args.keyservice_metrics_port if args.keyservice_port else 0
+        ks = ServiceProcess("meshgate-keyservice", common + ["--kek-file", str(kek), *pki.server_args,
+                                                             "--metrics-listen", f"127.0.0.1:{ks_metrics}"],
                             credentials=pki.credentials(),
                             listen=f"127.0.0.1:{args.keyservice_port}",
                             log_path=str(state / "logs" / "meshgate-keyservice.log"))
@@ -202,11 +213,16 @@ def main() -> int:
                                 # agents stream with certificates on this socket (mTLS)
                                 *pki.agent_args(f"unix:{state / 'agents.sock'}"),
                                 "--bootstrap-token-file", str(token_file),
-                                "--bootstrap-token-ttl", str(365 * 86400)],
+                                "--bootstrap-token-ttl", str(365 * 86400),
+                                "--metrics-listen",
+                                f"127.0.0.1:{args.controlplane_metrics_port if args.controlplane_port else 0}"],
                             listen=f"127.0.0.1:{args.controlplane_port},{agent_socket}",
                             log_path=str(state / "logs" / "meshgate-controlplane.log"))
         procs.append(cp.start())
         say(f"started meshgate-controlplane on {cp.target} (pid {cp.proc.pid}, log {cp.log_path})")
+        for sp in (ks, cp):  # the URL each logged (a free port when asked for 0)
+            m = re.search(r"metrics served at (http://[^\s\"]+/metrics)", sp.log(tail=0))
+            say(f"{sp.entry_point} serves Prometheus metrics at {m.group(1) if m else '(not found in its log)'}")
         if not token_file.exists():
             say(f"the API needs a token, and {token_file} (the bootstrap admin token of the first start) is gone: "
                 "run `make clean-state` to start over")

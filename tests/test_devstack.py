@@ -5,6 +5,7 @@ what it says works."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,8 @@ def test_devstack_twice_on_same_state(tmp_path):
     config = tmp_path / "meshgate-config.yaml"
     first = _run(tmp_path / "state", config)
     assert "example network networks/demo: 100.64.0.0/24" in first
+    for svc in ("meshgate-keyservice", "meshgate-controlplane"):  # where each serves its metrics
+        assert re.search(rf"{svc} serves Prometheus metrics at http://127\.0\.0\.1:\d+/metrics", first), first
     second = _run(tmp_path / "state", config)
     assert "example network networks/demo: 100.64.0.0/24" in second
     for pid in _pids(first) + _pids(second):
