@@ -297,21 +297,25 @@ class _ControlPlane:
             "meshgate.controlplane.convergence.duration", unit="s",
             description="From a change reaching this replica's fan-out to each affected agent's acknowledgement "
                         "that it applied it")
-        self.messages = m.create_counter(
-            "meshgate.controlplane.sync.messages", unit="{message}",
+        # Per-message counts are plain integers here, read at collection
+        # (observable counters): the fan-out pays an addition, not an SDK call.
+        self._counts: dict[tuple[str, str], int] = {}
+        m.create_observable_counter(
+            "meshgate.controlplane.sync.messages", callbacks=[self._observer("messages", "kind")], unit="{message}",
             description="Desired-state messages queued to agents, by kind (snapshot, delta)")
-        self.bytes = m.create_counter(
-            "meshgate.controlplane.sync.bytes", unit="By", description="Bytes of desired-state messages, by kind")
+        m.create_observable_counter(
+            "meshgate.controlplane.sync.bytes", callbacks=[self._observer("bytes", "kind")], unit="By",
+            description="Bytes of desired-state messages, by kind")
         self.per_change = m.create_histogram(
             "meshgate.controlplane.sync.change.messages", unit="{message}",
             description="Messages one change caused (the nodes it affected, with a stream here)")
         self.bytes_change = m.create_histogram(
             "meshgate.controlplane.sync.change.bytes", unit="By", description="Bytes one change caused")
-        self.resyncs = m.create_counter(
-            "meshgate.controlplane.sync.resyncs", unit="{resync}",
+        m.create_observable_counter(
+            "meshgate.controlplane.sync.resyncs", callbacks=[self._observer("resyncs", "reason")], unit="{resync}",
             description="Snapshots sent instead of deltas: slow_agent (its queue overflowed), agent_request")
-        self.acks = m.create_counter(
-            "meshgate.controlplane.sync.acks", unit="{ack}",
+        m.create_observable_counter(
+            "meshgate.controlplane.sync.acks", callbacks=[self._observer("acks", "result")], unit="{ack}",
             description="Acknowledgements from agents, by result (applied, failed)")
         self.failovers = m.create_counter(
             "meshgate.controlplane.gateway.failovers", unit="{failover}",
@@ -349,21 +353,30 @@ class _ControlPlane:
         self.bytes_change.record(self._change_bytes)
         self._change_bytes = 0
 
+    def _count(self, what: str, label: str, n: int = 1) -> None:
+        key = (what, label)
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    def _observer(self, what: str, attribute: str) -> Callable[[CallbackOptions], list[Observation]]:
+        def observe(options: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {attribute: label}) for (w, label), n in _snapshot(self._counts) if w == what]
+        return observe
+
     def pushed(self, msg: Any, overflow: bool) -> None:
         kind = "snapshot" if overflow else msg.WhichOneof("message")
         size = msg.ByteSize()
         self._change_bytes += size
-        self.messages.add(1, {"kind": kind})
-        self.bytes.add(size, {"kind": kind})
+        self._count("messages", kind)
+        self._count("bytes", kind, size)
         if overflow:
-            self.resyncs.add(1, {"reason": "slow_agent"})
+            self._count("resyncs", "slow_agent")
 
     def resync_requested(self) -> None:
-        self.resyncs.add(1, {"reason": "agent_request"})
+        self._count("resyncs", "agent_request")
 
     def acked(self, revision: int, ok: bool, first: bool) -> None:
         """An ack of `revision`; `first`: the first OK of it from this node (the lag counts once)."""
-        self.acks.add(1, {"result": "applied" if ok else "failed"})
+        self._count("acks", "applied" if ok else "failed")
         if ok and first:
             t = self._seen.get(revision)
             if t is not None:
@@ -398,7 +411,7 @@ class _ControlPlane:
     def _desired(self, options: CallbackOptions) -> list[Observation]:
         out: dict[str, int] = {}
         for f in list(self._fanouts):
-            for net, st in list(f.cache.networks.items()):
+            for net, st in _snapshot(f.cache.networks):
                 out[net] = max(out.get(net, 0), len(st.nodes))  # every replica sees every node
         return [Observation(n, {"network": net}) for net, n in sorted(out.items())]
 
@@ -413,6 +426,16 @@ class _ControlPlane:
                     nets[net] = nets.get(net, 0) + 1
             return nets.items()
         return self._per_network(count)
+
+
+def _snapshot(d: dict) -> list[tuple[Any, Any]]:
+    """The items of a dict the event loop may be changing (callbacks run in the exporter's thread)."""
+    for _ in range(5):
+        try:
+            return list(d.items())
+        except RuntimeError:  # changed size during the copy
+            continue
+    return []
 
 
 controlplane = _ControlPlane()
