@@ -55,7 +55,10 @@ def test_primary_dies_range_moves_to_standby_and_back(lab: Lab, etcd_server, etc
     proc = ServiceProcess(
         "meshgate-controlplane",
         ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix,
-         "--gateway-failover-after", str(DELAY_S)],
+         "--gateway-failover-after", str(DELAY_S),
+         # no startup grace (the agents join after the start) and a short failback hold:
+         # this test looks at the delay (test_system_failover_health.py at the rest)
+         "--gateway-startup-grace", "0", "--gateway-failback-after", "1"],
         listen=f"127.0.0.1:0,unix:{socket}",
     ).start()
     view = ControlPlaneView(proc.target, f"unix:{socket}", token=proc.admin_token)

@@ -208,8 +208,7 @@ class EgressHealth:
             elif marked and gw_name not in self._timers:
                 hold = self.damper.hold(gw_name)
                 log.info("%s is healthy again; it takes its ranges back after %.0fs of health", gw_name, hold)
-                self._timers[gw_name] = asyncio.get_running_loop().call_later(
-                    hold, lambda g=gw_name: self._failback(g))
+                self._timers[gw_name] = asyncio.get_running_loop().call_later(hold, self._failback, gw_name)
             elif not marked:
                 self._cancel(gw_name)
 

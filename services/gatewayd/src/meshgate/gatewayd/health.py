@@ -44,6 +44,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.api.v1 import egress_pb2
@@ -73,8 +74,8 @@ class GatewayHealth:
 class Links:
     """Links by index and name, and the main table's usable routes."""
 
-    by_index: dict[int, dict] = field(default_factory=dict)
-    by_name: dict[str, dict] = field(default_factory=dict)
+    by_index: dict[int, Any] = field(default_factory=dict)  # pyroute2's link messages
+    by_name: dict[str, Any] = field(default_factory=dict)
     routes: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int, list[int]]] = field(default_factory=list)
     """(destination, metric, output interfaces) of the main table's unicast routes."""
 
