@@ -275,10 +275,62 @@ class PeerIndex:
 
 
 def peers_of(state: NetworkState, name: str, index: PeerIndex | None = None) -> list[str]:
-    """Names of the nodes `name` peers with, sorted (see `PeerIndex`)."""
+    """Names of the nodes `name` peers with, sorted (see `PeerIndex`).
+    Without an index, worked out for this one node (`node_peers`)."""
     if name not in state.nodes:
         return []
-    return (index or PeerIndex(state)).peers_of(name)
+    return index.peers_of(name) if index is not None else node_peers(state, name)
+
+
+def node_peers(state: NetworkState, name: str) -> list[str]:
+    """`PeerIndex(state).peers_of(name)` without building the index: the
+    policies `name` matches on one side give the selectors of the other, and
+    one pass over the nodes finds those they match. The state cache asks this
+    for every node that changes (every join), where building an index over the
+    whole network cost most of a join at 10,000 nodes (issue 18)."""
+    node = state.nodes.get(name)
+    if node is None or not node.public_key:
+        return []
+    if state.network.default_policy != network_pb2.DENY:
+        return sorted(n for n, x in state.nodes.items() if x.public_key and n != name)
+    wanted: set[str] = set()
+    for p in state.policies.values():
+        if p.disabled or p.action == policy_pb2.DROP:  # unspecified is ACCEPT
+            continue
+        if any(_matches(s, node, state) for s in p.sources):
+            wanted.update(p.destinations)
+        if any(_matches(s, node, state) for s in p.destinations):
+            wanted.update(p.sources)
+    if not wanted:
+        return []
+    if "*" in wanted:
+        return sorted(n for n, x in state.nodes.items() if x.public_key and n != name)
+    tags, ids, named = set(), set(), set()
+    for sel in wanted:
+        kind, _, value = sel.partition(":")
+        if kind == "tag":
+            tags.add(value)
+        elif kind == "node":
+            ids.add(value)
+        else:  # egress:, client:, domain: name a few nodes: resolve them once
+            named |= {n for n in _named_nodes(state, kind, value) if n in state.nodes}
+    out = {n for n, x in state.nodes.items()
+           if x.public_key and (n in named or _id(n) in ids or (tags and not tags.isdisjoint(x.tags)))}
+    out.discard(name)
+    return sorted(out)
+
+
+def _named_nodes(state: NetworkState, kind: str, value: str) -> set[str]:
+    """The nodes an `egress:`, `client:` or `domain:` selector matches (as `_matches`)."""
+    if kind == "egress":
+        gw = state.gateways.get(f"{state.network.name}/egressGateways/{value}")
+        return ha_nodes(state, gw) if gw is not None else set()
+    if kind == "client":
+        c = state.external_clients.get(f"{state.network.name}/externalClients/{value}")
+        return {c.gateway_node} if c is not None and not c.disabled and c.public_key else set()
+    if kind == "domain":
+        return domain_nodes(state, value)
+    return set()
 
 
 def overlay_ranges(state: NetworkState) -> list[str]:
