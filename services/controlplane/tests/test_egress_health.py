@@ -23,6 +23,7 @@ from cptest import (
     make_gateway,
     make_key,
     make_network,
+    make_node,
     mint_token,
     state_dump,
     wait_until,
@@ -120,6 +121,20 @@ async def test_an_unhealthy_gateway_yields_its_range_and_takes_it_back_after_the
     await wait_until(lambda: via(client) == primary.public_key, "client back on the primary")
     assert cp.app.egress_health.marks_written == 1 and cp.app.egress_health.marks_cleared == 1
     assert (await gateway_status(cp)).healthy
+
+
+async def test_deleting_a_gateway_deletes_its_health_mark(health_cp):
+    cp = await health_cp(failback=30)
+    agents = await ha(cp)
+    await report(agents["primary"], PRIMARY, False, "no carrier")
+    key = cp.etcd.key("egressHealth", "prod", "gw-primary")
+    await wait_until(lambda: _exists(cp, key), "marked")
+    await cp.egress.DeleteEgressGateway(egress_pb2.DeleteEgressGatewayRequest(name=PRIMARY))
+    assert await cp.etcd.get(key) is None
+
+
+async def _exists(cp, key):
+    return await cp.etcd.get(key) is not None
 
 
 async def test_a_flapping_path_moves_the_range_a_few_times_not_at_every_change(health_cp):
@@ -230,9 +245,7 @@ def probe(**kw):
 async def test_bad_probes_are_refused_and_change_nothing(health_cp, bad, field):
     cp = await health_cp()
     await make_network(cp)
-    ek = await make_key(cp)
-    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
-    cp.sim.append(a)
+    await make_node(cp, node_id="a")  # no agent: nothing writes meanwhile
     gw = await make_gateway(cp, gw_id="gw", node="a", ranges=(RANGE,))
     before = await state_dump(cp.etcd)
     for call in (

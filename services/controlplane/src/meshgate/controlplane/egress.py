@@ -286,7 +286,10 @@ class EgressGateways(Resources[egress_pb2.EgressGateway]):
                 return None
             await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision],
-                [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+                # ... and its health mark (egresshealth.py), so a gateway made anew under
+                # the name starts healthy
+                [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "egress"), b""),
+                 self.t.delete(self.etcd.key("egressHealth", net_id, req.name.rsplit("/", 1)[1]))],
                 etag=req.etag, kv=kv, name=req.name,
             )
             return None
