@@ -359,8 +359,10 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
         node = state.nodes.get(gw.node)
         return node is not None and bool(node.public_key)
 
-    ranked = sorted((g for g in state.gateways.values() if usable(g)),
-                    key=lambda g: (not healthy(state, g), drained(state, g), -g.priority, g.name))
+    def rank(g):  # also the ranking of domains (domains.routed_addresses)
+        return (not healthy(state, g), drained(state, g), -g.priority, g.name)
+
+    ranked = sorted((g for g in state.gateways.values() if usable(g)), key=rank)
     by_range: dict[str, egress_pb2.EgressGateway] = {}
     internet = None
     for gw in ranked:
@@ -369,7 +371,7 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
         if gw.internet_gateway and internet is None:
             internet = gw
     if state.learned:
-        for r, gw in domains.routed_addresses(state.gateways.values(), state.down, usable, state.learned,
+        for r, gw in domains.routed_addresses(state.gateways.values(), rank, usable, state.learned,
                                               overlay_ranges(state)).items():
             by_range.setdefault(r, gw)
     return by_range, internet
@@ -382,7 +384,7 @@ def learned_ranges(state: NetworkState, gw: egress_pb2.EgressGateway) -> list[st
         return []
     serving = {g.node for g in state.gateways.values() if set(g.domains) & set(gw.domains)}
     fake = egress_pb2.EgressGateway(name=gw.name, node=gw.node, domains=gw.domains)
-    got = domains.routed_addresses([fake], set(), lambda _: True,
+    got = domains.routed_addresses([fake], lambda g: g.name, lambda _: True,
                                    {n: r for n, r in state.learned.items() if n in serving}, overlay_ranges(state))
     return list(got)
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from meshgate.api.v1 import agent_pb2, egress_pb2
 
@@ -102,12 +103,12 @@ def host_route(addr: str) -> str:
     return f"{ip}/{ip.max_prefixlen}"
 
 
-def active_by_domain(gateways: Iterable[egress_pb2.EgressGateway], down: set[str],
+def active_by_domain(gateways: Iterable[egress_pb2.EgressGateway], rank: Callable[[egress_pb2.EgressGateway], Any],
                      usable) -> dict[str, egress_pb2.EgressGateway]:
-    """The gateway carrying each domain: the same ranking as ranges (nodes that
-    are up first, then priority, then name)."""
-    ranked = sorted((g for g in gateways if g.domains and usable(g)),
-                    key=lambda g: (g.node in down, -g.priority, g.name))
+    """The gateway carrying each domain: the first by `rank`, the compiler's
+    ranking of gateways for ranges (nodes that are up first, then priority,
+    then name), so domains fail over as ranges do."""
+    ranked = sorted((g for g in gateways if g.domains and usable(g)), key=rank)
     out: dict[str, egress_pb2.EgressGateway] = {}
     for gw in ranked:
         for d in gw.domains:
@@ -115,7 +116,8 @@ def active_by_domain(gateways: Iterable[egress_pb2.EgressGateway], down: set[str
     return out
 
 
-def routed_addresses(gateways: Iterable[egress_pb2.EgressGateway], down: set[str], usable,
+def routed_addresses(gateways: Iterable[egress_pb2.EgressGateway], rank: Callable[[egress_pb2.EgressGateway], Any],
+                     usable,
                      learned: Mapping[str, agent_pb2.SyncRequest.Domains],
                      overlay: Sequence[str]) -> dict[str, egress_pb2.EgressGateway]:
     """Host route (`/32`, `/128`) -> the gateway that carries it.
@@ -126,7 +128,7 @@ def routed_addresses(gateways: Iterable[egress_pb2.EgressGateway], down: set[str
     name order; addresses in the overlay are dropped.
     """
     gateways = list(gateways)
-    active = active_by_domain(gateways, down, usable)
+    active = active_by_domain(gateways, rank, usable)
     serving: dict[str, set[str]] = {}  # domain -> nodes of gateways declaring it
     for g in gateways:
         for d in g.domains:
