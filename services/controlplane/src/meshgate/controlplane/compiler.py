@@ -305,19 +305,20 @@ def node_peers(state: NetworkState, name: str) -> list[str]:
         return []
     if "*" in wanted:
         return sorted(n for n, x in state.nodes.items() if x.public_key and n != name)
-    tags, ids, named = set(), set(), set()
+    tags: set[str] = set()
+    out: set[str] = set()
     for sel in wanted:
         kind, _, value = sel.partition(":")
         if kind == "tag":
             tags.add(value)
         elif kind == "node":
-            ids.add(value)
-        else:  # egress:, client:, domain: name a few nodes: resolve them once
-            named |= {n for n in _named_nodes(state, kind, value) if n in state.nodes}
-    out = {n for n, x in state.nodes.items()
-           if x.public_key and (n in named or _id(n) in ids or (tags and not tags.isdisjoint(x.tags)))}
+            out.add(f"{state.network.name}/nodes/{value}")
+        else:  # egress:, client:, domain: name a few nodes
+            out |= _named_nodes(state, kind, value)
+    if tags:  # the one pass over the nodes
+        out |= {n for n, x in state.nodes.items() if not tags.isdisjoint(x.tags)}
     out.discard(name)
-    return sorted(out)
+    return sorted(n for n in out if n in state.nodes and state.nodes[n].public_key)
 
 
 def _named_nodes(state: NetworkState, kind: str, value: str) -> set[str]:
