@@ -499,7 +499,7 @@ def test_compose_gatewayd_profile_host_network_and_join_once(compose, tmp_path, 
     g = compose["services"]["gatewayd"]
     assert g["profiles"] == ["gatewayd"]
     assert g["network_mode"] == "host" and "networks" not in g and "ports" not in g
-    assert g["cap_add"] == ["NET_ADMIN"] and g["cap_drop"] == ["ALL"]
+    assert g["cap_add"] == ["NET_ADMIN", "NET_BIND_SERVICE"] and g["cap_drop"] == ["ALL"]
     assert g["devices"] == ["/dev/net/tun:/dev/net/tun"]
     assert g["user"] == "0:0"
     assert "gatewayd-state:/var/lib/meshgate/gatewayd" in g["volumes"]
@@ -708,7 +708,7 @@ def test_gatewayd_daemonset(rendered, tmp_path, monkeypatch):
     [c] = pod["containers"]
     csc = c["securityContext"]
     assert csc["runAsUser"] == 0 and csc.get("privileged") is False
-    assert csc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert csc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]}
     tun = mounted(pod, c, "/dev/net/tun")
     assert tun["hostPath"] == {"path": "/dev/net/tun", "type": "CharDevice"}
     env = container_env(c, rendered)
