@@ -185,3 +185,25 @@ def test_overlay_server_answers_names_forwards_the_rest_and_learns_wildcards(ups
             await srv.close()
 
     asyncio.run(main())
+
+
+def test_dns_settings_from_flags_and_env_and_bad_values_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from meshgate.gatewayd.dnsagent import DnsSettings
+
+    s = DnsSettings.load({"dns_upstream": ["192.0.2.53:5353"], "dns": False},
+                         env={"MESHGATE_GATEWAYD_DNS_MIN_TTL": "2", "MESHGATE_GATEWAYD_DNS_GRACE": "10"})
+    assert (s.dns, s.dns_min_ttl, s.dns_grace, s.nameservers()) == (False, 2.0, 10.0, [("192.0.2.53", 5353)])
+    assert s.origins["dns_upstream"] == "flag" and s.origins["dns_min_ttl"] == "env"
+    assert s.origins["dns_max_ttl"] == "default"
+    for flags in ({"dns_min_ttl": 10, "dns_max_ttl": 5}, {"dns_grace": -1}, {"dns_upstream": ["192.0.2.1:notaport"]}):
+        with pytest.raises(ValueError):
+            DnsSettings.load(flags, env={})
+    # `gatewayd run` refuses them as bad flags (exit 2), before touching anything
+    (tmp_path / "desired.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "meshgate.gatewayd", "run", "--state-dir", str(tmp_path / "st"),
+                        "--file", str(tmp_path / "desired.json"), "--dns-min-ttl", "10", "--dns-max-ttl", "5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "dns_min_ttl" in r.stderr, r.stderr

@@ -189,11 +189,8 @@ def _dns_source(args: argparse.Namespace, settings: Settings, source, rec):
     """`source` wrapped by dnsagent.DnsSource (egress domains, the overlay DNS server)."""
     from meshgate.gatewayd.dnsagent import DnsSettings, DnsSource
 
-    try:
-        dns = DnsSettings.load({k: getattr(args, k, None) for k in (
-            "dns", "dns_port", "dns_upstream", "dns_min_ttl", "dns_max_ttl", "dns_grace", "dns_configure_resolver")})
-    except ValueError as e:
-        raise EnvironmentProblem(f"DNS settings: {e}") from None
+    dns = DnsSettings.load({k: getattr(args, k, None) for k in (  # ValueError: bad flags or env
+        "dns", "dns_port", "dns_upstream", "dns_min_ttl", "dns_max_ttl", "dns_grace", "dns_configure_resolver")})
     identity_node = getattr(getattr(source, "identity", None), "node", "")
     return DnsSource(source, dns, node=identity_node, interface=settings.default_interface,
                      initial=rec.store.load_desired())
@@ -472,7 +469,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"gatewayd: {e}", file=sys.stderr)
             return EXIT_INVALID
         if source is not None:
-            source = _dns_source(args, settings, source, rec)
+            try:
+                source = _dns_source(args, settings, source, rec)
+            except ValueError as e:
+                print(f"gatewayd: DNS settings: {e}", file=sys.stderr)
+                return EXIT_INVALID
         provider = telemetry.configure("meshgate-gatewayd")
         meters = metrics.configure("meshgate-gatewayd", args.metrics_listen)
         metrics.gatewayd.per_peer, metrics.gatewayd.peer_cap = args.metrics_per_peer, max(0, args.metrics_peer_cap)
