@@ -2,7 +2,7 @@
 
 The key service, the control plane (with the key service, agents on mTLS) and
 two gatewayd agents in network namespaces serve `--metrics-listen`; a
-Prometheus started here scrapes all four every second. Through its HTTP API
+Prometheus started here scrapes all four twice a second. Through its HTTP API
 the test finds the convergence histogram counting a change made with the SDK
 (one acknowledgement per affected node), and an agent's failure counted after
 it is given a bad desired state. `promtool check metrics` passes on what every
@@ -138,7 +138,7 @@ class Prometheus:
     def __init__(self, workdir: Path, jobs: dict[str, list[tuple[str, dict[str, str]]]]) -> None:
         self.dir = workdir
         self.port = free_port()
-        lines = ["global:", "  scrape_interval: 1s", "  scrape_timeout: 900ms", "scrape_configs:"]
+        lines = ["global:", "  scrape_interval: 500ms", "  scrape_timeout: 450ms", "scrape_configs:"]
         for job, targets in jobs.items():
             lines += [f"  - job_name: {job}", "    static_configs:"]
             for target, labels in targets:
@@ -315,6 +315,13 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         prom.wait_value('sum(meshgate_controlplane_sync_messages_total{kind="delta"})', lambda v: v >= 2)
         prom.wait_value('sum(rpc_server_duration_seconds_count{rpc_method="CreateEgressGateway",'
                         'rpc_grpc_status_code="0"})', lambda v: v >= 1)
+        # A call the API refuses is counted with its status code (INVALID_ARGUMENT = 3), not as OK.
+        from meshgate.sdk.errors import MeshgateError
+
+        with pytest.raises(MeshgateError):
+            sdk.create_network(network_id="bad", network={"ipv4_cidr": "not-a-cidr"})
+        prom.wait_value('sum(rpc_server_duration_seconds_count{rpc_method="CreateNetwork",rpc_grpc_status_code="3"})',
+                        lambda v: v >= 1)
         prom.wait_value('sum(meshgate_keyservice_signatures_total{kind="node_key"})', lambda v: v >= 2)
         prom.wait_value('sum(meshgate_keyservice_psk_issued_total)', lambda v: v >= 1)
         prom.wait_value('sum(meshgate_etcd_operation_duration_seconds_count{job="meshgate-controlplane"})',

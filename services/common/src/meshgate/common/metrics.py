@@ -117,7 +117,7 @@ def configure(service_name: str, listen: str = "", environ: Mapping[str, str] | 
     choices = exporter_choices(environ)
     unknown = choices - {"otlp", "prometheus", "console"}
     if unknown:
-        print(f"OTEL_METRICS_EXPORTER={','.join(sorted(unknown))!r} is not supported (use otlp, prometheus or none)",
+        print(f"OTEL_METRICS_EXPORTER={','.join(sorted(unknown))!r} is not supported (use otlp, prometheus, console or none)",
               file=sys.stderr)
         raise SystemExit(2)
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
