@@ -138,7 +138,7 @@ async def test_bad_update_rejected_previous_kept(setup):
     agent, rec, src = setup
     stop, task = await running(agent)
     src.put(Snapshot(state(1)))
-    await until(lambda: rec.passes)
+    await until(lambda: agent.status["applied_revision"] == 1)  # the pass finished, not just began
     bad = state(2)
     bad.peers[1].allowed_ips.append("100.64.0.2/32")
     src.put(Snapshot(bad))

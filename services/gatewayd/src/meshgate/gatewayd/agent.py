@@ -406,8 +406,8 @@ class Agent:
         """Start the drift watcher (drift.py): a drift it finds is repaired by a full
         pass now; a fight (repairs held back) is written to the status and sent in
         the last ack again, with the watcher's counts."""
-        if not self.settings.drift_watch:
-            return None
+        if not self.settings.drift_watch or not isinstance(self.rec, Reconciler):
+            return None  # (a stand-in reconciler of the unit tests has no kernel to watch)
         watcher = DriftWatcher(self.rec, self.settings,
                                on_drift=lambda changes: loop.call_soon_threadsafe(self.resync_now),
                                on_status=lambda report: loop.call_soon_threadsafe(self._drift_changed, report))
