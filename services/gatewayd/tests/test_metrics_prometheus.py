@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -330,6 +331,14 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         prom.wait_value('min(meshgate_gatewayd_peers)', lambda v: v == 1)
         prom.wait_value('count(meshgate_gatewayd_apply_duration_seconds_count{subsystem="wireguard"})',
                         lambda v: v == 2)
+
+        # Drift: someone deletes the gateway's table; the repair (by the drift
+        # watcher, or the full pass SIGHUP asks for) is counted by kind.
+        eg.gw.host.run("nft", "delete", "table", "inet", "meshgate")
+        eg.gw.signal(signal.SIGHUP)
+        prom.wait_value('sum(meshgate_gatewayd_drift_repairs_total{node="gateway",kind="nftables"})',
+                        lambda v: v >= 1)
+        assert eg.gw.host.run("nft", "list", "table", "inet", "meshgate").returncode == 0
 
         # A bad desired state for client0: its agent, restarted to follow a file
         # (the operator's own state), rejects it and counts the failure.
