@@ -534,12 +534,3 @@ class DriftWatcher:
                 self._watching("nftables", False)
                 sock.close()
 
-
-def drift_summary(status: dict[str, Any] | None) -> str:
-    """One line for logs and CLIs: ``3 repairs; fighting over: del route ...``."""
-    if not status:
-        return "not watching"
-    text = f"{status.get('repairs', 0)} repair(s)"
-    if status.get("fighting"):
-        text += "; fighting over: " + "; ".join(status.get("last_drift") or [])
-    return text
