@@ -236,12 +236,14 @@ def test_cut_direct_path_moves_to_relay_and_back_without_flapping(world: World):
         assert p.relay.endswith("/r") and p.state == network_pb2.PATH_STALE, p
         moves_at_cut = moves.count
         assert moves_at_cut == 1
-        # An unstable link: open for less than the recovery delay, then cut again.
-        for _ in range(4):
+        # An unstable link for most of a minute: open for less than the
+        # recovery delay, then cut for long enough to be seen (the relayed
+        # pair's direct entry carries only keepalives, one a second).
+        for _ in range(6):
             w.cut(False)
-            time.sleep(RECOVER_S / 2)
+            time.sleep(RECOVER_S * 2 / 3)
             w.cut(True)
-            time.sleep(DELAY_S)
+            time.sleep(6)
         assert moves.count == moves_at_cut, "the pair moved while the link was unstable"
     finally:
         w.cut(False)

@@ -456,7 +456,7 @@ def compile_node(
     allowed: dict[str, list[str]] = {p: filters.host_routes(state.nodes[p]) for p in peer_names}
     # Relays (paths.py): a relayed peer's host routes go to its relay's entry;
     # its own entry stays, empty, to probe the direct path.
-    relay_peers = lambda n: peers_of(state, n, index)  # noqa: E731
+    relay_peers = paths.peer_view(index if index is not None else PeerIndex(state))
     for p, r in paths.relayed_peers(state, name, peer_names, relay_peers, index).items():
         if r in allowed:
             allowed[r] += allowed[p]

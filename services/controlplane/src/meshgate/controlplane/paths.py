@@ -161,7 +161,7 @@ def relays(state) -> list[str]:
 
 
 def route(state, a: str, b: str, candidates: Iterable[str] | None = None,
-          peers_of: Callable[[str], Iterable[str]] | None = None) -> str:
+          peers_of: Callable[[str], Any] | None = None) -> str:
     """The relay pair (`a`, `b`)'s traffic goes through, '' for direct.
     `peers_of(n)`: the nodes n peers with (a relay must peer with both sides)."""
     if a == b:
@@ -180,13 +180,47 @@ def route(state, a: str, b: str, candidates: Iterable[str] | None = None,
     return ""
 
 
-def _usable(state, r: str, a: str, b: str, peers_of: Callable[[str], Iterable[str]] | None) -> bool:
+def _usable(state, r: str, a: str, b: str, peers_of: Callable[[str], Any] | None) -> bool:
     node = state.nodes.get(r)
     if node is None or r in (a, b) or not (node.relay and node.endpoint and node.public_key):
         return False
     if peers_of is None:
         return True
-    return r in set(peers_of(a)) and r in set(peers_of(b))
+    return r in peers_of(a) and r in peers_of(b)
+
+
+class _AllKeyed:
+    """The peers of one node under an ALLOW default: every other keyed node."""
+
+    def __init__(self, keyed: list[str], keyed_set: set[str], me: str) -> None:
+        self.keyed, self.keyed_set, self.me = keyed, keyed_set, me
+
+    def __contains__(self, n: object) -> bool:
+        return n != self.me and n in self.keyed_set
+
+    def __iter__(self):
+        return (n for n in self.keyed if n != self.me)
+
+
+def peer_view(index: Any) -> Callable[[str], Any]:
+    """`peers_of` for `route` and friends over a `compiler.PeerIndex`: a
+    container per node, worked out once per index (under ALLOW, without
+    building a set per node)."""
+    memo = getattr(index, "_peer_view", None)
+    if memo is not None:
+        return memo
+    sets: dict[str, frozenset[str]] = {}
+
+    def view(n: str):
+        if index.allow_all:
+            return _AllKeyed(index.keyed, index._keyed_set, n) if n in index._keyed_set else frozenset()
+        got = sets.get(n)
+        if got is None:
+            got = sets[n] = frozenset(index.peers_of(n))
+        return got
+
+    index._peer_view = view
+    return view
 
 
 def relays_of(state, index: Any = None) -> list[str]:
@@ -201,7 +235,7 @@ def relays_of(state, index: Any = None) -> list[str]:
 
 
 def relayed_peers(state, name: str, peer_names: Iterable[str],
-                  peers_of: Callable[[str], Iterable[str]], index: Any = None) -> dict[str, str]:
+                  peers_of: Callable[[str], Any], index: Any = None) -> dict[str, str]:
     """The peers of `name` it reaches through a relay: peer -> relay."""
     candidates = relays_of(state, index)
     if not state.relay_marks and not candidates:
@@ -214,7 +248,7 @@ def relayed_peers(state, name: str, peer_names: Iterable[str],
     return out
 
 
-def relayed_through(state, relay: str, peers_of: Callable[[str], Iterable[str]]) -> set[str]:
+def relayed_through(state, relay: str, peers_of: Callable[[str], Any]) -> set[str]:
     """The nodes `relay` forwards for: both sides of every pair it relays."""
     me = state.nodes.get(relay)
     if me is None or not me.relay:

@@ -163,28 +163,35 @@ class Relays:
             await self._learn(net_id, st, recs)
             if not relays:
                 continue
+            candidates = self._pairs(net_id, st, recs)
+            if not candidates:
+                continue
             index = compiler.PeerIndex(st)
-            candidates = self._pairs(net_id, st, recs, index)
-            for a, b in candidates:
+            for a, b in sorted(candidates):
                 await self._decide(net_id, st, index, relays, a, b, now_ns, mono)
 
-    def _pairs(self, net_id: str, st: compiler.NetworkState, recs: dict, index) -> set[tuple[str, str]]:
-        """Pairs worth a look: marked, without endpoints, or with a report that is not plainly up."""
+    def _pairs(self, net_id: str, st: compiler.NetworkState, recs: dict) -> set[tuple[str, str]]:
+        """Pairs that may have to move, in the size of the reports (never all
+        pairs): marked ones; direct ones a report says are not plainly up; and
+        pairs without endpoints (relayed by default) whose direct entry has had
+        a handshake."""
         out: set[tuple[str, str]] = set()
         for pid in st.relay_marks:
             a, b = paths.pair_nodes(net_id, pid)
             if a in st.nodes and b in st.nodes:
                 out.add((a, b))
         for node, peers in recs.items():
+            if node not in st.nodes:
+                continue
             for pid, rec in peers.items():
                 peer = f"networks/{net_id}/nodes/{pid}"
-                if peer in st.nodes and node in st.nodes and (not rec.get("handshake_ns") or rec.get("unanswered_ns")):
+                if peer not in st.nodes:
+                    continue
+                bare = not paths.has_endpoint(st, node) and not paths.has_endpoint(st, peer)
+                if (bare and rec.get("handshake_ns")) or (
+                        not bare and (not rec.get("handshake_ns") or rec.get("unanswered_ns"))):
                     x, y = sorted((node, peer))
                     out.add((x, y))
-        bare = [n for n in index.keyed if not paths.has_endpoint(st, n)]
-        for i, a in enumerate(bare):
-            for b in bare[i + 1:]:
-                out.add((a, b))
         return out
 
     def _best(self, st, index, relays: list[str], a: str, b: str, now_ns: int) -> str:
@@ -192,7 +199,8 @@ class Relays:
         for mark in st.relay_marks.values():
             if mark:
                 load[mark] = load.get(mark, 0) + 1
-        peers_a, peers_b = set(index.peers_of(a)), set(index.peers_of(b))
+        view = paths.peer_view(index)
+        peers_a, peers_b = view(a), view(b)
         ranked = []
         for r in relays:
             if r in (a, b) or r not in peers_a or r not in peers_b:
@@ -203,11 +211,14 @@ class Relays:
 
     async def _decide(self, net_id, st, index, relays, a, b, now_ns, mono) -> None:
         pid = paths.pair_id(a, b)
-        current = paths.route(st, a, b, relays, index.peers_of)
+        current = paths.route(st, a, b, relays, paths.peer_view(index))
         d = self.direct(st, a, b, now_ns)
         key = (net_id, pid)
         if current:
-            if not d.up:
+            # Back only after the recovery delay without a single unanswered
+            # report (stricter than "up": a short cut that never lasted the
+            # path delay still restarts the wait).
+            if not d.up or any(v is not None and v.unanswered_ns for v in self.seen(net_id, a, b)):
                 self._up_since.pop(key, None)
                 return
             since = self._up_since.setdefault(key, mono)
@@ -284,7 +295,7 @@ class Relays:
             return
         now_ns = time.time_ns()
         relays = paths.relays(st)
-        index = compiler.PeerIndex(st)
+        view = paths.peer_view(compiler.PeerIndex(st))
         healthy = 0
         for nc in status.nodes:
             ok = True
@@ -292,7 +303,7 @@ class Relays:
                 if peer not in st.nodes:
                     continue
                 d = self.direct(st, nc.node, peer, now_ns)
-                relay = paths.route(st, nc.node, peer, relays, index.peers_of)
+                relay = paths.route(st, nc.node, peer, relays, view)
                 if not d.unhealthy and not relay:
                     continue
                 if relay and self.direct(st, nc.node, relay, now_ns).unhealthy:
