@@ -325,6 +325,9 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
                         lambda v: v >= 1)
         prom.wait_value('sum(meshgate_keyservice_signatures_total{kind="node_key"})', lambda v: v >= 2)
         prom.wait_value('sum(meshgate_keyservice_psk_issued_total)', lambda v: v >= 1)
+        prom.wait_value('sum(meshgate_keyservice_signatures_total{kind="certificate"})', lambda v: v >= 2)  # agents' mTLS
+        prom.wait_value('max(meshgate_keyservice_scheduler_leader)', lambda v: v == 1)
+        prom.wait_value('count(meshgate_keyservice_kek_age_seconds)', lambda v: v == 1)
         prom.wait_value('sum(meshgate_etcd_operation_duration_seconds_count{job="meshgate-controlplane"})',
                         lambda v: v > 0)
         prom.wait_value('min(meshgate_gatewayd_stream_connected)', lambda v: v == 1)
