@@ -159,3 +159,66 @@ async def test_a_relay_needs_an_endpoint_and_bad_input_changes_nothing(cp):
     off = await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
         node=node_pb2.Node(name=n.name, relay=False), update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
     assert not off.relay
+
+
+# ---------------------------------------------------------------- reports to decisions, through a real control plane
+
+
+async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(cp):
+    import time
+
+    from cptest import SimAgent, make_key, wait_until
+
+    await make_network(cp)
+    secret = (await make_key(cp)).secret
+    r, p, a = (SimAgent(cp.agents, secret, n, endpoint=ep) for n, ep in
+               (("r", "203.0.113.2:51820"), ("p", "203.0.113.14:51820"), ("a", "")))
+    for ag in (r, p, a):
+        await ag.enroll()
+    await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name="networks/prod/nodes/r", relay=True), update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
+    cp.app.relays.delay_s, cp.app.relays.recover_s = 1.0, 1.0
+    for ag in (r, p, a):
+        await ag.connect()
+
+    def entry(ag, peer) -> list[str]:
+        return next((list(x.allowed_ips) for x in (ag.state.peers if ag.state else ()) if x.public_key == peer.public_key),
+                    None)
+
+    async def report(ag, peer, unanswered_s: float | None):
+        h = agent_pb2.SyncRequest.Health(complete=True)
+        now = time.time_ns()
+        for other in (x for x in (r, p, a) if x is not ag):
+            ph = h.peers.add(public_key=other.public_key, endpoint="203.0.113.6:51820")
+            ph.latest_handshake_time.FromNanoseconds(now - 10 * S)
+            ph.configure_time.FromNanoseconds(now - 20 * S)
+            if other is peer and unanswered_s is not None:
+                ph.unanswered_since_time.FromNanoseconds(now - int(unanswered_s * S))
+        await ag._acks.put(agent_pb2.SyncRequest(health=h))
+
+    await wait_until(lambda: entry(a, p) == [p.node.ipv4_address + "/32"], "A has P directly")
+    await report(p, a, None)
+    await report(a, p, 3)  # A's traffic to P unanswered for 3 s: past the 1 s delay
+    await wait_until(lambda: entry(a, p) == [] and p.node.ipv4_address + "/32" in entry(a, r)
+                     and entry(p, a) == [] and a.node.ipv4_address + "/32" in entry(p, r), "A-P through R")
+    assert sorted(r.state.relayed_ranges) == sorted([a.node.ipv4_address + "/32", p.node.ipv4_address + "/32"])
+    status = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+    by_node = {n.node: n for n in status.nodes}
+    paths_of_a = {x.peer: x for x in by_node["networks/prod/nodes/a"].unreachable_peers}
+    pa = paths_of_a["networks/prod/nodes/p"]
+    assert (pa.state, pa.relay) == (network_pb2.PATH_STALE, "networks/prod/nodes/r")
+    assert pa.reason.startswith("traffic unanswered for") and "via r" in pa.summary
+    assert by_node["networks/prod/nodes/a"].healthy  # reached through the relay
+    # answered again: back to direct after the recovery delay (doubled: one move)
+    await report(a, p, None)
+    await wait_until(lambda: entry(a, p) == [p.node.ipv4_address + "/32"], "A-P direct again")
+    # a deleted node's records go with it
+    await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/p"))
+
+    async def gone():
+        dump = await state_dump(cp.etcd)
+        return not any(b"/pathHealth/prod/p" in k or b"/pathRoutes/prod/a~p" in k for k in dump)
+
+    await wait_until(gone, "P's path records deleted")
+    for ag in (r, p, a):
+        await ag.close()

@@ -17,6 +17,8 @@ paths.py, which says what they mean).
 - It also writes `learnedEndpoints/{net}/{node}` for nodes without an endpoint
   of their own: the endpoint a node with one (a relay, a gateway) hears them
   from, while it has a live session with them.
+- A deleted node's records (its path health, learned endpoint and the marks of
+  its pairs) are deleted with it.
 
 Writes compare the mod revision the cache holds for the key, so replicas that
 decide the same move write it once; the others' compare fails and they see the
@@ -88,6 +90,7 @@ class Relays:
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
         self.moves = 0  # marks this replica wrote
+        self._forgetting: set[asyncio.Task] = set()
 
     # reports ------------------------------------------------------------
 
@@ -126,6 +129,28 @@ class Relays:
     async def on_change(self, change: Change) -> None:
         if change.paths:
             self._kick.set()
+        if change.deleted_nodes:
+            task = asyncio.get_running_loop().create_task(self._forget(set(change.deleted_nodes)))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
+
+    async def _forget(self, nodes: set[str]) -> None:
+        """A deleted node's records go with it: its path health, its learned
+        endpoint and the marks of its pairs (every replica deletes them; a
+        delete of what is gone is harmless)."""
+        t = self.t
+        ops = []
+        for name in nodes:
+            _, net, _, nid = name.split("/")
+            ops += [t.delete(self.etcd.key("pathHealth", net, nid)), t.delete(self.etcd.key("learnedEndpoints", net, nid))]
+            ops += [t.delete(self.etcd.key("pathRoutes", net, pid)) for pid in self.cache.relay_records.get(net, {})
+                    if nid in pid.split("~")]
+            self._sent.pop(self.etcd.key("pathHealth", net, nid), None)
+        try:
+            for i in range(0, len(ops), 100):
+                await self.etcd.txn([], ops[i:i + 100])
+        except Exception:  # noqa: BLE001 - records of a deleted node only cost space
+            log.warning("could not delete the path records of %d deleted nodes", len(nodes))
 
     async def _run(self) -> None:
         while True:
