@@ -330,6 +330,7 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         prom.wait_value('count(meshgate_keyservice_kek_age_seconds)', lambda v: v == 1)
         prom.wait_value('sum(meshgate_etcd_operation_duration_seconds_count{job="meshgate-controlplane"})',
                         lambda v: v > 0)
+        prom.wait_value('sum(meshgate_etcd_watch_delay_seconds_count{job="meshgate-controlplane"})', lambda v: v > 0)
         prom.wait_value('min(meshgate_gatewayd_stream_connected)', lambda v: v == 1)
         prom.wait_value('min(meshgate_gatewayd_peers)', lambda v: v == 1)
         prom.wait_value('count(meshgate_gatewayd_apply_duration_seconds_count{subsystem="wireguard"})',

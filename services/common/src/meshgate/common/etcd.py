@@ -649,7 +649,8 @@ class Etcd:
             try:
                 resp = await getattr(self.client.kvstub, method)(request, timeout=self.client._timeout,
                                                                  metadata=token)
-                metrics.etcd.timed(method, t0, True)
+                wrote = method == "Put" or (method == "Txn" and resp.succeeded)
+                metrics.etcd.timed(method, t0, True, resp.header.revision if wrote else 0)
                 return resp
             except grpc.aio.AioRpcError as e:
                 metrics.etcd.timed(method, t0, False)

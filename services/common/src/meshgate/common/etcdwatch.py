@@ -75,6 +75,7 @@ async def watch(etcd: Etcd, start: bytes, end: bytes, start_revision: int) -> As
             else:
                 metrics.etcd.watch_lag.set(resp.header.revision - resp.events[0].kv.mod_revision)
                 for rev, group in itertools.groupby(resp.events, key=lambda e: e.kv.mod_revision):
+                    metrics.etcd.watched(rev)
                     yield Batch(
                         rev,
                         [Event(e.type == rpc.Event.PUT, e.kv.key, e.kv.value, e.kv.mod_revision) for e in group],

@@ -168,6 +168,7 @@ def configure(service_name: str, listen: str = "", environ: Mapping[str, str] | 
         buckets("meshgate.*.change.bytes", BYTES_BUCKETS),
         buckets("meshgate.*.duration", SECONDS_BUCKETS),
         buckets("meshgate.*.lag", SECONDS_BUCKETS),
+        buckets("meshgate.*.delay", SECONDS_BUCKETS),
     ]
     resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = MeterProvider(metric_readers=readers, resource=resource, views=views)
@@ -274,9 +275,26 @@ class _Etcd:
             "meshgate.etcd.watch.lag", unit="{revision}",
             description="Revisions between etcd's head (the watch response's header) and the events it delivers")
 
-    def timed(self, operation: str, t0: float, ok: bool) -> None:
+        self.watch_delay = m.create_histogram(
+            "meshgate.etcd.watch.delay", unit="s",
+            description="From this process's write to its event on this process's watch (the put-to-watch time)")
+        self._written: OrderedDict[int, float] = OrderedDict()
+
+    def timed(self, operation: str, t0: float, ok: bool, revision: int = 0) -> None:
+        """A KV call that started at `t0`; `revision`: the one a write made (its watch event is timed)."""
+        now = time.perf_counter()
         attrs = {"db.operation.name": operation} if ok else {"db.operation.name": operation, "error.type": "unavailable"}
-        self.duration.record(time.perf_counter() - t0, attrs)
+        self.duration.record(now - t0, attrs)
+        if revision:
+            self._written[revision] = now
+            if len(self._written) > 1024:
+                self._written.popitem(last=False)
+
+    def watched(self, revision: int) -> None:
+        """A watch delivered `revision`: the first sighting of a write of ours is timed."""
+        t = self._written.pop(revision, None)
+        if t is not None:
+            self.watch_delay.record(time.perf_counter() - t)
 
 
 etcd = _Etcd()
