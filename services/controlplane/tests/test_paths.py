@@ -222,3 +222,21 @@ async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(
     await wait_until(gone, "P's path records deleted")
     for ag in (r, p, a):
         await ag.close()
+
+
+def test_access_policies_hold_on_the_relay():
+    from meshgate.api.v1 import policy_pb2
+
+    st = _state()
+    st.network.default_policy = network_pb2.DENY
+    st.policies["networks/n/accessPolicies/to-relay"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/to-relay", sources=["*"], destinations=["node:r"])
+    st.policies["networks/n/accessPolicies/ssh"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/ssh", sources=["node:a"], destinations=["node:b"], protocol=policy_pb2.TCP,
+        ports=[policy_pb2.PortRange(first=22)])
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert list(r.relayed_ranges) == ["100.64.0.2/32", "100.64.0.3/32"]  # A and B peer with R: it relays them
+    to_b = [x for x in r.filter_rules if "100.64.0.3/32" in x.destinations]
+    assert [(list(x.sources), x.protocol, list(x.ports), x.accept) for x in to_b] == [
+        (["100.64.0.2/32"], "tcp", ["22"], True)]
+    assert not r.filter_rules[-1].accept and not r.filter_rules[-1].destinations  # DENY: everything else dropped
