@@ -31,7 +31,7 @@ import socket
 import struct
 from collections.abc import Iterable, Mapping
 
-import dnslib
+import dnslib  # type: ignore[import-untyped]
 
 from meshgate.gatewayd.dnsresolve import DomainResolver
 
@@ -42,14 +42,16 @@ IPV6_FREEBIND = 78
 RECORD_TTL = 30
 FORWARD_TIMEOUT_S = 3.0
 MAX_CACHE = 4096
+MAX_PENDING = 1024  # forwarded UDP questions in flight at once
 
 
 class _Udp(asyncio.DatagramProtocol):
     def __init__(self, server: OverlayDnsServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
+        self.pending: set[asyncio.Task] = set()  # answers in flight (the loop keeps only weak references)
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
@@ -58,7 +60,11 @@ class _Udp(asyncio.DatagramProtocol):
             assert self.transport is not None
             self.transport.sendto(fast, addr)
             return
-        asyncio.get_running_loop().create_task(self._answer(data, addr))
+        if len(self.pending) >= MAX_PENDING:
+            return  # shed load: the client retries
+        task = asyncio.get_running_loop().create_task(self._answer(data, addr))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
     async def _answer(self, data: bytes, addr) -> None:
         reply = await self.server.answer(data, tcp=False)
