@@ -125,9 +125,12 @@ GATEWAYD_SCRIPT = textwrap.dedent("""
     keys = [base64.b64encode(os.urandom(32)).decode() for i in range(1000)]  # WireGuard public keys
     stats = {k: PeerStats("192.0.2.1:51820", 1_700_000_000 + i, 0, 10 * i, 20 * i) for i, k in enumerate(keys)}
     rec = types.SimpleNamespace(peer_stats=lambda: stats, applied=types.SimpleNamespace(peers=dict.fromkeys(keys)))
+    from meshgate.api.v1 import desired_state_pb2 as pb
+    msg = pb.DesiredState(peers=[pb.Peer(public_key=k, resource=f"networks/n/nodes/p{i}") for i, k in enumerate(keys)])
+
     class Agent:  # what metrics.gatewayd reads of gatewayd's Agent
         def __init__(self):
-            self.rec, self.status, self.source = rec, {"applied_revision": 7}, None
+            self.rec, self.status, self.source, self.target_msg = rec, {"applied_revision": 7}, None, msg
 
     agent = Agent()
     metrics.gatewayd.observe(agent)
@@ -147,6 +150,7 @@ def test_gatewayd_per_peer_series_stop_at_the_cap(per_peer, cap, expected):
     handshakes = [s for s in lines if s.startswith("meshgate_gatewayd_peer_handshake_age_seconds{")]
     traffic = [s for s in lines if s.startswith("meshgate_gatewayd_peer_traffic_bytes_total{")]
     assert len(handshakes) == expected and len(traffic) == 2 * expected
+    assert all(re.search(r'resource="networks/n/nodes/p\d+"', h) for h in handshakes)  # the peer's node
     # the totals cover all 1,000 peers whatever the cap
     assert re.search(r"^meshgate_gatewayd_peers_peer 1000", text, re.M) or \
         re.search(r"^meshgate_gatewayd_peers 1000", text, re.M), text[:3000]

@@ -333,6 +333,11 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         prom.wait_value('sum(meshgate_etcd_watch_delay_seconds_count{job="meshgate-controlplane"})', lambda v: v > 0)
         prom.wait_value('min(meshgate_gatewayd_stream_connected)', lambda v: v == 1)
         prom.wait_value('min(meshgate_gatewayd_peers)', lambda v: v == 1)
+        # per peer, named by its node (client0 keeps its tunnel to the gateway alive: a handshake)
+        prom.wait_value('count(meshgate_gatewayd_peer_handshake_age_seconds{node="client0",'
+                        'resource="networks/lab/nodes/gateway"})', lambda v: v == 1)
+        prom.wait_value('sum(meshgate_gatewayd_peers_traffic_bytes_total{node="client0",direction="tx"})',
+                        lambda v: v > 0)
         prom.wait_value('count(meshgate_gatewayd_apply_duration_seconds_count{subsystem="wireguard"})',
                         lambda v: v == 2)
 

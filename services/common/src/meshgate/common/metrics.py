@@ -277,8 +277,13 @@ class _Etcd:
 
         self.watch_delay = m.create_histogram(
             "meshgate.etcd.watch.delay", unit="s",
-            description="From this process's write to its event on this process's watch (the put-to-watch time)")
+            description="From the start of this process's write to its event on this process's watch "
+                        "(the put-to-watch time)")
+        # revision -> perf_counter: writes whose event has not been seen yet
+        # (their start), and events whose write's answer has not arrived yet
+        # (when seen): the watch can deliver before the write's call returns.
         self._written: OrderedDict[int, float] = OrderedDict()
+        self._seen: OrderedDict[int, float] = OrderedDict()
 
     def timed(self, operation: str, t0: float, ok: bool, revision: int = 0) -> None:
         """A KV call that started at `t0`; `revision`: the one a write made (its watch event is timed)."""
@@ -286,15 +291,26 @@ class _Etcd:
         attrs = {"db.operation.name": operation} if ok else {"db.operation.name": operation, "error.type": "unavailable"}
         self.duration.record(now - t0, attrs)
         if revision:
-            self._written[revision] = now
-            if len(self._written) > 1024:
-                self._written.popitem(last=False)
+            seen = self._seen.pop(revision, None)
+            if seen is not None:
+                self.watch_delay.record(max(0.0, seen - t0))
+            else:
+                _remember(self._written, revision, t0)
 
     def watched(self, revision: int) -> None:
         """A watch delivered `revision`: the first sighting of a write of ours is timed."""
-        t = self._written.pop(revision, None)
-        if t is not None:
-            self.watch_delay.record(time.perf_counter() - t)
+        t0 = self._written.pop(revision, None)
+        now = time.perf_counter()
+        if t0 is not None:
+            self.watch_delay.record(now - t0)
+        elif revision not in self._seen:
+            _remember(self._seen, revision, now)
+
+
+def _remember(d: OrderedDict[int, float], key: int, value: float, most: int = 1024) -> None:
+    d[key] = value
+    if len(d) > most:
+        d.popitem(last=False)
 
 
 etcd = _Etcd()
@@ -548,7 +564,8 @@ class _Gatewayd:
         m.create_observable_gauge(
             "meshgate.gatewayd.peer.handshake.age", callbacks=[self._handshake], unit="s",
             description="Seconds since each peer's latest handshake, per peer (the first --metrics-peer-cap "
-                        "peers by public key, labelled with its first 12 characters; peers that have had one)")
+                        "peers by public key: peer, its first 12 characters; resource, the node or client it is; "
+                        "peers that have had one)")
         m.create_observable_gauge(
             "meshgate.gatewayd.peers.handshake.max_age", callbacks=[self._handshake_max], unit="s",
             description="The oldest latest handshake among all peers that have had one (not capped)")
@@ -659,18 +676,24 @@ class _Gatewayd:
             self._stats = (time.monotonic(), stats)
             return stats
 
-    def _labelled(self, stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
-        """(label, stats) of the peers that get their own series: the first `peer_cap`
-        by public key. The label is the key's first 12 characters (public; enough to
-        tell peers apart, short in a query)."""
+    def _labelled(self, stats: Mapping[str, Any]) -> list[tuple[dict[str, str], Any]]:
+        """(labels, stats) of the peers that get their own series: the first `peer_cap`
+        by public key. Labels: `peer`, the first 12 characters of its key (public;
+        enough to tell peers apart), and `resource`, the node or external client the
+        desired state names it as (empty when it names none)."""
         if not self.per_peer or self.peer_cap <= 0:
             return []
-        return [(k[:12], stats[k]) for k in sorted(stats)[: self.peer_cap]]
+        try:
+            msg = self._agent.target_msg if self._agent is not None else None
+            names = {p.public_key: p.resource for p in msg.peers} if msg is not None else {}
+        except (ReferenceError, AttributeError):
+            names = {}
+        return [({"peer": k[:12], "resource": names.get(k, "")}, stats[k]) for k in sorted(stats)[: self.peer_cap]]
 
     def _handshake(self, options: CallbackOptions) -> list[Observation]:
         now = time.time()
-        return [Observation(max(0.0, now - (s.last_handshake_sec + s.last_handshake_nsec / 1e9)), {"peer": label})
-                for label, s in self._labelled(self.peer_stats()) if s.last_handshake_sec]
+        return [Observation(max(0.0, now - (s.last_handshake_sec + s.last_handshake_nsec / 1e9)), labels)
+                for labels, s in self._labelled(self.peer_stats()) if s.last_handshake_sec]
 
     def _handshake_max(self, options: CallbackOptions) -> list[Observation]:
         now = time.time()
@@ -680,9 +703,9 @@ class _Gatewayd:
 
     def _traffic(self, options: CallbackOptions) -> list[Observation]:
         out = []
-        for label, s in self._labelled(self.peer_stats()):
-            out.append(Observation(s.rx_bytes, {"peer": label, "direction": "rx"}))
-            out.append(Observation(s.tx_bytes, {"peer": label, "direction": "tx"}))
+        for labels, s in self._labelled(self.peer_stats()):
+            out.append(Observation(s.rx_bytes, {**labels, "direction": "rx"}))
+            out.append(Observation(s.tx_bytes, {**labels, "direction": "tx"}))
         return out
 
     def _traffic_total(self, options: CallbackOptions) -> list[Observation]:
