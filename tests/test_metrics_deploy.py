@@ -3,7 +3,7 @@ check rules` and their unit tests (`promtool test rules`), the PrometheusRule
 says what alerts.yaml says, every metric the dashboard and the alerts query
 is one meshgate exports, docs/operations.md lists every metric and alert, and
 the compose and Kubernetes files turn --metrics-listen on where their scrape
-configurations look."""
+configurations look, and every entry point's --help documents it."""
 
 from __future__ import annotations
 
@@ -158,3 +158,20 @@ def test_kubernetes_pods_serve_metrics_where_their_annotations_say():
         assert listen.rsplit(":", 1)[1] == ann["prometheus.io/port"], (f, listen)
     np = yaml.safe_load((DEPLOY / "kubernetes/monitoring/networkpolicy.yaml").read_text())
     assert np["spec"]["ingress"][0]["ports"] == [{"port": 9464, "protocol": "TCP"}]
+
+
+def test_help_documents_metrics_listen():
+    import argparse
+
+    from meshgate.common import config
+    from meshgate.controlplane.main import ControlPlaneConfig
+    from meshgate.gatewayd.main import build_parser
+    from meshgate.keyservice.main import KeyServiceConfig
+
+    for cls in (ControlPlaneConfig, KeyServiceConfig):
+        out = config.build_parser(cls, "x", "").format_help()
+        assert "--metrics-listen" in out and "Prometheus" in out, cls
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    out = sub.choices["run"].format_help()
+    for flag in ("--metrics-listen", "--no-metrics-per-peer", "--metrics-peer-cap"):
+        assert flag in out
