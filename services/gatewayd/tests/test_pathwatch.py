@@ -49,3 +49,22 @@ def test_idle_keepalives_never_count_as_unanswered():
         if t % 2 == 0:
             rx += 32  # ... theirs every other
         assert w.observe({"k": stats(rx, tx, hs=1)}, t * S) is None
+
+
+def test_a_probe_entry_counts_one_unanswered_keepalive():
+    w = PathWatch(answer_within_s=2, full_every_s=300)
+    probes = {"k": 1}
+    w.observe({"k": stats(100, 100, hs=1)}, 0, probes)
+    for t in range(1, 10):  # healthy: a keepalive each way every second
+        assert w.observe({"k": stats(100 + 32 * t, 100 + 32 * t, hs=1)}, t * S, probes) is None
+    rx = 100 + 32 * 9
+    w.observe({"k": stats(rx, rx + 32, hs=1)}, 10 * S, probes)  # cut: ours go unanswered
+    w.observe({"k": stats(rx, rx + 64, hs=1)}, 11 * S, probes)
+    w.observe({"k": stats(rx, rx + 96, hs=1)}, 12 * S, probes)
+    got = w.observe({"k": stats(rx, rx + 128, hs=1)}, 13 * S, probes)
+    assert got is not None and got[0][0].unanswered_since_ns == 10 * S  # keepalive 1 s + 2 s
+    # the same traffic on an ordinary entry is not yet unanswered (64 bytes of keepalives allowed)
+    w2 = PathWatch(answer_within_s=2, full_every_s=300)
+    w2.observe({"k": stats(100, 100, hs=1)}, 0)
+    w2.observe({"k": stats(100, 132, hs=1)}, 1 * S)
+    assert w2.observe({"k": stats(100, 164, hs=1)}, 2 * S) is None

@@ -18,7 +18,9 @@ sent to it since it was last heard from, and that has lasted `answer_within_s`.
 WireGuard answers every data packet within 10 s even when the other side has
 nothing to say (its passive keepalive), a ping or a TCP connection within one
 round trip; persistent keepalives (32 bytes each) do not count, so an idle,
-healthy pair is never unanswered. Hazard: a one-way stream (UDP without
+healthy pair is never unanswered. A relayed pair's direct entry (no allowed
+IPs: a probe) carries only keepalives, both ways: there one keepalive left
+unanswered for the keepalive interval and `answer_within_s` counts. Hazard: a one-way stream (UDP without
 replies) is answered only by those passive keepalives, every 10 s, and looks
 unanswered in between; the control plane's path delay must allow for it or
 accept it.
@@ -74,8 +76,14 @@ class PathWatch:
         for p in self._peers.values():
             p.sent = None
 
-    def observe(self, stats: Mapping[str, Any], now_ns: int) -> tuple[list[PeerReport], bool] | None:
-        """The peers to report now and whether the report is complete; None: nothing to say."""
+    def observe(self, stats: Mapping[str, Any], now_ns: int,
+                probes: Mapping[str, int] | None = None) -> tuple[list[PeerReport], bool] | None:
+        """The peers to report now and whether the report is complete; None:
+        nothing to say. `probes`: public key -> persistent keepalive (s) of the
+        entries without allowed IPs (a relayed pair's direct entry): they carry
+        only keepalives, both ways, so one left unanswered for the keepalive
+        interval and `answer_within_s` counts."""
+        probes = probes or {}
         for gone in [k for k in self._peers if k not in stats]:
             del self._peers[gone]
         complete = now_ns >= self._next_full_ns
@@ -89,10 +97,11 @@ class PathWatch:
                 p = self._peers[key] = _Peer(now_ns, st.rx_bytes, st.tx_bytes, st.tx_bytes)
             if st.rx_bytes != p.rx or st.tx_bytes < p.tx_at_rx:  # heard from, or counters reset
                 p.tx_at_rx, p.pending_ns, p.unanswered_ns = st.tx_bytes, 0, 0
-            elif st.tx_bytes - p.tx_at_rx > KEEPALIVE_BYTES:
+            elif st.tx_bytes - p.tx_at_rx > (0 if key in probes else KEEPALIVE_BYTES):
                 if not p.pending_ns:
                     p.pending_ns = now_ns
-                if not p.unanswered_ns and now_ns - p.pending_ns >= self.answer_within_ns:
+                within = self.answer_within_ns + probes.get(key, 0) * 1_000_000_000
+                if not p.unanswered_ns and now_ns - p.pending_ns >= within:
                     p.unanswered_ns = p.pending_ns
             p.rx, p.tx = st.rx_bytes, st.tx_bytes
             handshake = st.last_handshake_sec * 1_000_000_000 + st.last_handshake_nsec if st.last_handshake_sec else 0
