@@ -4,9 +4,9 @@ network the filters' property test draws, including nodes without a key."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_filters import networks
 
 from meshgate.controlplane import compiler
+from test_filters import networks
 
 
 @settings(max_examples=400, deadline=None)
