@@ -288,3 +288,25 @@ def test_the_damper_doubles_the_hold_for_repeated_failovers_and_forgets_after_a_
     assert d.hold("g") == 60
     now[0] = 200
     assert d.hold("g") == 10
+
+
+async def test_a_session_key_goes_even_when_the_closing_stream_handler_is_cancelled(health_cp):
+    """A vanished agent's stream handler is cancelled (keepalive) and may be
+    cancelled again while it removes its session key: the key must still go,
+    else the node shows connected and never fails over."""
+    cp = await health_cp()
+    agents = await ha(cp)
+    session = cp.app.fanout.sessions["networks/prod/nodes/primary"]
+    key = cp.etcd.key("sessions", "prod", "primary")
+    task = asyncio.create_task(cp.app.fanout.close(session))
+    await asyncio.sleep(0)  # up to its etcd call
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await wait_until(_gone(cp, key), "the session key is gone")
+    await wait_until(lambda: via(agents["client"]) == agents["standby"].public_key, "and the range moves")
+
+
+def _gone(cp, key):
+    async def check():
+        return await cp.etcd.get(key) is None
+    return check

@@ -707,7 +707,10 @@ class Fanout:
             del self.sessions[session.node]
             if self.health is not None:
                 self.health.stream_closed(session.node)
-            await self._drop_session_key(session)
+            # Shielded: the stream's handler is cancelled when its peer vanishes (keepalive),
+            # possibly again while this runs; a key left behind would show the node
+            # connected for as long as this replica lives, and it would never fail over.
+            await asyncio.shield(self._drop_session_key(session))
 
     async def _drop_session_key(self, session: Session) -> None:
         """Delete the session's key if it is still this session's (compared by
