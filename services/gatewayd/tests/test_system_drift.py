@@ -126,7 +126,15 @@ def test_drift_heals_in_moments_and_foreign_objects_stay(dlab: DriftLab):
     assert "table ip foreign2" in g.run("nft", "list", "tables").stdout
     assert "masquerade" in g.run("nft", "list", "table", "inet", "meshgate").stdout
 
-    # 2. the client's peer removed from the gateway's device
+    # 2. the client's peer removed from the gateway's device. The gateway knows the
+    # client's endpoint only from its handshake; once a drift poll (every second)
+    # has seen it, the re-added peer gets it back and handshakes at once, else
+    # traffic waits for the client's own retry (15 s or more)
+    deadline = time.monotonic() + 30
+    while gw.peers()[client.public_key]["endpoint"] == "(none)":
+        assert time.monotonic() < deadline, "the gateway never learnt the client's endpoint"
+        time.sleep(0.05)
+    time.sleep(1.5)
     g.run("wg", "set", gw.ifname, "peer", client.public_key, "remove")
     heal_time("peer removed with wg set", lambda: client.public_key in gw.peers() and pings(h), nodes=(gw, client))
 

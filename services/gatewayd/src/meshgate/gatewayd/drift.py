@@ -2,8 +2,8 @@
 owns, and has the agent repair it (an adapter; the agent starts it).
 
 What it watches, in the agent's network namespace:
-- **rtnetlink** (pyroute2's ``IPRoute`` bound to the link, address, route and rule
-  groups, IPv4 and IPv6): events of gatewayd's interface, of addresses on it, of
+- **rtnetlink** (a netlink socket bound to the link, address, route and rule groups,
+  IPv4 and IPv6, its messages parsed by pyroute2's rtnetlink marshal): events of gatewayd's interface, of addresses on it, of
   routes in its table with its protocol id, of rules with its protocol id.  Every
   other object's events are ignored, so foreign routes, rules and links never cause
   any work, let alone a change;
@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import select
 import socket
 import struct
 import threading
@@ -129,6 +128,7 @@ NFT_MSG_NEWGEN = 15
 NFPROTO_INET = 1
 NFNLGRP_NFTABLES = 7
 NETLINK_NETFILTER = 12
+NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 
@@ -466,9 +466,13 @@ class DriftWatcher:
             return applied.interface, None
 
     def _rtnl(self) -> None:
+        # A netlink socket of our own, subscribed to the groups, read with recv and
+        # parsed by pyroute2's rtnetlink marshal: IPRoute.get() reads through an event
+        # loop that may drain the socket ahead of what it returns, so a select on its
+        # descriptor can miss events that are already in.
         try:
-            from pyroute2 import IPRoute
             from pyroute2.netlink import rtnl
+            from pyroute2.netlink.rtnl.marshal import MarshalRtnl
         except ImportError as e:
             log.warning("no netlink monitor (%s): links, addresses, routes and rules heal on the periodic pass", e)
             return
@@ -477,31 +481,40 @@ class DriftWatcher:
         s = self.settings
         while not self._stop.is_set():
             try:
-                ipr = IPRoute()
-                ipr.bind(groups=groups)
-            except Exception as e:  # noqa: BLE001 - retried; the periodic pass covers meanwhile
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                sock.bind((0, groups))
+                sock.settimeout(0.5)
+            except OSError as e:
                 log.warning("cannot open the netlink monitor: %s; retrying", e)
                 self._stop.wait(5)
                 continue
+            marshal = MarshalRtnl()
             self._watching("netlink", True)
             try:
                 while not self._stop.is_set():
-                    ready, _, _ = select.select([ipr.fileno()], [], [], 0.5)
-                    if not ready:
+                    try:
+                        data = sock.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    except OSError as e:  # ENOBUFS after a flood: events were lost
+                        log.info("netlink events lost (%s); checking everything", e)
+                        self.poke(EVERYTHING - {NFTABLES})
                         continue
                     ifname, ifindex = self._current()
+                    if ifname is None:
+                        continue
                     found: set[str] = set()
-                    for msg in ipr.get():
-                        if ifname is not None:
-                            found |= rtnl_subsystems(msg, ifname, ifindex, s.route_table, s.route_protocol)
+                    for msg in marshal.parse(data):
+                        found |= rtnl_subsystems(msg, ifname, ifindex, s.route_table, s.route_protocol)
                     if found:
                         self.poke(found)
-            except Exception as e:  # noqa: BLE001 - e.g. ENOBUFS after a flood: check everything, reopen
+            except Exception as e:  # noqa: BLE001 - a message pyroute2 cannot parse: check everything, reopen
                 log.warning("netlink monitor: %s; checking everything and reopening", e)
                 self.poke(EVERYTHING - {NFTABLES})
             finally:
                 self._watching("netlink", False)
-                ipr.close()
+                sock.close()
 
     def _nfnl(self) -> None:
         txns = NftTransactions(os.getpid())
