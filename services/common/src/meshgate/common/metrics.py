@@ -534,7 +534,7 @@ class _Gatewayd:
         m = otel.get_meter("meshgate.gatewayd")
         self.duration = m.create_histogram(
             "meshgate.gatewayd.apply.duration", unit="s",
-            description="Time to apply one pass, by subsystem (sysctl, wireguard, link, nftables; total: "
+            description="Time to apply one pass, by subsystem (sysctl, wireguard, routing, nftables; total: "
                         "the whole pass with its reads, and kind full or delta)")
         self.applies = m.create_counter(
             "meshgate.gatewayd.applies", unit="{pass}",

@@ -212,7 +212,7 @@ class Reconciler:
             lap("wireguard")
         if p.touches_links():
             routing.apply(p, s.route_table, s.route_protocol)
-            lap("link")
+            lap("routing")
         if p.nft is not None:
             self.nft.load(p.nft, live_nft)
             lap("nftables")
