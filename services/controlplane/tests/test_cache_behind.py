@@ -65,3 +65,32 @@ async def test_stream_start_on_a_lagging_cache_is_unavailable_then_connects(cp, 
         assert [n.connected for n in st.nodes] == [True]
     finally:
         await a.close()
+
+
+async def test_stream_start_after_the_session_lease_expired(cp):
+    """The replica's session lease expires under load (etcd too slow to take
+    refreshes): a stream starting before the lease is replaced used to fail
+    with INTERNAL (etcd: requested lease not found). Now the lease is replaced
+    at once, every open session's key written again, and the stream starts."""
+    await make_network(cp)
+    ek = await make_key(cp)
+    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
+    b = await SimAgent(cp.agents, ek.secret, "b", "192.0.2.2:51820").enroll()
+    try:
+        await wait_until(lambda: a.state is not None, "a's snapshot")
+        fanout = cp.app.fanout
+        old = fanout.lease
+        await cp.etcd.client.revoke_lease(old.id)  # what expiry does: the lease and its keys are gone
+        sessions = cp.etcd.key("sessions", "prod", "")
+        kvs, _ = await cp.etcd.list_prefix(sessions)
+        assert kvs == []
+        await b.connect()
+        await wait_until(lambda: b.state is not None, "b's snapshot after the lease was replaced")
+        assert fanout.lease is not old
+        kvs, _ = await cp.etcd.list_prefix(sessions)
+        assert sorted(kv.key.rsplit(b"/", 1)[1] for kv in kvs) == [b"a", b"b"]  # a's key written again
+        info = await cp.etcd.client.get_lease_info(fanout.lease.id)
+        assert sorted(info.keys) == sorted(kv.key for kv in kvs)  # on the new lease
+    finally:
+        await b.close()
+        await a.close()

@@ -39,6 +39,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import aetcd
 import grpc
 from google.rpc import error_details_pb2
 from opentelemetry import context as otel_context
@@ -266,6 +267,8 @@ class Fanout:
         self.paths: Any = None  # relays.Relays: path health, relays (set by the ControlPlane)
         self.health: egresshealth.EgressHealth | None = None  # gateways' health reports (set by the ControlPlane)
         self.lease: Any = None  # aetcd's Lease (untyped), made by start()
+        self._lease_lock = asyncio.Lock()  # one replacement at a time (_replace_lease)
+        self._rewrite_pending = False  # a replacement's rewrite of the session keys did not finish
         self._lease_task: asyncio.Task | None = None
         cache.listeners.append(self.on_change)
         metrics.controlplane.observe(self)  # its gauges: connected agents, converged nodes
@@ -295,25 +298,56 @@ class Fanout:
                 pass
 
     async def _keep_lease(self) -> None:
+        delay = LEASE_TTL_S / 3
         while True:
-            await asyncio.sleep(LEASE_TTL_S / 3)
+            await asyncio.sleep(delay)
             try:
+                if self._rewrite_pending:
+                    await self._replace_lease(None)
                 reply = await self.lease.refresh()
                 if reply is None or reply.TTL <= 0:
-                    await self._replace_lease()
+                    await self._replace_lease(self.lease)
+                delay = LEASE_TTL_S / 3
             except Exception:  # noqa: BLE001
-                log.warning("refreshing the session lease failed; retrying")
+                # etcd slow or away: retry soon, the TTL leaves room for a few
+                # attempts before the session keys expire.
+                log.warning("refreshing the session lease failed; retrying in 1 s")
+                delay = 1.0
 
-    async def _replace_lease(self) -> None:
-        """The lease expired (etcd or this loop stalled for longer than its
+    async def _replace_lease(self, expired: Any) -> None:
+        """The lease `expired` (etcd or this loop stalled for longer than its
         TTL), taking every session key with it, and etcd refuses puts on it:
-        take a new lease and write the keys of the open sessions again."""
-        log.warning("session lease expired; granting a new one for %d open sessions", len(self.sessions))
-        self.lease = await self.etcd.client.lease(LEASE_TTL_S)
-        t = self.etcd.txn_ops
-        puts = [t.put(self._session_key(n), s.record(), lease=self.lease) for n, s in list(self.sessions.items())]
-        for i in range(0, len(puts), MAX_TXN_OPS):
-            await self.etcd.txn([], puts[i : i + MAX_TXN_OPS])
+        take a new lease and write the keys of the open sessions again. One
+        replacement at a time: a caller whose lease was already replaced
+        returns at once (`expired` None: finish a rewrite that failed)."""
+        async with self._lease_lock:
+            if expired is not None and self.lease is not expired:
+                return
+            if expired is not None:
+                log.warning("session lease expired; granting a new one for %d open sessions", len(self.sessions))
+                self.lease = await self.etcd.client.lease(LEASE_TTL_S)
+            self._rewrite_pending = True
+            t = self.etcd.txn_ops
+            puts = [t.put(self._session_key(n), s.record(), lease=self.lease) for n, s in list(self.sessions.items())]
+            for i in range(0, len(puts), MAX_TXN_OPS):
+                await self.etcd.txn([], puts[i : i + MAX_TXN_OPS])
+            self._rewrite_pending = False
+
+    async def _put_session(self, session: Session) -> None:
+        """Write a session's key on the replica's lease. A lease that expired
+        under load is replaced (which rewrites every open session's key) and
+        the put retried; etcd being slow or away is UNAVAILABLE to the agent,
+        never INTERNAL."""
+        key = self._session_key(session.node)
+        for attempt in (1, 2):
+            lease = self.lease
+            try:
+                await self.etcd.client.put(key, session.record(), lease=lease)
+                return
+            except aetcd.exceptions.ClientError as e:  # timeouts and outages included
+                if attempt == 2 or "lease not found" not in str(e):
+                    raise self.etcd.error(e) from e
+                await self._replace_lease(lease)
 
     def _session_key(self, node: str) -> bytes:
         _, net, _, nid = node.split("/")
@@ -698,7 +732,12 @@ class Fanout:
             self.messages_sent += 1
             if self.rotation_pending(node):
                 session.ask_rotation("requested by the key service")
-        await self.etcd.client.put(self._session_key(node), session.record(), lease=self.lease)
+        try:
+            await self._put_session(session)
+        except BaseException:
+            if self.sessions.get(node) is session:  # the fan-out must not feed a stream that never started
+                del self.sessions[node]
+            raise
         self._record(node, contact=True)
         return session
 
