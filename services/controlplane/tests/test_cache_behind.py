@@ -1,11 +1,14 @@
-"""A state cache that lags etcd (thousands of agents connecting at once) makes
-a stream's start and a status read answer UNAVAILABLE with reason
-CACHE_BEHIND, never INTERNAL, and the stream connects once the cache catches
-up. Issue 18: at 10,000 agents one Sync stream failed with INTERNAL because
-the wait for the cache timed out inside the handler.
+"""Streams starting while the control plane is under load (issue 18: at
+10,000 agents, 2,176 Sync streams failed with INTERNAL). Two causes, each
+reproduced here with real components:
 
-The lag is real: the cache's own watch consumer is held at a gate, so etcd
-moves on while the cache does not."""
+- a state cache that lags etcd: the stream's start (and a status read) now
+  answers UNAVAILABLE with reason CACHE_BEHIND and connects once the cache
+  caught up; the lag is real, the cache's own watch consumer held at a gate;
+- the replica's session lease expired (etcd too slow to take refreshes): the
+  lease is replaced at once, every open session's key written again, and the
+  stream starts; the expiry is real, the lease revoked in etcd.
+"""
 
 import asyncio
 
