@@ -5,8 +5,10 @@ two gatewayd agents in network namespaces serve `--metrics-listen`; a
 Prometheus started here scrapes all four twice a second. Through its HTTP API
 the test finds the convergence histogram counting a change made with the SDK
 (one acknowledgement per affected node), and an agent's failure counted after
-it is given a bad desired state. `promtool check metrics` passes on what every
-endpoint serves.
+it is given a bad desired state; on the way, the gRPC status codes, the key
+service's signatures and leadership, drift repaired by kind, per-peer handshakes
+named by node, and a gateway failover. `promtool check metrics` passes on what
+every endpoint serves.
 
 Prometheus runs in the root namespace, the agents each in their own: an
 agent's endpoint is reached through `NetnsProxy`, which accepts on loopback
@@ -253,6 +255,7 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
                         credentials=pki.credentials()).start()
     cp_socket = lab.dir / "cp.sock"
     cp = ServiceProcess("meshgate-controlplane", common + ["--keyservice", ks.target, *pki.controlplane_args,
+                                                           "--gateway-failover-after", "1",
                                                            *pki.agent_args(f"unix:{lab.dir / 'agents.sock'}")],
                         listen=f"127.0.0.1:0,unix:{cp_socket}").start()
     proxies: list[NetnsProxy] = []
@@ -368,6 +371,11 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         assert (prom.value('sum(meshgate_gatewayd_apply_failures_total{node="client0",reason="rejected"})') or 0) >= 1
         assert prom.value('sum(meshgate_gatewayd_apply_failures_total{node="gateway"})') in (None, 0.0)
         promtool_check_metrics(fetch(f"http://{agents[1][0]}/metrics"), "gatewayd client0 after the failure")
+
+        # The gateway's agent goes away: after --gateway-failover-after its node
+        # is marked down (its ranges would move to a standby), and that is counted.
+        eg.gw.stop()
+        prom.wait_value('sum(meshgate_controlplane_gateway_failovers_total{direction="down"})', lambda v: v >= 1)
     finally:
         if prom is not None:
             prom.stop()
