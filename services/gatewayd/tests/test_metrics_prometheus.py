@@ -6,7 +6,7 @@ Prometheus started here scrapes all four twice a second. Through its HTTP API
 the test finds the convergence histogram counting a change made with the SDK
 (one acknowledgement per affected node), and an agent's failure counted after
 it is given a bad desired state; on the way, the gRPC status codes, the key
-service's signatures and leadership, drift repaired by kind, per-peer handshakes
+service's signatures, leadership and a PSK rotation, drift repaired by kind, per-peer handshakes
 named by node, and a gateway failover. `promtool check metrics` passes on what
 every endpoint serves.
 
@@ -330,6 +330,15 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         prom.wait_value('sum(meshgate_keyservice_psk_issued_total)', lambda v: v >= 1)
         prom.wait_value('sum(meshgate_keyservice_signatures_total{kind="certificate"})', lambda v: v >= 2)  # agents' mTLS
         prom.wait_value('max(meshgate_keyservice_scheduler_leader)', lambda v: v == 1)
+        # The operator rotates the network's pre-shared keys (a whole-network epoch).
+        import grpc
+
+        from meshgate.api.v1 import keys_pb2, keys_pb2_grpc
+
+        with grpc.secure_channel(ks.target, pki.credentials()) as ch:
+            keys_pb2_grpc.KeyServiceStub(ch).RotatePresharedKeys(
+                keys_pb2.RotatePresharedKeysRequest(network="networks/lab"), timeout=30)
+        prom.wait_value('sum(meshgate_keyservice_psk_rotations_total{trigger="epoch"})', lambda v: v >= 1)
         prom.wait_value('count(meshgate_keyservice_kek_age_seconds)', lambda v: v == 1)
         prom.wait_value('sum(meshgate_etcd_operation_duration_seconds_count{job="meshgate-controlplane"})',
                         lambda v: v > 0)
