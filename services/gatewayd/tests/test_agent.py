@@ -109,7 +109,7 @@ async def test_waits_without_state_then_full_then_delta(setup):
     src.put(Snapshot(state(1)))
     await until(lambda: rec.passes == [(1, True)])
     src.put(Snapshot(state(2)))
-    await until(lambda: len(rec.passes) == 2)
+    await until(lambda: len(rec.passes) == 2 and len(src.reports) == 2)  # the pass ended (saved, reported)
     assert rec.passes[1] == (2, False)  # the fast path
     assert rec.store.load_desired().revision == 2
     assert [r.applied_revision for r in src.reports] == [1, 2]
@@ -157,7 +157,7 @@ async def test_peer_delta_and_stale_delta(setup):
     await until(lambda: rec.passes)
     d = pb.DesiredStateDelta(base_revision=1, removed_peers=[key(2)])
     src.put(Delta(d, revision=2))
-    await until(lambda: len(rec.passes) == 2)
+    await until(lambda: len(rec.passes) == 2 and agent.status["applied_revision"] == 2)  # saved too
     assert rec.passes[1] == (2, False)
     assert key(2) not in agent.target.peers and len(rec.store.load_desired().peers) == 2
     src.put(Delta(pb.DesiredStateDelta(base_revision=1), revision=3))  # stale base
@@ -176,7 +176,7 @@ async def test_relayed_ranges_delta_is_not_a_peer_delta(setup):
     d = pb.DesiredStateDelta(base_revision=1, relayed_ranges_changed=True,
                              relayed_ranges=["100.64.0.3/32"])
     src.put(Delta(d, revision=2))
-    await until(lambda: len(rec.passes) == 2)
+    await until(lambda: len(rec.passes) == 2 and agent.status["applied_revision"] == 2)  # saved too
     assert agent.target.relayed_ranges == ("100.64.0.3/32",)
     assert "@relay4" in agent.target.nft.text
     assert agent.target.sysctls["net.ipv4.ip_forward"] == "1"
