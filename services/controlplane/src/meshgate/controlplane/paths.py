@@ -166,7 +166,7 @@ def route(state, a: str, b: str, candidates: Iterable[str] | None = None,
     `peers_of(n)`: the nodes n peers with (a relay must peer with both sides)."""
     if a == b:
         return ""
-    mark = state.relay_marks.get(pair_id(a, b))
+    mark = state.relay_marks.get(pair_id(a, b)) if state.relay_marks else None
     if mark is not None:
         if not mark:
             return ""
@@ -238,8 +238,8 @@ def relayed_peers(state, name: str, peer_names: Iterable[str],
                   peers_of: Callable[[str], Any], index: Any = None) -> dict[str, str]:
     """The peers of `name` it reaches through a relay: peer -> relay."""
     candidates = relays_of(state, index)
-    if not state.relay_marks and not candidates:
-        return {}
+    if not state.relay_marks and (not candidates or has_endpoint(state, name)):
+        return {}  # the common case, at no cost per peer: nothing marked, and direct by default
     out = {}
     for p in peer_names:
         r = route(state, name, p, candidates, peers_of)
