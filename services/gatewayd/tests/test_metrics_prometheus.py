@@ -367,7 +367,9 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         good = pb.DesiredState.FromString((client.state_dir / "desired.pb").read_bytes())
         bad = pb.DesiredState()
         bad.CopyFrom(good)
-        bad.interface.mtu = 100  # below 576: an invalid desired state
+        # An address that does not parse: the DNS side sees the state before the
+        # agent validates it, and must hand it on (it once ended the feed here).
+        bad.interface.addresses[0] = "100.64.0.999/24"
         fails = 'sum(meshgate_gatewayd_apply_failures_total{node="client0"})'
         assert not prom.query(fails) or prom.value(fails) == 0
         client.stop()

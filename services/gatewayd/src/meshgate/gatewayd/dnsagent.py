@@ -124,8 +124,21 @@ def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     return out or [("127.0.0.1", 53)]
 
 
+def _interfaces(state: pb.DesiredState) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """The interface's addresses that parse. This wrapper sees a state before
+    the agent validates it: an invalid one must reach the agent (which rejects
+    it and reports why), not end the desired-state feed here."""
+    out = []
+    for a in state.interface.addresses:
+        try:
+            out.append(ipaddress.ip_interface(a))
+        except ValueError:
+            continue
+    return out
+
+
 def overlay_networks(state: pb.DesiredState) -> list[str]:
-    return [str(ipaddress.ip_interface(a).network) for a in state.interface.addresses]
+    return [str(i.network) for i in _interfaces(state)]
 
 
 class DnsSource:
@@ -174,7 +187,7 @@ class DnsSource:
         if self.server is None:
             return
         self.server.set_zone(state.dns.zone, {r.name: list(r.addresses) for r in state.dns.records})
-        listen = [str(ipaddress.ip_interface(a).ip) for a in state.interface.addresses]
+        listen = [str(i.ip) for i in _interfaces(state)]
         await self.server.listen_on(listen)
         if self.settings.dns_configure_resolver and state.dns.zone:
             await self._configure_host_resolver(state.interface.name or self.default_interface, state.dns.zone, listen)
