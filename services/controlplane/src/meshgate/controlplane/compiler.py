@@ -15,8 +15,10 @@ Rules:
   been disconnected for the failover delay, see liveness.py), then the highest
   priority wins, ties broken by name. When every candidate is down the best of
   them keeps the range (routes never vanish because agents are unreachable).
-  Nodes reach the range through that gateway's node; the gateway's own node
-  does not route it into the tunnel.
+  Nodes reach the range through that gateway's node; the gateway's own node,
+  and a node that runs another healthy gateway for the range (a standby, a
+  drained gateway), do not route it into the tunnel: they use their own
+  egress, so nothing they receive during a move goes round through the tunnel.
 - An internet gateway adds 0.0.0.0/0 (and ::/0 with IPv6) to the chosen
   gateway's peer, and names that peer as the default route. This is the one
   permitted overlap of allowed IPs: WireGuard routes by longest prefix, so more
@@ -472,10 +474,17 @@ def compile_node(
     else:
         by_range, internet = active_gateways(state)
         range_order = sorted(by_range, key=lambda c: _cidr_key(c)[3])
+    # A node that runs a healthy gateway for a range reaches it through its own
+    # egress, even while another gateway carries the range for everyone else
+    # (a standby, or a drained gateway): what still reaches it during a move
+    # (in flight, or from a node that has not applied the move yet) leaves
+    # there too, instead of going round through the tunnel to the other one,
+    # whose reply the sender would no longer accept from that peer.
+    own = {r for g in state.gateways.values() if g.node == name and healthy(state, g) for r in g.ranges}
     routes = []
     for r in range_order:
         gw = by_range[r]
-        if gw.node == name or gw.node not in allowed or not uses(state, gw, name):
+        if gw.node == name or r in own or gw.node not in allowed or not uses(state, gw, name):
             continue
         allowed[gw.node].append(r)
         routes.append(ds.Route(destination=r, via_peer=state.nodes[gw.node].public_key))
@@ -583,7 +592,7 @@ def _dns(state: NetworkState, out: ds.DesiredState, me: node_pb2.Node, peer_name
 # The fields of a node that other nodes' desired states are computed from (in
 # compile_node, PeerIndex and active_gateways). Hazard: a field the compiler
 # starts reading from peers must be added here.
-PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags", "drain")
+PEER_VISIBLE_FIELDS = ("name", "public_key", "endpoint", "ipv4_address", "ipv6_address", "tags", "drain", "relay")
 
 
 def affected_by_learned(state: NetworkState | None, name: str) -> set[str]:
