@@ -14,8 +14,10 @@ States. A pair's direct path, from what both sides say (`direct_state`):
   for longer than the path delay (at least 6 s: a side that learns of the
   other late waits for WireGuard's next handshake retry, 5 s) and no
   handshake yet;
-- `PATH_STALE`: traffic unanswered for longer than the delay on either side,
-  or (keepalives on) the last handshake older than WireGuard keeps a session;
+- `PATH_STALE`: connected once, then traffic unanswered for longer than the
+  delay on either side (with keepalives on, a dead session always shows so;
+  the age of the last handshake is not judged: agents report the first
+  handshake, not every rekey);
 - `PATH_UP`: otherwise, once there was a handshake.
 Nothing is said about a pair before the delay has passed (a node that just
 joined is not unhealthy yet).
@@ -51,8 +53,6 @@ from typing import Any
 
 from meshgate.api.v1 import network_pb2
 
-SESSION_S = 180.0
-"""WireGuard's REJECT_AFTER_TIME: a session older than this is dead."""
 FIRST_HANDSHAKE_S = 6.0
 """The least time a pair is given for its first handshake: one side may learn of
 the other up to a retry later (WireGuard's REKEY_TIMEOUT, 5 s) than the other."""
@@ -112,8 +112,7 @@ def _secs(ns: int) -> str:
     return f"{max(ns, 0) / 1e9:.0f} s"
 
 
-def direct_state(a: PeerSeen | None, b: PeerSeen | None, now_ns: int, delay_s: float = DEFAULT_DELAY_S,
-                 keepalive: bool = True) -> Direct:
+def direct_state(a: PeerSeen | None, b: PeerSeen | None, now_ns: int, delay_s: float = DEFAULT_DELAY_S) -> Direct:
     """The direct path between two nodes, from what each side's agent says of
     the other (`a`, `b`; None: it has said nothing); see the module docstring."""
     views = [v for v in (a, b) if v is not None]
@@ -134,8 +133,8 @@ def direct_state(a: PeerSeen | None, b: PeerSeen | None, now_ns: int, delay_s: f
             return Direct(network_pb2.PATH_NEVER_CONNECTED, configured,
                           f"no handshake in the {_secs(now_ns - configured)} since it was configured")
         return UNKNOWN
-    if keepalive and now_ns - handshake >= int((SESSION_S + 15) * 1e9):
-        return Direct(network_pb2.PATH_STALE, handshake, f"last handshake {_secs(now_ns - handshake)} ago")
+    # The age of the handshake is not judged: agents report the first one, not
+    # every rekey, and a dead session with keepalives on shows as unanswered.
     return Direct(network_pb2.PATH_UP, handshake)
 
 

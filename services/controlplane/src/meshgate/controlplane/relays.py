@@ -177,8 +177,7 @@ class Relays:
     def direct(self, st: compiler.NetworkState, a: str, b: str, now_ns: int) -> paths.Direct:
         net_id = st.network.name.split("/")[1]
         sa, sb = self.seen(net_id, a, b)
-        return paths.direct_state(sa, sb, now_ns, self.delay_s, st.network.persistent_keepalive.seconds > 0
-                                  or not st.network.HasField("persistent_keepalive"))
+        return paths.direct_state(sa, sb, now_ns, self.delay_s)
 
     async def evaluate(self) -> None:
         now_ns, mono = time.time_ns(), time.monotonic()
@@ -279,7 +278,6 @@ class Relays:
         hear it from different places its NAT maps per destination: that
         mapping is no use to anyone else, so nothing is learned (and what was
         learned before is dropped)."""
-        now_ns = time.time_ns()
         heard: dict[str, set[str]] = {}
         for node, peers in recs.items():
             me = st.nodes.get(node)
@@ -289,8 +287,7 @@ class Relays:
                 peer = f"networks/{net_id}/nodes/{pid}"
                 p = st.nodes.get(peer)
                 hs = rec.get("handshake_ns", 0)
-                if (p is None or p.endpoint or not rec.get("endpoint") or not hs
-                        or now_ns - hs > paths.SESSION_S * 1e9 or rec.get("unanswered_ns")):
+                if p is None or p.endpoint or not rec.get("endpoint") or not hs or rec.get("unanswered_ns"):
                     continue
                 heard.setdefault(peer, set()).add(rec["endpoint"])
         for peer in set(heard) | set(st.learned_endpoints):

@@ -6,9 +6,11 @@ report, or nothing. The agent samples every `path_check_interval` (1 s) and
 sends what this returns as one `Health` message, so the control plane hears of
 a change within about a second and otherwise of nothing:
 
-- a peer is reported when its last handshake, its endpoint (where WireGuard
-  last heard it from: a NAT's mapping for a peer behind one) or its
-  reachability changes, and when it first appears (its configure time);
+- a peer is reported when it first appears (its configure time), on its
+  first handshake (not on every rekey, every two minutes: in a large mesh
+  that would be a report per node per second), when its endpoint changes
+  (where WireGuard last heard it from: a NAT's mapping for a peer behind one)
+  and when its reachability changes;
 - its counters ride along, and every `full_every_s` a complete report lists
   every peer (so counters of quiet peers, shown for external clients, stay
   fresh, and a control plane that lost a record gets it back).
@@ -105,7 +107,8 @@ class PathWatch:
                     p.unanswered_ns = p.pending_ns
             p.rx, p.tx = st.rx_bytes, st.tx_bytes
             handshake = st.last_handshake_sec * 1_000_000_000 + st.last_handshake_nsec if st.last_handshake_sec else 0
-            shown = (handshake, st.endpoint or "", p.unanswered_ns)
+            # A rekey every two minutes is no news: only the first handshake is.
+            shown = (bool(handshake), st.endpoint or "", p.unanswered_ns)
             counters = (st.rx_bytes, st.tx_bytes)
             if complete or shown != p.sent or (p.sent is None):
                 p.sent = shown
