@@ -208,6 +208,19 @@ async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(
     assert (pa.state, pa.relay) == (network_pb2.PATH_STALE, "networks/prod/nodes/r")
     assert pa.reason.startswith("traffic unanswered for") and "via r" in pa.summary
     assert by_node["networks/prod/nodes/a"].healthy  # reached through the relay
+    # a replica that starts now loads the same decisions and reports
+    from meshgate.controlplane.cache import StateCache
+
+    fresh = StateCache(cp.etcd)
+    await fresh.start()
+    try:
+        await fresh.ready.wait()
+        loaded = fresh.networks["prod"]
+        assert loaded.relay_marks == {"a~p": "r"}
+        assert loaded.learned_endpoints == {"networks/prod/nodes/a": "203.0.113.6:51820"}
+        assert set(fresh.path_health["prod"]) == {"networks/prod/nodes/a", "networks/prod/nodes/p"}  # who reported
+    finally:
+        await fresh.stop()
     # answered again: back to direct after the recovery delay (doubled: one move)
     await report(a, p, None)
     await wait_until(lambda: entry(a, p) == [p.node.ipv4_address + "/32"], "A-P direct again")
