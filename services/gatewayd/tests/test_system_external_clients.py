@@ -118,7 +118,8 @@ def test_a_laptop_in_a_deny_network_reaches_only_what_a_client_policy_allows(key
                                                                             ):
     """Relayed traffic is subject to policies like direct traffic: the laptop (an
     external client, relayed by the gateway node) reaches client0 on the allowed port
-    only, and nothing else; client0 cannot open a connection to it."""
+    only, and nothing else; client0 cannot open a connection to it. The gateway
+    node's DNS, which its configuration names, still answers it."""
     from meshgate.api.v1 import network_pb2, policy_pb2, policy_pb2_grpc
 
     eg, lab = egress, egress.lab
@@ -145,6 +146,9 @@ def test_a_laptop_in_a_deny_network_reaches_only_what_a_client_policy_allows(key
         assert laptop.ask(eg.overlay(0), WHOAMI_PORT + 1, timeout=1.5) is None, "another port"
         assert not pings(laptop, eg.overlay(0), count=2), "another protocol"
         assert not pings(laptop, "100.64.0.1", count=2), "the gateway node itself: no policy"
+        # ... but the DNS its configuration names (the gateway node) answers it
+        from test_system_dns import ZONE, lookup
+        assert lookup(laptop, "100.64.0.1", f"client0.{ZONE}") == ["NOERROR", eg.overlay(0)]
         laptop.whoami_server(c.ipv4_address, WHOAMI_PORT)
         assert node.ask(c.ipv4_address, WHOAMI_PORT, timeout=1.5) is None, "the policy has a direction"
     finally:

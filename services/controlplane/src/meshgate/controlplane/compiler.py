@@ -566,9 +566,24 @@ def compile_node(
     _dns(state, out, me, peer_names, by_gateway)
     if state.policies or net.default_policy == network_pb2.DENY:
         admits = [c for p in out.peers for c in p.allowed_ips]
-        out.filter_rules.extend(filters.compile_rules(
-            state, delivers, admits, index.resolver if index is not None else None))
+        rules = filters.compile_rules(state, delivers, admits, index.resolver if index is not None else None)
+        if rules:
+            out.filter_rules.extend(_client_dns(me, by_gateway.get(name, [])) + rules)
     return out
+
+
+def _client_dns(me: node_pb2.Node, clients: list[external_client_pb2.ExternalClient]) -> list[ds.FilterRule]:
+    """The external clients a node serves resolve through it (their
+    configuration's `DNS =` is the node, unless created with `dns_servers`):
+    where the node filters, their DNS queries to its overlay addresses (UDP and
+    TCP 53) pass ahead of the policies, or the default configuration would
+    leave a laptop in a DENY network without any DNS."""
+    sources = sorted(h for c in clients if not c.dns_servers for h in filters.host_routes(c))
+    mine = filters.host_routes(me)
+    if not sources or not mine:
+        return []
+    return [ds.FilterRule(sources=sources, destinations=mine, protocol=proto, ports=["53"], accept=True)
+            for proto in ("udp", "tcp")]
 
 
 def _dns(state: NetworkState, out: ds.DesiredState, me: node_pb2.Node, peer_names: list[str],
