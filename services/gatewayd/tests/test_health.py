@@ -69,3 +69,17 @@ def test_a_probe_turns_unhealthy_after_its_failures_and_back_after_its_successes
     assert p.record(False, "no answer") and not p.healthy and "3 failures" in p.reason
     assert not p.record(True) and not p.record(False) and not p.record(True) and not p.healthy
     assert p.record(True) and p.healthy
+
+
+def test_a_gateway_that_reaches_only_part_of_its_range_is_healthy_while_that_part_works():
+    k = links(FakeLink(2, "eth1"), routes=[("198.51.100.128/25", 0, [2]), ("198.51.100.10/32", 0, [2])])
+    assert check_paths([cfg()], "mg0", k) == {GW: ""}
+    k = links(FakeLink(2, "eth1", carrier=0), routes=[("198.51.100.128/25", 0, [2])])
+    assert "no carrier" in check_paths([cfg()], "mg0", k)[GW]
+
+
+def test_an_internet_gateway_needs_a_working_default_route():
+    k = links(FakeLink(2, "eth1"), FakeLink(4, "eth2"), routes=[("198.51.100.0/24", 0, [4])])
+    assert "no route to 0.0.0.0/0" in check_paths([cfg(ranges=[], internet_gateway=True)], "mg0", k)[GW]
+    k.routes.append((ipaddress.ip_network("0.0.0.0/0"), 0, [2]))
+    assert check_paths([cfg(ranges=[], internet_gateway=True)], "mg0", k) == {GW: ""}

@@ -5,16 +5,18 @@ For every egress gateway of the node's desired state (`EgressConfig` with a
 netlink (pyroute2):
 
 - the egress interface, when one is named: it exists, is up and has carrier;
-- each range (the first 16): the main routing table has a route to its first
-  host (as `ip route get` would pick it) that does not go into the overlay (not via meshgate's own interface) and is
-  not unreachable/blackhole/prohibit, out of an interface that is up and has
-  carrier (a pulled cable leaves the route in place, marked linkdown);
+- each range (the first 16): of the main table's routes that carry it (the one
+  `ip route get` would pick for its first host, and every route inside the
+  range: a gateway may reach only part of it; for a default route, the default
+  routes), one leaves outside the overlay (not via meshgate's own interface),
+  is unicast, and goes out of an interface that is up and has carrier (a
+  pulled cable leaves the route in place, marked linkdown);
 - the operator's probes (EgressGateway.probes): ICMP echo (`ping -I <dev>`)
   or a TCP connection (SO_BINDTODEVICE), out of the egress interface (or the
   interface of the main table's route to the target), never through the
-  overlay: once the range has moved to a standby, this node's own traffic to
-  the range goes through the tunnel, and a probe that followed it would
-  report the standby's path as ours. A probe turns the gateway unhealthy
+  overlay: once an unhealthy gateway's range has moved to a standby, its
+  node's own traffic to the range goes through the tunnel, and a probe that
+  followed it would report the standby's path as ours (and never fail). A probe turns the gateway unhealthy
   after `failure_threshold` consecutive failures (default 3) and healthy again
   after `success_threshold` consecutive successes (default 2).
 
@@ -161,18 +163,29 @@ def check_paths(configs: Sequence[pb.EgressConfig], overlay_ifname: str, links: 
                 net = ipaddress.ip_network(r, strict=False)
             except ValueError:
                 continue
-            # The route the kernel would pick for the range's first host, as `ip route get` does.
+            # The routes that carry (part of) the range: the one the kernel picks
+            # for its first host (as `ip route get` would), and every route inside
+            # it (a gateway may reach only part of a range, a host or a subnet).
             first = net.network_address + (1 if net.num_addresses > 2 else 0)
-            found = links.route_for(ipaddress.ip_network(first), exclude)
-            if found is None:
+            candidates = []
+            found = links.route_for(ipaddress.ip_network(first), exclude) if net.prefixlen else None
+            if found is not None:
+                candidates.append(found)
+            for dst, _, oifs in links.routes:
+                usable = [i for i in oifs if i not in exclude]
+                inside = dst.prefixlen == 0 if net.prefixlen == 0 else dst.subnet_of(net)  # type: ignore[arg-type]
+                if usable and dst.version == net.version and inside and (found is None or dst != found[0]):
+                    candidates.append((dst, usable))
+            if not candidates:
                 problem = f"no route to {r} outside the overlay"
                 break
-            dst, oifs = found
-            bad = [links.by_index.get(i) for i in oifs]
-            problems = [_link_problem(link) if link is not None else f"interface {i} is gone"
-                        for i, link in zip(oifs, bad, strict=True)]
+            problems = []
+            for dst, oifs in candidates:
+                why = [_link_problem(links.by_index[i]) if i in links.by_index else f"interface {i} is gone"
+                       for i in oifs]
+                problems.append("" if not all(why) else f"route to {r} (via {dst}): {why[0]}")
             if all(problems):
-                problem = f"route to {r} (via {dst}): {problems[0]}"
+                problem = problems[0]
                 break
         out[cfg.gateway] = problem
     return out
