@@ -55,13 +55,18 @@ FORMATTED = {
     "sources": lambda w: ["tag:sweep-src"],
     "destinations": lambda w: ["tag:sweep-dst"],
     "tags": lambda w: ["sweep"],
+    "domains": lambda w: ["db.sweep.example", "*.api.sweep.example"],
 }
 # Integers with a range, by field name.
 NUMBERS = {"listen_port": 51999, "mtu": 1380, "priority": 42}
 # Durations: two hours (rotation periods take at least one), or what a bounded one takes.
 DURATIONS = {"persistent_keepalive": "42s"}
 # Repeated messages, as the CLI takes them (one JSON or YAML object per option).
-MESSAGES = {"meshgate.api.v1.PortRange": [{"first": 8443}]}
+MESSAGES = {
+    "meshgate.api.v1.PortRange": [{"first": 8443}],
+    # inside the gateway's range (198.51.100.0/24)
+    "meshgate.api.v1.EgressProbe": [{"protocol": "TCP", "target": "198.51.100.7", "port": 5432, "interval": "2s"}],
+}
 
 
 class World:
