@@ -142,7 +142,7 @@ async def test_a_flapping_path_moves_the_range_a_few_times_not_at_every_change(h
     agents = await ha(cp)
     client, primary = agents["client"], agents["primary"]
     moves, last = 0, via(client)
-    for i in range(16):  # down 0.15 s, up 0.25 s, for over six seconds
+    for i in range(12):  # six times down 0.15 s, up 0.25 s
         await report(primary, PRIMARY, i % 2 == 1, "" if i % 2 else "eth1 has no carrier")
         for _ in range(5 if i % 2 else 3):
             await asyncio.sleep(0.05)
