@@ -40,7 +40,8 @@ def cfg(**kw) -> pb.EgressConfig:
 
 
 def test_a_route_out_of_a_link_with_carrier_is_healthy():
-    k = links(FakeLink(2, "eth1"), FakeLink(3, "mg0"), routes=[("198.51.100.0/24", 0, [2])])
+    k = links(FakeLink(2, "eth1"), FakeLink(3, "mg0"),
+              routes=[("fe80::/64", 256, [2]), ("198.51.100.0/24", 0, [2]), ("::/0", 0, [2])])
     assert check_paths([cfg()], "mg0", k) == {GW: ""}
 
 

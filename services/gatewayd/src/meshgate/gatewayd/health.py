@@ -173,8 +173,9 @@ def check_paths(configs: Sequence[pb.EgressConfig], overlay_ifname: str, links: 
                 candidates.append(found)
             for dst, _, oifs in links.routes:
                 usable = [i for i in oifs if i not in exclude]
-                inside = dst.prefixlen == 0 if net.prefixlen == 0 else dst.subnet_of(net)  # type: ignore[arg-type]
-                if usable and dst.version == net.version and inside and (found is None or dst != found[0]):
+                if not usable or dst.version != net.version or (found is not None and dst == found[0]):
+                    continue
+                if (dst.prefixlen == 0) if net.prefixlen == 0 else dst.subnet_of(net):  # type: ignore[arg-type]
                     candidates.append((dst, usable))
             if not candidates:
                 problem = f"no route to {r} outside the overlay"
