@@ -207,9 +207,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.EgressGateway': 'A node that forwards overlay traffic for `ranges` out of one of its\n'
                                   "interfaces, normally NATed to that interface's address.\n"
                                   '\n'
-                                  'High availability: several gateways may serve exactly the same range; the one\n'
-                                  'with the highest `priority` whose node is not marked down carries it (see\n'
-                                  '`priority`).',
+                                  'High availability: several gateways may serve exactly the same range (or\n'
+                                  'domain); the healthy, undrained one with the highest `priority` carries it\n'
+                                  '(see `priority`).',
  'meshgate.api.v1.EgressGateway.display_name': 'A human-readable name, at most 128 characters.',
  'meshgate.api.v1.EgressGateway.domain_status': "What the gateway's agent last learned of each domain.",
  'meshgate.api.v1.EgressGateway.domains': 'Destination names reached through the gateway, besides `ranges`: exact\n'
@@ -239,9 +239,11 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.EgressGateway.node': 'The node that forwards, `networks/{network}/nodes/{node}`, in the same '
                                        'network.',
  'meshgate.api.v1.EgressGateway.priority': 'Among gateways with the same ranges, the highest priority wins (0-1000),\n'
-                                           'preferring gateways whose node is up: one whose agent has been\n'
-                                           "disconnected longer than the control plane's failover delay yields the\n"
-                                           'ranges to the next, and takes them back when it returns.',
+                                           'after health and drain: a gateway whose agent reports its egress path\n'
+                                           'broken (link, carrier, route, `probes`), or whose stream is gone for the\n'
+                                           "control plane's failover delay, yields the ranges to the best healthy\n"
+                                           'standby, as does a drained one; it takes them back once healthy for the\n'
+                                           'failback hold (docs/protocol.md).',
  'meshgate.api.v1.EgressGateway.probes': "Checks of the egress path the gateway's agent runs, besides the egress\n"
                                          "interface's link, carrier and route to the ranges (always checked); at\n"
                                          'most 4. A gateway whose agent reports it unhealthy yields its ranges to a\n'

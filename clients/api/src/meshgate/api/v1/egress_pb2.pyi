@@ -27,9 +27,9 @@ class EgressGateway(_message.Message):
     """A node that forwards overlay traffic for `ranges` out of one of its
     interfaces, normally NATed to that interface's address.
 
-    High availability: several gateways may serve exactly the same range; the one
-    with the highest `priority` whose node is not marked down carries it (see
-    `priority`).
+    High availability: several gateways may serve exactly the same range (or
+    domain); the healthy, undrained one with the highest `priority` carries it
+    (see `priority`).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -87,9 +87,11 @@ class EgressGateway(_message.Message):
     """
     priority: _builtins.int
     """Among gateways with the same ranges, the highest priority wins (0-1000),
-    preferring gateways whose node is up: one whose agent has been
-    disconnected longer than the control plane's failover delay yields the
-    ranges to the next, and takes them back when it returns.
+    after health and drain: a gateway whose agent reports its egress path
+    broken (link, carrier, route, `probes`), or whose stream is gone for the
+    control plane's failover delay, yields the ranges to the best healthy
+    standby, as does a drained one; it takes them back once healthy for the
+    failback hold (docs/protocol.md).
     """
     internet_gateway: _builtins.bool
     """Also carry all other traffic (0.0.0.0/0 and ::/0) of the nodes that use it."""
