@@ -21,7 +21,6 @@ removes (also on error).  Needs root, wireguard-go, wg, nft.
 from __future__ import annotations
 
 import argparse
-import secrets
 import statistics
 import sys
 import time
@@ -30,37 +29,6 @@ from collections.abc import Callable
 from benchkit import bench, info
 
 EXT = "198.51.100.10"
-
-
-def _lab_class():
-    from meshgate.gatewayd.lab import Host, Lab, Node, _run
-    from meshgate.gatewayd.wireguard.uapi import socket_path
-
-    class DriftLab(Lab):
-        """The lab under this benchmark's prefix (``m17d``)."""
-
-        @staticmethod
-        def _fresh_token() -> str:
-            existing = _run(["ip", "netns", "list"], check=False).stdout
-            while True:
-                t = secrets.token_hex(2)
-                if f"m17d-{t}-" not in existing and not any(
-                        p.name.startswith(f"m17d{t}") for p in socket_path("x").parent.glob("*.sock")):
-                    return t
-
-        def host(self, role: str) -> Host:
-            h = Host(self, f"m17d-{self.token}-{role}")
-            _run(["ip", "netns", "add", h.name])
-            self.hosts.append(h)
-            h.ip("link", "set", "lo", "up")
-            return h
-
-        def node(self, host: Host, role: str) -> Node:
-            n = super().node(host, role)
-            n.ifname = f"m17d{self.token}{role}"[:15]
-            return n
-
-    return DriftLab
 
 
 def until(cond: Callable[[], bool], timeout: float = 60.0, every: float = 0.05) -> float:
@@ -84,7 +52,9 @@ def main() -> int:
     if reason:
         print(f"bench_drift: cannot run: {reason}", file=sys.stderr)
         return 3
-    with _lab_class()() as lab:
+    from meshgate.gatewayd.lab import Lab
+
+    with Lab(prefix="m17d") as lab:
         eg = build_egress(lab, clients=1)
         gw, client = eg.gw, eg.clients[0]
         h, g = client.host, gw.host

@@ -14,50 +14,30 @@ that joins with an endpoint inside an egress range is refused.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
 from meshgate.gatewayd.lab import Egress, Node
-from test_system_controlplane import Loop, start_control_plane
+from test_system_controlplane import Loop, loop_for
 
 pytestmark = pytest.mark.root
 
 DB = "198.51.100.0/24"
 OTHER = "100.100.0.0/16"
 INTERNET_HOST = "203.0.113.200"  # not on any test link: only a default route reaches it
-BIN = str(Path(sys.executable).parent)
 
 
 @pytest.fixture
 def loop(lab, etcd_server, etcd_prefix):
-    socket = str(lab.dir / "cp.sock")
-    cp = start_control_plane(etcd_server, etcd_prefix, socket)
-    lp = Loop(cp, f"unix:{socket}")
-    try:
+    with loop_for(lab, etcd_server, etcd_prefix) as lp:
         yield lp
-    finally:
-        for n in lab.nodes:  # the agents go first, so they do not reconnect to nothing
-            n.stop()
-        lp.close()
-        lp.cp.stop()
-
-
-def meshgate(loop: Loop, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHGATE_", "OTEL_"))}
-    env["MESHGATE_TOKEN"] = loop.token
-    env["MESHGATE_CONFIG"] = os.devnull
-    return subprocess.run([f"{BIN}/meshgate", "--target", loop.cp.target, *args], env=env, capture_output=True,
-                          text=True, timeout=60)
 
 
 def status_of(loop: Loop, fmt: str = "json") -> subprocess.CompletedProcess:
-    r = meshgate(loop, "network", "get-status", "networks/lab", "-o", fmt)
+    r = loop.cli("network", "get-status", "networks/lab", "-o", fmt)
     assert r.returncode == 0, r.stderr
     return r
 

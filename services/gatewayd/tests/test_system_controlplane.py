@@ -8,16 +8,23 @@ network namespaces, and the test hosts have no route to the root namespace.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
 from meshgate.common.testing import ServiceProcess
-from meshgate.gatewayd.lab import ControlPlaneView, Egress
+from meshgate.gatewayd.lab import ControlPlaneView, Egress, Lab
 
 EXT_PORT = 7070
+MESHGATE = str(Path(sys.executable).with_name("meshgate"))
 RANGE = "198.51.100.0/24"
 
 
@@ -30,6 +37,15 @@ class Loop(ControlPlaneView):
         super().__init__(cp.target, socket, token=self.token)
         self.cp, self.socket = cp, socket
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """The `meshgate` CLI against this control plane, with its admin token
+        and nothing else of the environment's MESHGATE_/OTEL_ settings."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHGATE_", "OTEL_"))}
+        env["MESHGATE_TOKEN"] = self.token
+        env["MESHGATE_CONFIG"] = os.devnull
+        return subprocess.run([MESHGATE, "--target", self.cp.target, *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
 
 def start_control_plane(etcd_server, etcd_prefix, socket: str) -> ServiceProcess:
     return ServiceProcess(
@@ -39,16 +55,26 @@ def start_control_plane(etcd_server, etcd_prefix, socket: str) -> ServiceProcess
     ).start()
 
 
-@pytest.fixture
-def loop(lab, etcd_server, etcd_prefix):
+@contextlib.contextmanager
+def loop_for(lab: Lab, etcd_server, etcd_prefix) -> Iterator[Loop]:
+    """A control plane for `lab`'s agents (they reach it on a socket in the
+    lab's directory); on exit the agents stop first, so that they do not
+    reconnect to nothing, then the control plane."""
     socket = str(lab.dir / "cp.sock")
-    cp = start_control_plane(etcd_server, etcd_prefix, socket)
-    lp = Loop(cp, f"unix:{socket}")
+    lp = Loop(start_control_plane(etcd_server, etcd_prefix, socket), f"unix:{socket}")
     try:
         yield lp
     finally:
+        for n in lab.nodes:
+            n.stop()
         lp.close()
         lp.cp.stop()
+
+
+@pytest.fixture
+def loop(lab, etcd_server, etcd_prefix):
+    with loop_for(lab, etcd_server, etcd_prefix) as lp:
+        yield lp
 
 
 def join_all(loop: Loop, eg: Egress) -> None:

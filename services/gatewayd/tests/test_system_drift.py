@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,40 +24,13 @@ import pytest
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
 from meshgate.common.testing import in_ci
-from meshgate.gatewayd.lab import Egress, Host, Lab, Node, _run, build_egress, can_run
-from meshgate.gatewayd.wireguard.uapi import socket_path
-from test_system_controlplane import Loop, start_control_plane
+from meshgate.gatewayd.lab import Egress, Host, Lab, Node, build_egress, can_run
+from test_system_controlplane import Loop, loop_for
 
 pytestmark = pytest.mark.root
 
 EXT = "198.51.100.10"
 RANGE = "198.51.100.0/24"
-BIN = str(Path(sys.executable).parent)
-
-
-class DriftLab(Lab):
-    """The lab's hosts and interfaces under this suite's prefix (``m17d``)."""
-
-    @staticmethod
-    def _fresh_token() -> str:
-        existing = _run(["ip", "netns", "list"], check=False).stdout
-        while True:
-            t = secrets.token_hex(2)
-            if f"m17d-{t}-" not in existing and not any(
-                    p.name.startswith(f"m17d{t}") for p in socket_path("x").parent.glob("*.sock")):
-                return t
-
-    def host(self, role: str) -> Host:
-        h = Host(self, f"m17d-{self.token}-{role}")
-        _run(["ip", "netns", "add", h.name])
-        self.hosts.append(h)
-        h.ip("link", "set", "lo", "up")
-        return h
-
-    def node(self, host: Host, role: str) -> Node:
-        n = super().node(host, role)
-        n.ifname = f"m17d{self.token}{role}"[:15]
-        return n
 
 
 @pytest.fixture
@@ -70,7 +40,7 @@ def dlab():
         if in_ci():
             pytest.fail(f"CI=true but system tests cannot run: {reason}")
         pytest.skip(reason)
-    lab = DriftLab()
+    lab = Lab(prefix="m17d")
     try:
         yield lab
     finally:
@@ -101,7 +71,7 @@ def repairs(node: Node) -> int:
     return (node.status().get("drift") or {}).get("repairs", 0)
 
 
-def test_drift_heals_in_moments_and_foreign_objects_stay(dlab: DriftLab):
+def test_drift_heals_in_moments_and_foreign_objects_stay(dlab: Lab):
     eg: Egress = build_egress(dlab, clients=1)
     gw, client = eg.gw, eg.clients[0]
     h, g = client.host, gw.host
@@ -172,28 +142,12 @@ def test_drift_heals_in_moments_and_foreign_objects_stay(dlab: DriftLab):
 
 @pytest.fixture
 def loop(dlab, etcd_server, etcd_prefix):
-    socket = str(dlab.dir / "cp.sock")
-    cp = start_control_plane(etcd_server, etcd_prefix, socket)
-    lp = Loop(cp, f"unix:{socket}")
-    try:
+    with loop_for(dlab, etcd_server, etcd_prefix) as lp:
         yield lp
-    finally:
-        for n in dlab.nodes:  # the agents go first, so they do not reconnect to nothing
-            n.stop()
-        lp.close()
-        lp.cp.stop()
-
-
-def meshgate(loop: Loop, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHGATE_", "OTEL_"))}
-    env["MESHGATE_TOKEN"] = loop.token
-    env["MESHGATE_CONFIG"] = os.devnull
-    return subprocess.run([f"{BIN}/meshgate", "--target", loop.cp.target, *args], env=env, capture_output=True,
-                          text=True, timeout=60)
 
 
 def client_drift(loop: Loop) -> dict:
-    r = meshgate(loop, "network", "get-status", "networks/lab", "-o", "json")
+    r = loop.cli("network", "get-status", "networks/lab", "-o", "json")
     assert r.returncode == 0, r.stderr
     (node,) = [n for n in json.loads(r.stdout)["nodes"] if n["node"].endswith("/client0")]
     return node.get("drift", {})
@@ -204,7 +158,7 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # itself and its children
 
 
-def test_a_fight_is_rate_limited_and_reported(loop: Loop, dlab: DriftLab):
+def test_a_fight_is_rate_limited_and_reported(loop: Loop, dlab: Lab):
     eg = build_egress(dlab, clients=1)
     gw, client = eg.gw, eg.clients[0]
     h = client.host
@@ -234,7 +188,7 @@ def test_a_fight_is_rate_limited_and_reported(loop: Loop, dlab: DriftLab):
         assert time.monotonic() < deadline, client_drift(loop)
         time.sleep(0.2)
     assert any(RANGE in line for line in client_drift(loop)["last_drift"])
-    table = meshgate(loop, "network", "get-status", "networks/lab", "-o", "table").stdout
+    table = loop.cli("network", "get-status", "networks/lab", "-o", "table").stdout
     assert any(line.startswith("networks/lab/nodes/client0") and "FIGHTING" in line for line in table.splitlines()), (
         table + json.dumps(client.status()) + client.log_path.read_text()[-3000:])
 

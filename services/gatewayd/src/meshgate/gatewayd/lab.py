@@ -455,9 +455,15 @@ class PlainWireGuard:
 
 
 class Lab:
-    def __init__(self, workdir: Path | None = None):
+    def __init__(self, workdir: Path | None = None, prefix: str = "mg"):
+        """`prefix` starts every name the lab makes (``mg``: namespaces
+        ``mg-<token>-<role>``, interfaces ``mg<token><role>``), so a suite can
+        keep its own apart from others running at the same time."""
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
+            raise LabError(f"lab prefix {prefix!r}: 1-6 lowercase letters and digits, a letter first")
+        self.prefix = prefix
         self.token = self._fresh_token()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"mglab-{self.token}-", dir=workdir))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}lab-{self.token}-", dir=workdir))
         self.hosts: list[Host] = []
         self.nodes: list[Node] = []
         self.procs: list[subprocess.Popen] = []
@@ -465,13 +471,12 @@ class Lab:
         self._wg_seen: dict[str, int] = {}
         self._closed = False
 
-    @staticmethod
-    def _fresh_token() -> str:
+    def _fresh_token(self) -> str:
         existing = _run(["ip", "netns", "list"], check=False).stdout
         while True:
             t = secrets.token_hex(2)
-            if f"mg-{t}-" not in existing and not any(
-                    p.name.startswith(f"mg{t}") for p in socket_path("x").parent.glob("*.sock")):
+            if f"{self.prefix}-{t}-" not in existing and not any(
+                    p.name.startswith(f"{self.prefix}{t}") for p in socket_path("x").parent.glob("*.sock")):
                 return t
 
     def __enter__(self) -> Lab:
@@ -481,7 +486,7 @@ class Lab:
         self.close()
 
     def host(self, role: str) -> Host:
-        h = Host(self, f"mg-{self.token}-{role}")
+        h = Host(self, f"{self.prefix}-{self.token}-{role}")
         _run(["ip", "netns", "add", h.name])
         self.hosts.append(h)
         h.ip("link", "set", "lo", "up")
@@ -498,15 +503,15 @@ class Lab:
         from meshgate.gatewayd.keys import load_or_create
 
         state = self.dir / f"{role}-state"
-        n = Node(host, f"mg{self.token}{role}"[:15], state)
+        n = Node(host, f"{self.prefix}{self.token}{role}"[:15], state)
         n.public_key = load_or_create(state)[1]
         self.nodes.append(n)
         return n
 
     def ifname(self, role: str) -> str:
-        """A WireGuard interface name unique on this host (``mg<token><role>``, at most
-        15 characters): wireguard-go's UAPI sockets are not per namespace."""
-        name = f"mg{self.token}{role}"[:15]
+        """A WireGuard interface name unique on this host (``<prefix><token><role>``, at
+        most 15 characters): wireguard-go's UAPI sockets are not per namespace."""
+        name = f"{self.prefix}{self.token}{role}"[:15]
         used = {n.ifname for n in self.nodes} | set(self._wg_seen) | {w.ifname for w in self.plain}
         if name in used or socket_path(name).exists():
             raise LabError(f"interface name {name!r} (role {role!r}) is already in use")
