@@ -10,7 +10,6 @@ and change nothing."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -18,81 +17,33 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from cptest import (
     SimAgent,
-    authed_channel,
     details,
     make_gateway,
     make_key,
     make_network,
     make_node,
-    mint_token,
     state_dump,
     wait_until,
 )
 from meshgate.api.v1 import (
     agent_pb2,
-    agent_pb2_grpc,
     egress_pb2,
-    egress_pb2_grpc,
-    enrollment_pb2_grpc,
     network_pb2,
-    network_pb2_grpc,
     node_pb2,
-    node_pb2_grpc,
 )
-from meshgate.common.config import ServerConfig
-from meshgate.common.server import GrpcServer
-from meshgate.controlplane.api import ControlPlane
 from meshgate.controlplane.egresshealth import Damper
+from test_failover import RANGE, failover_cp, via  # noqa: F401 - failover_cp: a fixture
+from test_failover import ha_network as ha
 
-RANGE = "198.51.100.0/24"
 PRIMARY = "networks/prod/egressGateways/gw-primary"
 
 
 @pytest.fixture
-async def health_cp(etcd):
-    made = []
-
-    async def start(failback: float = 0.3, grace: float = 0.0, delay: float = 0.5):
-        app = ControlPlane(etcd, gateway_failover_after=delay, gateway_failback_after=failback,
-                           gateway_startup_grace=grace)
-        await app.start()
-        server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
-        port = await server.start()
-        ch = authed_channel(f"127.0.0.1:{port}", await mint_token(app))
-        cp = SimpleNamespace(
-            app=app, etcd=etcd, networks=network_pb2_grpc.NetworkServiceStub(ch),
-            nodes=node_pb2_grpc.NodeServiceStub(ch), egress=egress_pb2_grpc.EgressGatewayServiceStub(ch),
-            keys=enrollment_pb2_grpc.EnrollmentKeyServiceStub(ch), agents=agent_pb2_grpc.AgentServiceStub(ch),
-            sim=[])
-        made.append((cp, ch, server))
-        return cp
-
-    yield start
-    for cp, ch, server in made:
-        for a in cp.sim:
-            await a.close()
-        await ch.close()
-        await server.stop(0)
-        await cp.app.stop()
-
-
-def via(agent) -> str:
-    routes = [r.via_peer for r in agent.state.routes if r.destination == RANGE] if agent.state else []
-    return routes[0] if routes else ""
-
-
-async def ha(cp):
-    await make_network(cp)
-    ek = await make_key(cp)
-    agents = {}
-    for i, name in enumerate(("primary", "standby", "client")):
-        a = await (await SimAgent(cp.agents, ek.secret, name, f"192.0.2.{i + 1}:51820").enroll()).connect()
-        cp.sim.append(a)
-        agents[name] = a
-    await make_gateway(cp, gw_id="gw-primary", node="primary", ranges=(RANGE,), priority=10)
-    await make_gateway(cp, gw_id="gw-standby", node="standby", ranges=(RANGE,), priority=1)
-    await wait_until(lambda: via(agents["client"]) == agents["primary"].public_key, "client routes via the primary")
-    return agents
+def health_cp(failover_cp):  # noqa: F811 - the fixture imported above
+    """Control planes with a failback hold, a startup grace and a failover delay."""
+    def start(failback: float = 0.3, grace: float = 0.0, delay: float = 0.5):
+        return failover_cp(delay, failback=failback, grace=grace)
+    return start
 
 
 async def report(agent, gateway: str, healthy: bool, reason: str = ""):

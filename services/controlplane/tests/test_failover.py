@@ -31,10 +31,11 @@ async def failover_cp(etcd):
     """Starts control planes with a given failover delay on the test's etcd prefix."""
     made = []
 
-    async def start(delay: float):
-        # No startup grace and a short failback hold: these tests look at the delay alone
-        # (test_egress_health.py tests the grace and the hold).
-        app = ControlPlane(etcd, gateway_failover_after=delay, gateway_startup_grace=0, gateway_failback_after=0.2)
+    async def start(delay: float, failback: float = 0.2, grace: float = 0.0):
+        # By default no startup grace and a short failback hold: these tests look at the
+        # delay alone (test_egress_health.py tests the grace and the hold).
+        app = ControlPlane(etcd, gateway_failover_after=delay, gateway_startup_grace=grace,
+                           gateway_failback_after=failback)
         await app.start()
         server = GrpcServer(ServerConfig(listen="127.0.0.1:0", shutdown_grace=0), app.bindings)
         port = await server.start()

@@ -46,19 +46,6 @@ OVERLAY = {"r": "100.64.0.1", "p": "100.64.0.2", "a": "100.64.0.3", "b": "100.64
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
 
 
-class RelayLab(Lab):
-    """A lab whose namespaces are named m13-<token>-<role>."""
-
-    def host(self, role: str) -> Host:
-        from meshgate.gatewayd.lab import _run
-
-        h = Host(self, f"m13-{self.token}-{role}")
-        _run(["ip", "netns", "add", h.name])
-        self.hosts.append(h)
-        h.ip("link", "set", "lo", "up")
-        return h
-
-
 def _nat(host: Host, out_if: str, random: bool) -> None:
     host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
     how = "masquerade fully-random" if random else "masquerade"
@@ -73,7 +60,7 @@ def _nat(host: Host, out_if: str, random: bool) -> None:
 
 
 class World:
-    def __init__(self, lab: RelayLab, cp: ServiceProcess, view: ControlPlaneView, hosts: dict, nodes: dict):
+    def __init__(self, lab: Lab, cp: ServiceProcess, view: ControlPlaneView, hosts: dict, nodes: dict):
         self.lab, self.cp, self.view, self.hosts, self.nodes = lab, cp, view, hosts, nodes
         self.node_api = node_pb2_grpc.NodeServiceStub(view.channel)
         self.etcd_endpoint = self.etcd_prefix = ""
@@ -154,7 +141,7 @@ def world(etcd_server):
         if in_ci():
             pytest.fail(f"CI=true but system tests cannot run: {reason}")
         pytest.skip(reason)
-    lab = RelayLab()
+    lab = Lab(prefix="m13")
     cp = view = None
     try:
         h = {role: lab.host(role) for role in ("inet", "r", "p", "na", "nb", "nc", "a", "b", "c", "d")}
