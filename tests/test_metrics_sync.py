@@ -96,3 +96,64 @@ def test_slow_agent_resync_is_counted(etcd_server, etcd_prefix):
         assert "meshgate_controlplane_sync_change_messages_count" in text
     finally:
         cp.stop()
+
+
+def test_a_failover_on_egress_health_is_counted(etcd_server, etcd_prefix):
+    """A gateway whose agent reports its egress path broken fails over, and
+    `meshgate_controlplane_gateway_failovers_total{cause="health"}` counts it
+    (only failovers of a vanished agent were counted at first), and its return."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_convergence as bc
+    finally:
+        sys.path.remove(str(BENCH))
+    cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix",
+                                                  etcd_prefix, "--metrics-listen", "0", "--gateway-startup-grace",
+                                                  "0", "--gateway-failback-after", "0.5"]).start()
+    try:
+        m = re.search(r"metrics served at (http://\S+/metrics)", cp.log(tail=0))
+        assert m, cp.log()
+        url = m.group(1)
+        series = 'meshgate_controlplane_gateway_failovers_total{cause="health",direction="%s"}'
+
+        async def wait_for(what: str, pred) -> None:
+            deadline = time.monotonic() + 60
+            while not pred(await asyncio.to_thread(fetch, url)):
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.2)
+
+        async def load() -> None:
+            args = argparse.Namespace(agents=2, channels=2, enroll_concurrency=1, pause=0.0)
+            r = bc.Run(cp.target, cp.proc.pid, args, admin_token=cp.admin_token)
+            ch = grpc.aio.insecure_channel(cp.target)
+            try:
+                hub, spoke = await r.setup_network()
+                await r.enroll_all(hub, spoke, 2)
+                gw = await r.gateways.CreateEgressGateway(bc.egress_pb2.CreateEgressGatewayRequest(
+                    parent=r.parent, egress_gateway_id="hub0",
+                    egress_gateway=bc.egress_pb2.EgressGateway(node=f"{r.parent}/nodes/hub0", ranges=[bc.RANGE_A])),
+                    timeout=30)
+                agent = r.agents[0]  # hub0, the gateway's node
+                call = agent_pb2_grpc.AgentServiceStub(ch).Sync(metadata=(("authorization", f"Bearer {agent.token}"),))
+                await call.write(agent_pb2.SyncRequest(hello=agent_pb2.SyncRequest.Hello(node=agent.node)))
+                assert (await call.read()).WhichOneof("message") == "snapshot"
+
+                async def report(healthy: bool) -> None:
+                    h = agent_pb2.SyncRequest.EgressHealth()
+                    h.gateways.add(gateway=gw.name, healthy=healthy, reason="" if healthy else "eth1: no carrier")
+                    await call.write(agent_pb2.SyncRequest(egress_health=h))
+
+                await report(False)
+                await wait_for("the health failover counted", lambda t: value(t, series % "down") == 1)
+                for _ in range(10):  # healthy for longer than the failback hold
+                    await report(True)
+                    await asyncio.sleep(0.2)
+                await wait_for("its return counted", lambda t: value(t, series % "back") == 1)
+                call.cancel()
+            finally:
+                await ch.close()
+                await r.close()
+
+        asyncio.run(load())
+    finally:
+        cp.stop()

@@ -185,3 +185,24 @@ async def test_a_gateway_agents_report_becomes_routes_elsewhere_and_status(cp):
     finally:
         await b.close()
         await gwa.close()
+
+
+def test_a_domain_gateway_is_in_use_and_client_configs_keep_only_declared_ranges():
+    """Seen by a new operator: a domain-only gateway showed no active ranges and
+    not in use (a drain of it read as done at once), and an external client's
+    configuration baked in the address DNS had just returned (AllowedIPs cannot
+    follow DNS)."""
+    from meshgate.api.v1 import external_client_pb2
+    from meshgate.controlplane import egresshealth
+
+    st = _state()
+    st.gateways["networks/n/egressGateways/lan"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/lan", node="networks/n/nodes/a", ranges=["192.0.2.0/24"])
+    out = network_pb2.NetworkStatus()
+    egresshealth.fill_status(out, st)
+    by_name = {g.gateway: g for g in out.gateways}
+    db = by_name["networks/n/egressGateways/db"]
+    assert list(db.active_ranges) == ["198.51.100.20/32", "203.0.113.5/32"] and db.in_use
+    assert list(by_name["networks/n/egressGateways/lan"].active_ranges) == ["192.0.2.0/24"]
+    client = external_client_pb2.ExternalClient(name="networks/n/externalClients/l", gateway_node="networks/n/nodes/b")
+    assert compiler.client_allowed_ranges(st, client) == ["100.64.0.0/24", "192.0.2.0/24"]

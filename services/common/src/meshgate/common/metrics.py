@@ -353,8 +353,9 @@ class _ControlPlane:
             description="Acknowledgements from agents, by result (applied, failed)")
         self.failovers = m.create_counter(
             "meshgate.controlplane.gateway.failovers", unit="{failover}",
-            description="Gateway nodes this replica marked down (their ranges move to standbys: down) and up "
-                        "again (back)")
+            description="Gateways this replica failed over (their ranges move to standbys: down) and back, "
+                        "by cause: node (its agent's stream gone for the failover delay) or health (its agent "
+                        "reported its egress path broken)")
         m.create_observable_gauge(
             "meshgate.controlplane.agents.connected", callbacks=[self._connected], unit="{agent}",
             description="Agents holding a Sync stream to this replica, per network")
@@ -416,8 +417,8 @@ class _ControlPlane:
             if t is not None:
                 self.convergence.record(time.monotonic() - t)
 
-    def failover(self, direction: str) -> None:
-        self.failovers.add(1, {"direction": direction})
+    def failover(self, direction: str, cause: str = "node") -> None:
+        self.failovers.add(1, {"direction": direction, "cause": cause})
 
     # gauges (called from the exporter's thread: read only, never await)
 

@@ -431,8 +431,10 @@ def client_allowed_ranges(state: NetworkState, client: external_client_pb2.Exter
     if gw_node in state.nodes:
         reachable = set(peers_of(state, gw_node)) | {gw_node}
         by_range, _ = active_gateways(state)
-        out += [r for r, gw in by_range.items()
-                if gw.node == gw_node or (gw.node in reachable and uses(state, gw, gw_node))]
+        # Declared ranges only: addresses learned for egress domains change with
+        # DNS, and a configuration handed out once cannot follow them.
+        out += [r for r, gw in by_range.items() if r in gw.ranges
+                and (gw.node == gw_node or (gw.node in reachable and uses(state, gw, gw_node)))]
     return _sort_cidrs(out)
 
 

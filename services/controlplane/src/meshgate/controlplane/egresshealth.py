@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 
 from meshgate.api.v1 import agent_pb2, network_pb2
+from meshgate.common import metrics
 from meshgate.common.etcd import Etcd
 from meshgate.controlplane import compiler
 from meshgate.controlplane.cache import Change, StateCache
@@ -255,6 +256,7 @@ class EgressHealth:
         if ok:
             self.marks_written += 1
             self.damper.failed(gw_name)
+            metrics.controlplane.failover("down", "health")
             log.warning("marked %s unhealthy (%s): its ranges move to a healthy standby if there is one",
                         gw_name, reason)
 
@@ -267,6 +269,7 @@ class EgressHealth:
             await asyncio.sleep(RETRY_S)
             return
         self.marks_cleared += 1
+        metrics.controlplane.failover("back", "health")
         log.info("%s takes its ranges back: healthy for its failback hold", gw_name)
 
 
@@ -276,7 +279,8 @@ def fill_status(out: network_pb2.NetworkStatus, st: compiler.NetworkState) -> No
     converged = {n.node: n.converged for n in out.nodes}
     for name in sorted(st.gateways):
         gw = st.gateways[name]
-        active = sorted(r for r, g in by_range.items() if g.name == name and r in gw.ranges)
+        mine = set(gw.ranges) | set(compiler.learned_ranges(st, gw))  # a domain's learned addresses count
+        active = sorted(r for r, g in by_range.items() if g.name == name and r in mine)
         if internet is not None and internet.name == name:
             active.append("0.0.0.0/0")
         reason = st.unhealthy.get(name, "") if name in st.unhealthy else ""
