@@ -66,6 +66,15 @@ def test_proto_comments_are_the_help_text():
     assert "CIDR notation" in opt.help and opt.opts == ["--network.ipv4-cidr"]
 
 
+def test_a_field_required_on_create_is_not_marked_required_on_update():
+    ctx = click.Context(cli)
+    group = cli.get_command(ctx, "egress-gateway")
+    def node_help(cmd: str) -> str:
+        return next(p for p in group.get_command(ctx, cmd).params if p.name == "f__egress_gateway__node").help
+    assert node_help("create").endswith("(required)")
+    assert "(required)" not in node_help("update")
+
+
 def test_generated_sdk_code_is_current(tmp_path):
     written = _script("gen_sdk").generate(tmp_path)
     for f in written:

@@ -263,8 +263,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                              'leaving through it.',
  'meshgate.api.v1.EgressGatewayService.GetEgressGateway': 'Gets an egress gateway.',
  'meshgate.api.v1.EgressGatewayService.ListEgressGateways': 'Lists the egress gateways of a network in name order.',
- 'meshgate.api.v1.EgressGatewayService.UpdateEgressGateway': "Updates an egress gateway's ranges, NAT, interface or "
-                                                             'priority.',
+ 'meshgate.api.v1.EgressGatewayService.UpdateEgressGateway': "Updates an egress gateway's fields named by the update "
+                                                             'mask (ranges, domains,\n'
+                                                             'NAT, interface, priority, probes, drain, ...).',
  'meshgate.api.v1.EgressGatewayStatus': 'Whether an egress gateway is healthy, what it carries, and whether anything\n'
                                         'still uses it (a drain is complete when `in_use` is false).',
  'meshgate.api.v1.EgressGatewayStatus.active_ranges': 'The ranges it carries now (the others went to a standby).',

@@ -252,7 +252,9 @@ class SyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> egress_pb2.EgressGateway:
-        """Updates an egress gateway's ranges, NAT, interface or priority."""
+        """Updates an egress gateway's fields named by the update mask (ranges, domains,
+        NAT, interface, priority, probes, drain, ...).
+        """
         return self._unary('meshgate.api.v1.EgressGatewayService', 'UpdateEgressGateway', _build(egress_pb2.UpdateEgressGatewayRequest, request, egress_gateway=egress_gateway, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     def delete_egress_gateway(
@@ -1206,7 +1208,9 @@ class AsyncMethods:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> egress_pb2.EgressGateway:
-        """Updates an egress gateway's ranges, NAT, interface or priority."""
+        """Updates an egress gateway's fields named by the update mask (ranges, domains,
+        NAT, interface, priority, probes, drain, ...).
+        """
         return await self._unary('meshgate.api.v1.EgressGatewayService', 'UpdateEgressGateway', _build(egress_pb2.UpdateEgressGatewayRequest, request, egress_gateway=egress_gateway, update_mask=update_mask, validate_only=validate_only), timeout, metadata)
 
     async def delete_egress_gateway(

@@ -109,6 +109,7 @@ class FieldOption:
     param: str  # the click parameter name
     path: tuple[str, ...]  # proto field names from the request
     field: FieldDescriptor
+    in_update: bool = False  # a field of the resource an Update changes: nothing is required there
 
     @property
     def flag(self) -> str:
@@ -124,9 +125,9 @@ def _is_map(fd: FieldDescriptor) -> bool:
     return fd.message_type is not None and fd.message_type.GetOptions().map_entry
 
 
-def _help_for(fd: FieldDescriptor) -> str:
+def _help_for(fd: FieldDescriptor, in_update: bool = False) -> str:
     text = " ".join(COMMENTS.get(fd.full_name, "").split())
-    if field_behavior_pb2.REQUIRED in _behaviors(fd):
+    if field_behavior_pb2.REQUIRED in _behaviors(fd) and not in_update:
         text = (text + " (required)").strip()
     return text
 
@@ -156,7 +157,7 @@ def field_options(desc: Descriptor, prefix: tuple[str, ...] = (), depth: int = 0
         if nested and fd.message_type is not None:
             out += field_options(fd.message_type, path, depth + 1, update)
         else:
-            out.append(FieldOption("f__" + "__".join(path), path, fd))
+            out.append(FieldOption("f__" + "__".join(path), path, fd, in_update=bool(prefix) and update))
     return out
 
 
@@ -190,7 +191,7 @@ def _metavar(fd: FieldDescriptor) -> str | None:
 
 def make_option(fo: FieldOption) -> click.Option:
     fd = fo.field
-    help_text = _help_for(fd)
+    help_text = _help_for(fd, fo.in_update)
     if fd.type == FieldDescriptor.TYPE_BOOL and not fd.is_repeated:
         neg = "--no-" + fo.flag[2:]
         return click.Option([f"{fo.flag}/{neg}", fo.param], default=None, help=help_text)

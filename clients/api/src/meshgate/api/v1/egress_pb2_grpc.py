@@ -89,7 +89,8 @@ class EgressGatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateEgressGateway(self, request, context):
-        """Updates an egress gateway's ranges, NAT, interface or priority.
+        """Updates an egress gateway's fields named by the update mask (ranges, domains,
+        NAT, interface, priority, probes, drain, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,9 @@ class EgressGatewayServiceStub:
     ListEgressGateways: _grpc.UnaryUnaryMultiCallable[_egress_pb2.ListEgressGatewaysRequest, _egress_pb2.ListEgressGatewaysResponse]
     """Lists the egress gateways of a network in name order."""
     UpdateEgressGateway: _grpc.UnaryUnaryMultiCallable[_egress_pb2.UpdateEgressGatewayRequest, _egress_pb2.EgressGateway]
-    """Updates an egress gateway's ranges, NAT, interface or priority."""
+    """Updates an egress gateway's fields named by the update mask (ranges, domains,
+    NAT, interface, priority, probes, drain, ...).
+    """
     DeleteEgressGateway: _grpc.UnaryUnaryMultiCallable[_egress_pb2.DeleteEgressGatewayRequest, _empty_pb2.Empty]
     """Removes an egress gateway; traffic for its ranges stops leaving through it."""
 
@@ -57,7 +59,9 @@ class EgressGatewayServiceAsyncStub(EgressGatewayServiceStub):
     ListEgressGateways: _aio.UnaryUnaryMultiCallable[_egress_pb2.ListEgressGatewaysRequest, _egress_pb2.ListEgressGatewaysResponse]  # type: ignore[assignment]
     """Lists the egress gateways of a network in name order."""
     UpdateEgressGateway: _aio.UnaryUnaryMultiCallable[_egress_pb2.UpdateEgressGatewayRequest, _egress_pb2.EgressGateway]  # type: ignore[assignment]
-    """Updates an egress gateway's ranges, NAT, interface or priority."""
+    """Updates an egress gateway's fields named by the update mask (ranges, domains,
+    NAT, interface, priority, probes, drain, ...).
+    """
     DeleteEgressGateway: _aio.UnaryUnaryMultiCallable[_egress_pb2.DeleteEgressGatewayRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Removes an egress gateway; traffic for its ranges stops leaving through it."""
 
@@ -94,7 +98,9 @@ class EgressGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _egress_pb2.UpdateEgressGatewayRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_egress_pb2.EgressGateway, _abc.Awaitable[_egress_pb2.EgressGateway]]:
-        """Updates an egress gateway's ranges, NAT, interface or priority."""
+        """Updates an egress gateway's fields named by the update mask (ranges, domains,
+        NAT, interface, priority, probes, drain, ...).
+        """
 
     @_abc_1.abstractmethod
     def DeleteEgressGateway(
