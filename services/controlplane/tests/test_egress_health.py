@@ -116,6 +116,22 @@ async def test_an_agent_that_stops_reporting_is_disconnected_and_failed_over(hea
     assert cp.app.egress_health.streams_ended == 1
 
 
+async def test_a_node_whose_gateway_was_deleted_keeps_its_stream_without_reporting(health_cp):
+    """Its agent has nothing to report any more; ending its stream for silence
+    left the node OFFLINE after `make run`'s demo deleted its gateway."""
+    from meshgate.api.v1 import egress_pb2
+
+    cp = await health_cp()
+    agents = await ha(cp)
+    await report(agents["standby"], "networks/prod/egressGateways/gw-standby", True)
+    await cp.egress.DeleteEgressGateway(egress_pb2.DeleteEgressGatewayRequest(
+        name="networks/prod/egressGateways/gw-standby"))
+    await asyncio.sleep(cp.app.egress_health.stale_s + 1.5)  # silent for longer than a gateway may be
+    assert cp.app.egress_health.streams_ended == 0
+    st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+    assert {n.node: n.connected for n in st.nodes}["networks/prod/nodes/standby"]
+
+
 async def test_a_report_about_another_nodes_gateway_is_ignored(health_cp):
     cp = await health_cp()
     agents = await ha(cp)

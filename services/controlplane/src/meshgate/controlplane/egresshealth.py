@@ -179,11 +179,19 @@ class EgressHealth:
                     self._last_seen[node] = now
             last_tick = now
             for node, seen in list(self._last_seen.items()):
+                if not self._runs_gateway(node):
+                    # its gateways were deleted or moved: its agent has nothing to report
+                    del self._last_seen[node]
+                    continue
                 if now - seen > self.stale_s and self.close_stream is not None:
                     del self._last_seen[node]
                     self.streams_ended += 1
                     log.warning("no egress health report from %s for %.1fs: ending its stream", node, now - seen)
                     self.close_stream(node, f"no egress health report for {now - seen:.1f}s")
+
+    def _runs_gateway(self, node: str) -> bool:
+        st = self.cache.networks.get(node.split("/")[1]) if node.count("/") == 3 else None
+        return st is not None and any(g.node == node for g in st.gateways.values())
 
     async def on_change(self, change: Change) -> None:
         if not self._stopped:
