@@ -30,23 +30,34 @@ def fetch(url: str) -> str:
         return r.read().decode()
 
 
+def bench_harness():
+    """tests/bench/bench_convergence.py, whose simulated agents these tests use."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_convergence
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_convergence
+
+
+def metrics_url(cp: ServiceProcess) -> str:
+    """Where a process started with `--metrics-listen 0` serves (its log says)."""
+    m = re.search(r"metrics served at (http://\S+/metrics)", cp.log(tail=0))
+    assert m, cp.log()
+    return m.group(1)
+
+
 def value(text: str, series: str) -> float:
     m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
 def test_slow_agent_resync_is_counted(etcd_server, etcd_prefix):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_convergence as bc
-    finally:
-        sys.path.remove(str(BENCH))
+    bc = bench_harness()
     cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix",
                                                   etcd_prefix, "--metrics-listen", "0"]).start()
     try:
-        m = re.search(r"metrics served at (http://\S+/metrics)", cp.log(tail=0))
-        assert m, cp.log()
-        url = m.group(1)
+        url = metrics_url(cp)
 
         async def load() -> str:
             args = argparse.Namespace(agents=3, channels=3, enroll_concurrency=1, pause=0.0)
@@ -102,18 +113,12 @@ def test_a_failover_on_egress_health_is_counted(etcd_server, etcd_prefix):
     """A gateway whose agent reports its egress path broken fails over, and
     `meshgate_controlplane_gateway_failovers_total{cause="health"}` counts it
     (only failovers of a vanished agent were counted at first), and its return."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_convergence as bc
-    finally:
-        sys.path.remove(str(BENCH))
+    bc = bench_harness()
     cp = ServiceProcess("meshgate-controlplane", ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix",
                                                   etcd_prefix, "--metrics-listen", "0", "--gateway-startup-grace",
                                                   "0", "--gateway-failback-after", "0.5"]).start()
     try:
-        m = re.search(r"metrics served at (http://\S+/metrics)", cp.log(tail=0))
-        assert m, cp.log()
-        url = m.group(1)
+        url = metrics_url(cp)
         series = 'meshgate_controlplane_gateway_failovers_total{cause="health",direction="%s"}'
 
         async def wait_for(what: str, pred) -> None:
