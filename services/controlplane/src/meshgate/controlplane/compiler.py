@@ -90,6 +90,43 @@ class NetworkState:
     # node name -> host:port); paths.py.
     relay_marks: dict[str, str] = field(default_factory=dict)
     learned_endpoints: dict[str, str] = field(default_factory=dict)
+    # tag -> names of the nodes carrying it, kept by whoever owns the state
+    # through `put_node`/`drop_node` (the state cache); None: `tagged` scans.
+    by_tag: dict[str, set[str]] | None = None
+
+    def index_tags(self) -> None:
+        """Build `by_tag` from the nodes; from then on change nodes only
+        through `put_node` and `drop_node`."""
+        self.by_tag = {}
+        for n in self.nodes.values():
+            for t in n.tags:
+                self.by_tag.setdefault(t, set()).add(n.name)
+
+    def put_node(self, node: node_pb2.Node) -> None:
+        old = self.nodes.get(node.name)
+        self.nodes[node.name] = node
+        if self.by_tag is not None and (old is None or old.tags != node.tags):
+            for t in old.tags if old is not None else ():
+                self.by_tag.get(t, set()).discard(node.name)
+            for t in node.tags:
+                self.by_tag.setdefault(t, set()).add(node.name)
+
+    def drop_node(self, name: str) -> None:
+        old = self.nodes.pop(name, None)
+        if old is not None and self.by_tag is not None:
+            for t in old.tags:
+                self.by_tag.get(t, set()).discard(name)
+
+    def tagged(self, tags: set[str]) -> set[str]:
+        """Names of the nodes carrying any of `tags`: from `by_tag` when
+        kept, at the cost of the answer rather than a pass over the nodes
+        (a join's peers at 10,000 nodes, issue 18)."""
+        if self.by_tag is None:
+            return {n for n, x in self.nodes.items() if not tags.isdisjoint(x.tags)}
+        out: set[str] = set()
+        for t in tags:
+            out |= self.by_tag.get(t, set())
+        return out
 
     def copy(self) -> NetworkState:
         """A copy whose collections can change without touching this one's."""
@@ -318,7 +355,7 @@ def node_peers(state: NetworkState, name: str) -> list[str]:
         else:  # egress:, client:, domain: name a few nodes
             out |= _named_nodes(state, kind, value)
     if tags:  # the one pass over the nodes
-        out |= {n for n, x in state.nodes.items() if not tags.isdisjoint(x.tags)}
+        out |= state.tagged(tags)
     out.discard(name)
     return sorted(n for n in out if n in state.nodes and state.nodes[n].public_key)
 
@@ -664,12 +701,23 @@ def affected_by_node(before: NetworkState | None, after: NetworkState | None, na
     if old is not None and new is not None and all(getattr(old, f) == getattr(new, f) for f in PEER_VISIBLE_FIELDS):
         return out
     for st in (before, after):
-        if st is None or name not in st.nodes:
-            continue
-        out.update(peers_of(st, name))
-        if any(g.node == name for g in st.gateways.values()) or st.nodes[name].relay:
-            out.update(st.nodes)  # a relay may carry any pair (paths.py)
+        if st is not None:
+            out |= node_reach(st, name)
     return out
+
+
+def node_reach(st: NetworkState, name: str) -> set[str]:
+    """The nodes whose desired state depends on node `name` in `st`: its
+    peers, or every node when it runs a gateway or is a relay (a relay may
+    carry any pair, paths.py). The state cache asks this just before and just
+    after each change to the node, rather than comparing copies of the
+    network (issue 18)."""
+    node = st.nodes.get(name)
+    if node is None:
+        return set()
+    if node.relay or any(g.node == name for g in st.gateways.values()):
+        return set(st.nodes)
+    return set(peers_of(st, name))
 
 
 def diff(old: ds.DesiredState, new: ds.DesiredState, differ: bool = False) -> ds.DesiredStateDelta | None:
