@@ -252,3 +252,95 @@ def test_access_policies_hold_on_the_relay():
     assert [(list(x.sources), x.protocol, list(x.ports), x.accept) for x in to_b] == [
         (["100.64.0.2/32"], "tcp", ["22"], True)]
     assert not r.filter_rules[-1].accept and not r.filter_rules[-1].destinations  # DENY: everything else dropped
+
+
+# ---------------------------------------------------------------- relayed egress
+
+
+def _gateway_state(default_policy=network_pb2.ALLOW) -> compiler.NetworkState:
+    """R relays, A and B have no endpoint (relayed), B runs a gateway for 198.51.100.0/29."""
+    from meshgate.api.v1 import egress_pb2
+
+    st = _state()
+    st.network.default_policy = default_policy
+    st.gateways["networks/n/egressGateways/lan"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/lan", node="networks/n/nodes/b", ranges=["198.51.100.0/29"])
+    return st
+
+
+def test_a_relayed_gateway_s_ranges_go_through_the_relay():
+    st = _gateway_state()
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    # A: the range goes to R's entry (beside B's address), the route names R; B's own entry stays empty
+    assert _peers(a)["r"] == ["100.64.0.1/32", "100.64.0.3/32", "198.51.100.0/29"]
+    assert _peers(a)["b"] == []
+    assert [(x.destination, x.via_peer) for x in a.routes] == [("198.51.100.0/29", _key(1))]
+    # R carries it to B: in B's entry, routed there, and forwarded (relayed_ranges, under the policies)
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert _peers(r)["b"] == ["100.64.0.3/32", "198.51.100.0/29"]
+    assert [(x.destination, x.via_peer) for x in r.routes] == [("198.51.100.0/29", _key(3))]
+    assert list(r.relayed_ranges) == ["100.64.0.2/32", "100.64.0.3/32", "198.51.100.0/29"]
+    # B answers A through R
+    b = compiler.compile_node(st, "networks/n/nodes/b")
+    assert _peers(b)["r"] == ["100.64.0.1/32", "100.64.0.2/32"] and _peers(b)["a"] == []
+    assert b.egress[0].ranges == ["198.51.100.0/29"]
+    # P reaches B directly (P has an endpoint): the range stays on B's entry
+    p = compiler.compile_node(st, "networks/n/nodes/p")
+    assert _peers(p)["b"] == ["100.64.0.3/32", "198.51.100.0/29"]
+    # the pair goes direct (marked): the range goes back to B's entry, R no longer carries it
+    st.relay_marks[paths.pair_id("a", "b")] = ""
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["b"] == ["100.64.0.3/32", "198.51.100.0/29"] and _peers(a)["r"] == ["100.64.0.1/32"]
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert "198.51.100.0/29" not in r.relayed_ranges
+    assert _peers(r)["b"] == ["100.64.0.3/32", "198.51.100.0/29"]  # R itself still uses the gateway
+
+
+def test_a_relay_that_does_not_use_the_gateway_still_carries_its_ranges():
+    st = _gateway_state()
+    st.nodes["networks/n/nodes/a"].tags.append("lan-users")
+    st.gateways["networks/n/egressGateways/lan"].used_by.append("tag:lan-users")
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert _peers(r)["b"] == ["100.64.0.3/32", "198.51.100.0/29"]
+    assert [(x.destination, x.via_peer) for x in r.routes] == [("198.51.100.0/29", _key(3))]
+    # nobody relayed uses it: nothing carried
+    st.gateways["networks/n/egressGateways/lan"].used_by[:] = ["tag:nobody"]
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert _peers(r)["b"] == ["100.64.0.3/32"] and not r.routes
+    assert "198.51.100.0/29" not in r.relayed_ranges
+
+
+def test_relayed_egress_under_deny_is_filtered_on_the_relay():
+    from meshgate.api.v1 import policy_pb2
+
+    st = _gateway_state(network_pb2.DENY)
+    st.policies["networks/n/accessPolicies/to-relay"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/to-relay", sources=["*"], destinations=["node:r"])
+    st.policies["networks/n/accessPolicies/web"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/web", sources=["node:a"], destinations=["egress:lan"],
+        protocol=policy_pb2.TCP, ports=[policy_pb2.PortRange(first=8080)])
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["r"] == ["100.64.0.1/32", "100.64.0.3/32", "198.51.100.0/29"]
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert "198.51.100.0/29" in r.relayed_ranges
+    to_lan = [x for x in r.filter_rules if "198.51.100.0/29" in x.destinations]
+    assert [(list(x.sources), x.protocol, list(x.ports), x.accept) for x in to_lan] == [
+        (["100.64.0.2/32"], "tcp", ["8080"], True)]
+    assert not r.filter_rules[-1].accept and not r.filter_rules[-1].destinations
+
+
+def test_the_internet_gateway_goes_through_the_relay_only_where_the_relay_routes_it():
+    from meshgate.api.v1 import egress_pb2
+
+    st = _state()
+    st.gateways["networks/n/egressGateways/inet"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/inet", node="networks/n/nodes/b", internet_gateway=True)
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert "0.0.0.0/0" in _peers(a)["r"] and a.default_route_via_peer == _key(1)
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert "0.0.0.0/0" in _peers(r)["b"] and r.default_route_via_peer == _key(3)
+    # a relay that runs a gateway of its own keeps its own default route: A keeps it on B's entry
+    st.gateways["networks/n/egressGateways/rl"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/rl", node="networks/n/nodes/r", ranges=["192.0.2.128/25"])
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["b"] == ["0.0.0.0/0"] and a.default_route_via_peer == _key(3)

@@ -68,3 +68,37 @@ def test_a_probe_entry_counts_one_unanswered_keepalive():
     w2.observe({"k": stats(100, 100, hs=1)}, 0)
     w2.observe({"k": stats(100, 132, hs=1)}, 1 * S)
     assert w2.observe({"k": stats(100, 164, hs=1)}, 2 * S) is None
+
+
+def test_a_local_send_failure_with_keepalives_on_is_unanswered():
+    """wireguard-go does not count what it failed to send (a local output drop):
+    tx stands still while keepalives are due, rx may still move (theirs arrive)."""
+    w = PathWatch(answer_within_s=2, full_every_s=300)
+    keep = {"k": 1}
+    rx = tx = 100
+    w.observe({"k": stats(rx, tx, hs=1)}, 0, keepalives=keep)
+    for t in range(1, 30):  # healthy: keepalives both ways
+        rx, tx = rx + 32, tx + 32
+        assert w.observe({"k": stats(rx, tx, hs=1)}, t * S, keepalives=keep) is None
+    got = None
+    for t in range(30, 60):  # our sends fail unseen: tx stands still, theirs still arrive
+        rx += 32
+        got = got or w.observe({"k": stats(rx, tx, hs=1)}, t * S, keepalives=keep)
+        if got:
+            break
+    assert got is not None and got[0][0].unanswered_since_ns == 29 * S  # when tx last moved
+    assert t >= 29 + 11 + 2  # not before the silence allowed (passive keepalive 10 s, a sample, the answer time)
+    assert w.observe({"k": stats(rx + 32, tx, hs=1)}, (t + 1) * S, keepalives=keep) is None  # no news while it lasts
+    back = w.observe({"k": stats(rx + 64, tx + 32, hs=1)}, (t + 2) * S, keepalives=keep)
+    assert back is not None and back[0][0].unanswered_since_ns == 0
+
+
+def test_silence_is_judged_only_with_keepalives_and_after_a_handshake():
+    w = PathWatch(answer_within_s=2, full_every_s=300)
+    w.observe({"k": stats(100, 100, hs=1), "c": stats(100, 100, hs=1), "n": stats(0, 0)}, 100 * S, keepalives={"k": 1, "n": 1})
+    got = w.observe({"k": stats(100, 100, hs=1), "c": stats(100, 100, hs=1), "n": stats(0, 0)}, 120 * S,
+                    keepalives={"k": 1, "n": 1})
+    assert got is not None and {r.public_key: r.unanswered_since_ns for r in got[0]} == {"k": 100 * S}
+    # "c" (an external client: no keepalive) and "n" (never a handshake) say nothing
+    assert w.observe({"k": stats(100, 100, hs=1), "c": stats(100, 100, hs=1), "n": stats(0, 0)}, 121 * S,
+                     keepalives={"k": 1, "n": 1}) is None

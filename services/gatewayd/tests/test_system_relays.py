@@ -7,6 +7,7 @@ gatewayd agents on wireguard-go, in namespaces::
     C 192.0.2.10 - natC (masquerade fully-random)/       |
                                                          +-- P 203.0.113.14 (public)
     D (no link at all; its endpoint leads nowhere)
+    C 198.51.100.1 -- T 198.51.100.2 (a LAN host behind C's egress gateway "lan")
 
 A, B and C have no endpoint: every pair of them starts relayed through R. A
 and B are behind NATs that keep one mapping per source (endpoint-independent):
@@ -16,7 +17,9 @@ the pair goes direct. C's NAT maps every destination anew (fully-random), so
 the endpoint R learned is no use to A: A-C stays relayed. A-P is direct (P has
 an endpoint) until the test cuts it on the router: it moves to R, and back once
 the cut is lifted, without flapping while the link is unstable. D is never
-reachable: the status says so, with the reason.
+reachable: the status says so, with the reason. C runs the egress gateway
+"lan" for 198.51.100.0/29: A reaches T through R, NATed by C, as the network
+ALLOWs and then under DENY with a policy for one port (the last test).
 
 The topology and the control plane are shared by the module's tests (in order).
 """
@@ -34,7 +37,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from meshgate.api.v1 import enrollment_pb2, network_pb2, node_pb2, node_pb2_grpc
+from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2, node_pb2, node_pb2_grpc
 from meshgate.common.testing import ServiceProcess, in_ci
 from meshgate.gatewayd.lab import ControlPlaneView, Host, Lab, can_run
 
@@ -44,6 +47,7 @@ DELAY_S, RECOVER_S = 2, 3
 OVERLAY = {"r": "100.64.0.1", "p": "100.64.0.2", "a": "100.64.0.3", "b": "100.64.0.4", "c": "100.64.0.5",
            "d": "100.64.0.6"}
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
+LAN, T, C_LAN, WEB = "198.51.100.0/29", "198.51.100.2", "198.51.100.1", 8080
 
 
 def _nat(host: Host, out_if: str, random: bool) -> None:
@@ -115,6 +119,13 @@ class World:
         rec = json.loads(r.stdout) if r.stdout.strip() else {}
         return sum(1 for t in rec.get("moves", []) if t >= since_ns)
 
+    def path_record(self, role: str) -> dict:
+        """What `role`'s agent last reported of its peers (`pathHealth/lab/{role}`, by peer id)."""
+        r = subprocess.run(["etcdctl", "--endpoints", self.etcd_endpoint, "get", "--print-value-only",
+                            f"{self.etcd_prefix}/pathHealth/lab/{role}"], capture_output=True, text=True, timeout=30)
+        rec = json.loads(r.stdout) if r.stdout.strip() else {}
+        return {k.rsplit("/", 1)[-1]: v for k, v in rec.items()}
+
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "MESHGATE_TOKEN": self.cp.admin_token}
         return subprocess.run([MESHGATE, "--target", self.cp.target, *args], env=env,
@@ -144,7 +155,7 @@ def world(etcd_server):
     lab = Lab(prefix="m13")
     cp = view = None
     try:
-        h = {role: lab.host(role) for role in ("inet", "r", "p", "na", "nb", "nc", "a", "b", "c", "d")}
+        h = {role: lab.host(role) for role in ("inet", "r", "p", "na", "nb", "nc", "a", "b", "c", "d", "t")}
         inet = h["inet"]
         inet.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         lab.wire(inet, "eth-r", "203.0.113.1/30", h["r"], "eth-up", "203.0.113.2/30")
@@ -160,6 +171,9 @@ def world(etcd_server):
             lab.wire(h[nat], "eth-in", f"192.0.2.{base + 1}/30", h[node], "eth-up", f"192.0.2.{base + 2}/30")
             h[node].ip("route", "add", "default", "via", f"192.0.2.{base + 1}")
             _nat(h[nat], "eth-up", random=(node == "c"))
+        lab.wire(h["c"], "eth-lan", f"{C_LAN}/29", h["t"], "eth-up", f"{T}/29")
+        h["t"].whoami_server(T, WEB)
+        h["t"].whoami_server(T, WEB + 1)
 
         socket = str(lab.dir / "cp.sock")
         prefix = f"/t-{uuid.uuid4().hex[:12]}"
@@ -182,6 +196,9 @@ def world(etcd_server):
         w.node_api.UpdateNode(node_pb2.UpdateNodeRequest(
             node=node_pb2.Node(name="networks/lab/nodes/r", relay=True),
             update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
+        view.egress.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
+            parent="networks/lab", egress_gateway_id="lan",
+            egress_gateway=egress_pb2.EgressGateway(node="networks/lab/nodes/c", ranges=[LAN])))
         for n in nodes.values():
             n.start()
         view.wait_converged(6, at_least=view.status().revision)
@@ -221,6 +238,19 @@ def test_nat_pairs_relayed_then_direct_where_the_nat_allows(world: World):
     assert p is not None and p.relay.endswith("/r") and p.state == network_pb2.PATH_NEVER_CONNECTED, p
 
 
+def test_a_relayed_gateway_s_egress_goes_through_the_relay(world: World):
+    """A-C is relayed for good (C's NAT maps per destination): A reaches T, in
+    the range C's gateway carries, through R, and T sees C's LAN address (NAT)."""
+    w = world
+    assert w.relayed_by("a", "c")
+    assert LAN in w.allowed("a", "r") and LAN not in w.allowed("a", "c")
+    assert LAN in w.allowed("r", "c")
+    before = w.rx_from("r", "a")
+    seen = until(lambda: w.hosts["a"].ask(T, WEB, timeout=3), "A reaches T through R and C")
+    assert seen == C_LAN, seen
+    assert w.rx_from("r", "a") > before  # it went through R
+
+
 def test_cut_direct_path_moves_to_relay_and_back_without_flapping(world: World):
     w = world
     until(lambda: w.direct("a", "p") and w.ping("a", "p"), "A-P direct")
@@ -255,6 +285,26 @@ def test_cut_direct_path_moves_to_relay_and_back_without_flapping(world: World):
     assert r.returncode == 0, r.stderr
     nodes = {n["node"]: n for n in json.loads(r.stdout)["nodes"]}
     assert not any(p["peer"].endswith("/p") for p in nodes["networks/lab/nodes/a"].get("unreachablePeers", []))
+
+
+def test_a_local_send_failure_is_seen_by_the_sender(world: World):
+    """A drops its own packets to P on its underlay (an output rule): wireguard-go
+    counts none of them, so A's traffic is never "unanswered" by bytes; A's
+    agent still reports the pair (its tx stands still while keepalives are due)."""
+    w = world
+    until(lambda: w.direct("a", "p") and w.ping("a", "p"), "A-P direct")
+    a = w.hosts["a"]
+    a.run("nft", "-f", "-", input="table ip m13out {\n chain out {\n  type filter hook output priority 0;"
+          " policy accept;\n  ip daddr 203.0.113.14 udp dport 51820 drop\n }\n}\n")
+    try:
+        def a_says_unanswered() -> bool:
+            rec = w.path_record("a").get("p", {})
+            return bool(rec.get("unanswered_ns"))
+        until(a_says_unanswered, "A's own report of P: unanswered", timeout=60)
+        until(lambda: w.relayed_by("a", "p"), "A-P relayed", timeout=30)
+        until(lambda: w.ping("a", "p"), "A reaches P through R")
+    finally:  # (the way back is the cut test's; the later tests do not need A-P direct)
+        a.run("nft", "delete", "table", "ip", "m13out", check=False)
 
 
 def test_a_node_nobody_reaches_is_unhealthy_with_the_reason(world: World):
@@ -297,3 +347,26 @@ class Moves:
         self._stop.set()
         self._thread.join(5)
         return self.count
+
+
+def test_relayed_egress_under_deny_follows_the_policies(world: World):
+    """Last (it turns the network to DENY): A may reach T's port 8080 and no
+    other; the relay and the gateway both enforce it."""
+    from meshgate.api.v1 import policy_pb2, policy_pb2_grpc
+
+    w = world
+    policies = policy_pb2_grpc.AccessPolicyServiceStub(w.view.channel)
+    for pid, pol in (("via-relay", policy_pb2.AccessPolicy(sources=["*"], destinations=["node:r"])),
+                     ("a-web", policy_pb2.AccessPolicy(sources=["node:a"], destinations=["egress:lan"],
+                                                       protocol=policy_pb2.TCP,
+                                                       ports=[policy_pb2.PortRange(first=WEB)]))):
+        policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
+            parent="networks/lab", access_policy_id=pid, access_policy=pol))
+    w.view.networks.UpdateNetwork(network_pb2.UpdateNetworkRequest(
+        network=network_pb2.Network(name="networks/lab", default_policy=network_pb2.DENY),
+        update_mask=field_mask_pb2.FieldMask(paths=["default_policy"])))
+    until(lambda: LAN in w.allowed("a", "r") and w.relayed_by("a", "c"), "A routes the LAN through R under DENY")
+    seen = until(lambda: w.hosts["a"].ask(T, WEB, timeout=3), "A reaches T:8080 through R under DENY")
+    assert seen == C_LAN, seen
+    assert w.hosts["a"].ask(T, WEB + 1, timeout=3) is None  # another port: refused
+    assert w.hosts["a"].run("ping", "-c", "1", "-W", "1", T, check=False).returncode != 0  # ICMP: not allowed

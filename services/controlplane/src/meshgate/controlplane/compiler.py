@@ -53,6 +53,7 @@ import functools
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshgate.api.v1 import agent_pb2, egress_pb2, external_client_pb2, keys_pb2, network_pb2, node_pb2, policy_pb2
 from meshgate.api.v1 import desired_state_pb2 as ds
@@ -498,10 +499,13 @@ def compile_node(
     # Relays (paths.py): a relayed peer's host routes go to its relay's entry;
     # its own entry stays, empty, to probe the direct path.
     relay_peers = paths.peer_view(index if index is not None else PeerIndex(state))
-    for p, r in paths.relayed_peers(state, name, peer_names, relay_peers, index).items():
+    via_relay = paths.relayed_peers(state, name, peer_names, relay_peers, index)
+    for p, r in list(via_relay.items()):
         if r in allowed:
             allowed[r] += allowed[p]
             allowed[p] = []
+        else:
+            del via_relay[p]
     by_gateway = ((index.clients_by_gateway() if index is not None else clients_by_gateway(state))
                   if state.external_clients else {})
     for gw_node, served in by_gateway.items():
@@ -521,17 +525,26 @@ def compile_node(
     # whose reply the sender would no longer accept from that peer.
     own = {r for g in state.gateways.values() if g.node == name and healthy(state, g) for r in g.ranges}
     routes = []
+    # A gateway node reached through a relay: its ranges go to the relay's
+    # entry too (the relay carries them on, see `_relay_egress`).
     for r in range_order:
         gw = by_range[r]
         if gw.node == name or r in own or gw.node not in allowed or not uses(state, gw, name):
             continue
-        allowed[gw.node].append(r)
-        routes.append(ds.Route(destination=r, via_peer=state.nodes[gw.node].public_key))
+        via = via_relay.get(gw.node, gw.node)
+        allowed[via].append(r)
+        routes.append(ds.Route(destination=r, via_peer=state.nodes[via].public_key))
     if internet is not None and internet.node != name and internet.node in allowed and uses(state, internet, name):
-        allowed[internet.node].append("0.0.0.0/0")
+        via = via_relay.get(internet.node, internet.node)
+        if via != internet.node and not uses(state, internet, via):
+            via = internet.node  # the relay has no default route through the gateway to forward it on
+        allowed[via].append("0.0.0.0/0")
         if net.ipv6_cidr:
-            allowed[internet.node].append("::/0")
-        out.default_route_via_peer = state.nodes[internet.node].public_key
+            allowed[via].append("::/0")
+        out.default_route_via_peer = state.nodes[via].public_key
+    carried: list[str] = []
+    if me.relay and by_range:
+        carried = _relay_egress(state, name, allowed, routes, by_range, range_order, own, relay_peers)
 
     keepalive = net.persistent_keepalive.seconds
     use_psk = psk is not None and not net.disable_preshared_keys
@@ -575,7 +588,7 @@ def compile_node(
     if me.relay:
         relayed_for = paths.relayed_through(state, name, relay_peers)
         if relayed_for:
-            relayed = _sort_cidrs([*out.relayed_ranges,
+            relayed = _sort_cidrs([*out.relayed_ranges, *carried,
                                    *(c for n in relayed_for for c in filters.host_routes(state.nodes[n]))])
             del out.relayed_ranges[:]
             out.relayed_ranges.extend(relayed)
@@ -609,6 +622,41 @@ def compile_node(
         if rules:
             out.filter_rules.extend(_client_dns(me, by_gateway.get(name, [])) + rules)
     return out
+
+
+def _relay_egress(state: NetworkState, name: str, allowed: dict[str, list[str]], routes: list[ds.Route],
+                  by_range: dict[str, egress_pb2.EgressGateway], range_order: list[str], own: set[str],
+                  relay_peers: Callable[[str], Any]) -> list[str]:
+    """On relay `name`: the egress ranges it carries for the pairs it relays
+    between a gateway's node and a node that routes through that gateway. Each
+    goes to the gateway node's entry (`allowed`, in place) and, unless the
+    relay already routes it or runs a healthy gateway for it itself (then it
+    leaves through its own egress), gets a route to that entry (`routes`, in
+    place). Returns them, for `relayed_ranges`: the relay forwards them under
+    the access policies, as it does the relayed nodes' own addresses. The
+    internet gateway's default route is not carried here: a client routes it to
+    the relay only when the relay itself routes its default through that
+    gateway (compile_node)."""
+    routed = {r.destination for r in routes}
+    gw_nodes = {gw.node for gw in by_range.values() if gw.node in allowed and gw.node != name}
+    partners = {g: paths.relayed_partners(state, name, g, relay_peers) for g in sorted(gw_nodes)}
+    out = []
+    for r in range_order:
+        gw = by_range[r]
+        users = partners.get(gw.node)
+        if not users or not any(uses(state, gw, x) and not _runs_healthy(state, x, r) for x in users):
+            continue
+        out.append(r)
+        if r not in allowed[gw.node]:
+            allowed[gw.node].append(r)
+        if r not in routed and r not in own:
+            routes.append(ds.Route(destination=r, via_peer=state.nodes[gw.node].public_key))
+    routes.sort(key=lambda x: _cidr_key(x.destination)[3])
+    return out
+
+
+def _runs_healthy(state: NetworkState, node: str, r: str) -> bool:
+    return any(g.node == node and healthy(state, g) and r in g.ranges for g in state.gateways.values())
 
 
 def _client_dns(me: node_pb2.Node, clients: list[external_client_pb2.ExternalClient]) -> list[ds.FilterRule]:

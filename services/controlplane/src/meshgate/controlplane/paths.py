@@ -270,3 +270,10 @@ def relayed_through(state, relay: str, peers_of: Callable[[str], Any]) -> set[st
             if route(state, a, b, candidates, peers_of) == relay:
                 out |= {a, b}
     return out
+
+
+def relayed_partners(state, relay: str, node: str, peers_of: Callable[[str], Any]) -> list[str]:
+    """The nodes whose pair with `node` goes through `relay` (the relay's peers,
+    in its peer order): a relay carries a gateway node's egress ranges for these."""
+    candidates = relays(state)
+    return [x for x in peers_of(relay) if x != node and route(state, node, x, candidates, peers_of) == relay]

@@ -166,7 +166,10 @@ class Agent:
                             watch.reset()
                         probes = {k: p.keepalive for k, p in self.target.peers.items()
                                   if not p.allowed_ips and p.keepalive} if self.target is not None else {}
-                        found = watch.observe(await asyncio.to_thread(self.rec.peer_stats), time.time_ns(), probes)
+                        keepalives = {k: p.keepalive for k, p in self.target.peers.items()
+                                      if p.keepalive} if self.target is not None else {}
+                        found = watch.observe(await asyncio.to_thread(self.rec.peer_stats), time.time_ns(), probes,
+                                              keepalives)
                         if found is not None and not await send_health(*found):
                             watch.reset()  # not sent: say it all on the next stream
                     except Exception as e:  # noqa: BLE001 - a report is best effort

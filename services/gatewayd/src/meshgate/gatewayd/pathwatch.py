@@ -26,6 +26,18 @@ unanswered for the keepalive interval and `answer_within_s` counts. Hazard: a on
 replies) is answered only by those passive keepalives, every 10 s, and looks
 unanswered in between; the control plane's path delay must allow for it or
 accept it.
+
+Silence: wireguard-go does not count what it failed to send (a local drop, an
+``nft ... output ... drop`` on the sender's underlay, makes its sends fail
+unseen), so on the sending side such a pair shows no unanswered bytes. With
+persistent keepalives on an entry (`keepalives`), both sides send at least
+every keepalive interval, and WireGuard answers data within 10 s (its passive
+keepalive) even where one side only receives: so once the pair has had a
+handshake, neither counter may stand still for longer than `SILENT_S` (or
+twice the keepalive interval, if longer) plus `answer_within_s`. A counter that
+does is unanswered since it last moved, whichever side failed: our sends (tx
+stands still: a local drop) or theirs (rx stands still). Entries without
+keepalives (external clients) are judged by unanswered data only.
 """
 
 from __future__ import annotations
@@ -36,6 +48,9 @@ from typing import Any
 
 KEEPALIVE_BYTES = 64
 """Bytes a peer may be sent without an answer before it counts: two keepalives."""
+SILENT_S = 11
+"""The longest a counter of a healthy entry with keepalives stands still: WireGuard's
+passive keepalive (10 s) answers data, plus a sample's slack."""
 
 
 @dataclass
@@ -58,7 +73,10 @@ class _Peer:
     tx: int
     tx_at_rx: int  # tx when rx last moved
     pending_ns: int = 0  # when bytes beyond KEEPALIVE_BYTES went out unanswered
-    unanswered_ns: int = 0
+    data_ns: int = 0  # since when those bytes count as unanswered
+    unanswered_ns: int = 0  # what is reported: the earliest of data_ns and a silence
+    rx_ns: int = 0  # when rx last moved (or the peer appeared)
+    tx_ns: int = 0  # when tx last moved (or the peer appeared)
     sent: tuple[Any, ...] | None = None  # (handshake, endpoint, unanswered) last reported
     counters: tuple[int, int] = (-1, -1)
 
@@ -79,13 +97,17 @@ class PathWatch:
             p.sent = None
 
     def observe(self, stats: Mapping[str, Any], now_ns: int,
-                probes: Mapping[str, int] | None = None) -> tuple[list[PeerReport], bool] | None:
+                probes: Mapping[str, int] | None = None,
+                keepalives: Mapping[str, int] | None = None) -> tuple[list[PeerReport], bool] | None:
         """The peers to report now and whether the report is complete; None:
         nothing to say. `probes`: public key -> persistent keepalive (s) of the
         entries without allowed IPs (a relayed pair's direct entry): they carry
         only keepalives, both ways, so one left unanswered for the keepalive
-        interval and `answer_within_s` counts."""
+        interval and `answer_within_s` counts. `keepalives`: public key ->
+        persistent keepalive (s) of every entry with one (probes count too):
+        their counters are judged for silence (module docstring)."""
         probes = probes or {}
+        keepalives = {**probes, **(keepalives or {})}
         for gone in [k for k in self._peers if k not in stats]:
             del self._peers[gone]
         complete = now_ns >= self._next_full_ns
@@ -96,17 +118,31 @@ class PathWatch:
             st = stats[key]
             p = self._peers.get(key)
             if p is None:
-                p = self._peers[key] = _Peer(now_ns, st.rx_bytes, st.tx_bytes, st.tx_bytes)
+                p = self._peers[key] = _Peer(now_ns, st.rx_bytes, st.tx_bytes, st.tx_bytes,
+                                             rx_ns=now_ns, tx_ns=now_ns)
             if st.rx_bytes != p.rx or st.tx_bytes < p.tx_at_rx:  # heard from, or counters reset
-                p.tx_at_rx, p.pending_ns, p.unanswered_ns = st.tx_bytes, 0, 0
+                p.tx_at_rx, p.pending_ns, p.data_ns = st.tx_bytes, 0, 0
             elif st.tx_bytes - p.tx_at_rx > (0 if key in probes else KEEPALIVE_BYTES):
                 if not p.pending_ns:
                     p.pending_ns = now_ns
                 within = self.answer_within_ns + probes.get(key, 0) * 1_000_000_000
-                if not p.unanswered_ns and now_ns - p.pending_ns >= within:
-                    p.unanswered_ns = p.pending_ns
+                if not p.data_ns and now_ns - p.pending_ns >= within:
+                    p.data_ns = p.pending_ns
+            if st.rx_bytes != p.rx:
+                p.rx_ns = now_ns
+            if st.tx_bytes != p.tx:
+                p.tx_ns = now_ns
             p.rx, p.tx = st.rx_bytes, st.tx_bytes
             handshake = st.last_handshake_sec * 1_000_000_000 + st.last_handshake_nsec if st.last_handshake_sec else 0
+            since = [p.data_ns] if p.data_ns else []
+            keepalive = keepalives.get(key, 0)
+            if keepalive and handshake:
+                silent_ns = max(SILENT_S, 2 * keepalive) * 1_000_000_000 + self.answer_within_ns
+                since += [t for t in (p.rx_ns, p.tx_ns) if now_ns - t >= silent_ns]
+            if not since:
+                p.unanswered_ns = 0
+            elif not p.unanswered_ns:  # (while it lasts, the time it started stays)
+                p.unanswered_ns = min(since)
             # A rekey every two minutes is no news: only the first handshake is.
             shown = (bool(handshake), st.endpoint or "", p.unanswered_ns)
             counters = (st.rx_bytes, st.tx_bytes)
