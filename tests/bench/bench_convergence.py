@@ -82,7 +82,7 @@ import tempfile
 import time
 
 import grpc
-from benchkit import AdminToken, bench, info, percentile
+from benchkit import AdminToken, Profiler, bench, info, percentile
 from google.protobuf import field_mask_pb2
 
 from meshgate.api.v1 import (
@@ -637,16 +637,19 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str
     info(f"etcd put-to-watch: {len(ptw)} sequential puts, p50 {statistics.median(ptw):.3f} ms, p99 {percentile(ptw, 99):.3f} ms")
 
     r = Run(target, cp_pid, args, ks_target, ks_pid, admin_token)
+    prof = Profiler(cp_pid, args.profile)
     try:
         hub_secret, spoke_secret = await r.setup_network()
-        await r.enroll_all(hub_secret, spoke_secret, args.agents)
+        with prof.phase("enroll"):
+            await r.enroll_all(hub_secret, spoke_secret, args.agents)
         out[f"enroll_{n}_joins_s"] = n / r.results["enroll_s"]
         await r.gateways.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
             parent=r.parent, egress_gateway_id="hub0",
             egress_gateway=egress_pb2.EgressGateway(node=f"{r.parent}/nodes/hub0", ranges=[RANGE_A])), timeout=30)
         info(f"control plane after enrolment: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
         try:
-            await r.connect_all()
+            with prof.phase("connect"):
+                await r.connect_all()
         finally:
             out[f"streams_failed_{n}"] = sum(1 for a in r.agents if a.error)
         await r.check_converged(args.agents)
@@ -660,13 +663,15 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str
         out[f"cp_rss_{n}_streams_mb"] = rss_mb(cp_pid)
         info(f"control plane with {args.agents} streams: RSS {out[f'cp_rss_{n}_streams_mb']:.0f} MB, CPU {cpu_s(cp_pid):.1f} s")
 
-        lat = await r.converge_all(args.reps)
+        with prof.phase("converge_all"):
+            lat = await r.converge_all(args.reps)
         out[f"converge_all_{n}_p50_ms"] = statistics.median(lat)
         out[f"converge_all_{n}_p99_ms"] = percentile(lat, 99)
         info(f"converge_all: {len(lat)} changes, p50 {statistics.median(lat):.0f} ms, p99 {percentile(lat, 99):.0f} ms, "
              f"min {min(lat):.0f} ms, max {max(lat):.0f} ms")
 
-        lat1, touched = await r.converge_one(args.reps_one, "listen_port")
+        with prof.phase("converge_one"):
+            lat1, touched = await r.converge_one(args.reps_one, "listen_port")
         out[f"converge_one_{n}_p99_ms"] = percentile(lat1, 99)
         info(f"converge_one (spoke listen_port): {len(lat1)} changes, p50 {statistics.median(lat1):.1f} ms, "
              f"p99 {percentile(lat1, 99):.1f} ms; agents receiving a message per change: {sorted(set(touched))}")
@@ -682,7 +687,8 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str
         etcd = Etcd(etcd_endpoint, "/bench")
         await etcd.connect()
         try:
-            lat3 = await r.psk_rotate_all(args.psk_reps, etcd)
+            with prof.phase("psk_rotate_all"):
+                lat3 = await r.psk_rotate_all(args.psk_reps, etcd)
         finally:
             await etcd.close()
         out[f"psk_rotate_all_{n}_ms"] = statistics.median(lat3)
@@ -706,6 +712,8 @@ def main() -> int:
     ap.add_argument("--enroll-concurrency", type=int, default=4)
     ap.add_argument("--watch-ops", type=int, default=500)
     ap.add_argument("--psk-reps", type=int, default=5, help="whole-network pre-shared key rotations")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the control plane with py-spy during each phase and print where its CPU went")
     args = ap.parse_args()
 
     def on_term(signum, frame):

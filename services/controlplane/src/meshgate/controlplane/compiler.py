@@ -268,7 +268,7 @@ class PeerIndex:
             return frozenset(self.keyed)
         kind, _, value = selector.partition(":")
         if kind == "tag":
-            return frozenset(n for n in self.keyed if value in state.nodes[n].tags)
+            return frozenset(self._keyed_set & state.tagged({value}))
         if kind == "node":
             return frozenset(n for n in self.keyed if _id(state.nodes[n].name) == value)
         if kind == "egress":
@@ -563,6 +563,8 @@ def compile_node(
             allowed_ips=_sort_cidrs(allowed[p]) if allowed[p] else [],
             persistent_keepalive_seconds=keepalive,
             resource=p,
+            # a relay's round-trip time, measured by the agent, ranks relays (paths.choose_relay)
+            rtt_address=(peer.ipv4_address or peer.ipv6_address) if peer.relay and peer.endpoint else "",
         )
     clients = by_gateway.get(name, [])
     for c in clients:

@@ -918,8 +918,14 @@ class Fanout:
         if st is None or not known:
             return {}
         await self.status.flush()
-        records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
-        sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
+        if len(known) <= FEW_NODES:  # a Get or an Update: their keys, not the network's
+            ids = [n.rsplit("/", 1)[1] for n in known]
+            got = await asyncio.gather(*(self.etcd.get(self.etcd.key(kind, net_id, i))
+                                         for kind in ("status", "sessions") for i in ids))
+            records, sessions = [kv for kv in got[:len(ids)] if kv], [kv for kv in got[len(ids):] if kv]
+        else:
+            records, _ = await self.etcd.list_prefix(self.etcd.key("status", net_id, ""))
+            sessions, _ = await self.etcd.list_prefix(self.etcd.key("sessions", net_id, ""))
         recs = {kv.key.rsplit(b"/", 1)[1].decode(): json.loads(kv.value) for kv in records}
         connected = {kv.key.rsplit(b"/", 1)[1].decode() for kv in sessions}
         live = [n for n in known if n.rsplit("/", 1)[1] in connected]
@@ -937,6 +943,11 @@ class Fanout:
             out[name] = node_pb2.Node.READY if applied and applied == dg else node_pb2.Node.CONVERGING
         return out
 
+
+FEW_NODES = 16
+"""`node_states` of at most this many nodes reads their own status and session
+keys; more read the network's (a node's Update at 10,000 nodes listed 20,000
+keys to show one node's state, issue 18)."""
 
 ROUTE_REASONS = ("DEFAULT_ROUTE_DECLINED", "ROUTE_NOT_ACCEPTED")
 """ErrorInfo reasons of an ack that name routes the agent declined (gatewayd's consent.py)."""
