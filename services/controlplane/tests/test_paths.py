@@ -344,3 +344,47 @@ def test_the_internet_gateway_goes_through_the_relay_only_where_the_relay_routes
         name="networks/n/egressGateways/rl", node="networks/n/nodes/r", ranges=["192.0.2.128/25"])
     a = compiler.compile_node(st, "networks/n/nodes/a")
     assert _peers(a)["b"] == ["0.0.0.0/0"] and a.default_route_via_peer == _key(3)
+
+
+# ---------------------------------------------------------------- choosing the closest relay
+
+
+def test_the_relay_chosen_is_the_healthiest_then_the_closest_then_the_least_loaded():
+    C = paths.Candidate
+    ms = 1000
+    # health first: a far relay both reach beats a near one only one side reaches
+    assert paths.choose_relay([C("near", 1, 2 * ms, 0), C("far", 2, 80 * ms, 0)]) == "far"
+    # then the summed round trip; a relay a side has not measured comes after the measured
+    assert paths.choose_relay([C("r1", 2, 40 * ms, 0), C("r2", 2, 12 * ms, 5), C("r3", 2, None, 0)]) == "r2"
+    assert paths.choose_relay([C("r1", 2, None, 3), C("r2", 2, None, 1)]) == "r2"
+    # then the load, then the name
+    assert paths.choose_relay([C("r1", 2, 10 * ms, 4), C("r2", 2, 10 * ms, 1)]) == "r2"
+    assert paths.choose_relay([C("r2", 2, 10 * ms, 1), C("r1", 2, 10 * ms, 1)]) == "r1"
+    assert paths.choose_relay([]) == ""
+
+
+def test_a_small_change_of_round_trip_does_not_move_a_pair():
+    C = paths.Candidate
+    ms = 1000
+    # the current relay stays while the other is not clearly closer
+    assert paths.choose_relay([C("cur", 2, 30 * ms, 1), C("other", 2, 25 * ms, 0)], current="cur") == "cur"
+    assert paths.choose_relay([C("cur", 2, 12 * ms, 1), C("other", 2, 4 * ms, 0)], current="cur") == "cur"  # < 10 ms
+    # clearly closer (under 70% and 10 ms less): it moves
+    assert paths.choose_relay([C("cur", 2, 60 * ms, 1), C("other", 2, 20 * ms, 0)], current="cur") == "other"
+    # healthier always wins; an unmeasured current relay stays
+    assert paths.choose_relay([C("cur", 1, 5 * ms, 0), C("other", 2, 90 * ms, 0)], current="cur") == "other"
+    assert paths.choose_relay([C("cur", 2, None, 0), C("other", 2, 5 * ms, 0)], current="cur") == "cur"
+
+
+def test_reports_keep_the_round_trip_to_a_relay():
+    h = agent_pb2.SyncRequest.Health(complete=True)
+    h.peers.add(public_key="kr", rtt_us=1500)
+    h.peers.add(public_key="kb")
+    rec = relays.merge_report({}, h, {"kr": "r", "kb": "b"})
+    assert rec["r"]["rtt_us"] == 1500 and "rtt_us" not in rec["b"]
+    assert paths.PeerSeen.of(rec["r"]).rtt_us == 1500
+
+
+def test_relays_carry_their_overlay_address_to_measure():
+    a = compiler.compile_node(_state(), "networks/n/nodes/a")
+    assert {p.resource.rsplit("/", 1)[1]: p.rtt_address for p in a.peers} == {"r": "100.64.0.1", "b": "", "p": ""}

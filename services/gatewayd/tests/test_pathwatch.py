@@ -102,3 +102,15 @@ def test_silence_is_judged_only_with_keepalives_and_after_a_handshake():
     # "c" (an external client: no keepalive) and "n" (never a handshake) say nothing
     assert w.observe({"k": stats(100, 100, hs=1), "c": stats(100, 100, hs=1), "n": stats(0, 0)}, 121 * S,
                      keepalives={"k": 1, "n": 1}) is None
+
+
+def test_a_round_trip_is_reported_when_it_moves_by_more_than_a_quarter():
+    w = PathWatch(answer_within_s=2, full_every_s=300)
+    w.observe({"k": stats(100, 100, hs=1)}, 0)
+    got = w.observe({"k": stats(100, 100, hs=1)}, 1 * S, rtts={"k": 1000})
+    assert got is not None and got[0][0].rtt_us == 1000
+    assert w.observe({"k": stats(100, 100, hs=1)}, 2 * S, rtts={"k": 1200}) is None  # +20%: no news
+    moved = w.observe({"k": stats(100, 100, hs=1)}, 3 * S, rtts={"k": 1300})
+    assert moved is not None and moved[0][0].rtt_us == 1300
+    gone = w.observe({"k": stats(100, 100, hs=1)}, 4 * S, rtts={})
+    assert gone is not None and gone[0][0].rtt_us == 0

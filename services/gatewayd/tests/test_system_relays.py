@@ -249,6 +249,8 @@ def test_a_relayed_gateway_s_egress_goes_through_the_relay(world: World):
     seen = until(lambda: w.hosts["a"].ask(T, WEB, timeout=3), "A reaches T through R and C")
     assert seen == C_LAN, seen
     assert w.rx_from("r", "a") > before  # it went through R
+    # A measures its round trip to the relay (for the choice among several) and reports it
+    until(lambda: w.path_record("a").get("r", {}).get("rtt_us"), "A reports its round trip to R", timeout=30)
 
 
 def test_cut_direct_path_moves_to_relay_and_back_without_flapping(world: World):

@@ -79,13 +79,14 @@ class PeerSeen:
     endpoint: str = ""
     unanswered_ns: int = 0
     configure_ns: int = 0
+    rtt_us: int = 0  # the round-trip time this node measured to the peer (a relay), 0: none
 
     @classmethod
     def of(cls, rec: Mapping[str, Any] | None) -> PeerSeen | None:
         if not rec:
             return None
         return cls(int(rec.get("handshake_ns", 0)), str(rec.get("endpoint", "")),
-                   int(rec.get("unanswered_ns", 0)), int(rec.get("configure_ns", 0)))
+                   int(rec.get("unanswered_ns", 0)), int(rec.get("configure_ns", 0)), int(rec.get("rtt_us", 0)))
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,47 @@ def direct_state(a: PeerSeen | None, b: PeerSeen | None, now_ns: int, delay_s: f
     # The age of the handshake is not judged: agents report the first one, not
     # every rekey, and a dead session with keepalives on shows as unanswered.
     return Direct(network_pb2.PATH_UP, handshake)
+
+
+# ----------------------------------------------------------------- choosing a relay
+
+SWITCH_RATIO = 0.7
+"""A relayed pair moves to another relay only if that one's round trip (both
+sides' summed) is under this share of the current one's ..."""
+SWITCH_MIN_US = 10_000
+"""... and shorter by at least this much (10 ms): a small change never moves pairs."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A relay as seen for one pair: how many of the two sides reach it (0-2),
+    the sum of the round-trip times both measured to it (None: a side has
+    not), and how many pairs it relays already."""
+
+    relay: str
+    up: int
+    rtt_us: int | None
+    load: int
+
+
+def choose_relay(candidates: Iterable[Candidate], current: str = "") -> str:
+    """The relay for a pair: the healthiest (both sides reach it), then the
+    closest (least summed round trip; measured before unmeasured), then the
+    least loaded, then by name. With a `current` relay that is still among the
+    healthiest, the pair stays unless the best is clearly closer
+    (`SWITCH_RATIO` and `SWITCH_MIN_US`): hysteresis, so that a small change
+    of a round trip, or of load, never moves a pair."""
+    ranked = sorted(candidates, key=lambda c: (-c.up, c.rtt_us is None, c.rtt_us or 0, c.load, c.relay))
+    if not ranked:
+        return ""
+    best = ranked[0]
+    cur = next((c for c in ranked if c.relay == current), None)
+    if cur is None or cur.up < best.up:
+        return best.relay
+    if best.rtt_us is not None and cur.rtt_us is not None and best.rtt_us < cur.rtt_us * SWITCH_RATIO \
+            and cur.rtt_us - best.rtt_us >= SWITCH_MIN_US:
+        return best.relay
+    return current
 
 
 # ----------------------------------------------------------------- routing (compiler)

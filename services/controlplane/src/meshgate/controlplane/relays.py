@@ -28,9 +28,12 @@ move back).
 
 Hazard: agents stamp their reports with their own clocks; a node whose clock
 is off by more than the path delay can look unhealthy or healthy for that
-long. The best relay is the one both sides report up, then the one relaying
-the fewest pairs, then by name: no latency is measured, so "closest" is not
-yet known.
+long. The best relay (paths.choose_relay) is the one both sides report up,
+then the closest (the sum of the round-trip times both sides' agents measure
+to it over the overlay, `rtt_us` in their reports), then the one relaying the
+fewest pairs, then by name. A relayed pair moves to another relay only when
+that one is healthier, or clearly closer (under 70% of the current round trip
+and at least 10 ms less), so small changes never move pairs.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def merge_report(old: dict[str, dict], health, peers_by_key: dict[str, str]) -> 
             continue
         out[pid] = {"handshake_ns": _ns(p.latest_handshake_time), "endpoint": p.endpoint,
                     "unanswered_ns": _ns(p.unanswered_since_time), "configure_ns": _ns(p.configure_time)}
+        if p.rtt_us:
+            out[pid]["rtt_us"] = p.rtt_us
     keep = set(peers_by_key.values())
     return {k: v for k, v in sorted(out.items()) if k in keep}
 
@@ -198,8 +203,10 @@ class Relays:
         """Pairs that may have to move, in the size of the reports (never all
         pairs): marked ones; direct ones a report says are not plainly up; and
         pairs without endpoints (relayed by default) whose direct entry has had
-        a handshake."""
+        a handshake, or all of them where there are several relays (one may be
+        closer than the default)."""
         out: set[tuple[str, str]] = set()
+        several = len(paths.relays(st)) > 1  # a relayed pair may move to a closer relay
         for pid in st.relay_marks:
             a, b = paths.pair_nodes(net_id, pid)
             if a in st.nodes and b in st.nodes:
@@ -212,26 +219,33 @@ class Relays:
                 if peer not in st.nodes:
                     continue
                 bare = not paths.has_endpoint(st, node) and not paths.has_endpoint(st, peer)
-                if (bare and rec.get("handshake_ns")) or (
+                if (bare and (rec.get("handshake_ns") or several)) or (
                         not bare and (not rec.get("handshake_ns") or rec.get("unanswered_ns"))):
                     x, y = sorted((node, peer))
                     out.add((x, y))
         return out
 
-    def _best(self, st, index, relays: list[str], a: str, b: str, now_ns: int) -> str:
+    def _best(self, st, index, relays: list[str], a: str, b: str, now_ns: int, current: str = "") -> str:
+        """paths.choose_relay over the relays both sides peer with: reached
+        (path up), summed round trips (each side's report of the relay), load."""
         load: dict[str, int] = {}
         for mark in st.relay_marks.values():
             if mark:
                 load[mark] = load.get(mark, 0) + 1
         view = paths.peer_view(index)
         peers_a, peers_b = view(a), view(b)
-        ranked = []
+        net_id = st.network.name.split("/")[1]
+        found = []
         for r in relays:
             if r in (a, b) or r not in peers_a or r not in peers_b:
                 continue
             up = sum(1 for x in (a, b) if self.direct(st, x, r, now_ns).up)
-            ranked.append((-up, load.get(r.rsplit("/", 1)[1], 0), r))
-        return min(ranked)[2] if ranked else ""
+            rtts = [seen.rtt_us if seen is not None else 0 for seen in (self.seen(net_id, a, r)[0],
+                                                                           self.seen(net_id, b, r)[0])]
+            rid = r.rsplit("/", 1)[1]
+            found.append(paths.Candidate(r, up, sum(rtts) if all(rtts) else None,
+                                         load.get(rid, 0) - (1 if r == current else 0)))
+        return paths.choose_relay(found, current)
 
     async def _decide(self, net_id, st, index, relays, a, b, now_ns, mono) -> None:
         pid = paths.pair_id(a, b)
@@ -244,6 +258,13 @@ class Relays:
             # path delay still restarts the wait).
             if not d.up or any(v is not None and v.unanswered_ns for v in self.seen(net_id, a, b)):
                 self._up_since.pop(key, None)
+                # Meanwhile, a clearly closer (or healthier) relay takes the pair.
+                if len(relays) > 1:
+                    best = self._best(st, index, relays, a, b, now_ns, current)
+                    if best and best != current:
+                        rec = self.cache.relay_records.get(net_id, {}).get(pid, {})
+                        await self._mark(net_id, pid, best.rsplit("/", 1)[1], rec, now_ns,
+                                         reason=f"closer or healthier than {current.rsplit('/', 1)[1]}")
                 return
             since = self._up_since.setdefault(key, mono)
             rec = self.cache.relay_records.get(net_id, {}).get(pid, {})

@@ -97,6 +97,7 @@ class Agent:
         self._applied_gen = -1
         self._need_full = True
         self._wake = asyncio.Event()
+        self._rtts: dict[str, int] = {}  # public key -> last round-trip time (us) over the overlay, 0: none
         # Trace contexts of the updates not applied yet: the next pass is a child
         # of the newest and links the others (updates coalesce into one pass).
         self._traces: list[str] = []
@@ -150,6 +151,7 @@ class Agent:
         check_every = min(self.settings.path_check_interval, health_every) if send_health else 0.0
         next_health = now + check_every if send_health else float("inf")
         watch = PathWatch(full_every_s=health_every)
+        next_rtt, rtt_task = now, None  # type: tuple[float, asyncio.Task[None] | None]  # round-trip times to relays (rtt_address), for the relay choice
         streams_seen = -1
         retry_at: float | None = None
         try:
@@ -168,8 +170,14 @@ class Agent:
                                   if not p.allowed_ips and p.keepalive} if self.target is not None else {}
                         keepalives = {k: p.keepalive for k, p in self.target.peers.items()
                                       if p.keepalive} if self.target is not None else {}
+                        if now >= next_rtt and self.target is not None:
+                            next_rtt = now + self.settings.path_rtt_interval
+                            want = {k: p.rtt_address for k, p in self.target.peers.items() if p.rtt_address}
+                            self._rtts = {k: v for k, v in self._rtts.items() if k in want}
+                            if want and (rtt_task is None or rtt_task.done()):
+                                rtt_task = asyncio.create_task(self._measure_rtts(want))
                         found = watch.observe(await asyncio.to_thread(self.rec.peer_stats), time.time_ns(), probes,
-                                              keepalives)
+                                              keepalives, self._rtts)
                         if found is not None and not await send_health(*found):
                             watch.reset()  # not sent: say it all on the next stream
                     except Exception as e:  # noqa: BLE001 - a report is best effort
@@ -205,6 +213,9 @@ class Agent:
                     retry_at = None  # a new target deserves an immediate attempt
         finally:
             stopper.cancel()
+            if rtt_task is not None:
+                rtt_task.cancel()
+                await asyncio.gather(rtt_task, return_exceptions=True)
             if monitor is not None:
                 monitor.cancel()
                 await asyncio.gather(monitor, return_exceptions=True)
@@ -352,6 +363,12 @@ class Agent:
         self._set_target(msg, desired, refused, declined)
         return True
 
+    async def _measure_rtts(self, want: dict[str, str]) -> None:
+        """Ping each relay (public key -> overlay address) three times, at once:
+        the least time, in microseconds (0: no answer), into `_rtts`."""
+        got = await asyncio.gather(*(_rtt_us(addr) for addr in want.values()))
+        self._rtts.update(zip(want, got, strict=True))
+
     async def _pass(self) -> bool:
         assert self.target is not None and self.target_msg is not None
         full, gen, target, msg = self._need_full, self._target_gen, self.target, self.target_msg
@@ -463,3 +480,28 @@ def _apply_span(traceparents: list[str], target: Desired, full: bool):
         links=links,
         attributes={"meshgate.node": target.node, "meshgate.revision": target.revision, "meshgate.full": full},
     )
+
+
+async def _rtt_us(addr: str, timeout: float = 1.0) -> int:
+    """The least round-trip time of three ICMP echoes to `addr` (through the
+    tunnel), in microseconds; 0 when none is answered."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", f"{timeout:.1f}", addr,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return 0
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout + 5)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 0
+    # "rtt min/avg/max/mdev = 0.045/0.051/0.060/0.006 ms"
+    for line in out.decode(errors="replace").splitlines():
+        if "min/avg/max" in line and "=" in line:
+            try:
+                return max(1, int(float(line.split("=", 1)[1].split("/")[0]) * 1000))
+            except ValueError:
+                return 0
+    return 0

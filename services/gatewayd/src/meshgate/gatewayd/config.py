@@ -78,6 +78,7 @@ class Settings:
     byte counters to the control plane (0: never report)."""
 
     path_check_interval: float = 1.0
+    path_rtt_interval: float = 10.0  # round-trip times to relays (desired peers' rtt_address)
     """Seconds between samples of the peers for path health: a change (handshake,
     endpoint, traffic unanswered) is reported at the next sample (pathwatch.py)."""
 

@@ -45,6 +45,8 @@ class PeerSpec:
     keepalive: int = 0
     ranges: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
     """(ip version, first, last) of each allowed IP, for the overlap check."""
+    rtt_address: str = field(default="", compare=False, repr=False)
+    """The overlay address to measure the round-trip time to (a relay); not configured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,7 @@ def _peer(p: pb.Peer, where: str, own_key: str, v: list[FieldViolation]) -> Peer
         endpoint=endpoint,
         keepalive=p.persistent_keepalive_seconds,
         ranges=tuple(_range(n) for n in nets),
+        rtt_address=p.rtt_address,
     )
 
 

@@ -38,6 +38,11 @@ twice the keepalive interval, if longer) plus `answer_within_s`. A counter that
 does is unanswered since it last moved, whichever side failed: our sends (tx
 stands still: a local drop) or theirs (rx stands still). Entries without
 keepalives (external clients) are judged by unanswered data only.
+
+Round-trip times (`rtts`: public key -> microseconds, 0: unanswered) are the
+agent's pings to its relays over the overlay (desired peers' `rtt_address`,
+every `path_rtt_interval`); a peer is reported when its time moves by more
+than `RTT_CHANGE` of the last one reported, or appears or goes.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Any
 
 KEEPALIVE_BYTES = 64
 """Bytes a peer may be sent without an answer before it counts: two keepalives."""
+RTT_CHANGE = 0.25
 SILENT_S = 11
 """The longest a counter of a healthy entry with keepalives stands still: WireGuard's
 passive keepalive (10 s) answers data, plus a sample's slack."""
@@ -64,6 +70,7 @@ class PeerReport:
     tx_bytes: int
     unanswered_since_ns: int
     configure_ns: int
+    rtt_us: int = 0
 
 
 @dataclass
@@ -78,6 +85,7 @@ class _Peer:
     rx_ns: int = 0  # when rx last moved (or the peer appeared)
     tx_ns: int = 0  # when tx last moved (or the peer appeared)
     sent: tuple[Any, ...] | None = None  # (handshake, endpoint, unanswered) last reported
+    rtt_us: int = 0  # last reported
     counters: tuple[int, int] = (-1, -1)
 
 
@@ -98,15 +106,17 @@ class PathWatch:
 
     def observe(self, stats: Mapping[str, Any], now_ns: int,
                 probes: Mapping[str, int] | None = None,
-                keepalives: Mapping[str, int] | None = None) -> tuple[list[PeerReport], bool] | None:
+                keepalives: Mapping[str, int] | None = None,
+                rtts: Mapping[str, int] | None = None) -> tuple[list[PeerReport], bool] | None:
         """The peers to report now and whether the report is complete; None:
         nothing to say. `probes`: public key -> persistent keepalive (s) of the
         entries without allowed IPs (a relayed pair's direct entry): they carry
         only keepalives, both ways, so one left unanswered for the keepalive
         interval and `answer_within_s` counts. `keepalives`: public key ->
         persistent keepalive (s) of every entry with one (probes count too):
-        their counters are judged for silence (module docstring)."""
-        probes = probes or {}
+        their counters are judged for silence (module docstring). `rtts`: the
+        round-trip times measured (microseconds)."""
+        probes, rtts = probes or {}, rtts or {}
         keepalives = {**probes, **(keepalives or {})}
         for gone in [k for k in self._peers if k not in stats]:
             del self._peers[gone]
@@ -146,11 +156,14 @@ class PathWatch:
             # A rekey every two minutes is no news: only the first handshake is.
             shown = (bool(handshake), st.endpoint or "", p.unanswered_ns)
             counters = (st.rx_bytes, st.tx_bytes)
-            if complete or shown != p.sent or (p.sent is None):
+            rtt = rtts.get(key, 0)
+            rtt_moved = bool(rtt) != bool(p.rtt_us) or abs(rtt - p.rtt_us) > RTT_CHANGE * p.rtt_us
+            if complete or shown != p.sent or (p.sent is None) or rtt_moved:
                 p.sent = shown
                 p.counters = counters
+                p.rtt_us = rtt
                 out.append(PeerReport(key, handshake, st.endpoint or "", st.rx_bytes, st.tx_bytes,
-                                      p.unanswered_ns, p.configure_ns))
+                                      p.unanswered_ns, p.configure_ns, p.rtt_us))
         if not out and not complete:
             return None
         return out, complete

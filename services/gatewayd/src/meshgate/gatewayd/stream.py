@@ -509,7 +509,7 @@ class ControlPlaneSource:
         health = agent_pb2.SyncRequest.Health(complete=complete)
         for r in peers:
             p = health.peers.add(public_key=r.public_key, rx_bytes=r.rx_bytes, tx_bytes=r.tx_bytes,
-                                 endpoint=r.endpoint)
+                                 endpoint=r.endpoint, rtt_us=r.rtt_us)
             if r.handshake_ns:
                 p.latest_handshake_time.FromNanoseconds(r.handshake_ns)
             if r.unanswered_since_ns:

@@ -32,7 +32,7 @@ from meshgate.api.v1 import egress_pb2 as meshgate_dot_api_dot_v1_dot_egress__pb
 from meshgate.api.v1 import node_pb2 as meshgate_dot_api_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeshgate/api/v1/agent.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1ameshgate/api/v1/auth.proto\x1a#meshgate/api/v1/desired_state.proto\x1a\x1dmeshgate/api/v1/network.proto\x1a\x1cmeshgate/api/v1/egress.proto\x1a\x1ameshgate/api/v1/node.proto\"\xb9\x01\n\rEnrollRequest\x12 \n\x11\x65nrollment_secret\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x18\n\npublic_key\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x13\n\x0blisten_port\x18\x06 \x01(\r\x12\x0b\n\x03\x63sr\x18\x07 \x01(\x0c\x12\x15\n\ragent_version\x18\x08 \x01(\t\"~\n\x0f\x41gentCredential\x12\x0f\n\x05token\x18\x01 \x01(\tH\x00\x12\x1b\n\x11\x63\x65rtificate_chain\x18\x02 \x01(\x0cH\x00\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\ncredential\"\xbf\x01\n\x0e\x45nrollResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.meshgate.api.v1.Node\x12\x34\n\ncredential\x18\x02 \x01(\x0b\x32 .meshgate.api.v1.AgentCredential\x12\x17\n\x0f\x63\x61_certificates\x18\x03 \x01(\x0c\x12!\n\x19key_authority_public_keys\x18\x04 \x03(\x0c\x12\x16\n\x0e\x61gent_endpoint\x18\x05 \x01(\t\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"\xf5\n\n\x0bSyncRequest\x12\x33\n\x05hello\x18\x01 \x01(\x0b\x32\".meshgate.api.v1.SyncRequest.HelloH\x00\x12/\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32 .meshgate.api.v1.SyncRequest.AckH\x00\x12\x35\n\x06health\x18\x03 \x01(\x0b\x32#.meshgate.api.v1.SyncRequest.HealthH\x00\x12<\n\x06resync\x18\x04 \x01(\x0b\x32*.meshgate.api.v1.SyncRequest.ResyncRequestH\x00\x12\x36\n\x07new_key\x18\x05 \x01(\x0b\x32#.meshgate.api.v1.SyncRequest.NewKeyH\x00\x12J\n\x11renew_certificate\x18\x06 \x01(\x0b\x32-.meshgate.api.v1.SyncRequest.RenewCertificateH\x00\x12\x37\n\x07\x64omains\x18\x07 \x01(\x0b\x32$.meshgate.api.v1.SyncRequest.DomainsH\x00\x12\x42\n\regress_health\x18\x08 \x01(\x0b\x32).meshgate.api.v1.SyncRequest.EgressHealthH\x00\x1aW\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x1a\x98\x01\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12.\n\napply_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05\x64rift\x18\x04 \x01(\x0b\x32\x1c.meshgate.api.v1.DriftStatus\x1a\xdc\x02\n\x06Health\x12=\n\x05peers\x18\x01 \x03(\x0b\x32..meshgate.api.v1.SyncRequest.Health.PeerHealth\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x1a\x80\x02\n\nPeerHealth\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x39\n\x15latest_handshake_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08rx_bytes\x18\x03 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x39\n\x15unanswered_since_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63onfigure_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x1f\n\rResyncRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x1a\x1c\n\x06NewKey\x12\x12\n\npublic_key\x18\x01 \x01(\t\x1a\x1f\n\x10RenewCertificate\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x1a\x39\n\x07\x44omains\x12.\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x1d.meshgate.api.v1.DomainStatus\x1a\x90\x01\n\x0c\x45gressHealth\x12\x43\n\x08gateways\x18\x01 \x03(\x0b\x32\x31.meshgate.api.v1.SyncRequest.EgressHealth.Gateway\x1a;\n\x07Gateway\x12\x0f\n\x07gateway\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\tB\t\n\x07message\"\xa9\x04\n\x0cSyncResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x34\n\rtrace_context\x18\x02 \x01(\x0b\x32\x1d.meshgate.api.v1.TraceContext\x12:\n\x08snapshot\x18\x03 \x01(\x0b\x32&.meshgate.api.v1.SyncResponse.SnapshotH\x00\x12\x34\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32#.meshgate.api.v1.SyncResponse.DeltaH\x00\x12<\n\theartbeat\x18\x05 \x01(\x0b\x32\'.meshgate.api.v1.SyncResponse.HeartbeatH\x00\x12=\n\nrotate_key\x18\x06 \x01(\x0b\x32\'.meshgate.api.v1.SyncResponse.RotateKeyH\x00\x12\x37\n\x0b\x63\x65rtificate\x18\x07 \x01(\x0b\x32 .meshgate.api.v1.AgentCredentialH\x00\x1a\x38\n\x08Snapshot\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x1d.meshgate.api.v1.DesiredState\x1a:\n\x05\x44\x65lta\x12\x31\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\".meshgate.api.v1.DesiredStateDelta\x1a\x0b\n\tHeartbeat\x1a\x1b\n\tRotateKey\x12\x0e\n\x06reason\x18\x01 \x01(\tB\t\n\x07message2\xb2\x01\n\x0c\x41gentService\x12Q\n\x06\x45nroll\x12\x1e.meshgate.api.v1.EnrollRequest\x1a\x1f.meshgate.api.v1.EnrollResponse\"\x06\x92\xa1\x19\x02(\x01\x12O\n\x04Sync\x12\x1c.meshgate.api.v1.SyncRequest\x1a\x1d.meshgate.api.v1.SyncResponse\"\x06\x92\xa1\x19\x02(\x01(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeshgate/api/v1/agent.proto\x12\x0fmeshgate.api.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1ameshgate/api/v1/auth.proto\x1a#meshgate/api/v1/desired_state.proto\x1a\x1dmeshgate/api/v1/network.proto\x1a\x1cmeshgate/api/v1/egress.proto\x1a\x1ameshgate/api/v1/node.proto\"\xb9\x01\n\rEnrollRequest\x12 \n\x11\x65nrollment_secret\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x18\n\npublic_key\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x13\n\x0blisten_port\x18\x06 \x01(\r\x12\x0b\n\x03\x63sr\x18\x07 \x01(\x0c\x12\x15\n\ragent_version\x18\x08 \x01(\t\"~\n\x0f\x41gentCredential\x12\x0f\n\x05token\x18\x01 \x01(\tH\x00\x12\x1b\n\x11\x63\x65rtificate_chain\x18\x02 \x01(\x0cH\x00\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\ncredential\"\xbf\x01\n\x0e\x45nrollResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.meshgate.api.v1.Node\x12\x34\n\ncredential\x18\x02 \x01(\x0b\x32 .meshgate.api.v1.AgentCredential\x12\x17\n\x0f\x63\x61_certificates\x18\x03 \x01(\x0c\x12!\n\x19key_authority_public_keys\x18\x04 \x03(\x0c\x12\x16\n\x0e\x61gent_endpoint\x18\x05 \x01(\t\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"\x85\x0b\n\x0bSyncRequest\x12\x33\n\x05hello\x18\x01 \x01(\x0b\x32\".meshgate.api.v1.SyncRequest.HelloH\x00\x12/\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32 .meshgate.api.v1.SyncRequest.AckH\x00\x12\x35\n\x06health\x18\x03 \x01(\x0b\x32#.meshgate.api.v1.SyncRequest.HealthH\x00\x12<\n\x06resync\x18\x04 \x01(\x0b\x32*.meshgate.api.v1.SyncRequest.ResyncRequestH\x00\x12\x36\n\x07new_key\x18\x05 \x01(\x0b\x32#.meshgate.api.v1.SyncRequest.NewKeyH\x00\x12J\n\x11renew_certificate\x18\x06 \x01(\x0b\x32-.meshgate.api.v1.SyncRequest.RenewCertificateH\x00\x12\x37\n\x07\x64omains\x18\x07 \x01(\x0b\x32$.meshgate.api.v1.SyncRequest.DomainsH\x00\x12\x42\n\regress_health\x18\x08 \x01(\x0b\x32).meshgate.api.v1.SyncRequest.EgressHealthH\x00\x1aW\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x1a\x98\x01\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12.\n\napply_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05\x64rift\x18\x04 \x01(\x0b\x32\x1c.meshgate.api.v1.DriftStatus\x1a\xec\x02\n\x06Health\x12=\n\x05peers\x18\x01 \x03(\x0b\x32..meshgate.api.v1.SyncRequest.Health.PeerHealth\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x1a\x90\x02\n\nPeerHealth\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x39\n\x15latest_handshake_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08rx_bytes\x18\x03 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x39\n\x15unanswered_since_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63onfigure_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06rtt_us\x18\x08 \x01(\r\x1a\x1f\n\rResyncRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x1a\x1c\n\x06NewKey\x12\x12\n\npublic_key\x18\x01 \x01(\t\x1a\x1f\n\x10RenewCertificate\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x1a\x39\n\x07\x44omains\x12.\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x1d.meshgate.api.v1.DomainStatus\x1a\x90\x01\n\x0c\x45gressHealth\x12\x43\n\x08gateways\x18\x01 \x03(\x0b\x32\x31.meshgate.api.v1.SyncRequest.EgressHealth.Gateway\x1a;\n\x07Gateway\x12\x0f\n\x07gateway\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\tB\t\n\x07message\"\xa9\x04\n\x0cSyncResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x34\n\rtrace_context\x18\x02 \x01(\x0b\x32\x1d.meshgate.api.v1.TraceContext\x12:\n\x08snapshot\x18\x03 \x01(\x0b\x32&.meshgate.api.v1.SyncResponse.SnapshotH\x00\x12\x34\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32#.meshgate.api.v1.SyncResponse.DeltaH\x00\x12<\n\theartbeat\x18\x05 \x01(\x0b\x32\'.meshgate.api.v1.SyncResponse.HeartbeatH\x00\x12=\n\nrotate_key\x18\x06 \x01(\x0b\x32\'.meshgate.api.v1.SyncResponse.RotateKeyH\x00\x12\x37\n\x0b\x63\x65rtificate\x18\x07 \x01(\x0b\x32 .meshgate.api.v1.AgentCredentialH\x00\x1a\x38\n\x08Snapshot\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x1d.meshgate.api.v1.DesiredState\x1a:\n\x05\x44\x65lta\x12\x31\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\".meshgate.api.v1.DesiredStateDelta\x1a\x0b\n\tHeartbeat\x1a\x1b\n\tRotateKey\x12\x0e\n\x06reason\x18\x01 \x01(\tB\t\n\x07message2\xb2\x01\n\x0c\x41gentService\x12Q\n\x06\x45nroll\x12\x1e.meshgate.api.v1.EnrollRequest\x1a\x1f.meshgate.api.v1.EnrollResponse\"\x06\x92\xa1\x19\x02(\x01\x12O\n\x04Sync\x12\x1c.meshgate.api.v1.SyncRequest\x1a\x1d.meshgate.api.v1.SyncResponse\"\x06\x92\xa1\x19\x02(\x01(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,37 +56,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRACECONTEXT']._serialized_start=803
   _globals['_TRACECONTEXT']._serialized_end=858
   _globals['_SYNCREQUEST']._serialized_start=861
-  _globals['_SYNCREQUEST']._serialized_end=2258
+  _globals['_SYNCREQUEST']._serialized_end=2274
   _globals['_SYNCREQUEST_HELLO']._serialized_start=1352
   _globals['_SYNCREQUEST_HELLO']._serialized_end=1439
   _globals['_SYNCREQUEST_ACK']._serialized_start=1442
   _globals['_SYNCREQUEST_ACK']._serialized_end=1594
   _globals['_SYNCREQUEST_HEALTH']._serialized_start=1597
-  _globals['_SYNCREQUEST_HEALTH']._serialized_end=1945
+  _globals['_SYNCREQUEST_HEALTH']._serialized_end=1961
   _globals['_SYNCREQUEST_HEALTH_PEERHEALTH']._serialized_start=1689
-  _globals['_SYNCREQUEST_HEALTH_PEERHEALTH']._serialized_end=1945
-  _globals['_SYNCREQUEST_RESYNCREQUEST']._serialized_start=1947
-  _globals['_SYNCREQUEST_RESYNCREQUEST']._serialized_end=1978
-  _globals['_SYNCREQUEST_NEWKEY']._serialized_start=1980
-  _globals['_SYNCREQUEST_NEWKEY']._serialized_end=2008
-  _globals['_SYNCREQUEST_RENEWCERTIFICATE']._serialized_start=2010
-  _globals['_SYNCREQUEST_RENEWCERTIFICATE']._serialized_end=2041
-  _globals['_SYNCREQUEST_DOMAINS']._serialized_start=2043
-  _globals['_SYNCREQUEST_DOMAINS']._serialized_end=2100
-  _globals['_SYNCREQUEST_EGRESSHEALTH']._serialized_start=2103
-  _globals['_SYNCREQUEST_EGRESSHEALTH']._serialized_end=2247
-  _globals['_SYNCREQUEST_EGRESSHEALTH_GATEWAY']._serialized_start=2188
-  _globals['_SYNCREQUEST_EGRESSHEALTH_GATEWAY']._serialized_end=2247
-  _globals['_SYNCRESPONSE']._serialized_start=2261
-  _globals['_SYNCRESPONSE']._serialized_end=2814
-  _globals['_SYNCRESPONSE_SNAPSHOT']._serialized_start=2645
-  _globals['_SYNCRESPONSE_SNAPSHOT']._serialized_end=2701
-  _globals['_SYNCRESPONSE_DELTA']._serialized_start=2703
-  _globals['_SYNCRESPONSE_DELTA']._serialized_end=2761
-  _globals['_SYNCRESPONSE_HEARTBEAT']._serialized_start=2763
-  _globals['_SYNCRESPONSE_HEARTBEAT']._serialized_end=2774
-  _globals['_SYNCRESPONSE_ROTATEKEY']._serialized_start=2776
-  _globals['_SYNCRESPONSE_ROTATEKEY']._serialized_end=2803
-  _globals['_AGENTSERVICE']._serialized_start=2817
-  _globals['_AGENTSERVICE']._serialized_end=2995
+  _globals['_SYNCREQUEST_HEALTH_PEERHEALTH']._serialized_end=1961
+  _globals['_SYNCREQUEST_RESYNCREQUEST']._serialized_start=1963
+  _globals['_SYNCREQUEST_RESYNCREQUEST']._serialized_end=1994
+  _globals['_SYNCREQUEST_NEWKEY']._serialized_start=1996
+  _globals['_SYNCREQUEST_NEWKEY']._serialized_end=2024
+  _globals['_SYNCREQUEST_RENEWCERTIFICATE']._serialized_start=2026
+  _globals['_SYNCREQUEST_RENEWCERTIFICATE']._serialized_end=2057
+  _globals['_SYNCREQUEST_DOMAINS']._serialized_start=2059
+  _globals['_SYNCREQUEST_DOMAINS']._serialized_end=2116
+  _globals['_SYNCREQUEST_EGRESSHEALTH']._serialized_start=2119
+  _globals['_SYNCREQUEST_EGRESSHEALTH']._serialized_end=2263
+  _globals['_SYNCREQUEST_EGRESSHEALTH_GATEWAY']._serialized_start=2204
+  _globals['_SYNCREQUEST_EGRESSHEALTH_GATEWAY']._serialized_end=2263
+  _globals['_SYNCRESPONSE']._serialized_start=2277
+  _globals['_SYNCRESPONSE']._serialized_end=2830
+  _globals['_SYNCRESPONSE_SNAPSHOT']._serialized_start=2661
+  _globals['_SYNCRESPONSE_SNAPSHOT']._serialized_end=2717
+  _globals['_SYNCRESPONSE_DELTA']._serialized_start=2719
+  _globals['_SYNCRESPONSE_DELTA']._serialized_end=2777
+  _globals['_SYNCRESPONSE_HEARTBEAT']._serialized_start=2779
+  _globals['_SYNCRESPONSE_HEARTBEAT']._serialized_end=2790
+  _globals['_SYNCRESPONSE_ROTATEKEY']._serialized_start=2792
+  _globals['_SYNCRESPONSE_ROTATEKEY']._serialized_end=2819
+  _globals['_AGENTSERVICE']._serialized_start=2833
+  _globals['_AGENTSERVICE']._serialized_end=3011
 # @@protoc_insertion_point(module_scope)

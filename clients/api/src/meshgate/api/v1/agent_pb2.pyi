@@ -271,12 +271,18 @@ class SyncRequest(_message.Message):
             ENDPOINT_FIELD_NUMBER: _builtins.int
             UNANSWERED_SINCE_TIME_FIELD_NUMBER: _builtins.int
             CONFIGURE_TIME_FIELD_NUMBER: _builtins.int
+            RTT_US_FIELD_NUMBER: _builtins.int
             public_key: _builtins.str
             rx_bytes: _builtins.int
             tx_bytes: _builtins.int
             endpoint: _builtins.str
             """Where WireGuard last heard the peer from (`host:port`, UAPI
             `endpoint=`): behind a NAT, the NAT's mapping as this node sees it.
+            """
+            rtt_us: _builtins.int
+            """The last round-trip time measured to the peer over the overlay, in
+            microseconds (only for peers marked `measure_rtt`; 0: not measured or
+            unanswered). Reported when it moves by more than a quarter.
             """
             @_builtins.property
             def latest_handshake_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -300,10 +306,11 @@ class SyncRequest(_message.Message):
                 endpoint: _builtins.str = ...,
                 unanswered_since_time: _timestamp_pb2.Timestamp | None = ...,
                 configure_time: _timestamp_pb2.Timestamp | None = ...,
+                rtt_us: _builtins.int = ...,
             ) -> None: ...
             _HasFieldArgType: _TypeAlias = _typing.Literal["configure_time", b"configure_time", "latest_handshake_time", b"latest_handshake_time", "unanswered_since_time", b"unanswered_since_time"]  # noqa: Y015
             def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-            _ClearFieldArgType: _TypeAlias = _typing.Literal["configure_time", b"configure_time", "endpoint", b"endpoint", "latest_handshake_time", b"latest_handshake_time", "public_key", b"public_key", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "unanswered_since_time", b"unanswered_since_time"]  # noqa: Y015
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["configure_time", b"configure_time", "endpoint", b"endpoint", "latest_handshake_time", b"latest_handshake_time", "public_key", b"public_key", "rtt_us", b"rtt_us", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "unanswered_since_time", b"unanswered_since_time"]  # noqa: Y015
             def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
             def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -83,6 +83,7 @@ class Peer(_message.Message):
     ALLOWED_IPS_FIELD_NUMBER: _builtins.int
     PERSISTENT_KEEPALIVE_SECONDS_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
+    RTT_ADDRESS_FIELD_NUMBER: _builtins.int
     public_key: _builtins.str
     """The peer's public key (base64)."""
     public_key_signature: _builtins.bytes
@@ -100,6 +101,12 @@ class Peer(_message.Message):
     """The peer's resource name, for diagnostics (`networks/n/nodes/x` or an
     external client).
     """
+    rtt_address: _builtins.str
+    """Set for a relay (issue 13): the peer's overlay address, which the agent
+    pings now and then (every 10 s) to report the
+    round-trip time in its path health, for the choice of relay. Empty: not
+    measured.
+    """
     @_builtins.property
     def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """CIDRs routed to this peer. Never overlaps another peer's."""
@@ -114,10 +121,11 @@ class Peer(_message.Message):
         allowed_ips: _abc.Iterable[_builtins.str] | None = ...,
         persistent_keepalive_seconds: _builtins.int = ...,
         resource: _builtins.str = ...,
+        rtt_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ips", b"allowed_ips", "endpoint", b"endpoint", "persistent_keepalive_seconds", b"persistent_keepalive_seconds", "preshared_key", b"preshared_key", "public_key", b"public_key", "public_key_signature", b"public_key_signature", "resource", b"resource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ips", b"allowed_ips", "endpoint", b"endpoint", "persistent_keepalive_seconds", b"persistent_keepalive_seconds", "preshared_key", b"preshared_key", "public_key", b"public_key", "public_key_signature", b"public_key_signature", "resource", b"resource", "rtt_address", b"rtt_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
