@@ -388,3 +388,19 @@ def test_reports_keep_the_round_trip_to_a_relay():
 def test_relays_carry_their_overlay_address_to_measure():
     a = compiler.compile_node(_state(), "networks/n/nodes/a")
     assert {p.resource.rsplit("/", 1)[1]: p.rtt_address for p in a.peers} == {"r": "100.64.0.1", "b": "", "p": ""}
+
+
+def test_external_clients_behind_a_relayed_node_are_reached_through_the_relay():
+    from meshgate.api.v1 import external_client_pb2
+
+    st = _state()
+    st.external_clients["networks/n/externalClients/lap"] = external_client_pb2.ExternalClient(
+        name="networks/n/externalClients/lap", gateway_node="networks/n/nodes/b", public_key=_key(9),
+        ipv4_address="100.64.0.9")
+    a = compiler.compile_node(st, "networks/n/nodes/a")
+    assert _peers(a)["r"] == ["100.64.0.1/32", "100.64.0.3/32", "100.64.0.9/32"] and _peers(a)["b"] == []
+    r = compiler.compile_node(st, "networks/n/nodes/r")
+    assert _peers(r)["b"] == ["100.64.0.3/32", "100.64.0.9/32"]
+    assert list(r.relayed_ranges) == ["100.64.0.2/32", "100.64.0.3/32", "100.64.0.9/32"]
+    p = compiler.compile_node(st, "networks/n/nodes/p")  # direct to B: unchanged
+    assert _peers(p)["b"] == ["100.64.0.3/32", "100.64.0.9/32"]

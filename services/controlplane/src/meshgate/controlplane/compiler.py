@@ -509,9 +509,9 @@ def compile_node(
     by_gateway = ((index.clients_by_gateway() if index is not None else clients_by_gateway(state))
                   if state.external_clients else {})
     for gw_node, served in by_gateway.items():
-        if gw_node in allowed:  # clients are reached through their gateway node
+        if gw_node in allowed:  # clients are reached through their gateway node (or its relay)
             for c in served:
-                allowed[gw_node] += filters.host_routes(c)
+                allowed[via_relay.get(gw_node, gw_node)] += filters.host_routes(c)
     if index is not None:
         by_range, internet, range_order = index.active_gateways()
     else:
@@ -543,8 +543,13 @@ def compile_node(
             allowed[via].append("::/0")
         out.default_route_via_peer = state.nodes[via].public_key
     carried: list[str] = []
-    if me.relay and by_range:
-        carried = _relay_egress(state, name, allowed, routes, by_range, range_order, own, relay_peers)
+    relayed_for = paths.relayed_through(state, name, relay_peers) if me.relay else set()
+    if relayed_for and by_range:
+        carried = _relay_egress(state, name, allowed, routes, by_range, range_order, own, relay_peers, relayed_for)
+    for gw_node, served in by_gateway.items() if relayed_for else ():
+        # the external clients of a node this relay relays for: forwarded (under the policies) too
+        if gw_node != name and gw_node in allowed and gw_node in relayed_for:
+            carried += [r for c in served for r in filters.host_routes(c)]
 
     keepalive = net.persistent_keepalive.seconds
     use_psk = psk is not None and not net.disable_preshared_keys
@@ -587,13 +592,11 @@ def compile_node(
         relayed = _sort_cidrs(out.relayed_ranges)
         del out.relayed_ranges[:]
         out.relayed_ranges.extend(relayed)
-    if me.relay:
-        relayed_for = paths.relayed_through(state, name, relay_peers)
-        if relayed_for:
-            relayed = _sort_cidrs([*out.relayed_ranges, *carried,
-                                   *(c for n in relayed_for for c in filters.host_routes(state.nodes[n]))])
-            del out.relayed_ranges[:]
-            out.relayed_ranges.extend(relayed)
+    if relayed_for:
+        relayed = _sort_cidrs([*out.relayed_ranges, *carried,
+                               *(c for n in relayed_for for c in filters.host_routes(state.nodes[n]))])
+        del out.relayed_ranges[:]
+        out.relayed_ranges.extend(relayed)
     out.routes.extend(routes)
 
     # From the overlay, and (site-to-site) from the ranges other gateways carry for this node.
@@ -628,7 +631,7 @@ def compile_node(
 
 def _relay_egress(state: NetworkState, name: str, allowed: dict[str, list[str]], routes: list[ds.Route],
                   by_range: dict[str, egress_pb2.EgressGateway], range_order: list[str], own: set[str],
-                  relay_peers: Callable[[str], Any]) -> list[str]:
+                  relay_peers: Callable[[str], Any], relayed_for: set[str]) -> list[str]:
     """On relay `name`: the egress ranges it carries for the pairs it relays
     between a gateway's node and a node that routes through that gateway. Each
     goes to the gateway node's entry (`allowed`, in place) and, unless the
@@ -640,7 +643,7 @@ def _relay_egress(state: NetworkState, name: str, allowed: dict[str, list[str]],
     the relay only when the relay itself routes its default through that
     gateway (compile_node)."""
     routed = {r.destination for r in routes}
-    gw_nodes = {gw.node for gw in by_range.values() if gw.node in allowed and gw.node != name}
+    gw_nodes = {gw.node for gw in by_range.values() if gw.node in allowed and gw.node in relayed_for}
     partners = {g: paths.relayed_partners(state, name, g, relay_peers) for g in sorted(gw_nodes)}
     out = []
     for r in range_order:
