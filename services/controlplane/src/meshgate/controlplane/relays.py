@@ -55,6 +55,7 @@ TICK_S = 1.0
 HISTORY_NS = 600 * 10**9  # moves counted for the recovery delay's doubling
 MAX_DOUBLINGS = 5
 MAX_UNREACHABLE = 64
+RECHOOSE_S = 10.0  # how often a relayed pair's relay is reconsidered (closer, healthier)
 STATE_WORDS: dict[int, str] = {network_pb2.PATH_UP: "up", network_pb2.PATH_NEVER_CONNECTED: "never connected",
                network_pb2.PATH_STALE: "stale"}
 
@@ -92,6 +93,8 @@ class Relays:
         self.t = etcd.txn_ops
         self._sent: dict[bytes, dict] = {}  # what this replica last wrote per node record
         self._up_since: dict[tuple[str, str], float] = {}  # (net, pair) -> monotonic time seen up
+        # (net, pair) -> when a relayed pair's relay may next be reconsidered (RECHOOSE_S)
+        self._rechoose_at: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
         self.moves = 0  # marks this replica wrote
@@ -258,8 +261,10 @@ class Relays:
             # path delay still restarts the wait).
             if not d.up or any(v is not None and v.unanswered_ns for v in self.seen(net_id, a, b)):
                 self._up_since.pop(key, None)
-                # Meanwhile, a clearly closer (or healthier) relay takes the pair.
-                if len(relays) > 1:
+                # Meanwhile, a clearly closer (or healthier) relay takes the pair
+                # (looked at every RECHOOSE_S: round trips are measured every 10 s).
+                if len(relays) > 1 and mono >= self._rechoose_at.get(key, 0.0):
+                    self._rechoose_at[key] = mono + RECHOOSE_S
                     best = self._best(st, index, relays, a, b, now_ns, current)
                     if best and best != current:
                         rec = self.cache.relay_records.get(net_id, {}).get(pid, {})
