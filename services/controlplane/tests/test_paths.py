@@ -404,3 +404,68 @@ def test_external_clients_behind_a_relayed_node_are_reached_through_the_relay():
     assert list(r.relayed_ranges) == ["100.64.0.2/32", "100.64.0.3/32", "100.64.0.9/32"]
     p = compiler.compile_node(st, "networks/n/nodes/p")  # direct to B: unchanged
     assert _peers(p)["b"] == ["100.64.0.3/32", "100.64.0.9/32"]
+
+
+async def test_with_two_relays_a_relayed_pair_moves_to_the_closer_one(cp):
+    """Through a real control plane: A and B have no endpoint, so they start on
+    the first relay by name (r1); both report r2 much closer: the pair moves to r2."""
+    import time
+
+    from cptest import SimAgent, make_key, wait_until
+
+    await make_network(cp)
+    secret = (await make_key(cp)).secret
+    r1, r2, a, b = (SimAgent(cp.agents, secret, n, endpoint=ep) for n, ep in
+                    (("r1", "203.0.113.2:51820"), ("r2", "203.0.113.6:51820"), ("a", ""), ("b", "")))
+    for ag in (r1, r2, a, b):
+        await ag.enroll()
+    for r in ("r1", "r2"):
+        await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+            node=node_pb2.Node(name=f"networks/prod/nodes/{r}", relay=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
+    cp.app.relays.delay_s = 1.0
+    for ag in (r1, r2, a, b):
+        await ag.connect()
+
+    def entry(ag, peer) -> list[str]:
+        return next((list(x.allowed_ips) for x in (ag.state.peers if ag.state else ()) if x.public_key == peer.public_key),
+                    [])
+
+    def rtt_address(ag, peer) -> str:
+        return next((x.rtt_address for x in (ag.state.peers if ag.state else ()) if x.public_key == peer.public_key), "")
+
+    b_addr = b.node.ipv4_address + "/32"
+    await wait_until(lambda: b_addr in entry(a, r1) and rtt_address(a, r2) == r2.node.ipv4_address,
+                     "A reaches B through r1 (the first by name) and measures r2")
+
+    async def report(ag, rtts: dict):
+        h = agent_pb2.SyncRequest.Health(complete=True)
+        now = time.time_ns()
+        for other in (x for x in (r1, r2, a, b) if x is not ag):
+            ph = h.peers.add(public_key=other.public_key, rtt_us=rtts.get(other, 0))
+            ph.configure_time.FromNanoseconds(now - 20 * S)
+            if other in (r1, r2) or ag in (r1, r2):
+                ph.latest_handshake_time.FromNanoseconds(now - 10 * S)
+        await ag._acks.put(agent_pb2.SyncRequest(health=h))
+
+    for ag in (r1, r2):
+        await report(ag, {})
+    for ag in (a, b):  # r2 is 2 ms away, r1 50 ms: clearly closer
+        await report(ag, {r1: 50_000, r2: 2_000})
+    await wait_until(lambda: b_addr in entry(a, r2) and b_addr not in entry(a, r1)
+                     and a.node.ipv4_address + "/32" in entry(b, r2), "A-B through r2")
+    assert cp.app.relays.cache.networks["prod"].relay_marks == {"a~b": "r2"}
+    # a small change of round trip does not move it back (hysteresis)
+    for ag in (a, b):
+        await report(ag, {r1: 1_500, r2: 2_000})
+
+    def heard() -> bool:
+        recs = cp.app.relays.cache.path_health.get("prod", {})
+        return all(recs.get(f"networks/prod/nodes/{n}", {}).get("r1", {}).get("rtt_us") == 1_500 for n in "ab")
+
+    await wait_until(heard, "the new round trips recorded")
+    cp.app.relays._rechoose_at.clear()
+    await cp.app.relays.evaluate()
+    assert cp.app.relays.cache.networks["prod"].relay_marks == {"a~b": "r2"}
+    for ag in (r1, r2, a, b):
+        await ag.close()
