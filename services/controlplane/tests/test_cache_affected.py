@@ -97,8 +97,13 @@ async def test_every_node_a_change_reaches_is_in_affected_and_the_tag_index_hold
     await make_node(cp, node_id="loner", public_key=key(), tags=["none"])
 
     await update(cp, "s0", ["tags"], tags=["hub"])  # a spoke becomes a hub: everyone's peers move
+    gen = cp.app.cache.generation
     await update(cp, "s1", ["listen_port"], listen_port=51999)  # no peer sees it
+    # ... so what was worked out of the network (the fan-out's PeerIndex) still holds.
+    assert cp.app.cache.generation == gen
+    assert cp.app.cache.networks["prod"].nodes[f"{NET}/nodes/s1"].listen_port == 51999
     await update(cp, "loner", ["tags"], tags=["spoke"])  # joins the spokes
+    assert cp.app.cache.generation > gen
     await update(cp, "hub1", ["tags"], tags=[])  # leaves
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=f"{NET}/nodes/s2"))
 
@@ -120,3 +125,28 @@ async def test_every_node_a_change_reaches_is_in_affected_and_the_tag_index_hold
     assert w.checked >= 14
     # The listen-port change reached only its own node.
     assert {f"{NET}/nodes/s1"} in w.reached
+
+
+async def test_a_change_of_a_nodes_own_field_reaches_its_agent_on_the_kept_index(cp):
+    """The listen port is in no peer's view: the cache keeps its generation (the
+    fan-out's PeerIndex stays), and the node's agent still gets its new port
+    while its peer gets nothing."""
+    from cptest import SimAgent, make_key
+
+    await make_network(cp)
+    ek = await make_key(cp)
+    a = await (await SimAgent(cp.agents, ek.secret, "a", "192.0.2.1:51820").enroll()).connect()
+    b = await (await SimAgent(cp.agents, ek.secret, "b", "192.0.2.2:51820").enroll()).connect()
+    try:
+        await wait_until(lambda: a.state is not None and len(a.state.peers) == 1 and b.state is not None
+                         and len(b.state.peers) == 1, "a and b peer")
+        gen, b_seen = cp.app.cache.generation, len(b.received)
+        await update(cp, "a", ["listen_port"], listen_port=51999)
+        await wait_until(lambda: a.state.interface.listen_port == 51999, "a's agent gets its new port")
+        assert cp.app.cache.generation == gen
+        await update(cp, "a", ["endpoint"], endpoint="192.0.2.9:51820")  # a field its peer sees
+        await wait_until(lambda: b.state.peers[0].endpoint == "192.0.2.9:51820", "b sees a's new endpoint")
+        assert len(b.received) == b_seen + 1  # the endpoint, not the port
+    finally:
+        await a.close()
+        await b.close()

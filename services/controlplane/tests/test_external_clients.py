@@ -203,7 +203,11 @@ async def test_node_delete_refused_while_it_serves_clients_and_forced_removes_th
         left = list(await state_dump(cp.etcd))
         return [k for k in left if (k.endswith(b"/prod/a") and b"/sessions/" not in k) or b"/psk/prod/a." in k] == []
 
-    await wait_until(none_of_a_left, "nothing of node a left in etcd", timeout=5)
+    try:
+        await wait_until(none_of_a_left, "nothing of node a left in etcd", timeout=5)
+    except AssertionError:
+        left = [k for k in await state_dump(cp.etcd) if (k.endswith(b"/prod/a") and b"/sessions/" not in k) or b"/psk/prod/a." in k]
+        raise AssertionError(f"left: {left}") from None
     assert any(k.endswith(b"externalClients/prod/laptop") for k in keys)
 
 

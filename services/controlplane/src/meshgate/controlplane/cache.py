@@ -98,7 +98,8 @@ class StateCache:
         # same step, with no await between): whatever was worked out from a
         # NetworkState (a compiler.PeerIndex) is valid while this is unchanged.
         # Events that touch no network's state (agent sessions, status) leave
-        # it alone, so thousands of streams connecting at once share one index.
+        # it alone, so thousands of streams connecting at once share one index;
+        # so do changes of nodes' own fields only (`_own_fields_only`).
         self.generation = 0
 
     def _index(self, net_id: str, node: node_pb2.Node | external_client_pb2.ExternalClient | None, add: bool) -> None:
@@ -343,7 +344,7 @@ class StateCache:
             elif _key_record(parts):
                 keyed.append((parts, ev))
         change = Change(batch.revision, traceparent, sessions=sessions)
-        if relevant or keyed or path_events:
+        if (relevant and not self._own_fields_only(relevant)) or keyed or path_events:
             self.generation += 1
         if path_events:
             self._apply_paths(path_events, change)
@@ -455,6 +456,26 @@ class StateCache:
                 aff.discard(gone)
         self._advance(batch.revision)
         await self._notify(change)
+
+    def _own_fields_only(self, relevant) -> bool:
+        """Whether the batch only changes existing nodes' own fields (none of
+        `compiler.PEER_VISIBLE_FIELDS`, say a listen port): then what was worked
+        out from the network state (a `PeerIndex`) still holds, and a change
+        touching one node costs that node, not an index over 10,000 (issue 18)."""
+        for parts, ev in relevant:
+            if parts[0] != "nodes" or not ev.put:
+                return False
+            st = self.networks.get(parts[1])
+            previous = st.nodes.get(names_of(parts)) if st is not None else None
+            if previous is None:
+                return False
+            try:
+                new = node_pb2.Node.FromString(ev.value)
+            except DecodeError:
+                return False
+            if any(getattr(previous, f) != getattr(new, f) for f in compiler.PEER_VISIBLE_FIELDS):
+                return False
+        return True
 
     def _apply_paths(self, events, change: Change) -> None:
         """Path health records, relay marks and learned endpoints: `events` are

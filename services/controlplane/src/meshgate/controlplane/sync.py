@@ -103,6 +103,18 @@ class Session:
     # agent may have reconnected to another replica meanwhile).
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     spki: str = ""  # the key hash of the stream's certificate ('' for a token)
+    # resource -> index in sent.peers, for the `sent` it was worked out of
+    _peer_pos: dict[str, int] = field(default_factory=dict)
+    _peer_pos_of: ds.DesiredState | None = None
+
+    def peer_positions(self) -> dict[str, int]:
+        """Where each peer (by resource name) is in `sent.peers`: a hub's
+        pre-shared key patch touches the pairs that changed, not its 10,000
+        peers (issue 18)."""
+        if self._peer_pos_of is not self.sent:
+            self._peer_pos = {p.resource: i for i, p in enumerate(self.sent.peers)} if self.sent is not None else {}
+            self._peer_pos_of = self.sent
+        return self._peer_pos
 
     def record(self) -> bytes:
         return f"{self.agent_version or '-'} {self.token}".encode()
@@ -115,9 +127,10 @@ class Session:
         )
 
     def push(self, state: ds.DesiredState, traceparent: str, force_snapshot: bool = False,
-             body: bytes | None = None, dg: str | None = None) -> int:
+             body: bytes | None = None, dg: str | None = None, delta: ds.DesiredStateDelta | None = None) -> int:
         """Queue the message taking the agent to `state`; returns messages queued.
-        `body` and `dg`: the state's `compiler.body()` and digest, if at hand."""
+        `body` and `dg`: the state's `compiler.body()` and digest, if at hand;
+        `delta`: the delta from `sent` to `state`, if the caller knows it."""
         if self.closed:
             return 0
         if body is None:
@@ -127,7 +140,8 @@ class Session:
         else:
             if body == self.sent_body:
                 return 0
-            delta = compiler.diff(self.sent, state, differ=True)
+            if delta is None:
+                delta = compiler.diff(self.sent, state, differ=True)
             msg = agent_pb2.SyncResponse(
                 revision=state.revision,
                 trace_context=agent_pb2.TraceContext(traceparent=traceparent),
@@ -670,7 +684,12 @@ class Fanout:
                 self.touched[name] = change.revision
                 s = self.sessions.get(name)
                 if s is not None and s.sent is not None and name not in self._psk_retry:
-                    live.append(name)
+                    # Only its peers as last sent: a pair of a peer deleted since
+                    # (nodes.py deletes its keys) must not be issued again.
+                    pos = s.peer_positions()
+                    per_node[name] = {p for p in per_node[name] if p in pos}
+                    if per_node[name]:
+                        live.append(name)
             if not live:
                 continue
             if not await self.keys.ensure(net_id, [(n, p) for n in live for p in per_node[n]]):
@@ -681,21 +700,25 @@ class Fanout:
                 session = self.sessions.get(name)
                 if session is None or session.sent is None:
                     continue  # the stream ended while the keys were fetched
+                pos = session.peer_positions()
                 new = ds.DesiredState()
                 new.CopyFrom(session.sent)
                 new.revision = change.revision
-                dirty = False
-                for peer in new.peers:
-                    if peer.resource in per_node[name]:
-                        key = self.keys.psk(net_id, name, peer.resource)
-                        if key != peer.preshared_key:
-                            peer.preshared_key = key
-                            dirty = True
-                if dirty:
+                delta = ds.DesiredStateDelta(base_revision=session.sent.revision, revision=change.revision)
+                for other in sorted(per_node[name]):
+                    i = pos.get(other)
+                    if i is None:
+                        continue
+                    peer = new.peers[i]
+                    key = self.keys.psk(net_id, name, other)
+                    if key != peer.preshared_key:
+                        peer.preshared_key = key
+                        delta.upserted_peers.append(peer)
+                if delta.upserted_peers:
                     body = compiler.body(new)
                     dg = digest(new, body)
                     self.desired[name] = Desired(dg, change.revision)
-                    sent += session.push(new, change.traceparent, body=body, dg=dg)
+                    sent += session.push(new, change.traceparent, body=body, dg=dg, delta=delta)
         return sent
 
     # sessions ------------------------------------------------------------
