@@ -3,12 +3,17 @@
 Every generated method takes an optional request message (or dict) plus one
 keyword per request field; `build` merges them. Friendlier forms are accepted
 where a field's protobuf type is awkward by hand: a dict for any message, an
-enum value's name for an enum, a list of paths for a FieldMask, seconds for a
-Duration.
+enum value's name in any case for an enum (`tcp`), a list of paths for a
+FieldMask, seconds or a duration as a person writes it (`500ms`, `2s`,
+`1m30s`) for a Duration. `friendly` applies the same forms to a dict in
+protobuf JSON form anywhere inside it (the CLI's YAML and JSON input goes
+through it too); anything it does not recognise is left for json_format,
+which refuses it with the field's name.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +36,7 @@ def build(cls: type[Message], request: Message | Mapping[str, Any] | None, **fie
         msg = cls()
         msg.CopyFrom(request)
     else:
-        msg = json_format.ParseDict(dict(request), cls())
+        msg = json_format.ParseDict(friendly(cls.DESCRIPTOR, dict(request)), cls())
     for name, value in fields.items():
         if value is not None:
             set_field(msg, descriptors.of(msg).fields_by_name[name], value)
@@ -67,7 +72,7 @@ def set_field(msg: Message, fd: FieldDescriptor, value: Any) -> None:
 
 def _scalar(fd: FieldDescriptor, value: Any) -> Any:
     if fd.enum_type is not None and isinstance(value, str):
-        ev = fd.enum_type.values_by_name.get(value)
+        ev = fd.enum_type.values_by_name.get(enum_name(fd, value))
         if ev is None:
             choices = ", ".join(v.name for v in fd.enum_type.values)
             raise ValueError(f"{fd.name}: {value!r} is not one of {choices}")
@@ -81,12 +86,93 @@ def _message(cls: type[Message], value: Any) -> Message:
     name = cls.DESCRIPTOR.full_name
     if name == "google.protobuf.FieldMask" and not isinstance(value, Mapping):
         return cls(paths=list(value))
-    if name == "google.protobuf.Duration" and isinstance(value, (int, float)):
+    if name == "google.protobuf.Duration" and isinstance(value, (int, float, str)):
         d = duration_pb2.Duration()
-        d.FromNanoseconds(int(value * 1e9))
+        d.FromJsonString(duration_json(value))
         return d
-    if name in ("google.protobuf.Duration", "google.protobuf.Timestamp") and isinstance(value, str):
+    if name == "google.protobuf.Timestamp" and isinstance(value, str):
         wkt = duration_pb2.Duration() if name == "google.protobuf.Duration" else timestamp_pb2.Timestamp()
         wkt.FromJsonString(value)
         return wkt
-    return json_format.ParseDict(dict(value), cls())
+    return json_format.ParseDict(friendly(cls.DESCRIPTOR, dict(value)), cls())
+
+
+_DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+                   "m": 60_000_000_000, "h": 3_600_000_000_000}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def duration_json(value: Any) -> Any:
+    """A duration as a person writes it, in protobuf JSON form (`"0.500s"`):
+    seconds as a number (`2`, `0.5`), or numbers with units as Go writes
+    them (`500ms`, `2s`, `1m30s`, `1.5h`; units ns, us, ms, s, m, h), with an
+    optional sign. Anything else comes back unchanged (for json_format to
+    refuse, naming the field)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        ns = round(value * 1_000_000_000)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1 if text.startswith("-") else 1
+        body = text[1:] if text[:1] in "+-" else text
+        if re.fullmatch(r"\d+(\.\d*)?|\.\d+", body):
+            ns = round(float(body) * 1_000_000_000)
+        else:
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                return value
+            ns = sum(round(float(n) * _DURATION_UNITS[u]) for n, u in parts)
+        ns *= sign
+    else:
+        return value
+    d = duration_pb2.Duration()
+    try:
+        d.FromNanoseconds(ns)
+        return d.ToJsonString()
+    except (ValueError, OverflowError):
+        return value  # out of Duration's range: json_format says so
+
+
+def enum_name(fd: FieldDescriptor, value: str) -> str:
+    """`value` as the name of one of `fd`'s enum values, matched without
+    regard to case (`tcp` -> `TCP`); unchanged when none matches."""
+    assert fd.enum_type is not None
+    if value in fd.enum_type.values_by_name:
+        return value
+    folded = {v.name.casefold(): v.name for v in fd.enum_type.values}
+    return folded.get(value.strip().casefold(), value)
+
+
+def friendly(desc: Any, data: Any) -> Any:
+    """`data` (a dict in protobuf JSON form for message type `desc`, keys in
+    proto or JSON spelling) with the friendly forms above turned into
+    protobuf JSON: durations, and enum names in any case, at any depth."""
+    if not isinstance(data, Mapping):
+        return data
+    out = dict(data)
+    for key, value in data.items():
+        fd = desc.fields_by_name.get(key) or next((f for f in desc.fields if f.json_name == key), None)
+        if fd is None or value is None:
+            continue
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            vfd = fd.message_type.fields_by_name["value"]
+            if isinstance(value, Mapping):
+                out[key] = {k: _friendly_value(vfd, v) for k, v in value.items()}
+        elif fd.is_repeated and isinstance(value, (list, tuple)):
+            out[key] = [_friendly_value(fd, v) for v in value]
+        else:
+            out[key] = _friendly_value(fd, value)
+    return out
+
+
+def _friendly_value(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.enum_type is not None and isinstance(value, str):
+        return enum_name(fd, value)
+    if fd.message_type is None:
+        return value
+    if fd.message_type.full_name == "google.protobuf.Duration":
+        return duration_json(value)
+    if fd.message_type.full_name.startswith("google.protobuf."):
+        return value
+    return friendly(fd.message_type, value)

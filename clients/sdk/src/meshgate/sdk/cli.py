@@ -4,9 +4,12 @@ Every RPC of every service is `meshgate <resource> <verb>` (`NodeService.
 CreateNode` is `meshgate node create`). Request fields become options: scalars
 typed, enums as choices, repeated fields repeatable, maps as `KEY=VALUE`,
 nested messages flattened with dotted names (`--network.ipv4-cidr`), durations
-as `25s`, timestamps as RFC 3339. An Update's field mask is made from the
-options actually given. `--from-file` reads the request as JSON or YAML (options
-override it). Help text is the proto comments (from `_comments.py`).
+as seconds or with units (`25`, `500ms`, `2s`, `1m30s`), timestamps as RFC 3339.
+An Update's field mask is made from the options actually given. `--from-file`
+reads the request as JSON or YAML (options override it). In a message given as
+JSON or YAML (a file, or an option's value such as `--egress-gateway.probes`),
+durations take the same forms and enum names any case (`protocol: tcp`).
+Help text is the proto comments (from `_comments.py`).
 
 Hand-written on top: `context` (kubectl-like contexts in the file the SDK
 reads), `watch` (resumable event stream) and `completion` (bash, zsh).
@@ -39,8 +42,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from meshgate.sdk import _build, api, errors, masks
 from meshgate.sdk import _descriptors as descriptors
-from meshgate.sdk import api, errors, masks
 from meshgate.sdk import config as config_mod
 from meshgate.sdk._comments import COMMENTS
 
@@ -208,10 +211,10 @@ def _json_value(fd: FieldDescriptor, value: Any, flag: str) -> Any:
         raw = open(value[1:], "rb").read() if value.startswith("@") else value.encode()
         return base64.b64encode(raw).decode()
     if fd.message_type is None:
-        return value.upper() if fd.enum_type is not None else value
+        return _build.enum_name(fd, value) if fd.enum_type is not None else value
     name = fd.message_type.full_name
     if name == "google.protobuf.Duration":
-        return value if value.endswith("s") else f"{value}s"
+        return _build.duration_json(value)  # seconds, or 500ms, 2s, 1m30s
     if name == "google.protobuf.FieldMask":
         return value
     if name == "google.protobuf.Timestamp":
@@ -630,7 +633,7 @@ def _parse(cls, data: Any) -> Message:
     if not isinstance(data, dict):
         raise _usage(f"expected a {cls.DESCRIPTOR.name} object")
     try:
-        return json_format.ParseDict(data, cls())
+        return json_format.ParseDict(_build.friendly(cls.DESCRIPTOR, data), cls())
     except json_format.ParseError as e:
         raise _usage(f"invalid {cls.DESCRIPTOR.name}: {e}") from None
 
