@@ -3,13 +3,14 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: install protos docs lint test run bench clean-state help
+.PHONY: install protos docs lint test run bench bench-10k clean-state help
 
 help:
 	@echo "make run      start etcd, control plane and key service locally, then the egress demo"
 	@echo "make test     make lint, then the whole test suite (what CI runs)"
 	@echo "make lint     static checks: ruff, mypy, import-linter's layer contracts"
 	@echo "make bench    print BENCH lines for every benchmark"
+	@echo "make bench-10k  the convergence benchmark at 10,000 agents, one replica then two (~30 min)"
 	@echo "make protos   regenerate the API code and the SDK from protos/"
 	@echo "make docs     regenerate docs/cli.md from the CLI"
 	@echo "make install  install Debian packages and the .venv"
@@ -41,6 +42,12 @@ run: install
 
 bench: install
 	@set -e; for f in tests/bench/bench_*.py; do $(PY) $$f; done
+
+# Issue 18's figures: 10,000 simulated agents, reps reduced to keep each run
+# within about a quarter of an hour on two cores.
+BENCH_10K := tests/bench/bench_convergence.py --agents 10000 --enroll-concurrency 16 --reps 5 --reps-one 20 --psk-reps 1
+bench-10k: install
+	@set -e; $(PY) $(BENCH_10K); $(PY) $(BENCH_10K) --replicas 2 --psk-reps 0
 
 clean-state:
 	rm -rf state

@@ -49,6 +49,13 @@ Figures (N is `--agents`; the numbers below are for the default 1,000):
   mod revisions of the PSK records, plus the epoch's claim and finish), the
   messages the agents received and the CPU each process spent.
 
+`--replicas K` starts K control-plane processes on the one etcd; the API calls
+go to the first and the agents' channels take the replicas in turn, so a
+change converges only once both have sent it (figure names carry the replicas:
+`converge_all_10000_2replicas_p99_ms`; CPU and RSS are the replicas' sums;
+`--profile` samples the first). `--profile` samples the control plane with
+py-spy (if installed) during each phase and prints its busiest functions.
+
 On a 2-core machine etcd, the control plane and this load process share both
 cores, so the figures are an honest upper bound on latency: stderr gives the
 CPU both processes spent per change (the agents' Python costs about half of
@@ -125,10 +132,19 @@ def wg_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
+def figure_n(args) -> str:
+    """N in the figures' names: the agents, and the replicas when more than one
+    (`converge_all_10000_2replicas_p99_ms`)."""
+    return f"{args.agents}" if args.replicas == 1 else f"{args.agents}_{args.replicas}replicas"
+
+
 # the control-plane process ----------------------------------------------------
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int | tuple[int, ...]) -> float:
+    """VmRSS in MB; of several processes (the replicas), their sum."""
+    if isinstance(pid, tuple):
+        return sum(rss_mb(p) for p in pid)
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -136,7 +152,10 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int | tuple[int, ...]) -> float:
+    """User and system CPU seconds; of several processes, their sum."""
+    if isinstance(pid, tuple):
+        return sum(cpu_s(p) for p in pid)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
@@ -349,9 +368,11 @@ class Agent:
 
 
 class Run:
-    def __init__(self, target: str, cp_pid: int, args, ks_target: str = "", ks_pid: int = 0,
-                 admin_token: str = "") -> None:
+    def __init__(self, target: str, cp_pid: int | tuple[int, ...], args, ks_target: str = "", ks_pid: int = 0,
+                 admin_token: str = "", agent_targets: list[str] | None = None) -> None:
         self.target, self.cp_pid, self.args = target, cp_pid, args
+        # Agents' channels take the replicas in turn (--replicas); the API calls go to the first.
+        self.agent_targets = agent_targets or [target]
         self.ks_pid = ks_pid
         self.ks_channel = grpc.aio.insecure_channel(ks_target) if ks_target else None
         self.ks = keys_pb2_grpc.KeyServiceStub(self.ks_channel) if self.ks_channel else None
@@ -377,7 +398,7 @@ class Run:
         while len(self.channels) < n and len(self.channels) <= i % n:
             k = len(self.channels)
             self.channels.append(grpc.aio.insecure_channel(
-                self.target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)]))
+                self.agent_targets[k % len(self.agent_targets)], options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)]))
         return self.channels[i % n]
 
     async def close(self) -> None:
@@ -628,21 +649,22 @@ class Run:
         return lat
 
 
-async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str, ks_pid: int,
+async def run(targets: list[str], cp_pids: tuple[int, ...], etcd_endpoint: str, args, ks_target: str, ks_pid: int,
               out: dict[str, float], admin_token: str) -> None:
     """Fills `out` as figures come in, so that a failed run still reports those it has."""
-    n = args.agents
+    n = figure_n(args)
+    target, cp_pid = targets[0], cp_pids
     ptw = await measure_put_to_watch(etcd_endpoint, warmup=50, ops=args.watch_ops)
     out["etcd_put_to_watch_p50_ms"] = statistics.median(ptw)
     info(f"etcd put-to-watch: {len(ptw)} sequential puts, p50 {statistics.median(ptw):.3f} ms, p99 {percentile(ptw, 99):.3f} ms")
 
-    r = Run(target, cp_pid, args, ks_target, ks_pid, admin_token)
-    prof = Profiler(cp_pid, args.profile)
+    r = Run(target, cp_pid, args, ks_target, ks_pid, admin_token, agent_targets=targets)
+    prof = Profiler(cp_pids[0], args.profile)
     try:
         hub_secret, spoke_secret = await r.setup_network()
         with prof.phase("enroll"):
             await r.enroll_all(hub_secret, spoke_secret, args.agents)
-        out[f"enroll_{n}_joins_s"] = n / r.results["enroll_s"]
+        out[f"enroll_{n}_joins_s"] = args.agents / r.results["enroll_s"]
         await r.gateways.CreateEgressGateway(egress_pb2.CreateEgressGatewayRequest(
             parent=r.parent, egress_gateway_id="hub0",
             egress_gateway=egress_pb2.EgressGateway(node=f"{r.parent}/nodes/hub0", ranges=[RANGE_A])), timeout=30)
@@ -684,17 +706,18 @@ async def run(target: str, cp_pid: int, etcd_endpoint: str, args, ks_target: str
         info(f"spoke join: {msgs} messages received: {per}")
         await r.check_converged(args.agents + 1)
 
-        etcd = Etcd(etcd_endpoint, "/bench")
-        await etcd.connect()
-        try:
-            with prof.phase("psk_rotate_all"):
-                lat3 = await r.psk_rotate_all(args.psk_reps, etcd)
-        finally:
-            await etcd.close()
-        out[f"psk_rotate_all_{n}_ms"] = statistics.median(lat3)
-        info(f"psk_rotate_all ({len(r.agents)} agents): {len(lat3)} rotations, p50 {statistics.median(lat3):.0f} ms, "
-             f"p99 {percentile(lat3, 99):.0f} ms, min {min(lat3):.0f} ms, max {max(lat3):.0f} ms")
-        await r.check_converged(args.agents + 1)
+        if args.psk_reps > 0:  # 0: skipped (make bench-10k's two-replica run)
+            etcd = Etcd(etcd_endpoint, "/bench")
+            await etcd.connect()
+            try:
+                with prof.phase("psk_rotate_all"):
+                    lat3 = await r.psk_rotate_all(args.psk_reps, etcd)
+            finally:
+                await etcd.close()
+            out[f"psk_rotate_all_{n}_ms"] = statistics.median(lat3)
+            info(f"psk_rotate_all ({len(r.agents)} agents): {len(lat3)} rotations, p50 {statistics.median(lat3):.0f} ms, "
+                 f"p99 {percentile(lat3, 99):.0f} ms, min {min(lat3):.0f} ms, max {max(lat3):.0f} ms")
+            await r.check_converged(args.agents + 1)
         info(f"control plane at the end: RSS {rss_mb(cp_pid):.0f} MB, CPU {cpu_s(cp_pid):.1f} s total; "
              f"key service CPU {cpu_s(ks_pid):.1f} s total")
     finally:
@@ -712,6 +735,8 @@ def main() -> int:
     ap.add_argument("--enroll-concurrency", type=int, default=4)
     ap.add_argument("--watch-ops", type=int, default=500)
     ap.add_argument("--psk-reps", type=int, default=5, help="whole-network pre-shared key rotations")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="control-plane replicas on the one etcd; the agents' channels take them in turn")
     ap.add_argument("--profile", action="store_true",
                     help="sample the control plane with py-spy during each phase and print where its CPU went")
     args = ap.parse_args()
@@ -723,7 +748,7 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="meshgate-bench-conv-")
     etcd_proc: EtcdProcess | None = None
-    cp: ServiceProcess | None = None
+    cps: list[ServiceProcess] = []
     ks: ServiceProcess | None = None
     ok = False
     res: dict[str, float] = {}
@@ -736,23 +761,26 @@ def main() -> int:
         write_kek_file(kek_file, {"bench1": os.urandom(32)})
         common = ["--etcd-endpoints", etcd_proc.endpoint, "--etcd-prefix", "/bench", "--log-level", "warning"]
         ks = ServiceProcess("meshgate-keyservice", args=[*common, "--kek-file", kek_file, "--no-scheduler", "--insecure"])
-        cp = ServiceProcess("meshgate-controlplane", args=common)
+        cps = [ServiceProcess("meshgate-controlplane", args=list(common)) for _ in range(max(1, args.replicas))]
         saved_env = dict(os.environ)
         os.environ.clear()
         os.environ.update(env_clean)
         try:
             ks.start()
             info(f"key service on {ks.target} (pid {ks.proc.pid})")
-            cp.args += ["--keyservice", ks.target, "--agent-bearer-tokens"]  # simulated agents use tokens
-            cp.start()
+            for cp in cps:
+                cp.args += ["--keyservice", ks.target, "--agent-bearer-tokens"]  # simulated agents use tokens
+                cp.start()
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
-        info(f"control plane on {cp.target} (pid {cp.proc.pid})")
+        for cp in cps:
+            info(f"control plane on {cp.target} (pid {cp.proc.pid})")
 
-        n = args.agents
+        n = figure_n(args)
         try:
-            asyncio.run(run(cp.target, cp.proc.pid, etcd_proc.endpoint, args, ks.target, ks.proc.pid, res, cp.admin_token))
+            asyncio.run(run([cp.target for cp in cps], tuple(cp.proc.pid for cp in cps), etcd_proc.endpoint, args,
+                            ks.target, ks.proc.pid, res, cps[0].admin_token))
         finally:
             for name, unit in (
                 (f"enroll_{n}_joins_s", "joins/s"),
@@ -770,12 +798,13 @@ def main() -> int:
         ok = True
     except Exception as e:  # report, then clean up below
         info(f"benchmark failed: {type(e).__name__}: {e}")
-        if cp is not None and cp.proc is not None:
-            info(f"control-plane log tail:\n{cp.log()}")
+        for cp in cps:
+            if cp.proc is not None:
+                info(f"control-plane log tail:\n{cp.log()}")
         if ks is not None and ks.proc is not None:
             info(f"key-service log tail:\n{ks.log()}")
     finally:
-        for svc in (cp, ks):
+        for svc in (*cps, ks):
             if svc is not None:
                 svc.stop()
                 if svc.log_path:
