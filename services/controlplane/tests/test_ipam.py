@@ -43,3 +43,20 @@ def test_pick_is_free_inside_and_not_reserved(prefix, v6, used_frac, attempt, se
     addr = ipaddress.ip_address(got)
     assert addr in net and got not in used
     assert addr not in (net.network_address, net.broadcast_address)
+
+
+@given(st.sets(st.integers(1, 62), max_size=62), st.sets(st.integers(1, 62), max_size=8), st.integers(0, 3))
+def test_pick_int_with_claims_in_flight_is_pick_over_both(taken, claims, attempt):
+    """`also_taken` (claims in flight, kept apart from the cache's set so it
+    is not copied per join) picks what a pick over the union would: the lowest
+    free address, or one of the lowest SPREAD free ones on later attempts."""
+    base = int(ipaddress.ip_address("100.64.0.0"))
+    t, c = {base + i for i in taken}, {base + i for i in claims}
+    union = sorted(set(range(base + 1, base + 63)) - t - c)
+    got = ipam.pick_int("100.64.0.0/26", t, attempt, random.Random(7), also_taken=c)
+    if not union:
+        assert got is None
+    elif attempt == 0:
+        assert got == str(ipaddress.ip_address(union[0]))
+    else:
+        assert int(ipaddress.ip_address(got)) in union[:ipam.SPREAD]

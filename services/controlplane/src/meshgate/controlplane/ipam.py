@@ -13,6 +13,7 @@ never handed out.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 import socket
 from collections.abc import Collection, Iterator
@@ -65,24 +66,23 @@ def as_int(address: str) -> int:
 
 
 def pick_int(
-    cidr: str, taken: Collection[int], attempt: int = 0, rng: random.Random | None = None
+    cidr: str, taken: Collection[int], attempt: int = 0, rng: random.Random | None = None,
+    also_taken: Collection[int] = (),
 ) -> str | None:
     """`pick` over a used set already held as integers (the control plane's
-    cache keeps one per network and family, so no conversion per call)."""
+    cache keeps one per network and family, so no conversion per call), and
+    `also_taken` (a few claims in flight: not merged into a copy of `taken`)."""
     # Works on integers: building an address object and its string for every
     # address below the first free one made this O(used) scan the main cost of
     # CreateNode (about 1 ms per call with 2,000 nodes).
     net = ipaddress.ip_network(cidr)
+    # The scan runs in C (filterfalse over the range): at 10,000 nodes the
+    # Python loop was an eighth of a join's CPU (issue 18).
     want = 1 if attempt == 0 else SPREAD
-    free: list[int] = []
-    i = int(net.network_address) + 1
-    last = int(net.broadcast_address) - 1
-    while i <= last:
-        if i not in taken:
-            free.append(i)
-            if len(free) >= want:
-                break
-        i += 1
+    first, last = int(net.network_address) + 1, int(net.broadcast_address) - 1
+    contains = taken.__contains__ if isinstance(taken, (set, frozenset)) else set(taken).__contains__
+    free = list(itertools.islice(itertools.filterfalse(contains, range(first, last + 1)), want + len(also_taken)))
+    free = [i for i in free if i not in also_taken][:want]
     if not free:
         return None
     chosen = free[0] if attempt == 0 else (rng or random).choice(free)

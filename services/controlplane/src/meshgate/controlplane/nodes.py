@@ -179,7 +179,7 @@ class Nodes(Resources[node_pb2.Node]):
                         # lowest free address is right again; spread out only
                         # when other processes keep winning the same address.
                         spread = attempt if attempt >= 2 else 0
-                        addr = ipam.pick_int(cidr, used_ints | {ipam.as_int(a) for a in pending}, spread)
+                        addr = ipam.pick_int(cidr, used_ints, spread, also_taken={ipam.as_int(a) for a in pending})
                         used = {a for a in pending if ipam.as_int(a) in used_ints}
                     else:
                         used = await self.used_addresses(net_id, family)
