@@ -22,6 +22,7 @@ from meshgate.common import signing
 from meshgate.common.config import ServerConfig
 from meshgate.common.server import GrpcServer
 from meshgate.common.testing import ServiceProcess, kek_line, keyservice_pki, write_kek_file
+from meshgate.controlplane import sync
 from meshgate.controlplane.api import ControlPlane
 
 
@@ -161,7 +162,12 @@ async def test_key_written_straight_into_etcd_is_not_signed(keyed):
         await b.close()
 
 
-async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(keyed):
+@pytest.mark.parametrize("coalesced", [False, True], ids=["patched-at-once", "coalesced"])
+async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(keyed, coalesced, monkeypatch):
+    """`coalesced`: every session counts as large (a hub's), so its new keys
+    are gathered and sent in one delta a moment later (sync.PSK_COALESCE_PEERS)."""
+    if coalesced:
+        monkeypatch.setattr(sync, "PSK_COALESCE_PEERS", 0)
     cp = keyed
     a, b = await two_agents(cp)
     try:
@@ -170,6 +176,7 @@ async def test_psk_rotation_reaches_both_ends_and_kek_rotation_sends_nothing(key
         await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
         await wait_until(lambda: all(x.state.peers[0].preshared_key not in ("", old) for x in (a, b)), "new PSK on both ends")
         assert a.state.peers[0].preshared_key == b.state.peers[0].preshared_key
+        assert (cp.app.fanout._psk_later_task is not None) == coalesced  # the path taken
         # The rotation travels as a delta of just that peer, nothing else.
         last = a.received[-1].delta.delta
         assert [p.resource for p in last.upserted_peers] == ["networks/prod/nodes/b"]
