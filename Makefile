@@ -34,8 +34,15 @@ lint: install
 	echo "lint: import-linter"; .venv/bin/lint-imports --no-cache --no-logo || rc=1; \
 	exit $$rc
 
+# The suite in TEST_WORKERS processes (pytest-xdist): most of its time is spent
+# waiting (etcd, gRPC, service processes, agents and WireGuard handshakes between
+# network namespaces), not computing, so workers overlap the waits. Tests never
+# share a name, port or file (random namespace and interface names, free ports,
+# a prefix or an etcd of their own). --dist loadfile keeps each file on one
+# worker, so a module-scoped topology is built once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: lint
-	$(PYTEST) -q
+	$(PYTEST) -q -n $(TEST_WORKERS) --dist loadfile
 
 run: install
 	$(PY) scripts/devstack.py

@@ -41,10 +41,11 @@ needs=0
 for f in "${inputs[@]}"; do [ "$f" -nt "$stamp" ] 2>/dev/null && needs=1; done
 if [ $needs = 1 ]; then
   echo "bootstrap: installing the virtual environment"
-  # The test tools, then the static checks `make lint` runs (ruff, mypy with the
-  # stubs of the untyped libraries, import-linter).
+  # The test tools (pytest-xdist: `make test` runs the suite in several worker
+  # processes, see the Makefile), then the static checks `make lint` runs (ruff,
+  # mypy with the stubs of the untyped libraries, import-linter).
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
-    grpcio-tools mypy-protobuf pytest pytest-asyncio pytest-timeout hypothesis pyyaml \
+    grpcio-tools mypy-protobuf pytest pytest-asyncio pytest-timeout pytest-xdist hypothesis pyyaml \
     ruff mypy import-linter types-protobuf types-grpcio \
     types-grpcio-reflection types-grpcio-status types-PyYAML
   args=()
