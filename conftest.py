@@ -58,6 +58,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The tests marked root (network namespaces, real WireGuard and traffic) are
+    # the long ones: run first, so that `make test`'s workers (pytest-xdist,
+    # --dist loadfile, files handed out in this order) do not end on one long
+    # file while the others sit idle. A stable sort: each file keeps its order.
+    items.sort(key=lambda item: "root" not in item.keywords)
     if in_ci():
         return
     # Outside CI, tests marked root skip (with the reason) on machines without
