@@ -172,7 +172,8 @@ async def test_a_gateway_agents_report_becomes_routes_elsewhere_and_status(cp):
             return sorted(r.destination for r in b.state.routes) if b.state is not None else []
 
         await wait_until(lambda: b_routes() == ["198.51.100.20/32", "203.0.113.5/32"], "routes through the gateway")
-        assert "198.51.100.20/32" in gwa.state.egress[0].ranges
+        # Each agent's stream gets its delta on its own: b's can arrive first.
+        await wait_until(lambda: "198.51.100.20/32" in gwa.state.egress[0].ranges, "the gateway's own ranges")
         got = await cp.egress.GetEgressGateway(egress_pb2.GetEgressGatewayRequest(name=gw.name))
         by = {s.domain: s for s in got.domain_status}
         assert set(by) == {"db.example.test", "x.wild.test"}
