@@ -9,6 +9,7 @@ tokens must appear in no log record (this process's or the key service's),
 no raw etcd value and no span (the in-process control plane's, and the key
 service process's, exported to the guard)."""
 
+import asyncio
 import base64
 import os
 from types import SimpleNamespace
@@ -337,3 +338,36 @@ async def test_a_refused_key_change_leaves_every_signature_as_it_was(keyed):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_peer_deleted_while_keys_are_gathered_gets_no_key_again(keyed, monkeypatch):
+    """Every session counts as large, and the gathering lasts a second: a
+    rotation's new keys wait; meanwhile c is deleted (its pairs' keys with it)
+    and a's pair with b rotates again. The gathered patch gives a and b their
+    new key and issues none for c."""
+    monkeypatch.setattr(sync, "PSK_COALESCE_PEERS", 0)
+    monkeypatch.setattr(sync, "PSK_COALESCE_S", 1.0)
+    cp = keyed
+    a, b = await two_agents(cp)
+    ek = await make_key(cp, key_id="k3")
+    cp.guard.add_token(ek.secret)
+    c = await (await enrolled(cp, SimAgent(cp.agents, ek.secret, "c", "192.0.2.3:51820"))).connect()
+    try:
+        await wait_until(lambda: all(x.state is not None and len(x.state.peers) == 2
+                                     and all(p.preshared_key for p in x.state.peers) for x in (a, b, c)),
+                         "three peers with keys")
+        old = a.state.peers[0].preshared_key
+        await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
+        await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name=c.node.name))
+        # A later key of a's, within the same gathering: merged with the first.
+        await cp.ks.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(
+            network="networks/prod", pairs=["networks/prod/nodes/a|networks/prod/nodes/b"]))
+        await wait_until(lambda: [p.resource for p in a.state.peers] == ["networks/prod/nodes/b"]
+                         and a.state.peers[0].preshared_key not in ("", old)
+                         and a.state.peers[0].preshared_key == b.state.peers[0].preshared_key, "a and b rotated")
+        await asyncio.sleep(sync.PSK_COALESCE_S + 0.5)  # past any gathered patch
+        left = [k for k in await cp.etcd.dump() if b"/keys/psk/prod/" in k and b"c" in k.rsplit(b"/", 1)[1]]
+        assert left == []
+    finally:
+        for x in (a, b, c):
+            await x.close()

@@ -583,6 +583,7 @@ class Fanout:
             for name in change.deleted_nodes:
                 self.desired.pop(name, None)
                 self.touched.pop(name, None)
+                self._psk_later.pop(name, None)  # as a peer, _patch_gathered drops it
                 self.status.delete(self._status_key(name))  # after an ack written meanwhile
                 self.status.delete(self._learned_key(name))
                 s = self.sessions.pop(name, None)
@@ -762,20 +763,33 @@ class Fanout:
     async def _patch_gathered(self) -> None:
         """The coalesced patch of large sessions, PSK_COALESCE_S after the first
         key of a run. A session compiled in full since (a newer revision) already
-        has the keys; the cache forgot them when they changed."""
+        has the keys; the cache forgot them when they changed. Only peers still
+        in the state last sent are patched (a peer deleted meanwhile must not
+        get its pair's key issued again); one key-service call per network."""
         await asyncio.sleep(PSK_COALESCE_S)
         async with self._send_lock:
             later, self._psk_later = self._psk_later, {}
-            sent = 0
+            todo: dict[str, list[tuple[str, set[str], int, str]]] = {}  # network -> patches
             for name, (net_id, others, revision, traceparent) in later.items():
                 session = self.sessions.get(name)
                 if session is None or session.sent is None or session.sent.revision >= revision:
                     continue
-                if not await self.keys.ensure(net_id, [(name, p) for p in others]):
-                    self._psk_retry.add(name)
+                others = others & session.peer_positions().keys()
+                if others:
+                    todo.setdefault(net_id, []).append((name, others, revision, traceparent))
+            sent = 0
+            for net_id, patches in todo.items():
+                try:
+                    ok = await self.keys.ensure(net_id, [(n, p) for n, others, _, _ in patches for p in others])
+                except Exception:  # noqa: BLE001 - retried by a full compile, like a key service away
+                    log.exception("fetching gathered pre-shared keys of networks/%s failed", net_id)
+                    ok = False
+                if not ok:
+                    self._psk_retry.update(n for n, _, _, _ in patches)
                     self._start_retry()
                     continue
-                sent += self._patch_session(net_id, name, others, revision, traceparent)
+                for name, others, revision, traceparent in patches:
+                    sent += self._patch_session(net_id, name, others, revision, traceparent)
             self.messages_sent += sent
             metrics.controlplane.change_done(sent)
 
