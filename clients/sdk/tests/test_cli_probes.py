@@ -89,7 +89,13 @@ def test_bad_probes_are_refused_naming_the_field_and_change_nothing(controlplane
     # Cannot be encoded at all: the CLI refuses it (usage, exit 2), naming the field and what it takes.
     for probe, field in (("{protocol: udp, target: 198.51.100.10, interval: 1s}", "protocol"),
                          ("{protocol: icmp, target: 198.51.100.10, interval: soon}", "interval"),
-                         ("{protocol: icmp, target: 198.51.100.10, interval: 5parsecs}", "interval")):
+                         ("{protocol: icmp, target: 198.51.100.10, interval: 5parsecs}", "interval"),
+                         # not finite: YAML's .inf and .nan, JSON's 1e400 (a float too big for one)
+                         ("{protocol: icmp, target: 198.51.100.10, interval: .inf}", "interval"),
+                         ("{protocol: icmp, target: 198.51.100.10, interval: -.inf}", "interval"),
+                         ("{protocol: icmp, target: 198.51.100.10, interval: .nan}", "interval"),
+                         ('{"protocol": "icmp", "target": "198.51.100.10", "interval": 1.0e+400}', "interval"),
+                         ("{protocol: icmp, target: 198.51.100.10, interval: 1%ss}" % ("9" * 400), "interval")):
         r = run("egress-gateway", "update", name, "--egress-gateway.probes", probe, target=t, check=False)
         assert r.returncode == 2 and field in r.stderr and r.stderr.count("\n") == 1, (probe, r.stderr)
         assert _probes(t, name) == before

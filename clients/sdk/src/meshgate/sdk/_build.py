@@ -13,6 +13,7 @@ which refuses it with the field's name.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -111,16 +112,22 @@ def duration_json(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            return value  # .inf, .nan, 1e400: no duration
         ns = round(value * 1_000_000_000)
     elif isinstance(value, str):
         text = value.strip()
         sign = -1 if text.startswith("-") else 1
         body = text[1:] if text[:1] in "+-" else text
         if re.fullmatch(r"\d+(\.\d*)?|\.\d+", body):
+            if not math.isfinite(float(body)):
+                return value  # 400 digits: a float too big for one
             ns = round(float(body) * 1_000_000_000)
         else:
             parts = _DURATION_PART.findall(body)
             if not body or "".join(n + u for n, u in parts) != body:
+                return value
+            if not all(math.isfinite(float(n)) for n, _ in parts):
                 return value
             ns = sum(round(float(n) * _DURATION_UNITS[u]) for n, u in parts)
         ns *= sign
