@@ -1,4 +1,4 @@
-"""Convergence benchmark: N simulated agents (`--agents`, default 1,000) on one control plane.
+"""Convergence benchmark: N simulated agents (`--agents`, default 1,000) on one control plane (or `--replicas` K).
 
 Run as `.venv/bin/python tests/bench/bench_convergence.py`. It starts its own
 etcd (temporary data directory, free loopback ports) and a real
@@ -15,7 +15,9 @@ DENY: two hubs (tag `hub`, with endpoints) meshed with each other, N - 2 spokes 
 with the hubs, and an egress gateway on hub0 that every other node routes
 through. All nodes join through `Enroll` with two unlimited enrollment keys.
 
-Figures (N is `--agents`; the numbers below are for the default 1,000):
+Figures (N is `--agents`, followed by `_Kreplicas` with `--replicas` K > 1; the
+numbers below are for the default 1,000; the two names without N gain `_N`
+away from the default):
 - `enroll_N_joins_s`: joins per second, `--enroll-concurrency` joiners at once.
 - `streams_failed_N`: Sync streams that failed while connecting (goal 0).
 - `converge_all_N_p50_ms`, `converge_all_N_p99_ms`: UpdateEgressGateway
@@ -136,6 +138,13 @@ def figure_n(args) -> str:
     """N in the figures' names: the agents, and the replicas when more than one
     (`converge_all_10000_2replicas_p99_ms`)."""
     return f"{args.agents}" if args.replicas == 1 else f"{args.agents}_{args.replicas}replicas"
+
+
+def name_suffix(args) -> str:
+    """For the figures whose names issue 4 gave without N: nothing at the
+    default 1,000 agents on one replica, else `_N` (so `make bench-10k` does not
+    print them under `make bench`'s names)."""
+    return "" if args.agents == 1000 and args.replicas == 1 else f"_{figure_n(args)}"
 
 
 # the control-plane process ----------------------------------------------------
@@ -506,7 +515,11 @@ class Run:
             if st.total_nodes == expect and st.converged_nodes == expect:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"GetNetworkStatus: {st.converged_nodes} of {st.total_nodes} converged, want {expect}")
+                late = [n for n in st.nodes if not n.converged][:5]
+                raise RuntimeError(
+                    f"GetNetworkStatus: {st.converged_nodes} of {st.total_nodes} converged, want {expect}; not converged: "
+                    + "; ".join(f"{n.node} (connected {n.connected}, applied {n.applied_revision}, "
+                                f"error {n.last_error!r})" for n in late))
             await asyncio.sleep(0.2)
         info(f"GetNetworkStatus: {st.converged_nodes}/{st.total_nodes} converged (took {(time.perf_counter() - t) * 1000:.0f} ms)")
 
@@ -653,9 +666,10 @@ async def run(targets: list[str], cp_pids: tuple[int, ...], etcd_endpoint: str, 
               out: dict[str, float], admin_token: str) -> None:
     """Fills `out` as figures come in, so that a failed run still reports those it has."""
     n = figure_n(args)
+    sfx = name_suffix(args)
     target, cp_pid = targets[0], cp_pids
     ptw = await measure_put_to_watch(etcd_endpoint, warmup=50, ops=args.watch_ops)
-    out["etcd_put_to_watch_p50_ms"] = statistics.median(ptw)
+    out[f"etcd_put_to_watch_p50_ms{sfx}"] = statistics.median(ptw)
     info(f"etcd put-to-watch: {len(ptw)} sequential puts, p50 {statistics.median(ptw):.3f} ms, p99 {percentile(ptw, 99):.3f} ms")
 
     r = Run(target, cp_pid, args, ks_target, ks_pid, admin_token, agent_targets=targets)
@@ -702,7 +716,7 @@ async def run(targets: list[str], cp_pids: tuple[int, ...], etcd_endpoint: str, 
              f"p99 {percentile(lat2, 99):.1f} ms; agents receiving a message per change: {sorted(set(touched2))}")
 
         msgs, per = await r.spoke_join(spoke_secret)
-        out["msgs_per_spoke_join"] = msgs
+        out[f"msgs_per_spoke_join{sfx}"] = msgs
         info(f"spoke join: {msgs} messages received: {per}")
         await r.check_converged(args.agents + 1)
 
@@ -740,6 +754,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="sample the control plane with py-spy during each phase and print where its CPU went")
     args = ap.parse_args()
+    if args.replicas < 1:
+        ap.error("--replicas must be at least 1")
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
@@ -777,7 +793,7 @@ def main() -> int:
         for cp in cps:
             info(f"control plane on {cp.target} (pid {cp.proc.pid})")
 
-        n = figure_n(args)
+        n, sfx = figure_n(args), name_suffix(args)
         try:
             asyncio.run(run([cp.target for cp in cps], tuple(cp.proc.pid for cp in cps), etcd_proc.endpoint, args,
                             ks.target, ks.proc.pid, res, cps[0].admin_token))
@@ -788,9 +804,9 @@ def main() -> int:
                 (f"converge_all_{n}_p50_ms", "ms"),
                 (f"converge_all_{n}_p99_ms", "ms"),
                 (f"converge_one_{n}_p99_ms", "ms"),
-                ("msgs_per_spoke_join", "msgs"),
+                (f"msgs_per_spoke_join{sfx}", "msgs"),
                 (f"cp_rss_{n}_streams_mb", "MB"),
-                ("etcd_put_to_watch_p50_ms", "ms"),
+                (f"etcd_put_to_watch_p50_ms{sfx}", "ms"),
                 (f"psk_rotate_all_{n}_ms", "ms"),
             ):
                 if name in res:

@@ -325,7 +325,8 @@ def peers_of(state: NetworkState, name: str, index: PeerIndex | None = None) -> 
 def node_peers(state: NetworkState, name: str) -> list[str]:
     """`PeerIndex(state).peers_of(name)` without building the index: the
     policies `name` matches on one side give the selectors of the other, and
-    one pass over the nodes finds those they match. The state cache asks this
+    the state's tag index (`NetworkState.tagged`) finds the nodes their `tag:`
+    selectors match, at the cost of the answer. The state cache asks this
     for every node that changes (every join), where building an index over the
     whole network cost most of a join at 10,000 nodes (issue 18)."""
     node = state.nodes.get(name)
@@ -355,7 +356,7 @@ def node_peers(state: NetworkState, name: str) -> list[str]:
             out.add(f"{state.network.name}/nodes/{value}")
         else:  # egress:, client:, domain: name a few nodes
             out |= _named_nodes(state, kind, value)
-    if tags:  # the one pass over the nodes
+    if tags:  # the state's tag index, or one pass over the nodes without one
         out |= state.tagged(tags)
     out.discard(name)
     return sorted(n for n in out if n in state.nodes and state.nodes[n].public_key)
