@@ -100,6 +100,18 @@ def test_bad_probes_are_refused_naming_the_field_and_change_nothing(controlplane
         assert r.returncode == 2 and field in r.stderr and r.stderr.count("\n") == 1, (probe, r.stderr)
         assert _probes(t, name) == before
 
+    # The refusal names the field's path, the forms a duration takes, or that it is out of range;
+    # a unit in capitals or a sign inside is not one of those forms (as in Go).
+    for interval, says in (("500MS", "is not a duration"), ("1h-30m", "is not a duration"),
+                           ("soon", "is not a duration"), ("true", "is not a duration"),
+                           ("9999999999999h", "is out of range")):
+        probe = f"{{protocol: icmp, target: 198.51.100.10, interval: {interval}}}"
+        r = run("egress-gateway", "update", name, "--egress-gateway.probes", probe, target=t, check=False)
+        assert r.returncode == 2 and "egress_gateway.probes[0].interval: " in r.stderr, (probe, r.stderr)
+        assert says in r.stderr and "must end with letter" not in r.stderr, (probe, r.stderr)
+        assert says == "is out of range" or "500ms" in r.stderr, (probe, r.stderr)
+        assert _probes(t, name) == before
+
     # Encodable but wrong: the server's INVALID_ARGUMENT, naming the exact field.
     for probe, field in (("{protocol: icmp, target: 198.51.100.10, interval: 50ms}", "probes[0].interval"),
                          ("{protocol: icmp, target: 198.51.100.10, interval: 1s, timeout: 2s}", "probes[0].timeout"),

@@ -7,8 +7,10 @@ enum value's name in any case for an enum (`tcp`), a list of paths for a
 FieldMask, seconds or a duration as a person writes it (`500ms`, `2s`,
 `1m30s`) for a Duration. `friendly` applies the same forms to a dict in
 protobuf JSON form anywhere inside it (the CLI's YAML and JSON input goes
-through it too); anything it does not recognise is left for json_format,
-which refuses it with the field's name.
+through it too). A Duration that is none of these forms, or out of a
+Duration's range, is refused here (DurationError, naming the field's path
+and the forms); anything else it does not recognise is left for
+json_format, which refuses it with the field's name.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def build(cls: type[Message], request: Message | Mapping[str, Any] | None, **fie
     return msg
 
 
+class DurationError(ValueError):
+    """A Duration field's value is not a duration in any accepted form, or
+    is out of a Duration's range. The message starts with the field's path."""
+
+
 def set_field(msg: Message, fd: FieldDescriptor, value: Any) -> None:
     """Assign `value` to field `fd` of `msg`, accepting the friendly forms."""
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
@@ -52,21 +59,21 @@ def set_field(msg: Message, fd: FieldDescriptor, value: Any) -> None:
         for k, v in dict(value).items():
             vfd = fd.message_type.fields_by_name["value"]
             if vfd.message_type is not None:
-                m[k].CopyFrom(_message(GetMessageClass(vfd.message_type), v))
+                m[k].CopyFrom(_message(GetMessageClass(vfd.message_type), v, f"{fd.name}[{k!r}]"))
             else:
                 m[k] = v
         return
     if fd.is_repeated:
         target = getattr(msg, fd.name)
         del target[:]
-        for v in value:
+        for i, v in enumerate(value):
             if fd.message_type is not None:
-                target.add().CopyFrom(_message(GetMessageClass(fd.message_type), v))
+                target.add().CopyFrom(_message(GetMessageClass(fd.message_type), v, f"{fd.name}[{i}]"))
             else:
                 target.append(_scalar(fd, v))
         return
     if fd.message_type is not None:
-        getattr(msg, fd.name).CopyFrom(_message(GetMessageClass(fd.message_type), value))
+        getattr(msg, fd.name).CopyFrom(_message(GetMessageClass(fd.message_type), value, fd.name))
         return
     setattr(msg, fd.name, _scalar(fd, value))
 
@@ -81,21 +88,22 @@ def _scalar(fd: FieldDescriptor, value: Any) -> Any:
     return value
 
 
-def _message(cls: type[Message], value: Any) -> Message:
+def _message(cls: type[Message], value: Any, path: str) -> Message:
+    # path: the field's, for errors (`interval`, `probes[0]`)
     if isinstance(value, Message):
         return value
     name = cls.DESCRIPTOR.full_name
     if name == "google.protobuf.FieldMask" and not isinstance(value, Mapping):
         return cls(paths=list(value))
-    if name == "google.protobuf.Duration" and isinstance(value, (int, float, str)):
+    if name == "google.protobuf.Duration":
         d = duration_pb2.Duration()
-        d.FromJsonString(duration_json(value))
+        d.FromJsonString(duration_json(value, path))
         return d
     if name == "google.protobuf.Timestamp" and isinstance(value, str):
-        wkt = duration_pb2.Duration() if name == "google.protobuf.Duration" else timestamp_pb2.Timestamp()
-        wkt.FromJsonString(value)
-        return wkt
-    return json_format.ParseDict(friendly(cls.DESCRIPTOR, dict(value)), cls())
+        ts = timestamp_pb2.Timestamp()
+        ts.FromJsonString(value)
+        return ts
+    return json_format.ParseDict(friendly(cls.DESCRIPTOR, dict(value), f"{path}."), cls())
 
 
 _DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
@@ -103,42 +111,46 @@ _DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 
-def duration_json(value: Any) -> Any:
+DURATION_FORMS = ("seconds as a number (2, 0.5), or numbers with units as Go writes them "
+                  "(500ms, 2s, 1m30s, 1.5h; units ns, us, ms, s, m, h, in lower case), with an optional sign")
+
+
+def duration_json(value: Any, path: str) -> str:
     """A duration as a person writes it, in protobuf JSON form (`"0.500s"`):
     seconds as a number (`2`, `0.5`), or numbers with units as Go writes
     them (`500ms`, `2s`, `1m30s`, `1.5h`; units ns, us, ms, s, m, h), with an
-    optional sign. Anything else comes back unchanged (for json_format to
-    refuse, naming the field)."""
+    optional sign. Anything else (`True` included, and a number that is not
+    finite) raises DurationError naming `path`, the field's, and these
+    forms; a duration longer than a Duration holds (about 10,000 years)
+    raises it saying "out of range"."""
+    ns: int | None = None
     if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            return value  # .inf, .nan, 1e400: no duration
-        ns = round(value * 1_000_000_000)
+        pass  # True is not one second
+    elif isinstance(value, (int, float)):
+        if math.isfinite(value):  # .inf, .nan, 1e400: no duration
+            ns = round(value * 1_000_000_000)
     elif isinstance(value, str):
         text = value.strip()
         sign = -1 if text.startswith("-") else 1
         body = text[1:] if text[:1] in "+-" else text
         if re.fullmatch(r"\d+(\.\d*)?|\.\d+", body):
-            if not math.isfinite(float(body)):
-                return value  # 400 digits: a float too big for one
-            ns = round(float(body) * 1_000_000_000)
+            parts = [(body, "s")]
         else:
             parts = _DURATION_PART.findall(body)
             if not body or "".join(n + u for n, u in parts) != body:
-                return value
-            if not all(math.isfinite(float(n)) for n, _ in parts):
-                return value
-            ns = sum(round(float(n) * _DURATION_UNITS[u]) for n, u in parts)
-        ns *= sign
-    else:
-        return value
+                parts = []
+        # a 400-digit number is a float too big for one
+        if parts and all(math.isfinite(float(n)) for n, _ in parts):
+            ns = sign * sum(round(float(n) * _DURATION_UNITS[u]) for n, u in parts)
+    if ns is None:
+        raise DurationError(f"{path}: {value!r} is not a duration: use {DURATION_FORMS}")
     d = duration_pb2.Duration()
     try:
         d.FromNanoseconds(ns)
         return d.ToJsonString()
     except (ValueError, OverflowError):
-        return value  # out of Duration's range: json_format says so
+        raise DurationError(f"{path}: {value!r} is out of range: a duration is at most "
+                            "315,576,000,000 s (about 10,000 years) either way") from None
 
 
 def enum_name(fd: FieldDescriptor, value: str) -> str:
@@ -151,10 +163,11 @@ def enum_name(fd: FieldDescriptor, value: str) -> str:
     return folded.get(value.strip().casefold(), value)
 
 
-def friendly(desc: Any, data: Any) -> Any:
+def friendly(desc: Any, data: Any, prefix: str = "") -> Any:
     """`data` (a dict in protobuf JSON form for message type `desc`, keys in
     proto or JSON spelling) with the friendly forms above turned into
-    protobuf JSON: durations, and enum names in any case, at any depth."""
+    protobuf JSON: durations, and enum names in any case, at any depth.
+    `prefix` begins the field paths named in errors (`egress_gateway.`)."""
     if not isinstance(data, Mapping):
         return data
     out = dict(data)
@@ -162,24 +175,25 @@ def friendly(desc: Any, data: Any) -> Any:
         fd = desc.fields_by_name.get(key) or next((f for f in desc.fields if f.json_name == key), None)
         if fd is None or value is None:
             continue
+        path = prefix + fd.name
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             vfd = fd.message_type.fields_by_name["value"]
             if isinstance(value, Mapping):
-                out[key] = {k: _friendly_value(vfd, v) for k, v in value.items()}
+                out[key] = {k: _friendly_value(vfd, v, f"{path}[{k!r}]") for k, v in value.items()}
         elif fd.is_repeated and isinstance(value, (list, tuple)):
-            out[key] = [_friendly_value(fd, v) for v in value]
+            out[key] = [_friendly_value(fd, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
-            out[key] = _friendly_value(fd, value)
+            out[key] = _friendly_value(fd, value, path)
     return out
 
 
-def _friendly_value(fd: FieldDescriptor, value: Any) -> Any:
+def _friendly_value(fd: FieldDescriptor, value: Any, path: str) -> Any:
     if fd.enum_type is not None and isinstance(value, str):
         return enum_name(fd, value)
     if fd.message_type is None:
         return value
     if fd.message_type.full_name == "google.protobuf.Duration":
-        return duration_json(value)
+        return duration_json(value, path)
     if fd.message_type.full_name.startswith("google.protobuf."):
         return value
-    return friendly(fd.message_type, value)
+    return friendly(fd.message_type, value, f"{path}.")

@@ -214,7 +214,10 @@ def _json_value(fd: FieldDescriptor, value: Any, flag: str) -> Any:
         return _build.enum_name(fd, value) if fd.enum_type is not None else value
     name = fd.message_type.full_name
     if name == "google.protobuf.Duration":
-        return _build.duration_json(value)  # seconds, or 500ms, 2s, 1m30s
+        try:
+            return _build.duration_json(value, flag)  # seconds, or 500ms, 2s, 1m30s
+        except _build.DurationError as e:
+            raise _usage(str(e)) from None
     if name == "google.protobuf.FieldMask":
         return value
     if name == "google.protobuf.Timestamp":
@@ -634,7 +637,7 @@ def _parse(cls, data: Any) -> Message:
         raise _usage(f"expected a {cls.DESCRIPTOR.name} object")
     try:
         return json_format.ParseDict(_build.friendly(cls.DESCRIPTOR, data), cls())
-    except json_format.ParseError as e:
+    except (json_format.ParseError, _build.DurationError) as e:
         raise _usage(f"invalid {cls.DESCRIPTOR.name}: {e}") from None
 
 
