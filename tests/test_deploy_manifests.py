@@ -217,7 +217,8 @@ def test_dockerfile_base_packages_and_user():
     assert len(apt) == 1
     words = apt[0].split()
     assert "--no-install-recommends" in words
-    for pkg in ("wireguard-go", "wireguard-tools", "nftables", "iproute2"):
+    # iputils-ping: gatewayd measures its round trips to relays with ping
+    for pkg in ("wireguard-go", "wireguard-tools", "nftables", "iproute2", "iputils-ping"):
         assert pkg in words, f"the image lacks {pkg}"
     users = [r for op, r in ins if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the image's default user must not be root"
@@ -499,7 +500,8 @@ def test_compose_gatewayd_profile_host_network_and_join_once(compose, tmp_path, 
     g = compose["services"]["gatewayd"]
     assert g["profiles"] == ["gatewayd"]
     assert g["network_mode"] == "host" and "networks" not in g and "ports" not in g
-    assert g["cap_add"] == ["NET_ADMIN", "NET_BIND_SERVICE"] and g["cap_drop"] == ["ALL"]
+    # NET_RAW: ping's ICMP socket (round trips to relays)
+    assert g["cap_add"] == ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"] and g["cap_drop"] == ["ALL"]
     assert g["devices"] == ["/dev/net/tun:/dev/net/tun"]
     assert g["user"] == "0:0"
     assert "gatewayd-state:/var/lib/meshgate/gatewayd" in g["volumes"]
@@ -708,7 +710,8 @@ def test_gatewayd_daemonset(rendered, tmp_path, monkeypatch):
     [c] = pod["containers"]
     csc = c["securityContext"]
     assert csc["runAsUser"] == 0 and csc.get("privileged") is False
-    assert csc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]}
+    # NET_RAW: ping's ICMP socket (round trips to relays)
+    assert csc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"]}
     tun = mounted(pod, c, "/dev/net/tun")
     assert tun["hostPath"] == {"path": "/dev/net/tun", "type": "CharDevice"}
     env = container_env(c, rendered)
@@ -773,7 +776,7 @@ def test_cloudinit_files(cloudinit):
     install = fs["/usr/local/sbin/meshgate-install"]["content"].replace("\\\n", " ")
     apt = next(ln for ln in install.splitlines() if "apt-get install" in ln).split()
     assert "--no-install-recommends" in apt
-    for pkg in ("wireguard-go", "wireguard-tools", "nftables", "iproute2", "python3-venv"):
+    for pkg in ("wireguard-go", "wireguard-tools", "nftables", "iproute2", "iputils-ping", "python3-venv"):
         assert pkg in apt
     pip = next(ln for ln in install.splitlines() if "pip install" in ln and "constraints.txt" in ln).split()
     dists = {w.removeprefix("./") for w in pip if w.startswith("./")}

@@ -482,17 +482,24 @@ def _apply_span(traceparents: list[str], target: Desired, full: bool):
     )
 
 
+_rtt_warned = False  # said once per process why no round trip can be measured
+
+
 async def _rtt_us(addr: str, timeout: float = 1.0) -> int:
     """The least round-trip time of three ICMP echoes to `addr` (through the
-    tunnel), in microseconds; 0 when none is answered."""
+    tunnel), in microseconds; 0 when none is answered. Measured by `ping`
+    (iputils), which needs CAP_NET_RAW or an unprivileged ICMP socket
+    (net.ipv4.ping_group_range); when ping is missing or not permitted, that
+    is logged once as a warning, since then no relay is ever ranked."""
     try:
         proc = await asyncio.create_subprocess_exec(
             "ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", f"{timeout:.1f}", addr,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    except OSError:
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as e:
+        _rtt_unmeasurable("ping is not installed or cannot run (%s); install iputils-ping", e)
         return 0
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout + 5)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout + 5)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -504,4 +511,16 @@ async def _rtt_us(addr: str, timeout: float = 1.0) -> int:
                 return max(1, int(float(line.split("=", 1)[1].split("/")[0]) * 1000))
             except ValueError:
                 return 0
+    said = err.decode(errors="replace")
+    if "not permitted" in said or "Permission denied" in said:
+        # iputils: "ping: socket: Operation not permitted" (no CAP_NET_RAW, no ping_group_range)
+        _rtt_unmeasurable("ping is not permitted to open an ICMP socket (%s); give gatewayd CAP_NET_RAW "
+                          "or allow its group in net.ipv4.ping_group_range", said.strip().splitlines()[-1])
     return 0
+
+
+def _rtt_unmeasurable(msg: str, *args: object) -> None:
+    global _rtt_warned
+    if not _rtt_warned:
+        _rtt_warned = True
+        log.warning("cannot measure round trips to relays, so none is ranked closest: " + msg, *args)
