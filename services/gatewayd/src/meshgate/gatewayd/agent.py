@@ -523,4 +523,4 @@ def _rtt_unmeasurable(msg: str, *args: object) -> None:
     global _rtt_warned
     if not _rtt_warned:
         _rtt_warned = True
-        log.warning("cannot measure round trips to relays, so none is ranked closest: " + msg, *args)
+        log.warning("cannot measure round trips to relays, so none is ranked closest: %s", msg % args)
