@@ -222,8 +222,10 @@ async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(
     finally:
         await fresh.stop()
     # answered again: back to direct after the recovery delay (doubled: one move)
+    cp.app.relays._rechoose_at[("prod", "a~p")] = time.monotonic() + 3600  # as if a relay had been reconsidered
     await report(a, p, None)
     await wait_until(lambda: entry(a, p) == [p.node.ipv4_address + "/32"], "A-P direct again")
+    await wait_until(lambda: ("prod", "a~p") not in cp.app.relays._rechoose_at, "A-P's rechoose time forgotten")
     # a deleted node's records go with it
     await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/p"))
 
@@ -455,6 +457,9 @@ async def test_with_two_relays_a_relayed_pair_moves_to_the_closer_one(cp):
     await wait_until(lambda: b_addr in entry(a, r2) and b_addr not in entry(a, r1)
                      and a.node.ipv4_address + "/32" in entry(b, r2), "A-B through r2")
     assert cp.app.relays.cache.networks["prod"].relay_marks == {"a~b": "r2"}
+    # a switch to a closer relay is no flap: it does not count into the moves
+    # that double the pair's recovery wait
+    assert cp.app.relays.cache.relay_records["prod"]["a~b"].get("moves") == []
     # a small change of round trip does not move it back (hysteresis)
     for ag in (a, b):
         await report(ag, {r1: 1_500, r2: 2_000})
@@ -467,5 +472,9 @@ async def test_with_two_relays_a_relayed_pair_moves_to_the_closer_one(cp):
     cp.app.relays._rechoose_at.clear()
     await cp.app.relays.evaluate()
     assert cp.app.relays.cache.networks["prod"].relay_marks == {"a~b": "r2"}
+    assert ("prod", "a~b") in cp.app.relays._rechoose_at
+    # a deleted node's pairs leave nothing behind in the replica either
+    await cp.nodes.DeleteNode(node_pb2.DeleteNodeRequest(name="networks/prod/nodes/a"))
+    await wait_until(lambda: ("prod", "a~b") not in cp.app.relays._rechoose_at, "A-B's rechoose time forgotten")
     for ag in (r1, r2, a, b):
         await ag.close()

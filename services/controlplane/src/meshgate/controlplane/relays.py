@@ -13,7 +13,8 @@ paths.py, which says what they mean).
   (`--path-delay`), back to direct once it has been up for the recovery delay
   (`--path-recover-after`), doubled for every move of the pair in the last ten
   minutes (at most 32 times), so an unstable link settles on the relay instead
-  of flapping. A record is `{"relay": id or "", "moves": [ns, ...]}`.
+  of flapping. A record is `{"relay": id or "", "moves": [ns, ...]}`; a
+  switch of a relayed pair to a closer relay is no flap and is not counted.
 - It also writes `learnedEndpoints/{net}/{node}` for nodes without an endpoint
   of their own: the endpoint a node with one (a relay, a gateway) hears them
   from, while it has a live session with them.
@@ -154,6 +155,8 @@ class Relays:
             ops += [t.delete(self.etcd.key("pathRoutes", net, pid)) for pid in self.cache.relay_records.get(net, {})
                     if nid in pid.split("~")]
             self._sent.pop(self.etcd.key("pathHealth", net, nid), None)
+            for key in [k for k in self._rechoose_at if k[0] == net and nid in k[1].split("~")]:
+                del self._rechoose_at[key]
         try:
             for i in range(0, len(ops), 100):
                 await self.etcd.txn([], ops[i:i + 100])
@@ -268,7 +271,7 @@ class Relays:
                     best = self._best(st, index, relays, a, b, now_ns, current)
                     if best and best != current:
                         rec = self.cache.relay_records.get(net_id, {}).get(pid, {})
-                        await self._mark(net_id, pid, best.rsplit("/", 1)[1], rec, now_ns,
+                        await self._mark(net_id, pid, best.rsplit("/", 1)[1], rec, now_ns, flap=False,
                                          reason=f"closer or healthier than {current.rsplit('/', 1)[1]}")
                 return
             since = self._up_since.setdefault(key, mono)
@@ -279,6 +282,7 @@ class Relays:
                 await self._mark(net_id, pid, "", rec, now_ns)
             return
         self._up_since.pop(key, None)
+        self._rechoose_at.pop(key, None)  # direct: no relay to reconsider
         if not d.unhealthy:
             return
         best = self._best(st, index, relays, a, b, now_ns)
@@ -286,15 +290,20 @@ class Relays:
             rec = self.cache.relay_records.get(net_id, {}).get(pid, {})
             await self._mark(net_id, pid, best.rsplit("/", 1)[1], rec, now_ns, reason=d.reason)
 
-    async def _mark(self, net_id: str, pid: str, relay: str, rec: dict, now_ns: int, reason: str = "") -> None:
+    async def _mark(self, net_id: str, pid: str, relay: str, rec: dict, now_ns: int, reason: str = "",
+                    flap: bool = True) -> None:
+        # flap: the move counts into `moves` (off for a switch to a closer
+        # relay, which says nothing of the direct link's stability)
         key = self.etcd.key("pathRoutes", net_id, pid)
-        moves = [t for t in rec.get("moves", []) if now_ns - t < HISTORY_NS][-16:] + [now_ns]
+        moves = [t for t in rec.get("moves", []) if now_ns - t < HISTORY_NS][-16:] + ([now_ns] if flap else [])
         value = json.dumps({"relay": relay, "moves": moves}, sort_keys=True).encode()
         rev = self.cache.relay_revisions.get(net_id, {}).get(pid, 0)
         ok, _, _ = await self.etcd.txn([self.t.mod(key) == rev], [self.t.put(key, value)])
         if ok:
             self.moves += 1
             self._up_since.pop((net_id, pid), None)
+            if not relay:
+                self._rechoose_at.pop((net_id, pid), None)
             log.info("pair %s of network %s now goes %s%s", pid, net_id,
                      f"through relay {relay}" if relay else "direct", f" ({reason})" if reason else "")
 
