@@ -570,9 +570,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.Peer.resource': "The peer's resource name, for diagnostics (`networks/n/nodes/x` or an\n"
                                   'external client).',
  'meshgate.api.v1.Peer.rtt_address': "Set for a relay (issue 13): the peer's overlay address, which the agent\n"
-                                     'pings now and then (every 10 s) to report the\n'
-                                     'round-trip time in its path health, for the choice of relay. Empty: not\n'
-                                     'measured.',
+                                     'pings every `path_rtt_interval` of its settings (gatewayd: 10 s by\n'
+                                     'default) to report the round-trip time in its path health, for the\n'
+                                     'choice of relay. Empty: not measured.',
  'meshgate.api.v1.PeerPath': "One peer of a node's, as seen by the path health.",
  'meshgate.api.v1.PeerPath.peer': 'The peer, `networks/{network}/nodes/{node}`.',
  'meshgate.api.v1.PeerPath.reason': 'Why, for people: e.g. `no handshake in the 12 s since it was configured`.',
@@ -659,9 +659,10 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                            'sees it.',
  'meshgate.api.v1.SyncRequest.Health.PeerHealth.rtt_us': 'The last round-trip time measured to the peer over the '
                                                          'overlay, in\n'
-                                                         'microseconds (only for peers marked `measure_rtt`; 0: not '
-                                                         'measured or\n'
-                                                         'unanswered). Reported when it moves by more than a quarter.',
+                                                         'microseconds (only for peers whose desired entry has an\n'
+                                                         '`rtt_address`, the relays; 0: not measured or unanswered). '
+                                                         'Reported\n'
+                                                         'when it moves by more than a quarter.',
  'meshgate.api.v1.SyncRequest.Health.PeerHealth.unanswered_since_time': 'Since when traffic this node sent to the peer '
                                                                         'has gone unanswered\n'
                                                                         '(bytes out, none back); unset while the peer '

@@ -281,8 +281,9 @@ class SyncRequest(_message.Message):
             """
             rtt_us: _builtins.int
             """The last round-trip time measured to the peer over the overlay, in
-            microseconds (only for peers marked `measure_rtt`; 0: not measured or
-            unanswered). Reported when it moves by more than a quarter.
+            microseconds (only for peers whose desired entry has an
+            `rtt_address`, the relays; 0: not measured or unanswered). Reported
+            when it moves by more than a quarter.
             """
             @_builtins.property
             def latest_handshake_time(self) -> _timestamp_pb2.Timestamp: ...

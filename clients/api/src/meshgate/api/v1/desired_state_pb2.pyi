@@ -103,9 +103,9 @@ class Peer(_message.Message):
     """
     rtt_address: _builtins.str
     """Set for a relay (issue 13): the peer's overlay address, which the agent
-    pings now and then (every 10 s) to report the
-    round-trip time in its path health, for the choice of relay. Empty: not
-    measured.
+    pings every `path_rtt_interval` of its settings (gatewayd: 10 s by
+    default) to report the round-trip time in its path health, for the
+    choice of relay. Empty: not measured.
     """
     @_builtins.property
     def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
