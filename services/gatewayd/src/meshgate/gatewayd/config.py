@@ -78,9 +78,13 @@ class Settings:
     byte counters to the control plane (0: never report)."""
 
     path_check_interval: float = 1.0
-    path_rtt_interval: float = 10.0  # round-trip times to relays (desired peers' rtt_address)
     """Seconds between samples of the peers for path health: a change (handshake,
     endpoint, traffic unanswered) is reported at the next sample (pathwatch.py)."""
+
+    path_rtt_interval: float = 10.0
+    """Seconds between measurements of the round-trip time to each relay (the desired
+    peers with an ``rtt_address``; three ICMP echoes by ``ping``, the least time), for
+    the control plane's choice of the closest relay."""
 
     wireguard_go: str = "wireguard-go"
     """The wireguard-go binary gatewayd starts for the userspace backend."""
