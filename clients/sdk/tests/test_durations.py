@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from meshgate.api.v1 import egress_pb2
-from meshgate.sdk._build import DurationError, build
+from meshgate.sdk import DurationError
+from meshgate.sdk._build import build
 
 FORMS = "500ms"  # the message lists the forms; one of them is enough to check
 
