@@ -46,7 +46,11 @@ def render(cli: click.Group) -> str:
     ]
 
     def walk(cmd: click.Command, parent: click.Context | None, path: list[str]) -> None:
-        ctx = click.Context(cmd, info_name=path[-1], parent=parent)
+        # With the command's own context settings, as when it runs: the help
+        # option is -h/--help (the group's help_option_names), and click keeps
+        # the first help option it built, so the docs must not depend on whether
+        # the CLI has run in this process before.
+        ctx = click.Context(cmd, info_name=path[-1], parent=parent, **cmd.context_settings)
         level = "#" * min(len(path) + 1, 4)
         out.append(f"{level} `{' '.join(path)}`")
         out.append("")
