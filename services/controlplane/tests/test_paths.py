@@ -4,6 +4,7 @@ field at the API, and a status that derives unreachable peers from reports."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import grpc
@@ -478,3 +479,54 @@ async def test_with_two_relays_a_relayed_pair_moves_to_the_closer_one(cp):
     await wait_until(lambda: ("prod", "a~b") not in cp.app.relays._rechoose_at, "A-B's rechoose time forgotten")
     for ag in (r1, r2, a, b):
         await ag.close()
+
+
+async def test_a_peer_whose_agent_is_offline_is_not_a_broken_path(cp):
+    """A's traffic to P goes unanswered because P's agent went away: the pair
+    is not moved to the relay (it would not help), A stays healthy, and the
+    status lists P as unreachable saying its agent is offline (review)."""
+    import time
+
+    from cptest import SimAgent, make_key, wait_until
+
+    await make_network(cp)
+    secret = (await make_key(cp)).secret
+    r, p, a = (SimAgent(cp.agents, secret, n, endpoint=ep) for n, ep in
+               (("r", "203.0.113.2:51820"), ("p", "203.0.113.14:51820"), ("a", "203.0.113.18:51820")))
+    for ag in (r, p, a):
+        await ag.enroll()
+    await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name="networks/prod/nodes/r", relay=True), update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
+    cp.app.relays.delay_s, cp.app.relays.recover_s = 1.0, 1.0
+    for ag in (r, p, a):
+        await ag.connect()
+    try:
+        await wait_until(lambda: a.state is not None and len(a.state.peers) == 2, "A has its peers")
+        await p.close()
+        await wait_until(lambda: "networks/prod/nodes/p" not in cp.app.cache.sessions, "P's session gone")
+        h = agent_pb2.SyncRequest.Health(complete=True)
+        now = time.time_ns()
+        for other in (r, p):
+            ph = h.peers.add(public_key=other.public_key, endpoint="203.0.113.6:51820")
+            ph.latest_handshake_time.FromNanoseconds(now - 10 * S)
+            ph.configure_time.FromNanoseconds(now - 20 * S)
+            if other is p:
+                ph.unanswered_since_time.FromNanoseconds(now - 3 * S)  # past the 1 s delay
+        await a._acks.put(agent_pb2.SyncRequest(health=h))
+
+        async def listed():
+            st = await cp.networks.GetNetworkStatus(network_pb2.GetNetworkStatusRequest(name="networks/prod"))
+            na = next(n for n in st.nodes if n.node == "networks/prod/nodes/a")
+            return na if any(x.peer == "networks/prod/nodes/p" for x in na.unreachable_peers) else None
+
+        na = await wait_until(listed, "A's report of P in the status")
+        pa = next(x for x in na.unreachable_peers if x.peer == "networks/prod/nodes/p")
+        assert "its agent is offline" in pa.summary and not pa.relay
+        assert na.healthy
+        await asyncio.sleep(3)  # three of the relay loop's passes, past the delay
+        assert not any(b"/pathRoutes/prod/" in k for k in await state_dump(cp.etcd))
+        assert [list(x.allowed_ips) for x in a.state.peers if x.public_key == p.public_key] == [
+            [p.node.ipv4_address + "/32"]]  # still direct
+    finally:
+        for ag in (r, p, a):
+            await ag.close()

@@ -217,13 +217,14 @@ class Relays:
             a, b = paths.pair_nodes(net_id, pid)
             if a in st.nodes and b in st.nodes:
                 out.add((a, b))
+        live = self.cache.sessions  # nodes whose agent holds a stream (on any replica)
         for node, peers in recs.items():
             if node not in st.nodes:
                 continue
             for pid, rec in peers.items():
                 peer = f"networks/{net_id}/nodes/{pid}"
-                if peer not in st.nodes:
-                    continue
+                if peer not in st.nodes or peer not in live or node not in live:
+                    continue  # an agent that is offline is not a broken path: a relay would not help
                 bare = not paths.has_endpoint(st, node) and not paths.has_endpoint(st, peer)
                 if (bare and (rec.get("handshake_ns") or several)) or (
                         not bare and (not rec.get("handshake_ns") or rec.get("unanswered_ns"))):
@@ -359,6 +360,7 @@ class Relays:
             for peer in peers_of.get(nc.node, ()):
                 if peer not in st.nodes:
                     continue
+                offline = peer not in self.cache.sessions  # listed, but no fault of this node's
                 d = self.direct(st, nc.node, peer, now_ns)
                 relay = paths.route(st, nc.node, peer, relays, view)
                 if not d.unhealthy and not relay:
@@ -367,7 +369,7 @@ class Relays:
                     relay_ok = False
                 else:
                     relay_ok = bool(relay)
-                if d.unhealthy and not relay_ok:
+                if d.unhealthy and not relay_ok and not offline:
                     ok = False
                 if len(nc.unreachable_peers) >= MAX_UNREACHABLE:
                     continue
@@ -376,7 +378,8 @@ class Relays:
                     pp.since_time.FromNanoseconds(d.since_ns)
                 state = STATE_WORDS.get(d.state, "not known yet")
                 pp.summary = (f"{peer.rsplit('/', 1)[1]} ({state}" + (f" {d.reason}" if d.reason else "")
-                              + (f", via {relay.rsplit('/', 1)[1]}" if relay else "") + ")")
+                              + (f", via {relay.rsplit('/', 1)[1]}" if relay else "")
+                              + (", its agent is offline" if offline else "") + ")")
             nc.healthy = ok
             healthy += ok
         status.healthy_nodes = healthy
