@@ -164,15 +164,16 @@ async def test_a_relay_needs_an_endpoint_and_bad_input_changes_nothing(cp):
 # ---------------------------------------------------------------- reports to decisions, through a real control plane
 
 
-async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(cp):
-    import time
 
-    from cptest import SimAgent, make_key, wait_until
+async def relay_trio(cp, a_endpoint: str):
+    """Relay R and node P (both with endpoints) and node A (`a_endpoint`), enrolled
+    and connected as simulated agents, with 1 s path delays."""
+    from cptest import SimAgent, make_key
 
     await make_network(cp)
     secret = (await make_key(cp)).secret
     r, p, a = (SimAgent(cp.agents, secret, n, endpoint=ep) for n, ep in
-               (("r", "203.0.113.2:51820"), ("p", "203.0.113.14:51820"), ("a", "")))
+               (("r", "203.0.113.2:51820"), ("p", "203.0.113.14:51820"), ("a", a_endpoint)))
     for ag in (r, p, a):
         await ag.enroll()
     await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
@@ -180,6 +181,15 @@ async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(
     cp.app.relays.delay_s, cp.app.relays.recover_s = 1.0, 1.0
     for ag in (r, p, a):
         await ag.connect()
+    return r, p, a
+
+
+async def test_reports_move_a_pair_to_the_relay_and_back_and_the_status_says_so(cp):
+    import time
+
+    from cptest import wait_until
+
+    r, p, a = await relay_trio(cp, "")
 
     def entry(ag, peer) -> list[str]:
         return next((list(x.allowed_ips) for x in (ag.state.peers if ag.state else ()) if x.public_key == peer.public_key),
@@ -487,19 +497,9 @@ async def test_a_peer_whose_agent_is_offline_is_not_a_broken_path(cp):
     status lists P as unreachable saying its agent is offline (review)."""
     import time
 
-    from cptest import SimAgent, make_key, wait_until
+    from cptest import wait_until
 
-    await make_network(cp)
-    secret = (await make_key(cp)).secret
-    r, p, a = (SimAgent(cp.agents, secret, n, endpoint=ep) for n, ep in
-               (("r", "203.0.113.2:51820"), ("p", "203.0.113.14:51820"), ("a", "203.0.113.18:51820")))
-    for ag in (r, p, a):
-        await ag.enroll()
-    await cp.nodes.UpdateNode(node_pb2.UpdateNodeRequest(
-        node=node_pb2.Node(name="networks/prod/nodes/r", relay=True), update_mask=field_mask_pb2.FieldMask(paths=["relay"])))
-    cp.app.relays.delay_s, cp.app.relays.recover_s = 1.0, 1.0
-    for ag in (r, p, a):
-        await ag.connect()
+    r, p, a = await relay_trio(cp, "203.0.113.18:51820")
     try:
         await wait_until(lambda: a.state is not None and len(a.state.peers) == 2, "A has its peers")
         await p.close()
