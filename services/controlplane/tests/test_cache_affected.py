@@ -88,6 +88,7 @@ async def test_every_node_a_change_reaches_is_in_affected_and_the_tag_index_hold
         await cp.policies.CreateAccessPolicy(policy_pb2.CreateAccessPolicyRequest(
             parent=NET, access_policy_id=pid,
             access_policy=policy_pb2.AccessPolicy(sources=[src], destinations=[dst])))
+    await wait_until(lambda: "prod" in cp.app.cache.networks, "the cache has the network")
     w = Watcher(cp)
     w.before = bodies(cp.app.cache.networks["prod"])
     for i in range(2):
