@@ -71,6 +71,11 @@ async def ha_network(cp):
     await make_gateway(cp, gw_id="gw-primary", node="primary", ranges=(RANGE,), priority=10)
     await make_gateway(cp, gw_id="gw-standby", node="standby", ranges=(RANGE,), priority=1)
     await wait_until(lambda: via(agents["client"]) == agents["primary"].public_key, "client routes via the primary")
+    # Both gateway agents know their gateway, as a real agent does before it
+    # reports on it (a report about a gateway the cache has not applied yet is
+    # ignored: under load the standby's came first).
+    await wait_until(lambda: all(agents[n].state is not None and len(agents[n].state.egress) == 1
+                                 for n in ("primary", "standby")), "both gateway agents have their gateway")
     return agents
 
 
