@@ -40,7 +40,7 @@ lint: install
 # share a name, port or file (random namespace and interface names, free ports,
 # a prefix or an etcd of their own). --dist loadfile keeps each file on one
 # worker, so a module-scoped topology is built once. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: lint
 	$(PYTEST) -q -n $(TEST_WORKERS) --dist loadfile
 
