@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from meshgate.api.v1 import egress_pb2, enrollment_pb2, network_pb2
+from meshgate.common.testing import eventually
 from meshgate.gatewayd.lab import Egress, Node
 from test_system_controlplane import Loop, loop_for
 
@@ -108,7 +109,7 @@ def test_accept_routes_and_no_default_route_keep_refused_routes_off_and_the_stat
     assert declined(st, "client1") == [] and declined(st, "gateway") == []
     # It applied all it will apply. Handshakes with the gateway hand the clients each
     # other's learned endpoints (a new desired state), so convergence may lag a moment.
-    _until(lambda: all(n.get("converged") for n in json.loads(status_of(loop).stdout)["nodes"]),
+    eventually(lambda: all(n.get("converged") for n in json.loads(status_of(loop).stdout)["nodes"]),
            "every node converged, the declined routes notwithstanding")
     table = status_of(loop, "table").stdout
     assert "DECLINED ROUTES" in table.splitlines()[0]
@@ -128,7 +129,7 @@ def test_accept_routes_and_no_default_route_keep_refused_routes_off_and_the_stat
     def only_default() -> bool:
         got = declined(json.loads(status_of(loop).stdout), "client0")
         return [(d["destination"], d["reason"]) for d in got] == [("default route", "DEFAULT_ROUTE_DECLINED")]
-    _until(only_default, "the status shows only the default route declined")
+    eventually(only_default, "the status shows only the default route declined")
 
     # A node joining with an endpoint inside an egress range is refused, saying why.
     key = loop.keys.CreateEnrollmentKey(enrollment_pb2.CreateEnrollmentKeyRequest(
@@ -141,16 +142,6 @@ def test_accept_routes_and_no_default_route_keep_refused_routes_off_and_the_stat
     assert not (late.state_dir / "identity.json").exists()
     assert json.loads(status_of(loop).stdout)["total_nodes"] == 3
 
-
-def _until(pred, what: str, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"never: {what}")
 
 
 def test_a_bad_accept_routes_is_refused_before_anything(loop, egress: Egress):

@@ -32,6 +32,20 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def eventually(pred, what: str, timeout: float = 60, every: float = 0.2):
+    """Poll `pred` until it returns something true (returned); fail with
+    `what` when it never does within `timeout` seconds (a generous bound on an
+    outcome, not a speed target: those are benchmark figures)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never within {timeout:.0f} s: {what}")
+        time.sleep(every)
+
+
 def require_binaries(*names: str, packages: str) -> None:
     """Fail the test under CI=true, skip it elsewhere (saying why and what to
     install), when a program it runs is not on PATH."""
