@@ -206,7 +206,7 @@ class StatusWriter:
         self.etcd = etcd
         # key -> value, or a record (dict) written as JSON at the flush: a
         # record updated again before the flush is encoded once, as it is then.
-        self.pending: dict[bytes, bytes | dict] = {}
+        self.pending: dict[bytes, bytes | dict | None] = {}  # None: delete
         self.writing: dict[bytes, bytes | None] = {}  # taken from pending, in a transaction now
         self.wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -218,7 +218,7 @@ class StatusWriter:
     def delete(self, key: bytes) -> None:
         """Delete `key` at the next flush, after any put of it already under
         way (a deleted node's last ack must not outlive the node)."""
-        self.pending[key] = None  # type: ignore[assignment]
+        self.pending[key] = None
         self.wake.set()
 
     def start(self) -> None:
@@ -246,8 +246,7 @@ class StatusWriter:
                 await asyncio.sleep(1)
 
     async def flush(self) -> None:
-        items = [(k, v if v is None or isinstance(v, bytes) else json.dumps(v, sort_keys=True).encode())
-                 for k, v in self.pending.items()]
+        items = [(k, _encoded(v)) for k, v in self.pending.items()]
         self.pending = {}
         self.writing.update(items)
         t = self.etcd.txn_ops
@@ -269,11 +268,15 @@ class StatusWriter:
         """What this writer will have written at `key` once it has flushed:
         (False, None) when it holds nothing for it, (True, None) for a delete."""
         if key in self.pending:
-            v = self.pending[key]
-            return True, v if v is None or isinstance(v, bytes) else json.dumps(v, sort_keys=True).encode()
+            return True, _encoded(self.pending[key])
         if key in self.writing:
             return True, self.writing[key]
         return False, None
+
+
+def _encoded(value: bytes | dict | None) -> bytes | None:
+    """A pending status value as written: a record (dict) as sorted JSON."""
+    return value if value is None or isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()
 
 
 class Fanout:
