@@ -14,10 +14,12 @@ import asyncio
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
-from cptest import SimAgent, details, make_key, make_network, wait_until
-from meshgate.api.v1 import network_pb2
-from meshgate.controlplane import sync
+from cptest import SimAgent, details, key, make_key, make_network, make_node, wait_until
+from meshgate.api.v1 import network_pb2, node_pb2
+from meshgate.controlplane import nodes, sync
+from meshgate.controlplane.api import ControlPlane as App
 
 
 @pytest.fixture
@@ -97,3 +99,46 @@ async def test_stream_start_after_the_session_lease_expired(cp):
     finally:
         await b.close()
         await a.close()
+
+
+def move_key(name: str, etag: str, new_key: str) -> node_pb2.UpdateNodeRequest:
+    return node_pb2.UpdateNodeRequest(
+        node=node_pb2.Node(name=name, public_key=new_key, etag=etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["public_key"]),
+    )
+
+
+async def test_a_key_freed_by_this_replicas_update_is_free_at_once(cp, monkeypatch):
+    monkeypatch.setattr(nodes, "CACHE_WAIT_S", 0.3)
+    await make_network(cp)
+    k1, k2 = key(), key()
+    a = await make_node(cp, node_id="a", public_key=k1)
+    await wait_until(lambda: cp.app.cache.state_of(a.name) is not None, "the cache holds a")
+    gate = hold_cache(cp.app.cache)
+    try:
+        await cp.nodes.UpdateNode(move_key(a.name, a.etag, k2))
+        b = await make_node(cp, node_id="b", public_key=k1)  # the cache still says a holds k1
+        assert b.public_key == k1
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await make_node(cp, node_id="c", public_key=k2)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "networks/prod/nodes/a" in e.value.details()
+    finally:
+        gate.set()
+
+
+async def test_a_key_freed_through_another_replica_is_free_at_once(cp, etcd):
+    await make_network(cp)
+    k1, k2 = key(), key()
+    a = await make_node(cp, node_id="a", public_key=k1)
+    await wait_until(lambda: cp.app.cache.state_of(a.name) is not None, "the cache holds a")
+    other = App(etcd)
+    await other.start()
+    gate = hold_cache(cp.app.cache)
+    try:
+        await other.nodes.update(move_key(a.name, a.etag, k2))
+        b = await make_node(cp, node_id="b", public_key=k1)  # this replica's cache has not seen it
+        assert b.public_key == k1
+    finally:
+        gate.set()
+        await other.stop()

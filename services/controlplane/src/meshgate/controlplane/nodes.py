@@ -196,9 +196,11 @@ class Nodes(Resources[node_pb2.Node]):
                 claims.append(self.t.put(ikey, name.encode()))
             if node.public_key:
                 pkey = self.keys.pubkey(net_id, node.public_key)
-                if cache is not None:
-                    holder_name = cache.pubkeys.get((net_id, node.public_key))
-                else:
+                holder_name = cache.pubkeys.get((net_id, node.public_key)) if cache is not None else None
+                if cache is None or holder_name is not None:
+                    # A refusal is confirmed in etcd: the cache may not yet hold
+                    # another replica's write that freed the key.  A free key in
+                    # the cache needs no read: the create compare below guards it.
                     holder = await self.etcd.get(pkey)
                     holder_name = holder.value.decode() if holder is not None else None
                 if holder_name is not None:
@@ -303,6 +305,7 @@ class Nodes(Resources[node_pb2.Node]):
             rev = await self.commit(
                 compare, [self.t.put(kv.key, store.encode(updated)), *ops], etag=req.node.etag, kv=kv, name=name
             )
+            self._last_write = max(self._last_write, rev)  # a create after it sees the moved key claim
             updated.etag = str(rev)
             return self.present(updated)
 
@@ -377,7 +380,7 @@ class Nodes(Resources[node_pb2.Node]):
                 ops.append(self.t.delete(u.key))
             if users:
                 ops.append(self.t.put(self.keys.guard(net_id, "egress"), b""))
-            await self.commit(
+            rev = await self.commit(
                 [self.t.mod(kv.key) == kv.mod_revision,
                  self.t.mod(self.keys.guard(net_id, "egress")) == (guard.mod_revision if guard else 0),
                  self.t.mod(externalclients.guard_key(self, net_id)) == (
@@ -385,6 +388,7 @@ class Nodes(Resources[node_pb2.Node]):
                 ops,
                 etag=req.etag, kv=kv, name=req.name,
             )
+            self._last_write = max(self._last_write, rev)  # a create after it sees its freed claims
             await self._forget_pairs(net_id, node_id)
             return None
 
