@@ -117,6 +117,15 @@ def test_operations_doc_lists_every_metric_and_alert():
     doc = (ROOT / "docs/operations.md").read_text()
     missing = [n for n in exported() if f"`{n}`" not in doc]
     assert not missing, f"docs/operations.md does not list {missing}"
+    # ... and lists nothing else: each row of its metric tables names an exported
+    # metric, with the instrument's type.
+    rows = dict(re.findall(r"^\| `((?:meshgate|rpc)_\w+)` \| (\w+) \|", doc, re.M))
+    assert set(rows) == set(exported()), (set(rows) ^ set(exported()))
+    src = METRICS_PY.read_text()
+    for prom, name in exported().items():
+        [kind] = re.findall(rf'(create_\w+)\(\s*"{re.escape(name)}"', src)
+        want = "counter" if kind in COUNTERS else "histogram" if kind == "create_histogram" else "gauge"
+        assert rows[prom] == want, (prom, rows[prom], want)
     for r in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]:
         assert r["alert"] in doc
 

@@ -8,7 +8,7 @@ the test finds the convergence histogram counting a change made with the SDK
 it is given a bad desired state; on the way, the gRPC status codes, the key
 service's signatures, leadership and a PSK rotation, drift repaired by kind, per-peer handshakes
 named by node, and a gateway failover. `promtool check metrics` passes on what
-every endpoint serves.
+every endpoint serves, and docs/operations.md lists every metric family they serve.
 
 Prometheus runs in the root namespace, the agents each in their own: an
 agent's endpoint is reached through `NetnsProxy`, which accepts on loopback
@@ -226,6 +226,18 @@ def fetch(url: str) -> str:
         return r.read().decode()
 
 
+OPERATIONS_DOC = Path(__file__).resolve().parents[3] / "docs/operations.md"
+
+
+def families(text: str) -> set[str]:
+    """The metric families an endpoint serves, as Prometheus names (counters with
+    `_total`, as docs/operations.md lists them), without the exporter's target_info."""
+    out = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, re.M):
+        out.add(name + "_total" if kind == "counter" and not name.endswith("_total") else name)
+    return out - {"target_info"}
+
+
 def promtool_check_metrics(text: str, what: str) -> None:
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"promtool check metrics on {what}: {r.stdout}{r.stderr}"
@@ -298,7 +310,8 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
             raise AssertionError(f"targets: {prom.query('up')}\n{prom._get('/api/v1/targets')!r}") from None
 
         # What every endpoint serves is valid exposition text.
-        for what, url in [*urls.items(), *((f"gatewayd {a[1]['node']}", f"http://{a[0]}/metrics") for a in agents)]:
+        endpoints = [*urls.items(), *((f"gatewayd {a[1]['node']}", f"http://{a[0]}/metrics") for a in agents)]
+        for what, url in endpoints:
             promtool_check_metrics(fetch(url), what)
 
         conv = 'sum(meshgate_controlplane_convergence_duration_seconds_count{job="meshgate-controlplane"})'
@@ -317,6 +330,10 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         prom.wait_value('sum(meshgate_controlplane_agents_connected{network="lab"})', lambda v: v == 2)
         prom.wait_value('sum(meshgate_controlplane_nodes_converged{network="lab"})', lambda v: v == 2)
         prom.wait_value('sum(meshgate_controlplane_sync_messages_total{kind="delta"})', lambda v: v >= 2)
+        prom.wait_value('max(meshgate_controlplane_nodes_desired{network="lab"})', lambda v: v == 2)
+        prom.wait_value('sum(meshgate_controlplane_sync_acks_total{result="applied"})', lambda v: v >= 4)
+        prom.wait_value('sum(meshgate_controlplane_sync_change_bytes_sum)', lambda v: v > 0)
+        prom.wait_value('count(meshgate_etcd_watch_lag{job="meshgate-controlplane"})', lambda v: v == 1)
         prom.wait_value('sum(rpc_server_duration_seconds_count{rpc_method="CreateEgressGateway",'
                         'rpc_grpc_status_code="0"})', lambda v: v >= 1)
         # A call the API refuses is counted with its status code (INVALID_ARGUMENT = 3), not as OK.
@@ -350,6 +367,14 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
                         'resource="networks/lab/nodes/gateway"})', lambda v: v == 1)
         prom.wait_value('sum(meshgate_gatewayd_peers_traffic_bytes_total{node="client0",direction="tx"})',
                         lambda v: v > 0)
+        prom.wait_value('sum(meshgate_gatewayd_peer_traffic_bytes_total{node="client0",'
+                        'resource="networks/lab/nodes/gateway",direction="tx"})', lambda v: v > 0)
+        # Both agents applied (the change above too), say since when and which revision, and count reconnects.
+        prom.wait_value('count(sum by (node) (meshgate_gatewayd_applies_total{result="applied"}) >= 2)',
+                        lambda v: v == 2)
+        prom.wait_value('count(meshgate_gatewayd_apply_since_success_seconds >= 0)', lambda v: v == 2)
+        prom.wait_value(f'min(meshgate_gatewayd_applied_revision) >= {int(gw.etag)}', lambda v: v >= int(gw.etag))
+        prom.wait_value('count(meshgate_gatewayd_stream_reconnects_total)', lambda v: v == 2)
         prom.wait_value('count(meshgate_gatewayd_apply_duration_seconds_count{subsystem="wireguard"})',
                         lambda v: v == 2)
 
@@ -382,6 +407,13 @@ def test_prometheus_scrapes_services_and_agents(lab16: Lab, etcd_server, etcd_pr
         assert (prom.value('sum(meshgate_gatewayd_apply_failures_total{node="client0",reason="rejected"})') or 0) >= 1
         assert prom.value('sum(meshgate_gatewayd_apply_failures_total{node="gateway"})') in (None, 0.0)
         promtool_check_metrics(fetch(f"http://{agents[1][0]}/metrics"), "gatewayd client0 after the failure")
+
+        # docs/operations.md lists every metric family the endpoints really serve.
+        doc = OPERATIONS_DOC.read_text()
+        served = set().union(*(families(fetch(url)) for _, url in endpoints))
+        assert len(served) >= 25, sorted(served)
+        assert not [n for n in served if f"`{n}`" not in doc], \
+            f"served but not in docs/operations.md: {sorted(n for n in served if f'`{n}`' not in doc)}"
 
         # The gateway's agent goes away: after --gateway-failover-after its node
         # is marked down (its ranges would move to a standby), and that is counted.
