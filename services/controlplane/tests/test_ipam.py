@@ -60,3 +60,30 @@ def test_pick_int_with_claims_in_flight_is_pick_over_both(taken, claims, attempt
         assert got == str(ipaddress.ip_address(union[0]))
     else:
         assert int(ipaddress.ip_address(got)) in union[:ipam.SPREAD]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "pick", "pick-spread"]), st.integers(0, 64)), max_size=120))
+def test_a_used_set_that_remembers_its_floor_picks_what_a_full_scan_picks(ops):
+    """The cache's `UsedInts` starts its scan at the first address that may be
+    free; over any sequence of claims, releases and picks (the pick's address
+    then claimed, as a create does) it picks exactly what a scan from the
+    range's start over a plain set picks, also when the range fills up."""
+    base = int(ipaddress.ip_address("100.64.0.0"))
+    fast, plain = ipam.UsedInts(), set()
+    for op, i in ops:
+        if op == "add":
+            fast.add(base + i)
+            plain.add(base + i)
+        elif op == "discard":
+            fast.discard(base + i)
+            plain.discard(base + i)
+        else:
+            attempt = 0 if op == "pick" else 2
+            got = ipam.pick_int("100.64.0.0/26", fast, attempt, random.Random(i))
+            want = ipam.pick_int("100.64.0.0/26", plain, attempt, random.Random(i))
+            assert got == want
+            if got is not None:
+                fast.add(int(ipaddress.ip_address(got)))
+                plain.add(int(ipaddress.ip_address(got)))
+        assert set(fast) == plain

@@ -80,7 +80,7 @@ class StateCache:
         # Indexes over nodes, for IPAM and key uniqueness hints:
         # (network, family) -> addresses in use, as integers (see
         # ipam.pick_int); (network, public key) -> node.
-        self.addresses: dict[tuple[str, str], set[int]] = {}
+        self.addresses: dict[tuple[str, str], ipam.UsedInts] = {}
         self.pubkeys: dict[tuple[str, str], str] = {}
         self._waiters: list[tuple[int, asyncio.Future]] = []
         # node name -> when a key rotation was last requested for it (ns)
@@ -107,7 +107,7 @@ class StateCache:
             return
         for family, addr in (("v4", node.ipv4_address), ("v6", node.ipv6_address)):
             if addr:
-                used = self.addresses.setdefault((net_id, family), set())
+                used = self.addresses.setdefault((net_id, family), ipam.UsedInts())
                 (used.add if add else used.discard)(ipam.as_int(addr))
         if node.public_key:
             if add:

@@ -65,6 +65,37 @@ def as_int(address: str) -> int:
     return int(ipaddress.ip_address(address))
 
 
+class UsedInts(Collection[int]):
+    """A network's used addresses as integers, remembering where the free ones
+    start: every address of the range below `floor` is taken (0 when nothing
+    is known). `pick_int` scans from it and moves it up; freeing an address
+    moves it down. Addresses are handed out lowest first, so without it each
+    pick scanned every used address: at 10,000 nodes a fifth of a join's CPU
+    (issue 18)."""
+
+    __slots__ = ("floor", "ints")
+
+    def __init__(self) -> None:
+        self.ints: set[int] = set()
+        self.floor = 0
+
+    def add(self, value: int) -> None:
+        self.ints.add(value)
+
+    def discard(self, value: int) -> None:
+        self.ints.discard(value)
+        self.floor = min(self.floor, value)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.ints
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ints)
+
+    def __len__(self) -> int:
+        return len(self.ints)
+
+
 def pick_int(
     cidr: str, taken: Collection[int], attempt: int = 0, rng: random.Random | None = None,
     also_taken: Collection[int] = (),
@@ -80,8 +111,14 @@ def pick_int(
     # Python loop was an eighth of a join's CPU (issue 18).
     want = 1 if attempt == 0 else SPREAD
     first, last = int(net.network_address) + 1, int(net.broadcast_address) - 1
-    contains = taken.__contains__ if isinstance(taken, (set, frozenset)) else set(taken).__contains__
-    free = list(itertools.islice(itertools.filterfalse(contains, range(first, last + 1)), want + len(also_taken)))
+    if isinstance(taken, UsedInts):
+        contains, start = taken.ints.__contains__, max(first, taken.floor)  # the set's own (C) lookup
+    else:
+        contains = taken.__contains__ if isinstance(taken, (set, frozenset)) else set(taken).__contains__
+        start = first
+    free = list(itertools.islice(itertools.filterfalse(contains, range(start, last + 1)), want + len(also_taken)))
+    if isinstance(taken, UsedInts):
+        taken.floor = free[0] if free else last + 1  # all of [start, free[0]) is taken
     free = [i for i in free if i not in also_taken][:want]
     if not free:
         return None

@@ -174,7 +174,7 @@ class Nodes(Resources[node_pb2.Node]):
                 else:
                     pending = self._claiming.setdefault((net_id, family), set())
                     if cache is not None:
-                        used_ints = cache.addresses.get((net_id, family), set())
+                        used_ints = cache.addresses.get((net_id, family)) or ipam.UsedInts()
                         # The cache is fresh after a lost race (see below), so the
                         # lowest free address is right again; spread out only
                         # when other processes keep winning the same address.
