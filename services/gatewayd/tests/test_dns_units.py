@@ -28,6 +28,7 @@ class Zone(BaseResolver):
         self.records: dict[str, tuple[list[str], int]] = {}
         self.fail = False
         self.lock = threading.Lock()
+        self.asked: dict[str, int] = {}  # name -> A questions answered
 
     def resolve(self, request, handler):
         reply = request.reply()
@@ -36,6 +37,8 @@ class Zone(BaseResolver):
             return reply
         name = str(request.q.qname).rstrip(".").lower()
         with self.lock:
+            if request.q.qtype == dnslib.QTYPE.A:
+                self.asked[name] = self.asked.get(name, 0) + 1
             got = self.records.get(name)
             if got is None:
                 for k, v in self.records.items():
@@ -130,6 +133,32 @@ def test_resolver_follows_ttl_keeps_old_addresses_for_grace_and_survives_failure
             assert addrs(r, "db.example.test") == ["198.51.100.21"]
             upstream.fail = False
             await until(lambda: err(r, "db.example.test") == "" or "100.64.0.7" in err(r, "db.example.test"))
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_ttls_are_held_within_the_operators_bounds(upstream):
+    """A record's TTL above --dns-max-ttl is followed at the bound (a change shows
+    up long before the record's hour), one below --dns-min-ttl is not asked
+    again sooner than the bound (a TTL of 0 does not turn into a query storm)."""
+    async def main():
+        upstream.records["long.example.test"] = (["198.51.100.40"], 3600)
+        upstream.records["short.example.test"] = (["198.51.100.50"], 0)
+        r = DomainResolver([("127.0.0.1", upstream.port)], min_ttl=1.0, max_ttl=1.0, grace=0, timeout=1)
+        r.configure(["long.example.test", "short.example.test"], ["100.64.0.0/24"])
+        task = asyncio.create_task(r.run())
+        try:
+            await until(lambda: addrs(r, "long.example.test") == ["198.51.100.40"]
+                        and addrs(r, "short.example.test") == ["198.51.100.50"])
+            upstream.records["long.example.test"] = (["198.51.100.41"], 3600)
+            await until(lambda: addrs(r, "long.example.test") == ["198.51.100.41"])
+            first = upstream.asked["short.example.test"]
+            await asyncio.sleep(2.5)
+            # at most one question per second (min_ttl) in 2.5 s: 3 more, with a tick of slack
+            assert upstream.asked["short.example.test"] - first <= 3, upstream.asked
+            assert upstream.asked["short.example.test"] - first >= 1, "re-resolved at the bound"
         finally:
             task.cancel()
 
