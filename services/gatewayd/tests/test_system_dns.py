@@ -13,8 +13,8 @@ and the new address routes while the old one stays for its grace period, then
 goes; a stopped upstream keeps the addresses (traffic flows) and the gateway's
 status shows the error; a wildcard domain routes once a name under it was
 asked through the gateway's DNS server; node names resolve from another node,
-and from an external client brought up from the configuration the API returned
-(the way wg-quick does, `Lab.plain_wireguard`), through the `DNS =` it names.
+and from an external client brought up by the real `wg-quick up` from the
+configuration the API returned, through the `DNS =` it names.
 The gateway is created through the CLI, as a user would.
 """
 
@@ -176,22 +176,51 @@ def test_egress_by_name_follows_dns_keeps_addresses_when_dns_fails_and_names_res
         server.wait(timeout=10)
 
 
-def test_an_external_client_brought_up_from_its_config_resolves_node_names(keyed, egress: Egress):  # noqa: F811
-    """The configuration CreateExternalClient returns names the gateway node as its
-    DNS server; through it, the laptop resolves the nodes and itself, and the
-    nodes resolve the laptop."""
+RESOLVCONF = """#!/bin/sh
+# What wg-quick hands resolvconf (its arguments, then the nameservers on stdin), recorded
+echo "$@" >> "$(dirname "$0")/resolvconf.log"
+cat >> "$(dirname "$0")/resolvconf.log"
+"""
+
+
+def test_an_external_client_brought_up_with_wg_quick_resolves_node_names(keyed, egress: Egress):  # noqa: F811
+    """The configuration CreateExternalClient returns, brought up by the real
+    `wg-quick up` (wireguard-go, the kernel has no WireGuard module here), names
+    the gateway node as its DNS server and wg-quick hands it to resolvconf (a
+    stub on PATH that records it: the host's own resolv.conf is not the test's to
+    change); through that server the laptop resolves the nodes and itself, and
+    the nodes resolve the laptop."""
     from test_system_external_clients import laptop_client
 
     eg, lab = egress, egress.lab
     laptop, c, conf = laptop_client(keyed, eg)
     assert conf["Interface"]["DNS"] == "100.64.0.1"
     keyed.wait_converged(2, at_least=keyed.status().revision)
-    wg = lab.plain_wireguard(laptop, lab.ifname("lap"), c.config)
+    ifname = lab.ifname("lap")
+    bindir = lab.dir / "wgq-bin"
+    bindir.mkdir()
+    (bindir / "resolvconf").write_text(RESOLVCONF)
+    (bindir / "resolvconf").chmod(0o755)
+    conf_path = lab.dir / f"{ifname}.conf"
+    conf_path.touch(0o600)
+    conf_path.write_text(c.config)
+    env = ("env", "-u", "LOG_LEVEL", f"PATH={bindir}:{os.environ['PATH']}", "wg-quick")
+    sock = Path(f"/var/run/wireguard/{ifname}.sock")
     try:
-        assert wg.config.dns == ("100.64.0.1",)
+        r = laptop.run(*env, "up", str(conf_path), check=False)
+        assert r.returncode == 0, r.stderr
+        assert (bindir / "resolvconf.log").read_text().split("\n")[:2] == [f"-a {ifname} -m 0 -x",
+                                                                          "nameserver 100.64.0.1"]
+        assert laptop.route_dev("100.64.0.1") == ifname, "wg-quick routed the overlay into the tunnel"
         laptop.wait_reachable("100.64.0.1")
         assert lookup(laptop, "100.64.0.1", f"client0.{ZONE}") == ["NOERROR", eg.overlay(0)]
         assert lookup(laptop, "100.64.0.1", f"laptop.{ZONE}") == ["NOERROR", c.ipv4_address]
         assert lookup(eg.clients[0].host, eg.overlay(0), f"laptop.{ZONE}") == ["NOERROR", c.ipv4_address]
+        r = laptop.run(*env, "down", str(conf_path), check=False)
+        assert r.returncode == 0, r.stderr
+        assert f"-d {ifname} -f" in (bindir / "resolvconf.log").read_text(), "wg-quick down removed the DNS"
     finally:
-        wg.down()
+        conf_path.unlink(missing_ok=True)  # the laptop's private key
+        if sock.exists():  # wg-quick up or down failed: end its wireguard-go (it exits when its socket goes)
+            laptop.ip("link", "del", ifname, check=False)
+            sock.unlink(missing_ok=True)
