@@ -13,7 +13,8 @@ swapped every round so that drift in the machine's load falls on both.
 stdout: `BENCH metrics_overhead_ratio <p50 on / p50 off>` (goal at most 1.05),
 the two p50s, and `metrics_cpu_per_change_ratio`: the control plane's CPU per
 change, on over off (steadier than latency when other work shares the cores);
-stderr: the rest, including the series the metrics endpoint
+stderr: the rest, including a 95% bootstrap interval of the ratio (how much
+of it this run's noise can explain) and the series the metrics endpoint
 served at the end. No key service (its metrics are not on this path).
 """
 
@@ -63,6 +64,22 @@ async def one_change(r: bc.Run, rep: int) -> float:
     return (max(a.ack_time for a in r.agents) - t0) * 1000
 
 
+def ratio_interval(on: list[float], off: list[float], n: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of median(on) / median(off): how far this run's
+    noise alone moves the ratio (a fixed seed: the same rounds give the same interval)."""
+    import random
+
+    rnd = random.Random(16)
+    ratios = sorted(statistics.median(rnd.choices(on, k=len(on))) / statistics.median(rnd.choices(off, k=len(off)))
+                    for _ in range(n))
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
+
+
+def paired_median(on: list[float], off: list[float]) -> float:
+    """Median of each round's on/off ratio (the two changes of a round run back to back)."""
+    return statistics.median(a / b for a, b in zip(on, off, strict=True))
+
+
 async def prepare(r: bc.Run, n: int) -> None:
     hub, spoke = await r.setup_network()
     await r.enroll_all(hub, spoke, n)
@@ -97,6 +114,9 @@ async def run(cps: dict[str, ServiceProcess], args, out: dict[str, float]) -> No
             out[f"p50_{k}"] = statistics.median(lat[k])
             info(f"metrics {k}: p50 {statistics.median(lat[k]):.0f} ms, p99 {percentile(lat[k], 99):.0f} ms")
         out["ratio"] = out["p50_on"] / out["p50_off"]
+        lo, hi = ratio_interval(lat["on"], lat["off"])
+        info(f"p50 ratio {out['ratio']:.3f}, 95% bootstrap interval {lo:.3f}-{hi:.3f} (wider than the goal's 5%: "
+             f"the machine's noise, not metrics; paired per-round median {paired_median(lat['on'], lat['off']):.3f})")
         for k in ("off", "on"):
             out[f"cpu_{k}"] = cpu[k] / args.reps * 1000
         out["cpu_ratio"] = cpu["on"] / cpu["off"]

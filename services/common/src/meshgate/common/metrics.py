@@ -16,8 +16,10 @@ Entry points call `configure(service, listen)`:
   `OTEL_METRIC_EXPORT_INTERVAL` ms); `OTEL_SDK_DISABLED=true` turns all off.
 
 Names follow the OpenTelemetry semantic conventions where one exists
-(`rpc.server.duration`, in seconds as the current conventions say, with `rpc.system`, `rpc.service`, `rpc.method`,
-`rpc.grpc.status_code`) and sit under `meshgate.` otherwise; Prometheus shows
+(`rpc.server.duration` with `rpc.system`, `rpc.service`, `rpc.method`,
+`rpc.grpc.status_code`: the RPC conventions up to v1.37, which give it in ms;
+it is in seconds here, Prometheus's base unit and the unit of the newer
+`rpc.server.call.duration`) and sit under `meshgate.` otherwise; Prometheus shows
 them with `_` for `.` and the unit appended (`meshgate_gatewayd_apply_duration_seconds`).
 docs/operations.md lists them all.
 
