@@ -115,8 +115,8 @@ async def run(cps: dict[str, ServiceProcess], args, out: dict[str, float]) -> No
             info(f"metrics {k}: p50 {statistics.median(lat[k]):.0f} ms, p99 {percentile(lat[k], 99):.0f} ms")
         out["ratio"] = out["p50_on"] / out["p50_off"]
         lo, hi = ratio_interval(lat["on"], lat["off"])
-        info(f"p50 ratio {out['ratio']:.3f}, 95% bootstrap interval {lo:.3f}-{hi:.3f} (wider than the goal's 5%: "
-             f"the machine's noise, not metrics; paired per-round median {paired_median(lat['on'], lat['off']):.3f})")
+        info(f"p50 ratio {out['ratio']:.3f}, 95% bootstrap interval {lo:.3f}-{hi:.3f} (how far this run's noise "
+             f"alone moves it); paired per-round median {paired_median(lat['on'], lat['off']):.3f}")
         for k in ("off", "on"):
             out[f"cpu_{k}"] = cpu[k] / args.reps * 1000
         out["cpu_ratio"] = cpu["on"] / cpu["off"]
