@@ -61,8 +61,13 @@ log = logging.getLogger(__name__)
 
 PSK_LEN = 32
 MAX_PAIRS = 20000
-# Below this many pairs, point reads beat one range over the whole network.
-POINT_READS = 16
+# Up to this many pairs are read by key (batched point reads, etcd.get_many);
+# more, say a hub's snapshot, by one range over the network's keys. A
+# whole-network rotation arrives at the control plane as one transaction of
+# 120 pairs after another, and each one's keys used to be fetched with a range
+# over all of the network's pairs: 167 ranges of 20,000 records at 10,000
+# nodes (issue 18).
+BY_KEY_READS = 2048
 
 
 @dataclass(frozen=True)
@@ -181,9 +186,9 @@ class PresharedKeys:
 
     async def _read(self, net: str, pairs: Sequence[str]) -> dict[str, KV]:
         v = self.vault
-        if len(pairs) <= POINT_READS:
-            kvs = await asyncio.gather(*(v.etcd.get(v.key(self.path(net, p))) for p in pairs))
-            return {p: kv for p, kv in zip(pairs, kvs, strict=True) if kv is not None}
+        if len(pairs) <= BY_KEY_READS:
+            keys = {v.key(self.path(net, p)): p for p in pairs}
+            return {keys[k]: kv for k, kv in (await v.etcd.get_many(list(keys))).items()}
         base = v.key(f"keys/psk/{net}/")
         all_kvs, _ = await v.etcd.list_prefix(base)
         wanted = set(pairs)
