@@ -110,6 +110,29 @@ async def test_rotate_named_pairs_and_all(ks, put_network, secrets):
     assert (st.epoch, st.state, st.rotated) == (1, "done", 5)
 
 
+async def test_network_rotation_writes_each_spokes_pairs_in_one_transaction(ks, put_network, secrets):
+    """Two hubs and 150 spokes: a whole-network rotation writes both pairs of
+    every spoke in the same transaction (one mod revision), so the control
+    plane sends each spoke one patch per rotation, not one per hub."""
+    await put_network("prod")
+    spokes = [f"s{i:03d}" for i in range(150)]
+    pairs = [f"{node(h)}|{node(s)}" for s in spokes for h in ("hub-a", "hub-b")]
+    pairs.append(f"{node('hub-a')}|{node('hub-b')}")
+    secrets += [base64.b64decode(k.key) for k in await issue(ks, pairs)]
+    r = await ks.stub.RotatePresharedKeys(keys_pb2.RotatePresharedKeysRequest(network="networks/prod"))
+    assert r.rotated == len(pairs)
+    base = ks.etcd.key("keys", "psk", "prod", "")
+    kvs, _ = await ks.etcd.list_prefix(base)
+    revisions: dict[str, set[int]] = {}
+    for kv in kvs:
+        for seg in kv.key[len(base):].decode().split("."):
+            revisions.setdefault(seg, set()).add(kv.mod_revision)
+    assert len(kvs) == len(pairs)
+    assert {s: len(revisions[s]) for s in spokes} == dict.fromkeys(spokes, 1)
+    assert len(revisions["hub-a"]) > 1  # 301 pairs: more than one transaction in all
+    secrets += [base64.b64decode(k.key) for k in await issue(ks, pairs)]
+
+
 async def test_network_rotation_leaves_external_client_pairs_alone(ks, put_network, secrets):
     await put_network("prod")
     client_pair = ["networks/prod/nodes/hub|networks/prod/externalClients/phone"]

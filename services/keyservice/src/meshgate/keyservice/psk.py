@@ -43,7 +43,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,21 @@ MAX_PAIRS = 20000
 # over all of the network's pairs: 167 ranges of 20,000 records at 10,000
 # nodes (issue 18).
 BY_KEY_READS = 2048
+
+
+def _by_smaller_end(pairs: Iterable[str]) -> Callable[[tuple[Any, str, int]], tuple[int, str, str]]:
+    """A sort key that puts each pair next to the other pairs of its end with
+    fewer pairs: a spoke's pairs with its hubs land in one transaction, so the
+    control plane patches and sends the spoke one message per rotation instead
+    of one per hub (a hub's own messages are gathered anyway, sync.py)."""
+    degree = Counter(seg for pair in pairs for seg in pair.split(".", 1))
+
+    def key(item: tuple[Any, str, int]) -> tuple[int, str, str]:
+        pair = item[1]
+        end = min(pair.split(".", 1), key=lambda seg: (degree[seg], seg))
+        return degree[end], end, pair
+
+    return key
 
 
 @dataclass(frozen=True)
@@ -361,6 +377,7 @@ class PresharedKeys:
                 meta = self._header(net, pair, kv)
                 if int(meta["epoch"]) < epoch:
                     todo.append((kv, pair, int(meta["gen"])))
+            todo.sort(key=_by_smaller_end(pair for _, pair, _ in todo))
             lost = False
             for i in range(0, len(todo), TXN_BATCH):
                 chunk = todo[i : i + TXN_BATCH]
