@@ -1,16 +1,25 @@
-"""The drift watcher's pure parts (drift.py): the repair rate limit, the reading of
-nftables events and which rtnetlink events concern gatewayd's own objects.  The
-watcher at work, with a real kernel, is test_system_drift.py."""
+"""The drift watcher (drift.py): its pure parts (the repair rate limit, the reading
+of nftables events and which rtnetlink events concern gatewayd's own objects), and
+its loop driven against a stand-in reconciler and kernel (a route another tool
+deletes).  The watcher at work, with a real kernel, is test_system_drift.py."""
 
 from __future__ import annotations
 
 import struct
+import threading
+import time
+from types import SimpleNamespace
 
+import pytest
+
+from meshgate.common.testing import eventually
+from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.drift import (
     LINK,
     ROUTES,
     RULES,
     WIREGUARD,
+    DriftWatcher,
     NftEvent,
     NftTransactions,
     TokenBucket,
@@ -101,3 +110,107 @@ def test_an_endpoint_learnt_by_roaming_is_not_drift():
     seen = without_roaming(dev, desired)  # type: ignore[arg-type]
     assert seen.peers["k"] == want
     assert seen.peers["u"].endpoint == "198.51.100.8:4000"  # not managed: the planner ignores it anyway
+
+
+# ---------------------------------------------------------------- the watcher's loop
+
+DESIRED = SimpleNamespace(interface="mg0")
+DELROUTE = Msg("RTM_DELROUTE", {"RTA_TABLE": 51821}, proto=77)
+
+
+class Host:
+    """A stand-in reconciler (what the watcher reads of it) and its kernel: one route
+    of gatewayd's, which another tool may delete.  A pass runs in a thread of its
+    own, as the agent's does, and like a real one sets ``applied`` to None while it
+    makes its changes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.applied: SimpleNamespace | None = DESIRED
+        self.interface: str | None = "mg0"
+        self.passes = 0
+        self.route = False
+        self.strike_during_pass = False
+        """The other tool deletes the route the next pass adds, before that pass ends."""
+        self.watcher: DriftWatcher | None = None
+
+    def check(self, suspects) -> list[str] | None:  # DriftWatcher.check, against this kernel
+        with self.lock:
+            if self.applied is None:
+                return None
+            return [] if ROUTES not in suspects or self.route else ["add route 198.51.100.0/24 metric 0"]
+
+    def repair(self, changes: list[str]) -> None:  # the agent's on_drift: a full pass, soon
+        threading.Thread(target=self._pass).start()
+
+    def _pass(self) -> None:
+        assert self.watcher is not None
+        with self.lock:
+            self.interface = DESIRED.interface
+            self.applied = None
+            self.route = True
+            if self.strike_during_pass:
+                self.strike_during_pass = False
+                self.delete_route()  # its event is read while applied is None
+            self.applied = DESIRED
+            self.passes += 1
+
+    def delete_route(self) -> None:
+        assert self.watcher is not None
+        self.route = False
+        self.watcher.on_rtnl([DELROUTE])  # what the netlink thread reads
+
+
+class OffsetClock:
+    """The monotonic clock, which a test can move ahead."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def _watch(host: Host, settings: Settings, clock=time.monotonic) -> DriftWatcher:
+    w = DriftWatcher(host, settings, on_drift=host.repair, clock=clock)  # type: ignore[arg-type]
+    w.check = host.check  # type: ignore[method-assign]
+    host.watcher = w
+    t = threading.Thread(target=w._work, name="drift-check", daemon=True)  # the loop only, no sockets
+    t.start()
+    w._threads.append(t)
+    return w
+
+
+@pytest.fixture
+def host():
+    h = Host()
+    yield h
+    if h.watcher is not None:
+        h.watcher.stop()
+
+
+def test_a_route_deleted_while_the_repair_pass_runs_is_repaired_too(host: Host):
+    # the other tool deletes the route right after the repair pass added it, before
+    # the pass ends (applied is None then): that event is the last one, so a watcher
+    # that dropped it would leave the route deleted until the periodic pass
+    w = _watch(host, Settings(drift_burst=5, drift_refill=2.0))
+    host.strike_during_pass = True
+    w.poke({ROUTES})
+    eventually(lambda: host.route and w.status()["repairs"] == 2 and host.passes == 2,
+               "the route repaired again after the pass", timeout=30)
+
+
+def test_a_repair_held_by_the_rate_limit_runs_when_a_token_is_back(host: Host):
+    clock = OffsetClock()
+    w = _watch(host, Settings(drift_burst=1, drift_refill=60.0), clock)
+    w.poke({ROUTES})
+    eventually(lambda: host.route and host.passes == 1, "the first repair", timeout=30)
+    host.delete_route()  # again, and then never again: no further event
+    eventually(lambda: w.status()["held_back"] == 1, "the drift held back", timeout=30)
+    st = w.status()
+    assert st["fighting"] and st["repairs"] == 1 and not host.route
+    clock.offset += 60  # the token is back; nothing else happens
+    eventually(lambda: host.route and w.status()["repairs"] == 2, "the held repair", timeout=30)
+    clock.offset += 60  # and the bucket full again: the fight is over
+    eventually(lambda: not w.status()["fighting"], "the end of the fight", timeout=30)
+    assert w.status()["fights"] == 1

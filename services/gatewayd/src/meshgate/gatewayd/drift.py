@@ -457,13 +457,31 @@ class DriftWatcher:
     # -- sources
 
     def _current(self) -> tuple[str | None, int | None]:
-        applied = self.rec.applied
-        if applied is None:
+        """The interface whose events count, and its index.  It is the reconciler's
+        ``interface`` (the pass running or the last one), not ``applied``'s: a pass
+        sets ``applied`` to None from its first change until it succeeds, and an
+        event then (another tool deleting the route the pass just added) must not be
+        dropped, for no other event may follow."""
+        ifname = self.rec.interface
+        if ifname is None:
             return None, None
         try:
-            return applied.interface, socket.if_nametoindex(applied.interface)
+            return ifname, socket.if_nametoindex(ifname)
         except OSError:
-            return applied.interface, None
+            return ifname, None
+
+    def on_rtnl(self, msgs: Iterable[Any]) -> None:
+        """Poke for the rtnetlink messages (one datagram) that concern gatewayd's own
+        objects."""
+        ifname, ifindex = self._current()
+        if ifname is None:
+            return  # no pass yet: the first one reads everything anyway
+        s = self.settings
+        found: set[str] = set()
+        for msg in msgs:
+            found |= rtnl_subsystems(msg, ifname, ifindex, s.route_table, s.route_protocol)
+        if found:
+            self.poke(found)
 
     def _rtnl(self) -> None:
         # A netlink socket of our own, subscribed to the groups, read with recv and
@@ -478,7 +496,6 @@ class DriftWatcher:
             return
         groups = (rtnl.RTMGRP_LINK | rtnl.RTMGRP_IPV4_IFADDR | rtnl.RTMGRP_IPV6_IFADDR | rtnl.RTMGRP_IPV4_ROUTE
                   | rtnl.RTMGRP_IPV6_ROUTE | rtnl.RTMGRP_IPV4_RULE | rtnl.RTMGRP_IPV6_RULE)
-        s = self.settings
         while not self._stop.is_set():
             try:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
@@ -501,14 +518,7 @@ class DriftWatcher:
                         log.info("netlink events lost (%s); checking everything", e)
                         self.poke(EVERYTHING - {NFTABLES})
                         continue
-                    ifname, ifindex = self._current()
-                    if ifname is None:
-                        continue
-                    found: set[str] = set()
-                    for msg in marshal.parse(data):
-                        found |= rtnl_subsystems(msg, ifname, ifindex, s.route_table, s.route_protocol)
-                    if found:
-                        self.poke(found)
+                    self.on_rtnl(marshal.parse(data))
             except Exception as e:  # noqa: BLE001 - a message pyroute2 cannot parse: check everything, reopen
                 log.warning("netlink monitor: %s; checking everything and reopening", e)
                 self.poke(EVERYTHING - {NFTABLES})

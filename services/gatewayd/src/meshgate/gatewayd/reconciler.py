@@ -83,6 +83,10 @@ class Reconciler:
         """Held by a pass; the drift watcher holds it to compare the kernel with ``applied``."""
         self.passes = 0
         """Passes run (successful or not), so the drift watcher knows a repair ran."""
+        self.interface: str | None = None
+        """The interface of the pass running or the last one, set before any change
+        (``applied`` is None while a pass makes its changes): the drift watcher's
+        netlink filter, which must not drop an event then."""
         if store.created_interfaces() is None:
             last = store.load_desired()
             store._save_interfaces({last.interface.name or settings.default_interface} if last else set())
@@ -159,6 +163,7 @@ class Reconciler:
         if desired.interface not in owned and self.interface_exists(desired.interface):
             self.applied = None
             raise ForeignInterface(desired.interface)
+        self.interface = desired.interface
         retired = None
         for old in sorted(owned - {desired.interface}):
             # removed first: the new interface may need the old one's listen port
@@ -283,4 +288,5 @@ class Reconciler:
             self.store.forget_created(ifname)
         self.store.clear_desired()
         self.applied = None
+        self.interface = None
         return ours
