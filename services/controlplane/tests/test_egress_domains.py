@@ -1,6 +1,8 @@
 """Egress domains: what the API refuses (and that it then changes nothing), and how
 the compiler turns what gateways learned into routes, NAT sets, HA and filter rules."""
 
+import ipaddress
+
 import grpc
 import pytest
 
@@ -128,6 +130,40 @@ def test_two_gateways_for_one_domain_follow_priority_and_failover():
     assert via["198.51.100.20/32"] == "a" * 43 + "=", "failover: its standby takes it"
     # both gateway nodes forward and NAT the domain's addresses (a failover only moves routes)
     assert "198.51.100.20/32" in compiler.compile_node(st, "networks/n/nodes/b").egress[0].ranges
+
+
+def test_a_down_gateways_last_report_does_not_outlive_the_failover():
+    """The record changes while the primary (b) is down: its last report
+    still names the old address, the standby (a) resolves the new one. Only
+    the new address is routed, NATed by a and admitted by a domain: policy;
+    with every serving node down, their last reports stand (as ranges stay
+    routed when every candidate gateway is down)."""
+    st = _state(deny=True)
+    st.gateways["networks/n/egressGateways/db2"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/db2", node="networks/n/nodes/b", domains=["db.example.test"], priority=10)
+    st.learned["networks/n/nodes/b"] = agent_pb2.SyncRequest.Domains(domains=[
+        egress_pb2.DomainStatus(domain="db.example.test", addresses=["198.51.100.20"])])
+    st.learned["networks/n/nodes/a"].domains[0].addresses[:] = ["198.51.100.21"]
+    st.policies["networks/n/accessPolicies/p"] = policy_pb2.AccessPolicy(
+        name="networks/n/accessPolicies/p", sources=["node:c"], destinations=["domain:db.example.test"],
+        protocol=policy_pb2.TCP, ports=[policy_pb2.PortRange(first=5432)])
+
+    def seen():
+        c = compiler.compile_node(st, "networks/n/nodes/c")
+        a = compiler.compile_node(st, "networks/n/nodes/a")
+        routed = {r.destination for r in c.routes if r.destination.startswith("198.51.100.")}
+        natted = {r for r in a.egress[0].ranges if r.startswith("198.51.100.")}
+        admitted = {f"{h}/32" for r in a.filter_rules if r.accept for d in r.destinations
+                    for h in ipaddress.ip_network(d) if d.startswith("198.51.100.")}  # merged: .20/31
+        return routed, natted, admitted
+
+    both = {"198.51.100.20/32", "198.51.100.21/32"}
+    assert seen() == (both, both, both), "both up: both reports count"
+    st.down.add("networks/n/nodes/b")
+    new = {"198.51.100.21/32"}
+    assert seen() == (new, new, new), "b down: only the standby's own answer"
+    st.down.add("networks/n/nodes/a")
+    assert seen() == (both, both, both), "every server down: their last word"
 
 
 def test_a_domain_destination_becomes_the_learned_addresses_in_filter_rules():

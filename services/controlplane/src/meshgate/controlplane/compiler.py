@@ -414,21 +414,24 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
             internet = gw
     if state.learned:
         for r, gw in domains.routed_addresses(state.gateways.values(), rank, usable, state.learned,
-                                              overlay_ranges(state)).items():
+                                              overlay_ranges(state), state.down).items():
             by_range.setdefault(r, gw)
     return by_range, internet
 
 
 def learned_ranges(state: NetworkState, gw: egress_pb2.EgressGateway) -> list[str]:
-    """The host routes learned for `gw`'s domains (by any node serving them),
-    which its node forwards and NATs like its ranges, HA standbys included."""
+    """The host routes learned for `gw`'s domains by the nodes serving them
+    (domains.reporting), which its node forwards and NATs like its ranges, HA
+    standbys included: what other nodes route to it, whichever node's
+    resolver gave the address."""
     if not gw.domains or not state.learned:
         return []
-    serving = {g.node for g in state.gateways.values() if set(g.domains) & set(gw.domains)}
-    fake = egress_pb2.EgressGateway(name=gw.name, node=gw.node, domains=gw.domains)
-    got = domains.routed_addresses([fake], lambda g: g.name, lambda _: True,
-                                   {n: r for n, r in state.learned.items() if n in serving}, overlay_ranges(state))
-    return list(got)
+    overlay = overlay_ranges(state)
+    out: dict[str, None] = {}
+    for d in sorted(gw.domains):
+        serving = {g.node for g in state.gateways.values() if d in g.domains}
+        out.update(dict.fromkeys(domains.domain_addresses(d, serving, state.learned, overlay, state.down)))
+    return list(out)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from meshgate.api.v1 import agent_pb2, egress_pb2
@@ -116,16 +116,30 @@ def active_by_domain(gateways: Iterable[egress_pb2.EgressGateway], rank: Callabl
     return out
 
 
+def reporting(nodes: Iterable[str], learned: Mapping[str, agent_pb2.SyncRequest.Domains],
+              down: Collection[str]) -> list[str]:
+    """Whose reports count among `nodes` (serving a domain): those marked up
+    that reported, or, when none of them is up, all that reported (their last
+    word, as a gateway's ranges stay routed when every candidate is down). A
+    node that went down stops resolving: its last report never changes, and
+    its addresses must not outlive the grace period on the standby that took
+    over and resolves on its own."""
+    have = sorted(n for n in set(nodes) if n in learned)
+    up = [n for n in have if n not in down]
+    return up or have
+
+
 def routed_addresses(gateways: Iterable[egress_pb2.EgressGateway], rank: Callable[[egress_pb2.EgressGateway], Any],
                      usable,
                      learned: Mapping[str, agent_pb2.SyncRequest.Domains],
-                     overlay: Sequence[str]) -> dict[str, egress_pb2.EgressGateway]:
+                     overlay: Sequence[str], down: Collection[str] = ()) -> dict[str, egress_pb2.EgressGateway]:
     """Host route (`/32`, `/128`) -> the gateway that carries it.
 
-    A domain's addresses are those any node serving it reported (HA standbys
-    resolve too, so a failover only moves routes); they go to the domain's
-    active gateway. An address two domains share goes to the first domain in
-    name order; addresses in the overlay are dropped.
+    A domain's addresses are those the nodes serving it reported (HA standbys
+    resolve too, so a failover only moves routes; see `reporting` for nodes
+    marked `down`); they go to the domain's active gateway. An address two
+    domains share goes to the first domain in name order; addresses in the
+    overlay are dropped.
     """
     gateways = list(gateways)
     active = active_by_domain(gateways, rank, usable)
@@ -135,33 +149,37 @@ def routed_addresses(gateways: Iterable[egress_pb2.EgressGateway], rank: Callabl
             serving.setdefault(d, set()).add(g.node)
     out: dict[str, egress_pb2.EgressGateway] = {}
     for d in sorted(active):
-        for node in sorted(serving.get(d, ())):
-            rep = learned.get(node)
-            if rep is None:
-                continue
-            for st in rep.domains:
-                if st.domain != d and not matches(d, st.domain):
-                    continue
-                for a in st.addresses:
-                    if refused_address(a, overlay) is None:
-                        out.setdefault(host_route(a), active[d])
+        for r in domain_addresses(d, serving.get(d, ()), learned, overlay, down):
+            out.setdefault(r, active[d])
     return out
 
 
+def domain_addresses(domain: str, serving: Iterable[str], learned: Mapping[str, agent_pb2.SyncRequest.Domains],
+                     overlay: Sequence[str], down: Collection[str] = ()) -> list[str]:
+    """Host routes for a declared `domain` from the reports of the nodes
+    `serving` it (see `reporting`), in report order, overlay addresses dropped."""
+    out: dict[str, None] = {}
+    for node in reporting(serving, learned, down):
+        for st in learned[node].domains:
+            if st.domain == domain or matches(domain, st.domain):
+                out.update((host_route(a), None) for a in st.addresses if refused_address(a, overlay) is None)
+    return list(out)
+
+
 def addresses_of(selector: str, gateways: Iterable[egress_pb2.EgressGateway],
-                 learned: Mapping[str, agent_pb2.SyncRequest.Domains], overlay: Sequence[str]) -> list[str]:
+                 learned: Mapping[str, agent_pb2.SyncRequest.Domains], overlay: Sequence[str],
+                 down: Collection[str] = ()) -> list[str]:
     """Host routes learned for a policy's `domain:` selector value: a name, or a
     wildcard covering names. Agents report one entry per name they resolved or
     saw (a wildcard's names each on their own), so `domain:db.example.com`
-    means that name's addresses even when the gateway declares `*.example.com`."""
+    means that name's addresses even when the gateway declares `*.example.com`.
+    The reports that count are those of `reporting` among the nodes serving a
+    domain the selector falls under."""
     want = canonical(selector)
-    nodes = {g.node for g in gateways if g.domains}
+    nodes = {g.node for g in gateways if any(d == want or matches(d, want) or matches(want, d) for d in g.domains)}
     out: set[str] = set()
-    for node in sorted(nodes):
-        rep = learned.get(node)
-        if rep is None:
-            continue
-        for st in rep.domains:
+    for node in reporting(nodes, learned, down):
+        for st in learned[node].domains:
             if st.domain == want or matches(want, st.domain):
                 out.update(host_route(a) for a in st.addresses if refused_address(a, overlay) is None)
     return sorted(out)

@@ -185,7 +185,7 @@ class Resolver:
             return [*gw.ranges, *(self.internet() if gw.internet_gateway else [])]
         if kind == "domain":  # the addresses the gateways' agents learned for it
             return domains.addresses_of(value, st.gateways.values(), st.learned,
-                                        [c for c in (st.network.ipv4_cidr, st.network.ipv6_cidr) if c])
+                                        [c for c in (st.network.ipv4_cidr, st.network.ipv6_cidr) if c], st.down)
         return []
 
     def internet(self) -> list[str]:
