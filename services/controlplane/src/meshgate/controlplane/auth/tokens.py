@@ -286,7 +286,7 @@ class Tokens:
         # If the transaction fails without an answer it may still have
         # committed: the file stays (a stale one is refused, with its reason,
         # at the next start), so the token is never lost.
-        ok, _, _ = await self.etcd.txn(
+        ok, _, rev = await self.etcd.txn(
             [self.t.create(marker) == 0],
             [self.t.put(marker, b"1"), self.t.put(self.key(tid), store.encode(token)),
              self.t.put(self.hash_key(tid), token_hash(bearer).encode())],
@@ -295,6 +295,10 @@ class Tokens:
             os.unlink(path)  # another replica bootstrapped first: its file, not ours
             log.info("another replica made the bootstrap admin token")
             return False
+        # Serve only once the token cache holds it: the first call with the
+        # file's token must not be refused as unknown (seen in CI against a
+        # three-member etcd, whose watch lagged the write).
+        await self.cache.wait_for_revision(rev, 30)
         log.warning("created the bootstrap admin token tokens/%s; it is in %s (mode 0600)", tid, path)
         return True
 
