@@ -10,12 +10,13 @@
                             same, median of N (goal < 5)
 - drain_lost_packets        packets lost of a ping (10 per second, --pps) while the primary is
                             drained through the CLI and undrained again, --moves moves
-                            (default 20) two seconds apart (issue 17's goal 0: not met while
-                            in-flight replies are lost, below)
+                            (default 20) two seconds apart (issue 17's goal 0)
 - drain_lost_in_flight      of those, echoes a gateway answered but the client's tunnel refused:
                             the reply was on its way through the old gateway when the client
                             moved the range (WireGuard accepts a source only from the peer
-                            holding it); every echo is traced through the three tunnels
+                            holding it) and its copy through the new gateway (gatewayd's
+                            handoff.py) did not arrive; every echo is traced through the three
+                            tunnels
 - drain_lost_other          the rest (a request that reached no gateway, or went unanswered):
                             what make-before-break must keep at 0
 - drain_rtt_ms              the ping's mean round trip (the in-flight window of a move)

@@ -277,3 +277,68 @@ def _gone(cp, key):
     async def check():
         return await cp.etcd.get(key) is None
     return check
+
+
+def _handoffs(agent) -> list[tuple[list[str], str]]:
+    return [(list(h.ranges), h.address) for e in agent.state.egress for h in e.handoffs] if agent.state else []
+
+
+async def _overlay(cp, name: str) -> str:
+    return (await cp.nodes.GetNode(node_pb2.GetNodeRequest(name=f"networks/prod/nodes/{name}"))).ipv4_address
+
+
+async def test_a_drain_moves_the_client_only_once_the_old_gateway_copies_late_replies(health_cp):
+    """Make-before-break for late replies (handoff.py): on a drain the
+    primary's node is told at once to copy replies from the range to the
+    standby, but the client keeps routing through the primary until that
+    node has acknowledged it; on the undrain the same holds for the standby.
+    Each gateway node knows the other as a late-reply peer throughout."""
+    cp = await health_cp()
+    agents = await ha(cp)
+    client, primary, standby = agents["client"], agents["primary"], agents["standby"]
+    p_addr, s_addr = await _overlay(cp, "primary"), await _overlay(cp, "standby")
+    assert [list(e.handoff_peers) for e in primary.state.egress] == [[s_addr]]
+    assert [list(e.handoff_peers) for e in standby.state.egress] == [[p_addr]]
+    assert _handoffs(primary) == []  # it carries the range: nothing to copy
+    assert _handoffs(standby) == [([RANGE], p_addr)]  # a standby copies its (rare) replies to the active one
+
+    primary.auto_ack = False
+    await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(lambda: _handoffs(primary) == [([RANGE], s_addr)], "the primary told to copy to the standby")
+    await asyncio.sleep(1.0)  # under the handoff's 3 s limit: only the ack may move the client
+    assert via(client) == primary.public_key, "the client moved before the primary applied its copying"
+    assert (await gateway_status(cp)).drained  # the operator's flag, shown at once
+    primary.auto_ack = True
+    await primary._acks.put(agent_pb2.SyncRequest(ack=agent_pb2.SyncRequest.Ack(revision=primary.state.revision)))
+    await wait_until(lambda: via(client) == standby.public_key, "the client moves once the primary acked")
+    assert _handoffs(primary) == [([RANGE], s_addr)]  # and goes on copying what comes back late
+    assert _handoffs(standby) == []
+
+    standby.auto_ack = False
+    await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=False),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(lambda: _handoffs(standby) == [([RANGE], p_addr)], "the standby told to copy to the primary")
+    await asyncio.sleep(1.0)
+    assert via(client) == standby.public_key, "the client moved back before the standby applied its copying"
+    standby.auto_ack = True
+    await standby._acks.put(agent_pb2.SyncRequest(ack=agent_pb2.SyncRequest.Ack(revision=standby.state.revision)))
+    await wait_until(lambda: via(client) == primary.public_key, "undrain: back on the primary once the standby acked")
+    assert _handoffs(primary) == []
+    assert not await _exists(cp, cp.etcd.key("egressDrain", "prod", "gw-primary"))
+
+
+async def test_a_drain_whose_gateway_never_acks_still_moves_after_the_limit(health_cp):
+    """An agent that does not apply its copying holds a drain back at most
+    the handoff limit (3 s), then the move happens as before."""
+    cp = await health_cp()
+    agents = await ha(cp)
+    client, primary, standby = agents["client"], agents["primary"], agents["standby"]
+    primary.auto_ack = False
+    await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+        egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(lambda: via(client) == standby.public_key, "the client moves after the limit", timeout=15)
+    assert await _exists(cp, cp.etcd.key("egressDrain", "prod", "gw-primary"))

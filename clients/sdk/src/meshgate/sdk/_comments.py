@@ -199,6 +199,17 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
                                                   'range.',
  'meshgate.api.v1.EgressConfig.gateway': "The gateway's resource name, `networks/{network}/egressGateways/{id}`:\n"
                                          'the agent reports its health by it (SyncRequest.EgressHealth).',
+ 'meshgate.api.v1.EgressConfig.handoff_peers': 'Overlay IPv4 addresses of the other gateway nodes serving one of this\n'
+                                               "gateway's ranges or domains: the nodes this one may send late replies\n"
+                                               'to (`handoffs`) or receive them from, for its ranges only.',
+ 'meshgate.api.v1.EgressConfig.handoffs': 'Late replies (issue 17): where this gateway also sends the replies it\n'
+                                          'forwards from some of its ranges to the overlay, while another gateway\n'
+                                          'carries those ranges for the other nodes (it is a standby, drained, or\n'
+                                          'about to hand them over). A node that moved its route to that gateway\n'
+                                          'refuses a reply from this one (WireGuard accepts a source address only\n'
+                                          'from the peer that holds it now); the copy reaches it through the\n'
+                                          'gateway it routes through now. Copies travel in VXLAN over the overlay\n'
+                                          '(docs/gatewayd.md, "Late replies").',
  'meshgate.api.v1.EgressConfig.internet_gateway': 'Forward everything (0.0.0.0/0, ::/0) from source_ranges.',
  'meshgate.api.v1.EgressConfig.nat': 'Masquerade forwarded traffic.',
  'meshgate.api.v1.EgressConfig.probes': "The operator's probes of the egress path (EgressGateway.probes).",
@@ -405,6 +416,9 @@ COMMENTS: dict[str, str] = {'meshgate.api.v1.AccessPolicy': 'Allows or drops tra
  'meshgate.api.v1.FilterRule.sources': 'Source CIDRs; empty means any source.',
  'meshgate.api.v1.GetNetworkRequest.name': '`networks/{network}`.',
  'meshgate.api.v1.GetNetworkStatusRequest.name': '`networks/{network}`.',
+ 'meshgate.api.v1.Handoff': 'Replies from `ranges` are copied to the gateway node at `address`.',
+ 'meshgate.api.v1.Handoff.address': "The other gateway node's overlay IPv4 address.",
+ 'meshgate.api.v1.Handoff.ranges': 'Egress ranges of this gateway (CIDRs).',
  'meshgate.api.v1.InterfaceConfig': "The node's own WireGuard interface.",
  'meshgate.api.v1.InterfaceConfig.addresses': 'Overlay addresses with their prefix, e.g. `100.64.0.2/24`, '
                                               '`fd00::2/64`.',

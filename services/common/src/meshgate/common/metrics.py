@@ -738,6 +738,8 @@ def drift_kinds(plan: Any) -> list[str]:
         out.append("rules")
     if getattr(plan, "nft", None) is not None:
         out.append("nftables")
+    if getattr(plan, "handoff_change", False):
+        out.append("handoff")
     if getattr(plan, "sysctls", ()):
         out.append("sysctls")
     return out

@@ -46,6 +46,7 @@ from meshgate.controlplane.egress import EgressGateways
 from meshgate.controlplane.egresshealth import DEFAULT_FAILBACK_S, Damper, EgressHealth
 from meshgate.controlplane.enrollment import EnrollmentKeys
 from meshgate.controlplane.externalclients import ExternalClients
+from meshgate.controlplane.handoff import DrainHandoff
 from meshgate.controlplane.keymaterial import KeyMaterial
 from meshgate.controlplane.liveness import DEFAULT_DELAY_S, STARTUP_GRACE_S, Liveness
 from meshgate.controlplane.networks import Networks
@@ -320,6 +321,7 @@ class ControlPlane:
         self.relays = Relays(etcd, self.cache, self.fanout.status, path_delay, path_recover_after)
         self.fanout.paths = self.relays
         self.fanout.health = self.egress_health
+        self.drain_handoff = DrainHandoff(etcd, self.cache, self.fanout, replica=replica)
         self.egress_health.close_stream = self._end_stream
         self.agent_service = AgentService(self.enrollment, self.fanout, self.cache)
         bind = self._bind
@@ -374,6 +376,7 @@ class ControlPlane:
         self.liveness.start()
         self.relays.start()
         self.egress_health.start()
+        self.drain_handoff.start()
         await self.fanout.start()
         await self.cache.start()
         await asyncio.wait_for(self.cache.ready.wait(), 30)
@@ -385,6 +388,7 @@ class ControlPlane:
         await self.liveness.stop()
         await self.relays.stop()
         await self.egress_health.stop()
+        await self.drain_handoff.stop()
         await self.fanout.stop()
         await self.cache.stop()
         await self.key_material.close()

@@ -199,7 +199,7 @@ class StateCache:
             parts = self._split(kv.key)
             if parts is None:
                 continue
-            if parts[0] == "egressHealth" and len(parts) == 3:  # egresshealth.py's marks
+            if parts[0] in ("egressHealth", "egressDrain") and len(parts) == 3:  # egresshealth.py's, handoff.py's marks
                 children.append((parts, kv))
                 continue
             if parts[0] == "networks" and len(parts) == 2:
@@ -215,6 +215,10 @@ class StateCache:
         rotations: dict[str, int] = {}
         sessions: set[str] = set()
         for parts, kv in children:
+            if parts[0] == "egressDrain":  # a drain in effect (handoff.py)
+                if parts[1] in nets:
+                    nets[parts[1]].drain_marks.add(f"networks/{parts[1]}/egressGateways/{parts[2]}")
+                continue
             if parts[0] == "egressHealth":  # a gateway reported unhealthy (egresshealth.py)
                 if parts[1] in nets:
                     nets[parts[1]].unhealthy[f"networks/{parts[1]}/egressGateways/{parts[2]}"] = _reason(kv.value)
@@ -328,7 +332,7 @@ class StateCache:
             if parts[0] in _PATH_KEYS and len(parts) == 3:  # relays.py's records
                 path_events.append((parts, ev.value, ev.put, ev.mod_revision))
                 continue
-            if parts[0] == "egressHealth" and len(parts) == 3:  # egresshealth.py's marks
+            if parts[0] in ("egressHealth", "egressDrain") and len(parts) == 3:  # egresshealth.py's, handoff.py's marks
                 relevant.append((parts, ev))
                 continue
             if parts[0] == "sessions" and len(parts) == 3:
@@ -385,6 +389,11 @@ class StateCache:
                 continue
             st = self.networks.get(net_id)
             if st is None:
+                continue
+            if parts[0] == "egressDrain":
+                name = f"networks/{net_id}/egressGateways/{parts[2]}"
+                (st.drain_marks.add if ev.put else st.drain_marks.discard)(name)
+                change.affected.setdefault(net_id, set()).update(compiler.affected_by_health(st, name))
                 continue
             if parts[0] == "egressHealth":
                 name = f"networks/{net_id}/egressGateways/{parts[2]}"

@@ -91,6 +91,10 @@ class NetworkState:
     # node name -> host:port); paths.py.
     relay_marks: dict[str, str] = field(default_factory=dict)
     learned_endpoints: dict[str, str] = field(default_factory=dict)
+    # Gateways whose drain is in effect for routing (`egressDrain/{net}/{gw}`,
+    # handoff.py): a drain (or undrain) moves other nodes' routes only once the
+    # gateways that must copy late replies have applied the copying (`handoffs`).
+    drain_marks: set[str] = field(default_factory=set)
     # tag -> names of the nodes carrying it, kept by whoever owns the state
     # through `put_node`/`drop_node` (the state cache); None: `tagged` scans.
     by_tag: dict[str, set[str]] | None = None
@@ -136,6 +140,7 @@ class NetworkState:
             {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients), set(self.down),
             dict(self.learned), dict(self.unhealthy),
             relay_marks=dict(self.relay_marks), learned_endpoints=dict(self.learned_endpoints),
+            drain_marks=set(self.drain_marks),
         )
 
 
@@ -384,15 +389,29 @@ def healthy(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
     return gw.node not in state.down and gw.name not in state.unhealthy
 
 
-def drained(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
-    """The gateway or its node is drained: it yields its ranges to any healthy
-    standby, but a healthy drained gateway still beats an unhealthy one."""
+def drain_requested(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
+    """The operator drained the gateway or its node (`drain`)."""
     node = state.nodes.get(gw.node)
     return gw.drain or (node is not None and node.drain)
 
 
-def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None]:
+def drained(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
+    """The gateway's drain is in effect for routing: it yields its ranges to any
+    healthy standby, but a healthy drained gateway still beats an unhealthy one.
+    It follows `drain_requested` once the handoff is ready (handoff.py)."""
+    return gw.name in state.drain_marks
+
+
+def drain_pending(state: NetworkState) -> bool:
+    """A drain or an undrain waits for its handoff somewhere in the network."""
+    return any(drain_requested(state, g) != (name in state.drain_marks) for name, g in state.gateways.items())
+
+
+def active_gateways(state: NetworkState, target: bool = False
+                    ) -> tuple[dict[str, egress_pb2.EgressGateway], egress_pb2.EgressGateway | None]:
     """The gateway carrying each egress range, and the internet gateway, if any.
+    With `target`, the gateways that will carry them once every pending drain
+    and undrain has taken effect (`drain_requested` instead of `drained`).
 
     The addresses learned for egress domains are ranges too (host routes), each
     carried by its domain's active gateway (domains.routed_addresses); a
@@ -401,8 +420,10 @@ def active_gateways(state: NetworkState) -> tuple[dict[str, egress_pb2.EgressGat
         node = state.nodes.get(gw.node)
         return node is not None and bool(node.public_key)
 
+    is_drained = drain_requested if target else drained
+
     def rank(g):  # also the ranking of domains (domains.routed_addresses)
-        return (not healthy(state, g), drained(state, g), -g.priority, g.name)
+        return (not healthy(state, g), is_drained(state, g), -g.priority, g.name)
 
     ranked = sorted((g for g in state.gateways.values() if usable(g)), key=rank)
     by_range: dict[str, egress_pb2.EgressGateway] = {}
@@ -546,6 +567,7 @@ def compile_node(
         if net.ipv6_cidr:
             allowed[via].append("::/0")
         out.default_route_via_peer = state.nodes[via].public_key
+    target: dict[str, egress_pb2.EgressGateway] | None = None  # the ranges' gateways after pending drains
     carried: list[str] = []
     relayed_for = paths.relayed_through(state, name, relay_peers) if me.relay else set()
     if relayed_for and by_range:
@@ -612,6 +634,8 @@ def compile_node(
             continue
         learned = learned_ranges(state, gw)
         delivers += list(gw.ranges) + learned + (["0.0.0.0/0", "::/0"] if gw.internet_gateway else [])
+        if target is None and len(state.gateways) > 1:
+            target = active_gateways(state, target=True)[0] if drain_pending(state) else by_range
         out.egress.append(
             ds.EgressConfig(
                 ranges=_sort_cidrs([*gw.ranges, *learned]),
@@ -622,6 +646,8 @@ def compile_node(
                 domains=sorted(gw.domains),
                 gateway=gw.name,
                 probes=gw.probes,
+                handoffs=_handoffs(state, gw, [*gw.ranges, *learned], by_range, target) if target else (),
+                handoff_peers=_handoff_peers(state, gw) if len(state.gateways) > 1 else (),
             )
         )
     _dns(state, out, me, peer_names, by_gateway)
@@ -631,6 +657,44 @@ def compile_node(
         if rules:
             out.filter_rules.extend(_client_dns(me, by_gateway.get(name, [])) + rules)
     return out
+
+
+def _handoffs(state: NetworkState, gw: egress_pb2.EgressGateway, ranges: list[str],
+              by_range: dict[str, egress_pb2.EgressGateway],
+              target: dict[str, egress_pb2.EgressGateway]) -> list[ds.Handoff]:
+    """Where gateway `gw` copies the replies it forwards from each of its ranges
+    (EgressConfig.handoffs): to the gateway that carries the range for the
+    other nodes when that is not `gw`, or else to the one that will once a
+    pending drain or undrain takes effect. A node that moved to that gateway
+    refuses `gw`'s reply and takes the copy (docs/gatewayd.md, "Late replies")."""
+    if not healthy(state, gw):
+        return []
+    by_addr: dict[str, list[str]] = {}
+    for r in ranges:
+        other = by_range.get(r)
+        if other is None or other.name == gw.name:
+            other = target.get(r)
+        if other is None or other.name == gw.name or other.node == gw.node or not healthy(state, other):
+            continue
+        node = state.nodes.get(other.node)
+        if node is None or not node.ipv4_address or ":" in r:
+            continue  # IPv4 only: the copies travel in VXLAN to the node's overlay IPv4 address
+        by_addr.setdefault(node.ipv4_address, []).append(r)
+    return [ds.Handoff(ranges=_sort_cidrs(rs), address=a) for a, rs in sorted(by_addr.items())]
+
+
+def _handoff_peers(state: NetworkState, gw: egress_pb2.EgressGateway) -> list[str]:
+    """The overlay IPv4 addresses of the other gateway nodes sharing one of
+    `gw`'s ranges or domains (EgressConfig.handoff_peers)."""
+    mine, names = set(gw.ranges), set(gw.domains)
+    out = set()
+    for g in state.gateways.values():
+        if g.node == gw.node or not (mine.intersection(g.ranges) or names.intersection(g.domains)):
+            continue
+        node = state.nodes.get(g.node)
+        if node is not None and node.ipv4_address and node.public_key:
+            out.add(node.ipv4_address)
+    return sorted(out)
 
 
 def _relay_egress(state: NetworkState, name: str, allowed: dict[str, list[str]], routes: list[ds.Route],

@@ -289,7 +289,8 @@ class EgressGateways(Resources[egress_pb2.EgressGateway]):
                 # ... and its health mark (egresshealth.py), so a gateway made anew under
                 # the name starts healthy
                 [self.t.delete(kv.key), self.t.put(self.keys.guard(net_id, "egress"), b""),
-                 self.t.delete(self.etcd.key("egressHealth", net_id, req.name.rsplit("/", 1)[1]))],
+                 self.t.delete(self.etcd.key("egressHealth", net_id, req.name.rsplit("/", 1)[1])),
+                 self.t.delete(self.etcd.key("egressDrain", net_id, req.name.rsplit("/", 1)[1]))],
                 etag=req.etag, kv=kv, name=req.name,
             )
             return None

@@ -301,4 +301,4 @@ def fill_status(out: network_pb2.NetworkStatus, st: compiler.NetworkState) -> No
         # route through it has not applied the state that routes elsewhere.
         waiting = [n for n in st.nodes if n != gw.node and compiler.uses(st, gw, n) and not converged.get(n, False)]
         out.gateways.add(gateway=name, healthy=healthy, reason=reason, active_ranges=active,
-                         drained=compiler.drained(st, gw), in_use=bool(active) or bool(waiting))
+                         drained=compiler.drain_requested(st, gw), in_use=bool(active) or bool(waiting))

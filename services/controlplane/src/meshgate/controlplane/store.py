@@ -55,7 +55,7 @@ M = TypeVar("M", bound=Message)
 PER_NETWORK = (
     "nodes", "egressGateways", "ipam", "pubkeys", "guards", "enrollmentKeys", "enrollmentSecrets", "enrollmentUses",
     "externalClients", "accessPolicies", "agents", "status", "liveness", "clientHealth", "clientIssued", "sessions",
-    "learned",
+    "learned", "egressHealth", "egressDrain",
 )
 
 

@@ -32,6 +32,9 @@ class Settings:
     route_table: int = 51821
     """The routing table that holds gatewayd's routes (and nothing else's)."""
 
+    handoff_table: int = 51822
+    """The routing table of the late-reply link's next hops (handoff.py)."""
+
     route_protocol: int = 77
     """rtnetlink protocol id stamped on gatewayd's routes and policy rules, so it can
     tell them from anyone else's."""
@@ -135,6 +138,8 @@ class Settings:
             raise ValueError("route_protocol must be in 1..255")
         if not 0 < self.route_table < 2**32 or self.route_table in (253, 254, 255):
             raise ValueError("route_table must be a free table id")
+        if not 0 < self.handoff_table < 2**32 or self.handoff_table in (253, 254, 255, self.route_table):
+            raise ValueError("handoff_table must be a free table id other than route_table")
         if self.resync_interval <= 0 or self.backoff_initial <= 0:
             raise ValueError("intervals must be positive")
         if self.drift_poll_interval <= 0 or self.drift_refill <= 0 or self.drift_burst < 1:

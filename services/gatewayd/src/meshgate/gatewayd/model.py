@@ -18,7 +18,7 @@ import ipaddress
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common.desired import apply_delta
@@ -73,6 +73,23 @@ class RuleSpec:
     suppress_prefixlength: int | None = None
     dst: str = ""
     """``to <dst>`` (a CIDR): only packets to it."""
+    oif: str = ""
+    """``oif <link>``: only lookups for packets leaving through it."""
+
+
+@dataclass(frozen=True)
+class HandoffSpec:
+    """The late-reply link (handoff.py)."""
+
+    device: str
+    local: str
+    """This node's overlay IPv4 address (the VXLAN's source)."""
+    peers: frozenset[str]
+    """Overlay IPv4 addresses of the other gateway nodes sharing a range."""
+    mtu: int
+    copies: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = ()
+    """(ranges, overlay sources, address): replies from the ranges to the
+    sources that are copied to that gateway node (``EgressConfig.handoffs``)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,7 @@ class Desired:
     ``relay4``/``relay6`` sets and the forwarding ``sysctls``)."""
     nft_inputs: tuple[tuple[nftables.Egress, ...], tuple[Cidr, ...]] = field(
         default=((), ()), compare=False, repr=False)
+    handoff: HandoffSpec | None = None
     """What ``nft`` was rendered from besides the filters (egress, relayed ranges),
     so a delta of filter rules alone renders the table again without the rest."""
 
@@ -127,6 +145,7 @@ class Observed:
     """Digest of the ``inet meshgate`` table when its content is verified to be exactly
     what gatewayd loaded for that digest; None when absent or not verifiable."""
     sysctls: Mapping[str, str]
+    handoff: HandoffSpec | None = None
 
 
 def expected_observed(d: Desired) -> Observed:
@@ -143,6 +162,7 @@ def expected_observed(d: Desired) -> Observed:
         rules=d.rules,
         nft_digest=d.nft.digest,
         sysctls=dict(d.sysctls),
+        handoff=d.handoff,
     )
 
 
@@ -409,12 +429,15 @@ def compile_desired(
             v.append(FieldViolation(f"{where}.ranges", "empty (and internet_gateway is off)"))
         in_order: list[Cidr] = sorted(ranges, key=_range)
         sources_in_order: list[Cidr] = sorted(sources, key=_range)
+        handoffs, handoff_peers = _handoffs(eg, where, {n.text for n in ranges}, v)
         egress.append(nftables.Egress(
             ranges=tuple(in_order),
             sources=tuple(sources_in_order),
             nat=eg.nat,
             egress_interface=eg.egress_interface or None,
             internet_gateway=eg.internet_gateway,
+            handoffs=handoffs,
+            handoff_peers=handoff_peers,
         ))
 
     filters = _filters(msg.filter_rules, v)
@@ -449,6 +472,14 @@ def compile_desired(
             sysctls[key] = "1"
     if any(r.dst == "0.0.0.0/0" for r in routes):
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
+    handoff = None
+    ho_peers = frozenset(a for e in egress for a in (*e.handoff_peers, *(h[1] for h in e.handoffs)))
+    own4 = [str(ipaddress.ip_interface(a).ip) for a in sorted(addresses) if ":" not in a]
+    if ho_peers and own4:
+        copies = tuple((tuple(str(n) for n in nets), tuple(str(n) for n in e.sources if n.version == 4), addr)
+                       for e in egress for nets, addr in e.handoffs)
+        handoff = HandoffSpec(nftables.handoff_device(iface), own4[0], ho_peers, mtu, copies)
+        rules.add(RuleSpec(4, settings.rule_priority - 20, settings.handoff_table, oif=handoff.device))
 
     return Desired(
         node=msg.node,
@@ -467,6 +498,7 @@ def compile_desired(
         egress_interfaces=frozenset(egress_ifaces),
         relayed_ranges=tuple(n.text for n in relayed),
         nft_inputs=(tuple(egress), tuple(relayed)),
+        handoff=handoff,
     )
 
 
@@ -521,6 +553,33 @@ def _filter(key: _FilterKey, where: str, v: list[FieldViolation]) -> nftables.Fi
 def _policy_label(name: str) -> str:
     """The policy's id, as a comment on its nftables rule (only id characters)."""
     return re.sub(r"[^A-Za-z0-9._-]", "", name.rsplit("/", 1)[-1])[:63]
+
+
+def _handoffs(eg: Any, where: str, ranges: set[str], v: list[FieldViolation]
+              ) -> tuple[tuple[tuple[tuple[Cidr, ...], str], ...], tuple[str, ...]]:
+    """``EgressConfig.handoffs`` and ``handoff_peers``, checked: overlay IPv4
+    addresses, and ranges of this gateway's own."""
+    def address(text: str, field_: str) -> bool:
+        try:
+            ok = ipaddress.ip_address(text).version == 4
+        except ValueError:
+            ok = False
+        if not ok:
+            v.append(FieldViolation(field_, f"{text!r} is not an IPv4 address"))
+        return ok
+
+    peers = tuple(sorted({a for k, a in enumerate(eg.handoff_peers)
+                          if address(a, f"{where}.handoff_peers[{k}]")}))
+    out = []
+    for k, h in enumerate(eg.handoffs):
+        nets = _nets(h.ranges, f"{where}.handoffs[{k}].ranges", v)
+        foreign = [n.text for n in nets if n.text not in ranges or n.version != 4]
+        if foreign:
+            v.append(FieldViolation(f"{where}.handoffs[{k}].ranges",
+                                    f"{', '.join(foreign)}: not IPv4 ranges of this gateway"))
+        elif nets and address(h.address, f"{where}.handoffs[{k}].address"):
+            out.append((tuple(sorted(nets, key=_range)), h.address))
+    return tuple(out), peers
 
 
 def _relayed(texts: Iterable[str], v: list[FieldViolation]) -> list[Cidr]:

@@ -18,6 +18,14 @@ from typing import Protocol
 
 FAMILY = "inet"
 TABLE = "meshgate"
+HANDOFF_VNI = 0x6D67  # the late-reply link (handoff.py): VXLAN id "mg"
+HANDOFF_PORT = 51899  # its UDP port, over the overlay only
+
+
+def handoff_device(iface: str) -> str:
+    """The late-reply link of WireGuard interface `iface` (handoff.py)."""
+    return (iface if len(iface) < 15 else iface[:14]) + "h"
+
 class Net(Protocol):
     """A network: ``model.Cidr`` or an ``ipaddress`` network (``str()`` is canonical)."""
 
@@ -32,6 +40,12 @@ class Egress:
     nat: bool
     egress_interface: str | None
     internet_gateway: bool
+    # Late replies (handoff.py): (ranges, overlay IPv4 address) to copy replies
+    # from those ranges to (its own table, ``ip meshgate_handoff``); and the
+    # other gateway nodes sharing a range, whose copies of replies from this
+    # gateway's ranges this table accepts and forwards.
+    handoffs: tuple[tuple[tuple[Net, ...], str], ...] = ()
+    handoff_peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,21 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
     wg = _q(iface)
     site: list[Net] = []
     admit = "jump overlay_policy" if filters else "accept"
+    ho = _q(handoff_device(iface))
+    handoff_in: list[str] = []  # late replies received (handoff.py; their copying is its own table)
+    peers: set[str] = set()
+    for i, e in enumerate(egress):
+        src4 = [n for n in e.sources if n.version == 4]
+        dst4 = [n for n in e.ranges if n.version == 4]
+        if not src4 or not dst4 or e.internet_gateway:
+            continue
+        if e.handoff_peers:
+            peers.update(e.handoff_peers)
+            sets += _set(f"e{i}_hsrc4", src4) + _set(f"e{i}_hdst4", dst4)
+            handoff_in.append(f"\t\tiifname {ho} oifname {wg} ip saddr @e{i}_hdst4 ip daddr @e{i}_hsrc4 accept")
+    if peers:
+        ordered = sorted(peers, key=lambda a: tuple(int(x) for x in a.split(".")))
+        sets += _set("handoff_peers4", ", ".join(ordered))
     for i, e in enumerate(egress):
         if not e.internet_gateway:
             site += list(e.ranges)
@@ -165,9 +194,18 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
     if filters:
         lines += ["@POLICY@", "\tchain overlay_policy {",
                   *[f"\t\tjump {c.name}" for c in chains], "\t\taccept", "\t}"]
+    if peers:
+        lines += [
+            "\tchain handoff_raw {",
+            "\t\ttype filter hook prerouting priority raw; policy accept;",
+            f"\t\tiifname {ho} notrack",
+            "\t}",
+        ]
+        handoff_in.append(f"\t\tiifname {ho} drop")
     lines += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
+        *handoff_in,
         *enter,
         *forward,
         f"\t\tiifname {wg} drop",
@@ -188,6 +226,7 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
             "\tchain input {",
             "\t\ttype filter hook input priority filter; policy accept;",
             f"\t\tiifname {wg} ct state established,related accept",
+            *([f"\t\tiifname {wg} ip saddr @handoff_peers4 udp dport {HANDOFF_PORT} accept"] if peers else []),
             f"\t\tiifname {wg} jump overlay_policy",
             "\t}",
         ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshgate.gatewayd.keys import Secret
-from meshgate.gatewayd.model import Desired, Observed, PeerSpec, RouteSpec, RuleSpec
+from meshgate.gatewayd.model import Desired, HandoffSpec, Observed, PeerSpec, RouteSpec, RuleSpec
 from meshgate.gatewayd.nftrules import Table
 
 
@@ -62,6 +62,9 @@ class Plan:
     rule_del: tuple[RuleSpec, ...] = ()
     nft: Table | None = None
     sysctls: tuple[tuple[str, str], ...] = field(default=())
+    handoff: HandoffSpec | None = None
+    """The late-reply link to make (handoff.py), when ``handoff_change``."""
+    handoff_change: bool = False
     retired_interface: str | None = None
     """Set by the reconciler (not the planner) when it removed a renamed-away interface."""
 
@@ -107,6 +110,10 @@ class Plan:
         out += [f"add route {r.dst} metric {r.metric}" for r in self.route_add]
         out += [f"del rule {_rule(r)}" for r in self.rule_del]
         out += [f"add rule {_rule(r)}" for r in self.rule_add]
+        if self.handoff_change:
+            h = self.handoff
+            out.append(f"late-reply link {h.device} to {','.join(sorted(h.peers))}" if h is not None
+                       else "remove late-reply link")
         if self.nft is not None:
             out.append(f"replace table inet meshgate ({self.nft.digest})")
         out += [f"sysctl {k}={v}" for k, v in self.sysctls]
@@ -121,6 +128,8 @@ def _rule(r: RuleSpec) -> str:
         s += f" {'not ' if r.invert else ''}fwmark {r.fwmark:#x}"
     if r.suppress_prefixlength is not None:
         s += f" suppress_prefixlength {r.suppress_prefixlength}"
+    if r.oif:
+        s += f" oif {r.oif}"
     return s + f" table {r.table}"
 
 
@@ -207,6 +216,8 @@ def plan(desired: Desired, observed: Observed) -> Plan:
         rule_del=tuple(sorted(observed.rules - desired.rules, key=_rule_key)),
         nft=desired.nft if observed.nft_digest != desired.nft.digest else None,
         sysctls=sysctls,
+        handoff=desired.handoff,
+        handoff_change=desired.handoff != observed.handoff,
     )
 
 
@@ -215,4 +226,4 @@ def _route_key(r: RouteSpec) -> tuple:
 
 
 def _rule_key(r: RuleSpec) -> tuple:
-    return (r.family, r.priority, r.table, r.fwmark, r.invert, r.suppress_prefixlength or -1)
+    return (r.family, r.priority, r.table, r.fwmark, r.invert, r.suppress_prefixlength or -1, r.dst, r.oif)

@@ -40,19 +40,30 @@ from typing import Any
 
 from meshgate.api.v1 import desired_state_pb2 as pb
 from meshgate.common import metrics
-from meshgate.gatewayd import routing, sysctl
+from meshgate.gatewayd import handoff, routing, sysctl
 from meshgate.gatewayd.config import Settings
 from meshgate.gatewayd.errors import ApplyError, FieldViolation, ForeignInterface, InvalidDesiredState
 from meshgate.gatewayd.keys import NodeKeys
-from meshgate.gatewayd.model import Desired, Observed, compile_desired, expected_observed
+from meshgate.gatewayd.model import Desired, HandoffSpec, Observed, compile_desired, expected_observed
 from meshgate.gatewayd.nftables import NftTables
-from meshgate.gatewayd.nftrules import Table
+from meshgate.gatewayd.nftrules import Table, handoff_device
 from meshgate.gatewayd.planner import Plan, plan
 from meshgate.gatewayd.store import StateStore
 from meshgate.gatewayd.wireguard import Backend, choose_backend
 
 log = logging.getLogger(__name__)
 _POOL: ThreadPoolExecutor | None = None
+
+
+def _observed_handoff(ho: handoff.Observed, desired: Desired) -> HandoffSpec | None:
+    """The late-reply link and copying as the planner compares them: the link as
+    found, with the desired copies when the copy table holds exactly them."""
+    if ho.link is None and ho.copies_digest is None:
+        return None
+    link = ho.link or HandoffSpec(handoff_device(desired.interface), "", frozenset(), 0)
+    want = desired.handoff
+    same = want is not None and ho.copies_digest == handoff.copy_table(want, desired.interface)[1]
+    return replace(link, copies=want.copies if same and want is not None else ((("?",), (), ""),))
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -136,6 +147,7 @@ class Reconciler:
         routes = pool.submit(routing.observe_routes, s.route_table, s.route_protocol)
         rules = pool.submit(routing.observe_rules, s.route_protocol)
         nft = pool.submit(self.nft.observe)
+        ho = pool.submit(handoff.observe, handoff_device(desired.interface), s.handoff_table)
         found = dev.result()
         return Observed(
             device=found[0] if found else None,
@@ -144,6 +156,7 @@ class Reconciler:
             rules=rules.result(),
             nft_digest=nft.result(),
             sysctls=sysctl.read(desired.sysctls),
+            handoff=_observed_handoff(ho.result(), desired),
         )
 
     def reconcile(self, desired: Desired, full: bool = True) -> Result:
@@ -218,6 +231,11 @@ class Reconciler:
         if p.touches_links():
             routing.apply(p, s.route_table, s.route_protocol)
             lap("routing")
+        if p.handoff_change:
+            # before the table, whose copies name the link (and after the rules)
+            handoff.apply(p.handoff, handoff.observe(handoff_device(p.interface), s.handoff_table),
+                          p.interface, s.handoff_table, s.route_protocol)
+            lap("handoff")
         if p.nft is not None:
             self.nft.load(p.nft, live_nft)
             lap("nftables")
@@ -282,6 +300,8 @@ class Reconciler:
         s = self.settings
         self.nft.delete()
         routing.remove_owned(s.route_table, s.route_protocol)
+        handoff.apply(None, handoff.observe(handoff_device(ifname), s.handoff_table), ifname,
+                      s.handoff_table, s.route_protocol)
         ours = self.owns(ifname)
         if ours:
             self.backend.destroy(ifname)

@@ -91,12 +91,15 @@ def observe_rules(protocol: int) -> frozenset[RuleSpec]:
                 suppress_prefixlength=rule.get("suppress_prefixlen"),
                 dst=f"{rule['dst']}/{rule.get('dstlen', 32 if fam == 4 else 128)}"
                 if rule.get("dst") not in (None, "all") else "",
+                oif=rule.get("oif", ""),
             ))
     return frozenset(out)
 
 
 def _rule_args(r: RuleSpec) -> str:
     s = f"to {r.dst} " if r.dst else ""
+    if r.oif:
+        s += f"oif {r.oif} "
     if r.fwmark:
         s += f"{'not ' if r.invert else ''}fwmark {r.fwmark:#x} "
     s += f"table {'main' if r.table == MAIN_TABLE else r.table} "

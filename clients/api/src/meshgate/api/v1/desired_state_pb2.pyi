@@ -174,6 +174,8 @@ class EgressConfig(_message.Message):
     DOMAINS_FIELD_NUMBER: _builtins.int
     GATEWAY_FIELD_NUMBER: _builtins.int
     PROBES_FIELD_NUMBER: _builtins.int
+    HANDOFFS_FIELD_NUMBER: _builtins.int
+    HANDOFF_PEERS_FIELD_NUMBER: _builtins.int
     nat: _builtins.bool
     """Masquerade forwarded traffic."""
     egress_interface: _builtins.str
@@ -204,6 +206,25 @@ class EgressConfig(_message.Message):
     def probes(self) -> _containers.RepeatedCompositeFieldContainer[_egress_pb2.EgressProbe]:
         """The operator's probes of the egress path (EgressGateway.probes)."""
 
+    @_builtins.property
+    def handoffs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Handoff]:
+        """Late replies (issue 17): where this gateway also sends the replies it
+        forwards from some of its ranges to the overlay, while another gateway
+        carries those ranges for the other nodes (it is a standby, drained, or
+        about to hand them over). A node that moved its route to that gateway
+        refuses a reply from this one (WireGuard accepts a source address only
+        from the peer that holds it now); the copy reaches it through the
+        gateway it routes through now. Copies travel in VXLAN over the overlay
+        (docs/gatewayd.md, "Late replies").
+        """
+
+    @_builtins.property
+    def handoff_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Overlay IPv4 addresses of the other gateway nodes serving one of this
+        gateway's ranges or domains: the nodes this one may send late replies
+        to (`handoffs`) or receive them from, for its ranges only.
+        """
+
     def __init__(
         self,
         *,
@@ -215,14 +236,44 @@ class EgressConfig(_message.Message):
         domains: _abc.Iterable[_builtins.str] | None = ...,
         gateway: _builtins.str = ...,
         probes: _abc.Iterable[_egress_pb2.EgressProbe] | None = ...,
+        handoffs: _abc.Iterable[Global___Handoff] | None = ...,
+        handoff_peers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "egress_interface", b"egress_interface", "gateway", b"gateway", "internet_gateway", b"internet_gateway", "nat", b"nat", "probes", b"probes", "ranges", b"ranges", "source_ranges", b"source_ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "egress_interface", b"egress_interface", "gateway", b"gateway", "handoff_peers", b"handoff_peers", "handoffs", b"handoffs", "internet_gateway", b"internet_gateway", "nat", b"nat", "probes", b"probes", "ranges", b"ranges", "source_ranges", b"source_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EgressConfig: _TypeAlias = EgressConfig  # noqa: Y015
+
+@_typing.final
+class Handoff(_message.Message):
+    """Replies from `ranges` are copied to the gateway node at `address`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANGES_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The other gateway node's overlay IPv4 address."""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Egress ranges of this gateway (CIDRs)."""
+
+    def __init__(
+        self,
+        *,
+        ranges: _abc.Iterable[_builtins.str] | None = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "ranges", b"ranges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Handoff: _TypeAlias = Handoff  # noqa: Y015
 
 @_typing.final
 class DnsRecord(_message.Message):
