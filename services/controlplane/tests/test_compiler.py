@@ -103,6 +103,18 @@ def test_compiled_states_hold_the_invariants(state):
                 assert holders[0].resource == gw.node
         # a gateway node carries an egress config per gateway it runs
         assert len(out.egress) == sum(1 for g in state.gateways.values() if g.node == name)
+        # late replies: copied only from the gateway's own IPv4 ranges, to the
+        # overlay IPv4 address of another gateway's node that carries the range
+        # (no drain is pending here), which is one of its late-reply peers
+        overlay4 = {n.ipv4_address: n for n in state.nodes.values()}
+        for e in out.egress:
+            gw = state.gateways[e.gateway]
+            assert not gw.internet_gateway or not (e.handoffs or e.handoff_peers)
+            for h in e.handoffs:
+                assert h.address in e.handoff_peers and h.address != me.ipv4_address
+                for r in h.ranges:
+                    assert r in gw.ranges and ":" not in r
+                    assert by_range[r].name != gw.name and overlay4[h.address].name == by_range[r].node
         # peers in canonical order (meshgate.common.desired.apply_delta keeps it)
         assert [p.resource for p in out.peers] == sorted(p.resource for p in out.peers)
         # external clients: exactly the enabled, keyed clients of this gateway
@@ -326,3 +338,65 @@ def test_used_by_limits_who_routes_a_range_and_gateways_accept_each_others_range
         name="networks/n/egressGateways/lan2", node="networks/n/nodes/n1", ranges=["203.0.113.0/24"])
     n3 = compiler.compile_node(state, "networks/n/nodes/n3")
     assert list(n3.egress[0].source_ranges) == ["100.64.0.0/24", "203.0.113.0/24"]
+
+
+def _two_gateways(drain: bool = False, held: bool | None = None) -> compiler.NetworkState:
+    net = network_pb2.Network(name="networks/n", ipv4_cidr="100.64.0.0/24", listen_port=51820, mtu=1420)
+    state = compiler.NetworkState(net)
+    for i, n in enumerate(("client", "primary", "standby", "other")):
+        name = f"networks/n/nodes/{n}"
+        state.nodes[name] = node_pb2.Node(name=name, ipv4_address=f"100.64.0.{i + 1}", public_key=_key(i + 1),
+                                          endpoint=f"192.0.2.{i + 1}:51820")
+    for g, node, prio in (("p", "primary", 10), ("s", "standby", 1)):
+        name = f"networks/n/egressGateways/{g}"
+        state.gateways[name] = egress_pb2.EgressGateway(
+            name=name, node=f"networks/n/nodes/{node}", ranges=["198.51.100.0/24", "2001:db8::/48"],
+            priority=prio, drain=drain and g == "p")
+    state.gateways["networks/n/egressGateways/net"] = egress_pb2.EgressGateway(
+        name="networks/n/egressGateways/net", node="networks/n/nodes/other", internet_gateway=True)
+    if held is not None:
+        state.drain_held["networks/n/egressGateways/p"] = (held, 7)
+    return state
+
+
+def _egress(state, node: str):
+    (e,) = [e for e in compiler.compile_node(state, f"networks/n/nodes/{node}").egress if not e.internet_gateway]
+    return [(list(h.ranges), h.address) for h in e.handoffs], list(e.handoff_peers)
+
+
+def _route(state) -> str:
+    out = compiler.compile_node(state, "networks/n/nodes/client")
+    keys = {p.public_key: p.resource.rsplit("/", 1)[1] for p in out.peers}
+    return next(keys[r.via_peer] for r in out.routes if r.destination == "198.51.100.0/24")
+
+
+def test_a_drain_holds_routing_until_its_mark_goes_and_copies_late_replies_meanwhile():
+    """The drain routing keeps while a change waits for its handoff
+    (`drain_held`), and who copies late replies to whom in each step: IPv4
+    ranges only, never an internet gateway, each gateway node the other's
+    late-reply peer."""
+    steady = _two_gateways()
+    assert _route(steady) == "primary"
+    assert _egress(steady, "primary") == ([], ["100.64.0.3"])
+    assert _egress(steady, "standby") == ([(["198.51.100.0/24"], "100.64.0.2")], ["100.64.0.2"])
+    pending = _two_gateways(drain=True, held=False)  # the drain written, its handoff not ready
+    assert compiler.drain_requested(pending, pending.gateways["networks/n/egressGateways/p"])
+    assert _route(pending) == "primary"
+    assert _egress(pending, "primary") == ([(["198.51.100.0/24"], "100.64.0.3")], ["100.64.0.3"])
+    drained = _two_gateways(drain=True)  # mark released
+    assert _route(drained) == "standby"
+    assert _egress(drained, "primary") == ([(["198.51.100.0/24"], "100.64.0.3")], ["100.64.0.3"])
+    assert _egress(drained, "standby") == ([], ["100.64.0.2"])
+    undraining = _two_gateways(drain=False, held=True)
+    assert _route(undraining) == "standby"
+    assert _egress(undraining, "standby") == ([(["198.51.100.0/24"], "100.64.0.2")], ["100.64.0.2"])
+    assert compiler.drain_pending(undraining) and not compiler.drain_pending(drained)
+    inet = [e for e in compiler.compile_node(steady, "networks/n/nodes/other").egress]
+    assert inet and not any(e.handoffs or e.handoff_peers for e in inet)
+
+
+def test_no_late_reply_copies_between_two_gateways_on_one_node():
+    state = _two_gateways()
+    state.gateways["networks/n/egressGateways/s"].node = "networks/n/nodes/primary"
+    out = compiler.compile_node(state, "networks/n/nodes/primary")
+    assert not any(e.handoffs or e.handoff_peers for e in out.egress)

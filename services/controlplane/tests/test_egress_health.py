@@ -340,5 +340,23 @@ async def test_a_drain_whose_gateway_never_acks_still_moves_after_the_limit(heal
     await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
         egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=True),
         update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    assert await _exists(cp, cp.etcd.key("egressDrain", "prod", "gw-primary"))  # written with the flag
     await wait_until(lambda: via(client) == standby.public_key, "the client moves after the limit", timeout=15)
-    assert await _exists(cp, cp.etcd.key("egressDrain", "prod", "gw-primary"))
+    await wait_until(_gone(cp, cp.etcd.key("egressDrain", "prod", "gw-primary")), "the mark released")
+
+
+async def test_a_drain_undone_before_its_handoff_moves_nothing(health_cp):
+    """A drain and its undrain before the primary applied anything: the mark
+    written with the drain is kept by the undrain (routing still holds the
+    primary), then released as nothing changed; the client never moves."""
+    cp = await health_cp()
+    agents = await ha(cp)
+    client, primary = agents["client"], agents["primary"]
+    primary.auto_ack = False
+    for drain in (True, False):
+        await cp.egress.UpdateEgressGateway(egress_pb2.UpdateEgressGatewayRequest(
+            egress_gateway=egress_pb2.EgressGateway(name=PRIMARY, drain=drain),
+            update_mask=field_mask_pb2.FieldMask(paths=["drain"])))
+    await wait_until(_gone(cp, cp.etcd.key("egressDrain", "prod", "gw-primary")), "the mark released")
+    assert via(client) == primary.public_key
+    assert not (await gateway_status(cp)).drained

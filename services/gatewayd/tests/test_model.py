@@ -239,3 +239,49 @@ def test_a_filter_rules_delta_takes_the_fast_path_and_renders_what_a_full_compil
     with pytest.raises(InvalidDesiredState) as e:
         compile_peer_delta(d0, bad, 2)
     assert {v.field for v in e.value.violations} == {"filter_rules[0].protocol", "filter_rules[0].ports[0]"}
+
+
+def test_late_reply_handoffs_expand_to_the_link_its_rule_and_the_receiving_rules():
+    """EgressConfig.handoffs/handoff_peers (handoff.py): the link with every
+    peer, the copies, the `oif` rule to the link's next-hop table, and in
+    `inet meshgate` the guards: VXLAN only through the tunnel from a peer,
+    nothing from the link delivered locally, copies forwarded only from this
+    gateway's ranges to the overlay."""
+    msg = state(1)
+    e = msg.egress.add(nat=True, ranges=["198.51.100.0/24"], handoff_peers=["100.64.0.9", "100.64.0.8"])
+    e.handoffs.add(ranges=["198.51.100.0/24"], address="100.64.0.9")
+    d = compiled(msg)
+    assert d.handoff is not None
+    assert (d.handoff.device, d.handoff.local, d.handoff.peers) == ("mg0h", "100.64.0.1",
+                                                                  frozenset({"100.64.0.8", "100.64.0.9"}))
+    assert d.handoff.copies == ((("198.51.100.0/24",), ("100.64.0.0/24",), "100.64.0.9"),)
+    assert any(r.oif == "mg0h" and r.table == S.handoff_table for r in d.rules)
+    t = d.nft.text
+    assert f'udp dport {nftables.HANDOFF_PORT} iifname != "mg0" drop' in t
+    assert f'iifname "mg0" udp dport {nftables.HANDOFF_PORT} ip saddr != @handoff_peers4 drop' in t
+    assert 'iifname "mg0h" fib daddr type local drop' in t
+    assert 'iifname "mg0h" oifname "mg0" ip saddr @e0_hdst4 ip daddr @e0_hsrc4 accept' in t
+    assert t.index('iifname "mg0h" oifname "mg0"') < t.index('iifname "mg0h" drop')
+    assert "elements = { 100.64.0.8, 100.64.0.9 }" in t
+    del msg.egress[0].handoff_peers[:]
+    del msg.egress[0].handoffs[:]
+    plain = compiled(msg)
+    assert plain.handoff is None and "mg0h" not in plain.nft.text and not any(r.oif for r in plain.rules)
+
+
+def test_bad_handoffs_are_rejected_precisely():
+    msg = state(1)
+    e = msg.egress.add(nat=True, ranges=["198.51.100.0/24"], handoff_peers=["fd00::1"])
+    e.handoffs.add(ranges=["203.0.113.0/24"], address="100.64.0.9")
+    e.handoffs.add(ranges=["198.51.100.0/24"], address="not-an-address")
+    assert violations(msg) == [
+        "egress[0].handoff_peers[0]: 'fd00::1' is not an IPv4 address",
+        "egress[0].handoffs[0].ranges: 203.0.113.0/24: not IPv4 ranges of this gateway",
+        "egress[0].handoffs[1].address: 'not-an-address' is not an IPv4 address",
+    ]
+
+
+def test_the_late_reply_link_name_never_is_the_interface_itself():
+    assert nftables.handoff_device("mg0") == "mg0h"
+    assert nftables.handoff_device("a" * 15) == "a" * 14 + "h"
+    assert nftables.handoff_device("a" * 14 + "h") == "a" * 14 + "g"

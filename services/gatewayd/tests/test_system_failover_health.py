@@ -492,20 +492,20 @@ while True:
 
 ASKER = r"""
 import socket, sys, threading, time
-addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+addr, port, n, SIZE = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect((addr, port))
 got = set()
 def read():
     while True:
         try:
-            got.add(int(s.recv(64).decode()))
+            got.add(int(s.recv(2048).decode()))
         except (OSError, ValueError):
             pass
 threading.Thread(target=read, daemon=True).start()
 print("ready", flush=True)
 for i in range(n):
-    s.send(str(i).encode())
+    s.send(str(i).encode().ljust(SIZE))
     time.sleep(0.1)
 time.sleep(4)
 print("lost", sorted(set(range(n)) - got), flush=True)
@@ -515,7 +515,8 @@ print("lost", sorted(set(range(n)) - got), flush=True)
 def test_replies_in_flight_through_the_old_gateway_reach_the_client_after_a_drain(ha):
     """The late-reply path, made certain: the service answers each UDP request
     1.5 s late, so at each switch about fifteen replies are on their way back
-    through the gateway the client just left (its NAT holds their flows). The
+    through the gateway the client just left (its NAT holds their flows), each
+    as big as the tunnel carries. The
     client's WireGuard refuses them from that peer (the range now belongs to
     the other one); the old gateway's copies through the new one reach it
     (handoff.py). Without the copies every reply in flight at the drain and
@@ -524,7 +525,10 @@ def test_replies_in_flight_through_the_old_gateway_reach_the_client_after_a_drai
     asker = None
     try:
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
-        asker = ha.c.spawn(PY, "-c", ASKER, EXT, "7071", "100")
+        # 1,380-byte payloads, DF set (Linux's default for UDP): each reply fills the
+        # tunnel's MTU (1,408 of 1,420), so its copy is 50 bytes too big for one
+        # VXLAN packet over the tunnel and goes in fragments
+        asker = ha.c.spawn(PY, "-c", ASKER, EXT, "7071", "100", "1380")
         assert asker.stdout is not None and asker.stdout.readline().strip() == "ready"
         time.sleep(3)
         t0 = time.monotonic()

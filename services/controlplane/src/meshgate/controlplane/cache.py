@@ -16,6 +16,7 @@ consumer (the fan-out queues and returns).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -215,9 +216,10 @@ class StateCache:
         rotations: dict[str, int] = {}
         sessions: set[str] = set()
         for parts, kv in children:
-            if parts[0] == "egressDrain":  # a drain in effect (handoff.py)
+            if parts[0] == "egressDrain":  # a drain change waiting for its handoff (handoff.py)
                 if parts[1] in nets:
-                    nets[parts[1]].drain_marks.add(f"networks/{parts[1]}/egressGateways/{parts[2]}")
+                    nets[parts[1]].drain_held[f"networks/{parts[1]}/egressGateways/{parts[2]}"] = (
+                        _held(kv.value), kv.mod_revision)
                 continue
             if parts[0] == "egressHealth":  # a gateway reported unhealthy (egresshealth.py)
                 if parts[1] in nets:
@@ -392,7 +394,10 @@ class StateCache:
                 continue
             if parts[0] == "egressDrain":
                 name = f"networks/{net_id}/egressGateways/{parts[2]}"
-                (st.drain_marks.add if ev.put else st.drain_marks.discard)(name)
+                if ev.put:
+                    st.drain_held[name] = (_held(ev.value), ev.mod_revision)
+                else:
+                    st.drain_held.pop(name, None)
                 change.affected.setdefault(net_id, set()).update(compiler.affected_by_health(st, name))
                 continue
             if parts[0] == "egressHealth":
@@ -563,10 +568,16 @@ def _parse(cls, key: bytes, value: bytes):
 _NODE_FLAGS = ("sessions", "liveness")
 
 
+def _held(value: bytes) -> bool:
+    """The drain an egressDrain mark holds (JSON `{"drained": ...}`)."""
+    try:
+        return bool(json.loads(value).get("drained", False))
+    except (ValueError, AttributeError):
+        return False
+
+
 def _reason(value: bytes) -> str:
     """The reason of an egressHealth mark (JSON `{"reason": ...}`)."""
-    import json
-
     try:
         return str(json.loads(value).get("reason", ""))[:256]
     except (ValueError, AttributeError):

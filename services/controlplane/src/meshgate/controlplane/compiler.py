@@ -91,10 +91,12 @@ class NetworkState:
     # node name -> host:port); paths.py.
     relay_marks: dict[str, str] = field(default_factory=dict)
     learned_endpoints: dict[str, str] = field(default_factory=dict)
-    # Gateways whose drain is in effect for routing (`egressDrain/{net}/{gw}`,
-    # handoff.py): a drain (or undrain) moves other nodes' routes only once the
-    # gateways that must copy late replies have applied the copying (`handoffs`).
-    drain_marks: set[str] = field(default_factory=set)
+    # Gateways whose drain or undrain waits for its handoff
+    # (`egressDrain/{net}/{gw}`, written with the flag, deleted by handoff.py):
+    # name -> (the drain routing keeps meanwhile, the mark's revision). Other
+    # nodes move their routes only once the gateways that must copy late
+    # replies have applied the copying (`handoffs`).
+    drain_held: dict[str, tuple[bool, int]] = field(default_factory=dict)
     # tag -> names of the nodes carrying it, kept by whoever owns the state
     # through `put_node`/`drop_node` (the state cache); None: `tagged` scans.
     by_tag: dict[str, set[str]] | None = None
@@ -140,7 +142,7 @@ class NetworkState:
             {n: dict(v) for n, v in self.signatures.items()}, dict(self.external_clients), set(self.down),
             dict(self.learned), dict(self.unhealthy),
             relay_marks=dict(self.relay_marks), learned_endpoints=dict(self.learned_endpoints),
-            drain_marks=set(self.drain_marks),
+            drain_held=dict(self.drain_held),
         )
 
 
@@ -396,15 +398,25 @@ def drain_requested(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
 
 
 def drained(state: NetworkState, gw: egress_pb2.EgressGateway) -> bool:
-    """The gateway's drain is in effect for routing: it yields its ranges to any
-    healthy standby, but a healthy drained gateway still beats an unhealthy one.
-    It follows `drain_requested` once the handoff is ready (handoff.py)."""
-    return gw.name in state.drain_marks
+    """The gateway is drained for routing: it yields its ranges to any healthy
+    standby, but a healthy drained gateway still beats an unhealthy one. It
+    follows `drain_requested` except while a change of it waits for its
+    handoff (handoff.py)."""
+    held = state.drain_held.get(gw.name)
+    return drain_requested(state, gw) if held is None else held[0]
 
 
 def drain_pending(state: NetworkState) -> bool:
     """A drain or an undrain waits for its handoff somewhere in the network."""
-    return any(drain_requested(state, g) != (name in state.drain_marks) for name, g in state.gateways.items())
+    return any(name in state.gateways and held != drain_requested(state, state.gateways[name])
+               for name, (held, _) in state.drain_held.items())
+
+
+def gateway_handoffs(state: NetworkState, gw: egress_pb2.EgressGateway) -> list[ds.Handoff]:
+    """`EgressConfig.handoffs` of gateway `gw` (see `_handoffs`)."""
+    by_range, _ = active_gateways(state)
+    target = active_gateways(state, target=True)[0] if drain_pending(state) else by_range
+    return _handoffs(state, gw, [*gw.ranges, *learned_ranges(state, gw)], by_range, target)
 
 
 def active_gateways(state: NetworkState, target: bool = False
@@ -667,8 +679,8 @@ def _handoffs(state: NetworkState, gw: egress_pb2.EgressGateway, ranges: list[st
     other nodes when that is not `gw`, or else to the one that will once a
     pending drain or undrain takes effect. A node that moved to that gateway
     refuses `gw`'s reply and takes the copy (docs/gatewayd.md, "Late replies")."""
-    if not healthy(state, gw):
-        return []
+    if not healthy(state, gw) or gw.internet_gateway:
+        return []  # an internet gateway's ranges: not copied (gatewayd forwards no copies for it)
     by_addr: dict[str, list[str]] = {}
     for r in ranges:
         other = by_range.get(r)
@@ -686,10 +698,12 @@ def _handoffs(state: NetworkState, gw: egress_pb2.EgressGateway, ranges: list[st
 def _handoff_peers(state: NetworkState, gw: egress_pb2.EgressGateway) -> list[str]:
     """The overlay IPv4 addresses of the other gateway nodes sharing one of
     `gw`'s ranges or domains (EgressConfig.handoff_peers)."""
+    if gw.internet_gateway:
+        return []
     mine, names = set(gw.ranges), set(gw.domains)
     out = set()
     for g in state.gateways.values():
-        if g.node == gw.node or not (mine.intersection(g.ranges) or names.intersection(g.domains)):
+        if g.node == gw.node or g.internet_gateway or not (mine.intersection(g.ranges) or names.intersection(g.domains)):
             continue
         node = state.nodes.get(g.node)
         if node is not None and node.ipv4_address and node.public_key:

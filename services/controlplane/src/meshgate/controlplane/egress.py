@@ -28,7 +28,7 @@ from meshgate.common.errors import (
     invalid_argument,
     reference_not_found,
 )
-from meshgate.controlplane import domains, masks, names, probes, selectors, store, validation
+from meshgate.controlplane import domains, handoff, masks, names, probes, selectors, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.networks import Networks
 from meshgate.controlplane.txn import retrying
@@ -266,15 +266,25 @@ class EgressGateways(Resources[egress_pb2.EgressGateway]):
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return updated
+            held: tuple[list, list] = ([], [])
+            if updated.drain != current.drain and not await self._node_drained(current.node):
+                # routing keeps the drain from before until the handoff is ready (handoff.py)
+                held = await handoff.hold_ops(self.etcd, net_id, [(name, current.drain)])
             rev = await self.commit(
-                [*compare, self.t.mod(kv.key) == kv.mod_revision],
-                [self.t.put(kv.key, store.encode(updated)), self.t.put(self.keys.guard(net_id, "egress"), b"")],
+                [*compare, self.t.mod(kv.key) == kv.mod_revision, *held[0]],
+                [self.t.put(kv.key, store.encode(updated)), self.t.put(self.keys.guard(net_id, "egress"), b""),
+                 *held[1]],
                 etag=req.egress_gateway.etag, kv=kv, name=name,
             )
             updated.etag = str(rev)
             return updated
 
         return await retrying(attempt, f"update {name}")
+
+    async def _node_drained(self, node_name: str) -> bool:
+        net_id, node_id = node_name.split("/")[1], node_name.rsplit("/", 1)[1]
+        kv = await self.etcd.get(self.etcd.key("nodes", net_id, node_id))
+        return kv is not None and node_pb2.Node.FromString(kv.value).drain
 
     async def delete(self, req: egress_pb2.DeleteEgressGatewayRequest) -> None:
         net_id, _ = self.parse_name(req.name)

@@ -9,20 +9,23 @@ the new one (`EgressConfig.handoffs`, compiler._handoffs; gatewayd's handoff.py
 sends the copies in VXLAN over the overlay), and the copy reaches a node that
 has switched through the gateway it routes through now.
 
-The copying has to be in place before any node switches. The compiler gives it
-to the old gateway's node as soon as the operator's flag changes
-(`drain_requested`), but routes by `drained`: a gateway is drained for routing
-only while its mark `egressDrain/{net}/{gw}` exists. This controller writes the
-mark once the node of the drained gateway has applied the revision of the
-drain (or deletes it, for an undrain, once the nodes of the gateways carrying
-its ranges have applied theirs), and only then do the other nodes' states
-move their routes. It does not wait for a node whose agent is not connected
-to any replica, nor for a gateway that is unhealthy, nor longer than
-`max_wait_s` (then the move happens as before, losing at most the replies in
-flight).
+The copying has to be in place before any node switches. So the API writes,
+in the transaction that changes a gateway's or a node's `drain`, a mark
+`egressDrain/{net}/{gw}` holding the drain routing keeps meanwhile (JSON
+`{"drained": ...}`, `hold_ops`); the compiler ranks by it (`drained`) but
+already gives the copying to the gateways that need it (it ranks the target by
+`drain_requested`). This controller deletes the mark once the node of the
+drained gateway has applied the mark's revision (for an undrain: the nodes of
+the gateways carrying its ranges meanwhile), and only then do the other
+nodes' states move their routes. It does not wait for a node whose agent is
+connected to no replica, nor for one with nothing to copy (an internet
+gateway, IPv6 ranges, no healthy standby), nor longer than `max_wait_s`
+(then the move happens as before, losing at most the replies in flight). A
+gateway drained before this existed has no mark: it stays drained.
 
-Every replica runs it; the marks are idempotent etcd writes that every replica
-compiles from, like the health and liveness marks.
+Every replica runs it; the deletes are guarded etcd writes that every replica
+compiles from, like the health and liveness marks. A replica that does not
+know the marks (a rolling upgrade) routes by the flag at once.
 """
 
 from __future__ import annotations
@@ -49,8 +52,27 @@ def mark_key(etcd: Etcd, gateway: str) -> bytes:
     return etcd.key("egressDrain", net, gid)
 
 
+async def hold_ops(etcd: Etcd, net_id: str, changes: list[tuple[str, bool]]) -> tuple[list, list]:
+    """(compares, ops) for a transaction changing the drain of gateways:
+    `changes` are (gateway name, its drain before the change). Each gateway
+    without a mark gets one holding its drain before; one with a mark keeps it
+    (routing still holds the value from before the pending change); the
+    compares fail the transaction if a mark appears or goes meanwhile."""
+    t = etcd.txn_ops
+    compares, ops = [], []
+    for name, before in changes:
+        key = mark_key(etcd, name)
+        kv = await etcd.get(key)
+        if kv is None:
+            compares.append(t.version(key) == 0)
+            ops.append(t.put(key, json.dumps({"drained": before}).encode()))
+        else:
+            compares.append(t.mod(key) == kv.mod_revision)
+    return compares, ops
+
+
 class DrainHandoff:
-    """Writes and deletes `egressDrain` marks when their handoff is ready."""
+    """Deletes `egressDrain` marks when their handoff is ready."""
 
     def __init__(self, etcd: Etcd, cache: StateCache, fanout: Any, replica: str = "",
                  max_wait_s: float = MAX_WAIT_S) -> None:
@@ -63,7 +85,7 @@ class DrainHandoff:
         self._pending: dict[str, float] = {}  # gateway -> when its handoff started waiting (monotonic)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.moves = 0  # marks written or deleted
+        self.moves = 0  # marks deleted: drains and undrains that took effect
         self.timeouts = 0  # of those, after `max_wait_s` without every ack
 
     def start(self) -> None:
@@ -92,46 +114,45 @@ class DrainHandoff:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - etcd away: the next tick tries again
-                log.warning("drain handoff: could not check or write a mark; retrying", exc_info=True)
+                log.warning("drain handoff: could not check or delete a mark; retrying", exc_info=True)
                 await asyncio.sleep(RETRY_S)
 
     async def step(self) -> None:
-        """One pass over every network: write or delete the marks whose handoff is ready."""
+        """One pass over every network: delete the marks whose handoff is ready."""
         seen: set[str] = set()
         for net_id, st in list(self.cache.networks.items()):
-            for name in sorted(st.drain_marks - set(st.gateways)):
-                await self._write(name, False)  # its gateway is gone
-            for name, gw in sorted(st.gateways.items()):
-                want = compiler.drain_requested(st, gw)
-                if want == (name in st.drain_marks):
+            for name, (held, revision) in sorted(st.drain_held.items()):
+                gw = st.gateways.get(name)
+                if gw is None or compiler.drain_requested(st, gw) == held:
+                    await self._release(name, "gone" if gw is None else "back as it was")
                     continue
                 seen.add(name)
+                want = not held
                 started = self._pending.setdefault(name, time.monotonic())
                 waited = time.monotonic() - started
-                if waited < self.max_wait_s and not await self._ready(net_id, st, gw, want):
+                if waited < self.max_wait_s and not await self._ready(net_id, st, gw, want, revision):
                     continue
                 if waited >= self.max_wait_s:
                     self.timeouts += 1
                     log.warning("%s: %s without every gateway's ack after %.1fs", name,
                                 "draining" if want else "undraining", waited)
-                await self._write(name, want)
+                await self._release(name, "drained" if want else "undrained")
         for name in set(self._pending) - seen:
             del self._pending[name]
 
     def _waits_for(self, st: compiler.NetworkState, gw: Any, want: bool) -> set[str]:
         """The nodes that must copy late replies before the move: for a drain the
         gateway's own node, for an undrain the nodes of the gateways carrying its
-        ranges now; only healthy gateways (an unhealthy one carries nothing)."""
+        ranges meanwhile; only those with something to copy."""
         if want:
-            return {gw.node} if compiler.healthy(st, gw) else set()
-        by_range, _ = compiler.active_gateways(st)
-        return {g.node for r in [*gw.ranges, *compiler.learned_ranges(st, gw)]
-                if (g := by_range.get(r)) is not None and g.name != gw.name and g.node != gw.node
-                and compiler.healthy(st, g)}
+            gws = [gw]
+        else:
+            by_range, _ = compiler.active_gateways(st)
+            gws = [g for r in [*gw.ranges, *compiler.learned_ranges(st, gw)]
+                   if (g := by_range.get(r)) is not None and g.name != gw.name and g.node != gw.node]
+        return {g.node for g in gws if compiler.gateway_handoffs(st, g)}
 
-    async def _ready(self, net_id: str, st: compiler.NetworkState, gw: Any, want: bool) -> bool:
-        node = st.nodes.get(gw.node)
-        revision = max(int(gw.etag or 0), int(node.etag or 0) if node is not None else 0)
+    async def _ready(self, net_id: str, st: compiler.NetworkState, gw: Any, want: bool, revision: int) -> bool:
         remote = []
         for n in self._waits_for(st, gw, want):
             s = self.fanout.sessions.get(n)
@@ -149,17 +170,11 @@ class DrainHandoff:
                 return False
         return True
 
-    async def _write(self, name: str, drained: bool) -> None:
+    async def _release(self, name: str, why: str) -> None:
         key = mark_key(self.etcd, name)
-        _, net, _, gid = name.split("/")
-        if drained:
-            value = json.dumps({"by": self.replica}).encode()
-            ok, _, rev = await self.etcd.txn([self.t.create(self.etcd.key("egressGateways", net, gid)) > 0],
-                                             [self.t.put(key, value)])
-        else:
-            ok, _, rev = await self.etcd.txn([], [self.t.delete(key)])
+        ok, _, rev = await self.etcd.txn([self.t.version(key) > 0], [self.t.delete(key)])
+        self._pending.pop(name, None)
         if ok:
             self.moves += 1
-            self._pending.pop(name, None)
-            log.info("%s %s: the other nodes move their routes", name, "drained" if drained else "undrained")
+            log.info("%s %s: the other nodes route by its drain now", name, why)
             await self.cache.wait_for_revision(rev, timeout=10)

@@ -24,7 +24,7 @@ from meshgate.common.errors import (
     reference_not_found,
 )
 from meshgate.common.etcd import TxnOp, prefix_end
-from meshgate.controlplane import egress, externalclients, ipam, masks, names, store, validation
+from meshgate.controlplane import egress, externalclients, handoff, ipam, masks, names, store, validation
 from meshgate.controlplane.base import Kind, Resources
 from meshgate.controlplane.cache import StateCache
 from meshgate.controlplane.keymaterial import KeyMaterial
@@ -302,6 +302,13 @@ class Nodes(Resources[node_pb2.Node]):
             updated.update_time.CopyFrom(store.now())
             if req.validate_only:
                 return self.present(updated)
+            if updated.drain != current.drain:
+                # the node's gateways keep their drain for routing until the handoff is ready (handoff.py)
+                st = self.cache.networks.get(net_id) if self.cache is not None else None
+                gws = sorted(g.name for g in st.gateways.values() if g.node == name and not g.drain) if st else []
+                held_cmp, held_ops = await handoff.hold_ops(self.etcd, net_id, [(g, current.drain) for g in gws])
+                compare += held_cmp
+                ops += held_ops
             rev = await self.commit(
                 compare, [self.t.put(kv.key, store.encode(updated)), *ops], etag=req.node.etag, kv=kv, name=name
             )

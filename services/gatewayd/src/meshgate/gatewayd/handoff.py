@@ -1,7 +1,6 @@
 """The late-reply link: a VXLAN device over the overlay between egress gateways.
 
-When other nodes move a range from this gateway to another one (a drain, an
-undrain, a failback), the replies already on their way back through this one
+When other nodes move a range from this gateway to another one, the replies already on their way back through this one
 would be refused by a node that has switched: WireGuard accepts a source address
 only from the peer that holds it now. So while another gateway carries a range
 of this one (or is about to), the nftables table copies each reply this node
@@ -28,7 +27,11 @@ in a table of its own (``handoff_table``), looked up through a rule for this
 link's output only (``oif``): ``dup to <address> device`` otherwise resolves
 the reply's own destination on the link. Written through ``ip`` and
 ``bridge``; owned by name (a link of that name that is not a VXLAN with this
-module's VNI is refused as foreign).
+module's VNI is left alone, and a pass that wants the link fails on it).
+
+Its UDP socket listens on every address, so ``inet meshgate`` drops VXLAN that
+does not come through the tunnel from a late-reply peer, and anything that
+comes out of the link addressed to this node itself (nftrules.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 import subprocess
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from meshgate.gatewayd.nftrules import HANDOFF_PORT as PORT
 from meshgate.gatewayd.nftrules import HANDOFF_VNI as VNI
 from meshgate.gatewayd.nftrules import handoff_device
 
+log = logging.getLogger(__name__)
 TABLE = "meshgate_handoff"
 _DIGEST = re.compile(r'comment "meshgate-handoff:([0-9a-f]{16})"')
 
@@ -68,6 +73,22 @@ def _copies_digest() -> str | None:
     return m.group(1) if m else ("" if r.returncode == 0 else None)
 
 
+def _no_rp_filter(device: str) -> None:
+    """Copies come in with a source in the ranges, which routes through the
+    egress interface: no reverse-path check on the link (the kernel applies the
+    higher of the link's and `all`'s settings, so `all` set to 1 still drops them)."""
+    with open(f"/proc/sys/net/ipv4/conf/{device}/rp_filter", "w") as f:
+        f.write("0")
+    try:
+        with open("/proc/sys/net/ipv4/conf/all/rp_filter") as f:
+            strict = f.read().strip() == "1"
+    except OSError:
+        strict = False
+    if strict:
+        log.warning("net.ipv4.conf.all.rp_filter is 1 (strict): late replies copied to this node are dropped; "
+                    "set it to 2 (loose) or 0 for drains to lose nothing")
+
+
 def mac_of(address: str) -> str:
     """The link's MAC address on the node with overlay IPv4 `address`:
     locally administered, the address's four bytes, then ``6d``."""
@@ -88,10 +109,22 @@ class Observed:
     """The link as the kernel holds it (its `copies` left empty); None when absent."""
     copies_digest: str | None
     """The digest of table ``ip meshgate_handoff``, None when absent."""
+    foreign: bool = False
+    """A link of the link's name exists and is not one (left alone)."""
 
 
-def observe(device: str, table: int) -> Observed:
-    return Observed(_observe_link(device, table), _copies_digest())
+def observe(device: str, table: int, wanted: bool = True) -> Observed:
+    """The link and the copy table. The table is read only when the link
+    exists or is `wanted`: a node that has neither pays one ``ip`` call."""
+    try:
+        link = _observe_link(device, table)
+    except _Foreign:
+        return Observed(None, None, foreign=True)
+    return Observed(link, _copies_digest() if link is not None or wanted else None)
+
+
+class _Foreign(Exception):
+    pass
 
 
 def _observe_link(device: str, table: int) -> HandoffSpec | None:
@@ -107,7 +140,7 @@ def _observe_link(device: str, table: int) -> HandoffSpec | None:
     info = link.get("linkinfo", {})
     data = info.get("info_data", {})
     if info.get("info_kind") != "vxlan" or data.get("id") != VNI:
-        raise ApplyError("handoff", f"link {device} exists and is not meshgate's late-reply link")
+        raise _Foreign(device)
     local = data.get("local", "")
     if "UP" not in link.get("flags", []) or data.get("port") != PORT or link.get("address") != (
             mac_of(local) if local else ""):
@@ -124,6 +157,10 @@ def _observe_link(device: str, table: int) -> HandoffSpec | None:
 def apply(want: HandoffSpec | None, observed: Observed, wg: str, table: int, protocol: int) -> None:
     """Make the link and the copying `want` (or remove both, for None) from `observed`."""
     device = handoff_device(wg)
+    if observed.foreign:
+        if want is None:
+            return  # someone else's link of that name: not ours to remove
+        raise ApplyError("handoff", f"link {device} exists and is not meshgate's late-reply link")
     if want is None:
         if observed.copies_digest is not None:
             _run(["nft", "delete", "table", "ip", TABLE], check=False)
@@ -146,7 +183,7 @@ def _apply_link(want: HandoffSpec, have: HandoffSpec | None, device: str, table:
               "dstport", str(PORT), "nolearning"])
         _run(["ip", "link", "set", "dev", device, "address", mac_of(want.local), "addrgenmode", "none",
               "mtu", str(want.mtu)])
-        _run(["sysctl", "-qw", f"net.ipv4.conf.{device}.rp_filter=0"])
+        _no_rp_filter(device)
         _run(["ip", "link", "set", "dev", device, "up"])
         have = HandoffSpec(device, want.local, frozenset(), want.mtu)
     elif have.mtu != want.mtu:
@@ -156,7 +193,12 @@ def _apply_link(want: HandoffSpec, have: HandoffSpec | None, device: str, table:
     for p in sorted(want.peers - have.peers):
         fdb.append(f"fdb replace {mac_of(p)} dev {device} dst {p} self permanent")
         ip.append(f"neigh replace {p} lladdr {mac_of(p)} dev {device} nud permanent")
-        ip.append(f"route replace {p}/32 dev {device} table {table} proto {protocol}")
+        # A copy bigger than the tunnel's MTU less VXLAN's 50 bytes goes out in
+        # fragments of the outer packet (the system test's replies fill the MTU);
+        # the MTU is locked so that VXLAN's path-MTU check never lowers it for
+        # the copies' route (their source, in the range, would be told to
+        # fragment what its own path carries whole)
+        ip.append(f"route replace {p}/32 dev {device} table {table} proto {protocol} mtu lock {want.mtu}")
     for p in sorted(have.peers - want.peers):
         fdb.append(f"fdb del {mac_of(p)} dev {device} dst {p} self")
         ip.append(f"neigh del {p} dev {device}")

@@ -23,8 +23,12 @@ HANDOFF_PORT = 51899  # its UDP port, over the overlay only
 
 
 def handoff_device(iface: str) -> str:
-    """The late-reply link of WireGuard interface `iface` (handoff.py)."""
-    return (iface if len(iface) < 15 else iface[:14]) + "h"
+    """The late-reply link of WireGuard interface `iface` (handoff.py): its name
+    and ``h``, or for a name of the full 15 characters its last one replaced by
+    ``h`` (``g`` where that is already ``h``)."""
+    if len(iface) < 15:
+        return iface + "h"
+    return iface[:14] + ("g" if iface[14] == "h" else "h")
 
 class Net(Protocol):
     """A network: ``model.Cidr`` or an ``ipaddress`` network (``str()`` is canonical)."""
@@ -195,9 +199,15 @@ def render(iface: str, egress: list[Egress], filters: list[Filter],
         lines += ["@POLICY@", "\tchain overlay_policy {",
                   *[f"\t\tjump {c.name}" for c in chains], "\t\taccept", "\t}"]
     if peers:
+        # The link's UDP socket listens on every address: VXLAN is taken only
+        # through the tunnel and only from a late-reply peer, and nothing that
+        # comes out of the link is delivered to this node itself.
         lines += [
             "\tchain handoff_raw {",
             "\t\ttype filter hook prerouting priority raw; policy accept;",
+            f"\t\tudp dport {HANDOFF_PORT} iifname != {wg} drop",
+            f"\t\tiifname {wg} udp dport {HANDOFF_PORT} ip saddr != @handoff_peers4 drop",
+            f"\t\tiifname {ho} fib daddr type local drop",
             f"\t\tiifname {ho} notrack",
             "\t}",
         ]

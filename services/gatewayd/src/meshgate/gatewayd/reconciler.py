@@ -58,6 +58,10 @@ _POOL: ThreadPoolExecutor | None = None
 def _observed_handoff(ho: handoff.Observed, desired: Desired) -> HandoffSpec | None:
     """The late-reply link and copying as the planner compares them: the link as
     found, with the desired copies when the copy table holds exactly them."""
+    if ho.foreign:
+        # someone else's link of that name: nothing of ours to compare (applying
+        # a wanted link fails there, and says so)
+        return None if desired.handoff is None else HandoffSpec("", "", frozenset(), 0)
     if ho.link is None and ho.copies_digest is None:
         return None
     link = ho.link or HandoffSpec(handoff_device(desired.interface), "", frozenset(), 0)
@@ -147,7 +151,8 @@ class Reconciler:
         routes = pool.submit(routing.observe_routes, s.route_table, s.route_protocol)
         rules = pool.submit(routing.observe_rules, s.route_protocol)
         nft = pool.submit(self.nft.observe)
-        ho = pool.submit(handoff.observe, handoff_device(desired.interface), s.handoff_table)
+        ho = pool.submit(handoff.observe, handoff_device(desired.interface), s.handoff_table,
+                         desired.handoff is not None)
         found = dev.result()
         return Observed(
             device=found[0] if found else None,
